@@ -1,0 +1,1 @@
+"""The NAT lab: a small internet in network namespaces (DESIGN.md §9)."""

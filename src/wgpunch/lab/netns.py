@@ -1,0 +1,151 @@
+"""Network namespaces and the wireguard-go processes that live in them.
+
+The primitives every lab object is built from. Nothing here touches the root namespace:
+commands run through `ip netns exec`, and wireguard-go runs in the foreground (`-f`) as our
+child, so stopping it is a signal to a process we own, not a search for a daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import WgpunchError
+
+UAPI_DIR = Path("/var/run/wireguard")
+NETNS_DIR = Path("/run/netns")
+# wireguard-go refuses to start on kernels >= 5.6 without this; this lab wants userspace.
+WG_GO_ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+IFNAME_MAX = 15  # IFNAMSIZ - 1
+
+
+class LabError(WgpunchError):
+    """The lab could not be built or driven."""
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError(
+            "lab: network namespaces, veth links and nftables need root "
+            "(run as root, or with CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+        )
+
+
+def run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0,
+        input: str | None = None, env: Mapping[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """Run a command and return its output; a failure is a LabError quoting the command."""
+    full_env = None if env is None else {**os.environ, **env}
+    try:
+        done = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, input=input,
+            env=full_env, check=False,
+        )
+    except FileNotFoundError:
+        raise LabError(f"lab: {argv[0]!r} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise LabError(f"lab: {' '.join(argv)} did not finish in {timeout:.0f} s") from None
+    if check and done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise LabError(
+            f"lab: {' '.join(argv)} failed ({done.returncode}): "
+            f"{detail[-1] if detail else 'no output'}"
+        )
+    return done
+
+
+def wait_for(condition, *, timeout: float, interval: float = 0.01, what: str = "condition"):
+    """Poll `condition()` until it returns a true value; LabError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise LabError(f"lab: timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def exists(self) -> bool:
+        return (NETNS_DIR / self.name).exists()
+
+    def add(self) -> None:
+        run(["ip", "netns", "add", self.name])
+        self.run(["ip", "link", "set", "lo", "up"])
+
+    def delete(self) -> None:
+        """Kill whatever still runs inside, then remove the namespace (idempotent)."""
+        if not self.exists():
+            return
+        pids = run(["ip", "netns", "pids", self.name], check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        run(["ip", "netns", "delete", self.name], check=False)
+
+    def run(self, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess[str]:
+        return run(self.argv(argv), **kwargs)
+
+    def popen(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+              **kwargs) -> subprocess.Popen:
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.Popen(self.argv(argv), env=full_env, **kwargs)
+
+
+def uapi_socket(ifname: str) -> Path:
+    return UAPI_DIR / f"{ifname}.sock"
+
+
+class WireguardGo:
+    """A wireguard-go process serving one interface inside a namespace."""
+
+    def __init__(self, ns: Namespace, ifname: str) -> None:
+        if len(ifname) > IFNAME_MAX:
+            raise LabError(f"lab: interface name {ifname!r} is longer than {IFNAME_MAX}")
+        self.ns = ns
+        self.ifname = ifname
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> None:
+        if uapi_socket(self.ifname).exists():
+            raise LabError(f"lab: {uapi_socket(self.ifname)} already exists (name clash?)")
+        self.proc = self.ns.popen(
+            ["wireguard-go", "-f", self.ifname], env=WG_GO_ENV,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise LabError(f"lab: wireguard-go {self.ifname} exited: {err.strip()[-300:]}")
+            return uapi_socket(self.ifname).exists()
+
+        wait_for(ready, timeout=timeout, what=f"wireguard-go {self.ifname} to listen")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+        uapi_socket(self.ifname).unlink(missing_ok=True)

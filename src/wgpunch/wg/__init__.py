@@ -1,0 +1,1 @@
+"""WireGuard device control: one interface over the UAPI and netlink backends."""
