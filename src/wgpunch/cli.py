@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from . import status as status_cli
 from .errors import WgpunchError
 from .lab import cli as lab_cli
-from . import status as status_cli
 
 SUBCOMMANDS = (status_cli, lab_cli)
 
@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -52,7 +52,7 @@ class Endpoint:
         elif ":" in host:
             raise ChangeRefused(f"endpoint {text!r}: an IPv6 address needs brackets, [IP]:PORT")
         try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
+            ip = ipaddress.ip_address(host)
         except ValueError:
             raise ChangeRefused(f"endpoint {text!r}: {host!r} is not an IP address") from None
         return cls(ip, int(port_text))
@@ -159,20 +159,24 @@ def _duplicate_keys(changes: Sequence[PeerConfig]) -> set[Key]:
     return dup
 
 
-def _restore_config(before: PeerState | None, psk: Key | None, key: Key) -> list[PeerConfig]:
-    """The changes that bring one peer back to `before` (None: it did not exist)."""
+def _restore_config(
+    before: PeerState | None, after: PeerState | None, psk: Key | None, key: Key
+) -> list[PeerConfig]:
+    """The changes that bring one peer from `after` back to `before` (None: absent)."""
     if before is None:
         return [PeerConfig(key, remove=True)]
-    return [
-        PeerConfig(
-            key,
-            endpoint=before.endpoint,
-            persistent_keepalive=before.persistent_keepalive,
-            preshared_key=psk if psk is not None else Key(bytes(32), secret=True),
-            replace_allowed_ips=True,
-            allowed_ips=before.allowed_ips,
-        )
-    ]
+    restored = PeerConfig(
+        key,
+        endpoint=before.endpoint,
+        persistent_keepalive=before.persistent_keepalive,
+        preshared_key=psk if psk is not None else Key(bytes(32), secret=True),
+        replace_allowed_ips=True,
+        allowed_ips=before.allowed_ips,
+    )
+    # Neither protocol can clear an endpoint in place; only a fresh peer has none.
+    if after is not None and before.endpoint is None and after.endpoint is not None:
+        return [PeerConfig(key, remove=True), restored]
+    return [restored]
 
 
 def _same_config(a: PeerState | None, b: PeerState | None) -> bool:
@@ -232,6 +236,11 @@ class Device(ABC):
                 "use handshake_now for remove-and-re-add"
             )
         before, secrets = await self._read()
+        own = [c for c in changes if not c.remove and c.public_key == before.public_key]
+        if own:
+            raise ChangeRefused(
+                f"{self.name}: peer {own[0].public_key} is this device's own public key"
+            )
         await self._write_or_restore(changes, before, secrets, "configure")
 
     async def _write_or_restore(
@@ -260,9 +269,9 @@ class Device(ABC):
             after = await self.state()
             fixes: list[PeerConfig] = []
             for key in touched:
-                old = before.peer(key)
-                if not _same_config(old, after.peer(key)):
-                    fixes += _restore_config(old, secrets.get(key), key)
+                old, new = before.peer(key), after.peer(key)
+                if not _same_config(old, new):
+                    fixes += _restore_config(old, new, secrets.get(key), key)
             if fixes:
                 await self._write(fixes)
                 log.warning("%s: %s failed; restored %d peer(s)", self.name, operation, len(fixes))

@@ -1,0 +1,137 @@
+"""`wgpunch status`: what every WireGuard interface of this host is doing, peer by peer.
+
+The JSON form is a stable interface (README documents it): field names only ever get added.
+Numbers agree with `wg show IF dump`: `latest_handshake` is the same whole Unix second, the
+counters are the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from .wg import Device, DeviceState, PeerState, list_devices, open_device
+
+JSON_VERSION = 1
+
+
+def peer_json(peer: PeerState, now: float) -> dict[str, Any]:
+    age = peer.handshake_age(now)
+    return {
+        "public_key": peer.public_key.base64(),
+        "endpoint": None if peer.endpoint is None else str(peer.endpoint),
+        "allowed_ips": [str(net) for net in peer.allowed_ips],
+        "latest_handshake": None if peer.latest_handshake is None else int(peer.latest_handshake),
+        "handshake_age_s": None if age is None else round(age, 3),
+        "rx_bytes": peer.rx_bytes,
+        "tx_bytes": peer.tx_bytes,
+        "persistent_keepalive": peer.persistent_keepalive,
+        "preshared_key": peer.has_preshared_key,
+    }
+
+
+def device_json(state: DeviceState, backend: str, now: float) -> dict[str, Any]:
+    return {
+        "name": state.name,
+        "backend": backend,
+        "public_key": None if state.public_key is None else state.public_key.base64(),
+        "listen_port": state.listen_port,
+        "fwmark": state.fwmark,
+        "peers": [peer_json(peer, now) for peer in state.peers],
+    }
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s ago"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m ago"
+
+
+def _bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_table(devices: list[dict[str, Any]]) -> str:
+    header = ("PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX", "KEEPALIVE")
+    out: list[str] = []
+    for device in devices:
+        out.append(
+            f"interface {device['name']} ({device['backend']}): public key "
+            f"{device['public_key'] or '(none)'}, listening on {device['listen_port']}"
+        )
+        rows = [
+            (
+                peer["public_key"],
+                peer["endpoint"] or "(none)",
+                ",".join(peer["allowed_ips"]) or "(none)",
+                _age(peer["handshake_age_s"]),
+                _bytes(peer["rx_bytes"]),
+                _bytes(peer["tx_bytes"]),
+                f"{peer['persistent_keepalive']}s" if peer["persistent_keepalive"] else "off",
+            )
+            for peer in device["peers"]
+        ]
+        if not rows:
+            out.append("  (no peers)")
+            continue
+        widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+        for row in (header, *rows):
+            cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            out.append(("  " + "  ".join(cells)).rstrip())
+    return "\n".join(out)
+
+
+async def collect(interface: str | None) -> list[dict[str, Any]]:
+    names = [interface] if interface else list_devices()
+    devices: list[Device] = [open_device(name) for name in names]
+    try:
+        states = await asyncio.gather(*(device.state() for device in devices))
+    finally:
+        for device in devices:
+            await device.close()
+    now = time.time()
+    return [device_json(s, d.backend, now) for s, d in zip(states, devices, strict=True)]
+
+
+def run(args: argparse.Namespace) -> int:
+    devices = asyncio.run(collect(args.interface))
+    if args.json:
+        print(json.dumps({"version": JSON_VERSION, "interfaces": devices}, indent=2))
+    elif devices:
+        print(render_table(devices))
+    else:
+        print("no WireGuard interfaces in this network namespace")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        help="show WireGuard interfaces and their peers",
+        description=(
+            "Show every WireGuard interface in this network namespace (kernel or userspace), "
+            "and per peer: public key, endpoint, allowed IPs, time since the latest handshake, "
+            "bytes received/sent and persistent keepalive. Keys shown are public keys; "
+            "private and preshared keys are never printed."
+        ),
+    )
+    parser.add_argument(
+        "-i", "--interface", metavar="IF", help="show only this interface (default: all)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print stable JSON (fields documented in README)"
+    )
+    parser.set_defaults(func=run)

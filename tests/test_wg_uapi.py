@@ -1,0 +1,302 @@
+"""The UAPI codec (pure) and the socket client against throwaway servers that misbehave on
+purpose: things the real wireguard-go will not do on demand (an errno, a cut-off reply, a
+server that hangs or hangs up)."""
+
+import asyncio
+import contextlib
+import ipaddress
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wgpunch.errors import ChangeRefused, DeviceError, DeviceNotFound, MalformedReply
+from wgpunch.keys import Key, public_key
+from wgpunch.wg.device import Endpoint, PeerConfig, parse_allowed_ip
+from wgpunch.wg.uapi import UapiDevice, encode_set, parse_get, parse_set_reply
+
+# The example dialogue from wireguard.com/xplatform (the UAPI specification).
+XPLATFORM_GET = """\
+private_key=e84b5a6d2717c1003a13b431570353dbaca9146cf150c5f8575680feba52027a
+listen_port=12912
+public_key=b85996fecc9c7f1fc6d2572a76eda11d59bcd20be8e543b15ce4bd85a8e75a33
+preshared_key=188515093e952f5f22e865cef3012e72f8b5f0b598ac0309d5dacce3b70fcf52
+allowed_ip=192.168.4.4/32
+endpoint=[abcd:23::33%2]:51820
+public_key=58402e695ba1772b1cc9309755f043251ea77fdcf10fbe63989ceb7e19321376
+tx_bytes=38333
+rx_bytes=2224
+allowed_ip=192.168.4.6/32
+persistent_keepalive_interval=111
+endpoint=182.122.22.19:3233
+public_key=662e14fd594556f522604703340351258903b64f35553763f19426ab2a515c58
+endpoint=5.152.198.39:51820
+allowed_ip=192.168.4.10/32
+allowed_ip=192.168.4.11/32
+tx_bytes=1212111
+rx_bytes=1929999999
+protocol_version=1
+errno=0
+
+"""
+PRIVATE_HEX = "e84b5a6d2717c1003a13b431570353dbaca9146cf150c5f8575680feba52027a"
+PSK_HEX = "188515093e952f5f22e865cef3012e72f8b5f0b598ac0309d5dacce3b70fcf52"
+PEER1 = Key.from_hex("b85996fecc9c7f1fc6d2572a76eda11d59bcd20be8e543b15ce4bd85a8e75a33")
+PEER2 = Key.from_hex("58402e695ba1772b1cc9309755f043251ea77fdcf10fbe63989ceb7e19321376")
+
+
+def test_parse_xplatform_example():
+    state, secrets = parse_get(XPLATFORM_GET, "wg0")
+    assert state.public_key == public_key(Key.from_hex(PRIVATE_HEX, secret=True))
+    assert state.listen_port == 12912 and state.fwmark == 0
+    assert [p.public_key for p in state.peers][:2] == [PEER1, PEER2]
+    first, second, third = state.peers
+    assert str(first.endpoint) == "[abcd:23::33%2]:51820"
+    assert first.has_preshared_key and secrets == {PEER1: Key.from_hex(PSK_HEX)}
+    assert first.latest_handshake is None
+    assert (second.tx_bytes, second.rx_bytes, second.persistent_keepalive) == (38333, 2224, 111)
+    assert second.endpoint == Endpoint(ipaddress.ip_address("182.122.22.19"), 3233)
+    assert [str(n) for n in third.allowed_ips] == ["192.168.4.10/32", "192.168.4.11/32"]
+    assert not third.has_preshared_key
+
+
+def test_secrets_stay_out_of_the_snapshot():
+    state, _ = parse_get(XPLATFORM_GET, "wg0")
+    text = repr(state)
+    assert PRIVATE_HEX not in text and PSK_HEX not in text
+    assert Key.from_hex(PSK_HEX).base64() not in text
+
+
+@pytest.mark.parametrize(
+    ("sec", "nsec", "expected"),
+    [
+        (0, 0, None),  # never
+        (1700000000, 0, 1700000000.0),  # exactly on a second is a real handshake
+        (1700000000, 500000000, 1700000000.5),
+    ],
+)
+def test_handshake_time(sec, nsec, expected):
+    reply = (f"public_key={PEER1.hex()}\nlast_handshake_time_sec={sec}\n"
+             f"last_handshake_time_nsec={nsec}\nerrno=0\n\n")
+    state, _ = parse_get(reply, "wg0")
+    assert state.peers[0].latest_handshake == expected
+
+
+def test_unknown_keys_are_skipped():
+    state, _ = parse_get(f"new_device_thing=1\npublic_key={PEER1.hex()}\nfoo=bar=baz\nerrno=0\n\n",
+                         "wg0")
+    assert state.peers[0].public_key == PEER1
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        ("listen_port=1\nerrno=0\n", "truncated"),
+        ("listen_port=1\n", "truncated"),
+        ("", "truncated"),
+        ("listen_port=1\n\n", "no errno line"),
+        ("listen_port\nerrno=0\n\n", "line 1: 'listen_port' is not key=value"),
+        ("=1\nerrno=0\n\n", "is not key=value"),
+        ("listen_port=70000\nerrno=0\n\n", "unsigned 16-bit"),
+        ("listen_port=-1\nerrno=0\n\n", "unsigned 16-bit"),
+        (f"public_key={PEER1.hex()[:-2]}\nerrno=0\n\n", "line 1 public_key"),
+        (f"public_key={PEER1.hex()}\nendpoint=nonsense\nerrno=0\n\n", "endpoint"),
+        (f"public_key={PEER1.hex()}\nallowed_ip=10.0.0.1/33\nerrno=0\n\n", "allowed IP"),
+        (f"public_key={PEER1.hex()}\nrx_bytes=1e3\nerrno=0\n\n", "rx_bytes"),
+        (f"public_key={PEER1.hex()}\nlast_handshake_time_nsec=1000000000\nerrno=0\n\n",
+         "nanoseconds"),
+        ("errno=zero\n\n", "is not a number"),
+        ("errno=0\nlisten_port=1\n\n", "after errno"),
+    ],
+)
+def test_malformed_get_replies(reply, message):
+    with pytest.raises(MalformedReply, match=message):
+        parse_get(reply, "wg0")
+
+
+def test_errno_in_get_reply_is_a_device_error():
+    with pytest.raises(DeviceError, match=r"wg0: get failed: errno 22 \(EINVAL") as caught:
+        parse_get("errno=-22\n\n", "wg0")
+    assert caught.value.errno == 22
+
+
+def test_set_reply():
+    parse_set_reply("errno=0\n\n", "wg0")
+    with pytest.raises(DeviceError, match=r"errno 98 \(EADDRINUSE") as caught:
+        parse_set_reply("errno=-98\n\n", "wg0")
+    assert caught.value.errno == 98
+    for bad in ("", "errno=0\n", "listen_port=1\nerrno=0\n\n", "\n\n"):
+        with pytest.raises(MalformedReply):
+            parse_set_reply(bad, "wg0")
+
+
+def test_encode_set_golden():
+    psk = Key.from_hex(PSK_HEX, secret=True)
+    changes = [
+        PeerConfig(PEER1, remove=True),
+        PeerConfig(
+            PEER1,
+            endpoint=Endpoint.parse("[2001:db8::1]:51820"),
+            persistent_keepalive=25,
+            preshared_key=psk,
+            replace_allowed_ips=True,
+            allowed_ips=(parse_allowed_ip("10.0.0.2/32"), parse_allowed_ip("fd00::/64")),
+        ),
+        PeerConfig(PEER2, update_only=True, endpoint=Endpoint.parse("192.0.2.1:1")),
+    ]
+    assert encode_set(changes) == (
+        "set=1\n"
+        f"public_key={PEER1.hex()}\nremove=true\n"
+        f"public_key={PEER1.hex()}\npreshared_key={PSK_HEX}\n"
+        "endpoint=[2001:db8::1]:51820\npersistent_keepalive_interval=25\n"
+        "replace_allowed_ips=true\nallowed_ip=10.0.0.2/32\nallowed_ip=fd00::/64\n"
+        f"public_key={PEER2.hex()}\nupdate_only=true\nendpoint=192.0.2.1:1\n"
+        "\n"
+    )
+
+
+def test_peer_config_is_validated_before_anything_is_sent():
+    with pytest.raises(ChangeRefused, match="keepalive 70000"):
+        PeerConfig(PEER1, persistent_keepalive=70000)
+    with pytest.raises(ChangeRefused, match="remove takes no other field"):
+        PeerConfig(PEER1, remove=True, endpoint=Endpoint.parse("192.0.2.1:1"))
+    with pytest.raises(ChangeRefused, match="not a secret key"):
+        PeerConfig(Key(bytes(32), secret=True))
+    with pytest.raises(ChangeRefused, match="replace_allowed_ips needs"):
+        PeerConfig(PEER1, replace_allowed_ips=True)
+    for bad in ("192.0.2.1", "192.0.2.1:0", "2001:db8::1:5", "host.example:1", "[::1]:x"):
+        with pytest.raises(ChangeRefused):
+            Endpoint.parse(bad)
+
+
+ips = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6))
+peers = st.builds(
+    lambda raw, ip, port, ka, nets: PeerConfig(
+        Key(raw), endpoint=Endpoint(ip, port), persistent_keepalive=ka,
+        replace_allowed_ips=True, allowed_ips=tuple(nets)),
+    st.binary(min_size=32, max_size=32), ips, st.integers(1, 65535), st.integers(0, 65535),
+    st.lists(st.builds(lambda ip: ipaddress.ip_network(ip), ips), max_size=4),
+)
+
+
+@given(st.lists(peers, max_size=5, unique_by=lambda p: p.public_key))
+def test_what_we_set_is_what_a_get_reads(changes):
+    """Turn a set request into the get reply a server would give, and parse it back."""
+    body = encode_set(changes).removeprefix("set=1\n").removesuffix("\n")
+    reply = body.replace("replace_allowed_ips=true\n", "") + "errno=0\n\n"
+    state, _ = parse_get(reply, "wg0")
+    assert [p.public_key for p in state.peers] == [c.public_key for c in changes]
+    for peer, change in zip(state.peers, changes, strict=True):
+        assert peer.endpoint == change.endpoint
+        assert peer.allowed_ips == change.allowed_ips
+        assert peer.persistent_keepalive == change.persistent_keepalive
+
+
+@given(st.text(max_size=300))
+def test_any_text_parses_or_fails_cleanly(reply):
+    with contextlib.suppress(DeviceError):
+        parse_get(reply, "wg0")
+
+
+# -- the socket client against misbehaving servers --------------------------------------------
+
+
+@pytest.fixture
+def sockdir():
+    with tempfile.TemporaryDirectory() as directory:
+        yield Path(directory)
+
+
+async def serve(sockdir: Path, handler):
+    requests: list[bytes] = []
+
+    async def on_connect(reader, writer):
+        request = await reader.readuntil(b"\n\n")
+        requests.append(request)
+        await handler(writer)
+
+    server = await asyncio.start_unix_server(on_connect, path=str(sockdir / "wgt0.sock"))
+    return server, requests
+
+
+async def test_get_and_set_over_a_socket(sockdir):
+    async def reply(writer):
+        writer.write(XPLATFORM_GET.encode() if len(requests) == 1 else b"errno=0\n\n")
+        await writer.drain()
+        writer.close()
+
+    server, requests = await serve(sockdir, reply)
+    async with server:
+        device = UapiDevice("wgt0", directory=sockdir)
+        state = await device.state()
+        assert len(state.peers) == 3
+        await device._write([PeerConfig(PEER2, update_only=True, persistent_keepalive=0)])
+    assert requests[0] == b"get=1\n\n"
+    assert requests[1] == encode_set(
+        [PeerConfig(PEER2, update_only=True, persistent_keepalive=0)]).encode()
+
+
+async def test_a_refused_set_restores_and_raises(sockdir):
+    """The server applies nothing and answers errno: the error names interface and op."""
+    async def reply(writer):
+        writer.write(XPLATFORM_GET.encode() if b"get" in requests[-1] else b"errno=-22\n\n")
+        await writer.drain()
+        writer.close()
+
+    server, requests = await serve(sockdir, reply)
+    async with server:
+        device = UapiDevice("wgt0", directory=sockdir)
+        with pytest.raises(DeviceError, match=r"uapi: wgt0: set failed: errno 22") as caught:
+            await device.set_keepalive(PEER2, 5)
+    assert caught.value.errno == 22
+    # get (exists?), get (before), set (refused), get (after): unchanged, so nothing restored
+    assert [r.split(b"\n")[0] for r in requests] == [b"get=1", b"get=1", b"set=1", b"get=1"]
+
+
+@pytest.mark.parametrize(
+    ("sent", "error", "message"),
+    [
+        (b"listen_port=1\n", MalformedReply, "truncated"),
+        (b"", MalformedReply, "truncated"),
+        (b"\xff\xfe=1\nerrno=0\n\n", MalformedReply, "not UTF-8"),
+    ],
+)
+async def test_server_hangs_up_mid_reply(sockdir, sent, error, message):
+    async def reply(writer):
+        writer.write(sent)
+        await writer.drain()
+        writer.close()
+
+    server, _ = await serve(sockdir, reply)
+    async with server:
+        with pytest.raises(error, match=message):
+            await UapiDevice("wgt0", directory=sockdir).state()
+
+
+async def test_a_silent_server_times_out(sockdir):
+    release = asyncio.Event()
+
+    async def reply(writer):
+        writer.write(b"listen_port=1\n")
+        await release.wait()
+        writer.close()
+
+    server, _ = await serve(sockdir, reply)
+    async with server:
+        device = UapiDevice("wgt0", directory=sockdir, timeout_s=0.2)
+        with pytest.raises(DeviceError, match=r"no complete reply within 0\.2 s"):
+            await device.state()
+        release.set()
+
+
+async def test_missing_or_stale_socket_is_device_not_found(sockdir):
+    with pytest.raises(DeviceNotFound, match="no WireGuard device 'wgt0'"):
+        await UapiDevice("wgt0", directory=sockdir).state()
+    server = await asyncio.start_unix_server(lambda r, w: None, path=str(sockdir / "wgt0.sock"))
+    server.close()
+    await server.wait_closed()
+    (sockdir / "wgt0.sock").touch()  # a leftover file with nobody listening
+    with pytest.raises(DeviceNotFound):
+        await UapiDevice("wgt0", directory=sockdir).state()
