@@ -1,81 +1,28 @@
-"""The device layer against real wireguard-go processes in throwaway network namespaces.
-
-Two namespaces `P-a` and `P-b` joined by a veth link (192.0.2.1 and 192.0.2.2, addresses that
-exist only inside them), each running wireguard-go with a key and a listen port, each the
-other's peer without an endpoint, as a user's config would have them before wgpunch acts.
-"""
+"""The device layer against real wireguard-go processes in throwaway network namespaces
+(see wgpair.py)."""
 
 import asyncio
 import ipaddress
-import secrets
 import shutil
 import time
 
 import pytest
 
+from wgpair import PORT, Side, wg_pair
 from wgpunch.errors import ChangeRefused, DeviceError
 from wgpunch.keys import generate_keypair, generate_private_key
-from wgpunch.lab.netns import Namespace, WireguardGo
 from wgpunch.wg import open_device
 from wgpunch.wg.device import Endpoint, PeerConfig, parse_allowed_ip
-from wgpunch.wg.uapi import UapiDevice
 
 pytestmark = [
     pytest.mark.lab,
     pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go not installed"),
 ]
 
-PORT = 51820
-
-
-class Side:
-    def __init__(self, prefix: str, name: str, veth_ip: str, tunnel_ip: str) -> None:
-        self.ns = Namespace(f"{prefix}-{name}")
-        self.ifname = f"{prefix}{name}wg"
-        self.veth_ip = veth_ip
-        self.tunnel_ip = tunnel_ip
-        self.private, self.public = generate_keypair()
-        self.daemon = WireguardGo(self.ns, self.ifname)
-        self.device = UapiDevice(self.ifname)
-
-    def wg_show_dump(self) -> list[list[str]]:
-        out = self.ns.run(["wg", "show", self.ifname, "dump"]).stdout
-        return [line.split("\t") for line in out.splitlines()]
-
-    def wg_set(self, *args: str) -> None:
-        self.ns.run(["wg", "set", self.ifname, *args])
-
-
 @pytest.fixture
 def pair(tmp_path):
-    prefix = "wd" + secrets.token_hex(2)
-    a = Side(prefix, "a", "192.0.2.1", "10.77.0.1")
-    b = Side(prefix, "b", "192.0.2.2", "10.77.0.2")
-    try:
-        for side in (a, b):
-            side.ns.add()
-        a.ns.run(["ip", "link", "add", f"{prefix}va", "type", "veth", "peer", "name",
-                  f"{prefix}vb", "netns", b.ns.name])
-        for side, veth in ((a, f"{prefix}va"), (b, f"{prefix}vb")):
-            side.ns.run(["ip", "addr", "add", f"{side.veth_ip}/24", "dev", veth])
-            side.ns.run(["ip", "link", "set", veth, "up"])
-            side.daemon.start()
-            keyfile = tmp_path / f"{side.ifname}.key"
-            keyfile.write_text(side.private.base64())
-            keyfile.chmod(0o600)
-            side.wg_set("private-key", str(keyfile), "listen-port", str(PORT))
-            side.ns.run(["ip", "addr", "add", f"{side.tunnel_ip}/24", "dev", side.ifname])
-            side.ns.run(["ip", "link", "set", side.ifname, "up"])
-        a.wg_set("peer", b.public.base64(), "allowed-ips", f"{b.tunnel_ip}/32",
-             "persistent-keepalive", "25")
-        b.wg_set("peer", a.public.base64(), "allowed-ips", f"{a.tunnel_ip}/32",
-             "persistent-keepalive", "25")
-        yield a, b
-    finally:
-        for side in (a, b):
-            side.daemon.stop()
-            side.ns.delete()
-
+    with wg_pair(tmp_path) as sides:
+        yield sides
 
 def dump_as_snapshot_fields(row: list[str]) -> tuple:
     """A peer line of `wg show dump`: key, psk, endpoint, allowed, handshake, rx, tx, ka."""
@@ -84,14 +31,12 @@ def dump_as_snapshot_fields(row: list[str]) -> tuple:
             sorted(allowed.split(",")) if allowed != "(none)" else [],
             int(handshake), int(rx), int(tx), 0 if keepalive == "off" else int(keepalive))
 
-
 def snapshot_fields(peer) -> tuple:
     return (peer.public_key.base64(), peer.has_preshared_key,
             None if peer.endpoint is None else str(peer.endpoint),
             sorted(str(n) for n in peer.allowed_ips),
             0 if peer.latest_handshake is None else int(peer.latest_handshake),
             peer.rx_bytes, peer.tx_bytes, peer.persistent_keepalive)
-
 
 async def assert_matches_wg_show(side: Side) -> None:
     state = await side.device.state()
@@ -102,7 +47,6 @@ async def assert_matches_wg_show(side: Side) -> None:
     assert (0 if device_row[3] == "off" else int(device_row[3], 0)) == state.fwmark
     assert sorted(dump_as_snapshot_fields(r) for r in peer_rows) == sorted(
         snapshot_fields(p) for p in state.peers)
-
 
 async def test_snapshot_matches_wg_show_dump(pair):
     a, _ = pair
@@ -119,7 +63,6 @@ async def test_snapshot_matches_wg_show_dump(pair):
     state, secret_keys = await a.device._read()
     assert secret_keys == {extra: psk}
     assert state.peer(extra).has_preshared_key
-
 
 async def test_each_change_shows_in_wg_show(pair):
     a, b = pair
@@ -144,7 +87,6 @@ async def test_each_change_shows_in_wg_show(pair):
     assert new.base64() not in {r[0] for r in a.wg_show_dump()[1:]}
     await assert_matches_wg_show(a)
 
-
 async def handshake_from_a(a: Side, b: Side) -> float:
     """handshake-now on A toward B; returns seconds until A's device shows the handshake.
 
@@ -160,7 +102,6 @@ async def handshake_from_a(a: Side, b: Side) -> float:
         await asyncio.sleep(0.01)  # poll interval, bounded by the deadline above
     return time.monotonic() - start
 
-
 async def test_handshake_now_handshakes_within_a_second(pair):
     a, b = pair
     # What handshake-now is for: a peer that has been trying with keepalive and no endpoint
@@ -171,7 +112,6 @@ async def test_handshake_now_handshakes_within_a_second(pair):
     peer = (await a.device.state()).peer(b.public)
     assert str(peer.endpoint) == f"{b.veth_ip}:{PORT}" and peer.persistent_keepalive == 25
 
-
 async def test_handshake_now_refuses_a_live_session(pair):
     a, b = pair
     await handshake_from_a(a, b)
@@ -179,7 +119,6 @@ async def test_handshake_now_refuses_a_live_session(pair):
     with pytest.raises(ChangeRefused, match="live session"):
         await a.device.handshake_now(b.public, Endpoint.parse("192.0.2.99:1"))
     assert a.wg_show_dump()[1][:4] == before[1][:4]
-
 
 async def test_refused_changes_leave_the_device_as_it_was(pair):
     a, b = pair
@@ -193,7 +132,6 @@ async def test_refused_changes_leave_the_device_as_it_was(pair):
     with pytest.raises(ChangeRefused, match="own public key"):
         await a.device.set_peer(PeerConfig(a.public, allowed_ips=()))
     assert a.wg_show_dump() == before
-
 
 async def test_a_change_the_device_rejects_half_way_is_rolled_back(pair):
     """wireguard-go applies UAPI lines as it reads them: here it has changed b's allowed IPs
@@ -211,13 +149,11 @@ async def test_a_change_the_device_rejects_half_way_is_rolled_back(pair):
         ])
     assert a.wg_show_dump() == before
 
-
 async def test_open_device_picks_uapi_for_wireguard_go(pair):
     a, _ = pair
     device = open_device(a.ifname)
     assert device.backend == "uapi"
     assert (await device.state()).public_key == a.public
-
 
 async def test_private_key_in_no_snapshot(pair):
     a, _ = pair

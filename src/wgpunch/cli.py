@@ -1,23 +1,25 @@
 """`wgpunch` command line: one parser, one module per subcommand.
 
 Each subcommand module exposes `add_parser(subparsers)`, which registers its parser and sets
-`func` to a callable taking the parsed arguments and returning the exit code. Errors that a
+`func` to a callable taking the parsed arguments and returning the exit code; long-running
+commands also set `daemon=True`, which makes INFO (one line per event) the default log level. Errors that a
 user can cause are `WgpunchError`s: printed as one line on stderr, exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, logs
 from . import status as status_cli
 from .errors import WgpunchError
 from .lab import cli as lab_cli
+from .node import cli as node_cli
+from .registry import cli as registry_cli
 
-SUBCOMMANDS = (status_cli, lab_cli)
+SUBCOMMANDS = (registry_cli, node_cli, status_cli, lab_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"wgpunch {__version__}")
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more log output (repeatable)"
+        "-v", "--verbose", action="count", default=0,
+        help="more log output: -v for events (INFO), -vv for debugging",
+    )
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text",
+        help="log lines as text (default) or one JSON object per line, on stderr",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMANDS:
@@ -41,11 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(args.verbose, args.log_format, daemon=getattr(args, "daemon", False))
     try:
         return int(args.func(args) or 0)
     except WgpunchError as error:

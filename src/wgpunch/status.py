@@ -95,7 +95,7 @@ def render_table(devices: list[dict[str, Any]]) -> str:
 
 
 async def collect(interface: str | None) -> list[dict[str, Any]]:
-    names = [interface] if interface else list_devices()
+    names = [interface] if interface else await list_devices()
     devices: list[Device] = [open_device(name) for name in names]
     try:
         states = await asyncio.gather(*(device.state() for device in devices))

@@ -7,6 +7,8 @@ that exists in this namespace); anything else is asked of the kernel over netlin
 
 from __future__ import annotations
 
+import asyncio
+
 from .device import Device, DeviceState, Endpoint, PeerConfig, PeerState
 from .uapi import UapiDevice, socket_path
 from .uapi import list_devices as list_uapi_devices
@@ -22,11 +24,13 @@ __all__ = [
 ]
 
 
-def list_devices() -> list[str]:
+async def list_devices() -> list[str]:
     """Every WireGuard interface in this network namespace, sorted by name."""
     from .netlink import list_kernel_devices
 
-    return sorted(set(list_uapi_devices()) | set(list_kernel_devices()))
+    # pyroute2's synchronous sockets run an event loop of their own: keep them off ours.
+    kernel = await asyncio.to_thread(list_kernel_devices)
+    return sorted(set(list_uapi_devices()) | set(kernel))
 
 
 def open_device(name: str) -> Device:

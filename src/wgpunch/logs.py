@@ -1,0 +1,48 @@
+"""Log set-up shared by every command: human lines by default, one JSON object per line with
+`--log-format json` (for journald/Loki/jq). Events that matter carry their fields in `extra=`
+under the key `event`, so the JSON form keeps them as fields, not only as text."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+# Attributes every LogRecord has; anything else came in through `extra=`.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup(verbosity: int, fmt: str, *, daemon: bool = False) -> None:
+    """Daemons log their events (INFO) by default; one-shot commands only warnings."""
+    verbosity += 1 if daemon else 0
+    level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        formatter = logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
+                                      "%Y-%m-%dT%H:%M:%S")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiohttp logs every request at INFO; that is the access log, not our events.
+    logging.getLogger("aiohttp.access").setLevel(max(level, logging.WARNING))
