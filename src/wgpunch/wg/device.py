@@ -61,6 +61,18 @@ class Endpoint:
         return f"[{self.ip}]:{self.port}" if self.ip.version == 6 else f"{self.ip}:{self.port}"
 
 
+def handshake_time(sec: int, nsec: int) -> float | None:
+    """Unix time of a handshake from the two halves both backends report; None = never.
+
+    "Never" is both halves zero: a handshake exactly on a second has nsec == 0. Microseconds
+    are kept, not nanoseconds: near 1.8e9 a float resolves 0.24 us, so sec + 0.999999999
+    would round up to the next second and disagree with `wg show`.
+    """
+    if sec == 0 and nsec == 0:
+        return None
+    return sec + (nsec // 1000) / 1e6
+
+
 def parse_allowed_ip(text: str) -> IPNetwork:
     """A CIDR such as `10.0.0.2/32`; host bits must be zero, as `wg` requires."""
     try:

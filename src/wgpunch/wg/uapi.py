@@ -24,7 +24,15 @@ from pathlib import Path
 
 from ..errors import DeviceError, DeviceNotFound, MalformedReply, WgpunchError
 from ..keys import Key, public_key
-from .device import Device, DeviceState, Endpoint, IPNetwork, PeerConfig, PeerState
+from .device import (
+    Device,
+    DeviceState,
+    Endpoint,
+    IPNetwork,
+    PeerConfig,
+    PeerState,
+    handshake_time,
+)
 from .device import parse_allowed_ip as _parse_allowed_ip
 
 SOCKET_DIR = Path("/var/run/wireguard")
@@ -49,13 +57,11 @@ class _PeerBuilder:
     preshared_key: Key | None = None
 
     def build(self) -> PeerState:
-        # "Never" is both halves zero; a handshake exactly on a second has nsec == 0.
-        never = self.handshake_sec == 0 and self.handshake_nsec == 0
         return PeerState(
             public_key=self.public_key,
             endpoint=self.endpoint,
             allowed_ips=tuple(self.allowed_ips),
-            latest_handshake=None if never else self.handshake_sec + self.handshake_nsec / 1e9,
+            latest_handshake=handshake_time(self.handshake_sec, self.handshake_nsec),
             rx_bytes=self.rx_bytes,
             tx_bytes=self.tx_bytes,
             persistent_keepalive=self.keepalive,
