@@ -1,0 +1,313 @@
+"""The node agent: the only loop that acts. Read the device and the registry, `decide()` per
+peer, apply, repeat; wake at once when the registry's watch stream says something changed.
+
+Peers the registry does not know, and the registry peer itself, are never touched; no peer is
+added or removed. Registry state changes only in plain `def` methods, so no `await` can
+interleave with an update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .. import __version__
+from ..errors import ChangeRefused, DeviceError, WgpunchError
+from ..keys import Key
+from ..wg.device import Device, DeviceState, Endpoint, PeerState
+from . import pathfile
+from .candidates import local_addresses
+from .client import (
+    API_PORT,
+    Event,
+    PeerChanged,
+    PeerRemoved,
+    Punch,
+    RegistryClient,
+    RegistryError,
+    RegistryPeer,
+    Snapshot,
+)
+from .decide import Decision, Kind, Memory, Reason, Timings, decide
+from .probe import send_probe, tunnel_address
+
+log = logging.getLogger(__name__)
+
+REPORT_EVERY_S = 60.0  # re-report our candidates: addresses change (DHCP, roaming)
+RECONNECT_MAX_S = 30.0
+
+
+class ConfigError(WgpunchError):
+    """The agent cannot start with this device and these options."""
+
+
+@dataclass
+class Track:
+    """One peer as the agent follows it."""
+
+    memory: Memory = field(default_factory=Memory)
+    connected: bool = False
+    since: float | None = None  # wall time of the last path change
+    reason: str = ""
+
+
+def registry_api_url(state: DeviceState, registry: Key) -> str:
+    peer = state.peer(registry)
+    if peer is None:
+        raise ConfigError(
+            f"node: the registry key {registry} is not a peer of {state.name}; add it to the "
+            "WireGuard configuration (with an Endpoint and PersistentKeepalive) first"
+        )
+    address = tunnel_address(peer.allowed_ips)
+    if address is None or not any(n.prefixlen == n.max_prefixlen for n in peer.allowed_ips):
+        raise ConfigError(
+            f"node: the registry peer's allowed IPs ({', '.join(map(str, peer.allowed_ips))}) "
+            "hold no single host address to reach its API at; give --api URL"
+        )
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"http://{host}:{API_PORT}"
+
+
+class Agent:
+    def __init__(
+        self,
+        device: Device,
+        registry: Key,
+        client: RegistryClient,
+        *,
+        timings: Timings | None = None,
+        state_dir: Path = pathfile.STATE_DIR,
+    ) -> None:
+        self.device = device
+        self.registry_key = registry
+        self.client = client
+        self.t = timings or Timings()
+        self.state_dir = state_dir
+        self.me: Key | None = None
+        self.peers: dict[Key, RegistryPeer] = {}
+        self.epoch: str | None = None
+        self.revision: int | None = None
+        self.punched: set[Key] = set()
+        self.tracks: dict[Key, Track] = {}
+        self.wake = asyncio.Event()
+        self.reported = asyncio.Event()  # set when the registry needs our report again
+        self._published: dict[str, pathfile.PeerPath] | None = None
+        self._device_failing = False
+
+    # -- registry view (plain defs: no await inside an update) ------------------------------
+
+    def apply_event(self, event: Event) -> None:
+        if isinstance(event, Snapshot):
+            if self.epoch is not None and event.epoch != self.epoch:
+                log.info("registry restarted (new epoch): resynced %d peers", len(event.peers))
+                self.reported.set()
+            self.epoch = event.epoch
+            self.peers = {p.public_key: p for p in event.peers}
+        elif isinstance(event, PeerChanged):
+            old = self.peers.get(event.peer.public_key)
+            if old is not None and old.endpoint != event.peer.endpoint:
+                log.info(
+                    "registry: peer %s endpoint %s -> %s",
+                    event.peer.public_key, old.endpoint, event.peer.endpoint,
+                    extra={"event": "endpoint-changed", "peer": str(event.peer.public_key)},
+                )
+            self.peers[event.peer.public_key] = event.peer
+        elif isinstance(event, PeerRemoved):
+            self.peers.pop(event.public_key, None)
+        elif isinstance(event, Punch):
+            known = self.peers.get(event.peer)
+            if known is not None and event.endpoint is not None:
+                self.peers[event.peer] = replace(known, endpoint=event.endpoint)
+            self.punched.add(event.peer)
+        if isinstance(event, Snapshot | PeerChanged | PeerRemoved):
+            self.revision = event.revision  # punches and heartbeats are not history
+        self.wake.set()
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    async def follow_registry(self) -> None:
+        delay = 0.25
+        while True:
+            try:
+                async for event in self.client.watch(self.revision, self.epoch):
+                    if delay > 0.25:
+                        log.info("registry: watch stream connected")
+                    delay = 0.25
+                    self.apply_event(event)
+            except RegistryError as error:
+                log.log(logging.WARNING if delay >= 1 else logging.DEBUG, "%s", error)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # backoff, not sync
+            delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def report_self(self) -> None:
+        while True:
+            try:
+                state = await self.device.state()
+                addresses = await asyncio.to_thread(local_addresses, self.device.name)
+                await self.client.report_self(state.listen_port, addresses, __version__)
+                log.debug("reported listen port %d and %d addresses", state.listen_port,
+                          len(addresses))
+                wait = REPORT_EVERY_S
+            except (RegistryError, DeviceError) as error:
+                log.debug("report to the registry failed: %s", error)
+                wait = 2.0
+            self.reported.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reported.wait(), wait)
+
+    async def reconcile_forever(self) -> None:
+        while True:
+            recheck = await self.reconcile()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), recheck)
+            self.wake.clear()
+
+    async def run(self) -> None:
+        state = await self.device.state()
+        if state.public_key is None:
+            raise ConfigError(f"node: {state.name} has no private key configured")
+        self.me = state.public_key
+        registry_api_url(state, self.registry_key)  # fail early on a device without registry
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.follow_registry())
+                group.create_task(self.report_self())
+                group.create_task(self.reconcile_forever())
+        finally:
+            pathfile.remove(self.device.name, self.state_dir)
+
+    # -- one pass ---------------------------------------------------------------------------
+
+    async def reconcile(self) -> float:
+        try:
+            state = await self.device.state()
+        except DeviceError as error:
+            if not self._device_failing:
+                log.error("reading %s failed: %s", self.device.name, error)
+            self._device_failing = True
+            return self.t.idle_recheck_s
+        if self._device_failing:
+            log.info("reading %s works again", self.device.name)
+            self._device_failing = False
+        now_wall, now = time.time(), time.monotonic()
+        recheck = self.t.idle_recheck_s
+        for peer in state.peers:
+            known = self.peers.get(peer.public_key)
+            if peer.public_key == self.registry_key or known is None:
+                continue
+            track = self.tracks.setdefault(peer.public_key, Track())
+            punched = peer.public_key in self.punched
+            self.punched.discard(peer.public_key)
+            memory = track.memory.observe_rx(peer.rx_bytes, now)
+            decision = decide(
+                peer, known.endpoint, memory,
+                initiator=self.me is not None and self.me.raw < peer.public_key.raw,
+                punched=punched, now_wall=now_wall, now=now, t=self.t,
+            )
+            track.memory = await self.act(peer, decision, memory, now)
+            self.note_path(peer, track, decision, now_wall, now)
+            recheck = min(recheck, decision.recheck_s)
+        self.publish(state, now_wall)
+        return recheck
+
+    async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
+        key = peer.public_key
+        if d.kind is Kind.LEAVE:
+            if d.reason is Reason.PROBE_ANSWERED:
+                log.info("peer %s: registry reports %s, but the current path %s answers; "
+                         "left alone", key, d.endpoint, peer.endpoint)
+                return replace(mem, cleared_endpoint=d.endpoint, probe_at=None)
+            return mem
+        if d.kind is Kind.REQUEST_PUNCH:
+            return await self.request_punch(peer, d, mem, now)
+        if d.kind is Kind.HANDSHAKE:
+            await self.handshake(peer, d.endpoint)
+            return replace(
+                mem, attempt_at=now, attempt_endpoint=d.endpoint, attempts=max(mem.attempts, 1),
+                first_attempt_at=mem.first_attempt_at or now,
+            )
+        probe_to = tunnel_address(peer.allowed_ips)
+        if d.kind is Kind.REPOINT and d.endpoint is not None:
+            log.info("peer %s: path probe unanswered; moving from %s to %s", key,
+                     peer.endpoint, d.endpoint,
+                     extra={"event": "repoint", "peer": str(key), "to": str(d.endpoint)})
+            with contextlib.suppress(ChangeRefused):
+                await self.device.set_endpoint(key, d.endpoint)
+        if probe_to is not None:
+            await asyncio.to_thread(send_probe, self.device.name, probe_to)
+        return replace(mem, probe_at=now, probe_rx_bytes=peer.rx_bytes, probe_endpoint=d.endpoint,
+                       repointed=d.kind is Kind.REPOINT)
+
+    async def request_punch(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
+        mem = replace(mem, attempt_at=now, attempt_endpoint=d.endpoint, attempts=mem.attempts + 1,
+                      first_attempt_at=mem.first_attempt_at or now)
+        if mem.attempts > 1:
+            log.info("peer %s: no handshake with %s yet (attempt %d); punching again",
+                     peer.public_key, d.endpoint, mem.attempts,
+                     extra={"event": "punch-retry", "peer": str(peer.public_key)})
+        try:
+            await self.client.punch(peer.public_key)
+        except RegistryError as error:
+            # Without the registry's help, at least our side opens its NAT and tries.
+            log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
+            await self.handshake(peer, d.endpoint)
+        return mem
+
+    async def handshake(self, peer: PeerState, endpoint: Endpoint | None) -> None:
+        if endpoint is None:
+            return
+        keepalive = peer.persistent_keepalive or self.t.keepalive_s
+        # A session that looks live by age but was judged dead by silence may be replaced;
+        # any handshake newer than the one we judged makes the device layer refuse.
+        age = peer.handshake_age(time.time())
+        live_s = self.t.session_live_s if age is None else max(0.0, min(age - 0.05, 180.0))
+        try:
+            await self.device.handshake_now(
+                peer.public_key, endpoint, persistent_keepalive=keepalive, live_s=live_s
+            )
+        except ChangeRefused as refused:
+            log.debug("%s", refused)  # a handshake completed meanwhile: nothing to do
+        except DeviceError as error:
+            log.warning("peer %s: handshake-now to %s failed: %s", peer.public_key, endpoint,
+                        error)
+
+    def note_path(self, peer: PeerState, track: Track, d: Decision, now_wall: float,
+                  now: float) -> None:
+        if d.live and not track.connected:
+            took = None if track.memory.first_attempt_at is None else (
+                now - track.memory.first_attempt_at)
+            log.info(
+                "peer %s connected: direct via %s%s", peer.public_key, peer.endpoint,
+                "" if took is None else f", time-to-direct {took:.3f} s",
+                extra={"event": "connected", "peer": str(peer.public_key), "path": "direct",
+                       "endpoint": str(peer.endpoint), "time_to_direct_s": took},
+            )
+            track.connected, track.since = True, now_wall
+            track.memory = replace(track.memory, attempts=0, attempt_at=None,
+                                   attempt_endpoint=None, first_attempt_at=None)
+        elif not d.live and track.connected:
+            log.info("peer %s: session lost (%s)", peer.public_key, d.reason,
+                     extra={"event": "disconnected", "peer": str(peer.public_key)})
+            track.connected, track.since = False, now_wall
+        track.reason = d.reason.value
+
+    def publish(self, state: DeviceState, now_wall: float) -> None:
+        paths = {}
+        for key, track in self.tracks.items():
+            known = self.peers.get(key)
+            paths[key.base64()] = pathfile.PeerPath(
+                path=pathfile.PathKind.DIRECT if track.connected else pathfile.PathKind.NONE,
+                since=track.since, reason=track.reason,
+                endpoint=None if known is None or known.endpoint is None else str(known.endpoint),
+            )
+        if paths != self._published:
+            try:
+                pathfile.write(state.name, paths, self.state_dir)
+                self._published = paths
+            except OSError as error:
+                log.warning("cannot write %s: %s", pathfile.path_file(state.name), error)

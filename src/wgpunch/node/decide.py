@@ -1,0 +1,177 @@
+"""What the node agent should do about one peer, decided purely from what it knows now.
+
+No sockets, no clock, no asyncio: `decide()` takes the device's view of the peer, the
+registry's view, the agent's memory of earlier attempts and the time, and returns one
+`Decision` with its reason. `agent.py` is the only place that acts on it. Every branch here
+has a row in tests/test_node_decide.py.
+
+The rules (DESIGN.md §3):
+- A working path is never overwritten. A live session stays as it is, whatever the registry
+  says, unless a path probe through the tunnel goes unanswered after the registry reported a
+  new endpoint for the peer (NAT rebinding, roaming): then the endpoint is moved, keeping the
+  session's keys.
+- A peer without a live session gets the registry's endpoint through handshake-now, at the
+  moment the registry's punch event reaches both sides, so both NATs open at once.
+- Simultaneous initiations that both arrive cancel each other out in WireGuard (each side
+  replaces its own pending handshake with the peer's, and neither response then matches;
+  measured: the next try comes 5 s later). So only the *initiator* of a pair (lower public
+  key) retries quickly; the other side's NAT is already open from its first attempt, and it
+  just answers.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from ..wg.device import SESSION_LIVE_S, Endpoint, PeerState
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    # Whitepaper §6.1 Reject-After-Time: a handshake older than this has no usable session.
+    session_live_s: float = SESSION_LIVE_S
+    # Persistent keepalive the agent sets: NAT UDP mappings often expire after 30 s.
+    keepalive_s: int = 25
+    # No byte from a peer for this long although both sides keep alive every keepalive_s:
+    # its path is dead even if the last handshake is recent.
+    silence_dead_s: float = 35.0
+    # The initiator's first re-punch after an attempt without a handshake: above the peer
+    # round trip of every lab bench scenario (~120 ms with 30 ms per uplink), far below
+    # WireGuard's own 5 s retry. Doubles per failure up to max_retry_s.
+    first_retry_s: float = 0.5
+    max_retry_s: float = 30.0
+    # The non-initiator asks for a punch at most this often (WireGuard's REKEY_TIMEOUT):
+    # quicker tries from its side would collide with the initiator's.
+    passive_retry_s: float = 5.0
+    # A path probe without any byte back within this long: the path is dead.
+    probe_timeout_s: float = 1.0
+    # Reconcile at least this often; far more often while an attempt or probe is pending.
+    idle_recheck_s: float = 1.0
+    busy_recheck_s: float = 0.05
+
+
+class Kind(enum.StrEnum):
+    LEAVE = "leave"  # do nothing
+    REQUEST_PUNCH = "request-punch"  # ask the registry to make both sides act now
+    HANDSHAKE = "handshake"  # handshake-now toward `endpoint`
+    PROBE = "probe"  # send a packet through the tunnel and watch for an answer
+    REPOINT = "repoint"  # move a live session to `endpoint`, then probe
+
+
+class Reason(enum.StrEnum):
+    LIVE = "live session"
+    ROAMED = "live session on the endpoint the registry reports"
+    NO_ENDPOINT = "the registry knows no endpoint for the peer"
+    NO_SESSION = "no live session"
+    RETRY = "earlier attempt got no handshake"
+    WAITING = "waiting before the next attempt"
+    PUNCH = "punch event from the registry"
+    SUSPECT = "the registry reports a new endpoint while the session looks live"
+    PROBE_PENDING = "waiting for an answer to the path probe"
+    PROBE_ANSWERED = "path probe answered: the current path works"
+    PROBE_UNANSWERED = "path probe unanswered: moving to the registry's endpoint"
+    SILENT = "no bytes from the peer for too long: the path is dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """What the agent remembers about a peer between ticks (monotonic times)."""
+
+    rx_bytes: int = 0
+    rx_changed_at: float | None = None
+    attempts: int = 0  # handshake attempts since the last live session
+    attempt_at: float | None = None
+    attempt_endpoint: Endpoint | None = None
+    first_attempt_at: float | None = None  # for time-to-direct
+    probe_at: float | None = None
+    probe_rx_bytes: int = 0
+    probe_endpoint: Endpoint | None = None  # the registry endpoint that caused the probe
+    cleared_endpoint: Endpoint | None = None  # a reported endpoint a probe showed irrelevant
+    repointed: bool = False  # the probe's endpoint has been set on the live session
+
+    def observe_rx(self, rx_bytes: int, now: float) -> Memory:
+        if self.rx_changed_at is None or rx_bytes != self.rx_bytes:
+            return replace(self, rx_bytes=rx_bytes, rx_changed_at=now)
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    kind: Kind
+    reason: Reason
+    endpoint: Endpoint | None = None
+    recheck_s: float = 1.0
+    live: bool = False  # the peer has a working session (the path is up)
+
+
+def retry_delay(attempts: int, initiator: bool, t: Timings) -> float:
+    if attempts <= 0:
+        return 0.0
+    quick = min(t.first_retry_s * 2 ** (attempts - 1), t.max_retry_s)
+    return quick if initiator else max(quick, t.passive_retry_s)
+
+
+def path_is_dead(peer: PeerState, mem: Memory, now_wall: float, now: float, t: Timings) -> bool:
+    if not peer.has_live_session(now_wall, t.session_live_s):
+        return True
+    return mem.rx_changed_at is not None and now - mem.rx_changed_at >= t.silence_dead_s
+
+
+def decide(
+    peer: PeerState,
+    registry_endpoint: Endpoint | None,
+    mem: Memory,
+    *,
+    initiator: bool,
+    punched: bool,
+    now_wall: float,
+    now: float,
+    t: Timings,
+) -> Decision:
+    """One peer, one tick. `punched`: a punch event for this peer arrived since last tick."""
+    if not path_is_dead(peer, mem, now_wall, now, t):
+        return _decide_live(peer, registry_endpoint, mem, now, t)
+    if registry_endpoint is None:
+        return Decision(Kind.LEAVE, Reason.NO_ENDPOINT, recheck_s=t.idle_recheck_s)
+    if punched and (
+        initiator
+        or mem.attempt_at is None
+        or mem.attempt_endpoint != registry_endpoint
+        or now - mem.attempt_at >= t.passive_retry_s
+    ):
+        return Decision(Kind.HANDSHAKE, Reason.PUNCH, registry_endpoint, t.busy_recheck_s)
+    if mem.attempt_at is None or mem.attempt_endpoint != registry_endpoint:
+        return Decision(Kind.REQUEST_PUNCH, Reason.NO_SESSION, registry_endpoint, t.busy_recheck_s)
+    wait = retry_delay(mem.attempts, initiator, t) - (now - mem.attempt_at)
+    if wait <= 0:
+        return Decision(Kind.REQUEST_PUNCH, Reason.RETRY, registry_endpoint, t.busy_recheck_s)
+    # Poll closely right after an attempt, so the handshake is seen (and logged) at once.
+    recheck = t.busy_recheck_s if now - mem.attempt_at < 2.0 else min(wait, t.idle_recheck_s)
+    return Decision(Kind.LEAVE, Reason.WAITING, recheck_s=recheck)
+
+
+def _decide_live(
+    peer: PeerState, registry_endpoint: Endpoint | None, mem: Memory, now: float, t: Timings
+) -> Decision:
+    if (
+        registry_endpoint is None
+        or registry_endpoint == peer.endpoint
+        or registry_endpoint == mem.cleared_endpoint
+    ):
+        reason = Reason.ROAMED if registry_endpoint == peer.endpoint else Reason.LIVE
+        return Decision(Kind.LEAVE, reason, recheck_s=t.idle_recheck_s, live=True)
+    if mem.probe_at is None or mem.probe_endpoint != registry_endpoint:
+        return Decision(Kind.PROBE, Reason.SUSPECT, registry_endpoint, t.busy_recheck_s, True)
+    if peer.rx_bytes != mem.probe_rx_bytes:
+        return Decision(
+            Kind.LEAVE, Reason.PROBE_ANSWERED, registry_endpoint, t.idle_recheck_s, True
+        )
+    if now - mem.probe_at < t.probe_timeout_s:
+        return Decision(Kind.LEAVE, Reason.PROBE_PENDING, recheck_s=t.busy_recheck_s, live=True)
+    if not mem.repointed:
+        return Decision(
+            Kind.REPOINT, Reason.PROBE_UNANSWERED, registry_endpoint, t.busy_recheck_s, True
+        )
+    # Moved and probed again, still nothing: the session is as good as dead.
+    return Decision(Kind.REQUEST_PUNCH, Reason.SILENT, registry_endpoint, t.busy_recheck_s)

@@ -1,0 +1,58 @@
+"""The node agent's published view of its paths: `/run/wgpunch/IF.json`.
+
+`wgpunch status` is a separate process; the agent is the one that knows when a path came up
+and why it is in its state. It writes that here (atomically, only when something changed),
+and `status` reads it to add the `path` and `since` columns. Without an agent the path is
+still derived from the device alone.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STATE_DIR = Path("/run/wgpunch")
+
+
+class PathKind(enum.StrEnum):
+    DIRECT = "direct"  # live session on the peer's own (observed) address
+    NONE = "none"  # no live session
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPath:
+    path: str
+    since: float | None  # Unix time the current path was established (or lost)
+    reason: str
+    endpoint: str | None  # what the registry reports for the peer
+
+
+def path_file(ifname: str, directory: Path = STATE_DIR) -> Path:
+    return directory / f"{ifname}.json"
+
+
+def write(ifname: str, peers: dict[str, PeerPath], directory: Path = STATE_DIR) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    target = path_file(ifname, directory)
+    tmp = target.with_suffix(".tmp")
+    body = {"pid": os.getpid(), "peers": {k: asdict(v) for k, v in sorted(peers.items())}}
+    tmp.write_text(json.dumps(body, indent=1))
+    tmp.replace(target)
+
+
+def remove(ifname: str, directory: Path = STATE_DIR) -> None:
+    path_file(ifname, directory).unlink(missing_ok=True)
+
+
+def read(ifname: str, directory: Path = STATE_DIR) -> dict[str, PeerPath]:
+    """The agent's paths for `ifname`; empty when no live agent wrote them."""
+    try:
+        body = json.loads(path_file(ifname, directory).read_text())
+        os.kill(int(body["pid"]), 0)  # a file left by a dead agent tells nothing current
+        return {key: PeerPath(**value) for key, value in body["peers"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+

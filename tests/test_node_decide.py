@@ -1,0 +1,126 @@
+"""The node's decision table: one row per rule, each saying what it protects."""
+
+from dataclasses import replace
+
+import pytest
+
+from wgpunch.keys import Key
+from wgpunch.node.decide import Kind, Memory, Reason, Timings, decide, retry_delay
+from wgpunch.wg.device import Endpoint, PeerState
+
+T = Timings()
+NOW_WALL = 1_800_000_000.0
+NOW = 1000.0
+KEY = Key(bytes(range(32)))
+OLD = Endpoint.parse("198.51.100.2:51820")
+NEW = Endpoint.parse("198.51.100.2:40000")
+
+
+def peer(*, handshake_age: float | None = None, endpoint: Endpoint | None = None,
+         rx: int = 0) -> PeerState:
+    return PeerState(
+        public_key=KEY, endpoint=endpoint, allowed_ips=(),
+        latest_handshake=None if handshake_age is None else NOW_WALL - handshake_age,
+        rx_bytes=rx, tx_bytes=0, persistent_keepalive=25, has_preshared_key=False,
+    )
+
+
+LIVE = peer(handshake_age=10, endpoint=OLD, rx=500)
+FRESH_RX = Memory(rx_bytes=500, rx_changed_at=NOW - 1)
+
+
+def run(p, registry_endpoint, mem=FRESH_RX, *, initiator=True, punched=False, now=NOW):
+    return decide(p, registry_endpoint, mem, initiator=initiator, punched=punched,
+                  now_wall=NOW_WALL, now=now, t=T)
+
+
+@pytest.mark.parametrize(
+    ("intent", "args", "kwargs", "kind", "reason"),
+    [
+        ("a live session is left alone when the registry agrees",
+         (LIVE, OLD), {}, Kind.LEAVE, Reason.ROAMED),
+        ("a live session is left alone when the registry knows no endpoint",
+         (LIVE, None), {}, Kind.LEAVE, Reason.LIVE),
+        ("a live session ignores punch events",
+         (LIVE, OLD), {"punched": True}, Kind.LEAVE, Reason.ROAMED),
+        ("a live session whose peer the registry sees elsewhere is probed, not changed",
+         (LIVE, NEW), {}, Kind.PROBE, Reason.SUSPECT),
+        ("no session and no endpoint: nothing to try",
+         (peer(), None), {}, Kind.LEAVE, Reason.NO_ENDPOINT),
+        ("no session, endpoint known, never tried: ask the registry for a punch",
+         (peer(), OLD), {"mem": Memory()}, Kind.REQUEST_PUNCH, Reason.NO_SESSION),
+        ("a punch event makes the initiator handshake at once",
+         (peer(), OLD), {"punched": True}, Kind.HANDSHAKE, Reason.PUNCH),
+        ("a punch event makes the other side handshake when it has not tried lately",
+         (peer(), OLD), {"punched": True, "initiator": False}, Kind.HANDSHAKE, Reason.PUNCH),
+        ("an expired session (older than Reject-After-Time) is no session",
+         (peer(handshake_age=200, endpoint=OLD), OLD), {"mem": Memory()},
+         Kind.REQUEST_PUNCH, Reason.NO_SESSION),
+        ("a session silent for longer than keepalives allow is dead: punch again",
+         (LIVE, OLD), {"mem": Memory(rx_bytes=500, rx_changed_at=NOW - 40)},
+         Kind.REQUEST_PUNCH, Reason.NO_SESSION),
+        ("the registry reporting a new endpoint restarts the attempts at once",
+         (peer(), NEW), {"mem": Memory(attempts=3, attempt_at=NOW - 0.1, attempt_endpoint=OLD)},
+         Kind.REQUEST_PUNCH, Reason.NO_SESSION),
+    ],
+)
+def test_rules(intent, args, kwargs, kind, reason):
+    decision = run(*args, **kwargs)
+    assert (decision.kind, decision.reason) == (kind, reason), intent
+    if kind in (Kind.HANDSHAKE, Kind.REQUEST_PUNCH):
+        assert decision.endpoint == args[1]
+
+
+def test_only_the_initiator_retries_quickly():
+    """Crossed initiations cancel out in WireGuard: a quick retry from both sides would
+    cross again, so the non-initiator waits for WireGuard's own 5 s rhythm."""
+    tried = Memory(attempts=1, attempt_at=NOW - 0.6, attempt_endpoint=OLD)
+    assert run(peer(), OLD, tried, initiator=True).kind is Kind.REQUEST_PUNCH
+    waiting = run(peer(), OLD, tried, initiator=False)
+    assert (waiting.kind, waiting.reason) == (Kind.LEAVE, Reason.WAITING)
+    assert waiting.recheck_s == T.busy_recheck_s  # watch closely for the handshake
+    # The initiator's punch event reaches this side too: its NAT is open, so it only answers.
+    answered = run(peer(), OLD, tried, initiator=False, punched=True)
+    assert answered.kind is Kind.LEAVE
+    later = replace(tried, attempt_at=NOW - T.passive_retry_s)
+    assert run(peer(), OLD, later, initiator=False, punched=True).kind is Kind.HANDSHAKE
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [retry_delay(n, True, T) for n in range(1, 5)] == [0.5, 1.0, 2.0, 4.0]
+    assert retry_delay(20, True, T) == T.max_retry_s
+    assert retry_delay(1, False, T) == T.passive_retry_s
+    tried = Memory(attempts=2, attempt_at=NOW - 0.9, attempt_endpoint=OLD)
+    assert run(peer(), OLD, tried).reason is Reason.WAITING
+    assert run(peer(), OLD, replace(tried, attempt_at=NOW - 1.0)).reason is Reason.RETRY
+
+
+def test_probe_sequence_for_a_rebound_peer():
+    """Registry says the peer moved; the probe goes unanswered; the session is moved (its
+    keys kept); if the moved path stays silent too, the peer is punched afresh."""
+    first = run(LIVE, NEW)
+    assert first.kind is Kind.PROBE
+    probing = replace(FRESH_RX, probe_at=NOW, probe_rx_bytes=500, probe_endpoint=NEW)
+    assert run(LIVE, NEW, probing, now=NOW + 0.5).reason is Reason.PROBE_PENDING
+    moved = run(LIVE, NEW, probing, now=NOW + T.probe_timeout_s)
+    assert (moved.kind, moved.endpoint) == (Kind.REPOINT, NEW)
+    repointed = replace(probing, repointed=True, probe_at=NOW + 1)
+    stuck = run(LIVE, NEW, repointed, now=NOW + 1 + T.probe_timeout_s)
+    assert (stuck.kind, stuck.reason) == (Kind.REQUEST_PUNCH, Reason.SILENT)
+
+
+def test_a_bogus_endpoint_never_overwrites_a_working_path():
+    """The probe is answered (rx moved): the path works, the report is noted and ignored."""
+    probing = replace(FRESH_RX, probe_at=NOW, probe_rx_bytes=500, probe_endpoint=NEW)
+    answered = peer(handshake_age=10, endpoint=OLD, rx=640)
+    decision = run(answered, NEW, probing, now=NOW + 0.2)
+    assert (decision.kind, decision.reason) == (Kind.LEAVE, Reason.PROBE_ANSWERED)
+    cleared = replace(probing, cleared_endpoint=NEW, probe_at=None)
+    assert run(answered, NEW, cleared.observe_rx(640, NOW + 30), now=NOW + 60).kind is Kind.LEAVE
+
+
+def test_observe_rx_tracks_changes():
+    mem = Memory().observe_rx(10, 5.0)
+    assert (mem.rx_bytes, mem.rx_changed_at) == (10, 5.0)
+    assert mem.observe_rx(10, 9.0).rx_changed_at == 5.0
+    assert mem.observe_rx(11, 9.0).rx_changed_at == 9.0
