@@ -64,6 +64,8 @@ def test_status_json_agrees_with_wg_show_dump(pair):
             assert int(first[column]) <= value <= int(last[column]), field
     peer_b = next(p for p in device["peers"] if p["public_key"] == b.public.base64())
     assert peer_b["rx_bytes"] > 0 and peer_b["handshake_age_s"] is not None
+    # No agent runs: the path comes from the device alone, with no time established.
+    assert (peer_b["path"], peer_b["path_since"]) == ("direct", None)
     assert a.private.base64() not in done.stdout
 
 
@@ -73,6 +75,7 @@ def test_status_table(pair):
     assert done.returncode == 0, done.stderr
     assert f"interface {a.ifname} (uapi)" in done.stdout
     assert b.public.base64() in done.stdout and "never" in done.stdout and "25s" in done.stdout
+    assert "PATH" in done.stdout and " none " in done.stdout
     assert a.private.base64() not in done.stdout
 
 

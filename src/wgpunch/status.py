@@ -13,13 +13,20 @@ import json
 import time
 from typing import Any
 
+from .node import pathfile
+from .node.pathfile import PathKind, PeerPath
 from .wg import Device, DeviceState, PeerState, list_devices, open_device
 
 JSON_VERSION = 1
 
 
-def peer_json(peer: PeerState, now: float) -> dict[str, Any]:
+def peer_json(peer: PeerState, now: float, agent: PeerPath | None = None) -> dict[str, Any]:
     age = peer.handshake_age(now)
+    if agent is not None:
+        path, since = agent.path, agent.since
+    else:  # no agent runs here: the device alone says whether a session is up
+        path = PathKind.DIRECT if peer.has_live_session(now) else PathKind.NONE
+        since = None
     return {
         "public_key": peer.public_key.base64(),
         "endpoint": None if peer.endpoint is None else str(peer.endpoint),
@@ -30,29 +37,34 @@ def peer_json(peer: PeerState, now: float) -> dict[str, Any]:
         "tx_bytes": peer.tx_bytes,
         "persistent_keepalive": peer.persistent_keepalive,
         "preshared_key": peer.has_preshared_key,
+        "path": str(path),
+        "path_since": since,
     }
 
 
 def device_json(state: DeviceState, backend: str, now: float) -> dict[str, Any]:
+    agent = pathfile.read(state.name)
     return {
         "name": state.name,
         "backend": backend,
         "public_key": None if state.public_key is None else state.public_key.base64(),
         "listen_port": state.listen_port,
         "fwmark": state.fwmark,
-        "peers": [peer_json(peer, now) for peer in state.peers],
+        "peers": [peer_json(p, now, agent.get(p.public_key.base64())) for p in state.peers],
     }
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
+def _duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 120:
-        return f"{seconds}s ago"
+        return f"{seconds}s"
     if seconds < 7200:
-        return f"{seconds // 60}m{seconds % 60:02d}s ago"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m ago"
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _age(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{_duration(seconds)} ago"
 
 
 def _bytes(count: int) -> str:
@@ -64,8 +76,13 @@ def _bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def render_table(devices: list[dict[str, Any]]) -> str:
-    header = ("PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX", "KEEPALIVE")
+def _path(peer: dict[str, Any], now: float) -> str:
+    since = peer["path_since"]
+    return peer["path"] if since is None else f"{peer['path']} for {_duration(now - since)}"
+
+
+def render_table(devices: list[dict[str, Any]], now: float) -> str:
+    header = ("PEER", "PATH", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX", "KEEPALIVE")
     out: list[str] = []
     for device in devices:
         out.append(
@@ -75,6 +92,7 @@ def render_table(devices: list[dict[str, Any]]) -> str:
         rows = [
             (
                 peer["public_key"],
+                _path(peer, now),
                 peer["endpoint"] or "(none)",
                 ",".join(peer["allowed_ips"]) or "(none)",
                 _age(peer["handshake_age_s"]),
@@ -111,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"version": JSON_VERSION, "interfaces": devices}, indent=2))
     elif devices:
-        print(render_table(devices))
+        print(render_table(devices, time.time()))
     else:
         print("no WireGuard interfaces in this network namespace")
     return 0
@@ -123,8 +141,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="show WireGuard interfaces and their peers",
         description=(
             "Show every WireGuard interface in this network namespace (kernel or userspace), "
-            "and per peer: public key, endpoint, allowed IPs, time since the latest handshake, "
-            "bytes received/sent and persistent keepalive. Keys shown are public keys; "
+            "and per peer: public key, path (direct: a live session on the peer's own "
+            "address; none: no live session; with the time it was established when a "
+            "`wgpunch node` agent runs), endpoint, allowed IPs, time since the latest "
+            "handshake, bytes received/sent and persistent keepalive. Keys shown are public keys; "
             "private and preshared keys are never printed."
         ),
     )
