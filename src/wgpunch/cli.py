@@ -2,8 +2,8 @@
 
 Each subcommand module exposes `add_parser(subparsers)`, which registers its parser and sets
 `func` to a callable taking the parsed arguments and returning the exit code; long-running
-commands also set `daemon=True`, which makes INFO (one line per event) the default log level. Errors that a
-user can cause are `WgpunchError`s: printed as one line on stderr, exit code 1.
+commands also set `daemon=True`, which makes INFO (one line per event) the default log level.
+Errors that a user can cause are `WgpunchError`s: printed as one line on stderr, exit code 1.
 """
 
 from __future__ import annotations

@@ -1,10 +1,169 @@
-"""`wgpunch lab`: build, inspect and remove NAT labs."""
+"""`wgpunch lab`: build, inspect and remove NAT labs.
+
+    wgpunch lab up SCENARIO [--prefix P] [--json]   build it and leave it running
+    wgpunch lab down --prefix P                     remove every trace of lab P
+    wgpunch lab list [--json]                       labs currently on this machine
+    wgpunch lab exec P HOST -- CMD...               run CMD inside HOST of lab P
+    wgpunch lab scenarios                           named scenarios and NAT kinds
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+from typing import Any
+
+from . import catalog, state
+from .nat import NAT_KINDS
+from .netns import LabError, Namespace, require_root
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("lab", help="build and drive the network-namespace NAT lab")
-    parser.set_defaults(func=lambda args: parser.print_help())
+    parser = subparsers.add_parser(
+        "lab", help="build and drive the network-namespace NAT lab",
+        description="A small internet in network namespaces: a core router, a registry with a "
+        "public address, hosts behind NAT routers of several kinds, each running "
+        "wireguard-go. Needs root; nothing outside the lab's own namespaces is touched.",
+    )
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    commands = parser.add_subparsers(dest="lab_command", metavar="ACTION")
+
+    up = commands.add_parser(
+        "up", help="build a lab and leave it running",
+        description="Build a lab from SCENARIO and leave it running (wireguard-go keeps "
+        "running after this command exits); print what was built. Ctrl-C while building "
+        "removes what was built so far.",
+    )
+    up.add_argument("scenario", metavar="SCENARIO",
+                    help=f"a named scenario ({', '.join(catalog.NAMED)}), "
+                    f"{' or '.join(catalog.PATTERNS)}, or a path to a .toml file "
+                    "(schema: docs/lab.md)")
+    up.add_argument("--prefix", metavar="P", type=_prefix,
+                    help="name prefix of every object of the lab: 1-8 lowercase letters/digits "
+                    "(default: random, wl + 4 hex digits); must not be in use")
+    up.add_argument("--json", action="store_true", help="print the description as JSON")
+    # Room for `--agents`: start wgpunch registry/node agents in the lab after building it.
+    up.set_defaults(func=_up)
+
+    down = commands.add_parser(
+        "down", help="remove a lab",
+        description="Stop every process in the lab's namespaces and delete the namespaces, "
+        "wireguard-go sockets and state directory (/run/wgpunch-lab/P). Works for a lab "
+        "whose `up` was killed, too.",
+    )
+    down.add_argument("--prefix", metavar="P", type=_prefix, required=True,
+                      help="prefix of the lab to remove")
+    down.set_defaults(func=_down)
+
+    listing = commands.add_parser("list", help="labs currently on this machine",
+                                  description="Labs found by state directory or namespaces.")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=_list)
+
+    run = commands.add_parser(
+        "exec", help="run a command inside a lab host",
+        description="Run CMD inside the namespace of HOST (a host, a NAT router, `core` or "
+        "`registry`) of lab P, with this terminal; exit with CMD's exit code.",
+    )
+    run.add_argument("prefix", metavar="P", type=_prefix, help="prefix of the lab")
+    run.add_argument("host", metavar="HOST", help="node name, e.g. a, registry, na")
+    run.add_argument("cmd", metavar="-- CMD", nargs=argparse.REMAINDER,
+                     help="the command and its arguments")
+    run.set_defaults(func=_exec)
+
+    scenarios = commands.add_parser("scenarios", help="named scenarios and NAT kinds",
+                                    description="List named scenarios and NAT kinds.")
+    scenarios.set_defaults(func=_scenarios)
+
+
+def _prefix(text: str) -> str:
+    try:
+        return state.check_prefix(text)
+    except LabError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .lab import Lab  # the heavier imports only when building
+
+    require_root()
+    lab = Lab(catalog.resolve(args.scenario), prefix=args.prefix)
+    lab.build()
+    description = lab.describe()
+    print(json.dumps(description, indent=2) if args.json else render(description))
+    return 0
+
+
+def render(lab: dict[str, Any]) -> str:
+    rows = [("host", "namespace", "interface", "tunnel ip", "port", "public ip", "private ip",
+             "nat", "public key")]
+    for h in lab["hosts"]:
+        rows.append((h["name"], h["namespace"], h["interface"] or "-", h["tunnel_ip"] or "-",
+                     str(h["listen_port"] or "-"), h["public_ip"], h["private_ip"] or "-",
+                     "/".join(h["nat_chain"]) + f" ({h['nat']})" if h["nat"] else "-",
+                     h["public_key"] or "-"))
+    lines = [f"lab {lab['prefix']} ({lab['scenario']}): {lab['description']}", *_columns(rows)]
+    if lab["nats"]:
+        nat_rows = [("nat", "namespace", "kind", "hairpin", "public ip", "lan", "behind")]
+        nat_rows += [(n["name"], n["namespace"], n["kind"], "on" if n["hairpin"] else "off",
+                      n["public_ip"], n["lan"], n["behind"] or "-") for n in lab["nats"]]
+        lines += ["", *_columns(nat_rows)]
+    lines += ["", f"run in a host:  wgpunch lab exec {lab['prefix']} a -- wg show",
+              f"remove:         wgpunch lab down --prefix {lab['prefix']}"]
+    return "\n".join(lines)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def _down(args: argparse.Namespace) -> int:
+    require_root()
+    removed = state.remove(args.prefix)
+    if not (removed.namespaces or removed.sockets or removed.state_dir):
+        print(f"lab {args.prefix}: nothing to remove")
+    else:
+        print(f"lab {args.prefix}: removed {removed.namespaces} namespaces, "
+              f"{removed.processes} processes, {removed.sockets} sockets"
+              f"{', state directory' if removed.state_dir else ''}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    labs = state.list_labs()
+    if args.json:
+        print(json.dumps([vars(lab) for lab in labs], indent=2))
+    elif not labs:
+        print("no labs")
+    else:
+        rows = [("prefix", "scenario", "namespaces", "sockets")]
+        rows += [(lab.prefix, lab.scenario or "? (no state)", str(lab.namespaces),
+                  str(lab.sockets)) for lab in labs]
+        print("\n".join(_columns(rows)))
+    return 0
+
+
+def _exec(args: argparse.Namespace) -> int:
+    require_root()
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        raise LabError("lab exec: no command given (wgpunch lab exec P HOST -- CMD...)")
+    ns = Namespace(f"{args.prefix}-{args.host}")
+    if not ns.exists():
+        raise LabError(f"lab {args.prefix}: no node {args.host!r} (no namespace {ns.name})")
+    return subprocess.run(ns.argv(cmd), check=False).returncode
+
+
+def _scenarios(args: argparse.Namespace) -> int:
+    print("named scenarios:")
+    for name, make in catalog.NAMED.items():
+        print(f"  {name:<12} {make().description}")
+    for pattern in catalog.PATTERNS:
+        print(f"  {pattern}")
+    print("NAT kinds (RFC 4787):")
+    for kind in NAT_KINDS.values():
+        print(f"  {kind.name:<14} {kind.summary}")
+    return 0

@@ -7,9 +7,12 @@ child, so stopping it is a signal to a process we own, not a search for a daemon
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +74,20 @@ def wait_for(condition, *, timeout: float, interval: float = 0.01, what: str = "
         time.sleep(interval)
 
 
+def holds_for(condition, *, duration: float, interval: float = 0.05) -> bool:
+    """Poll `condition()` for `duration` seconds; False as soon as it is false once.
+
+    For negative results ("no handshake happens"), which no deadline-bounded wait can prove
+    sooner: the duration is the claim's bound and belongs in the test's wording.
+    """
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        time.sleep(interval)
+    return bool(condition())
+
+
 @dataclass(frozen=True)
 class Namespace:
     name: str
@@ -91,14 +108,17 @@ class Namespace:
             return
         pids = run(["ip", "netns", "pids", self.name], check=False).stdout.split()
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
         run(["ip", "netns", "delete", self.name], check=False)
 
     def run(self, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess[str]:
         return run(self.argv(argv), **kwargs)
+
+    def ip_batch(self, commands: Sequence[str]) -> None:
+        """Many `ip` commands in one process (`ip -n NS -batch -`); stops at the first error."""
+        if commands:
+            run(["ip", "-n", self.name, "-batch", "-"], input="\n".join(commands) + "\n")
 
     def popen(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
               **kwargs) -> subprocess.Popen:
@@ -106,36 +126,81 @@ class Namespace:
         return subprocess.Popen(self.argv(argv), env=full_env, **kwargs)
 
 
+def python_module(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """argv and env to run `python3 -m module` (a wgpunch helper) inside a namespace."""
+    src = str(Path(__file__).resolve().parents[2])  # the directory holding `wgpunch/`
+    path = os.environ.get("PYTHONPATH")
+    return [sys.executable, "-m", module, *args], {
+        "PYTHONPATH": f"{src}:{path}" if path else src
+    }
+
+
+def read_line(proc: subprocess.Popen, *, timeout: float, what: str) -> str:
+    """The next line of a child's stdout pipe, within `timeout` seconds."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        raise LabError(f"lab: {what} said nothing within {timeout:.1f} s")
+    line = proc.stdout.readline()
+    if not line:
+        raise LabError(f"lab: {what} exited ({proc.poll()}) before it was ready")
+    return line.decode(errors="replace").strip() if isinstance(line, bytes) else line.strip()
+
+
 def uapi_socket(ifname: str) -> Path:
     return UAPI_DIR / f"{ifname}.sock"
 
 
 class WireguardGo:
-    """A wireguard-go process serving one interface inside a namespace."""
+    """A wireguard-go process serving one interface inside a namespace.
 
-    def __init__(self, ns: Namespace, ifname: str) -> None:
+    With `log`, its output goes to that file instead of a pipe: a lab left running by
+    `wgpunch lab up` outlives our process, and a daemon writing an error into a pipe nobody
+    reads any more would die of SIGPIPE.
+    """
+
+    def __init__(self, ns: Namespace, ifname: str, *, log: Path | None = None) -> None:
         if len(ifname) > IFNAME_MAX:
             raise LabError(f"lab: interface name {ifname!r} is longer than {IFNAME_MAX}")
         self.ns = ns
         self.ifname = ifname
+        self.log = log
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 10.0) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting for its socket (see `wait_ready`)."""
         if uapi_socket(self.ifname).exists():
             raise LabError(f"lab: {uapi_socket(self.ifname)} already exists (name clash?)")
-        self.proc = self.ns.popen(
-            ["wireguard-go", "-f", self.ifname], env=WG_GO_ENV,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        # The child keeps its own copy of the log file descriptor; ours closes at once.
+        output = (open(self.log, "ab") if self.log  # noqa: SIM115 - `with` below closes it
+                  else contextlib.nullcontext(subprocess.PIPE))
+        with output as stderr:
+            self.proc = self.ns.popen(
+                ["wireguard-go", "-f", self.ifname], env=WG_GO_ENV,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                start_new_session=True,
+            )
 
+    def wait_ready(self, timeout: float = 10.0) -> None:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise LabError(f"lab: wireguard-go {self.ifname} exited: {err.strip()[-300:]}")
+                raise LabError(f"lab: wireguard-go {self.ifname} exited: {self._output()}")
             return uapi_socket(self.ifname).exists()
 
         wait_for(ready, timeout=timeout, what=f"wireguard-go {self.ifname} to listen")
+
+    def _output(self) -> str:
+        if self.log is not None:
+            text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        elif self.proc is not None and self.proc.stderr:
+            text = self.proc.stderr.read().decode(errors="replace")
+        else:
+            text = ""
+        return text.strip()[-300:]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

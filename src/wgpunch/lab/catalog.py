@@ -1,0 +1,147 @@
+"""Named scenarios, and `resolve()`, which turns a CLI argument into a scenario.
+
+- `easy`: `a` and `b`, each behind its own `eim` home router. Punching works.
+- `same-nat`: `a` and `b` behind one `eim` router without hairpinning; they must use their
+  LAN addresses (DESIGN.md §3, candidate "local").
+- `hairpin`: the same with hairpinning on: the public endpoints work too.
+- `symmetric`: `a` behind a `symmetric` NAT, `b` behind `eim`: direct punching fails
+  (`b`'s NAT filters by port, `a`'s port is unpredictable); the relay is needed.
+- `collision`: `a` and `b` behind `collision` routers: naive simultaneous open fails, a
+  low-TTL opener first works (DESIGN.md §3).
+- `double-nat`: `a` and `c` behind home routers (`eim`) behind one carrier NAT `cgn`
+  (`eim-port`, hairpinning, as RFC 6888 asks of a CGN); `b` behind an `eim` router.
+- `mixed-N` (N = 2-60): hosts `a`, `b`, ... each behind its own NAT `n<host>` whose kind cycles
+  through `MIXED_CYCLE` (`public` = no NAT).
+- `matrix`: one big lab covering every pair of kinds: two hosts per kind (`public` and each
+  NAT kind), named `<letter><1|2>` (see `KIND_LETTERS`), each behind its own NAT `n<host>`.
+  Every unordered pair of kinds, including a kind with itself, is then some pair of hosts.
+- `matrix-K1-K2`: one small lab per pair of kinds, `a` behind K1 and `b` behind K2;
+  `matrix_pairs()` lists them all.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .nat import NAT_KINDS
+from .netns import LabError
+from .scenario import Host, Nat, Scenario, Site, load_toml
+
+PUBLIC = "public"  # pseudo-kind: a host with its own public address
+KIND_LETTERS = {PUBLIC: "u", "eim": "e", "eim-port": "p", "eim-addr": "r",
+                "eim-full-cone": "f", "symmetric": "s", "collision": "c"}
+MIXED_CYCLE = ("eim", PUBLIC, "symmetric", "eim-port", "eim-full-cone", "collision", "eim-addr")
+MIXED_MAX = 60
+
+
+def site(host: str, kind: str, *, nat_name: str | None = None) -> Site:
+    """`host` alone (kind `public`) or behind its own NAT of `kind`, named `n<host>`."""
+    if kind == PUBLIC:
+        return Host(host)
+    return Nat(nat_name or f"n{host}", kind, (Host(host),))
+
+
+def _easy() -> Scenario:
+    return Scenario("easy", (site("a", "eim"), site("b", "eim")),
+                    description="a and b behind their own eim home routers")
+
+
+def _same_nat(hairpin: bool) -> Scenario:
+    name = "hairpin" if hairpin else "same-nat"
+    on_off = "on" if hairpin else "off"
+    return Scenario(name, (Nat("nat", "eim", (Host("a"), Host("b")), hairpin=hairpin),),
+                    description=f"a and b behind one eim router, hairpinning {on_off}")
+
+
+def _symmetric() -> Scenario:
+    return Scenario("symmetric", (site("a", "symmetric"), site("b", "eim")),
+                    description="a behind a symmetric NAT, b behind eim")
+
+
+def _collision() -> Scenario:
+    return Scenario("collision", (site("a", "collision"), site("b", "collision")),
+                    description="a and b behind Linux routers without input filtering")
+
+
+def _double_nat() -> Scenario:
+    cgn = Nat("cgn", "eim-port", (site("a", "eim"), site("c", "eim")), hairpin=True)
+    return Scenario("double-nat", (cgn, site("b", "eim")),
+                    description="a and c behind home routers behind one carrier NAT; b at home")
+
+
+def host_names(count: int) -> Iterator[str]:
+    """a, b, ..., z, aa, ab, ..."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for size in itertools.count(1):
+        for chars in itertools.product(letters, repeat=size):
+            if count <= 0:
+                return
+            count -= 1
+            yield "".join(chars)
+
+
+def mixed(count: int) -> Scenario:
+    if not 2 <= count <= MIXED_MAX:
+        raise LabError(f"lab: mixed-N takes N in 2-{MIXED_MAX}, got {count}")
+    sites = tuple(site(name, MIXED_CYCLE[i % len(MIXED_CYCLE)])
+                  for i, name in enumerate(host_names(count)))
+    cycle = ", ".join(MIXED_CYCLE)
+    return Scenario(f"mixed-{count}", sites,
+                    description=f"{count} hosts, NAT kinds cycling through {cycle}")
+
+
+def matrix() -> Scenario:
+    sites = tuple(site(f"{letter}{i}", kind)
+                  for kind, letter in KIND_LETTERS.items() for i in (1, 2))
+    return Scenario("matrix", sites,
+                    description="two hosts per kind, each behind its own NAT: every pair of kinds")
+
+
+def matrix_pair(first: str, second: str) -> Scenario:
+    for kind in (first, second):
+        if kind not in KIND_LETTERS:
+            raise LabError(f"lab: matrix: unknown kind {kind!r} (known: {', '.join(KIND_LETTERS)})")
+    return Scenario(f"matrix-{first}-{second}", (site("a", first), site("b", second)),
+                    description=f"a behind {first}, b behind {second}")
+
+
+def matrix_pairs() -> list[Scenario]:
+    """One scenario per unordered pair of kinds (a kind with itself included)."""
+    return [matrix_pair(x, y)
+            for x, y in itertools.combinations_with_replacement(KIND_LETTERS, 2)]
+
+
+NAMED: dict[str, Callable[[], Scenario]] = {
+    "easy": _easy,
+    "same-nat": lambda: _same_nat(False),
+    "hairpin": lambda: _same_nat(True),
+    "symmetric": _symmetric,
+    "collision": _collision,
+    "double-nat": _double_nat,
+    "matrix": matrix,
+}
+PATTERNS = ("mixed-N", "matrix-KIND1-KIND2")
+
+
+def resolve(spec: str) -> Scenario:
+    """A named scenario, `mixed-N`, `matrix-K1-K2`, or a path to a TOML file."""
+    if spec in NAMED:
+        return NAMED[spec]()
+    if match := re.fullmatch(r"mixed-(\d{1,3})", spec):
+        return mixed(int(match.group(1)))
+    if spec.startswith("matrix-"):
+        # Kinds contain dashes themselves: try every split point.
+        rest = spec.removeprefix("matrix-")
+        for cut in range(1, len(rest)):
+            first, second = rest[:cut], rest[cut + 1:]
+            if rest[cut] == "-" and first in KIND_LETTERS and second in KIND_LETTERS:
+                return matrix_pair(first, second)
+    if spec.endswith(".toml") or "/" in spec:
+        return load_toml(Path(spec))
+    raise LabError(
+        f"lab: unknown scenario {spec!r} (named: {', '.join(NAMED)}; patterns: "
+        f"{', '.join(PATTERNS)}; or a path to a .toml file; NAT kinds: {', '.join(NAT_KINDS)})"
+    )

@@ -1,0 +1,191 @@
+"""Scenarios: what a lab contains, as frozen dataclasses, and the TOML form of the same.
+
+A scenario is a list of *sites* hanging off the core router. A site is a `Host` with a public
+address, or a `Nat` router with hosts and/or further NATs behind it (double NAT, CGNAT). The
+registry (host `registry`) and the core router (`core`) are always there; the registry is
+every WireGuard host's peer. Each node's `link` is the impairment of its link to its parent.
+
+Names are 1-6 lowercase letters/digits, starting with a letter (they end up in interface
+names of at most 15 characters together with the prefix); `registry`, `reg`, `core` and
+`lan` are reserved.
+
+TOML schema (`wgpunch lab up ./my.toml`; every key but the site kinds is optional):
+
+    name = "two-homes"            # default: the file name without .toml
+    description = "free text"
+    registry = { delay_ms = 5 }   # impairment of the registry's link
+
+    [[site]]                      # a host with a public address
+    host = "a"
+    wireguard = true              # false: a plain outside host (probes, no WireGuard)
+    link = { delay_ms = 20, jitter_ms = 5, loss_pct = 1.0 }
+
+    [[site]]                      # a NAT router with hosts behind it
+    nat = "eim"                   # kind: see wgpunch.lab.nat.NAT_KINDS
+    name = "home"                 # default: nat1, nat2, ... in file order
+    hairpin = false
+    hosts = ["b", "c"]            # hosts on its LAN (shorthand for [[site.inside]] host = ...)
+
+    [[site]]
+    nat = "eim-port"              # a carrier NAT ...
+    name = "cgn"
+    [[site.inside]]               # ... with a home NAT behind it; same keys as a site
+    nat = "eim"
+    hosts = ["d"]
+
+Impairment (`link`, `registry`): one-way `delay_ms` and uniform `jitter_ms` (both directions
+each get them, so the round trip grows by twice the delay) and `loss_pct` per direction.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .nat import check_kind
+from .netns import LabError
+
+NAME_RE = re.compile(r"[a-z][a-z0-9]{0,5}")
+RESERVED = frozenset({"registry", "reg", "core", "lan"})
+
+
+@dataclass(frozen=True)
+class Impairment:
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+
+    def __post_init__(self) -> None:
+        for what, value, high in (("delay_ms", self.delay_ms, 10_000),
+                                  ("jitter_ms", self.jitter_ms, 10_000),
+                                  ("loss_pct", self.loss_pct, 100)):
+            if not isinstance(value, int | float) or not 0 <= value <= high:
+                raise LabError(f"lab: link {what} must be a number in 0-{high}, got {value!r}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.delay_ms or self.jitter_ms or self.loss_pct)
+
+
+NO_IMPAIRMENT = Impairment()
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    link: Impairment = NO_IMPAIRMENT
+    wireguard: bool = True
+
+
+@dataclass(frozen=True)
+class Nat:
+    name: str
+    kind: str
+    inside: tuple[Host | Nat, ...]
+    hairpin: bool = False
+    link: Impairment = NO_IMPAIRMENT
+
+    def __post_init__(self) -> None:
+        check_kind(self.kind)
+        if not self.inside:
+            raise LabError(f"lab: NAT {self.name!r} has nothing behind it")
+
+
+Site = Host | Nat
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    sites: tuple[Site, ...]
+    registry_link: Impairment = NO_IMPAIRMENT
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise LabError(f"lab: scenario {self.name!r} has no sites")
+        seen: set[str] = set()
+        for node, _parent in self.walk():
+            if not NAME_RE.fullmatch(node.name) or node.name in RESERVED:
+                raise LabError(
+                    f"lab: scenario {self.name!r}: bad name {node.name!r} (1-6 lowercase "
+                    f"letters/digits, starting with a letter; not {', '.join(sorted(RESERVED))})"
+                )
+            if node.name in seen:
+                raise LabError(f"lab: scenario {self.name!r}: name {node.name!r} used twice")
+            seen.add(node.name)
+
+    def walk(self) -> Iterator[tuple[Site, Nat | None]]:
+        """Every node with the NAT it sits behind (None: on the core), parents first."""
+
+        def down(node: Site, parent: Nat | None) -> Iterator[tuple[Site, Nat | None]]:
+            yield node, parent
+            if isinstance(node, Nat):
+                for child in node.inside:
+                    yield from down(child, node)
+
+        for site in self.sites:
+            yield from down(site, None)
+
+
+# -- TOML ---------------------------------------------------------------------------------------
+
+_SITE_KEYS = {"host", "wireguard", "nat", "name", "hairpin", "hosts", "inside", "link"}
+
+
+def load_toml(path: Path) -> Scenario:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise LabError(f"lab: cannot read scenario {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LabError(f"lab: scenario {str(path)!r}: {exc}") from None
+    return from_dict(data, default_name=path.stem)
+
+
+def from_dict(data: dict[str, Any], *, default_name: str) -> Scenario:
+    unknown = set(data) - {"name", "description", "registry", "site"}
+    if unknown:
+        raise LabError(f"lab: scenario: unknown key(s) {', '.join(sorted(unknown))}")
+    counter = iter(range(1, 10_000))
+    sites = data.get("site", [])
+    if not isinstance(sites, list):
+        raise LabError("lab: scenario: `site` must be an array of tables ([[site]])")
+    return Scenario(
+        name=str(data.get("name", default_name)),
+        description=str(data.get("description", "")),
+        registry_link=_impairment(data.get("registry", {}), "registry"),
+        sites=tuple(_site(site, counter) for site in sites),
+    )
+
+
+def _site(table: Any, counter: Iterator[int]) -> Site:
+    if not isinstance(table, dict):
+        raise LabError(f"lab: scenario: a site must be a table, got {table!r}")
+    unknown = set(table) - _SITE_KEYS
+    if unknown:
+        raise LabError(f"lab: scenario: unknown site key(s) {', '.join(sorted(unknown))}")
+    link = _impairment(table.get("link", {}), "link")
+    if ("host" in table) == ("nat" in table):
+        raise LabError(f"lab: scenario: a site has exactly one of `host` or `nat`: {table!r}")
+    if "host" in table:
+        extra = set(table) & {"nat", "name", "hairpin", "hosts", "inside"}
+        if extra:
+            raise LabError(f"lab: scenario: host {table['host']!r} cannot have {sorted(extra)}")
+        return Host(str(table["host"]), link, bool(table.get("wireguard", True)))
+    name = str(table["name"]) if "name" in table else f"nat{next(counter)}"
+    hosts = tuple(Host(str(h)) for h in table.get("hosts", []))
+    inside = tuple(_site(child, counter) for child in table.get("inside", []))
+    return Nat(name, str(table["nat"]), hosts + inside, bool(table.get("hairpin", False)), link)
+
+
+def _impairment(table: Any, what: str) -> Impairment:
+    if not isinstance(table, dict) or set(table) - {"delay_ms", "jitter_ms", "loss_pct"}:
+        raise LabError(
+            f"lab: scenario: `{what}` takes delay_ms, jitter_ms, loss_pct; got {table!r}"
+        )
+    return Impairment(**table)

@@ -1,0 +1,171 @@
+"""From a scenario and a prefix to a plan: every namespace, interface name and address.
+
+Pure: nothing here runs a command, so the plan can be checked without root.
+
+Addresses (all of them exist only inside the lab's namespaces):
+- core <-> registry: 192.0.2.0/30, core .1, registry .2 (TEST-NET-1).
+- core <-> top-level site k: a /30 from 198.51.100.0/24 (k < 64), then 203.0.113.0/24
+  (k < 128): core .4k+1, site .4k+2. A site's address there is its public address.
+- LAN of the n-th NAT (walk order, from 1): 192.168.n.0/24 for a home router (only hosts
+  behind it), 100.64.n.0/24 (the CGNAT range, RFC 6598) when a NAT sits behind it. Router
+  .1, the i-th node behind it .10+i.
+- Tunnel: 10.99.0.0/24; the registry is 10.99.0.254, WireGuard hosts 10.99.0.1, .2, ... in
+  walk order. Every device listens on 51820, as an unconfigured install would.
+
+Names: namespace `P-<node>`; in node X, the link toward neighbour Y is `P_<Y>` (the registry
+is `reg` in interface names), a NAT's LAN bridge is `P_lan`; the WireGuard interface of host
+H is `P-<H>` (`P-reg` for the registry), unique machine-wide as wireguard-go's socket
+directory requires. An impaired link runs through a namespace `P-<child>-wire` whose ends are
+`P_up` and `P_down` (see `wire.py`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .nat import NatInterfaces
+from .netns import IFNAME_MAX, LabError
+from .scenario import NO_IMPAIRMENT, Host, Impairment, Nat, Scenario
+
+IPv4 = ipaddress.IPv4Address
+IPv4If = ipaddress.IPv4Interface
+
+TUNNEL_NET = ipaddress.IPv4Network("10.99.0.0/24")
+REGISTRY_TUNNEL_IP = IPv4("10.99.0.254")
+LISTEN_PORT = 51820
+REGISTRY_NET = ipaddress.IPv4Network("192.0.2.0/30")
+PUBLIC_POOLS = (ipaddress.IPv4Network("198.51.100.0/24"), ipaddress.IPv4Network("203.0.113.0/24"))
+SITES_MAX = 64 * len(PUBLIC_POOLS)
+FIRST_CHILD = 10  # .10 is the first node behind a NAT; .1 is the router
+
+
+@dataclass(frozen=True)
+class Node:
+    """One namespace of the lab (core, registry, NAT router or host)."""
+
+    name: str
+    role: str  # "core" | "registry" | "nat" | "host"
+    ns: str
+    parent: str | None
+    uplink: str | None  # interface toward the parent
+    address: IPv4If | None  # on the uplink
+    gateway: IPv4 | None  # default route
+    impairment: Impairment = NO_IMPAIRMENT  # of the uplink
+    # NAT routers
+    kind: str | None = None
+    hairpin: bool = False
+    lan: IPv4If | None = None  # the router's address on its LAN bridge
+    # WireGuard hosts (and the registry)
+    ifname: str | None = None
+    tunnel_ip: IPv4 | None = None
+    public_ip: IPv4 | None = None  # where the internet sees it: its own or the outer NAT's
+    nat_chain: tuple[str, ...] = ()  # NAT routers in front of it, nearest first
+
+    @property
+    def forwards(self) -> bool:
+        return self.role in ("core", "nat")
+
+    @property
+    def private_ip(self) -> IPv4 | None:
+        return self.address.ip if self.address and self.nat_chain else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    prefix: str
+    scenario: Scenario
+    nodes: tuple[Node, ...]  # parents before children
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise LabError(f"lab {self.prefix}: no node {name!r} "
+                       f"(nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def children(self, name: str) -> list[Node]:
+        return [node for node in self.nodes if node.parent == name]
+
+    @property
+    def wireguard_hosts(self) -> list[Node]:
+        return [node for node in self.nodes if node.ifname]
+
+    def ifname_toward(self, name: str) -> str:
+        return link_name(self.prefix, name)
+
+    def bridge(self) -> str:
+        return f"{self.prefix}_lan"
+
+    def nat_interfaces(self, node: Node) -> NatInterfaces:
+        assert node.role == "nat" and node.uplink and node.address and node.lan
+        return NatInterfaces(table=f"{self.prefix}_nat", wan=node.uplink, wan_ip=node.address.ip,
+                             lan=self.bridge(), lan_net=node.lan.network)
+
+    def wire_ns(self, child: Node) -> str:
+        return f"{child.ns}-wire"
+
+
+def short(name: str) -> str:
+    return "reg" if name == "registry" else name
+
+
+def link_name(prefix: str, neighbour: str) -> str:
+    """The interface toward `neighbour`, in whichever namespace it lives."""
+    return f"{prefix}_{short(neighbour)}"
+
+
+def plan(scenario: Scenario, prefix: str) -> Plan:
+    sites = scenario.sites
+    if len(sites) > SITES_MAX:
+        raise LabError(f"lab: at most {SITES_MAX} sites on the core, got {len(sites)}")
+    ns = lambda name: f"{prefix}-{name}"  # noqa: E731 - a one-line naming rule
+    tunnel_ips = iter(TUNNEL_NET.hosts())
+    nodes: list[Node] = [Node("core", "core", ns("core"), None, None, None, None)]
+    core_side, registry_side = list(REGISTRY_NET.hosts())
+    nodes.append(Node(
+        "registry", "registry", ns("registry"), "core", link_name(prefix, "core"),
+        IPv4If(f"{registry_side}/30"), core_side, scenario.registry_link,
+        ifname=f"{prefix}-reg", tunnel_ip=REGISTRY_TUNNEL_IP, public_ip=registry_side,
+    ))
+    nat_numbers = iter(range(1, 256))
+
+    def add(site: Host | Nat, parent: Node, address: IPv4If, gateway: IPv4,
+            chain: tuple[Node, ...]) -> None:
+        public = chain[0].address.ip if chain else address.ip  # type: ignore[union-attr]
+        common = dict(name=site.name, ns=ns(site.name), parent=parent.name,
+                      uplink=link_name(prefix, parent.name), address=address, gateway=gateway,
+                      impairment=site.link, public_ip=public,
+                      nat_chain=tuple(n.name for n in reversed(chain)))
+        if isinstance(site, Host):
+            wg = dict(ifname=f"{prefix}-{site.name}", tunnel_ip=next(tunnel_ips, None)) \
+                if site.wireguard else {}
+            if site.wireguard and wg["tunnel_ip"] in (None, REGISTRY_TUNNEL_IP):
+                raise LabError(f"lab: too many WireGuard hosts for {TUNNEL_NET}")
+            nodes.append(Node(role="host", **common, **wg))
+            return
+        number = next(nat_numbers, None)
+        if number is None:
+            raise LabError("lab: at most 255 NAT routers")
+        carrier = any(isinstance(child, Nat) for child in site.inside)
+        lan_net = ipaddress.IPv4Network(f"{'100.64' if carrier else '192.168'}.{number}.0/24")
+        if len(site.inside) > 254 - FIRST_CHILD:
+            raise LabError(f"lab: NAT {site.name!r}: too many nodes behind it")
+        router = Node(role="nat", kind=site.kind, hairpin=site.hairpin,
+                      lan=IPv4If(f"{lan_net[1]}/24"), **common)
+        nodes.append(router)
+        for i, child in enumerate(site.inside):
+            add(child, router, IPv4If(f"{lan_net[FIRST_CHILD + i]}/24"), lan_net[1],
+                (*chain, router))
+
+    for k, site in enumerate(sites):
+        link = list(PUBLIC_POOLS[k // 64].subnets(new_prefix=30))[k % 64]
+        core_ip, site_ip = list(link.hosts())
+        add(site, nodes[0], IPv4If(f"{site_ip}/30"), core_ip, ())
+
+    result = Plan(prefix, scenario, tuple(nodes))
+    for node in result.nodes:
+        for name in (node.uplink, node.ifname, result.bridge()):
+            if name and len(name) > IFNAME_MAX:
+                raise LabError(f"lab: interface name {name!r} is longer than {IFNAME_MAX}")
+    return result

@@ -1,0 +1,34 @@
+"""WireGuard configurations of the lab's devices, as a user would write them for `wg setconf`.
+
+- The registry lists every node: `AllowedIPs = <node>/32`, no endpoint (it learns them).
+- A node lists the registry with its public endpoint and `PersistentKeepalive = 25`, and every
+  other node with `AllowedIPs = <node>/32` and no endpoint: finding those is wgpunch's job.
+
+The text holds a private key: callers write it with mode 0600 and never print it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..keys import Key
+from .topology import LISTEN_PORT, Node, Plan
+
+KEEPALIVE_S = 25  # wg(8)'s suggested value; keeps the NAT mappings toward the registry alive
+
+
+def device_config(plan: Plan, node: Node, private: Key, public: Mapping[str, Key]) -> str:
+    """`wg setconf` text for `node`; `public` maps each WireGuard node's name to its key."""
+    lines = ["[Interface]", f"PrivateKey = {private.base64()}", f"ListenPort = {LISTEN_PORT}"]
+    registry = plan.node("registry")
+    for peer in plan.wireguard_hosts:
+        if peer.name == node.name or (node.role == "host" and peer.role == "registry"):
+            continue
+        lines += ["", "[Peer]", f"# {peer.name}", f"PublicKey = {public[peer.name].base64()}",
+                  f"AllowedIPs = {peer.tunnel_ip}/32"]
+    if node.role == "host":
+        lines += ["", "[Peer]", "# registry", f"PublicKey = {public['registry'].base64()}",
+                  f"AllowedIPs = {registry.tunnel_ip}/32",
+                  f"Endpoint = {registry.public_ip}:{LISTEN_PORT}",
+                  f"PersistentKeepalive = {KEEPALIVE_S}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,215 @@
+"""The lab's pure parts: scenarios, TOML, the catalog, the plan, WireGuard configs, the CLI
+parser. No root needed."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from wgpunch.cli import build_parser
+from wgpunch.keys import generate_keypair
+from wgpunch.lab import catalog, scenario, state
+from wgpunch.lab.nat import NAT_KINDS
+from wgpunch.lab.netns import IFNAME_MAX, LabError
+from wgpunch.lab.probe import parse_target
+from wgpunch.lab.scenario import Host, Nat, Scenario
+from wgpunch.lab.topology import plan
+from wgpunch.lab.wgconf import device_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toml_example(text: str) -> str:
+    """The indented TOML block of a docstring or the fenced one of a Markdown file."""
+    fenced = re.search(r"```toml\n(.*?)```", text, re.S)
+    if fenced:
+        return fenced.group(1)
+    block = text[text.index('name = "two-homes"'):].split("\n\n")
+    lines = []
+    for para in block:
+        if not para.startswith("    ") and lines:
+            break
+        lines.append(para)
+    return textwrap.dedent("    " + "\n\n".join(lines))
+
+
+# -- scenarios and TOML ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["docstring", "docs"])
+def test_documented_toml_example_loads(tmp_path, source):
+    text = scenario.__doc__ if source == "docstring" else (ROOT / "docs/lab.md").read_text()
+    path = tmp_path / "two-homes.toml"
+    path.write_text(toml_example(text))
+    loaded = catalog.resolve(str(path))
+    lab = plan(loaded, "t1")
+    assert loaded.name == "two-homes"
+    assert {n.name for n in lab.nodes if n.role == "host"} >= {"a", "b", "c", "d"}
+    assert lab.node("d").nat_chain[-1] == "cgn"
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"site": [{"host": "a", "nat": "eim"}]}, "exactly one of"),
+    ({"site": [{"nat": "eim"}]}, "nothing behind it"),
+    ({"site": [{"nat": "cone", "hosts": ["a"]}]}, "unknown NAT kind 'cone'"),
+    ({"site": [{"host": "a"}, {"host": "a"}]}, "used twice"),
+    ({"site": [{"host": "core"}]}, "bad name 'core'"),
+    ({"site": [{"host": "toolong1"}]}, "bad name 'toolong1'"),
+    ({"site": [{"host": "a", "hosts": ["b"]}]}, "cannot have"),
+    ({"site": [{"host": "a", "colour": "red"}]}, "unknown site key"),
+    ({"site": [{"host": "a", "link": {"delay": 5}}]}, "takes delay_ms"),
+    ({"site": [{"host": "a", "link": {"loss_pct": 101}}]}, "loss_pct must be"),
+    ({"sites": []}, "unknown key"),
+    ({"site": []}, "no sites"),
+])
+def test_bad_scenarios_are_refused_with_the_reason(table, message):
+    with pytest.raises(LabError, match=message):
+        scenario.from_dict(table, default_name="bad")
+
+
+def test_nat_names_default_in_file_order():
+    loaded = scenario.from_dict({"site": [
+        {"nat": "eim", "hosts": ["a"]},
+        {"nat": "eim-port", "inside": [{"nat": "eim", "hosts": ["b"]}]},
+    ]}, default_name="x")
+    assert [node.name for node, _ in loaded.walk()] == ["nat1", "a", "nat2", "nat3", "b"]
+
+
+# -- the catalog -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", [*catalog.NAMED, "mixed-2", "mixed-60", "matrix-eim-port-symmetric"])
+def test_every_named_scenario_plans_with_the_longest_prefix(name):
+    lab = plan(catalog.resolve(name), "p2345678")
+    names = [n for node in lab.nodes for n in (node.uplink, node.ifname) if n]
+    assert all(len(n) <= IFNAME_MAX for n in names)
+
+
+def test_matrix_pairs_cover_every_pair_of_kinds_once():
+    kinds = ["public", *NAT_KINDS]
+    pairs = {scenario.name for scenario in catalog.matrix_pairs()}
+    assert pairs == {f"matrix-{x}-{y}"
+                     for x, y in itertools.combinations_with_replacement(kinds, 2)}
+    # Dashes inside kind names do not confuse the name parser.
+    pair = catalog.resolve("matrix-eim-full-cone-eim-port")
+    assert [node.kind for node, _ in pair.walk() if isinstance(node, Nat)] == [
+        "eim-full-cone", "eim-port"]
+
+
+def test_the_big_matrix_has_two_hosts_per_kind():
+    kinds = {}
+    for node, parent in catalog.matrix().walk():
+        if isinstance(node, Host):
+            kind = parent.kind if parent else "public"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    assert kinds == dict.fromkeys(["public", *NAT_KINDS], 2)
+
+
+@pytest.mark.parametrize("spec", ["mixed-1", "mixed-61", "matrix-eim", "nope", "matrix-eim-x"])
+def test_unknown_scenarios_are_refused(spec):
+    with pytest.raises(LabError):
+        catalog.resolve(spec)
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+
+def test_easy_plan_addresses_and_names():
+    lab = plan(catalog.resolve("easy"), "t1")
+    registry, a, na = lab.node("registry"), lab.node("a"), lab.node("na")
+    assert (registry.ns, registry.ifname, str(registry.address), str(registry.tunnel_ip)) == (
+        "t1-registry", "t1-reg", "192.0.2.2/30", "10.99.0.254")
+    assert (a.ns, a.ifname, str(a.address), str(a.gateway), str(a.tunnel_ip)) == (
+        "t1-a", "t1-a", "192.168.1.10/24", "192.168.1.1", "10.99.0.1")
+    assert (str(a.public_ip), str(a.private_ip), a.nat_chain) == (
+        "198.51.100.2", "192.168.1.10", ("na",))
+    assert (na.uplink, str(na.address), str(na.lan)) == ("t1_core", "198.51.100.2/30",
+                                                         "192.168.1.1/24")
+    assert lab.node("b").public_ip == ipaddress.IPv4Address("198.51.100.6")
+
+
+def test_double_nat_plan_uses_the_cgnat_range_inside_the_carrier():
+    lab = plan(catalog.resolve("double-nat"), "t1")
+    assert str(lab.node("cgn").lan) == "100.64.1.1/24"
+    assert str(lab.node("na").address) == "100.64.1.10/24"
+    assert lab.node("a").nat_chain == ("na", "cgn")
+    assert lab.node("a").public_ip == lab.node("c").public_ip == lab.node("cgn").address.ip
+
+
+def test_every_address_is_inside_the_lab_ranges():
+    allowed = [ipaddress.ip_network(n) for n in (
+        "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "100.64.0.0/10",
+        "192.168.0.0/16", "10.0.0.0/8")]
+    for name in [*catalog.NAMED, "mixed-60"]:
+        for node in plan(catalog.resolve(name), "t1").nodes:
+            for address in (node.address, node.lan):
+                if address is not None:
+                    assert any(address.ip in net for net in allowed), (name, node)
+
+
+@pytest.mark.parametrize("prefix", ["", "1ab", "Ab", "a-b", "abcdefghi", "a_b"])
+def test_bad_prefixes_are_refused(prefix):
+    with pytest.raises(LabError, match="bad prefix"):
+        state.check_prefix(prefix)
+
+
+# -- WireGuard configs -------------------------------------------------------------------------
+
+
+def test_configs_are_what_a_user_would_write():
+    lab = plan(catalog.resolve("easy"), "t1")
+    keys = {node.name: generate_keypair() for node in lab.wireguard_hosts}
+    public = {name: pair[1] for name, pair in keys.items()}
+    a = device_config(lab, lab.node("a"), keys["a"][0], public)
+    peers = {block.split("\n")[1].removeprefix("# "): block for block in a.split("\n\n")[1:]}
+    assert "ListenPort = 51820" in a and f"PrivateKey = {keys['a'][0].base64()}" in a
+    assert peers["registry"].endswith(
+        "AllowedIPs = 10.99.0.254/32\nEndpoint = 192.0.2.2:51820\nPersistentKeepalive = 25\n")
+    assert peers["b"].endswith(f"PublicKey = {public['b'].base64()}\nAllowedIPs = 10.99.0.2/32")
+    registry = device_config(lab, lab.node("registry"), keys["registry"][0], public)
+    assert "Endpoint" not in registry and "PersistentKeepalive" not in registry
+    assert registry.count("[Peer]") == 2
+
+
+# -- small tools and the CLI -------------------------------------------------------------------
+
+
+def test_probe_targets_parse():
+    assert parse_target("198.51.100.2:3478") == (("198.51.100.2", 3478), "probe")
+    assert parse_target("198.51.100.2:3478=hello") == (("198.51.100.2", 3478), "hello")
+
+
+def test_cli_help_names_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["lab", "up", "--help"])
+    text = capsys.readouterr().out
+    for option in ("SCENARIO", "--prefix", "--json", "easy", "mixed-N", ".toml"):
+        assert option in text
+
+
+@pytest.mark.parametrize("argv", [["up", "easy"], ["down", "--prefix", "x1"],
+                                  ["exec", "x1", "a", "--", "true"]])
+def test_cli_refuses_without_root(argv):
+    # Drop to an unprivileged effective uid after start-up, so this also runs as root.
+    code = ("import os, sys; from wgpunch.cli import main\n"
+            "os.geteuid() == 0 and os.seteuid(65534)\n"
+            f"sys.exit(main(['lab', *{argv!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=60,
+                          check=False)
+    assert done.returncode == 1
+    assert done.stderr.startswith("wgpunch: lab: network namespaces") and "need root" in done.stderr
+
+
+def test_a_scenario_validates_before_anything_runs():
+    with pytest.raises(LabError, match="used twice"):
+        Scenario("x", (Host("a"), Nat("n", "eim", (Host("a"),))))
