@@ -1,1 +1,41 @@
-"""wgpunch registry."""
+"""The registry: a WireGuard peer of every node that publishes what its interface observes.
+
+Modules, one concern each:
+- `timings.py`  every timer of the registry, in one commented dataclass;
+- `report.py`   what a node says about itself (`PUT /v1/self`), validated on construction;
+- `state.py`    the peer table, revisions, history, epoch and watch-stream fan-out;
+- `punch.py`    punch coalescing and the initiator tie-break;
+- `observer.py` reads the registry's own device and feeds the table;
+- `auth.py`     who is calling (source address → peer key), bearer token;
+- `ratelimit.py` a log throttle (one line per key per period);
+- `wire.py`     JSON forms of records and events, query and path parsing;
+- `api.py`      the aiohttp application (docs/api.md);
+- `listen.py`   which addresses to listen on;
+- `cli.py`      `wgpunch registry`.
+
+The errors below are the registry's branch of the `WgpunchError` tree.
+"""
+
+from __future__ import annotations
+
+from ..errors import WgpunchError
+
+
+class RegistryError(WgpunchError):
+    """The registry failed or refused something."""
+
+
+class ConfigError(RegistryError):
+    """A flag, config file or listen address is unusable."""
+
+
+class BadRequest(RegistryError, ValueError):
+    """A request body, query or path is malformed (HTTP 400)."""
+
+
+class RequestRefused(RegistryError):
+    """A well-formed request that the registry's state refuses; `status` is the HTTP code."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,78 @@
+"""Where the API listens: the registry's own tunnel addresses unless told otherwise.
+
+Requests are identified by source address, which WireGuard proves only for packets that came
+through the tunnel; listening on the interface's own addresses keeps the API inside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any
+
+from ..wg.device import Endpoint, IPAddress
+from . import ConfigError
+
+DEFAULT_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
+
+
+def parse_listen(text: str) -> Endpoint:
+    """`ADDR:PORT`, `[IPv6]:PORT`, or a bare address (default port)."""
+    try:
+        return Endpoint(ipaddress.ip_address(text), DEFAULT_PORT)
+    except ValueError:
+        pass
+    try:
+        return Endpoint.parse(text)
+    except ValueError:
+        raise ConfigError(
+            f"registry: listen address {text!r}: expected ADDR:PORT, [IPv6]:PORT or ADDR, "
+            "with ADDR an IP address and PORT in 1-65535"
+        ) from None
+
+
+def is_wildcard(endpoint: Endpoint) -> bool:
+    return endpoint.ip.is_unspecified
+
+
+def _bindable(ip: IPAddress) -> bool:
+    # A link-local IPv6 address needs a scope to bind; nodes use the configured addresses.
+    return not (ip.version == 6 and ip.is_link_local)
+
+
+def _message_ip(msg: Any) -> IPAddress:
+    # IFA_LOCAL is the own address of a point-to-point address (`ip addr add A peer B`);
+    # IPv6 and plain addresses have only IFA_ADDRESS.
+    return ipaddress.ip_address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS"))
+
+
+def _addresses(ifname: str) -> list[IPAddress] | None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=ifname)
+        if not index:
+            return None
+        return [_message_ip(msg) for msg in ipr.get_addr(index=index[0])]
+
+
+async def interface_addresses(ifname: str) -> list[IPAddress]:
+    """The bindable IP addresses configured on `ifname`, in this network namespace."""
+    try:
+        # pyroute2's synchronous sockets run an event loop of their own: keep them off ours.
+        found = await asyncio.to_thread(_addresses, ifname)
+    except Exception as exc:  # pyroute2 raises its own types; translate them here
+        raise ConfigError(f"registry: cannot read the addresses of {ifname!r}: {exc}") from None
+    if found is None:
+        raise ConfigError(f"registry: no interface {ifname!r} in this network namespace")
+    return sorted({ip for ip in found if _bindable(ip)}, key=lambda ip: (ip.version, int(ip)))
+
+
+async def default_listen(ifname: str, port: int = DEFAULT_PORT) -> list[Endpoint]:
+    addresses = await interface_addresses(ifname)
+    if not addresses:
+        raise ConfigError(
+            f"registry: interface {ifname!r} has no IP address to listen on; give the "
+            "registry's tunnel address to the interface, or --listen ADDR:PORT"
+        )
+    return [Endpoint(ip, port) for ip in addresses]

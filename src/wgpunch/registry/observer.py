@@ -1,0 +1,93 @@
+"""The observer: reads the registry's own WireGuard device and feeds the peer table.
+
+The registry's interface is every node's ordinary peer, so the endpoint it shows for a peer is
+that node's public (post-NAT) address. Reading it every `poll_interval_s` keeps the table
+current; the table publishes only what changed. A failed read is logged (throttled) and
+retried, never fatal: the API keeps serving the last table. After a failure the device is
+opened afresh, so a wireguard-go that was restarted (or started after us) is found again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from ..errors import WgpunchError
+from ..wg import Device
+from .ratelimit import Throttle
+from .state import RegistryState
+from .timings import Timings
+
+log = logging.getLogger(__name__)
+
+
+class Observer:
+    def __init__(
+        self,
+        opener: Callable[[], Device],
+        state: RegistryState,
+        timings: Timings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._opener = opener
+        self._state = state
+        self._timings = timings
+        self._clock = clock
+        self._device: Device | None = None
+        self._throttle = Throttle(timings.device_error_log_s)
+        self.failures = 0  # consecutive failed reads
+        self.reads = 0  # successful reads since start
+
+    async def poll_once(self) -> bool:
+        """Read the device once and update the table; False if the read failed."""
+        try:
+            if self._device is None:
+                self._device = self._opener()
+            device_state = await self._device.state()
+        except Exception as error:  # any failure is retried, none is fatal
+            self._failed(error)
+            await self._drop_device()
+            return False
+        if self.failures:
+            held = self._throttle.reset("read")
+            log.info("device %s readable again after %d failed reads (%d not logged)",
+                     device_state.name, self.failures, held,
+                     extra={"event": "device_recovered"})
+            self.failures = 0
+        self.reads += 1
+        self._state.observe(device_state.peers)
+        return True
+
+    async def run(self) -> None:
+        """Poll until cancelled, one read per interval (a slow read shortens the pause)."""
+        interval = self._timings.poll_interval_s
+        while True:
+            started = self._clock()
+            await self.poll_once()
+            await asyncio.sleep(max(0.0, interval - (self._clock() - started)))
+
+    async def close(self) -> None:
+        await self._drop_device()
+
+    def _failed(self, error: BaseException) -> None:
+        self.failures += 1
+        held = self._throttle.allow("read", self._clock())
+        if held is None:
+            return
+        suffix = f" ({held} more failures not logged)" if held else ""
+        if isinstance(error, WgpunchError | OSError):
+            log.warning("cannot read the device, serving the last table: %s%s", error, suffix,
+                        extra={"event": "device_error"})
+        else:
+            log.error("unexpected error reading the device, serving the last table%s", suffix,
+                      exc_info=error, extra={"event": "device_error"})
+
+    async def _drop_device(self) -> None:
+        device, self._device = self._device, None
+        if device is not None:
+            with contextlib.suppress(Exception):
+                await device.close()

@@ -1,0 +1,43 @@
+"""Punch coordination rules, pure: who initiates, and when a repeat is coalesced.
+
+WireGuard breaks no tie between two initiations that cross in flight: each side's incoming
+initiation replaces its own pending one and neither response matches, so the pair waits out
+the 5 s retry (tests/test_wg_device.py measured 5.07 s). One side must go first; both agree on
+which by comparing the raw public key bytes.
+"""
+
+from __future__ import annotations
+
+from ..keys import Key
+
+
+def initiator(side: Key, other: Key) -> bool:
+    """True when `side` is the one that sends the first initiation: the lower key (bytes)."""
+    return side.raw < other.raw
+
+
+def pair_of(a: Key, b: Key) -> tuple[Key, Key]:
+    """The pair in one canonical order, so A→B and B→A are the same pair."""
+    return (a, b) if a.raw < b.raw else (b, a)
+
+
+class Coalescer:
+    """At most one punch per pair within `window_s`; `now` is monotonic seconds."""
+
+    # Entries older than the window only matter until it passes; sweep when the table grows.
+    _SWEEP_AT = 1024
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._last: dict[tuple[Key, Key], float] = {}
+
+    def admit(self, a: Key, b: Key, now: float) -> bool:
+        """True if a punch for (a, b) should be pushed now (and records it)."""
+        pair = pair_of(a, b)
+        last = self._last.get(pair)
+        if last is not None and now - last < self.window_s:
+            return False
+        self._last[pair] = now
+        if len(self._last) > self._SWEEP_AT:
+            self._last = {p: t for p, t in self._last.items() if now - t < self.window_s}
+        return True

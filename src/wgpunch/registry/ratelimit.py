@@ -1,0 +1,42 @@
+"""A log throttle: at most one line per key per period, counting what it held back.
+
+Servers meet the same condition over and over (a device that stays unreadable, a stranger
+that keeps knocking); one line per occurrence would drown the events that matter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+
+class Throttle:
+    # Keys whose period is over carry no information; sweep them once the table grows.
+    _SWEEP_AT = 4096
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._last: dict[Hashable, float] = {}
+        self._held: dict[Hashable, int] = {}
+
+    def allow(self, key: Hashable, now: float) -> int | None:
+        """None if a line for `key` was logged less than a period ago (this one is held back);
+        otherwise the number of lines held back since the last one logged."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.period_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        if len(self._last) > self._SWEEP_AT:
+            self._sweep(now)
+        return self._held.pop(key, 0)
+
+    def reset(self, key: Hashable) -> int:
+        """Forget `key` (the condition ended); returns how many lines were held back."""
+        self._last.pop(key, None)
+        return self._held.pop(key, 0)
+
+    def _sweep(self, now: float) -> None:
+        stale = [k for k, t in self._last.items() if now - t >= self.period_s]
+        for key in stale:
+            del self._last[key]
+            self._held.pop(key, None)

@@ -1,0 +1,315 @@
+"""The registry's peer table, its change history and the watch streams it feeds.
+
+Every mutation is a plain `def` (asyncio's "Locked" rule, STYLE.md): nothing can interleave
+with it, so a watch stream opened between two changes sees exactly the changes after its
+starting point, no more, no less.
+
+Revisions: each change that peers must hear about (a peer added, removed, its endpoint, allowed
+IPs or report changed) takes the next revision and is appended to a bounded history, so a
+reconnecting stream resumes from its last revision. A change of `latest_handshake` alone is
+not such a change: WireGuard re-handshakes every 2 minutes per active peer, which would flood
+every stream with events that tell a node nothing to act on; the record is updated in place
+(same revision) and shows in snapshots and `/v1/peers`. The epoch, random per start, tells a
+node that revisions started over.
+
+Fan-out: each stream has one bounded queue. A stream that cannot keep up is closed (its client
+reconnects and resumes from history), so one slow reader never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from itertools import islice
+from types import MappingProxyType
+
+from ..keys import Key
+from ..wg.device import Endpoint, IPNetwork, PeerState
+from . import RequestRefused
+from .punch import Coalescer, initiator
+from .report import Reported
+from .timings import Timings
+
+log = logging.getLogger(__name__)
+
+# Our choice: a node that reconnects within a few hundred changes resumes without a snapshot;
+# a record is a few hundred bytes, so the history stays around a megabyte.
+HISTORY_MAX = 4096
+# Our choice: far more than one poll can produce for a normal mesh; a reader this far behind is
+# better served by reconnecting (and resuming) than by the registry buffering for it.
+STREAM_QUEUE_MAX = 256
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRecord:
+    public_key: Key
+    allowed_ips: tuple[IPNetwork, ...]
+    endpoint: Endpoint | None  # as the registry's interface observes it
+    latest_handshake: float | None  # Unix seconds; None = never
+    reported: Reported | None  # what the node said about itself; None = nothing yet
+    revision: int  # the revision at which this record last changed
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEvent:
+    revision: int
+    peer: PeerRecord
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedEvent:
+    revision: int
+    public_key: Key
+
+
+@dataclass(frozen=True, slots=True)
+class PunchEvent:
+    """For one side of a punch: `peer` is the other side, `endpoint` its observed endpoint."""
+
+    revision: int
+    peer: Key
+    endpoint: Endpoint
+    initiator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    epoch: str
+    revision: int
+    peers: tuple[PeerRecord, ...]
+
+
+Change = PeerEvent | RemovedEvent
+StreamItem = Snapshot | PeerEvent | RemovedEvent | PunchEvent
+
+
+def _canonical(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+    """Allowed IPs in one order, so a device listing them differently is not a change."""
+    return tuple(sorted(set(nets), key=lambda n: (n.version, int(n.network_address),
+                                                   n.prefixlen)))
+
+
+def _ips(nets: Iterable[IPNetwork]) -> str:
+    return ",".join(str(n) for n in nets) or "(none)"
+
+
+class Stream:
+    """The mailbox of one watch stream. `None` in the queue means the stream is over."""
+
+    __slots__ = ("caller", "closed", "overflowed", "queue")
+
+    def __init__(self, caller: Key, size: int) -> None:
+        self.caller = caller
+        self.queue: asyncio.Queue[StreamItem | None] = asyncio.Queue(size)
+        self.closed = False
+        self.overflowed = False
+
+    def offer(self, item: StreamItem) -> None:
+        if self.closed:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            self.close()
+
+    def close(self) -> None:
+        """End the stream: what is still queued is dropped; the client resumes from history."""
+        if self.closed:
+            return
+        self.closed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+
+class RegistryState:
+    def __init__(
+        self,
+        *,
+        epoch: str | None = None,
+        history_max: int = HISTORY_MAX,
+        stream_queue_max: int = STREAM_QUEUE_MAX,
+        punch_window_s: float | None = None,  # None: Timings().punch_coalesce_s
+    ) -> None:
+        self.epoch = epoch if epoch is not None else secrets.token_hex(8)
+        self.revision = 0
+        self._records: dict[Key, PeerRecord] = {}
+        self._history: deque[Change] = deque(maxlen=history_max)
+        self._streams: set[Stream] = set()
+        self._stream_queue_max = stream_queue_max
+        self._punches = Coalescer(
+            Timings().punch_coalesce_s if punch_window_s is None else punch_window_s)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    @property
+    def peers(self) -> Mapping[Key, PeerRecord]:
+        return MappingProxyType(self._records)
+
+    def sorted_peers(self) -> tuple[PeerRecord, ...]:
+        return tuple(sorted(self._records.values(), key=lambda r: r.public_key.raw))
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.epoch, self.revision, self.sorted_peers())
+
+    def changes_since(self, since: int | None, epoch: str | None) -> list[Change] | None:
+        """The changes after `since`, or None when only a snapshot can bring a client up to
+        date: no `since`, another epoch (or none given), `since` ahead of us, or too old."""
+        if since is None or epoch != self.epoch or since > self.revision:
+            return None
+        if since == self.revision:
+            return []
+        oldest = self._history[0].revision if self._history else self.revision + 1
+        if since < oldest - 1:
+            return None
+        # Revisions in the history are consecutive, so the position follows from the number.
+        return list(islice(self._history, since - oldest + 1, None))
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    # -- changing (plain def: no await inside) ------------------------------------------------
+
+    def observe(self, device_peers: Iterable[PeerState]) -> list[Change]:
+        """Bring the table in line with a fresh device read; returns the changes published."""
+        current = {peer.public_key: peer for peer in device_peers}
+        changes: list[Change] = []
+        for key, peer in current.items():
+            allowed = _canonical(peer.allowed_ips)
+            old = self._records.get(key)
+            if old is None:
+                changes.append(self._commit(PeerRecord(
+                    key, allowed, peer.endpoint, peer.latest_handshake, None, 0)))
+                log.info("peer %s appeared: endpoint %s, allowed IPs %s", key,
+                         peer.endpoint or "(none)", _ips(allowed),
+                         extra={"event": "peer_appeared", "peer": str(key),
+                                "endpoint": str(peer.endpoint or "")})
+            elif old.endpoint != peer.endpoint or old.allowed_ips != allowed:
+                changes.append(self._commit(replace(
+                    old, allowed_ips=allowed, endpoint=peer.endpoint,
+                    latest_handshake=peer.latest_handshake)))
+                self._log_change(old, peer.endpoint, allowed)
+            elif old.latest_handshake != peer.latest_handshake:
+                self._records[key] = replace(old, latest_handshake=peer.latest_handshake)
+        for key in [k for k in self._records if k not in current]:
+            del self._records[key]
+            self.revision += 1
+            changes.append(self._publish(RemovedEvent(self.revision, key)))
+            log.info("peer %s removed", key, extra={"event": "peer_removed", "peer": str(key)})
+        return changes
+
+    def report(self, key: Key, reported: Reported) -> int:
+        """Record what node `key` says about itself; returns the registry's revision."""
+        old = self._records.get(key)
+        if old is None:
+            raise RequestRefused(f"peer {key} is no longer a peer of the registry", 403)
+        if old.reported == reported:
+            log.debug("node %s reported itself again, unchanged", key)
+            return self.revision
+        self._commit(replace(old, reported=reported))
+        log.info("node %s reported itself: listen port %d, local addresses %s, version %r",
+                 key, reported.listen_port,
+                 ",".join(map(str, reported.local_addresses)) or "(none)", reported.version,
+                 extra={"event": "node_reported", "peer": str(key)})
+        return self.revision
+
+    def request_punch(self, caller: Key, target: Key, now: float) -> tuple[Endpoint, bool]:
+        """Push a punch event to both sides' streams, unless this pair was punched less than
+        the coalescing window ago. Returns the target's endpoint and whether it was pushed."""
+        if caller == target:
+            raise RequestRefused("punch: a node cannot punch itself", 400)
+        me, other = self._records.get(caller), self._records.get(target)
+        if other is None:
+            raise RequestRefused(f"punch: no peer {target}", 404)
+        if me is None:
+            raise RequestRefused(f"peer {caller} is no longer a peer of the registry", 403)
+        if me.endpoint is None:
+            raise RequestRefused(f"punch: the registry observes no endpoint for you ({caller})",
+                                 409)
+        if other.endpoint is None:
+            raise RequestRefused(f"punch: the registry observes no endpoint for {target}", 409)
+        if not self._punches.admit(caller, target, now):
+            log.debug("punch %s <-> %s coalesced", caller, target)
+            return other.endpoint, False
+        self._push(caller, PunchEvent(self.revision, target, other.endpoint,
+                                      initiator(caller, target)))
+        self._push(target, PunchEvent(self.revision, caller, me.endpoint,
+                                      initiator(target, caller)))
+        log.info("punch requested %s <-> %s (%s <-> %s)", caller, target, me.endpoint,
+                 other.endpoint, extra={"event": "punch", "peer": str(caller),
+                                        "target": str(target)})
+        return other.endpoint, True
+
+    def open_stream(
+        self, caller: Key, since: int | None, epoch: str | None
+    ) -> tuple[Stream, list[StreamItem]]:
+        """A new stream for `caller` and the lines it starts with: the changes after `since`,
+        or a snapshot. Atomic, so no change falls between the two."""
+        backlog = self.changes_since(since, epoch)
+        first: list[StreamItem] = [self.snapshot()] if backlog is None else list(backlog)
+        stream = Stream(caller, self._stream_queue_max)
+        self._streams.add(stream)
+        return stream, first
+
+    def close_stream(self, stream: Stream) -> None:
+        stream.close()
+        self._streams.discard(stream)
+
+    def close_streams(self) -> None:
+        """End every stream (shutdown)."""
+        for stream in list(self._streams):
+            self.close_stream(stream)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _log_change(old: PeerRecord, endpoint: Endpoint | None,
+                    allowed: tuple[IPNetwork, ...]) -> None:
+        key = old.public_key
+        if old.endpoint != endpoint:
+            log.info("peer %s changed endpoint: %s -> %s", key, old.endpoint or "(none)",
+                     endpoint or "(none)",
+                     extra={"event": "peer_endpoint", "peer": str(key),
+                            "endpoint": str(endpoint or ""), "previous": str(old.endpoint or "")})
+        if old.allowed_ips != allowed:
+            log.info("peer %s changed allowed IPs: %s -> %s", key, _ips(old.allowed_ips),
+                     _ips(allowed), extra={"event": "peer_allowed_ips", "peer": str(key)})
+
+    def _commit(self, record: PeerRecord) -> PeerEvent:
+        self.revision += 1
+        record = replace(record, revision=self.revision)
+        self._records[record.public_key] = record
+        event = PeerEvent(self.revision, record)
+        self._publish(event)
+        return event
+
+    def _publish(self, change: Change) -> Change:
+        self._history.append(change)
+        for stream in list(self._streams):
+            self._offer(stream, change)
+        return change
+
+    def _push(self, key: Key, item: StreamItem) -> None:
+        for stream in list(self._streams):
+            if stream.caller == key:
+                self._offer(stream, item)
+
+    def _offer(self, stream: Stream, item: StreamItem) -> None:
+        stream.offer(item)
+        if stream.overflowed:
+            self._streams.discard(stream)
+            log.warning("watch stream of %s closed: it fell %d events behind", stream.caller,
+                        self._stream_queue_max,
+                        extra={"event": "stream_overflow", "peer": str(stream.caller)})
+
+
+__all__ = [
+    "Change", "PeerEvent", "PeerRecord", "PunchEvent", "RegistryState", "RemovedEvent",
+    "Snapshot", "Stream", "StreamItem",
+]

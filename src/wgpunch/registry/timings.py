@@ -1,0 +1,39 @@
+"""Every timer of the registry in one place: what each bounds and where its value comes from.
+
+Tests pass a shorter `Timings`; nothing reads a module global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    # How often the observer reads the registry's own device. Our choice: the registry seeing a
+    # node's new endpoint is on the time-to-direct path (goal: p95 < 1 s end to end), so this
+    # adds at most 0.2 s; a UAPI `get` of a small device costs about a millisecond.
+    poll_interval_s: float = 0.2
+    # A watch stream that has said nothing for this long gets a heartbeat line. docs/api.md:
+    # clients call a stream dead after 15 s of silence, i.e. three missed heartbeats.
+    heartbeat_s: float = 5.0
+    # At most one punch per pair within this window; repeats inside it are answered without
+    # pushing again. Our choice: both nodes ask when they notice the same need, usually within
+    # one registry round trip of each other, and one push serves both.
+    punch_coalesce_s: float = 0.5
+    # A refused source address is logged at most once per this period (docs/api.md).
+    forbidden_log_s: float = 60.0
+    # A failing device read is logged at most once per this period while it keeps failing
+    # (at 0.2 s polls it would otherwise be 300 lines a minute). Our choice.
+    device_error_log_s: float = 30.0
+    # How long shutdown waits for requests in flight after watch streams were told to end.
+    # Our choice: handlers here finish in milliseconds once their stream is closed.
+    shutdown_grace_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"registry: timing {name}={value!r} must be a positive number")

@@ -1,0 +1,100 @@
+"""The JSON forms of docs/api.md, and the parsing of what arrives in queries and paths.
+
+Pure functions: records and events in, dicts (and NDJSON lines) out; text in, validated values
+or one `BadRequest` out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import KeyFormatError
+from ..keys import Key
+from . import BadRequest
+from .state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Snapshot, StreamItem
+
+_SINCE = re.compile(r"[0-9]{1,19}")  # a revision: an unsigned 64-bit integer, no sign
+_EPOCH = re.compile(r"[0-9a-f]{1,64}")
+WATCH_PARAMS = ("since", "epoch")
+
+
+def peer_json(record: PeerRecord) -> dict[str, Any]:
+    return {
+        "public_key": record.public_key.base64(),
+        "allowed_ips": [str(net) for net in record.allowed_ips],
+        "endpoint": None if record.endpoint is None else str(record.endpoint),
+        "latest_handshake": record.latest_handshake,
+        "reported": None if record.reported is None else record.reported.to_json(),
+        "revision": record.revision,
+    }
+
+
+def peers_json(records: Iterable[PeerRecord]) -> list[dict[str, Any]]:
+    return [peer_json(record) for record in records]
+
+
+def item_json(item: StreamItem) -> dict[str, Any]:
+    """One line of a watch stream."""
+    if isinstance(item, PeerEvent):
+        return {"type": "peer", "revision": item.revision, "peer": peer_json(item.peer)}
+    if isinstance(item, RemovedEvent):
+        return {"type": "removed", "revision": item.revision,
+                "public_key": item.public_key.base64()}
+    if isinstance(item, PunchEvent):
+        return {"type": "punch", "revision": item.revision, "peer": item.peer.base64(),
+                "endpoint": str(item.endpoint), "initiator": item.initiator}
+    if isinstance(item, Snapshot):
+        return {"type": "snapshot", "epoch": item.epoch, "revision": item.revision,
+                "peers": peers_json(item.peers)}
+    raise TypeError(f"registry: no JSON form for {type(item).__name__}")
+
+
+def heartbeat_json(revision: int) -> dict[str, Any]:
+    return {"type": "heartbeat", "revision": revision}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def ndjson_line(obj: Any) -> bytes:
+    return (dumps(obj) + "\n").encode()
+
+
+def only_params(pairs: Iterable[tuple[str, str]], allowed: Iterable[str]) -> dict[str, str]:
+    """Query parameters as a dict: each at most once, none outside `allowed`."""
+    allowed = tuple(allowed)
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in allowed:
+            what = ", ".join(allowed) if allowed else "none"
+            raise BadRequest(f"query: unknown parameter {name[:40]!r}; allowed: {what}")
+        if name in params:
+            raise BadRequest(f"query: parameter {name!r} given twice")
+        params[name] = value
+    return params
+
+
+def watch_query(pairs: Iterable[tuple[str, str]]) -> tuple[int | None, str | None]:
+    """`since` (a revision) and `epoch` (lowercase hex) of `GET /v1/watch`, both optional."""
+    params = only_params(pairs, WATCH_PARAMS)
+    since_text, epoch = params.get("since"), params.get("epoch")
+    since = None
+    if since_text is not None:
+        if not _SINCE.fullmatch(since_text) or int(since_text) >= 1 << 63:
+            raise BadRequest(f"query: since={since_text[:40]!r} is not a revision (0 or more)")
+        since = int(since_text)
+    if epoch is not None and not _EPOCH.fullmatch(epoch):
+        raise BadRequest(f"query: epoch={epoch[:40]!r} is not lowercase hex")
+    return since, epoch
+
+
+def path_key(text: str) -> Key:
+    """A peer named in a URL path: base64 (percent-encoded), hex or base32."""
+    try:
+        return Key.parse(text, what="peer key in path")
+    except KeyFormatError as exc:
+        raise BadRequest(str(exc)) from None

@@ -1,0 +1,372 @@
+"""The HTTP API over real sockets (aiohttp's test server on loopback).
+
+Identity comes from the source address, so the table gives peer A the allowed IP 127.0.0.1/32
+and peer B 127.0.0.2/32: a client bound to 127.0.0.2 is B. The state is fed directly with
+device snapshots (`PeerState`), as the observer would.
+"""
+
+import asyncio
+import ipaddress
+import json
+import logging
+from collections.abc import AsyncIterator
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from wgpunch.keys import Key
+from wgpunch.registry.api import create_app
+from wgpunch.registry.state import RegistryState
+from wgpunch.registry.timings import Timings
+from wgpunch.wg.device import Endpoint, PeerState
+
+A = Key(bytes([1]) * 32)
+B = Key(bytes([0xFF]) * 32)  # base64 '//////...': a path key that needs percent-encoding
+C = Key(bytes([7]) * 32)
+QUIET = Timings(heartbeat_s=30.0, punch_coalesce_s=30.0)
+READ_S = 3.0  # deadline for any one line of a stream
+
+
+def peer(key: Key, endpoint: str | None, allowed: str) -> PeerState:
+    return PeerState(key, None if endpoint is None else Endpoint.parse(endpoint),
+                     (ipaddress.ip_network(allowed),), 1_700_000_000.25, 0, 0, 25, False)
+
+
+def table(a_endpoint: str = "198.51.100.1:51820") -> list[PeerState]:
+    return [peer(A, a_endpoint, "127.0.0.1/32"), peer(B, "203.0.113.2:4000", "127.0.0.2/32"),
+            peer(C, None, "10.0.0.3/32")]
+
+
+class Registry:
+    def __init__(self, state: RegistryState, server: TestServer) -> None:
+        self.state, self.server = state, server
+        self.clients: list[TestClient] = []
+
+    async def client(self, source: str = "127.0.0.1", **kwargs) -> TestClient:
+        connector = aiohttp.TCPConnector(local_addr=(source, 0))
+        client = TestClient(self.server, connector=connector, **kwargs)
+        await client.start_server()
+        self.clients.append(client)
+        return client
+
+
+async def start(state: RegistryState, timings: Timings = QUIET, **kwargs) -> Registry:
+    server = TestServer(create_app(state, timings=timings, **kwargs), host="127.0.0.1",
+                        handler_cancellation=True)
+    await server.start_server()
+    return Registry(state, server)
+
+
+@pytest.fixture
+async def registry() -> AsyncIterator[Registry]:
+    state = RegistryState(epoch="e1", punch_window_s=QUIET.punch_coalesce_s)
+    state.observe(table())
+    reg = await start(state)
+    yield reg
+    for client in reg.clients:
+        await client.close()
+    await reg.server.close()
+
+
+async def next_line(resp: aiohttp.ClientResponse) -> dict | None:
+    async with asyncio.timeout(READ_S):
+        line = await resp.content.readline()
+    return json.loads(line) if line else None
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+async def test_peers_lists_everyone_and_names_the_caller(registry):
+    a = await registry.client()
+    resp = await a.get("/v1/peers")
+    assert resp.status == 200
+    body = await resp.json()
+    assert (body["epoch"], body["revision"], body["you"]) == ("e1", 3, A.base64())
+    assert [p["public_key"] for p in body["peers"]] == [A.base64(), C.base64(), B.base64()]
+    assert body["peers"][0] == {
+        "public_key": A.base64(), "allowed_ips": ["127.0.0.1/32"],
+        "endpoint": "198.51.100.1:51820", "latest_handshake": 1_700_000_000.25,
+        "reported": None, "revision": 1,
+    }
+    b = await registry.client("127.0.0.2")
+    assert (await (await b.get("/v1/peers")).json())["you"] == B.base64()
+
+
+async def test_healthz_needs_no_identity(registry):
+    registry.state.observe([])  # nobody is a peer any more
+    stranger = await registry.client()
+    resp = await stranger.get("/healthz")
+    assert (resp.status, await resp.json()) == (
+        200, {"ok": True, "epoch": "e1", "revision": 6, "peers": 0})
+
+
+async def test_a_stranger_is_refused_everywhere_and_logged_once(caplog):
+    state = RegistryState()
+    state.observe([peer(B, None, "10.0.0.2/32")])
+    reg = await start(state)
+    try:
+        stranger = await reg.client()
+        with caplog.at_level(logging.WARNING, logger="wgpunch.registry.api"):
+            for method, path in [("GET", "/v1/peers"), ("GET", "/v1/watch"),
+                                 ("PUT", "/v1/self"), ("POST", f"/v1/punch/{B.hex()}"),
+                                 ("GET", "/no/such/path")]:
+                resp = await stranger.request(method, path)
+                assert resp.status == 403, path
+                assert "127.0.0.1 is not the tunnel address" in (await resp.json())["error"]
+        refused = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refused) == 1 and refused[0].event == "forbidden"
+    finally:
+        for client in reg.clients:
+            await client.close()
+        await reg.server.close()
+
+
+async def test_bearer_token_is_a_second_factor():
+    state = RegistryState()
+    state.observe(table())
+    reg = await start(state, token="s3cret")
+    try:
+        a = await reg.client()
+        assert (await a.get("/v1/peers")).status == 401
+        assert (await a.get("/v1/peers", headers={"Authorization": "Bearer nope"})).status == 401
+        ok = await a.get("/v1/peers", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status == 200
+        assert (await a.get("/healthz")).status == 200
+    finally:
+        for client in reg.clients:
+            await client.close()
+        await reg.server.close()
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+async def test_put_self_records_the_report(registry):
+    a = await registry.client()
+    report = {"listen_port": 51820, "local_addresses": ["192.168.1.2"], "version": "0.1.0"}
+    resp = await a.put("/v1/self", json=report)
+    assert (resp.status, await resp.json()) == (200, {"revision": 4})
+    peers = (await (await a.get("/v1/peers")).json())["peers"]
+    assert peers[0]["reported"] == report and peers[0]["revision"] == 4
+
+
+OVERSIZED = json.dumps({"listen_port": 1, "local_addresses": [], "version": "x" * 5000})
+
+
+async def chunks() -> AsyncIterator[bytes]:
+    for _ in range(10):
+        yield b"x" * 1000
+
+
+@pytest.mark.parametrize(("intent", "method", "path", "kwargs", "status"), [
+    ("not JSON", "PUT", "/v1/self", {"data": b"{nope"}, 400),
+    ("empty body", "PUT", "/v1/self", {}, 400),
+    ("a JSON list", "PUT", "/v1/self", {"json": []}, 400),
+    ("an unknown field", "PUT", "/v1/self",
+     {"json": {"listen_port": 1, "local_addresses": [], "version": "", "admin": True}}, 400),
+    ("a wrong type", "PUT", "/v1/self",
+     {"json": {"listen_port": "1", "local_addresses": [], "version": ""}}, 400),
+    ("a host name as address", "PUT", "/v1/self",
+     {"json": {"listen_port": 1, "local_addresses": ["evil.example"], "version": ""}}, 400),
+    ("binary garbage", "PUT", "/v1/self", {"data": bytes(range(256))}, 400),
+    ("deeply nested", "PUT", "/v1/self", {"data": b"[" * 4000}, 400),
+    ("over 4 KiB", "PUT", "/v1/self", {"data": OVERSIZED}, 413),
+    ("over 4 KiB, chunked", "PUT", "/v1/self", {"data": chunks()}, 413),
+    ("a query on /v1/self", "PUT", "/v1/self?x=1", {"json": {}}, 400),
+    ("a query on /v1/peers", "GET", "/v1/peers?all=1", {}, 400),
+    ("a bad since", "GET", "/v1/watch?since=-1", {}, 400),
+    ("a bad epoch", "GET", "/v1/watch?since=1&epoch=XYZ", {}, 400),
+    ("a short key", "POST", "/v1/punch/AAAA", {}, 400),
+    ("a key with bad percent-encoding", "POST", "/v1/punch/%ZZ" + "A" * 41, {}, 400),
+    ("a key with a NUL", "POST", "/v1/punch/%00" + "A" * 43, {}, 400),
+    ("a key with non-UTF-8 bytes", "POST", "/v1/punch/%FF%FE" + "A" * 42, {}, 400),
+    ("a very long key", "POST", "/v1/punch/" + "A" * 3000, {}, 400),
+    ("a since with bad percent-encoding", "GET", "/v1/watch?since=%ZZ", {}, 400),
+    ("a since with a NUL", "GET", "/v1/watch?since=1%00", {}, 400),
+    ("a key with a bad character", "POST", "/v1/punch/" + "!" * 64, {}, 400),
+    ("a base64 key, not percent-encoded", "POST", "/v1/punch/" + B.base64(), {}, 404),
+    ("a key of nobody", "POST", "/v1/punch/" + C.hex().replace("07", "08"), {}, 404),
+    ("a punch with a body", "POST", f"/v1/punch/{B.hex()}", {"json": {"x": 1}}, 400),
+    ("a punch with a bad body", "POST", f"/v1/punch/{B.hex()}", {"data": b"nope"}, 400),
+    ("a punch at yourself", "POST", f"/v1/punch/{A.hex()}", {}, 400),
+    ("a punch at a peer without endpoint", "POST", f"/v1/punch/{C.hex()}", {}, 409),
+    ("an unknown path", "GET", "/v1/nothing", {}, 404),
+    ("a wrong method", "DELETE", "/v1/peers", {}, 405),
+    ("HEAD on the watch stream", "HEAD", "/v1/watch", {}, 405),
+])
+async def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(
+        registry, intent, method, path, kwargs, status):
+    a = await registry.client()
+    resp = await a.request(method, path, **kwargs)
+    assert resp.status == status, intent
+    assert resp.content_type == "application/json", intent
+    if method != "HEAD":  # a HEAD answer has no body
+        assert isinstance((await resp.json())["error"], str), intent
+    assert (await a.get("/v1/peers")).status == 200
+
+
+@pytest.mark.parametrize("raw", [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64),  # a TLS hello
+    b"GET /v1/peers HTTP/9.9\r\n\r\n",
+    b"GET /v1/peers HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"PUT /v1/self HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
+    b"GET /v1/peers HTTP/1.1\r\n" + b"X: y\r\n" * 1000 + b"\r\n",
+])
+async def test_broken_http_gets_an_error_and_the_server_keeps_serving(registry, raw, caplog):
+    host, port = registry.server.host, registry.server.port
+    with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(raw)
+            async with asyncio.timeout(READ_S):
+                answer = await reader.read(100)
+            writer.close()
+    # One line without a traceback, not an ERROR with one per request.
+    logged = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(logged) <= 1 and not any(r.exc_info for r in logged), caplog.text
+    assert all(r.levelno <= logging.WARNING for r in logged)
+    assert answer == b"" or (answer.startswith(b"HTTP/1.") and b" 4" in answer[:13]), answer
+    a = await registry.client()
+    assert (await a.get("/v1/peers")).status == 200
+
+
+async def test_an_unexpected_error_is_a_logged_500_and_the_server_keeps_serving(caplog):
+    state = RegistryState()
+    state.observe(table())
+    app = create_app(state, timings=QUIET)
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app.router.add_get("/v1/broken", broken)
+    server = TestServer(app, host="127.0.0.1")
+    async with TestClient(server) as a:
+        with caplog.at_level(logging.ERROR, logger="wgpunch.registry.api"):
+            resp = await a.get("/v1/broken")
+        assert (resp.status, await resp.json()) == (500, {"error": "internal error"})
+        assert any(r.exc_info for r in caplog.records)
+        assert (await a.get("/v1/peers")).status == 200
+
+
+# -- punch ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spelling", [quote(B.base64(), safe=""), B.hex(), B.base32()])
+async def test_punch_accepts_every_key_spelling(registry, spelling):
+    a = await registry.client()
+    resp = await a.post(f"/v1/punch/{spelling}")
+    assert (resp.status, await resp.json()) == (
+        202, {"peer": B.base64(), "endpoint": "203.0.113.2:4000"})
+
+
+async def test_punch_reaches_both_streams_at_once_and_repeats_are_coalesced(registry):
+    a, b = await registry.client(), await registry.client("127.0.0.2")
+    watch_a, watch_b = await a.get("/v1/watch"), await b.get("/v1/watch")
+    assert (await next_line(watch_a))["type"] == (await next_line(watch_b))["type"] == "snapshot"
+    assert (await b.post(f"/v1/punch/{A.hex()}")).status == 202
+    assert await next_line(watch_a) == {"type": "punch", "revision": 3, "peer": B.base64(),
+                                        "endpoint": "203.0.113.2:4000", "initiator": True}
+    assert await next_line(watch_b) == {"type": "punch", "revision": 3, "peer": A.base64(),
+                                        "endpoint": "198.51.100.1:51820", "initiator": False}
+    # Within the window: answered, not pushed. The next line on each stream is the change.
+    assert (await a.post(f"/v1/punch/{quote(B.base64(), safe='')}")).status == 202
+    registry.state.observe(table("198.51.100.1:40000"))
+    for stream in (watch_a, watch_b):
+        line = await next_line(stream)
+        assert (line["type"], line["peer"]["endpoint"]) == ("peer", "198.51.100.1:40000")
+
+
+# -- watch ------------------------------------------------------------------------------------
+
+async def test_watch_starts_with_a_snapshot_then_streams_changes(registry):
+    a = await registry.client()
+    resp = await a.get("/v1/watch")
+    assert resp.status == 200 and resp.content_type == "application/x-ndjson"
+    first = await next_line(resp)
+    assert (first["type"], first["epoch"], first["revision"], len(first["peers"])) == (
+        "snapshot", "e1", 3, 3)
+    registry.state.observe(table("198.51.100.1:40000"))
+    line = await next_line(resp)
+    assert (line["type"], line["revision"], line["peer"]["public_key"]) == ("peer", 4, A.base64())
+    registry.state.observe(table("198.51.100.1:40000")[:2])
+    assert await next_line(resp) == {"type": "removed", "revision": 5, "public_key": C.base64()}
+
+
+@pytest.mark.parametrize(("intent", "query", "first_type", "revisions"), [
+    ("resume in the same epoch", "since=3&epoch=e1", "peer", [4, 5]),
+    ("resume from the last one", "since=4&epoch=e1", "peer", [5]),
+    ("another epoch: snapshot", "since=3&epoch=e0", "snapshot", [5]),
+    ("no epoch: snapshot", "since=3", "snapshot", [5]),
+    ("from the future: snapshot", "since=99&epoch=e1", "snapshot", [5]),
+])
+async def test_watch_resumes_or_starts_over(registry, intent, query, first_type, revisions):
+    registry.state.observe(table("198.51.100.1:1"))  # 4
+    registry.state.observe(table("198.51.100.1:2"))  # 5
+    a = await registry.client()
+    resp = await a.get(f"/v1/watch?{query}")
+    lines = [await next_line(resp) for _ in revisions]
+    assert lines[0]["type"] == first_type, intent
+    assert [line["revision"] for line in lines] == revisions, intent
+
+
+async def test_watch_sends_heartbeats_when_idle():
+    state = RegistryState()
+    state.observe(table())
+    reg = await start(state, Timings(heartbeat_s=0.05))
+    try:
+        a = await reg.client()
+        resp = await a.get(f"/v1/watch?since=3&epoch={state.epoch}")
+        assert await next_line(resp) == {"type": "heartbeat", "revision": 3}
+        assert await next_line(resp) == {"type": "heartbeat", "revision": 3}
+    finally:
+        for client in reg.clients:
+            await client.close()
+        await reg.server.close()
+
+
+async def test_a_stream_that_falls_behind_is_closed_and_resumes_from_history():
+    state = RegistryState(stream_queue_max=2)
+    state.observe(table())
+    reg = await start(state)
+    try:
+        a = await reg.client()
+        resp = await a.get("/v1/watch")
+        assert (await next_line(resp))["type"] == "snapshot"
+        for port in range(1, 6):  # five changes at once into a queue of two
+            state.observe(table(f"198.51.100.1:{port}"))
+        assert await next_line(resp) is None  # the registry ended the stream
+        resumed = await a.get(f"/v1/watch?since=3&epoch={state.epoch}")
+        assert [(await next_line(resumed))["revision"] for _ in range(5)] == [4, 5, 6, 7, 8]
+        assert (await a.get("/v1/peers")).status == 200
+    finally:
+        for client in reg.clients:
+            await client.close()
+        await reg.server.close()
+
+
+async def test_shutdown_ends_open_streams_promptly():
+    state = RegistryState()
+    state.observe(table())
+    reg = await start(state)
+    a = await reg.client()
+    resp = await a.get("/v1/watch")
+    assert (await next_line(resp))["type"] == "snapshot"
+    async with asyncio.timeout(3.0):  # aiohttp would wait 60 s for a handler still running
+        await reg.server.close()
+        assert await next_line(resp) is None
+    assert state.stream_count == 0
+    await a.close()
+
+
+async def test_a_client_that_goes_away_releases_its_stream(registry):
+    a = await registry.client()
+    resp = await a.get("/v1/watch")
+    assert (await next_line(resp))["type"] == "snapshot"
+    assert registry.state.stream_count == 1
+    resp.close()
+    deadline = asyncio.get_running_loop().time() + 3.0
+    while registry.state.stream_count:
+        assert asyncio.get_running_loop().time() < deadline, "stream not released in 3 s"
+        await asyncio.sleep(0.01)  # poll interval, bounded by the deadline above

@@ -1,0 +1,161 @@
+"""`PUT /v1/self` bodies and the other client input (queries, path keys): every malformed
+input is one `BadRequest` naming what is wrong; nothing else escapes."""
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wgpunch.keys import Key
+from wgpunch.registry import BadRequest
+from wgpunch.registry.report import FIELDS, Reported, reported_from_json
+from wgpunch.registry.wire import path_key, watch_query
+
+GOOD = {"listen_port": 51820, "local_addresses": ["192.168.1.2", "fd00::2"],
+        "version": "0.1.0"}
+
+
+def body(**changes) -> bytes:
+    obj = {**GOOD, **changes}
+    return json.dumps({k: v for k, v in obj.items() if v is not ...}).encode()
+
+
+def test_a_good_body():
+    got = reported_from_json(body())
+    assert got.listen_port == 51820 and [str(a) for a in got.local_addresses] == [
+        "192.168.1.2", "fd00::2"]
+    assert got.to_json() == GOOD
+    assert reported_from_json(body(local_addresses=[], version="")).local_addresses == ()
+
+
+@pytest.mark.parametrize(("intent", "raw", "match"), [
+    ("empty body", b"", "empty"),
+    ("not UTF-8", b'{"version": "\xff"}', "not UTF-8"),
+    ("not JSON", b"listen_port=1", "invalid JSON"),
+    ("truncated JSON", body()[:-1], "invalid JSON"),
+    ("trailing junk", body() + b"x", "invalid JSON"),
+    ("a list, not an object", b"[]", "expected a JSON object, got a list"),
+    ("a bare string", b'"x"', "expected a JSON object, got text"),
+    ("null", b"null", "got null"),
+    ("NaN", body().replace(b"51820", b"NaN"), "NaN is not valid JSON"),
+    ("Infinity", body().replace(b"51820", b"Infinity"), "Infinity"),
+    ("nested too deeply", b"[" * 3000 + b"]" * 3000, "nested too deeply"),
+    ("a key twice", b'{"version": "a", "version": "b"}', "appears twice"),
+    ("unknown field", body(nat="easy"), "unknown field 'nat'"),
+    ("a field missing", body(version=...), "missing field 'version'"),
+    ("port as text", body(listen_port="51820"), "listen_port: expected an integer, got text"),
+    ("port as float", body(listen_port=51820.0), "got a number"),
+    ("port as boolean", body(listen_port=True), "got a boolean"),
+    ("port zero", body(listen_port=0), "not in 1-65535"),
+    ("port too big", body(listen_port=65536), "not in 1-65535"),
+    ("port huge", body(listen_port=10**40), "not in 1-65535"),
+    ("port negative", body(listen_port=-1), "not in 1-65535"),
+    ("addresses not a list", body(local_addresses="192.168.1.2"), "expected a list, got text"),
+    ("addresses an object", body(local_addresses={}), "expected a list, got an object"),
+    ("too many addresses", body(local_addresses=[f"192.168.0.{n}" for n in range(1, 34)]),
+     "33 addresses, at most 32"),
+    ("an address as a number", body(local_addresses=[3232235778]), "expected text"),
+    ("an address as null", body(local_addresses=[None]), "got null"),
+    ("a host name", body(local_addresses=["router.lan"]), "'router.lan' is not an IP"),
+    ("a CIDR", body(local_addresses=["192.168.1.2/24"]), "is not an IP"),
+    ("an address with a port", body(local_addresses=["192.168.1.2:51820"]), "is not an IP"),
+    ("a scoped address", body(local_addresses=["fe80::1%eth0"]), "is not an IP"),
+    ("a very long string", body(local_addresses=["1" * 3000]), "is not an IP"),
+    ("unspecified", body(local_addresses=["0.0.0.0"]), "cannot be reached"),
+    ("loopback", body(local_addresses=["127.0.0.1"]), "cannot be reached"),
+    ("multicast", body(local_addresses=["ff02::1"]), "cannot be reached"),
+    ("an address twice", body(local_addresses=["10.0.0.1", "10.0.0.1"]), "listed twice"),
+    ("version not text", body(version=1), "version: expected text, got an integer"),
+    ("version too long", body(version="v" * 65), "65 characters, at most 64"),
+    ("version with a newline", body(version="0.1\nFAKE LOG LINE"), "printable ASCII"),
+    ("version with an escape", body(version="\x1b[31m"), "printable ASCII"),
+    ("version not ASCII", body(version="0.1-é"), "printable ASCII"),
+])
+def test_malformed_bodies(intent, raw, match):
+    with pytest.raises(BadRequest, match=match):
+        reported_from_json(raw)
+
+
+def test_reported_checks_fields_when_built_in_code_too():
+    with pytest.raises(BadRequest, match="not an IP address"):
+        Reported(1, ("192.168.1.2",), "x")  # type: ignore[arg-type]
+    with pytest.raises(BadRequest, match="expected a list"):
+        Reported(1, ["192.168.1.2"], "x")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("query", "want"), [
+    ([], (None, None)),
+    ([("since", "0")], (0, None)),
+    ([("since", "42"), ("epoch", "00ff")], (42, "00ff")),
+    ([("epoch", "abc")], (None, "abc")),
+])
+def test_watch_query(query, want):
+    assert watch_query(query) == want
+
+
+@pytest.mark.parametrize(("intent", "query", "match"), [
+    ("negative since", [("since", "-1")], "not a revision"),
+    ("since with a sign", [("since", "+1")], "not a revision"),
+    ("since as a float", [("since", "1.0")], "not a revision"),
+    ("since empty", [("since", "")], "not a revision"),
+    ("since beyond 64 bits", [("since", "9" * 19)], "not a revision"),
+    ("since with spaces", [("since", " 1")], "not a revision"),
+    ("since given twice", [("since", "1"), ("since", "2")], "given twice"),
+    ("epoch uppercase", [("epoch", "ABC")], "not lowercase hex"),
+    ("epoch not hex", [("epoch", "xyz")], "not lowercase hex"),
+    ("epoch too long", [("epoch", "a" * 65)], "not lowercase hex"),
+    ("unknown parameter", [("peer", "x")], "unknown parameter 'peer'"),
+])
+def test_bad_watch_queries(intent, query, match):
+    with pytest.raises(BadRequest, match=match):
+        watch_query(query)
+
+
+KEY = Key(bytes(range(32)))
+
+
+@pytest.mark.parametrize("text", [KEY.base64(), KEY.hex(), KEY.base32(), KEY.base32().upper()])
+def test_path_key_in_every_spelling(text):
+    assert path_key(text) == KEY
+
+
+@pytest.mark.parametrize("text", ["", "x", KEY.base64()[:-1], KEY.hex()[:-1] + "g",
+                                  KEY.base64().replace("=", "A"), "%" * 44])
+def test_bad_path_keys(text):
+    with pytest.raises(BadRequest, match="peer key in path"):
+        path_key(text)
+
+
+# -- anything at all: a value or a BadRequest, never another exception -------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
+    max_leaves=20,
+)
+BODIES = st.one_of(
+    st.binary(max_size=512),
+    JSON.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({}, optional={name: JSON for name in (*FIELDS, "extra")}).map(
+        lambda d: json.dumps(d).encode()),
+    st.lists(st.text(max_size=50), max_size=40).map(
+        lambda addrs: body(local_addresses=addrs)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(BODIES)
+def test_any_body_is_a_report_or_a_bad_request(raw):
+    with contextlib.suppress(BadRequest):
+        assert isinstance(reported_from_json(raw), Reported)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["since", "epoch", "x"]), st.text(max_size=30)),
+                max_size=3), st.text(max_size=80))
+def test_any_query_or_path_is_a_value_or_a_bad_request(query, text):
+    for parse, arg in ((watch_query, query), (path_key, text)):
+        with contextlib.suppress(BadRequest):
+            parse(arg)
