@@ -214,8 +214,8 @@ def test_punch_repeats_within_the_window_are_coalesced_for_the_pair():
     state = two_peers()
     s1, _ = state.open_stream(K1, None, None)
     assert state.request_punch(K1, K2, now=10.0)[1]
-    assert not state.request_punch(K2, K1, now=10.4)[1]  # the same pair, other direction
-    assert state.request_punch(K1, K2, now=10.5)[1]
+    assert not state.request_punch(K2, K1, now=10.2)[1]  # the same pair, other direction
+    assert state.request_punch(K1, K2, now=10.25)[1]
     assert len(drain(s1)) == 2
 
 

@@ -21,8 +21,9 @@ class Timings:
     heartbeat_s: float = 5.0
     # At most one punch per pair within this window; repeats inside it are answered without
     # pushing again. Our choice: both nodes ask when they notice the same need, usually within
-    # one registry round trip of each other, and one push serves both.
-    punch_coalesce_s: float = 0.5
+    # one registry round trip of each other, and one push serves both. Shorter than the
+    # node's quickest retry (0.5 s, wgpunch.node.decide.Timings), so retries are not eaten.
+    punch_coalesce_s: float = 0.25
     # A refused source address is logged at most once per this period (docs/api.md).
     forbidden_log_s: float = 60.0
     # A failing device read is logged at most once per this period while it keeps failing
