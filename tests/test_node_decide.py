@@ -74,7 +74,8 @@ def test_rules(intent, args, kwargs, kind, reason):
 def test_only_the_initiator_retries_quickly():
     """Crossed initiations cancel out in WireGuard: a quick retry from both sides would
     cross again, so the non-initiator waits for WireGuard's own 5 s rhythm."""
-    tried = Memory(attempts=1, attempt_at=NOW - 0.6, attempt_endpoint=OLD)
+    tried = Memory(attempts=1, attempt_at=NOW - 0.6, attempt_endpoint=OLD,
+                   handshake_at=NOW - 0.6, handshake_endpoint=OLD)
     assert run(peer(), OLD, tried, initiator=True).kind is Kind.REQUEST_PUNCH
     waiting = run(peer(), OLD, tried, initiator=False)
     assert (waiting.kind, waiting.reason) == (Kind.LEAVE, Reason.WAITING)
@@ -82,8 +83,11 @@ def test_only_the_initiator_retries_quickly():
     # The initiator's punch event reaches this side too: its NAT is open, so it only answers.
     answered = run(peer(), OLD, tried, initiator=False, punched=True)
     assert answered.kind is Kind.LEAVE
-    later = replace(tried, attempt_at=NOW - T.passive_retry_s)
+    later = replace(tried, handshake_at=NOW - T.passive_retry_s)
     assert run(peer(), OLD, later, initiator=False, punched=True).kind is Kind.HANDSHAKE
+    # Its own punch request is no handshake: the event it brings back must open its NAT.
+    asked = Memory(attempts=1, attempt_at=NOW - 0.01, attempt_endpoint=OLD)
+    assert run(peer(), OLD, asked, initiator=False, punched=True).kind is Kind.HANDSHAKE
 
 
 def test_backoff_doubles_and_is_capped():

@@ -43,7 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="name prefix of every object of the lab: 1-8 lowercase letters/digits "
                     "(default: random, wl + 4 hex digits); must not be in use")
     up.add_argument("--json", action="store_true", help="print the description as JSON")
-    # Room for `--agents`: start wgpunch registry/node agents in the lab after building it.
+    up.add_argument("--agents", action="store_true",
+                    help="also start `wgpunch registry` in the registry host and `wgpunch node` "
+                    "in every WireGuard host (they keep running; logs in /run/wgpunch-lab/P/)")
     up.set_defaults(func=_up)
 
     down = commands.add_parser(
@@ -90,6 +92,16 @@ def _up(args: argparse.Namespace) -> int:
     require_root()
     lab = Lab(catalog.resolve(args.scenario), prefix=args.prefix)
     lab.build()
+    if args.agents:
+        from .agents import Agents
+
+        try:
+            agents = Agents(lab)
+            agents.start_registry()
+            agents.start_nodes()
+        except BaseException:
+            lab.close()
+            raise
     description = lab.describe()
     print(json.dumps(description, indent=2) if args.json else render(description))
     return 0

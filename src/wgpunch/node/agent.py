@@ -228,8 +228,10 @@ class Agent:
         if d.kind is Kind.HANDSHAKE:
             await self.handshake(peer, d.endpoint)
             return replace(
-                mem, attempt_at=now, attempt_endpoint=d.endpoint, attempts=max(mem.attempts, 1),
-                first_attempt_at=mem.first_attempt_at or now,
+                mem, attempt_at=mem.attempt_at or now,
+                attempt_endpoint=mem.attempt_endpoint or d.endpoint,
+                attempts=max(mem.attempts, 1), first_attempt_at=mem.first_attempt_at or now,
+                handshake_at=now, handshake_endpoint=d.endpoint,
             )
         probe_to = tunnel_address(peer.allowed_ips)
         if d.kind is Kind.REPOINT and d.endpoint is not None:
@@ -256,6 +258,7 @@ class Agent:
             # Without the registry's help, at least our side opens its NAT and tries.
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
             await self.handshake(peer, d.endpoint)
+            mem = replace(mem, handshake_at=now, handshake_endpoint=d.endpoint)
         return mem
 
     async def handshake(self, peer: PeerState, endpoint: Endpoint | None) -> None:

@@ -80,10 +80,12 @@ class Memory:
 
     rx_bytes: int = 0
     rx_changed_at: float | None = None
-    attempts: int = 0  # handshake attempts since the last live session
-    attempt_at: float | None = None
+    attempts: int = 0  # attempts (punch requests) since the last live session
+    attempt_at: float | None = None  # the backoff clock
     attempt_endpoint: Endpoint | None = None
     first_attempt_at: float | None = None  # for time-to-direct
+    handshake_at: float | None = None  # our last handshake-now: when our NAT was opened
+    handshake_endpoint: Endpoint | None = None
     probe_at: float | None = None
     probe_rx_bytes: int = 0
     probe_endpoint: Endpoint | None = None  # the registry endpoint that caused the probe
@@ -136,9 +138,9 @@ def decide(
         return Decision(Kind.LEAVE, Reason.NO_ENDPOINT, recheck_s=t.idle_recheck_s)
     if punched and (
         initiator
-        or mem.attempt_at is None
-        or mem.attempt_endpoint != registry_endpoint
-        or now - mem.attempt_at >= t.passive_retry_s
+        or mem.handshake_at is None
+        or mem.handshake_endpoint != registry_endpoint
+        or now - mem.handshake_at >= t.passive_retry_s
     ):
         return Decision(Kind.HANDSHAKE, Reason.PUNCH, registry_endpoint, t.busy_recheck_s)
     if mem.attempt_at is None or mem.attempt_endpoint != registry_endpoint:

@@ -1,0 +1,133 @@
+"""The real `wgpunch registry` and `wgpunch node` processes, run inside a lab's hosts.
+
+Each runs as a user would run it, through the CLI, in its host's namespace, logging JSON lines
+to `<lab state dir>/<host>.agent.log`. They start in their own session, so a lab left up by
+`wgpunch lab up --agents` keeps them; `lab down` kills everything inside its namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import state
+from .lab import Lab
+from .netns import LabError, python_module, wait_for
+
+API_PORT = 51821
+START_TIMEOUT_S = 10.0
+
+
+class Agents:
+    def __init__(self, lab: Lab, *, node_args: Sequence[str] = (),
+                 registry_args: Sequence[str] = ()) -> None:
+        self.lab = lab
+        self.node_args = list(node_args)
+        self.registry_args = list(registry_args)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def __enter__(self) -> Agents:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    @property
+    def registry(self) -> Any:
+        return self.lab.host("registry")
+
+    @property
+    def nodes(self) -> list[str]:
+        return [name for name, host in self.lab.hosts.items()
+                if name != "registry" and host.ifname is not None]
+
+    def _launch(self, host: str, argv: list[str]) -> subprocess.Popen:
+        if host in self.procs and self.procs[host].poll() is None:
+            raise LabError(f"lab {self.lab.prefix}: an agent already runs in {host}")
+        log = state.state_dir(self.lab.prefix) / f"{host}.agent.log"
+        self.logs[host] = log
+        command, env = python_module("wgpunch.cli", "--log-format", "json", *argv)
+        with log.open("a") as out:
+            proc = self.lab.host(host).ns.popen(
+                command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True,
+            )
+        self.procs[host] = proc
+        return proc
+
+    def start_registry(self, *, wait: bool = True) -> None:
+        self._launch("registry", ["registry", "--interface", self.registry.ifname,
+                                  *self.registry_args])
+        if wait:
+            wait_for(self._registry_listening, timeout=START_TIMEOUT_S,
+                     what="the registry to listen")
+
+    def _registry_listening(self) -> bool:
+        proc = self.procs["registry"]
+        if proc.poll() is not None:
+            raise LabError(f"lab: the registry exited ({proc.returncode}): "
+                           f"{self.log_tail('registry')}")
+        out = self.registry.ns.run(["ss", "-Hltn", f"sport = :{API_PORT}"], check=False).stdout
+        return bool(out.strip())
+
+    def start_node(self, host: str) -> None:
+        node = self.lab.host(host)
+        assert node.ifname is not None
+        registry_key = self.registry.public_key.base64()
+        self._launch(host, ["node", "--interface", node.ifname, "--registry", registry_key,
+                            *self.node_args])
+
+    def start_nodes(self, hosts: Sequence[str] | None = None) -> None:
+        for host in self.nodes if hosts is None else hosts:
+            self.start_node(host)
+
+    def stop(self, host: str, sig: int = signal.SIGTERM) -> int | None:
+        proc = self.procs.pop(host, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        return proc.returncode
+
+    def stop_all(self) -> None:
+        for host in list(self.procs):
+            self.stop(host)
+
+    def check_alive(self) -> None:
+        for host, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise LabError(f"lab: the agent in {host} exited ({proc.returncode}): "
+                               f"{self.log_tail(host)}")
+
+    def log_tail(self, host: str, lines: int = 5) -> str:
+        try:
+            text = self.logs[host].read_text().strip().splitlines()
+        except (KeyError, OSError):
+            return "(no log)"
+        return " | ".join(text[-lines:])
+
+    def events(self, host: str) -> list[dict[str, Any]]:
+        """The structured events an agent logged so far."""
+        found = []
+        try:
+            lines = self.logs[host].read_text().splitlines()
+        except (KeyError, OSError):
+            return []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and "event" in entry:
+                found.append(entry)
+        return found

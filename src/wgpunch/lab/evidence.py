@@ -1,0 +1,79 @@
+"""Is a pair of lab hosts on a direct path? Decided from what `wg` shows, not from what the
+agents say: each side's device must hold a recent handshake with the other, on an endpoint at
+the other side's public address (its outermost NAT), which is where the registry sees it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from ..wg.device import DeviceState, Endpoint
+from ..wg.uapi import UapiDevice
+from .lab import Lab
+
+# A handshake within Reject-After-Time (whitepaper §6.1): the session can still carry data.
+RECENT_S = 180.0
+
+
+@dataclass(frozen=True)
+class Side:
+    host: str
+    peer: str
+    endpoint: Endpoint | None  # this host's device's endpoint for the peer
+    peer_public_ip: str  # where the peer's NAT faces the internet
+    registry_sees: Endpoint | None  # the registry device's endpoint for the peer
+    handshake_age_s: float | None
+    rx_bytes: int
+    tx_bytes: int
+
+    @property
+    def direct(self) -> bool:
+        return (
+            self.endpoint is not None
+            and str(self.endpoint.ip) == self.peer_public_ip
+            and self.handshake_age_s is not None
+            and self.handshake_age_s < RECENT_S
+        )
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: Side
+    b: Side
+
+    @property
+    def direct(self) -> bool:
+        return self.a.direct and self.b.direct
+
+
+async def read_devices(lab: Lab) -> dict[str, DeviceState]:
+    hosts = [h for h in lab.hosts.values() if h.ifname is not None]
+    states = await asyncio.gather(*(UapiDevice(h.ifname).state() for h in hosts))
+    return {h.name: s for h, s in zip(hosts, states, strict=True)}
+
+
+def side(lab: Lab, devices: dict[str, DeviceState], host: str, peer: str,
+         now: float) -> Side:
+    other = lab.host(peer)
+    mine = devices[host].peer(other.public_key)
+    seen = devices["registry"].peer(other.public_key)
+    return Side(
+        host=host, peer=peer,
+        endpoint=None if mine is None else mine.endpoint,
+        peer_public_ip=str(other.public_ip),
+        registry_sees=None if seen is None else seen.endpoint,
+        handshake_age_s=None if mine is None else mine.handshake_age(now),
+        rx_bytes=0 if mine is None else mine.rx_bytes,
+        tx_bytes=0 if mine is None else mine.tx_bytes,
+    )
+
+
+def pairs(lab: Lab, devices: dict[str, DeviceState], now: float | None = None) -> list[Pair]:
+    now = time.time() if now is None else now
+    names = [n for n, h in lab.hosts.items() if n != "registry" and h.ifname is not None]
+    return [
+        Pair(side(lab, devices, a, b, now), side(lab, devices, b, a, now))
+        for i, a in enumerate(names) for b in names[i + 1:]
+    ]
