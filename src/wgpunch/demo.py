@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,33 +38,14 @@ def _ping_ms(lab: Any, a: str, b: str) -> float | None:
     return float(match.group(1)) if done.returncode == 0 and match else None
 
 
-async def _wait_direct(lab: Any, agents: Any, timeout_s: float) -> dict[tuple[str, str], Any]:
-    from .lab import evidence
-
-    start = time.monotonic()
-    first_direct: dict[tuple[str, str], float] = {}
-    while True:
-        agents.check_alive()
-        now = time.monotonic()
-        latest = evidence.pairs(lab, await evidence.read_devices(lab))
-        for pair in latest:
-            key = (pair.a.host, pair.b.host)
-            if pair.direct and key not in first_direct:
-                first_direct[key] = now - start
-        if len(first_direct) == len(latest) or now - start > timeout_s:
-            return {(p.a.host, p.b.host): (p, first_direct.get((p.a.host, p.b.host)))
-                    for p in latest}
-        await asyncio.sleep(0.01)  # polling interval; the deadline above bounds the loop
-
-
 def run_demo(scenario: str, timeout_s: float, prefix: str | None) -> list[PairResult]:
-    from .lab import Lab
+    from .lab import Lab, evidence
     from .lab.agents import Agents
 
     with Lab(catalog.resolve(scenario), prefix=prefix) as lab, Agents(lab) as agents:
         agents.start_registry()
         agents.start_nodes()
-        found = asyncio.run(_wait_direct(lab, agents, timeout_s))
+        found = asyncio.run(evidence.wait_direct(lab, timeout_s, check=agents.check_alive))
         results = []
         for (a, b), (pair, took) in found.items():
             results.append(PairResult(

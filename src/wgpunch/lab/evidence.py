@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..wg.device import DeviceState, Endpoint
@@ -15,6 +16,7 @@ from .lab import Lab
 
 # A handshake within Reject-After-Time (whitepaper §6.1): the session can still carry data.
 RECENT_S = 180.0
+POLL_S = 0.005  # a UAPI get per host costs ~1 ms; this resolves time-to-direct finely
 
 
 @dataclass(frozen=True)
@@ -77,3 +79,31 @@ def pairs(lab: Lab, devices: dict[str, DeviceState], now: float | None = None) -
         Pair(side(lab, devices, a, b, now), side(lab, devices, b, a, now))
         for i, a in enumerate(names) for b in names[i + 1:]
     ]
+
+
+async def wait_direct(
+    lab: Lab,
+    timeout_s: float,
+    *,
+    check: Callable[[], None] | None = None,
+    accept: Callable[[Pair], bool] | None = None,
+) -> dict[tuple[str, str], tuple[Pair, float | None]]:
+    """Poll the devices until every pair is direct (and `accept`ed) or `timeout_s` passes.
+
+    Returns each pair's last evidence and the seconds until it first qualified (None:
+    never). `check` runs every round (e.g. "are the agents still alive?").
+    """
+    start = time.monotonic()
+    first: dict[tuple[str, str], float] = {}
+    while True:
+        if check is not None:
+            check()
+        now = time.monotonic()
+        latest = pairs(lab, await read_devices(lab))
+        for pair in latest:
+            key = (pair.a.host, pair.b.host)
+            if key not in first and pair.direct and (accept is None or accept(pair)):
+                first[key] = now - start
+        if len(first) == len(latest) or now - start > timeout_s:
+            return {(p.a.host, p.b.host): (p, first.get((p.a.host, p.b.host))) for p in latest}
+        await asyncio.sleep(POLL_S)
