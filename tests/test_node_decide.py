@@ -41,8 +41,8 @@ def run(p, registry_endpoint, mem=FRESH_RX, *, initiator=True, punched=False, no
          (LIVE, OLD), {}, Kind.LEAVE, Reason.ROAMED),
         ("a live session is left alone when the registry knows no endpoint",
          (LIVE, None), {}, Kind.LEAVE, Reason.LIVE),
-        ("a live session ignores punch events",
-         (LIVE, OLD), {"punched": True}, Kind.LEAVE, Reason.ROAMED),
+        ("a punch event for a live session sends data on it, never a new handshake",
+         (LIVE, OLD), {"punched": True}, Kind.PROBE, Reason.PUNCH_LIVE),
         ("a live session whose peer the registry sees elsewhere is probed, not changed",
          (LIVE, NEW), {}, Kind.PROBE, Reason.SUSPECT),
         ("no session and no endpoint: nothing to try",
@@ -71,29 +71,36 @@ def test_rules(intent, args, kwargs, kind, reason):
         assert decision.endpoint == args[1]
 
 
-def test_only_the_initiator_retries_quickly():
-    """Crossed initiations cancel out in WireGuard: a quick retry from both sides would
-    cross again, so the non-initiator waits for WireGuard's own 5 s rhythm."""
+def test_only_the_initiator_always_answers_a_punch_with_an_initiation():
+    """Crossed initiations cancel out in WireGuard: quick repeats from both sides would cross
+    again, so after its first attempt the non-initiator keeps to WireGuard's 5 s rhythm."""
     tried = Memory(attempts=1, attempt_at=NOW - 0.6, attempt_endpoint=OLD,
                    handshake_at=NOW - 0.6, handshake_endpoint=OLD)
-    assert run(peer(), OLD, tried, initiator=True).kind is Kind.REQUEST_PUNCH
-    waiting = run(peer(), OLD, tried, initiator=False)
-    assert (waiting.kind, waiting.reason) == (Kind.LEAVE, Reason.WAITING)
-    assert waiting.recheck_s == T.busy_recheck_s  # watch closely for the handshake
-    # The initiator's punch event reaches this side too: its NAT is open, so it only answers.
+    for initiator in (True, False):  # either side may ask: the request moves the initiator
+        assert run(peer(), OLD, tried, initiator=initiator).kind is Kind.REQUEST_PUNCH
+    assert run(peer(), OLD, tried, initiator=True, punched=True).kind is Kind.HANDSHAKE
     answered = run(peer(), OLD, tried, initiator=False, punched=True)
-    assert answered.kind is Kind.LEAVE
+    assert (answered.kind, answered.reason) == (Kind.LEAVE, Reason.PEER_PUNCHING)
+    assert answered.recheck_s == T.busy_recheck_s  # watch closely for the handshake
     later = replace(tried, handshake_at=NOW - T.passive_retry_s)
     assert run(peer(), OLD, later, initiator=False, punched=True).kind is Kind.HANDSHAKE
+    moved = replace(tried, handshake_endpoint=NEW)
+    assert run(peer(), OLD, moved, initiator=False, punched=True).kind is Kind.HANDSHAKE
     # Its own punch request is no handshake: the event it brings back must open its NAT.
     asked = Memory(attempts=1, attempt_at=NOW - 0.01, attempt_endpoint=OLD)
     assert run(peer(), OLD, asked, initiator=False, punched=True).kind is Kind.HANDSHAKE
 
 
+def test_punch_probes_are_spaced():
+    probed = replace(FRESH_RX, probe_at=NOW - 0.2)
+    assert run(LIVE, OLD, probed, punched=True).kind is Kind.LEAVE
+    assert run(LIVE, OLD, replace(probed, probe_at=NOW - T.probe_timeout_s),
+               punched=True).kind is Kind.PROBE
+
+
 def test_backoff_doubles_and_is_capped():
-    assert [retry_delay(n, True, T) for n in range(1, 5)] == [0.5, 1.0, 2.0, 4.0]
-    assert retry_delay(20, True, T) == T.max_retry_s
-    assert retry_delay(1, False, T) == T.passive_retry_s
+    assert [retry_delay(n, T) for n in range(1, 5)] == [0.5, 1.0, 2.0, 4.0]
+    assert retry_delay(20, T) == T.max_retry_s
     tried = Memory(attempts=2, attempt_at=NOW - 0.9, attempt_endpoint=OLD)
     assert run(peer(), OLD, tried).reason is Reason.WAITING
     assert run(peer(), OLD, replace(tried, attempt_at=NOW - 1.0)).reason is Reason.RETRY

@@ -213,10 +213,22 @@ def test_punch_reaches_both_sides_at_once_with_each_others_endpoint():
 def test_punch_repeats_within_the_window_are_coalesced_for_the_pair():
     state = two_peers()
     s1, _ = state.open_stream(K1, None, None)
+    s2, _ = state.open_stream(K2, None, None)
     assert state.request_punch(K1, K2, now=10.0)[1]
     assert not state.request_punch(K2, K1, now=10.2)[1]  # the same pair, other direction
     assert state.request_punch(K1, K2, now=10.25)[1]
-    assert len(drain(s1)) == 2
+    assert len(drain(s1)) == 2 and len(drain(s2)) == 2
+
+
+def test_a_punch_that_missed_a_side_is_not_coalesced():
+    """K2 was not listening yet (a node starting): its own request must reach both."""
+    state = two_peers()
+    s1, _ = state.open_stream(K1, None, None)
+    assert state.request_punch(K1, K2, now=10.0)[1]
+    s2, _ = state.open_stream(K2, None, None)
+    assert state.request_punch(K2, K1, now=10.05)[1]
+    assert len(drain(s1)) == 2 and len(drain(s2)) == 1
+    assert not state.request_punch(K1, K2, now=10.1)[1]  # both heard that one
 
 
 @pytest.mark.parametrize(("intent", "caller", "target", "status"), [

@@ -94,6 +94,7 @@ class Agent:
         self.revision: int | None = None
         self.punched: set[Key] = set()
         self.tracks: dict[Key, Track] = {}
+        self.punching: dict[Key, asyncio.Task[None]] = {}
         self.wake = asyncio.Event()
         self.reported = asyncio.Event()  # set when the registry needs our report again
         self._published: dict[str, pathfile.PeerPath] | None = None
@@ -218,6 +219,8 @@ class Agent:
     async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         key = peer.public_key
         if d.kind is Kind.LEAVE:
+            if d.reason is Reason.PEER_PUNCHING:
+                return replace(mem, attempt_at=now)
             if d.reason is Reason.PROBE_ANSWERED:
                 log.info("peer %s: registry reports %s, but the current path %s answers; "
                          "left alone", key, d.endpoint, peer.endpoint)
@@ -252,14 +255,25 @@ class Agent:
             log.info("peer %s: no handshake with %s yet (attempt %d); punching again",
                      peer.public_key, d.endpoint, mem.attempts,
                      extra={"event": "punch-retry", "peer": str(peer.public_key)})
+        running = self.punching.get(peer.public_key)
+        if running is None or running.done():
+            # In the background: a slow registry (a lost SYN costs a second) must not hold up
+            # the loop that notices handshakes and answers punch events.
+            task = asyncio.create_task(self.punch_or_go_alone(peer, d.endpoint))
+            self.punching[peer.public_key] = task
+        return mem
+
+    async def punch_or_go_alone(self, peer: PeerState, endpoint: Endpoint | None) -> None:
         try:
             await self.client.punch(peer.public_key)
         except RegistryError as error:
             # Without the registry's help, at least our side opens its NAT and tries.
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
-            await self.handshake(peer, d.endpoint)
-            mem = replace(mem, handshake_at=now, handshake_endpoint=d.endpoint)
-        return mem
+            await self.handshake(peer, endpoint)
+            track = self.tracks.get(peer.public_key)
+            if track is not None:
+                track.memory = replace(track.memory, handshake_at=time.monotonic(),
+                                       handshake_endpoint=endpoint)
 
     async def handshake(self, peer: PeerState, endpoint: Endpoint | None) -> None:
         if endpoint is None:

@@ -69,7 +69,8 @@ async def serve(args: argparse.Namespace) -> None:
     api = args.api or config.get("api") or registry_api_url(state, registry)
     client = RegistryClient(str(api), token=token)
     agent = Agent(device, registry, client, timings=Timings(keepalive_s=keepalive))
-    log.info("node on %s: registry %s, API %s", interface, registry, api)
+    log.info("node on %s: registry %s, API %s", interface, registry, api,
+             extra={"event": "started", "interface": interface})
 
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()

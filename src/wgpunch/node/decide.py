@@ -14,9 +14,14 @@ The rules (DESIGN.md §3):
   moment the registry's punch event reaches both sides, so both NATs open at once.
 - Simultaneous initiations that both arrive cancel each other out in WireGuard (each side
   replaces its own pending handshake with the peer's, and neither response then matches;
-  measured: the next try comes 5 s later). So only the *initiator* of a pair (lower public
-  key) retries quickly; the other side's NAT is already open from its first attempt, and it
-  just answers.
+  measured: the next try comes 5 s later). So on a punch event only the *initiator* of a pair
+  (lower public key) always sends an initiation; the other side sends one only to open its
+  own NAT (first attempt, new endpoint, or after WireGuard's own 5 s rhythm). Either side may
+  ask for punches quickly: the request makes the initiator act.
+- A punch event for a peer whose session is live on our side means the other side has none
+  (its confirmation packet was lost, or its NAT forgot the mapping): we send a path probe,
+  which is data on the live session: it confirms the session there and reopens our NAT,
+  without touching our configuration.
 """
 
 from __future__ import annotations
@@ -41,8 +46,8 @@ class Timings:
     # WireGuard's own 5 s retry. Doubles per failure up to max_retry_s.
     first_retry_s: float = 0.5
     max_retry_s: float = 30.0
-    # The non-initiator asks for a punch at most this often (WireGuard's REKEY_TIMEOUT):
-    # quicker tries from its side would collide with the initiator's.
+    # The non-initiator sends its own initiation at most this often (WireGuard's
+    # REKEY_TIMEOUT): quicker ones would cross the initiator's and cancel both.
     passive_retry_s: float = 5.0
     # A path probe without any byte back within this long: the path is dead.
     probe_timeout_s: float = 1.0
@@ -67,10 +72,12 @@ class Reason(enum.StrEnum):
     RETRY = "earlier attempt got no handshake"
     WAITING = "waiting before the next attempt"
     PUNCH = "punch event from the registry"
+    PEER_PUNCHING = "punch event: the initiator sends, our NAT is open from our last attempt"
     SUSPECT = "the registry reports a new endpoint while the session looks live"
     PROBE_PENDING = "waiting for an answer to the path probe"
     PROBE_ANSWERED = "path probe answered: the current path works"
     PROBE_UNANSWERED = "path probe unanswered: moving to the registry's endpoint"
+    PUNCH_LIVE = "punch event while our session is live: the peer's side needs data"
     SILENT = "no bytes from the peer for too long: the path is dead"
 
 
@@ -107,11 +114,10 @@ class Decision:
     live: bool = False  # the peer has a working session (the path is up)
 
 
-def retry_delay(attempts: int, initiator: bool, t: Timings) -> float:
+def retry_delay(attempts: int, t: Timings) -> float:
     if attempts <= 0:
         return 0.0
-    quick = min(t.first_retry_s * 2 ** (attempts - 1), t.max_retry_s)
-    return quick if initiator else max(quick, t.passive_retry_s)
+    return min(t.first_retry_s * 2 ** (attempts - 1), t.max_retry_s)
 
 
 def path_is_dead(peer: PeerState, mem: Memory, now_wall: float, now: float, t: Timings) -> bool:
@@ -133,7 +139,7 @@ def decide(
 ) -> Decision:
     """One peer, one tick. `punched`: a punch event for this peer arrived since last tick."""
     if not path_is_dead(peer, mem, now_wall, now, t):
-        return _decide_live(peer, registry_endpoint, mem, now, t)
+        return _decide_live(peer, registry_endpoint, mem, punched, now, t)
     if registry_endpoint is None:
         return Decision(Kind.LEAVE, Reason.NO_ENDPOINT, recheck_s=t.idle_recheck_s)
     if punched and (
@@ -143,9 +149,11 @@ def decide(
         or now - mem.handshake_at >= t.passive_retry_s
     ):
         return Decision(Kind.HANDSHAKE, Reason.PUNCH, registry_endpoint, t.busy_recheck_s)
+    if punched:  # an attempt is under way: the backoff clock restarts (see agent.act)
+        return Decision(Kind.LEAVE, Reason.PEER_PUNCHING, registry_endpoint, t.busy_recheck_s)
     if mem.attempt_at is None or mem.attempt_endpoint != registry_endpoint:
         return Decision(Kind.REQUEST_PUNCH, Reason.NO_SESSION, registry_endpoint, t.busy_recheck_s)
-    wait = retry_delay(mem.attempts, initiator, t) - (now - mem.attempt_at)
+    wait = retry_delay(mem.attempts, t) - (now - mem.attempt_at)
     if wait <= 0:
         return Decision(Kind.REQUEST_PUNCH, Reason.RETRY, registry_endpoint, t.busy_recheck_s)
     # Poll closely right after an attempt, so the handshake is seen (and logged) at once.
@@ -154,8 +162,15 @@ def decide(
 
 
 def _decide_live(
-    peer: PeerState, registry_endpoint: Endpoint | None, mem: Memory, now: float, t: Timings
+    peer: PeerState,
+    registry_endpoint: Endpoint | None,
+    mem: Memory,
+    punched: bool,
+    now: float,
+    t: Timings,
 ) -> Decision:
+    if punched and (mem.probe_at is None or now - mem.probe_at >= t.probe_timeout_s):
+        return Decision(Kind.PROBE, Reason.PUNCH_LIVE, None, t.busy_recheck_s, live=True)
     if (
         registry_endpoint is None
         or registry_endpoint == peer.endpoint

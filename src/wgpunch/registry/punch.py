@@ -41,3 +41,7 @@ class Coalescer:
         if len(self._last) > self._SWEEP_AT:
             self._last = {p: t for p, t in self._last.items() if now - t < self.window_s}
         return True
+
+    def forget(self, a: Key, b: Key) -> None:
+        """Let the next punch for (a, b) through, whatever the window says."""
+        self._last.pop(pair_of(a, b), None)

@@ -237,10 +237,14 @@ class RegistryState:
         if not self._punches.admit(caller, target, now):
             log.debug("punch %s <-> %s coalesced", caller, target)
             return other.endpoint, False
-        self._push(caller, PunchEvent(self.revision, target, other.endpoint,
-                                      initiator(caller, target)))
-        self._push(target, PunchEvent(self.revision, caller, me.endpoint,
-                                      initiator(target, caller)))
+        reached_caller = self._push(caller, PunchEvent(self.revision, target, other.endpoint,
+                                                       initiator(caller, target)))
+        reached_target = self._push(target, PunchEvent(self.revision, caller, me.endpoint,
+                                                        initiator(target, caller)))
+        if not (reached_caller and reached_target):
+            # A side without a stream missed this push (typically a node just starting):
+            # its own request, which will follow, must push again rather than be coalesced.
+            self._punches.forget(caller, target)
         log.info("punch requested %s <-> %s (%s <-> %s)", caller, target, me.endpoint,
                  other.endpoint, extra={"event": "punch", "peer": str(caller),
                                         "target": str(target)})
@@ -295,10 +299,14 @@ class RegistryState:
             self._offer(stream, change)
         return change
 
-    def _push(self, key: Key, item: StreamItem) -> None:
+    def _push(self, key: Key, item: StreamItem) -> bool:
+        """Offer `item` to every stream of `key`; False when `key` has no stream."""
+        reached = False
         for stream in list(self._streams):
             if stream.caller == key:
                 self._offer(stream, item)
+                reached = True
+        return reached
 
     def _offer(self, stream: Stream, item: StreamItem) -> None:
         stream.offer(item)

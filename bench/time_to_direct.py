@@ -1,0 +1,237 @@
+"""Time-to-direct and recovery, measured on the lab with the real agents.
+
+    python3 bench/time_to_direct.py [--runs 20] [--recovery-runs 5] [--out FILE]
+
+Per scenario (`easy`; `easy` with 30 ms one-way delay on each site's uplink; `easy` with 5 %
+loss on each site's uplink), each run builds a fresh lab, starts `wgpunch registry`, then both
+`wgpunch node`s, and polls both devices until the pair is direct by what `wg` shows
+(lab/evidence.py). Times are counted from "both nodes up" (the later of the two agents'
+`started` log events: process started, options read, device read) and, for comparison, from
+launching the node processes (Python start-up included).
+
+Recovery: after the pair is direct, (1) `rebind`: the NAT in front of b (an `eim-port`
+carrier NAT) forgets its mappings and conntrack state, so b's next packet leaves from a new
+outside port; measured until the pair is direct again on the new endpoint; (2) `flush`: both
+home NATs of `easy` lose their conntrack state while a ping runs from a to b every 0.2 s;
+measured until that ping gets answers again.
+
+Prints a table and writes JSON (default bench/results/time_to_direct.json). Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from wgpunch.lab import Lab, catalog, evidence
+from wgpunch.lab.agents import Agents
+from wgpunch.lab.netns import require_root, wait_for
+from wgpunch.lab.scenario import Impairment, Nat, Scenario
+
+TIMEOUT_S = 30.0
+
+
+def impaired(base: Scenario, name: str, link: Impairment) -> Scenario:
+    sites = tuple(replace(s, link=link) if isinstance(s, Nat) else s for s in base.sites)
+    return Scenario(name, sites, description=f"{base.description}; uplinks {link}")
+
+
+def scenarios() -> dict[str, Scenario]:
+    easy = catalog.resolve("easy")
+    return {
+        "easy": easy,
+        "easy+30ms": impaired(easy, "easy30ms", Impairment(delay_ms=30)),
+        "easy+5%loss": impaired(easy, "easyloss", Impairment(loss_pct=5)),
+    }
+
+
+def prefix() -> str:
+    return "bt" + secrets.token_hex(2)
+
+
+def started_at(agents: Agents, host: str) -> float:
+    def find() -> float | None:
+        for event in agents.events(host):
+            if event.get("event") == "started":
+                return float(event["ts"])
+        return None
+
+    return wait_for(find, timeout=10, what=f"the agent in {host} to start")
+
+
+def agent_time_to_direct(agents: Agents, host: str) -> float | None:
+    for event in agents.events(host):
+        if event.get("event") == "connected" and event.get("time_to_direct_s") is not None:
+            return float(event["time_to_direct_s"])
+    return None
+
+
+def one_run(scenario: Scenario) -> dict[str, Any]:
+    with Lab(scenario, prefix=prefix()) as lab, Agents(lab) as agents:
+        agents.start_registry()
+        launched = time.time()
+        agents.start_nodes()
+        start_wall = time.time()
+        found = asyncio.run(evidence.wait_direct(lab, TIMEOUT_S, check=agents.check_alive))
+        (_pair, took), = found.values()
+        up = max(started_at(agents, "a"), started_at(agents, "b"))
+        direct_wall = None if took is None else start_wall + took
+        return {
+            "direct": took is not None,
+            "from_up_s": None if direct_wall is None else direct_wall - up,
+            "from_launch_s": None if direct_wall is None else direct_wall - launched,
+            "agent_reported_s": [agent_time_to_direct(agents, h) for h in ("a", "b")],
+        }
+
+
+async def _until(predicate, timeout_s: float) -> float | None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if await predicate():
+            return time.monotonic() - start
+        await asyncio.sleep(0.005)  # polling interval, bounded by timeout_s
+    return None
+
+
+def rebind_run() -> dict[str, Any]:
+    """b behind an eim-port NAT that loses its mappings: a new outside port for b."""
+    with Lab(catalog.resolve("matrix-eim-eim-port"), prefix=prefix()) as lab, \
+            Agents(lab) as agents:
+        agents.start_registry()
+        agents.start_nodes()
+        (pair, took), = asyncio.run(
+            evidence.wait_direct(lab, TIMEOUT_S, check=agents.check_alive)).values()
+        if took is None:
+            return {"recovered": False, "setup_failed": True}
+        old = pair.a.endpoint
+        nat = lab.host("b").nat_chain[0]
+        table = f"{lab.prefix}_nat"
+        start = time.monotonic()
+        for what in ("outbound", "inbound"):
+            lab.exec(nat, ["nft", "flush", "map", "ip", table, what])
+        lab.exec(nat, ["conntrack", "-F"])
+        seen: dict[str, float] = {}
+
+        async def recovered() -> bool:
+            pairs = evidence.pairs(lab, await evidence.read_devices(lab))
+            now = time.monotonic() - start
+            if pairs[0].a.registry_sees != old and "registry" not in seen:
+                seen["registry"] = now
+            return pairs[0].direct and pairs[0].a.endpoint != old
+
+        took = asyncio.run(_until(recovered, 60.0))
+        return {"recovered": took is not None, "recovery_s": took,
+                "registry_saw_new_endpoint_s": seen.get("registry"),
+                "after_registry_s": None if took is None or "registry" not in seen
+                else took - seen["registry"]}
+
+
+def flush_run() -> dict[str, Any]:
+    """Both home NATs of `easy` lose their conntrack state while a pings b."""
+    with Lab(catalog.resolve("easy"), prefix=prefix()) as lab, Agents(lab) as agents:
+        agents.start_registry()
+        agents.start_nodes()
+        (_pair, took), = asyncio.run(
+            evidence.wait_direct(lab, TIMEOUT_S, check=agents.check_alive)).values()
+        if took is None:
+            return {"recovered": False, "setup_failed": True}
+        target = str(lab.host("b").tunnel_ip)
+        ping = lab.ns("a").popen(["ping", "-n", "-i", "0.2", "-W", "1", target],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            wait_for(lambda: "time=" in (ping.stdout.readline() or ""), timeout=5,
+                     what="ping replies")
+            start = time.monotonic()
+            for nat in ("na", "nb"):
+                lab.exec(nat, ["conntrack", "-F"])
+            # Replies already on their way may still arrive: skip to the first lost one.
+            last_seq = None
+            while True:
+                line = ping.stdout.readline()
+                if "icmp_seq=" in line:
+                    seq = int(line.split("icmp_seq=")[1].split()[0])
+                    if last_seq is not None and seq > last_seq + 1:
+                        return {"recovered": True, "recovery_s": time.monotonic() - start,
+                                "lost_pings": seq - last_seq - 1}
+                    last_seq = seq
+                if time.monotonic() - start > 60:
+                    return {"recovered": False}
+        finally:
+            ping.terminate()
+            ping.wait(timeout=5)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def summary(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "max": None}
+    return {"p50": statistics.median(values), "p95": pct(values, 0.95), "max": max(values)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20, help="runs per scenario (default 20)")
+    parser.add_argument("--recovery-runs", type=int, default=5,
+                        help="runs of each recovery case (default 5)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
+                                             "time_to_direct.json"))
+    args = parser.parse_args()
+    require_root()
+    report: dict[str, Any] = {"runs": args.runs, "scenarios": {}, "recovery": {}}
+    rows = []
+    for name, scenario in scenarios().items():
+        runs = [one_run(scenario) for _ in range(args.runs)]
+        ok = [r for r in runs if r["direct"]]
+        up = summary([r["from_up_s"] for r in ok])
+        launch = summary([r["from_launch_s"] for r in ok])
+        report["scenarios"][name] = {"runs": runs, "from_up": up, "from_launch": launch}
+        rows.append((name, f"{len(ok)}/{len(runs)}", *(f"{up[k]:.3f}" if up[k] is not None
+                                                      else "-" for k in ("p50", "p95", "max")),
+                     f"{launch['p50']:.3f}" if launch["p50"] is not None else "-"))
+        print(f"{name}: {len(ok)}/{len(runs)} direct", file=sys.stderr)
+    for name, fn in (("rebind", rebind_run), ("flush", flush_run)):
+        runs = [fn() for _ in range(args.recovery_runs)]
+        times = [r["recovery_s"] for r in runs if r.get("recovered")]
+        report["recovery"][name] = {"runs": runs, **summary(times)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print("time to direct (s), from both node agents up")
+    header = ("scenario", "direct", "p50", "p95", "max", "p50 from launch")
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print("\nrecovery (s)")
+    for name, rec in report["recovery"].items():
+        ok = sum(1 for r in rec["runs"] if r.get("recovered"))
+        vals = " ".join(f"{k} {rec[k]:.3f}" for k in ("p50", "p95", "max") if rec[k] is not None)
+        print(f"  {name:7} {ok}/{len(rec['runs'])} recovered  {vals}")
+    if report["recovery"]["rebind"]["runs"]:
+        after = [r["after_registry_s"] for r in report["recovery"]["rebind"]["runs"]
+                 if r.get("after_registry_s") is not None]
+        if after:
+            print(f"  rebind: after the registry saw the new endpoint: p50 "
+                  f"{statistics.median(after):.3f} max {max(after):.3f}")
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
