@@ -127,11 +127,32 @@ def test_a_bogus_endpoint_never_overwrites_a_working_path():
     decision = run(answered, NEW, probing, now=NOW + 0.2)
     assert (decision.kind, decision.reason) == (Kind.LEAVE, Reason.PROBE_ANSWERED)
     cleared = replace(probing, cleared_endpoint=NEW, probe_at=None)
-    assert run(answered, NEW, cleared.observe_rx(640, NOW + 30), now=NOW + 60).kind is Kind.LEAVE
+    later = cleared.observe(640, 0, NOW + 30)
+    assert run(answered, NEW, later, now=NOW + 60).kind is Kind.LEAVE
 
 
-def test_observe_rx_tracks_changes():
-    mem = Memory().observe_rx(10, 5.0)
-    assert (mem.rx_bytes, mem.rx_changed_at) == (10, 5.0)
-    assert mem.observe_rx(10, 9.0).rx_changed_at == 5.0
-    assert mem.observe_rx(11, 9.0).rx_changed_at == 9.0
+def test_observe_tracks_changes():
+    mem = Memory().observe(10, 20, 5.0)
+    assert (mem.rx_bytes, mem.rx_changed_at, mem.tx_bytes, mem.tx_changed_at) == (10, 5.0, 20, 5.0)
+    assert mem.observe(10, 20, 9.0) == mem
+    assert mem.observe(11, 20, 9.0).rx_changed_at == 9.0
+    assert mem.observe(10, 21, 9.0).tx_changed_at == 9.0
+
+
+def test_a_stalled_live_path_is_probed_then_punched():
+    """A NAT on the way forgot its state: we send, nothing comes back. Probe first (cheap,
+    answered when the path works); unanswered, ask for a punch so the peer sends too."""
+    quiet = Memory(rx_bytes=500, rx_changed_at=NOW - 3, tx_bytes=900, tx_changed_at=NOW - 0.1)
+    assert (run(LIVE, OLD, quiet).kind, run(LIVE, OLD, quiet).reason) == (
+        Kind.PROBE, Reason.STALLED)
+    assert run(LIVE, OLD, replace(quiet, rx_changed_at=NOW - 1)).reason is Reason.ROAMED
+    idle = replace(quiet, tx_changed_at=NOW - 4)  # nothing sent since the last byte heard
+    assert run(LIVE, OLD, idle).reason is Reason.ROAMED
+    probed = replace(quiet, probe_at=NOW - 0.5)
+    assert run(LIVE, OLD, probed).reason is Reason.PROBE_PENDING
+    unanswered = replace(quiet, probe_at=NOW - T.probe_timeout_s)
+    decision = run(LIVE, OLD, unanswered)
+    assert (decision.kind, decision.reason, decision.live) == (
+        Kind.REQUEST_PUNCH, Reason.STALL_UNANSWERED, True)
+    asked = replace(unanswered, attempts=1, attempt_at=NOW - 0.1)
+    assert run(LIVE, OLD, asked).reason is Reason.WAITING

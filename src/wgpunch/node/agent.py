@@ -134,16 +134,33 @@ class Agent:
     async def follow_registry(self) -> None:
         delay = 0.25
         while True:
+            heard = False
             try:
                 async for event in self.client.watch(self.revision, self.epoch):
                     if delay > 0.25:
                         log.info("registry: watch stream connected")
-                    delay = 0.25
+                    delay, heard = 0.25, True
                     self.apply_event(event)
             except RegistryError as error:
                 log.log(logging.WARNING if delay >= 1 else logging.DEBUG, "%s", error)
+            if heard:
+                # A stream that worked and went silent: our own NAT may have lost its state
+                # (reboot, flush), which blocks every peer's packets to us as well. Sending
+                # is what reopens it.
+                await self.probe_live_peers()
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # backoff, not sync
             delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def probe_live_peers(self) -> None:
+        try:
+            state = await self.device.state()
+        except DeviceError:
+            return
+        now = time.time()
+        for peer in state.peers:
+            address = tunnel_address(peer.allowed_ips)
+            if peer.has_live_session(now, self.t.session_live_s) and address is not None:
+                await asyncio.to_thread(send_probe, self.device.name, address)
 
     async def report_self(self) -> None:
         while True:
@@ -204,7 +221,7 @@ class Agent:
             track = self.tracks.setdefault(peer.public_key, Track())
             punched = peer.public_key in self.punched
             self.punched.discard(peer.public_key)
-            memory = track.memory.observe_rx(peer.rx_bytes, now)
+            memory = track.memory.observe(peer.rx_bytes, peer.tx_bytes, now)
             decision = decide(
                 peer, known.endpoint, memory,
                 initiator=self.me is not None and self.me.raw < peer.public_key.raw,
@@ -251,7 +268,11 @@ class Agent:
     async def request_punch(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         mem = replace(mem, attempt_at=now, attempt_endpoint=d.endpoint, attempts=mem.attempts + 1,
                       first_attempt_at=mem.first_attempt_at or now)
-        if mem.attempts > 1:
+        if d.live:
+            log.info("peer %s: we send but hear nothing, and a probe went unanswered; "
+                     "asking the peer to send too (punch)", peer.public_key,
+                     extra={"event": "stall", "peer": str(peer.public_key)})
+        elif mem.attempts > 1:
             log.info("peer %s: no handshake with %s yet (attempt %d); punching again",
                      peer.public_key, d.endpoint, mem.attempts,
                      extra={"event": "punch-retry", "peer": str(peer.public_key)})
@@ -307,6 +328,8 @@ class Agent:
             track.connected, track.since = True, now_wall
             track.memory = replace(track.memory, attempts=0, attempt_at=None,
                                    attempt_endpoint=None, first_attempt_at=None)
+        elif d.reason in (Reason.LIVE, Reason.ROAMED) and track.memory.attempts:
+            track.memory = replace(track.memory, attempts=0, attempt_at=None)
         elif not d.live and track.connected:
             log.info("peer %s: session lost (%s)", peer.public_key, d.reason,
                      extra={"event": "disconnected", "peer": str(peer.public_key)})

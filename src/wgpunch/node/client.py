@@ -132,7 +132,7 @@ class RegistryClient:
         *,
         token: str | None = None,
         timeout_s: float = 5.0,
-        heartbeat_timeout_s: float = 15.0,
+        heartbeat_timeout_s: float = 7.0,  # the registry's 5 s heartbeat plus a margin
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s

@@ -18,6 +18,9 @@ The rules (DESIGN.md §3):
   (lower public key) always sends an initiation; the other side sends one only to open its
   own NAT (first attempt, new endpoint, or after WireGuard's own 5 s rhythm). Either side may
   ask for punches quickly: the request makes the initiator act.
+- A live session that sends but hears nothing (a NAT on the way lost its state: reboot,
+  conntrack flush) is probed; an unanswered probe asks the registry for a punch, which makes
+  the other side send too and so reopen its NAT.
 - A punch event for a peer whose session is live on our side means the other side has none
   (its confirmation packet was lost, or its NAT forgot the mapping): we send a path probe,
   which is data on the live session: it confirms the session there and reopens our NAT,
@@ -51,6 +54,10 @@ class Timings:
     passive_retry_s: float = 5.0
     # A path probe without any byte back within this long: the path is dead.
     probe_timeout_s: float = 1.0
+    # We sent, and heard nothing from the peer for this long: probe the path. Above the lab's
+    # worst round trip by far; one probe per stall, so one-way traffic (answered only by
+    # WireGuard's 10 s passive keepalive) costs a packet each way every few seconds.
+    stall_s: float = 2.0
     # Reconcile at least this often; far more often while an attempt or probe is pending.
     idle_recheck_s: float = 1.0
     busy_recheck_s: float = 0.05
@@ -78,6 +85,8 @@ class Reason(enum.StrEnum):
     PROBE_ANSWERED = "path probe answered: the current path works"
     PROBE_UNANSWERED = "path probe unanswered: moving to the registry's endpoint"
     PUNCH_LIVE = "punch event while our session is live: the peer's side needs data"
+    STALLED = "we send but hear nothing: probing the path"
+    STALL_UNANSWERED = "stall probe unanswered: asking the peer to send (punch)"
     SILENT = "no bytes from the peer for too long: the path is dead"
 
 
@@ -87,6 +96,8 @@ class Memory:
 
     rx_bytes: int = 0
     rx_changed_at: float | None = None
+    tx_bytes: int = 0
+    tx_changed_at: float | None = None
     attempts: int = 0  # attempts (punch requests) since the last live session
     attempt_at: float | None = None  # the backoff clock
     attempt_endpoint: Endpoint | None = None
@@ -99,10 +110,22 @@ class Memory:
     cleared_endpoint: Endpoint | None = None  # a reported endpoint a probe showed irrelevant
     repointed: bool = False  # the probe's endpoint has been set on the live session
 
-    def observe_rx(self, rx_bytes: int, now: float) -> Memory:
-        if self.rx_changed_at is None or rx_bytes != self.rx_bytes:
-            return replace(self, rx_bytes=rx_bytes, rx_changed_at=now)
-        return self
+    def observe(self, rx_bytes: int, tx_bytes: int, now: float) -> Memory:
+        mem = self
+        if mem.rx_changed_at is None or rx_bytes != mem.rx_bytes:
+            mem = replace(mem, rx_bytes=rx_bytes, rx_changed_at=now)
+        if mem.tx_changed_at is None or tx_bytes != mem.tx_bytes:
+            mem = replace(mem, tx_bytes=tx_bytes, tx_changed_at=now)
+        return mem
+
+    def stalled(self, now: float, t: Timings) -> bool:
+        """We sent after the peer's last byte, and that byte is stall_s old."""
+        return (
+            self.rx_changed_at is not None
+            and self.tx_changed_at is not None
+            and self.tx_changed_at > self.rx_changed_at
+            and now - self.rx_changed_at >= t.stall_s
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +199,8 @@ def _decide_live(
         or registry_endpoint == peer.endpoint
         or registry_endpoint == mem.cleared_endpoint
     ):
+        if mem.stalled(now, t):
+            return _decide_stalled(mem, now, t)
         reason = Reason.ROAMED if registry_endpoint == peer.endpoint else Reason.LIVE
         return Decision(Kind.LEAVE, reason, recheck_s=t.idle_recheck_s, live=True)
     if mem.probe_at is None or mem.probe_endpoint != registry_endpoint:
@@ -192,3 +217,15 @@ def _decide_live(
         )
     # Moved and probed again, still nothing: the session is as good as dead.
     return Decision(Kind.REQUEST_PUNCH, Reason.SILENT, registry_endpoint, t.busy_recheck_s)
+
+
+def _decide_stalled(mem: Memory, now: float, t: Timings) -> Decision:
+    assert mem.rx_changed_at is not None
+    if mem.probe_at is None or mem.probe_at < mem.rx_changed_at:
+        return Decision(Kind.PROBE, Reason.STALLED, None, t.busy_recheck_s, live=True)
+    if now - mem.probe_at < t.probe_timeout_s:
+        return Decision(Kind.LEAVE, Reason.PROBE_PENDING, recheck_s=t.busy_recheck_s, live=True)
+    if mem.attempt_at is None or now - mem.attempt_at >= retry_delay(mem.attempts, t):
+        return Decision(Kind.REQUEST_PUNCH, Reason.STALL_UNANSWERED, None, t.busy_recheck_s,
+                        live=True)
+    return Decision(Kind.LEAVE, Reason.WAITING, recheck_s=t.idle_recheck_s, live=True)
