@@ -13,7 +13,9 @@ Recovery: after the pair is direct, (1) `rebind`: the NAT in front of b (an `eim
 carrier NAT) forgets its mappings and conntrack state, so b's next packet leaves from a new
 outside port; measured until the pair is direct again on the new endpoint; (2) `flush`: both
 home NATs of `easy` lose their conntrack state while a ping runs from a to b every 0.2 s;
-measured until that ping gets answers again.
+measured until that ping gets answers again. The side that sends notices the silence and
+probes (unanswered) and asks for a punch; the other side's watch stream has gone silent too
+(its NAT drops the registry's packets as well), and it probes its peers when it notices.
 
 Prints a table and writes JSON (default bench/results/time_to_direct.json). Needs root.
 """
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import json
 import secrets
+import select
 import statistics
 import subprocess
 import sys
@@ -155,18 +158,20 @@ def flush_run() -> dict[str, Any]:
             start = time.monotonic()
             for nat in ("na", "nb"):
                 lab.exec(nat, ["conntrack", "-F"])
-            # Replies already on their way may still arrive: skip to the first lost one.
+            # Replies already on their way may still arrive: recovery is the first reply
+            # after a gap in the sequence numbers.
             last_seq = None
-            while True:
-                line = ping.stdout.readline()
-                if "icmp_seq=" in line:
-                    seq = int(line.split("icmp_seq=")[1].split()[0])
-                    if last_seq is not None and seq > last_seq + 1:
-                        return {"recovered": True, "recovery_s": time.monotonic() - start,
-                                "lost_pings": seq - last_seq - 1}
-                    last_seq = seq
-                if time.monotonic() - start > 60:
-                    return {"recovered": False}
+            while time.monotonic() - start < 60:
+                ready, _, _ = select.select([ping.stdout], [], [], 1.0)
+                line = ping.stdout.readline() if ready else ""
+                if "icmp_seq=" not in line:
+                    continue
+                seq = int(line.split("icmp_seq=")[1].split()[0])
+                if last_seq is not None and seq > last_seq + 1:
+                    return {"recovered": True, "recovery_s": time.monotonic() - start,
+                            "lost_pings": seq - last_seq - 1}
+                last_seq = seq
+            return {"recovered": False}
         finally:
             ping.terminate()
             ping.wait(timeout=5)
