@@ -19,20 +19,13 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ChangeRefused, DeviceError, WgpunchError
 from ..keys import Key
+from ..registry import BadRequest
+from ..registry.report import Reported
+from ..registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Snapshot
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import local_addresses
-from .client import (
-    API_PORT,
-    Event,
-    PeerChanged,
-    PeerRemoved,
-    Punch,
-    RegistryClient,
-    RegistryError,
-    RegistryPeer,
-    Snapshot,
-)
+from .client import API_PORT, ApiError, Event, RegistryClient
 from .decide import Decision, Kind, Memory, Reason, Timings, decide
 from .probe import send_probe, tunnel_address
 
@@ -89,7 +82,7 @@ class Agent:
         self.t = timings or Timings()
         self.state_dir = state_dir
         self.me: Key | None = None
-        self.peers: dict[Key, RegistryPeer] = {}
+        self.peers: dict[Key, PeerRecord] = {}
         self.epoch: str | None = None
         self.revision: int | None = None
         self.punched: set[Key] = set()
@@ -109,7 +102,7 @@ class Agent:
                 self.reported.set()
             self.epoch = event.epoch
             self.peers = {p.public_key: p for p in event.peers}
-        elif isinstance(event, PeerChanged):
+        elif isinstance(event, PeerEvent):
             old = self.peers.get(event.peer.public_key)
             if old is not None and old.endpoint != event.peer.endpoint:
                 log.info(
@@ -118,14 +111,14 @@ class Agent:
                     extra={"event": "endpoint-changed", "peer": str(event.peer.public_key)},
                 )
             self.peers[event.peer.public_key] = event.peer
-        elif isinstance(event, PeerRemoved):
+        elif isinstance(event, RemovedEvent):
             self.peers.pop(event.public_key, None)
-        elif isinstance(event, Punch):
+        elif isinstance(event, PunchEvent):
             known = self.peers.get(event.peer)
             if known is not None and event.endpoint is not None:
                 self.peers[event.peer] = replace(known, endpoint=event.endpoint)
             self.punched.add(event.peer)
-        if isinstance(event, Snapshot | PeerChanged | PeerRemoved):
+        if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
         self.wake.set()
 
@@ -141,7 +134,7 @@ class Agent:
                         log.info("registry: watch stream connected")
                     delay, heard = 0.25, True
                     self.apply_event(event)
-            except RegistryError as error:
+            except ApiError as error:
                 log.log(logging.WARNING if delay >= 1 else logging.DEBUG, "%s", error)
             if heard:
                 # A stream that worked and went silent: our own NAT may have lost its state
@@ -167,11 +160,13 @@ class Agent:
             try:
                 state = await self.device.state()
                 addresses = await asyncio.to_thread(local_addresses, self.device.name)
-                await self.client.report_self(state.listen_port, addresses, __version__)
+                await self.client.report_self(
+                    Reported(state.listen_port, tuple(addresses), __version__)
+                )
                 log.debug("reported listen port %d and %d addresses", state.listen_port,
                           len(addresses))
                 wait = REPORT_EVERY_S
-            except (RegistryError, DeviceError) as error:
+            except (ApiError, DeviceError, BadRequest) as error:
                 log.debug("report to the registry failed: %s", error)
                 wait = 2.0
             self.reported.clear()
@@ -287,7 +282,7 @@ class Agent:
     async def punch_or_go_alone(self, peer: PeerState, endpoint: Endpoint | None) -> None:
         try:
             await self.client.punch(peer.public_key)
-        except RegistryError as error:
+        except ApiError as error:
             # Without the registry's help, at least our side opens its NAT and tries.
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
             await self.handshake(peer, endpoint)

@@ -1,13 +1,12 @@
 """The node's side of the registry API (docs/api.md): requests, and the watch stream parsed
-into typed events. Everything the registry sends is validated here, at the edge; a reply
-that does not fit is a `RegistryError`, like a refused or lost connection."""
+into the registry's own event types (registry/wire.py decodes what it encodes). Everything the
+registry sends is validated here, at the edge; a reply that does not fit is a
+`ApiError`, like a refused or lost connection."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
@@ -15,114 +14,29 @@ import aiohttp
 
 from ..errors import WgpunchError
 from ..keys import Key
-from ..wg.device import Endpoint, IPAddress, IPNetwork
+from ..registry import BadRequest
+from ..registry.report import Reported
+from ..registry.state import PeerEvent, PunchEvent, RemovedEvent, Snapshot
+from ..registry.wire import Heartbeat, item_from_json, peer_from_json
 
 API_PORT = 51821
+Event = Snapshot | PeerEvent | RemovedEvent | PunchEvent | Heartbeat
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry
 
 
-class RegistryError(WgpunchError):
-    """The registry could not be reached, refused a request or answered nonsense."""
+class ApiError(WgpunchError):
+    """A request to the registry's API failed: unreachable, refused, or a nonsense answer."""
 
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
 
 
-@dataclass(frozen=True, slots=True)
-class Reported:
-    listen_port: int
-    local_addresses: tuple[IPAddress, ...]
-    version: str
-
-
-@dataclass(frozen=True, slots=True)
-class RegistryPeer:
-    public_key: Key
-    allowed_ips: tuple[IPNetwork, ...]
-    endpoint: Endpoint | None
-    latest_handshake: float | None
-    reported: Reported | None
-    revision: int
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    epoch: str
-    revision: int
-    peers: tuple[RegistryPeer, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PeerChanged:
-    revision: int
-    peer: RegistryPeer
-
-
-@dataclass(frozen=True, slots=True)
-class PeerRemoved:
-    revision: int
-    public_key: Key
-
-
-@dataclass(frozen=True, slots=True)
-class Punch:
-    revision: int
-    peer: Key
-    endpoint: Endpoint | None
-    initiator: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Heartbeat:
-    revision: int
-
-
-Event = Snapshot | PeerChanged | PeerRemoved | Punch | Heartbeat
-
-
-def _peer(obj: Any) -> RegistryPeer:
-    reported = obj["reported"]
-    return RegistryPeer(
-        public_key=Key.from_base64(obj["public_key"]),
-        allowed_ips=tuple(ipaddress.ip_network(n) for n in obj["allowed_ips"]),
-        endpoint=None if obj["endpoint"] is None else Endpoint.parse(obj["endpoint"]),
-        latest_handshake=obj["latest_handshake"],
-        reported=None
-        if reported is None
-        else Reported(
-            int(reported["listen_port"]),
-            tuple(ipaddress.ip_address(a) for a in reported["local_addresses"]),
-            str(reported["version"]),
-        ),
-        revision=int(obj["revision"]),
-    )
-
-
 def parse_event(line: bytes) -> Event:
     try:
-        obj = json.loads(line)
-        kind = obj["type"]
-        revision = int(obj["revision"])
-        if kind == "snapshot":
-            return Snapshot(str(obj["epoch"]), revision, tuple(_peer(p) for p in obj["peers"]))
-        if kind == "peer":
-            return PeerChanged(revision, _peer(obj["peer"]))
-        if kind == "removed":
-            return PeerRemoved(revision, Key.from_base64(obj["public_key"]))
-        if kind == "punch":
-            endpoint = obj.get("endpoint")
-            return Punch(
-                revision,
-                Key.from_base64(obj["peer"]),
-                None if endpoint is None else Endpoint.parse(endpoint),
-                bool(obj["initiator"]),
-            )
-        if kind == "heartbeat":
-            return Heartbeat(revision)
-    except (ValueError, KeyError, TypeError, WgpunchError) as error:
-        raise RegistryError(f"registry: malformed watch event {line[:120]!r}: {error}") from None
-    raise RegistryError(f"registry: unknown watch event type {kind!r}")
+        return item_from_json(json.loads(line))
+    except (ValueError, BadRequest) as error:
+        raise ApiError(f"registry: bad watch event: {error}") from None
 
 
 class RegistryClient:
@@ -151,31 +65,24 @@ class RegistryClient:
             ) as response:
                 text = await response.text()
                 if response.status >= 400:
-                    raise RegistryError(
+                    raise ApiError(
                         f"registry: {method} {path}: {response.status} {_error_text(text)}",
                         response.status,
                     )
                 return json.loads(text) if text else None
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            raise RegistryError(f"registry: {method} {url}: {_describe(error)}") from None
+            raise ApiError(f"registry: {method} {url}: {_describe(error)}") from None
 
     async def peers(self) -> Snapshot:
         obj = await self._request("GET", "/v1/peers")
         try:
-            peers = tuple(_peer(p) for p in obj["peers"])
+            peers = tuple(peer_from_json(p) for p in obj["peers"])
             return Snapshot(str(obj["epoch"]), int(obj["revision"]), peers)
         except (ValueError, KeyError, TypeError, WgpunchError) as error:
-            raise RegistryError(f"registry: malformed /v1/peers reply: {error}") from None
+            raise ApiError(f"registry: malformed /v1/peers reply: {error}") from None
 
-    async def report_self(
-        self, listen_port: int, local_addresses: list[IPAddress], version: str
-    ) -> None:
-        body = {
-            "listen_port": listen_port,
-            "local_addresses": [str(a) for a in local_addresses],
-            "version": version,
-        }
-        await self._request("PUT", "/v1/self", body)
+    async def report_self(self, report: Reported) -> None:
+        await self._request("PUT", "/v1/self", report.to_json())
 
     async def punch(self, peer: Key) -> None:
         await self._request("POST", f"/v1/punch/{peer.hex()}")
@@ -193,7 +100,7 @@ class RegistryClient:
             async with self._session.get(url, timeout=timeout) as response:
                 if response.status >= 400:
                     text = await response.text()
-                    raise RegistryError(
+                    raise ApiError(
                         f"registry: watch: {response.status} {_error_text(text)}", response.status
                     )
                 # Lines are split here rather than with readline(), whose 64 KiB cap a
@@ -207,10 +114,10 @@ class RegistryClient:
                         if line.strip():
                             yield parse_event(line)
                     if len(buffer) > MAX_LINE_BYTES:
-                        raise RegistryError("registry: watch event too large")
-                raise RegistryError("registry: watch stream ended")
+                        raise ApiError("registry: watch event too large")
+                raise ApiError("registry: watch stream ended")
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            raise RegistryError(f"registry: watch {url}: {_describe(error)}") from None
+            raise ApiError(f"registry: watch {url}: {_describe(error)}") from None
 
 
 def _describe(error: Exception) -> str:

@@ -1,19 +1,24 @@
-"""The JSON forms of docs/api.md, and the parsing of what arrives in queries and paths.
+"""The JSON forms of docs/api.md both ways, and the parsing of queries and paths.
 
-Pure functions: records and events in, dicts (and NDJSON lines) out; text in, validated values
-or one `BadRequest` out.
+Pure functions: records and events in, dicts (and NDJSON lines) out, for the registry; the
+same dicts back to records and events (`item_from_json`), for the node's client; text in,
+validated values or one `BadRequest` out.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import KeyFormatError
+from ..errors import KeyFormatError, WgpunchError
 from ..keys import Key
+from ..wg.device import Endpoint
 from . import BadRequest
+from .report import Reported
 from .state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Snapshot, StreamItem
 
 _SINCE = re.compile(r"[0-9]{1,19}")  # a revision: an unsigned 64-bit integer, no sign
@@ -52,8 +57,50 @@ def item_json(item: StreamItem) -> dict[str, Any]:
     raise TypeError(f"registry: no JSON form for {type(item).__name__}")
 
 
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    revision: int
+
+
 def heartbeat_json(revision: int) -> dict[str, Any]:
     return {"type": "heartbeat", "revision": revision}
+
+
+def peer_from_json(obj: Any) -> PeerRecord:
+    reported = obj["reported"]
+    return PeerRecord(
+        public_key=Key.from_base64(obj["public_key"]),
+        allowed_ips=tuple(ipaddress.ip_network(net) for net in obj["allowed_ips"]),
+        endpoint=None if obj["endpoint"] is None else Endpoint.parse(obj["endpoint"]),
+        latest_handshake=obj["latest_handshake"],
+        reported=None if reported is None else Reported(
+            reported["listen_port"],
+            tuple(ipaddress.ip_address(a) for a in reported["local_addresses"]),
+            reported["version"],
+        ),
+        revision=int(obj["revision"]),
+    )
+
+
+def item_from_json(obj: Any) -> StreamItem | Heartbeat:
+    """The inverse of `item_json` (and `heartbeat_json`); BadRequest for anything else."""
+    try:
+        kind, revision = obj["type"], int(obj["revision"])
+        if kind == "snapshot":
+            peers = tuple(peer_from_json(p) for p in obj["peers"])
+            return Snapshot(str(obj["epoch"]), revision, peers)
+        if kind == "peer":
+            return PeerEvent(revision, peer_from_json(obj["peer"]))
+        if kind == "removed":
+            return RemovedEvent(revision, Key.from_base64(obj["public_key"]))
+        if kind == "punch":
+            return PunchEvent(revision, Key.from_base64(obj["peer"]),
+                              Endpoint.parse(obj["endpoint"]), bool(obj["initiator"]))
+        if kind == "heartbeat":
+            return Heartbeat(revision)
+    except (ValueError, KeyError, TypeError, WgpunchError) as error:
+        raise BadRequest(f"malformed {str(obj)[:100]}: {error}") from None
+    raise BadRequest(f"unknown watch event type {kind!r}")
 
 
 def dumps(obj: Any) -> str:

@@ -1,0 +1,53 @@
+"""registry/wire.py both ways: what the registry encodes, the node's client decodes back to
+the same records and events; anything else is one BadRequest."""
+
+import ipaddress
+import json
+
+import pytest
+
+from wgpunch.keys import Key
+from wgpunch.registry import BadRequest
+from wgpunch.registry.report import Reported
+from wgpunch.registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Snapshot
+from wgpunch.registry.wire import Heartbeat, heartbeat_json, item_from_json, item_json
+from wgpunch.wg.device import Endpoint
+
+K1, K2 = Key(bytes([1]) * 32), Key(bytes([2]) * 32)
+REPORTED = Reported(51820, (ipaddress.ip_address("192.168.1.10"),
+                            ipaddress.ip_address("2001:db8::10")), "0.1.0")
+RECORD = PeerRecord(K1, (ipaddress.ip_network("10.99.0.1/32"),),
+                    Endpoint.parse("198.51.100.2:51820"), 1795000000.25, REPORTED, 7)
+BARE = PeerRecord(K2, (), None, None, None, 3)
+
+
+@pytest.mark.parametrize("item", [
+    Snapshot("ab12", 9, (RECORD, BARE)),
+    PeerEvent(8, RECORD),
+    PeerEvent(4, BARE),
+    RemovedEvent(9, K2),
+    PunchEvent(9, K2, Endpoint.parse("[2001:db8::2]:4500"), True),
+])
+def test_round_trip_through_json_text(item):
+    assert item_from_json(json.loads(json.dumps(item_json(item)))) == item
+
+
+def test_heartbeat_round_trip():
+    assert item_from_json(heartbeat_json(5)) == Heartbeat(5)
+
+
+@pytest.mark.parametrize(("obj", "message"), [
+    ({"type": "peer"}, "malformed"),
+    ({"type": "gossip", "revision": 1}, "unknown watch event type 'gossip'"),
+    ({"type": "removed", "revision": 1, "public_key": "short"}, "malformed"),
+    ({"type": "punch", "revision": 1, "peer": K1.base64(), "endpoint": "nowhere",
+      "initiator": True}, "malformed"),
+    ([], "malformed"),
+    ({"type": "peer", "revision": 1, "peer": {**item_json(PeerEvent(1, RECORD))["peer"],
+                                             "reported": {"listen_port": 0,
+                                                          "local_addresses": [],
+                                                          "version": ""}}}, "listen_port"),
+])
+def test_malformed_items_are_one_error(obj, message):
+    with pytest.raises(BadRequest, match=message):
+        item_from_json(obj)
