@@ -29,9 +29,10 @@ LIVE = peer(handshake_age=10, endpoint=OLD, rx=500)
 FRESH_RX = Memory(rx_bytes=500, rx_changed_at=NOW - 1)
 
 
-def run(p, registry_endpoint, mem=FRESH_RX, *, initiator=True, punched=False, now=NOW):
+def run(p, registry_endpoint, mem=FRESH_RX, *, initiator=True, punched=False, now=NOW,
+        can_open=False):
     return decide(p, registry_endpoint, mem, initiator=initiator, punched=punched,
-                  now_wall=NOW_WALL, now=now, t=T)
+                  can_open=can_open, now_wall=NOW_WALL, now=now, t=T)
 
 
 @pytest.mark.parametrize(
@@ -71,20 +72,31 @@ def test_rules(intent, args, kwargs, kind, reason):
         assert decision.endpoint == args[1]
 
 
-def test_only_the_initiator_always_answers_a_punch_with_an_initiation():
+def test_with_raw_openers_only_the_initiator_sends_initiations():
+    """The other side opens its NAT with an empty datagram, every punch: nothing to cross."""
+    for mem in (Memory(), Memory(opened_at=NOW - 0.1, opened_endpoint=OLD)):
+        opened = run(peer(), OLD, mem, initiator=False, punched=True, can_open=True)
+        assert (opened.kind, opened.reason, opened.endpoint) == (Kind.OPEN, Reason.OPENING, OLD)
+    v6 = Endpoint.parse("[2001:db8::2]:51820")  # raw openers are IPv4 only
+    assert run(peer(), v6, Memory(), initiator=False, punched=True, can_open=True).kind is (
+        Kind.HANDSHAKE)
+    assert run(peer(), OLD, Memory(), punched=True, can_open=True).kind is Kind.HANDSHAKE
+
+
+def test_without_raw_openers_the_non_initiator_keeps_to_wireguards_rhythm():
     """Crossed initiations cancel out in WireGuard: quick repeats from both sides would cross
     again, so after its first attempt the non-initiator keeps to WireGuard's 5 s rhythm."""
     tried = Memory(attempts=1, attempt_at=NOW - 0.6, attempt_endpoint=OLD,
-                   handshake_at=NOW - 0.6, handshake_endpoint=OLD)
+                   opened_at=NOW - 0.6, opened_endpoint=OLD)
     for initiator in (True, False):  # either side may ask: the request moves the initiator
         assert run(peer(), OLD, tried, initiator=initiator).kind is Kind.REQUEST_PUNCH
     assert run(peer(), OLD, tried, initiator=True, punched=True).kind is Kind.HANDSHAKE
     answered = run(peer(), OLD, tried, initiator=False, punched=True)
     assert (answered.kind, answered.reason) == (Kind.LEAVE, Reason.PEER_PUNCHING)
     assert answered.recheck_s == T.busy_recheck_s  # watch closely for the handshake
-    later = replace(tried, handshake_at=NOW - T.passive_retry_s)
+    later = replace(tried, opened_at=NOW - T.passive_retry_s)
     assert run(peer(), OLD, later, initiator=False, punched=True).kind is Kind.HANDSHAKE
-    moved = replace(tried, handshake_endpoint=NEW)
+    moved = replace(tried, opened_endpoint=NEW)
     assert run(peer(), OLD, moved, initiator=False, punched=True).kind is Kind.HANDSHAKE
     # Its own punch request is no handshake: the event it brings back must open its NAT.
     asked = Memory(attempts=1, attempt_at=NOW - 0.01, attempt_endpoint=OLD)

@@ -60,13 +60,13 @@ def run_demo(scenario: str, timeout_s: float, prefix: str | None) -> list[PairRe
 
 
 def render(results: list[PairResult]) -> str:
-    header = ("PAIR", "PATH", "TIME-TO-DIRECT", "A->B ENDPOINT", "B->A ENDPOINT", "HANDSHAKE",
-              "PING")
+    header = ("PAIR A-B", "PATH", "TIME-TO-DIRECT", "A'S ENDPOINT FOR B", "B'S ENDPOINT FOR A",
+              "HANDSHAKE", "PING A->B")
     rows = [header] + [(
         f"{r.a}-{r.b}", "direct" if r.direct else "none",
         "-" if r.time_to_direct_s is None else f"{r.time_to_direct_s:.3f} s",
-        f"{r.a_endpoint_for_b or '(none)'} (B public {r.b_public_ip})",
-        f"{r.b_endpoint_for_a or '(none)'} (A public {r.a_public_ip})",
+        f"{r.a_endpoint_for_b or '(none)'} ({r.b}'s NAT: {r.b_public_ip})",
+        f"{r.b_endpoint_for_a or '(none)'} ({r.a}'s NAT: {r.a_public_ip})",
         "never" if r.handshake_age_s is None else f"{r.handshake_age_s:.1f} s ago",
         "-" if r.ping_ms is None else f"{r.ping_ms:.2f} ms",
     ) for r in results]

@@ -20,6 +20,7 @@ from .. import __version__
 from ..errors import ChangeRefused, DeviceError, WgpunchError
 from ..keys import Key
 from ..registry import BadRequest
+from ..registry.punch import initiator
 from ..registry.report import Reported
 from ..registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Snapshot
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
@@ -28,6 +29,7 @@ from .candidates import local_addresses
 from .client import API_PORT, ApiError, Event, RegistryClient
 from .decide import Decision, Kind, Memory, Reason, Timings, decide
 from .probe import send_probe, tunnel_address
+from .punch import DEFAULT_TTL, can_send_raw, send_opener
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class Agent:
         *,
         timings: Timings | None = None,
         state_dir: Path = pathfile.STATE_DIR,
+        opener_ttl: int = DEFAULT_TTL,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -82,6 +85,9 @@ class Agent:
         self.t = timings or Timings()
         self.state_dir = state_dir
         self.me: Key | None = None
+        self.listen_port = 0
+        self.can_open = can_send_raw()
+        self.opener_ttl = opener_ttl
         self.peers: dict[Key, PeerRecord] = {}
         self.epoch: str | None = None
         self.revision: int | None = None
@@ -185,6 +191,7 @@ class Agent:
         if state.public_key is None:
             raise ConfigError(f"node: {state.name} has no private key configured")
         self.me = state.public_key
+        self.listen_port = state.listen_port
         registry_api_url(state, self.registry_key)  # fail early on a device without registry
         try:
             async with asyncio.TaskGroup() as group:
@@ -219,8 +226,8 @@ class Agent:
             memory = track.memory.observe(peer.rx_bytes, peer.tx_bytes, now)
             decision = decide(
                 peer, known.endpoint, memory,
-                initiator=self.me is not None and self.me.raw < peer.public_key.raw,
-                punched=punched, now_wall=now_wall, now=now, t=self.t,
+                initiator=self.me is not None and initiator(self.me, peer.public_key),
+                punched=punched, can_open=self.can_open, now_wall=now_wall, now=now, t=self.t,
             )
             track.memory = await self.act(peer, decision, memory, now)
             self.note_path(peer, track, decision, now_wall, now)
@@ -240,13 +247,17 @@ class Agent:
             return mem
         if d.kind is Kind.REQUEST_PUNCH:
             return await self.request_punch(peer, d, mem, now)
-        if d.kind is Kind.HANDSHAKE:
-            await self.handshake(peer, d.endpoint)
+        if d.kind in (Kind.HANDSHAKE, Kind.OPEN):
+            if d.kind is Kind.HANDSHAKE or d.endpoint is None:
+                await self.handshake(peer, d.endpoint)
+            elif not await asyncio.to_thread(send_opener, self.listen_port, d.endpoint,
+                                             self.opener_ttl):
+                self.can_open = False  # decide() falls back to handshakes from now on
             return replace(
                 mem, attempt_at=mem.attempt_at or now,
                 attempt_endpoint=mem.attempt_endpoint or d.endpoint,
                 attempts=max(mem.attempts, 1), first_attempt_at=mem.first_attempt_at or now,
-                handshake_at=now, handshake_endpoint=d.endpoint,
+                opened_at=now, opened_endpoint=d.endpoint,
             )
         probe_to = tunnel_address(peer.allowed_ips)
         if d.kind is Kind.REPOINT and d.endpoint is not None:
@@ -288,8 +299,8 @@ class Agent:
             await self.handshake(peer, endpoint)
             track = self.tracks.get(peer.public_key)
             if track is not None:
-                track.memory = replace(track.memory, handshake_at=time.monotonic(),
-                                       handshake_endpoint=endpoint)
+                track.memory = replace(track.memory, opened_at=time.monotonic(),
+                                       opened_endpoint=endpoint)
 
     async def handshake(self, peer: PeerState, endpoint: Endpoint | None) -> None:
         if endpoint is None:

@@ -19,7 +19,7 @@ from .decide import Timings
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEYS = {"interface", "registry", "api", "token_file", "keepalive"}
+CONFIG_KEYS = {"interface", "registry", "api", "token_file", "keepalive", "opener_ttl"}
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -63,12 +63,16 @@ async def serve(args: argparse.Namespace) -> None:
     keepalive = args.keepalive if args.keepalive is not None else config.get("keepalive", 25)
     if not isinstance(keepalive, int) or not 1 <= keepalive <= 65535:
         raise ConfigError(f"node: keepalive {keepalive!r} is not in 1-65535 seconds")
+    opener_ttl = args.opener_ttl if args.opener_ttl is not None else config.get("opener_ttl", 64)
+    if not isinstance(opener_ttl, int) or not 1 <= opener_ttl <= 255:
+        raise ConfigError(f"node: opener TTL {opener_ttl!r} is not in 1-255")
     token = read_token(args.token_file or config.get("token_file"))
     device = open_device(str(interface))
     state = await device.state()
     api = args.api or config.get("api") or registry_api_url(state, registry)
     client = RegistryClient(str(api), token=token)
-    agent = Agent(device, registry, client, timings=Timings(keepalive_s=keepalive))
+    agent = Agent(device, registry, client, timings=Timings(keepalive_s=keepalive),
+                  opener_ttl=opener_ttl)
     log.info("node on %s: registry %s, API %s", interface, registry, api,
              extra={"event": "started", "interface": interface})
 
@@ -108,8 +112,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "--config FILE is TOML with any of the keys: interface, registry, api, "
-            "token_file, keepalive. Flags win over the file. The agent writes its view of "
-            "each peer's path to /run/wgpunch/IF.json, which `wgpunch status` shows."
+            "token_file, keepalive, opener_ttl. Flags win over the file. The agent writes its "
+            "view of each peer's path to /run/wgpunch/IF.json, which `wgpunch status` shows."
         ),
     )
     parser.add_argument("-i", "--interface", metavar="IF", help="the WireGuard interface to steer")
@@ -129,6 +133,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--keepalive", type=int, metavar="SECONDS",
         help="persistent keepalive set on peers that have none, to keep NAT mappings open "
         "(default 25)",
+    )
+    parser.add_argument(
+        "--opener-ttl", type=int, metavar="HOPS",
+        help="IP TTL of the empty datagram that opens our NAT for a peer's handshake "
+        "(default 64). Behind a router that keeps state for unsolicited packets (a Linux "
+        "router without an input drop rule), set it to the hops that pass our own NATs but "
+        "not the peer's, e.g. 2 for one home router",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file with the same options")
     parser.set_defaults(func=run, daemon=True)

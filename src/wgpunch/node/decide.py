@@ -14,10 +14,13 @@ The rules (DESIGN.md §3):
   moment the registry's punch event reaches both sides, so both NATs open at once.
 - Simultaneous initiations that both arrive cancel each other out in WireGuard (each side
   replaces its own pending handshake with the peer's, and neither response then matches;
-  measured: the next try comes 5 s later). So on a punch event only the *initiator* of a pair
-  (lower public key) always sends an initiation; the other side sends one only to open its
-  own NAT (first attempt, new endpoint, or after WireGuard's own 5 s rhythm). Either side may
-  ask for punches quickly: the request makes the initiator act.
+  measured: the next try comes 5 s later). They both arrive whenever the two sides send
+  within one one-way delay of each other, which a punch aims for. So on a punch event only
+  the *initiator* of a pair (lower public key) sends an initiation; the other side opens its
+  NAT with an empty datagram from the WireGuard port (node/punch.py) and answers the
+  initiation when it comes. Without raw sockets it must use an initiation to open its NAT,
+  and then does so only on its first attempt, for a new endpoint, or in WireGuard's own 5 s
+  rhythm. Either side may ask for punches quickly: the request makes the initiator act.
 - A live session that sends but hears nothing (a NAT on the way lost its state: reboot,
   conntrack flush) is probed; an unanswered probe asks the registry for a punch, which makes
   the other side send too and so reopen its NAT.
@@ -49,8 +52,8 @@ class Timings:
     # WireGuard's own 5 s retry. Doubles per failure up to max_retry_s.
     first_retry_s: float = 0.5
     max_retry_s: float = 30.0
-    # The non-initiator sends its own initiation at most this often (WireGuard's
-    # REKEY_TIMEOUT): quicker ones would cross the initiator's and cancel both.
+    # A non-initiator that cannot send raw openers sends its own initiation at most this
+    # often (WireGuard's REKEY_TIMEOUT): quicker ones would cross the initiator's.
     passive_retry_s: float = 5.0
     # A path probe without any byte back within this long: the path is dead.
     probe_timeout_s: float = 1.0
@@ -67,6 +70,7 @@ class Kind(enum.StrEnum):
     LEAVE = "leave"  # do nothing
     REQUEST_PUNCH = "request-punch"  # ask the registry to make both sides act now
     HANDSHAKE = "handshake"  # handshake-now toward `endpoint`
+    OPEN = "open"  # open our NAT toward `endpoint` with a raw datagram; no initiation
     PROBE = "probe"  # send a packet through the tunnel and watch for an answer
     REPOINT = "repoint"  # move a live session to `endpoint`, then probe
 
@@ -80,6 +84,7 @@ class Reason(enum.StrEnum):
     WAITING = "waiting before the next attempt"
     PUNCH = "punch event from the registry"
     PEER_PUNCHING = "punch event: the initiator sends, our NAT is open from our last attempt"
+    OPENING = "punch event: opening our NAT for the initiator's handshake"
     SUSPECT = "the registry reports a new endpoint while the session looks live"
     PROBE_PENDING = "waiting for an answer to the path probe"
     PROBE_ANSWERED = "path probe answered: the current path works"
@@ -102,8 +107,8 @@ class Memory:
     attempt_at: float | None = None  # the backoff clock
     attempt_endpoint: Endpoint | None = None
     first_attempt_at: float | None = None  # for time-to-direct
-    handshake_at: float | None = None  # our last handshake-now: when our NAT was opened
-    handshake_endpoint: Endpoint | None = None
+    opened_at: float | None = None  # our last handshake-now or opener: our NAT was opened
+    opened_endpoint: Endpoint | None = None
     probe_at: float | None = None
     probe_rx_bytes: int = 0
     probe_endpoint: Endpoint | None = None  # the registry endpoint that caused the probe
@@ -156,20 +161,24 @@ def decide(
     *,
     initiator: bool,
     punched: bool,
+    can_open: bool = False,
     now_wall: float,
     now: float,
     t: Timings,
 ) -> Decision:
-    """One peer, one tick. `punched`: a punch event for this peer arrived since last tick."""
+    """One peer, one tick. `punched`: a punch event for this peer arrived since last tick;
+    `can_open`: raw NAT openers work here (node/punch.py)."""
     if not path_is_dead(peer, mem, now_wall, now, t):
         return _decide_live(peer, registry_endpoint, mem, punched, now, t)
     if registry_endpoint is None:
         return Decision(Kind.LEAVE, Reason.NO_ENDPOINT, recheck_s=t.idle_recheck_s)
+    if punched and not initiator and can_open and registry_endpoint.ip.version == 4:
+        return Decision(Kind.OPEN, Reason.OPENING, registry_endpoint, t.busy_recheck_s)
     if punched and (
         initiator
-        or mem.handshake_at is None
-        or mem.handshake_endpoint != registry_endpoint
-        or now - mem.handshake_at >= t.passive_retry_s
+        or mem.opened_at is None
+        or mem.opened_endpoint != registry_endpoint
+        or now - mem.opened_at >= t.passive_retry_s
     ):
         return Decision(Kind.HANDSHAKE, Reason.PUNCH, registry_endpoint, t.busy_recheck_s)
     if punched:  # an attempt is under way: the backoff clock restarts (see agent.act)

@@ -1,0 +1,85 @@
+"""NAT openers: a UDP packet from the WireGuard port, sent around WireGuard.
+
+To let the peer's initiation in, our NAT needs a mapping from our WireGuard port toward the
+peer's public endpoint. WireGuard creates one only by sending an initiation of its own, and two
+initiations that both arrive cancel each other out (node/decide.py). So the side that is not
+the initiator opens its NAT with an empty UDP datagram instead: same 5-tuple as WireGuard's
+own packets, so the NAT maps it exactly as it will map them, and nothing that WireGuard
+would answer. WireGuard owns the port, so the datagram is built by hand and sent on a raw
+socket (IP_HDRINCL), as in the wireguard-tools NAT hole-punching example. It needs
+CAP_NET_RAW; without it `send_opener` says False and the agent falls back to a handshake.
+
+IPv4 only: a raw IPv6 socket cannot set the source port without IPV6_HDRINCL, which Python's
+socket module does not name; IPv6 peers get the fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+
+from ..wg.device import Endpoint
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL = 64
+_IPPROTO_UDP = 17
+
+
+def checksum(data: bytes) -> int:
+    """RFC 1071 Internet checksum."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def udp_datagram(src: str, sport: int, dst: str, dport: int, payload: bytes, ttl: int) -> bytes:
+    """An IPv4 header plus UDP header plus payload, both checksums filled in."""
+    length = 8 + len(payload)
+    src_b, dst_b = socket.inet_aton(src), socket.inet_aton(dst)
+    pseudo = src_b + dst_b + struct.pack("!BBH", 0, _IPPROTO_UDP, length)
+    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
+    udp_sum = checksum(pseudo + udp) or 0xFFFF  # RFC 768: a computed zero is sent as all ones
+    udp = udp[:6] + struct.pack("!H", udp_sum) + udp[8:]
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, ttl, _IPPROTO_UDP,
+                         0, src_b, dst_b)
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+    return header + udp
+
+
+def source_address(dst: Endpoint) -> str:
+    """The address the kernel would send from toward `dst` (a route lookup, no packet)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((str(dst.ip), dst.port))
+        return sock.getsockname()[0]
+
+
+def can_send_raw() -> bool:
+    """Whether this process may open raw IPv4 sockets (CAP_NET_RAW)."""
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).close()
+    except OSError:
+        return False
+    return True
+
+
+def send_opener(listen_port: int, dst: Endpoint, ttl: int = DEFAULT_TTL) -> bool:
+    """Send one empty datagram from our WireGuard port to `dst`. False when impossible."""
+    if dst.ip.version != 4:
+        return False
+    try:
+        src = source_address(dst)
+        packet = udp_datagram(src, listen_port, str(dst.ip), dst.port, b"", ttl)
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+            raw.sendto(packet, (str(dst.ip), 0))
+    except PermissionError:
+        log.debug("no CAP_NET_RAW: cannot open NAT toward %s with a raw datagram", dst)
+        return False
+    except OSError as error:
+        log.debug("NAT opener toward %s failed: %s", dst, error)
+        return False
+    return True

@@ -1,0 +1,65 @@
+"""Raw NAT openers: the datagram's layout and checksums, and a real kernel accepting it."""
+
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from wgpair import PORT, wg_pair
+from wgpunch.node.punch import checksum, udp_datagram
+
+
+def test_rfc1071_example():
+    # RFC 1071 §3: the words 0001 f203 f4f5 f6f7 sum to 0xddf2; the checksum is its complement.
+    assert checksum(bytes.fromhex("0001f203f4f5f6f7")) == ~0xDDF2 & 0xFFFF
+
+
+def test_datagram_layout():
+    packet = udp_datagram("192.168.1.10", 51820, "198.51.100.6", 40000, b"", 64)
+    version_ihl, _tos, total, _id, frag, ttl, proto, _sum, src, dst = struct.unpack(
+        "!BBHHHBBH4s4s", packet[:20])
+    assert (version_ihl, total, frag, ttl, proto) == (0x45, 28, 0x4000, 64, 17)
+    assert (socket.inet_ntoa(src), socket.inet_ntoa(dst)) == ("192.168.1.10", "198.51.100.6")
+    assert checksum(packet[:20]) == 0  # a correct header sums to zero
+    sport, dport, length, _ = struct.unpack("!HHHH", packet[20:28])
+    assert (sport, dport, length) == (51820, 40000, 8)
+    pseudo = packet[12:20] + struct.pack("!BBH", 0, 17, 8)
+    assert checksum(pseudo + packet[20:]) == 0  # so does a correct UDP checksum
+
+
+RECEIVE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("192.0.2.2", 40000))
+print("ready", flush=True)
+s.settimeout(5)
+data, addr = s.recvfrom(100)
+print(len(data), addr[0], addr[1], flush=True)
+"""
+SEND = """
+import ipaddress, sys
+from wgpunch.node.punch import send_opener
+from wgpunch.wg.device import Endpoint
+print(send_opener(51820, Endpoint(ipaddress.ip_address("192.0.2.2"), 40000)))
+"""
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go not installed")
+def test_the_kernel_delivers_an_opener_from_the_wireguard_port(tmp_path):
+    """Sent from A's namespace while wireguard-go holds port 51820 there; B's kernel checks
+    both checksums before its socket sees the datagram, with A's WireGuard port as source."""
+    with wg_pair(tmp_path) as (a, b):
+        receiver = b.ns.popen([sys.executable, "-c", RECEIVE], stdout=subprocess.PIPE,
+                              text=True)
+        try:
+            assert receiver.stdout.readline().strip() == "ready"
+            sent = a.ns.run([sys.executable, "-c", SEND]).stdout.strip()
+            assert sent == "True"
+            assert receiver.stdout.readline().split() == ["0", a.veth_ip, str(PORT)]
+        finally:
+            receiver.kill()
+            receiver.wait()
