@@ -152,22 +152,23 @@ def flush_run() -> dict[str, Any]:
         target = str(lab.host("b").tunnel_ip)
         ping = lab.ns("a").popen(["ping", "-n", "-i", "0.2", "-W", "1", target],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        def seq_of(line: str) -> int | None:
+            return int(line.split("icmp_seq=")[1].split()[0]) if "time=" in line else None
+
         try:
-            wait_for(lambda: "time=" in (ping.stdout.readline() or ""), timeout=5,
-                     what="ping replies")
+            last_seq = wait_for(lambda: seq_of(ping.stdout.readline()), timeout=5,
+                                what="ping replies")
             start = time.monotonic()
             for nat in ("na", "nb"):
                 lab.exec(nat, ["conntrack", "-F"])
             # Replies already on their way may still arrive: recovery is the first reply
             # after a gap in the sequence numbers.
-            last_seq = None
             while time.monotonic() - start < 60:
                 ready, _, _ = select.select([ping.stdout], [], [], 1.0)
-                line = ping.stdout.readline() if ready else ""
-                if "icmp_seq=" not in line:
+                seq = seq_of(ping.stdout.readline()) if ready else None
+                if seq is None:
                     continue
-                seq = int(line.split("icmp_seq=")[1].split()[0])
-                if last_seq is not None and seq > last_seq + 1:
+                if seq > last_seq + 1:
                     return {"recovered": True, "recovery_s": time.monotonic() - start,
                             "lost_pings": seq - last_seq - 1}
                 last_seq = seq

@@ -87,9 +87,9 @@ def _prefix(text: str) -> str:
 
 
 def _up(args: argparse.Namespace) -> int:
+    require_root()
     from .lab import Lab  # the heavier imports only when building
 
-    require_root()
     lab = Lab(catalog.resolve(args.scenario), prefix=args.prefix)
     lab.build()
     if args.agents:
