@@ -118,12 +118,8 @@ def rebind_run() -> dict[str, Any]:
         if took is None:
             return {"recovered": False, "setup_failed": True}
         old = pair.a.endpoint
-        nat = lab.host("b").nat_chain[0]
-        table = f"{lab.prefix}_nat"
         start = time.monotonic()
-        for what in ("outbound", "inbound"):
-            lab.exec(nat, ["nft", "flush", "map", "ip", table, what])
-        lab.exec(nat, ["conntrack", "-F"])
+        lab.forget_mappings(lab.host("b").nat_chain[0])
         seen: dict[str, float] = {}
 
         async def recovered() -> bool:
@@ -160,7 +156,7 @@ def flush_run() -> dict[str, Any]:
                                 what="ping replies")
             start = time.monotonic()
             for nat in ("na", "nb"):
-                lab.exec(nat, ["conntrack", "-F"])
+                lab.flush_conntrack(nat)
             # Replies already on their way may still arrive: recovery is the first reply
             # after a gap in the sequence numbers.
             while time.monotonic() - start < 60:

@@ -121,6 +121,19 @@ class Lab:
         """Run a command inside a node's namespace and return its output."""
         return self.ns(name).run(argv, check=check, timeout=timeout)
 
+    def flush_conntrack(self, nat: str) -> None:
+        """NAT router `nat` forgets every flow, as after a reboot: nothing inbound passes
+        until the inside sends again."""
+        self.exec(nat, ["conntrack", "-F"])
+
+    def forget_mappings(self, nat: str) -> None:
+        """Like `flush_conntrack`, and the NAT's own mapping tables go too: an `eim-port`
+        NAT then maps the next flow to a new random outside port (a NAT rebinding)."""
+        table = f"{self.prefix}_nat"
+        for kind in ("outbound", "inbound"):
+            self.exec(nat, ["nft", "flush", "map", "ip", table, kind], check=False)
+        self.flush_conntrack(nat)
+
     def describe(self) -> dict[str, Any]:
         return describe(self.plan, self.hosts)
 

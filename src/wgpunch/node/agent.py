@@ -13,8 +13,10 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..errors import ChangeRefused, DeviceError, WgpunchError
@@ -94,6 +96,7 @@ class Agent:
         self.punched: set[Key] = set()
         self.tracks: dict[Key, Track] = {}
         self.punching: dict[Key, asyncio.Task[None]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         self.reported = asyncio.Event()  # set when the registry needs our report again
         self._published: dict[str, pathfile.PeerPath] | None = None
@@ -248,7 +251,9 @@ class Agent:
         if d.kind is Kind.REQUEST_PUNCH:
             return await self.request_punch(peer, d, mem, now)
         if d.kind in (Kind.HANDSHAKE, Kind.OPEN):
-            if d.kind is Kind.HANDSHAKE or d.endpoint is None:
+            if d.kind is Kind.HANDSHAKE and d.delay_s:
+                self.background(self.handshake(peer, d.endpoint, delay_s=d.delay_s))
+            elif d.kind is Kind.HANDSHAKE or d.endpoint is None:
                 await self.handshake(peer, d.endpoint)
             elif not await asyncio.to_thread(send_opener, self.listen_port, d.endpoint,
                                              self.opener_ttl):
@@ -302,14 +307,23 @@ class Agent:
                 track.memory = replace(track.memory, opened_at=time.monotonic(),
                                        opened_endpoint=endpoint)
 
-    async def handshake(self, peer: PeerState, endpoint: Endpoint | None) -> None:
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)  # a reference, so the task is not collected half-way
+        task.add_done_callback(self.tasks.discard)
+
+    async def handshake(self, peer: PeerState, endpoint: Endpoint | None,
+                        delay_s: float = 0.0) -> None:
         if endpoint is None:
             return
+        if delay_s:
+            await asyncio.sleep(delay_s)  # see Timings.initiator_delay_s
         keepalive = peer.persistent_keepalive or self.t.keepalive_s
         # A session that looks live by age but was judged dead by silence may be replaced;
         # any handshake newer than the one we judged makes the device layer refuse.
         age = peer.handshake_age(time.time())
-        live_s = self.t.session_live_s if age is None else max(0.0, min(age - 0.05, 180.0))
+        live_s = (self.t.session_live_s if age is None
+                  else max(0.0, min(age - 0.05, self.t.session_live_s)))
         try:
             await self.device.handshake_now(
                 peer.public_key, endpoint, persistent_keepalive=keepalive, live_s=live_s

@@ -46,7 +46,8 @@ class RegistryClient:
         *,
         token: str | None = None,
         timeout_s: float = 5.0,
-        heartbeat_timeout_s: float = 7.0,  # the registry's 5 s heartbeat plus a margin
+        # The registry's 2 s heartbeat, one lost, plus TCP's retransmission of the next.
+        heartbeat_timeout_s: float = 4.5,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s

@@ -16,9 +16,11 @@ class Timings:
     # node's new endpoint is on the time-to-direct path (goal: p95 < 1 s end to end), so this
     # adds at most 0.2 s; a UAPI `get` of a small device costs about a millisecond.
     poll_interval_s: float = 0.2
-    # A watch stream that has said nothing for this long gets a heartbeat line. docs/api.md:
-    # clients call a stream dead after 15 s of silence, i.e. three missed heartbeats.
-    heartbeat_s: float = 5.0
+    # A watch stream that has said nothing for this long gets a heartbeat line. Nodes call a
+    # stream dead after 4.5 s of silence (docs/api.md), and a dead stream is how a node learns
+    # that its own NAT lost its state, so this bounds recovery after a NAT reboot
+    # (bench/time_to_direct.py, "flush"). One short line per node every 2 s is cheap.
+    heartbeat_s: float = 2.0
     # At most one punch per pair within this window; repeats inside it are answered without
     # pushing again. Our choice: both nodes ask when they notice the same need, usually within
     # one registry round trip of each other, and one push serves both. Shorter than the
