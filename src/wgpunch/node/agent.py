@@ -139,8 +139,9 @@ class Agent:
             heard = False
             try:
                 async for event in self.client.watch(self.revision, self.epoch):
-                    if delay > 0.25:
-                        log.info("registry: watch stream connected")
+                    if not heard:
+                        log.info("registry: following its watch stream",
+                                 extra={"event": "registry-connected"})
                     delay, heard = 0.25, True
                     self.apply_event(event)
             except ApiError as error:
