@@ -55,8 +55,8 @@ class Timings:
     # On a punch event the initiator waits this long before its initiation, so that the other
     # side's opener (sent on the same event; a few ms of its own processing) is out first:
     # an initiation reaching a NAT not yet opened is dropped and costs a 0.5 s retry. Our
-    # choice, from bench/time_to_direct.py (easy: p95 0.45 s without it, 0.08 s with 50 ms,
-    # 0.03 s with 20 ms).
+    # choice, from bench/time_to_direct.py (easy, p95 from both agents up: 0.45 s without
+    # it, 0.084 s with 50 ms, 0.050 s with 20 ms; 20 runs each).
     initiator_delay_s: float = 0.02
     # A non-initiator that cannot send raw openers sends its own initiation at most this
     # often (WireGuard's REKEY_TIMEOUT): quicker ones would cross the initiator's.
