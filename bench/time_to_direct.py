@@ -33,6 +33,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -112,15 +114,21 @@ async def _until(predicate, timeout_s: float) -> float | None:
     return None
 
 
-def rebind_run() -> dict[str, Any]:
-    """b behind an eim-port NAT that loses its mappings: a new outside port for b."""
-    with Lab(catalog.resolve("matrix-eim-eim-port"), prefix=prefix()) as lab, \
-            Agents(lab) as agents:
+@contextmanager
+def direct_pair(scenario: str) -> Iterator[tuple[Lab, evidence.Pair | None]]:
+    """A lab with its agents running and its one pair direct (None: it did not get there)."""
+    with Lab(catalog.resolve(scenario), prefix=prefix()) as lab, Agents(lab) as agents:
         agents.start_registry()
         agents.start_nodes()
         (pair, took), = asyncio.run(
             evidence.wait_direct(lab, TIMEOUT_S, check=agents.check_alive)).values()
-        if took is None:
+        yield lab, None if took is None else pair
+
+
+def rebind_run() -> dict[str, Any]:
+    """b behind an eim-port NAT that loses its mappings: a new outside port for b."""
+    with direct_pair("matrix-eim-eim-port") as (lab, pair):
+        if pair is None:
             return {"recovered": False, "setup_failed": True}
         old = pair.a.endpoint
         start = time.monotonic()
@@ -143,12 +151,8 @@ def rebind_run() -> dict[str, Any]:
 
 def flush_run() -> dict[str, Any]:
     """Both home NATs of `easy` lose their conntrack state while a pings b."""
-    with Lab(catalog.resolve("easy"), prefix=prefix()) as lab, Agents(lab) as agents:
-        agents.start_registry()
-        agents.start_nodes()
-        (_pair, took), = asyncio.run(
-            evidence.wait_direct(lab, TIMEOUT_S, check=agents.check_alive)).values()
-        if took is None:
+    with direct_pair("easy") as (lab, pair):
+        if pair is None:
             return {"recovered": False, "setup_failed": True}
         target = str(lab.host("b").tunnel_ip)
         ping = lab.ns("a").popen(["ping", "-n", "-i", "0.2", "-W", "1", target],

@@ -100,13 +100,25 @@ def test_collision_naive_simultaneous_open_fails(make_lab):
     """Two `collision` routers: the first side's packet reaches the other router, which
     answers it with ICMP and keeps conntrack state for it; the second side's outbound flow to
     the same endpoints then collides with that state and gets a new outside port, so
-    neither side ever sees the other's packets from the endpoint it expects."""
+    neither side ever sees the other's packets from the endpoint it expects.
+
+    "Simultaneous" as a punch makes it, where one side's packet is at the other router before
+    that router's host sends: a sends, b sends once a's packet has left state on b's router.
+    (If both left within one one-way delay of each other, both routers would already map
+    their hosts' flows, the two initiations would cross, and WireGuard's 5 s retry would
+    connect them.)"""
     lab = make_lab(catalog.resolve("collision"))
     a, b = lab.host("a"), lab.host("b")
     seen = wait_registry_sees(lab, ["a", "b"])
     assert seen == {"a": f"{a.public_ip}:51820", "b": f"{b.public_ip}:51820"}
 
-    handshake_now_both(a, seen["b"], b, seen["a"])
+    handshake_now((a, b, seen["b"]))
+    b_router = b.nat_chain[0]
+    wait_for(lambda: "dport=51820" in lab.exec(b_router, [
+        "conntrack", "-L", "-p", "udp", "-s", str(a.public_ip), "--sport", "51820",
+        "-d", str(b.public_ip)], check=False).stdout, timeout=3,
+        what="a's unsolicited packet leaving state on b's router")
+    handshake_now((b, a, seen["a"]))
     assert holds_for(lambda: not handshaked(a, b) and not handshaked(b, a),
                      duration=COLLISION_WATCH_S)
 
