@@ -13,10 +13,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .. import __version__
 from ..errors import ChangeRefused, DeviceError, WgpunchError
@@ -28,7 +28,7 @@ from ..registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Sn
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import local_addresses
-from .client import API_PORT, ApiError, Event, RegistryClient
+from .client import API_PORT, ApiError, Event
 from .decide import Decision, Kind, Memory, Reason, Timings, decide
 from .probe import send_probe, tunnel_address
 from .punch import DEFAULT_TTL, can_send_raw, send_opener
@@ -70,12 +70,24 @@ def registry_api_url(state: DeviceState, registry: Key) -> str:
     return f"http://{host}:{API_PORT}"
 
 
+class Source(Protocol):
+    """Where the agent learns peers' endpoints: the registry's HTTP API (client.py) or a
+    DNS-SD registry (dnssd.py)."""
+
+    def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]: ...
+    async def snapshot(self) -> Snapshot: ...
+    async def punch(self, peer: Key) -> None: ...
+    async def report_self(self, report: Reported) -> None: ...
+    def lookup_failed(self, peer: Key) -> bool: ...
+    async def close(self) -> None: ...
+
+
 class Agent:
     def __init__(
         self,
         device: Device,
-        registry: Key,
-        client: RegistryClient,
+        registry: Key | None,
+        client: Source,
         *,
         timings: Timings | None = None,
         state_dir: Path = pathfile.STATE_DIR,
@@ -196,7 +208,6 @@ class Agent:
             raise ConfigError(f"node: {state.name} has no private key configured")
         self.me = state.public_key
         self.listen_port = state.listen_port
-        registry_api_url(state, self.registry_key)  # fail early on a device without registry
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.follow_registry())
@@ -204,6 +215,34 @@ class Agent:
                 group.create_task(self.reconcile_forever())
         finally:
             pathfile.remove(self.device.name, self.state_dir)
+
+    async def run_once(self) -> int:
+        """One pass, for cron: every peer without a live session whose endpoint the registry
+        knows gets it through handshake-now. Returns how many peers failed (lookup or
+        device); a live session is left alone, as always."""
+        state = await self.device.state()
+        self.apply_event(await self.client.snapshot())
+        failures = 0
+        now = time.time()
+        for peer in state.peers:
+            key = peer.public_key
+            known = self.peers.get(key)
+            if key == self.registry_key or peer.has_live_session(now, self.t.session_live_s):
+                continue
+            if known is None or known.endpoint is None:
+                if self.client.lookup_failed(key):
+                    log.warning("peer %s: lookup failed", key)
+                    failures += 1
+                continue
+            try:
+                await self.device.handshake_now(
+                    key, known.endpoint,
+                    persistent_keepalive=peer.persistent_keepalive or self.t.keepalive_s)
+                log.info("peer %s: endpoint %s set, handshake sent", key, known.endpoint)
+            except (DeviceError, ChangeRefused) as error:
+                log.warning("peer %s: %s", key, error)
+                failures += 1
+        return failures
 
     # -- one pass ---------------------------------------------------------------------------
 

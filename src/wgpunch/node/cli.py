@@ -13,13 +13,16 @@ from typing import Any
 from ..errors import WgpunchError
 from ..keys import Key
 from ..wg import open_device
-from .agent import Agent, ConfigError, registry_api_url
+from ..wg.device import Endpoint
+from .agent import Agent, ConfigError, Source, registry_api_url
 from .client import RegistryClient
 from .decide import Timings
+from .dnssd import DnsSdSource
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEYS = {"interface", "registry", "api", "token_file", "keepalive", "opener_ttl"}
+CONFIG_KEYS = {"interface", "registry", "api", "token_file", "keepalive", "opener_ttl",
+               "dns_sd", "zone", "interval"}
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -53,49 +56,75 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
-async def serve(args: argparse.Namespace) -> None:
+def _option(args: argparse.Namespace, config: dict[str, Any], name: str,
+            default: Any = None) -> Any:
+    value = getattr(args, name)
+    return config.get(name, default) if value is None else value
+
+
+def _number(value: Any, name: str, low: float, high: float, kind: type = int) -> Any:
+    if isinstance(value, bool) or not isinstance(value, kind | int) or not low <= value <= high:
+        raise ConfigError(f"node: {name} {value!r} is not in {low:g}-{high:g}")
+    return value
+
+
+async def serve(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    interface = args.interface or config.get("interface")
-    registry_text = args.registry or config.get("registry")
-    if not interface or not registry_text:
-        raise ConfigError("node: --interface and --registry are required (or in --config)")
-    registry = Key.parse(str(registry_text), what="--registry key")
-    keepalive = args.keepalive if args.keepalive is not None else config.get("keepalive", 25)
-    if not isinstance(keepalive, int) or not 1 <= keepalive <= 65535:
-        raise ConfigError(f"node: keepalive {keepalive!r} is not in 1-65535 seconds")
-    opener_ttl = args.opener_ttl if args.opener_ttl is not None else config.get("opener_ttl", 64)
-    if not isinstance(opener_ttl, int) or not 1 <= opener_ttl <= 255:
-        raise ConfigError(f"node: opener TTL {opener_ttl!r} is not in 1-255")
-    token = read_token(args.token_file or config.get("token_file"))
+    interface = _option(args, config, "interface")
+    registry_text = _option(args, config, "registry")
+    dns_sd = _option(args, config, "dns_sd")
+    if not interface:
+        raise ConfigError("node: --interface is required (or in --config)")
+    if not registry_text and not dns_sd:
+        raise ConfigError("node: give --registry PUBKEY (HTTP API) or --dns-sd ADDR:PORT --zone")
+    registry = Key.parse(str(registry_text), what="--registry key") if registry_text else None
+    keepalive = _number(_option(args, config, "keepalive", 25), "keepalive (s)", 1, 65535)
+    opener_ttl = _number(_option(args, config, "opener_ttl", 64), "opener TTL", 1, 255)
+    interval = _number(_option(args, config, "interval", 5.0), "interval (s)", 0.1, 3600, float)
+    zone = _option(args, config, "zone")
+    if dns_sd and not zone:
+        raise ConfigError("node: --dns-sd needs --zone ZONE (e.g. mesh.internal.)")
+    server = Endpoint.parse(str(dns_sd)) if dns_sd else None
     device = open_device(str(interface))
     state = await device.state()
-    api = args.api or config.get("api") or registry_api_url(state, registry)
-    client = RegistryClient(str(api), token=token)
-    agent = Agent(device, registry, client, timings=Timings(keepalive_s=keepalive),
+    source: Source
+    if server is not None:
+        source = DnsSdSource(server, str(zone), device, interval_s=float(interval))
+        where = f"DNS-SD {server}, zone {zone}"
+    else:
+        assert registry is not None
+        token = read_token(_option(args, config, "token_file"))
+        api = _option(args, config, "api") or registry_api_url(state, registry)
+        source = RegistryClient(str(api), token=token)
+        where = f"registry {registry}, API {api}"
+    agent = Agent(device, registry, source, timings=Timings(keepalive_s=keepalive),
                   opener_ttl=opener_ttl)
-    log.info("node on %s: registry %s, API %s", interface, registry, api,
-             extra={"event": "started", "interface": interface})
-
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
     try:
-        await agent.run()
-    except asyncio.CancelledError:
-        log.info("node on %s: stopped", interface)
+        if args.once:
+            failures = await agent.run_once()
+            return 1 if failures else 0
+        log.info("node on %s: %s", interface, where,
+                 extra={"event": "started", "interface": interface})
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await agent.run()
+        except asyncio.CancelledError:
+            log.info("node on %s: stopped", interface)
+        return 0
     finally:
-        await client.close()
+        await source.close()
         await device.close()
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        asyncio.run(serve(args))
+        return asyncio.run(serve(args))
     except* WgpunchError as group:
         raise group.exceptions[0] from None
-    return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -112,15 +141,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "--config FILE is TOML with any of the keys: interface, registry, api, "
-            "token_file, keepalive, opener_ttl. Flags win over the file. The agent writes its "
-            "view of each peer's path to /run/wgpunch/IF.json, which `wgpunch status` shows."
+            "token_file, keepalive, opener_ttl, dns_sd, zone, interval. Flags win over the "
+            "file. The agent writes its view of each peer's path to /run/wgpunch/IF.json, "
+            "which `wgpunch status` shows."
         ),
     )
     parser.add_argument("-i", "--interface", metavar="IF", help="the WireGuard interface to steer")
     parser.add_argument(
         "--registry", metavar="PUBKEY",
         help="the registry's public key (base64 as wg prints it, hex or base32); the registry "
-        "must be a peer of IF",
+        "must be a peer of IF. Its peer entry is never touched",
+    )
+    parser.add_argument(
+        "--dns-sd", metavar="ADDR:PORT",
+        help="instead of the HTTP API, follow a wgsd-compatible DNS-SD server (wgsd/CoreDNS, or "
+        "`wgpunch registry --dns`): one SRV query per peer every --interval seconds. Such a "
+        "registry cannot coordinate punches, so each side tries on its own",
+    )
+    parser.add_argument("--zone", metavar="ZONE", help="the DNS-SD zone, e.g. mesh.internal.")
+    parser.add_argument(
+        "--interval", type=float, metavar="SECONDS",
+        help="with --dns-sd: poll every SECONDS, start to start (default 5)",
+    )
+    parser.add_argument(
+        "--once", action="store_true",
+        help="one pass and exit, as a cron job would run it: every peer without a live "
+        "session gets the registry's endpoint and a handshake; exit 1 if any peer failed",
     )
     parser.add_argument(
         "--api", metavar="URL",

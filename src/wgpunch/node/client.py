@@ -85,6 +85,12 @@ class RegistryClient:
     async def report_self(self, report: Reported) -> None:
         await self._request("PUT", "/v1/self", report.to_json())
 
+    async def snapshot(self) -> Snapshot:
+        return await self.peers()
+
+    def lookup_failed(self, peer: Key) -> bool:
+        return False  # a failed request raises; there are no per-peer lookups
+
     async def punch(self, peer: Key) -> None:
         await self._request("POST", f"/v1/punch/{peer.hex()}")
 

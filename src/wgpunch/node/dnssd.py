@@ -1,0 +1,127 @@
+"""Following a wgsd-style DNS-SD registry (a wgsd/CoreDNS server, or `wgpunch registry --dns`).
+
+Per peer of the local device, one SRV query for `<BASE32 KEY>._wireguard._udp.<zone>` (as
+wgsd-client sends it), read as wgsd answers it: the SRV's port, the A/AAAA record first in
+the additional section, and the TXT record after it, whose `pub=` must name the key we asked
+for (a cross-check wgsd-client skips). TC falls back to TCP. The results feed the same agent
+as the HTTP API, as a snapshot per poll; a DNS registry cannot coordinate punches, so each
+side then tries alone (node/decide.py still never touches a live session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+
+from ..errors import WgpunchError
+from ..keys import Key
+from ..registry.report import Reported
+from ..registry.state import PeerRecord, Snapshot
+from ..wg.device import Device, Endpoint
+from .client import ApiError, Event
+
+log = logging.getLogger(__name__)
+
+SERVICE = "_wireguard._udp"
+EPOCH = "dns-sd"  # a DNS registry has no epoch: every poll is a full snapshot
+
+
+class NoRecord(Exception):
+    """The server has no record for this key (NXDOMAIN, or no answer)."""
+
+
+def query_name(key: Key, zone: dns.name.Name) -> dns.name.Name:
+    # Uppercase, as wgsd-client asks; answers match case-insensitively.
+    return dns.name.from_text(f"{key.base32().upper()}.{SERVICE}", origin=zone)
+
+
+def parse_answer(key: Key, response: dns.message.Message) -> PeerRecord:
+    """One peer's record from an SRV response, as wgsd lays it out."""
+    if response.rcode() == dns.rcode.NXDOMAIN or not response.answer:
+        raise NoRecord
+    if response.rcode() != dns.rcode.NOERROR:
+        raise ApiError(f"dns-sd: {key}: {dns.rcode.to_text(response.rcode())}")
+    srv = response.answer[0]
+    if srv.rdtype != dns.rdatatype.SRV or not srv:
+        raise ApiError(f"dns-sd: {key}: the first answer is not an SRV record")
+    if not response.additional or response.additional[0].rdtype not in (
+        dns.rdatatype.A, dns.rdatatype.AAAA
+    ):
+        raise ApiError(f"dns-sd: {key}: no A/AAAA record first in the additional section")
+    address = ipaddress.ip_address(response.additional[0][0].address)
+    allowed: tuple = ()
+    for rrset in response.additional[1:]:
+        if rrset.rdtype == dns.rdatatype.TXT and rrset:
+            fields = dict(s.decode(errors="replace").partition("=")[::2]
+                          for s in rrset[0].strings)
+            if fields.get("pub") not in (None, key.base64()):
+                raise ApiError(f"dns-sd: {key}: TXT names another key {fields['pub'][:44]!r}")
+            allowed = tuple(ipaddress.ip_network(n) for n in fields.get("allowed", "").split(",")
+                            if n)
+    return PeerRecord(key, allowed, Endpoint(address, srv[0].port), None, None, 0)
+
+
+class DnsSdSource:
+    """The agent's view of a DNS-SD registry; the same shape as `RegistryClient`."""
+
+    def __init__(self, server: Endpoint, zone: str, device: Device, *,
+                 interval_s: float = 5.0, timeout_s: float = 2.0) -> None:
+        self.server = server
+        self.zone = dns.name.from_text(zone)
+        self.device = device
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.failed: set[Key] = set()  # peers whose last lookup failed (for --once)
+
+    async def lookup(self, key: Key) -> PeerRecord | None:
+        query = dns.message.make_query(query_name(key, self.zone), dns.rdatatype.SRV)
+        where, port = str(self.server.ip), self.server.port
+        try:
+            response = await dns.asyncquery.udp(query, where, self.timeout_s, port)
+            if response.flags & dns.flags.TC:
+                response = await dns.asyncquery.tcp(query, where, self.timeout_s, port)
+            record = parse_answer(key, response)
+        except NoRecord:
+            self.failed.discard(key)
+            return None
+        except (dns.exception.DNSException, OSError, ValueError, WgpunchError) as error:
+            log.debug("dns-sd lookup of %s failed: %s", key, error)
+            self.failed.add(key)
+            return None
+        self.failed.discard(key)
+        return record
+
+    async def snapshot(self) -> Snapshot:
+        state = await self.device.state()
+        keys = [peer.public_key for peer in state.peers]
+        found = await asyncio.gather(*(self.lookup(key) for key in keys))
+        if keys and len(self.failed) == len(keys):
+            raise ApiError(f"dns-sd: no answer from {self.server} for any peer")
+        return Snapshot(EPOCH, 0, tuple(record for record in found if record is not None))
+
+    async def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            yield await self.snapshot()
+            # The interval runs from poll start to poll start, whatever the poll took.
+            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
+
+    async def punch(self, peer: Key) -> None:
+        raise ApiError("dns-sd: a DNS registry cannot coordinate punches")
+
+    async def report_self(self, report: Reported) -> None:
+        """A DNS registry takes no reports."""
+
+    async def close(self) -> None:
+        """Nothing held between queries."""
