@@ -75,12 +75,13 @@ class Agents:
         out = self.registry.ns.run(["ss", "-Hltn", f"sport = :{API_PORT}"], check=False).stdout
         return bool(out.strip())
 
-    def start_node(self, host: str) -> None:
+    def start_node(self, host: str, *, registry_key: bool = True) -> None:
+        """`wgpunch node` in `host`, told the registry's key unless `registry_key` is False
+        (a node following a DNS-SD server needs none)."""
         node = self.lab.host(host)
         assert node.ifname is not None
-        registry_key = self.registry.public_key.base64()
-        self._launch(host, ["node", "--interface", node.ifname, "--registry", registry_key,
-                            *self.node_args])
+        key = ["--registry", self.registry.public_key.base64()] if registry_key else []
+        self._launch(host, ["node", "--interface", node.ifname, *key, *self.node_args])
 
     def start_nodes(self, hosts: Sequence[str] | None = None) -> None:
         for host in self.nodes if hosts is None else hosts:
