@@ -92,6 +92,63 @@ def test_config_errors(tmp_path, intent, config, flags, match):
         settings("--config", str(path), *flags)
 
 
+def dns_of(got) -> tuple:
+    dns = got.dns
+    self_config = None if dns.self_config is None else (
+        None if dns.self_config.endpoint is None else str(dns.self_config.endpoint),
+        [str(n) for n in dns.self_config.allowed_ips])
+    return [str(e) for e in dns.listen], dns.zone.name.to_text(), self_config
+
+
+def test_dns_options():
+    assert settings("-i", "wg0").dns is None
+    assert dns_of(settings("-i", "wg0", "--dns", "5353", "--zone", "Mesh.Internal")) == (
+        ["5353"], "mesh.internal.", None)
+    got = settings("-i", "wg0", "--dns", "10.0.0.1", "--dns", "[fd00::1]:5353", "--dns",
+                   "10.0.0.1:53", "--zone", "mesh.internal.", "--dns-self")
+    assert dns_of(got) == (["10.0.0.1:53", "[fd00::1]:5353"], "mesh.internal.", (None, []))
+    got = settings("-i", "wg0", "--dns", "53", "--zone", "m.", "--dns-self", "192.0.2.1:51820",
+                   "10.0.0.254/32")
+    assert dns_of(got)[2] == ("192.0.2.1:51820", ["10.0.0.254/32"])
+
+
+def test_dns_config_file_and_flags_win(tmp_path):
+    config = write(tmp_path / "r.toml", 'interface = "wg0"\ndns = 5353\nzone = "a.example"\n'
+                   'dns_self = ["192.0.2.1:51820", "10.0.0.254/32"]\n')
+    assert dns_of(settings("--config", str(config))) == (
+        ["5353"], "a.example.", ("192.0.2.1:51820", ["10.0.0.254/32"]))
+    assert dns_of(settings("--config", str(config), "--dns", "10.0.0.1:53", "--zone", "b.",
+                           "--dns-self")) == (["10.0.0.1:53"], "b.", (None, []))
+    config = write(tmp_path / "r.toml", 'interface = "wg0"\ndns = ["10.0.0.1:53", 5353]\n'
+                   'zone = "a."\ndns_self = true\n')
+    assert dns_of(settings("--config", str(config))) == (["10.0.0.1:53", "5353"], "a.",
+                                                         (None, []))
+    config = write(tmp_path / "r.toml", 'interface = "wg0"\ndns = "5353"\nzone = "a."\n'
+                   'dns_self = false\n')
+    assert dns_of(settings("--config", str(config)))[2] is None
+
+
+@pytest.mark.parametrize(("intent", "config", "flags", "match"), [
+    ("zone without dns", "", ["--zone", "a."], "need --dns"),
+    ("self without dns", "", ["--dns-self"], "need --dns"),
+    ("dns without zone", "", ["--dns", "53"], "needs --zone"),
+    ("bad dns address", "", ["--dns", "dns.example:53", "--zone", "a."], "DNS address"),
+    ("dns port 0", "", ["--dns", "0", "--zone", "a."], "not in 1-65535"),
+    ("dns port too big", "", ["--dns", "70000", "--zone", "a."], "not in 1-65535"),
+    ("bad zone", "", ["--dns", "53", "--zone", "a..b"], "DNS zone"),
+    ("root zone", "", ["--dns", "53", "--zone", "."], "root"),
+    ("bad self endpoint", "", ["--dns", "53", "--zone", "a.", "--dns-self", "h:1"], "self"),
+    ("dns not a port", "dns = true\nzone = 'a.'\n", [], "'dns' must be"),
+    ("dns list of booleans", "dns = [true]\nzone = 'a.'\n", [], "'dns' must list"),
+    ("zone not text", "dns = 53\nzone = 5\n", [], "'zone' must be text"),
+    ("dns_self a number", "dns = 53\nzone = 'a.'\ndns_self = 1\n", [], "'dns_self' must"),
+])
+def test_dns_config_errors(tmp_path, intent, config, flags, match):
+    path = write(tmp_path / "registry.toml", 'interface = "wg0"\n' + config)
+    with pytest.raises(ConfigError, match=match):
+        settings("--config", str(path), *flags)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         settings("--config", str(tmp_path / "nope.toml"))
@@ -131,7 +188,9 @@ def test_help_explains_every_option():
     done = run_cli("registry", "--help")
     assert done.returncode == 0
     for option in ("--interface", "--listen", "--config", "--token-file", "--poll-interval",
-                   "interface =", "listen =", "token_file =", "poll_interval =", "SIGTERM"):
+                   "--dns", "--zone", "--dns-self", "interface =", "listen =", "token_file =",
+                   "poll_interval =", "dns =", "zone =", "dns_self =", "SIGTERM",
+                   "_wireguard._udp.Z PTR"):
         assert option in done.stdout
 
 
@@ -190,6 +249,74 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def dns_ask(port: int, wire: bytes, *, tcp: bool = False) -> bytes | None:
+    family = socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, family) as sock:
+        sock.settimeout(1)
+        try:
+            sock.connect(("127.0.0.1", port))
+            if tcp:
+                sock.sendall(len(wire).to_bytes(2, "big") + wire)
+                size = int.from_bytes(sock.recv(2), "big")
+                data = b""
+                while len(data) < size:
+                    data += sock.recv(size - len(data))
+                return data
+            sock.send(wire)
+            return sock.recv(65535)
+        except OSError:
+            return None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serves_dns_and_releases_its_ports_on_signal(sig):
+    """DNS-SD with no device: an empty listing over UDP and TCP; both ports free after."""
+    import dns.message
+    import dns.rcode
+
+    port, dns_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        wgpunch_cli("registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{port}",
+                    "--dns", f"127.0.0.1:{dns_port}", "--zone", "mesh.internal",
+                    "--dns-self", "192.0.2.1:51820"),
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        wait_json(f"http://127.0.0.1:{port}/healthz", proc)
+        wire = dns.message.make_query("_wireguard._udp.mesh.internal.", "PTR").to_wire()
+        deadline = time.monotonic() + 5
+        while (reply := dns_ask(dns_port, wire)) is None:
+            assert time.monotonic() < deadline, "no DNS answer within 5 s"
+            time.sleep(0.05)  # poll interval, bounded by the deadline above
+        for got in (reply, dns_ask(dns_port, wire, tcp=True)):
+            message = dns.message.from_wire(got)
+            assert message.rcode() == dns.rcode.NOERROR and not message.answer
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == 0, stderr
+        assert "DNS-SD for zone mesh.internal. serving on 127.0.0.1" in stderr
+        assert "DNS-SD stopped: queries 2, answered 2" in stderr and "Traceback" not in stderr
+        assert port_is_free(dns_port)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", dns_port))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_dns_bind_failure_is_one_line():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = taken.getsockname()[1]
+        done = run_cli("registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{free_port()}",
+                       "--dns", f"127.0.0.1:{busy}", "--zone", "m.")
+    # The observer has logged its device warning by then; the error is the last line.
+    last = done.stderr.splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert last.startswith(f"wgpunch: registry: cannot serve DNS on 127.0.0.1:{busy}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

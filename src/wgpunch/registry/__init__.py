@@ -10,7 +10,10 @@ Modules, one concern each:
 - `ratelimit.py` a log throttle (one line per key per period);
 - `wire.py`     JSON forms of records and events, query and path parsing;
 - `api.py`      the aiohttp application (docs/api.md);
-- `listen.py`   which addresses to listen on;
+- `dnssd.py`    wgsd-compatible DNS-SD answers: query in, response out (DESIGN.md §5);
+- `dnswire.py`  fitting a DNS response into a UDP or TCP message (truncation, TC);
+- `dnsserver.py` the DNS-SD server on UDP and TCP, and the registry's own `self` record;
+- `listen.py`   which addresses to listen on (API and DNS);
 - `cli.py`      `wgpunch registry`.
 
 The errors below are the registry's branch of the `WgpunchError` tree.

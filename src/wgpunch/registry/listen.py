@@ -14,6 +14,7 @@ from ..wg.device import Endpoint, IPAddress
 from . import ConfigError
 
 DEFAULT_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
+DNS_PORT = 53  # RFC 1035 §4.2; needs root or CAP_NET_BIND_SERVICE
 
 
 def parse_listen(text: str) -> Endpoint:
@@ -27,6 +28,26 @@ def parse_listen(text: str) -> Endpoint:
     except ValueError:
         raise ConfigError(
             f"registry: listen address {text!r}: expected ADDR:PORT, [IPv6]:PORT or ADDR, "
+            "with ADDR an IP address and PORT in 1-65535"
+        ) from None
+
+
+def parse_dns_listen(text: str) -> Endpoint | int:
+    """`PORT` alone (that port on every address of the interface, as the API's default),
+    `ADDR` (port 53), `ADDR:PORT` or `[IPv6]:PORT`."""
+    if text.isdigit():
+        if not 1 <= int(text) <= 65535:
+            raise ConfigError(f"registry: DNS port {text} is not in 1-65535")
+        return int(text)
+    try:
+        return Endpoint(ipaddress.ip_address(text), DNS_PORT)
+    except ValueError:
+        pass
+    try:
+        return Endpoint.parse(text)
+    except ValueError:
+        raise ConfigError(
+            f"registry: DNS address {text!r}: expected PORT, ADDR:PORT, [IPv6]:PORT or ADDR, "
             "with ADDR an IP address and PORT in 1-65535"
         ) from None
 

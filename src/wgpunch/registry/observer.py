@@ -59,6 +59,7 @@ class Observer:
                      extra={"event": "device_recovered"})
             self.failures = 0
         self.reads += 1
+        self._state.observe_device(device_state.public_key, device_state.listen_port)
         self._state.observe(device_state.peers)
         return True
 

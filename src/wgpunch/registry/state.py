@@ -144,6 +144,10 @@ class RegistryState:
         self._stream_queue_max = stream_queue_max
         self._punches = Coalescer(
             Timings().punch_coalesce_s if punch_window_s is None else punch_window_s)
+        # The registry's own device, for the DNS-SD `self` record (dnsserver.py). Not a change
+        # peers hear about: no revision. None / 0 until the first device read.
+        self.device_key: Key | None = None
+        self.listen_port = 0
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -203,6 +207,10 @@ class RegistryState:
             changes.append(self._publish(RemovedEvent(self.revision, key)))
             log.info("peer %s removed", key, extra={"event": "peer_removed", "peer": str(key)})
         return changes
+
+    def observe_device(self, public_key: Key | None, listen_port: int) -> None:
+        """Remember the registry's own key and WireGuard listen port (from a device read)."""
+        self.device_key, self.listen_port = public_key, listen_port
 
     def report(self, key: Key, reported: Reported) -> int:
         """Record what node `key` says about itself; returns the registry's revision."""

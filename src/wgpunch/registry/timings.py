@@ -31,6 +31,12 @@ class Timings:
     # A failing device read is logged at most once per this period while it keeps failing
     # (at 0.2 s polls it would otherwise be 300 lines a minute). Our choice.
     device_error_log_s: float = 30.0
+    # A DNS-over-TCP connection with no complete query for this long is closed. The value of
+    # miekg/dns (IdleTimeout 8 s), the server wgsd runs in; RFC 7766 §6.2.3 asks for seconds.
+    dns_tcp_idle_s: float = 8.0
+    # A source sending malformed DNS packets is logged at most once per this period. Our choice,
+    # as forbidden_log_s.
+    dns_malformed_log_s: float = 60.0
     # How long shutdown waits for requests in flight after watch streams were told to end.
     # Our choice: handlers here finish in milliseconds once their stream is closed.
     shutdown_grace_s: float = 2.0
