@@ -39,6 +39,7 @@ SOCKET_DIR = Path("/var/run/wireguard")
 # A 10,000-peer device answers `get` with about 3 MB; this bounds a runaway server.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 TIMEOUT_S = 5.0
+PARSE_INLINE_MAX = 64 * 1024  # about 200 peers: parsing that much takes ~5 ms
 
 
 # -- codec ------------------------------------------------------------------------------------
@@ -277,7 +278,12 @@ class UapiDevice(Device):
             raise MalformedReply(f"uapi: {self.name}: reply is not UTF-8 text") from None
 
     async def _read(self) -> tuple[DeviceState, dict[Key, Key]]:
-        return parse_get(await self._exchange("get=1\n\n", "get"), self.name)
+        reply = await self._exchange("get=1\n\n", "get")
+        if len(reply) > PARSE_INLINE_MAX:
+            # Parsing a large device takes long (10,000 peers: ~0.25 s); in a thread the event
+            # loop keeps answering meanwhile (the GIL is handed over every few ms).
+            return await asyncio.to_thread(parse_get, reply, self.name)
+        return parse_get(reply, self.name)
 
     async def _write(self, changes: Sequence[PeerConfig]) -> None:
         parse_set_reply(await self._exchange(encode_set(changes), "set"), self.name)
