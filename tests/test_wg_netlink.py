@@ -564,6 +564,6 @@ async def test_kernel_handshake_now_does_not_wait_for_rekey_timeout(kernel_lab: 
         deadline = started + 3.0
         while (peer := (await device.state()).peer(lab.b_public)).latest_handshake is None:
             assert time.monotonic() < deadline, "no handshake within 3 s of handshake-now"
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # poll interval, bounded by the deadline above
     assert (peer.allowed_ips, peer.persistent_keepalive) == (before.allowed_ips, 25)
     assert lab.peer_row(lab.a, lab.b_public)[2] == "127.0.0.1:51821"

@@ -13,13 +13,13 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .. import __version__
-from ..errors import ChangeRefused, DeviceError, WgpunchError
+from ..errors import ChangeRefused, DeviceError
 from ..keys import Key
 from ..registry import BadRequest
 from ..registry.punch import initiator
@@ -28,19 +28,16 @@ from ..registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Sn
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import local_addresses
-from .client import API_PORT, ApiError, Event
+from .client import ApiError, Event
 from .decide import Decision, Kind, Memory, Reason, Timings, decide
 from .probe import send_probe, tunnel_address
 from .punch import DEFAULT_TTL, can_send_raw, send_opener
+from .source import ConfigError, Source
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 60.0  # re-report our candidates: addresses change (DHCP, roaming)
 RECONNECT_MAX_S = 30.0
-
-
-class ConfigError(WgpunchError):
-    """The agent cannot start with this device and these options."""
 
 
 @dataclass
@@ -51,35 +48,6 @@ class Track:
     connected: bool = False
     since: float | None = None  # wall time of the last path change
     reason: str = ""
-
-
-def registry_api_url(state: DeviceState, registry: Key) -> str:
-    peer = state.peer(registry)
-    if peer is None:
-        raise ConfigError(
-            f"node: the registry key {registry} is not a peer of {state.name}; add it to the "
-            "WireGuard configuration (with an Endpoint and PersistentKeepalive) first"
-        )
-    address = tunnel_address(peer.allowed_ips)
-    if address is None or not any(n.prefixlen == n.max_prefixlen for n in peer.allowed_ips):
-        raise ConfigError(
-            f"node: the registry peer's allowed IPs ({', '.join(map(str, peer.allowed_ips))}) "
-            "hold no single host address to reach its API at; give --api URL"
-        )
-    host = f"[{address}]" if address.version == 6 else str(address)
-    return f"http://{host}:{API_PORT}"
-
-
-class Source(Protocol):
-    """Where the agent learns peers' endpoints: the registry's HTTP API (client.py) or a
-    DNS-SD registry (dnssd.py)."""
-
-    def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]: ...
-    async def snapshot(self) -> Snapshot: ...
-    async def punch(self, peer: Key) -> None: ...
-    async def report_self(self, report: Reported) -> None: ...
-    def lookup_failed(self, peer: Key) -> bool: ...
-    async def close(self) -> None: ...
 
 
 class Agent:

@@ -14,10 +14,11 @@ from ..errors import WgpunchError
 from ..keys import Key
 from ..wg import open_device
 from ..wg.device import Endpoint
-from .agent import Agent, ConfigError, Source, registry_api_url
+from .agent import Agent
 from .client import RegistryClient
 from .decide import Timings
 from .dnssd import DnsSdSource
+from .source import ConfigError, Source, registry_api_url
 
 log = logging.getLogger(__name__)
 

@@ -17,19 +17,24 @@ DEFAULT_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
 DNS_PORT = 53  # RFC 1035 §4.2; needs root or CAP_NET_BIND_SERVICE
 
 
-def parse_listen(text: str) -> Endpoint:
-    """`ADDR:PORT`, `[IPv6]:PORT`, or a bare address (default port)."""
+def _address(text: str, default_port: int, what: str, forms: str) -> Endpoint:
+    """`ADDR:PORT`, `[IPv6]:PORT`, or a bare address (with `default_port`)."""
     try:
-        return Endpoint(ipaddress.ip_address(text), DEFAULT_PORT)
+        return Endpoint(ipaddress.ip_address(text), default_port)
     except ValueError:
         pass
     try:
         return Endpoint.parse(text)
     except ValueError:
         raise ConfigError(
-            f"registry: listen address {text!r}: expected ADDR:PORT, [IPv6]:PORT or ADDR, "
+            f"registry: {what} {text!r}: expected {forms}, "
             "with ADDR an IP address and PORT in 1-65535"
         ) from None
+
+
+def parse_listen(text: str) -> Endpoint:
+    """`ADDR:PORT`, `[IPv6]:PORT`, or a bare address (default port)."""
+    return _address(text, DEFAULT_PORT, "listen address", "ADDR:PORT, [IPv6]:PORT or ADDR")
 
 
 def parse_dns_listen(text: str) -> Endpoint | int:
@@ -39,17 +44,7 @@ def parse_dns_listen(text: str) -> Endpoint | int:
         if not 1 <= int(text) <= 65535:
             raise ConfigError(f"registry: DNS port {text} is not in 1-65535")
         return int(text)
-    try:
-        return Endpoint(ipaddress.ip_address(text), DNS_PORT)
-    except ValueError:
-        pass
-    try:
-        return Endpoint.parse(text)
-    except ValueError:
-        raise ConfigError(
-            f"registry: DNS address {text!r}: expected PORT, ADDR:PORT, [IPv6]:PORT or ADDR, "
-            "with ADDR an IP address and PORT in 1-65535"
-        ) from None
+    return _address(text, DNS_PORT, "DNS address", "PORT, ADDR:PORT, [IPv6]:PORT or ADDR")
 
 
 def is_wildcard(endpoint: Endpoint) -> bool:

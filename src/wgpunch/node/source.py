@@ -1,0 +1,48 @@
+"""Where the node learns its peers' endpoints: the registry's HTTP API (client.py) or a DNS-SD
+registry (dnssd.py), both behind one small protocol; and how the API is found."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from ..errors import WgpunchError
+from ..keys import Key
+from ..registry.report import Reported
+from ..registry.state import Snapshot
+from ..wg.device import DeviceState
+from .client import API_PORT, Event
+from .probe import tunnel_address
+
+
+class ConfigError(WgpunchError):
+    """The agent cannot start with this device and these options."""
+
+
+def registry_api_url(state: DeviceState, registry: Key) -> str:
+    peer = state.peer(registry)
+    if peer is None:
+        raise ConfigError(
+            f"node: the registry key {registry} is not a peer of {state.name}; add it to the "
+            "WireGuard configuration (with an Endpoint and PersistentKeepalive) first"
+        )
+    address = tunnel_address(peer.allowed_ips)
+    if address is None or not any(n.prefixlen == n.max_prefixlen for n in peer.allowed_ips):
+        raise ConfigError(
+            f"node: the registry peer's allowed IPs ({', '.join(map(str, peer.allowed_ips))}) "
+            "hold no single host address to reach its API at; give --api URL"
+        )
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"http://{host}:{API_PORT}"
+
+
+class Source(Protocol):
+    """Where the agent learns peers' endpoints: the registry's HTTP API (client.py) or a
+    DNS-SD registry (dnssd.py)."""
+
+    def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]: ...
+    async def snapshot(self) -> Snapshot: ...
+    async def punch(self, peer: Key) -> None: ...
+    async def report_self(self, report: Reported) -> None: ...
+    def lookup_failed(self, peer: Key) -> bool: ...
+    async def close(self) -> None: ...
