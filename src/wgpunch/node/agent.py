@@ -75,7 +75,7 @@ class Agent:
         self.revision: int | None = None
         self.punched: set[Key] = set()
         self.tracks: dict[Key, Track] = {}
-        self.punching: dict[Key, asyncio.Task[None]] = {}
+        self.punching: set[Key] = set()  # peers with a punch request under way
         self.tasks: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()
         self.reported = asyncio.Event()  # set when the registry needs our report again
@@ -104,7 +104,7 @@ class Agent:
             self.peers.pop(event.public_key, None)
         elif isinstance(event, PunchEvent):
             known = self.peers.get(event.peer)
-            if known is not None and event.endpoint is not None:
+            if known is not None:
                 self.peers[event.peer] = replace(known, endpoint=event.endpoint)
             self.punched.add(event.peer)
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
@@ -295,12 +295,11 @@ class Agent:
             log.info("peer %s: no handshake with %s yet (attempt %d); punching again",
                      peer.public_key, d.endpoint, mem.attempts,
                      extra={"event": "punch-retry", "peer": str(peer.public_key)})
-        running = self.punching.get(peer.public_key)
-        if running is None or running.done():
+        if peer.public_key not in self.punching:
             # In the background: a slow registry (a lost SYN costs a second) must not hold up
             # the loop that notices handshakes and answers punch events.
-            task = asyncio.create_task(self.punch_or_go_alone(peer, d.endpoint))
-            self.punching[peer.public_key] = task
+            self.punching.add(peer.public_key)
+            self.background(self.punch_or_go_alone(peer, d.endpoint))
         return mem
 
     async def punch_or_go_alone(self, peer: PeerState, endpoint: Endpoint | None) -> None:
@@ -314,6 +313,8 @@ class Agent:
             if track is not None:
                 track.memory = replace(track.memory, opened_at=time.monotonic(),
                                        opened_endpoint=endpoint)
+        finally:
+            self.punching.discard(peer.public_key)
 
     def background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
