@@ -129,7 +129,10 @@ class Lab:
     def forget_mappings(self, nat: str) -> None:
         """Like `flush_conntrack`, and the NAT's own mapping tables go too: an `eim-port`
         NAT then maps the next flow to a new random outside port (a NAT rebinding)."""
+        # Conntrack on both sides of the map flush: a packet of a live flow passing between
+        # the two steps would otherwise write the old mapping back into the map.
         table = f"{self.prefix}_nat"
+        self.flush_conntrack(nat)
         for kind in ("outbound", "inbound"):
             self.exec(nat, ["nft", "flush", "map", "ip", table, kind], check=False)
         self.flush_conntrack(nat)
