@@ -16,10 +16,11 @@ from . import __version__, demo, logs
 from . import status as status_cli
 from .errors import WgpunchError
 from .lab import cli as lab_cli
+from .natpunch import cli as rendezvous_cli
 from .node import cli as node_cli
 from .registry import cli as registry_cli
 
-SUBCOMMANDS = (registry_cli, node_cli, status_cli, lab_cli, demo)
+SUBCOMMANDS = (registry_cli, rendezvous_cli, node_cli, status_cli, lab_cli, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,45 +17,16 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 
+# The datagram helpers live with the natpunch raw-UDP channel, which sends the same way;
+# `checksum` is re-exported for this module's users.
+from ..natpunch.rawudp import checksum as checksum
+from ..natpunch.rawudp import source_address, udp_datagram
 from ..wg.device import Endpoint
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 64
-_IPPROTO_UDP = 17
-
-
-def checksum(data: bytes) -> int:
-    """RFC 1071 Internet checksum."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def udp_datagram(src: str, sport: int, dst: str, dport: int, payload: bytes, ttl: int) -> bytes:
-    """An IPv4 header plus UDP header plus payload, both checksums filled in."""
-    length = 8 + len(payload)
-    src_b, dst_b = socket.inet_aton(src), socket.inet_aton(dst)
-    pseudo = src_b + dst_b + struct.pack("!BBH", 0, _IPPROTO_UDP, length)
-    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
-    udp_sum = checksum(pseudo + udp) or 0xFFFF  # RFC 768: a computed zero is sent as all ones
-    udp = udp[:6] + struct.pack("!H", udp_sum) + udp[8:]
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, ttl, _IPPROTO_UDP,
-                         0, src_b, dst_b)
-    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
-    return header + udp
-
-
-def source_address(dst: Endpoint) -> str:
-    """The address the kernel would send from toward `dst` (a route lookup, no packet)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.connect((str(dst.ip), dst.port))
-        return sock.getsockname()[0]
 
 
 def can_send_raw() -> bool:

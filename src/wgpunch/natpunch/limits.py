@@ -1,0 +1,38 @@
+"""Token buckets per source address, for the one message that costs a server real work.
+
+A natpunch-go handshake costs the server four X25519 operations before it knows whether the
+sender holds a key it accepts; anyone who knows the server's public key can send them. A
+client handshakes once per session (natpunch-go: every 5 minutes), so a few per second per
+address is far above any honest need, and a global bucket caps what a spread-out flood costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from .table import Table
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class Buckets:
+    def __init__(self, rate: float, burst: float, *, sources_max: int = 65536) -> None:
+        self.rate = rate
+        self.burst = burst
+        # A bucket left alone for burst/rate seconds is full again: no need to remember it.
+        self._buckets: Table[Hashable, _Bucket] = Table(sources_max, burst / rate)
+
+    def allow(self, source: Hashable, now: float) -> bool:
+        bucket = self._buckets.get(source, now) or _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        allowed = bucket.tokens >= 1
+        if allowed:
+            bucket.tokens -= 1
+        self._buckets.put(source, bucket, now)
+        return allowed
