@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from wgpunch.keys import generate_keypair
 from wgpunch.lab import catalog, evidence
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
@@ -39,6 +40,10 @@ def test_once_sets_endpoints_and_says_how_it_went(lab_prefix):
     with Lab(catalog.resolve("easy"), prefix=lab_prefix) as lab, \
             Agents(lab, registry_args=REGISTRY_ARGS) as agents:
         agents.start_registry()
+        # A peer the registry has never heard of: no record, which is not a failure.
+        stranger = generate_keypair()[1].base64()
+        lab.ns("a").run(["wg", "set", lab.host("a").ifname, "peer", stranger,
+                         "allowed-ips", "10.99.9.9/32"])
         codes = {}
         for host in ("a", "b"):
             argv, env = python_module("wgpunch.cli", "node", "--interface",

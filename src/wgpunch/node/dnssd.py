@@ -120,6 +120,9 @@ class DnsSdSource:
     async def punch(self, peer: Key) -> None:
         raise ApiError("dns-sd: a DNS registry cannot coordinate punches")
 
+    def lookup_failed(self, peer: Key) -> bool:
+        return peer in self.failed
+
     async def report_self(self, report: Reported) -> None:
         """A DNS registry takes no reports."""
 
