@@ -41,5 +41,6 @@ class LegacyRendezvous:
                                 "endpoint": str(source)})
             self.peers.put(mine, source, now)
         found = None if theirs.is_zero() else self.peers.get(theirs, now)
-        self.counts["found" if found else "not_found"] += 1
-        return wire.legacy_reply(found)
+        reply = wire.legacy_reply(found)  # empty for an IPv6 endpoint too: it has no room
+        self.counts["found" if reply else "not_found"] += 1
+        return reply

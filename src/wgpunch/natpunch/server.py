@@ -14,7 +14,8 @@ registers and who can be found.
 
 Replay protection is the reference's: a handshake's timestamp must be newer than the last
 one seen for its key, and request nonces pass a sliding window. The last timestamp lives in
-the peer's entry, so a replayed handshake is refused only while the key is in the table: a
+the peer's entry (and each session keeps its handshake's, for a request that brings a pushed
+out key back), so a replayed handshake is refused only while the key is in the table: a
 key that expired (or was pushed out of a full table) can be re-registered at the replayer's
 address by an old handshake, until the real node speaks again. It cannot read the session.
 """
@@ -64,6 +65,7 @@ class Session:
     send: CipherState
     window: ReplayWindow = field(default_factory=ReplayWindow)
     sent: int = 0
+    stamp: int = 0  # its handshake's timestamp: the key's, should the key's entry be gone
 
 
 class NoiseRendezvous:
@@ -110,7 +112,7 @@ class NoiseRendezvous:
         response = handshake.write_message(b"")
         receive, send = handshake.split()
         index = self._free_index()
-        self.sessions.put(index, Session(key, receive, send), now)
+        self.sessions.put(index, Session(key, receive, send, stamp=stamp), now)
         if peer is None:
             peer = Peer(source, stamp)
         else:
@@ -136,7 +138,7 @@ class NoiseRendezvous:
         mine, target = wire.parse_lookup(plain)
         if mine != session.key:
             raise wire.Malformed("a request in another key's name")
-        peer = self.peers.get(mine, now) or Peer(source, 0, [index])
+        peer = self.peers.get(mine, now) or Peer(source, session.stamp, [index])
         self._register(mine, peer, source, now)
         found = self.peers.get(target, now) if self._may_use(target) else None
         endpoint = None if found is None else found.endpoint
