@@ -567,3 +567,13 @@ async def test_kernel_handshake_now_does_not_wait_for_rekey_timeout(kernel_lab: 
             await asyncio.sleep(0.05)  # poll interval, bounded by the deadline above
     assert (peer.allowed_ips, peer.persistent_keepalive) == (before.allowed_ips, 25)
     assert lab.peer_row(lab.a, lab.b_public)[2] == "127.0.0.1:51821"
+
+
+async def test_private_key_is_read_only_when_asked():
+    fake = FakeSocket([ONE_PEER])
+    device = NetlinkDevice("wg0", open_socket=fake.open)
+    key = await device.private_key()
+    assert key == Key(bytes([8]) * 32) and key.secret
+    assert key.base64() not in repr(await device.state())  # the snapshot never carries it
+    without = kernel_dump((device_attrs(public=None, port=0), []))
+    assert await NetlinkDevice("wg0", open_socket=FakeSocket([without]).open).private_key() is None

@@ -64,15 +64,22 @@ class Agents:
         self._launch("registry", ["registry", "--interface", self.registry.ifname,
                                   *self.registry_args])
         if wait:
-            wait_for(self._registry_listening, timeout=START_TIMEOUT_S,
-                     what="the registry to listen")
+            wait_for(lambda: self._listening("-Hltn", API_PORT, "the registry"),
+                     timeout=START_TIMEOUT_S, what="the registry to listen")
 
-    def _registry_listening(self) -> bool:
+    def start_rendezvous(self, args: Sequence[str], *, port: int) -> None:
+        """`wgpunch rendezvous ARGS` in the registry's host, instead of a registry; waits
+        until UDP `port` is bound."""
+        self._launch("registry", ["rendezvous", *args])
+        wait_for(lambda: self._listening("-Hlun", port, "the rendezvous server"),
+                 timeout=START_TIMEOUT_S, what="the rendezvous server to listen")
+
+    def _listening(self, ss_flags: str, port: int, what: str) -> bool:
         proc = self.procs["registry"]
         if proc.poll() is not None:
-            raise LabError(f"lab: the registry exited ({proc.returncode}): "
+            raise LabError(f"lab: {what} exited ({proc.returncode}): "
                            f"{self.log_tail('registry')}")
-        out = self.registry.ns.run(["ss", "-Hltn", f"sport = :{API_PORT}"], check=False).stdout
+        out = self.registry.ns.run(["ss", ss_flags, f"sport = :{port}"], check=False).stdout
         return bool(out.strip())
 
     def start_node(self, host: str, *, registry_key: bool = True) -> None:

@@ -46,6 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--agents", action="store_true",
                     help="also start `wgpunch registry` in the registry host and `wgpunch node` "
                     "in every WireGuard host (they keep running; logs in /run/wgpunch-lab/P/)")
+    up.add_argument("--no-registry-peer", dest="registry_peer", action="store_false",
+                    help="nodes do not have the registry as a WireGuard peer (for trying "
+                    "`wgpunch rendezvous` and `wgpunch node --natpunch`, docs/natpunch.md); "
+                    "not with --agents")
     up.set_defaults(func=_up)
 
     down = commands.add_parser(
@@ -90,7 +94,11 @@ def _up(args: argparse.Namespace) -> int:
     require_root()
     from .lab import Lab  # the heavier imports only when building
 
-    lab = Lab(catalog.resolve(args.scenario), prefix=args.prefix)
+    if args.agents and not args.registry_peer:
+        raise LabError("lab: --agents runs a registry, which needs the registry peer; start "
+                       "`wgpunch rendezvous` and the nodes with `lab exec` instead")
+    lab = Lab(catalog.resolve(args.scenario), prefix=args.prefix,
+              registry_peer=args.registry_peer)
     lab.build()
     if args.agents:
         from .agents import Agents

@@ -49,9 +49,11 @@ class LabHost:
 
 
 class Lab:
-    def __init__(self, scenario: Scenario, *, prefix: str | None = None) -> None:
+    def __init__(self, scenario: Scenario, *, prefix: str | None = None,
+                 registry_peer: bool = True) -> None:
         self.prefix = state.check_prefix(prefix) if prefix else state.random_prefix()
         self.scenario = scenario
+        self.registry_peer = registry_peer
         self.plan: Plan = plan(scenario, self.prefix)  # validates names before root is needed
         self.hosts: dict[str, LabHost] = {}
         self._daemons: list[WireguardGo] = []
@@ -181,7 +183,8 @@ class Lab:
         for node in sorted(nodes, key=lambda n: n.role != "registry"):
             conf = self._dir / f"{node.name}.conf"
             conf.touch(mode=0o600)
-            conf.write_text(device_config(self.plan, node, keys[node.name][0], public))
+            conf.write_text(device_config(self.plan, node, keys[node.name][0], public,
+                                         registry_peer=self.registry_peer))
             ns = Namespace(node.ns)
             ns.run(["wg", "setconf", node.ifname, str(conf)])
             ns.ip_batch([f"address add {node.tunnel_ip}/{TUNNEL_NET.prefixlen} dev {node.ifname}",

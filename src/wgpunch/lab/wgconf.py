@@ -17,16 +17,21 @@ from .topology import LISTEN_PORT, Node, Plan
 KEEPALIVE_S = 25  # wg(8)'s suggested value; keeps the NAT mappings toward the registry alive
 
 
-def device_config(plan: Plan, node: Node, private: Key, public: Mapping[str, Key]) -> str:
-    """`wg setconf` text for `node`; `public` maps each WireGuard node's name to its key."""
+def device_config(plan: Plan, node: Node, private: Key, public: Mapping[str, Key], *,
+                  registry_peer: bool = True) -> str:
+    """`wg setconf` text for `node`; `public` maps each WireGuard node's name to its key.
+    Without `registry_peer` the registry and the nodes are not each other's peers (natpunch:
+    the registry host only runs a rendezvous server)."""
     lines = ["[Interface]", f"PrivateKey = {private.base64()}", f"ListenPort = {LISTEN_PORT}"]
     registry = plan.node("registry")
     for peer in plan.wireguard_hosts:
         if peer.name == node.name or (node.role == "host" and peer.role == "registry"):
             continue
+        if not registry_peer and node.role == "registry":
+            continue
         lines += ["", "[Peer]", f"# {peer.name}", f"PublicKey = {public[peer.name].base64()}",
                   f"AllowedIPs = {peer.tunnel_ip}/32"]
-    if node.role == "host":
+    if node.role == "host" and registry_peer:
         lines += ["", "[Peer]", "# registry", f"PublicKey = {public['registry'].base64()}",
                   f"AllowedIPs = {registry.tunnel_ip}/32",
                   f"Endpoint = {registry.public_ip}:{LISTEN_PORT}",

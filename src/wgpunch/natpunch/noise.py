@@ -95,24 +95,28 @@ class CipherState:
     Noise's CipherState counts its own nonce; natpunch-go sets it per message from the clear
     counter instead (spec §11.4), so this object holds only the key. Never encrypt twice with
     one nonce under one key.
+
+    The key is kept as bytes and the AEAD object made per message: that costs 0.7 us, while
+    keeping one costs ~2.2 KiB outside the Python heap, and a rendezvous server holds two per
+    session, up to 131,072 sessions (bench/natpunch.py: 5.7 KiB per registered key before).
     """
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_key",)
 
     def __init__(self, key: bytes) -> None:
         if len(key) != KEYLEN:
             raise NoiseError(f"noise: cipher key must be {KEYLEN} bytes, got {len(key)}")
-        self._aead = ChaCha20Poly1305(bytes(key))
+        self._key = bytes(key)
 
     def encrypt(self, nonce: int, ad: bytes, plaintext: bytes) -> bytes:
-        return self._aead.encrypt(_nonce_bytes(nonce), plaintext, ad)
+        return ChaCha20Poly1305(self._key).encrypt(_nonce_bytes(nonce), plaintext, ad)
 
     def decrypt(self, nonce: int, ad: bytes, ciphertext: bytes) -> bytes:
         nonce_bytes = _nonce_bytes(nonce)
         if len(ciphertext) < TAGLEN:
             raise NoiseError(f"noise: ciphertext of {len(ciphertext)} bytes has no room for a tag")
         try:
-            return self._aead.decrypt(nonce_bytes, ciphertext, ad)
+            return ChaCha20Poly1305(self._key).decrypt(nonce_bytes, ciphertext, ad)
         except InvalidTag as exc:
             raise NoiseError("noise: authentication failed") from exc
 

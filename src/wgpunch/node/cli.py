@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from ..errors import WgpunchError
+from ..errors import DeviceError, WgpunchError
 from ..keys import Key
+from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
 from ..wg import open_device
 from ..wg.device import Endpoint
 from .agent import Agent
 from .client import RegistryClient
 from .decide import Timings
 from .dnssd import DnsSdSource
+from .natpunch import NatpunchSource, resolve_server
 from .source import ConfigError, Source, registry_api_url
 
 log = logging.getLogger(__name__)
 
 CONFIG_KEYS = {"interface", "registry", "api", "token_file", "keepalive", "opener_ttl",
-               "dns_sd", "zone", "interval"}
+               "dns_sd", "zone", "interval", "natpunch", "natpunch_server_key",
+               "natpunch_legacy"}
+MODES = ("registry", "dns_sd", "natpunch", "natpunch_legacy")
 
 
 def load_config(path: str | None) -> dict[str, Any]:
@@ -74,10 +79,24 @@ async def serve(args: argparse.Namespace) -> int:
     interface = _option(args, config, "interface")
     registry_text = _option(args, config, "registry")
     dns_sd = _option(args, config, "dns_sd")
+    natpunch = _option(args, config, "natpunch")
+    natpunch_legacy = _option(args, config, "natpunch_legacy")
+    server_key_text = _option(args, config, "natpunch_server_key")
     if not interface:
         raise ConfigError("node: --interface is required (or in --config)")
-    if not registry_text and not dns_sd:
-        raise ConfigError("node: give --registry PUBKEY (HTTP API) or --dns-sd ADDR:PORT --zone")
+    modes = [m for m in MODES if _option(args, config, m)]
+    if len(modes) != 1:
+        raise ConfigError(
+            "node: give one of --registry PUBKEY (HTTP API), --dns-sd ADDR:PORT --zone ZONE, "
+            "--natpunch HOST:PORT --natpunch-server-key KEY or --natpunch-legacy HOST[:PORT]"
+            + (f" (got {' and '.join('--' + m.replace('_', '-') for m in modes)})"
+               if modes else "")
+        )
+    if natpunch and not server_key_text:
+        raise ConfigError("node: --natpunch needs --natpunch-server-key KEY (the public key "
+                          "`wgpunch rendezvous --print-key` shows)")
+    if server_key_text and not natpunch:
+        raise ConfigError("node: --natpunch-server-key goes with --natpunch")
     registry = Key.parse(str(registry_text), what="--registry key") if registry_text else None
     keepalive = _number(_option(args, config, "keepalive", 25), "keepalive (s)", 1, 65535)
     opener_ttl = _number(_option(args, config, "opener_ttl", 64), "opener TTL", 1, 255)
@@ -87,9 +106,24 @@ async def serve(args: argparse.Namespace) -> int:
         raise ConfigError("node: --dns-sd needs --zone ZONE (e.g. mesh.internal.)")
     server = Endpoint.parse(str(dns_sd)) if dns_sd else None
     device = open_device(str(interface))
-    state = await device.state()
+    try:
+        state = await device.state()
+    except DeviceError as error:
+        if error.errno in (errno.EACCES, errno.EPERM):
+            raise ConfigError(f"node: cannot control {interface}: {error}; the node needs "
+                              "root (CAP_NET_ADMIN)") from None
+        raise
     source: Source
-    if server is not None:
+    if natpunch or natpunch_legacy:
+        rendezvous = await resolve_server(natpunch or natpunch_legacy,
+                                          RENDEZVOUS_PORT if natpunch else LEGACY_PORT)
+        server_key = (Key.parse(str(server_key_text), what="--natpunch-server-key")
+                      if natpunch else None)
+        source = NatpunchSource(rendezvous, server_key, device, interval_s=float(interval))
+        await source.connect(state.listen_port, state.public_key)  # fail now, not later
+        where = (f"natpunch server {rendezvous} (key {server_key})" if server_key
+                 else f"natpunch legacy server {rendezvous} (unauthenticated)")
+    elif server is not None:
         source = DnsSdSource(server, str(zone), device, interval_s=float(interval))
         where = f"DNS-SD {server}, zone {zone}"
     else:
@@ -138,11 +172,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "that endpoint and makes WireGuard handshake at once, at the same moment as the "
             "peer does (the registry coordinates the punch). A peer with a live session is "
             "never changed. Peers the registry does not know, and the registry peer itself, "
-            "are never touched; no peer is added or removed."
+            "are never touched; no peer is added or removed. The registry is one of: a "
+            "wgpunch registry that is a WireGuard peer (--registry), a wgsd-compatible DNS-SD "
+            "server (--dns-sd), or a natpunch rendezvous server (--natpunch, "
+            "--natpunch-legacy); the last two can only be asked, so each side tries alone."
         ),
         epilog=(
             "--config FILE is TOML with any of the keys: interface, registry, api, "
-            "token_file, keepalive, opener_ttl, dns_sd, zone, interval. Flags win over the "
+            "token_file, keepalive, opener_ttl, dns_sd, zone, interval, natpunch, "
+            "natpunch_server_key, natpunch_legacy. Flags win over the "
             "file. The agent writes its view of each peer's path to /run/wgpunch/IF.json, "
             "which `wgpunch status` shows."
         ),
@@ -161,8 +199,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--zone", metavar="ZONE", help="the DNS-SD zone, e.g. mesh.internal.")
     parser.add_argument(
+        "--natpunch", metavar="HOST[:PORT]",
+        help="instead of a registry peer, ask a natpunch rendezvous server (`wgpunch "
+        f"rendezvous`, natpunch-go's server; default port {RENDEZVOUS_PORT}) for the peers' "
+        "endpoints every --interval seconds. Requests go from IF's listen port on a raw "
+        "socket, so the server sees the NAT mapping WireGuard uses: needs CAP_NET_RAW. "
+        "The node proves its identity with IF's private key (Noise IK). IPv4 only",
+    )
+    parser.add_argument(
+        "--natpunch-server-key", metavar="KEY",
+        help="the rendezvous server's public key (`wgpunch rendezvous --print-key`)",
+    )
+    parser.add_argument(
+        "--natpunch-legacy", metavar="HOST[:PORT]",
+        help="as --natpunch, but the wireguard-tools example protocol (default port "
+        f"{LEGACY_PORT}). Unauthenticated: anyone can register any key there",
+    )
+    parser.add_argument(
         "--interval", type=float, metavar="SECONDS",
-        help="with --dns-sd: poll every SECONDS, start to start (default 5)",
+        help="with --dns-sd or --natpunch: poll every SECONDS, start to start, fractions "
+        "honoured (default 5)",
     )
     parser.add_argument(
         "--once", action="store_true",

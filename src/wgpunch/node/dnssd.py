@@ -29,6 +29,7 @@ from ..registry.report import Reported
 from ..registry.state import PeerRecord, Snapshot
 from ..wg.device import Device, Endpoint
 from .client import ApiError, Event
+from .source import polled
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,8 @@ class DnsSdSource:
             raise ApiError(f"dns-sd: no answer from {self.server} for any peer")
         return Snapshot(EPOCH, 0, tuple(record for record in found if record is not None))
 
-    async def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            yield await self.snapshot()
-            # The interval runs from poll start to poll start, whatever the poll took.
-            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
+    def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
+        return polled(self.interval_s, self.snapshot)
 
     async def punch(self, peer: Key) -> None:
         raise ApiError("dns-sd: a DNS registry cannot coordinate punches")

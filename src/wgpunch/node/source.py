@@ -3,7 +3,8 @@ registry (dnssd.py), both behind one small protocol; and how the API is found.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 from ..errors import WgpunchError
@@ -11,7 +12,7 @@ from ..keys import Key
 from ..registry.report import Reported
 from ..registry.state import Snapshot
 from ..wg.device import DeviceState
-from .client import API_PORT, Event
+from .client import API_PORT, ApiError, Event
 from .probe import tunnel_address
 
 
@@ -46,3 +47,21 @@ class Source(Protocol):
     async def report_self(self, report: Reported) -> None: ...
     def lookup_failed(self, peer: Key) -> bool: ...
     async def close(self) -> None: ...
+
+
+async def polled(interval_s: float, snapshot: Callable[[], Awaitable[Snapshot]]
+                 ) -> AsyncIterator[Event]:
+    """A snapshot every `interval_s`, start to start, whatever a poll took: for registries
+    that can only be asked (DNS-SD, natpunch). Fractions of a second are honoured (natpunch-go
+    truncates `-d 0.5` to no pause at all)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        try:
+            event = await snapshot()
+        except ApiError:
+            raise
+        except WgpunchError as error:  # the device or the socket, for now: the agent retries
+            raise ApiError(str(error)) from None
+        yield event
+        await asyncio.sleep(max(0.0, interval_s - (loop.time() - started)))

@@ -274,6 +274,15 @@ class NetlinkDevice(Device):
         msgs = await asyncio.to_thread(self._run, "get", self._dump)
         return device_from_nlmsgs(msgs, self.name)
 
+    async def private_key(self) -> Key | None:
+        msgs = await asyncio.to_thread(self._run, "get", self._dump)
+        value = msgs[0].get_attr("WGDEVICE_A_PRIVATE_KEY") if msgs else None
+        try:
+            key = None if value is None else _key(value, secret=True)
+        except ValueError:  # KeyFormatError and binascii.Error; neither shows the value
+            raise MalformedReply(f"netlink: {self.name}: the private key does not decode") from None
+        return None if key is None or key.is_zero() else key
+
     async def _write(self, changes: Sequence[PeerConfig]) -> None:
         msg = set_message_from_changes(self.name, changes)  # built fully before any I/O
         await asyncio.to_thread(self._run, "set", lambda sock: self._send(sock, msg))

@@ -1,0 +1,93 @@
+"""Nodes that do not have the registry as a WireGuard peer find each other through
+`wgpunch rendezvous` (natpunch), in the `easy` lab, in both protocols: the pair goes direct,
+`--once` works for cron, and the capabilities the node needs are named when missing."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from wgpunch.lab import catalog, evidence
+from wgpunch.lab.agents import Agents
+from wgpunch.lab.lab import Lab
+from wgpunch.lab.netns import python_module
+
+pytestmark = pytest.mark.lab
+
+PORT = 51822
+DIRECT_DEADLINE_S = 15.0  # each side polls every second here and tries on its own
+
+
+def server_args(lab: Lab, key_file: str) -> tuple[list[str], str]:
+    """The rendezvous server's flags (both protocols on), and its public key."""
+    server = lab.host("registry").public_ip
+    public = subprocess.run(
+        [sys.executable, "-m", "wgpunch", "rendezvous", "--print-key", "--key", key_file],
+        check=True, capture_output=True, text=True).stdout.strip()
+    return ["--key", key_file, "--listen", f"{server}:{PORT}", "--legacy", str(server)], public
+
+
+def node_args(lab: Lab, mode: str, public: str) -> list[str]:
+    server = lab.host("registry").public_ip
+    if mode == "noise":
+        return ["--natpunch", f"{server}:{PORT}", "--natpunch-server-key", public]
+    return ["--natpunch-legacy", str(server)]
+
+
+def run_node(lab: Lab, host: str, *args: str) -> subprocess.CompletedProcess:
+    argv, env = python_module("wgpunch.cli", "node", "--interface", lab.host(host).ifname,
+                              *args)
+    return lab.ns(host).run(argv, env=env, check=False)
+
+
+@pytest.mark.parametrize("mode", ["noise", "legacy"])
+def test_nodes_find_each_other_through_a_rendezvous_server(lab_prefix, tmp_path, mode):
+    with Lab(catalog.resolve("easy"), prefix=lab_prefix, registry_peer=False) as lab:
+        args, public = server_args(lab, str(tmp_path / "rendezvous.key"))
+        with Agents(lab, node_args=[*node_args(lab, mode, public), "--interval", "1"]) as agents:
+            agents.start_rendezvous(args, port=PORT)
+            for host in ("a", "b"):
+                peers = lab.ns(host).run(["wg", "show", lab.host(host).ifname, "peers"]).stdout
+                assert lab.host("registry").public_key.base64() not in peers
+                agents.start_node(host, registry_key=False)
+            (pair, took), = asyncio.run(evidence.wait_direct(
+                lab, DIRECT_DEADLINE_S, check=agents.check_alive)).values()
+            assert took is not None, f"not direct: {pair}"
+            registered = {e["peer"] for e in agents.events("registry")
+                          if e["event"] == "registered"}
+            assert registered == {str(lab.host(h).public_key) for h in ("a", "b")}
+            print(f"natpunch {mode}: direct after {took:.2f} s")
+
+
+@pytest.mark.parametrize("mode", ["noise", "legacy"])
+def test_once_for_cron(lab_prefix, tmp_path, mode):
+    with Lab(catalog.resolve("easy"), prefix=lab_prefix, registry_peer=False) as lab:
+        args, public = server_args(lab, str(tmp_path / "rendezvous.key"))
+        flags = [*node_args(lab, mode, public), "--once"]
+        with Agents(lab) as agents:
+            agents.start_rendezvous(args, port=PORT)
+            # a registers and finds nobody; b finds a and knocks (a's NAT drops it: a never
+            # sent to b); a finds b, and its handshake passes b's NAT, opened by b's knock.
+            codes = [run_node(lab, host, *flags).returncode for host in ("a", "b", "a")]
+            assert codes == [0, 0, 0]
+            (pair, took), = asyncio.run(evidence.wait_direct(lab, 5.0)).values()
+            assert took is not None, f"not direct after the --once passes: {pair}"
+        # The server is gone: every lookup fails, and --once says so.
+        failed = run_node(lab, "a", *flags)
+        assert failed.returncode == 1 and "no answer" in failed.stderr
+        assert "Traceback" not in failed.stderr
+
+
+def test_without_cap_net_raw_the_node_says_so(lab_prefix, tmp_path):
+    with Lab(catalog.resolve("easy"), prefix=lab_prefix, registry_peer=False) as lab:
+        _, public = server_args(lab, str(tmp_path / "rendezvous.key"))
+        argv, env = python_module("wgpunch.cli", "node", "--interface", lab.host("a").ifname,
+                                  *node_args(lab, "noise", public), "--once")
+        # Root without CAP_NET_RAW: the device is reachable, a raw socket is not.
+        done = lab.ns("a").run(["setpriv", "--bounding-set", "-net_raw", "--inh-caps",
+                                "-net_raw", *argv], env=env, check=False)
+        assert done.returncode == 1
+        assert "CAP_NET_RAW" in done.stderr and "Traceback" not in done.stderr
