@@ -19,6 +19,7 @@ import pytest
 
 import wgpunch
 from wgpair import PORT, Side, wg_pair
+from wgpunch.keys import generate_keypair
 from wgpunch.lab.netns import wait_for
 from wgpunch.registry.observer import Observer
 from wgpunch.registry.state import RegistryState
@@ -238,5 +239,16 @@ async def test_observer_reads_the_real_device(pair):
         assert [str(n) for n in record.allowed_ips] == [f"{a.tunnel_ip}/32"]
         revision = state.revision
         assert await observer.poll_once() and state.revision == revision  # nothing changed
+        # Later reads apply only what changed (Device.changes): a peer added, moved, removed.
+        extra = generate_keypair()[1]
+        b.wg_set("peer", extra.base64(), "endpoint", "192.0.2.9:1", "allowed-ips",
+                 "10.77.0.9/32")
+        assert await observer.poll_once() and str(state.peers[extra].endpoint) == "192.0.2.9:1"
+        b.wg_set("peer", extra.base64(), "endpoint", "192.0.2.9:2")
+        assert await observer.poll_once() and str(state.peers[extra].endpoint) == "192.0.2.9:2"
+        b.wg_set("peer", extra.base64(), "remove")
+        assert await observer.poll_once() and set(state.peers) == {a.public}
+        assert state.revision == revision + 3
+        assert str(state.peers[a.public].endpoint) == f"{a.veth_ip}:{PORT}"
     finally:
         await observer.close()

@@ -1,5 +1,6 @@
 """The observer's failure handling: a failed read is logged (throttled), retried on a freshly
-opened device, and never changes the table. The device here is a scripted `Device` that
+opened device, and never changes the table; and how reads are applied (the first of a device
+in full, later ones as changes). The device here is a scripted `Device` that
 fails on demand, which the real wireguard-go will not do; reading a real device is in
 test_registry_lab.py."""
 
@@ -13,13 +14,20 @@ from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
 from wgpunch.wg.device import Device, DeviceState, Endpoint, PeerState
 
-K1 = Key(bytes([1]) * 32)
+K1, K2, K3 = (Key(bytes([n]) * 32) for n in (1, 2, 3))
+
+
+def peer_state(key: Key, endpoint: str) -> PeerState:
+    return PeerState(key, Endpoint.parse(endpoint), (ipaddress.ip_network("10.0.0.1/32"),),
+                     None, 0, 0, 25, False)
+
+
+def snapshot(*peers: PeerState) -> DeviceState:
+    return DeviceState("wgtest", None, 51820, 0, peers)
 
 
 def device_state(endpoint: str) -> DeviceState:
-    peer = PeerState(K1, Endpoint.parse(endpoint), (ipaddress.ip_network("10.0.0.1/32"),),
-                     None, 0, 0, 25, False)
-    return DeviceState("wgtest", None, 51820, 0, (peer,))
+    return snapshot(peer_state(K1, endpoint))
 
 
 class ScriptedDevice(Device):
@@ -76,3 +84,33 @@ async def test_failed_reads_are_throttled_retried_and_keep_the_table(caplog):
         "device wgtest readable again after 4 failed reads (0 not logged)",
     ]
     assert records[1].exc_info is not None  # a bug shows its traceback, once
+
+
+ONE, TWO = peer_state(K1, "192.0.2.1:1"), peer_state(K2, "192.0.2.2:2")
+MOVED, THREE = peer_state(K1, "192.0.2.1:9"), peer_state(K3, "192.0.2.3:3")
+
+
+async def test_changes_of_a_backend_without_its_own_compare_snapshots():
+    """`Device.changes` as netlink (and this script) get it; uapi's own is in
+    test_wg_uapi.py."""
+    device = ScriptedDevice([snapshot(ONE, TWO), snapshot(TWO, ONE), snapshot(MOVED, THREE)])
+    first = await device.changes()
+    assert first.complete and (first.changed, first.removed) == ((ONE, TWO), ())
+    second = await device.changes()
+    assert not second.complete and (second.changed, second.removed) == ((), ())
+    third = await device.changes()
+    assert (third.changed, third.removed) == ((MOVED, THREE), (K2,))
+
+
+async def test_a_reopened_device_is_read_in_full_and_replaces_the_table():
+    """Between reads of one device only changes are applied; the first read of a device
+    opened afresh (here after a failure) is the whole table: what it lacks is gone."""
+    script = [snapshot(ONE, TWO), snapshot(MOVED, TWO), DeviceNotFound("uapi: wgtest: gone"),
+              snapshot(THREE)]
+    state = RegistryState()
+    observer = Observer(lambda: ScriptedDevice(script), state, Timings())
+    assert await observer.poll_once() and await observer.poll_once()
+    assert set(state.peers) == {K1, K2} and str(state.peers[K1].endpoint) == "192.0.2.1:9"
+    assert not await observer.poll_once()
+    assert await observer.poll_once()
+    assert set(state.peers) == {K3} and state.revision == 6  # K1, K2, K1 moved, K3, -K1, -K2

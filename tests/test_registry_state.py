@@ -102,6 +102,22 @@ def test_a_peer_gone_from_the_device_is_removed():
     assert K1 not in state.peers
 
 
+def test_a_partial_read_touches_only_the_peers_it_names():
+    """What the observer applies after the first read: `Device.changes`' new or different
+    peers and the keys gone; a peer it does not mention is unchanged, not removed."""
+    state = two_peers()
+    changes = state.observe_changes(
+        [peer(K2, "203.0.113.2:4001", "10.0.0.2/32"), peer(K3, None, "10.0.0.3/32")],
+        removed=[K1, Key(bytes([9]) * 32)])  # an unknown key: nothing to remove
+    assert [(type(c).__name__, c.revision) for c in changes] == [
+        ("PeerEvent", 3), ("PeerEvent", 4), ("RemovedEvent", 5)]
+    assert set(state.peers) == {K2, K3}
+    assert str(state.peers[K2].endpoint) == "203.0.113.2:4001"
+    assert state.observe_changes([], []) == [] and state.revision == 5
+    # A peer named again unchanged publishes nothing, as in a complete read.
+    assert state.observe_changes([peer(K3, None, "10.0.0.3/32", rx=7)], []) == []
+
+
 def test_report_is_a_change_once():
     state = two_peers()
     assert state.report(K1, report()) == 3

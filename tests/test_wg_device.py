@@ -159,3 +159,11 @@ async def test_private_key_in_no_snapshot(pair):
     a, _ = pair
     state = await a.device.state()
     assert a.private.base64() not in repr(state) and a.private.hex() not in repr(state)
+
+async def test_private_key_only_when_asked_and_never_shown(pair):
+    a, _ = pair
+    key = await a.device.private_key()
+    assert key == a.private
+    assert a.private.base64() not in repr(key) and a.private.base64() not in str(key)
+    a.wg_set("private-key", "/dev/null")  # wg(8): an empty file removes the key
+    assert await a.device.private_key() is None

@@ -1,6 +1,7 @@
-"""The UAPI codec (pure) and the socket client against throwaway servers that misbehave on
-purpose: things the real wireguard-go will not do on demand (an errno, a cut-off reply, a
-server that hangs or hangs up)."""
+"""The UAPI codec (pure: uapi.py's `set`, uapiget.py's `get` reply) and the socket client
+against throwaway servers that misbehave on purpose: things the real wireguard-go will not do
+on demand (an errno, a cut-off reply, a server that hangs or hangs up, a reply that changes
+just so between two reads)."""
 
 import asyncio
 import contextlib
@@ -15,7 +16,8 @@ from hypothesis import strategies as st
 from wgpunch.errors import ChangeRefused, DeviceError, DeviceNotFound, MalformedReply
 from wgpunch.keys import Key, public_key
 from wgpunch.wg.device import Endpoint, PeerConfig, parse_allowed_ip
-from wgpunch.wg.uapi import UapiDevice, encode_set, parse_get, parse_set_reply
+from wgpunch.wg.uapi import PIECE_BYTES, UapiDevice, encode_set, parse_set_reply
+from wgpunch.wg.uapiget import GetCutter, parse_get
 
 # The example dialogue from wireguard.com/xplatform (the UAPI specification).
 XPLATFORM_GET = """\
@@ -108,7 +110,13 @@ def test_unknown_keys_are_skipped():
         (f"public_key={PEER1.hex()}\nlast_handshake_time_nsec=1000000000\nerrno=0\n\n",
          "nanoseconds"),
         ("errno=zero\n\n", "is not a number"),
-        ("errno=0\nlisten_port=1\n\n", "after errno"),
+        ("errno=\u00b2\n\n", "is not a number"),  # a digit to str.isdigit, not to int()
+        ("listen_port=\u00b2\nerrno=0\n\n", "line 1: listen_port='\u00b2' is not an unsigned"),
+        ("errno=0\nlisten_port=1\n\n", "'listen_port' after the errno line"),
+        ("errno=0\nerrno=0\n\n", "line 1: errno before the last line"),
+        (f"public_key={PEER1.hex()}\nerrno=0\npublic_key={PEER2.hex()}\n\n", "no errno line"),
+        (f"listen_port=1\npublic_key={PEER1.hex()}\nrx_bytes=1\npublic_key={PEER2.hex()}\n"
+         "tx_bytes=x\nerrno=0\n\n", "line 5: tx_bytes='x'"),
     ],
 )
 def test_malformed_get_replies(reply, message):
@@ -198,6 +206,41 @@ def test_what_we_set_is_what_a_get_reads(changes):
 def test_any_text_parses_or_fails_cleanly(reply):
     with contextlib.suppress(DeviceError):
         parse_get(reply, "wg0")
+
+
+def cut(reply: str, pieces: list[str]) -> tuple[str, list[str]] | str:
+    """The device lines and blocks of `reply` fed as `pieces`, or the error it raised."""
+    cutter = GetCutter("wg0")
+    try:
+        blocks = [block for piece in pieces for block in cutter.feed(piece)] + cutter.finish()
+    except DeviceError as error:
+        return str(error)
+    return cutter.head, blocks
+
+
+replies = st.one_of(
+    st.just(XPLATFORM_GET),
+    st.just("public_key=" + XPLATFORM_GET.split("public_key=", 1)[1]),  # no device lines
+    st.just("errno=0\n\n"), st.just("listen_port=1\nerrno=0\n\n"),
+    st.just(XPLATFORM_GET[:-1]),  # cut off
+    st.text(alphabet="public_key=\nerrno0", max_size=80),
+)
+
+
+def test_a_reply_cuts_the_same_in_two_pieces_wherever_split():
+    for reply in (XPLATFORM_GET, XPLATFORM_GET.replace("errno=0", "errno=0\nlisten_port=1")):
+        whole = cut(reply, [reply])
+        for at in range(len(reply) + 1):
+            assert cut(reply, [reply[:at], reply[at:]]) == whole, at
+
+
+@given(replies, st.lists(st.integers(0, 1000), max_size=12))
+def test_a_reply_cuts_the_same_in_any_pieces(reply, offsets):
+    """The reply arrives in whatever pieces the socket gives: a separator or the status
+    line may be split between two."""
+    cuts = sorted({min(offset, len(reply)) for offset in offsets})
+    pieces = [reply[a:b] for a, b in zip([0, *cuts], [*cuts, len(reply)], strict=True)]
+    assert cut(reply, pieces) == cut(reply, [reply])
 
 
 # -- the socket client against misbehaving servers --------------------------------------------
@@ -300,3 +343,80 @@ async def test_missing_or_stale_socket_is_device_not_found(sockdir):
     (sockdir / "wgt0.sock").touch()  # a leftover file with nobody listening
     with pytest.raises(DeviceNotFound):
         await UapiDevice("wgt0", directory=sockdir).state()
+
+
+# -- reading changes: only peer blocks that differ from the previous reply are parsed ---------
+
+
+def peer_block(key: Key, endpoint: str, rx: int = 0) -> str:
+    return f"public_key={key.hex()}\nendpoint={endpoint}\nallowed_ip=10.0.0.1/32\nrx_bytes={rx}\n"
+
+
+def get_reply(*blocks: str) -> str:
+    return f"private_key={PRIVATE_HEX}\nlisten_port=51820\n{''.join(blocks)}errno=0\n\n"
+
+
+PEER3 = Key(bytes([3]) * 32)
+
+
+async def test_changes_tell_what_differs_from_the_previous_read(sockdir):
+    one, two = peer_block(PEER1, "192.0.2.1:1"), peer_block(PEER2, "192.0.2.2:2")
+    replies = [
+        get_reply(one, two),
+        get_reply(two, one),  # another order (wireguard-go's is random): no change
+        get_reply(peer_block(PEER1, "192.0.2.1:1", rx=5), peer_block(PEER3, "192.0.2.3:3")),
+        get_reply(one, two.replace("rx_bytes=0", "rx_bytes=1e3")),  # a changed block is bad
+        get_reply(peer_block(PEER1, "192.0.2.1:1", rx=5), peer_block(PEER3, "192.0.2.3:3")),
+    ]
+
+    async def reply(writer):
+        writer.write(replies.pop(0).encode())
+        await writer.drain()
+        writer.close()
+
+    server, _ = await serve(sockdir, reply)
+    async with server:
+        device = UapiDevice("wgt0", directory=sockdir)
+        first = await device.changes()
+        assert first.complete and first.removed == ()
+        assert [p.public_key for p in first.changed] == [PEER1, PEER2]  # in the reply's order
+        assert first.public_key == public_key(Key.from_hex(PRIVATE_HEX, secret=True))
+        assert (first.name, first.listen_port) == ("wgt0", 51820)
+
+        same = await device.changes()
+        assert not same.complete and (same.changed, same.removed) == ((), ())
+
+        third = await device.changes()
+        assert sorted((p.public_key.raw, p.rx_bytes) for p in third.changed) == [
+            (PEER3.raw, 0), (PEER1.raw, 5)]  # traffic counters are a change at this layer
+        assert third.removed == (PEER2,)
+
+        # The error numbers the line in the whole reply, as a full parse would.
+        with pytest.raises(MalformedReply, match=r"line 10: rx_bytes='1e3'"):
+            await device.changes()
+        # A failed read leaves the previous one as the reference.
+        after = await device.changes()
+        assert (after.changed, after.removed) == ((), ())
+    assert not replies
+
+
+async def test_a_reply_of_many_pieces(sockdir):
+    """A reply far larger than a piece, sent in writes of odd sizes, so that pieces end
+    inside two-byte characters (of an unknown key, which is skipped) and inside lines."""
+    blocks = [peer_block(Key(i.to_bytes(32, "big")), f"192.0.2.1:{i + 1}") for i in range(3000)]
+    reply = get_reply(f"x={'é' * 40000}\n", *blocks)
+    assert len(reply.encode()) > 4 * PIECE_BYTES
+
+    async def send(writer):
+        data = reply.encode()
+        for start in range(0, len(data), 7777):
+            writer.write(data[start:start + 7777])
+            await writer.drain()
+        writer.close()
+
+    server, _ = await serve(sockdir, send)
+    async with server:
+        device = UapiDevice("wgt0", directory=sockdir)
+        assert await device.state() == parse_get(reply, "wgt0")[0]
+        first = await device.changes()
+    assert first.changed == parse_get(reply, "wgt0")[0].peers

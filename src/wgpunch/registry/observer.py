@@ -2,9 +2,13 @@
 
 The registry's interface is every node's ordinary peer, so the endpoint it shows for a peer is
 that node's public (post-NAT) address. Reading it every `poll_interval_s` keeps the table
-current; the table publishes only what changed. A failed read is logged (throttled) and
-retried, never fatal: the API keeps serving the last table. After a failure the device is
-opened afresh, so a wireguard-go that was restarted (or started after us) is found again.
+current; the table publishes only what changed. Each read asks the device only for what
+changed since the previous one (`Device.changes`), so a poll of a large device that changed
+little costs the event loop little: 10,000 peers, ~10 ms of CPU in steps under a millisecond,
+against ~0.3 s for parsing and comparing everything (bench/dns.py). A failed read is logged
+(throttled) and retried, never fatal: the API keeps serving the last table. After a failure
+the device is opened afresh, and its first read is taken as the whole table, so a
+wireguard-go that was restarted (or started after us) is found again.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class Observer:
         try:
             if self._device is None:
                 self._device = self._opener()
-            device_state = await self._device.state()
+            read = await self._device.changes()
         except Exception as error:  # any failure is retried, none is fatal
             self._failed(error)
             await self._drop_device()
@@ -55,18 +59,21 @@ class Observer:
         if self.failures:
             held = self._throttle.reset("read")
             log.info("device %s readable again after %d failed reads (%d not logged)",
-                     device_state.name, self.failures, held,
-                     extra={"event": "device_recovered"})
+                     read.name, self.failures, held, extra={"event": "device_recovered"})
             self.failures = 0
         self.reads += 1
-        self._state.observe_device(device_state.public_key, device_state.listen_port)
-        self._state.observe(device_state.peers)
+        self._state.observe_device(read.public_key, read.listen_port)
+        if read.complete:  # a freshly opened device: its first read is the whole table
+            self._state.observe(read.changed)
+        else:
+            self._state.observe_changes(read.changed, read.removed)
         return True
 
     async def run(self) -> None:
         """Poll until cancelled, one read per interval; but after a read that took longer
-        than the interval, pause as long as it took, so that a large device (10,000 peers:
-        ~0.26 s a read, bench/dns.py) leaves the API and DNS at least half the time."""
+        than the interval, pause as long as it took, so that a device too large to read
+        within the interval leaves the API and DNS at least half the time. (10,000 peers
+        read in ~40 ms, most of it wireguard-go writing its reply: bench/dns.py.)"""
         interval = self._timings.poll_interval_s
         while True:
             started = self._clock()

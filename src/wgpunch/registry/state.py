@@ -181,10 +181,20 @@ class RegistryState:
     # -- changing (plain def: no await inside) ------------------------------------------------
 
     def observe(self, device_peers: Iterable[PeerState]) -> list[Change]:
-        """Bring the table in line with a fresh device read; returns the changes published."""
+        """Bring the table in line with a complete device read; returns the changes published."""
         current = {peer.public_key: peer for peer in device_peers}
+        return self.observe_changes(current.values(),
+                                    [key for key in self._records if key not in current])
+
+    def observe_changes(self, changed: Iterable[PeerState], removed: Iterable[Key]
+                        ) -> list[Change]:
+        """Apply part of a device read: the peers in `changed` may be new or differ, those in
+        `removed` are gone, every other peer is as it was. Returns the changes published.
+        The observer calls this with what `Device.changes` found, so a poll of a large
+        device that changed little costs little here too."""
         changes: list[Change] = []
-        for key, peer in current.items():
+        for peer in changed:
+            key = peer.public_key
             allowed = _canonical(peer.allowed_ips)
             old = self._records.get(key)
             if old is None:
@@ -201,8 +211,9 @@ class RegistryState:
                 self._log_change(old, peer.endpoint, allowed)
             elif old.latest_handshake != peer.latest_handshake:
                 self._records[key] = replace(old, latest_handshake=peer.latest_handshake)
-        for key in [k for k in self._records if k not in current]:
-            del self._records[key]
+        for key in removed:
+            if self._records.pop(key, None) is None:
+                continue
             self.revision += 1
             changes.append(self._publish(RemovedEvent(self.revision, key)))
             log.info("peer %s removed", key, extra={"event": "peer_removed", "peer": str(key)})

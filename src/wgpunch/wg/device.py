@@ -118,6 +118,21 @@ class DeviceState:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceChanges:
+    """One read of a device, told as what differs from the previous `Device.changes()` of the
+    same `Device` object. A poller of a large device needs only this: at 10,000 peers a full
+    snapshot costs far more to build and compare than the few peers that changed."""
+
+    name: str
+    public_key: Key | None  # None when the device has no private key
+    listen_port: int
+    fwmark: int
+    changed: tuple[PeerState, ...]  # peers that are new or differ in any field
+    removed: tuple[Key, ...]  # peers gone
+    complete: bool  # the first read: `changed` holds every peer and `removed` is empty
+
+
+@dataclass(frozen=True, slots=True)
 class PeerConfig:
     """A change to one peer. `None` leaves a field alone.
 
@@ -209,6 +224,7 @@ class Device(ABC):
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self._seen: dict[Key, PeerState] | None = None  # as the last `changes()` read them
 
     # -- what a backend provides ------------------------------------------------------------
 
@@ -220,6 +236,11 @@ class Device(ABC):
     async def _write(self, changes: Sequence[PeerConfig]) -> None:
         """Apply validated changes in one transaction of the backend."""
 
+    async def private_key(self) -> Key | None:
+        """The device's private key (None: it has none), for a protocol in which the device
+        proves its identity (natpunch's Noise handshake). Never log or show it."""
+        raise DeviceError(f"{self.backend}: {self.name}: this backend cannot read the private key")
+
     async def close(self) -> None:  # noqa: B027 - a backend without resources needs nothing
         """Release what the backend holds."""
 
@@ -228,6 +249,20 @@ class Device(ABC):
     async def state(self) -> DeviceState:
         state, _secrets = await self._read()
         return state
+
+    async def changes(self) -> DeviceChanges:
+        """Read the device and tell what changed since the previous call (the first call:
+        everything). This compares full snapshots; a backend that can tell unchanged peers
+        apart before building them overrides it."""
+        state = await self.state()
+        seen, self._seen = self._seen, {peer.public_key: peer for peer in state.peers}
+        if seen is None:
+            return DeviceChanges(state.name, state.public_key, state.listen_port,
+                                 state.fwmark, state.peers, (), True)
+        changed = tuple(peer for peer in state.peers if seen.get(peer.public_key) != peer)
+        removed = tuple(key for key in seen if key not in self._seen)
+        return DeviceChanges(state.name, state.public_key, state.listen_port, state.fwmark,
+                             changed, removed, False)
 
     # -- changing ---------------------------------------------------------------------------
 
