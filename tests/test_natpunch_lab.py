@@ -5,8 +5,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +95,27 @@ def test_without_cap_net_raw_the_node_says_so(lab_prefix, tmp_path):
                                 "-net_raw", *argv], env=env, check=False)
         assert done.returncode == 1
         assert "CAP_NET_RAW" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_without_access_to_the_device_the_node_names_what_it_needs(tmp_path):
+    # A UAPI socket the node may not open: owned by nobody, mode 000, and the node runs as
+    # root without CAP_DAC_OVERRIDE, as an unprivileged user would meet a real device.
+    name = "np" + secrets.token_hex(3)
+    path = Path("/var/run/wireguard") / f"{name}.sock"
+    path.parent.mkdir(exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen()
+        os.chown(path, 65534, 65534)
+        path.chmod(0)
+        done = subprocess.run(
+            ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+             "-dac_override,-dac_read_search", sys.executable, "-m", "wgpunch", "node",
+             "--interface", name, "--natpunch-legacy", "127.0.0.1", "--once"],
+            capture_output=True, text=True, timeout=30)
+    finally:
+        listener.close()
+        path.unlink(missing_ok=True)
+    assert done.returncode == 1
+    assert "CAP_NET_ADMIN" in done.stderr and "Traceback" not in done.stderr, done.stderr
