@@ -636,6 +636,15 @@ def test_reference_crashes_are_dropped(case: str) -> None:
     assert rig.ask(late, a.public, ep("192.0.2.1", 1)) == body_of(A_AT)
 
 
+async def registered_pair(nets: list[Udp], server_public: Key
+                          ) -> tuple[tuple[NoiseClient, Key], tuple[NoiseClient, Key]]:
+    """Noise clients a (on nets[0], registered) and b (on nets[1]), with their keys."""
+    (a_private, a_public), (b_private, b_public) = generate_keypair(), generate_keypair()
+    a = NoiseClient(nets[0], a_private, server_public)
+    await a.register(a_public)
+    return (a, a_public), (NoiseClient(nets[1], b_private, server_public), b_public)
+
+
 async def test_reference_crashes_over_udp_cost_nothing() -> None:
     server, server_public = noise_server()
     handler = Counting(server)
@@ -643,11 +652,7 @@ async def test_reference_crashes_over_udp_cost_nothing() -> None:
     address = bound(transport)
     nets = [Udp(address) for _ in range(3)]
     try:
-        a_private, a_public = generate_keypair()
-        b_private, b_public = generate_keypair()
-        a = NoiseClient(nets[0], a_private, server_public)
-        b = NoiseClient(nets[1], b_private, server_public)
-        await a.register(a_public)
+        (_, a_public), (b, b_public) = await registered_pair(nets, server_public)
         assert await b.lookup(b_public, a_public) == nets[0].endpoint
         # A hand-rolled session for the data cases, from the attacker's socket.
         spec = Spec.new(server_public)
@@ -910,11 +915,7 @@ async def test_udp_round_trip(host: str) -> None:
     address = bound(transport)
     nets = [Udp(address) for _ in range(3)]
     try:
-        a_private, a_public = generate_keypair()
-        b_private, b_public = generate_keypair()
-        a = NoiseClient(nets[0], a_private, server_public)
-        b = NoiseClient(nets[1], b_private, server_public)
-        await a.register(a_public)
+        (a, a_public), (b, b_public) = await registered_pair(nets, server_public)
         assert await b.lookup(b_public, a_public) == nets[0].endpoint
         assert await a.lookup(a_public, b_public) == nets[1].endpoint
         assert await a.lookup(a_public, Key(secrets.token_bytes(32))) is None
@@ -1108,12 +1109,8 @@ async def test_fuzz_live_server_keeps_answering() -> None:
             Udp(legacy_at, "127.0.0.2"), Udp(legacy_at, "127.0.0.2"), Udp(noise_at)]
     fuzzer = nets[4]
     try:
-        a_private, a_public = generate_keypair()
-        b_private, b_public = generate_keypair()
-        a = NoiseClient(nets[0], a_private, server_public)
-        b = NoiseClient(nets[1], b_private, server_public)
+        (_, a_public), (b, b_public) = await registered_pair(nets, server_public)
         la, lb = LegacyClient(nets[2]), LegacyClient(nets[3])
-        await a.register(a_public)
         await la.register(a_public)
 
         # Seeds: every message type, from the fuzzer's own socket and identity.
