@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from wgpair import PORT, wg_pair
-from wgpunch.node.punch import checksum, udp_datagram
+from wgpunch.natpunch.rawudp import checksum, udp_datagram
 
 
 def test_rfc1071_example():

@@ -9,8 +9,8 @@ would answer. WireGuard owns the port, so the datagram is built by hand and sent
 socket (IP_HDRINCL), as in the wireguard-tools NAT hole-punching example. It needs
 CAP_NET_RAW; without it `send_opener` says False and the agent falls back to a handshake.
 
-IPv4 only: a raw IPv6 socket cannot set the source port without IPV6_HDRINCL, which Python's
-socket module does not name; IPv6 peers get the fallback.
+IPv4 only, for now: an IPv6 opener needs a raw IPv6 UDP socket with IPV6_CHECKSUM, which
+works (natpunch/rawudp.py says how) but is not built; IPv6 peers get the fallback.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from __future__ import annotations
 import logging
 import socket
 
-# The datagram helpers live with the natpunch raw-UDP channel, which sends the same way;
-# `checksum` is re-exported for this module's users.
-from ..natpunch.rawudp import checksum as checksum
+# The datagram helpers live with the natpunch raw-UDP channel, which sends the same way.
 from ..natpunch.rawudp import source_address, udp_datagram
 from ..wg.device import Endpoint
 
