@@ -17,7 +17,7 @@ import pytest
 from wgpunch.lab import catalog, evidence
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
-from wgpunch.lab.netns import python_module
+from wgpunch.lab.netns import python_module, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -119,3 +119,48 @@ def test_without_access_to_the_device_the_node_names_what_it_needs(tmp_path):
         path.unlink(missing_ok=True)
     assert done.returncode == 1
     assert "CAP_NET_ADMIN" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+POISON = r"""
+import socket, sys, time
+key, server, until = bytes.fromhex(sys.argv[1]), sys.argv[2], time.monotonic() + 8
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.bind(("0.0.0.0", 40000))
+    while time.monotonic() < until:
+        sock.sendto(key + bytes(32), (server, 49918))
+        time.sleep(0.02)  # a steady stream of forged registrations, not synchronisation
+"""
+
+
+def test_a_forged_legacy_registration_never_moves_a_live_session(lab_prefix, tmp_path):
+    """The legacy protocol lets anyone register any key: the registry host keeps claiming to
+    be b (from port 40000). a's agent sees b's endpoint move, probes the path it has, finds
+    it answers, and leaves it alone; the pair stays direct on b's real endpoint."""
+    with Lab(catalog.resolve("easy"), prefix=lab_prefix, registry_peer=False) as lab:
+        args, _ = server_args(lab, str(tmp_path / "rendezvous.key"))
+        server = lab.host("registry").public_ip
+        bogus = f"{server}:40000"
+        with Agents(lab, node_args=["--natpunch-legacy", str(server), "--interval", "0.5"]
+                    ) as agents:
+            agents.start_rendezvous(args, port=PORT)
+            for host in ("a", "b"):
+                agents.start_node(host, registry_key=False)
+            (pair, took), = asyncio.run(evidence.wait_direct(
+                lab, DIRECT_DEADLINE_S, check=agents.check_alive)).values()
+            assert took is not None, f"not direct: {pair}"
+            real = pair.a.endpoint
+            poisoner = lab.ns("registry").popen(
+                [sys.executable, "-c", POISON, lab.host("b").public_key.raw.hex(), str(server)])
+            try:
+                def left_alone() -> bool:
+                    agents.check_alive()
+                    return any("left alone" in line and bogus in line
+                               for line in agents.logs["a"].read_text().splitlines())
+
+                wait_for(left_alone, timeout=7.0, what="a to probe and keep b's path")
+                (after, _), = asyncio.run(evidence.wait_direct(lab, 1.0)).values()
+            finally:
+                poisoner.kill()
+                poisoner.wait()
+            assert after.a.endpoint == real and after.direct, after
+            assert not [e for e in agents.events("a") if e["event"] == "repoint"]
