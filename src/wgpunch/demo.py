@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .keys import public_key
 from .lab import catalog
 from .lab.netns import require_root
 
@@ -38,13 +39,12 @@ def _ping_ms(lab: Any, a: str, b: str) -> float | None:
     return float(match.group(1)) if done.returncode == 0 and match else None
 
 
-def run_demo(scenario: str, timeout_s: float, prefix: str | None) -> list[PairResult]:
+def run_demo(scenario: str, timeout_s: float, prefix: str | None,
+             natpunch: str | None = None) -> list[PairResult]:
     from .lab import Lab, evidence
-    from .lab.agents import Agents
 
-    with Lab(catalog.resolve(scenario), prefix=prefix) as lab, Agents(lab) as agents:
-        agents.start_registry()
-        agents.start_nodes()
+    with Lab(catalog.resolve(scenario), prefix=prefix,
+             registry_peer=natpunch is None) as lab, _agents(lab, natpunch) as agents:
         found = asyncio.run(evidence.wait_direct(lab, timeout_s, check=agents.check_alive))
         results = []
         for (a, b), (pair, took) in found.items():
@@ -57,6 +57,40 @@ def run_demo(scenario: str, timeout_s: float, prefix: str | None) -> list[PairRe
                 ping_ms=_ping_ms(lab, a, b) if pair.direct else None,
             ))
         return results
+
+
+def _agents(lab: Any, natpunch: str | None) -> Any:
+    """The registry and a node on every host; with `natpunch` ("noise" or "legacy"), a
+    rendezvous server on the registry host instead, which no node has as a peer."""
+    from .lab import state
+    from .lab.agents import Agents
+    from .natpunch import keyfile
+    from .natpunch.wire import RENDEZVOUS_PORT
+
+    if natpunch is None:
+        agents = Agents(lab)
+        agents.start_registry()
+        agents.start_nodes()
+        return agents
+    server = lab.host("registry").public_ip
+    key_file = state.state_dir(lab.prefix) / "rendezvous.key"  # removed with the lab
+    public = public_key(keyfile.load_or_create(key_file))
+    if natpunch == "noise":
+        flags = ["--natpunch", f"{server}:{RENDEZVOUS_PORT}", "--natpunch-server-key",
+                 str(public)]
+    else:
+        flags = ["--natpunch-legacy", str(server)]
+    agents = Agents(lab, node_args=[*flags, "--interval", "1"])
+    try:
+        agents.start_rendezvous(["--key", str(key_file), "--listen",
+                                 f"{server}:{RENDEZVOUS_PORT}", "--legacy", str(server)],
+                                port=RENDEZVOUS_PORT)
+        for host in agents.nodes:
+            agents.start_node(host, registry_key=False)
+    except BaseException:
+        agents.stop_all()
+        raise
+    return agents
 
 
 def render(results: list[PairResult]) -> str:
@@ -77,15 +111,16 @@ def render(results: list[PairResult]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     require_root()
-    results = run_demo(args.scenario, args.timeout, args.prefix)
+    results = run_demo(args.scenario, args.timeout, args.prefix, args.natpunch)
     ok = bool(results) and all(r.direct and r.ping_ms is not None for r in results)
     if args.json:
         print(json.dumps({"scenario": args.scenario, "ok": ok,
                           "pairs": [vars(r) for r in results]}, indent=2))
     else:
         print(render(results))
+        how = f", natpunch {args.natpunch}" if args.natpunch else ""
         print(f"\n{'every pair is direct' if ok else 'NOT every pair is direct'} "
-              f"({args.scenario}; time-to-direct counts from starting the node agents)")
+              f"({args.scenario}{how}; time-to-direct counts from starting the node agents)")
     return 0 if ok else 1
 
 
@@ -106,6 +141,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
                         help="how long to wait for every pair to go direct (default 20)")
+    parser.add_argument(
+        "--natpunch", choices=("noise", "legacy"),
+        help="instead of a registry that is every node's WireGuard peer, run `wgpunch "
+        "rendezvous` on the registry host and the nodes with --natpunch (noise: natpunch-go's "
+        "protocol) or --natpunch-legacy (the wireguard-tools example's); docs/natpunch.md",
+    )
     parser.add_argument("--prefix", metavar="P",
                         help="name prefix of the lab's objects (default: random)")
     parser.set_defaults(func=run)
