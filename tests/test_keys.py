@@ -74,6 +74,11 @@ def test_bad_base64_names_the_position(text, message):
 def test_bad_hex_and_base32_name_the_position():
     with pytest.raises(KeyFormatError, match="invalid hex character at position 3"):
         Key.from_hex("00g" + "0" * 61)
+    # What `bytes.fromhex` would take (whitespace) or that only looks like digits is refused.
+    with pytest.raises(KeyFormatError, match="invalid hex character at position 3"):
+        Key.from_hex("00 " + "0" * 61)
+    with pytest.raises(KeyFormatError, match="invalid hex character at position 1"):
+        Key.from_hex("\u0663" + "0" * 63)  # ARABIC-INDIC DIGIT THREE: isdigit, not hex
     with pytest.raises(KeyFormatError, match="invalid base32 character at position 2"):
         Key.from_base32("a1" + "a" * 50 + "====")
     with pytest.raises(KeyFormatError, match="positions 53-56"):

@@ -9,7 +9,7 @@ import logging
 
 from wgpunch.errors import DeviceError, DeviceNotFound
 from wgpunch.keys import Key
-from wgpunch.registry.observer import Observer
+from wgpunch.registry.observer import APPLY_SLICE, Observer
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
 from wgpunch.wg.device import Device, DeviceState, Endpoint, PeerState
@@ -114,3 +114,22 @@ async def test_a_reopened_device_is_read_in_full_and_replaces_the_table():
     assert not await observer.poll_once()
     assert await observer.poll_once()
     assert set(state.peers) == {K3} and state.revision == 6  # K1, K2, K1 moved, K3, -K1, -K2
+
+
+async def test_many_changes_of_one_read_are_all_applied_in_slices():
+    """A read with more changed peers than one slice (and a peer gone): after the poll the
+    table holds every change, each published once, in consecutive revisions."""
+    keys = [Key(i.to_bytes(32, "big")) for i in range(1, 2 * APPLY_SLICE + 7)]
+    before = snapshot(*(peer_state(k, "192.0.2.1:1") for k in keys))
+    after = snapshot(*(peer_state(k, "192.0.2.1:2") for k in keys[1:]))
+    script = [before, after]
+    state = RegistryState(stream_queue_max=4 * len(keys))
+    observer = Observer(lambda: ScriptedDevice(script), state, Timings())
+    assert await observer.poll_once()
+    stream, _ = state.open_stream(keys[0], state.revision, state.epoch)
+    assert await observer.poll_once()
+    assert set(state.peers) == set(keys[1:])
+    assert {str(record.endpoint) for record in state.peers.values()} == {"192.0.2.1:2"}
+    events = [stream.queue.get_nowait() for _ in range(stream.queue.qsize())]
+    assert [event.revision for event in events] == list(
+        range(len(keys) + 1, 2 * len(keys) + 1))  # one removal and len(keys) - 1 moves

@@ -17,7 +17,7 @@ from wgpunch.errors import ChangeRefused, DeviceError, DeviceNotFound, Malformed
 from wgpunch.keys import Key, public_key
 from wgpunch.wg.device import Endpoint, PeerConfig, parse_allowed_ip
 from wgpunch.wg.uapi import PIECE_BYTES, UapiDevice, encode_set, parse_set_reply
-from wgpunch.wg.uapiget import GetCutter, parse_get
+from wgpunch.wg.uapiget import GetCutter, parse_get, parse_peer, update_counters
 
 # The example dialogue from wireguard.com/xplatform (the UAPI specification).
 XPLATFORM_GET = """\
@@ -420,3 +420,79 @@ async def test_a_reply_of_many_pieces(sockdir):
         assert await device.state() == parse_get(reply, "wgt0")[0]
         first = await device.changes()
     assert first.changed == parse_get(reply, "wgt0")[0].peers
+
+
+# -- a block whose counters alone moved is made from the peer's previous state ----------------
+
+FULL_BLOCK = (
+    f"{PEER1.hex()}\npreshared_key={'0' * 64}\nprotocol_version=1\nendpoint=192.0.2.1:51820\n"
+    "last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=5000\ntx_bytes=100\n"
+    "rx_bytes=200\npersistent_keepalive_interval=0\nallowed_ip=10.0.0.1/32"
+)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("rx_bytes=200", "rx_bytes=18446744073709551615"),  # the largest u64
+    ("tx_bytes=100", "tx_bytes=0"),
+    ("last_handshake_time_nsec=5000", "last_handshake_time_nsec=999999999"),
+    ("last_handshake_time_sec=1700000000", "last_handshake_time_sec=1700000120"),
+    ("last_handshake_time_sec=1700000000\nlast_handshake_time_nsec=5000",
+     "last_handshake_time_sec=0\nlast_handshake_time_nsec=0"),  # never, again
+])
+def test_a_counter_change_is_what_a_full_parse_makes(old, new):
+    previous, _ = parse_peer(FULL_BLOCK, "wgt0", 1)
+    block = FULL_BLOCK.replace(old, new)
+    assert update_counters(previous, FULL_BLOCK, block) == parse_peer(block, "wgt0", 1)[0]
+
+
+@pytest.mark.parametrize("old, new", [
+    ("endpoint=192.0.2.1:51820", "endpoint=192.0.2.1:51821"),  # not a counter
+    ("persistent_keepalive_interval=0", "persistent_keepalive_interval=25"),
+    ("allowed_ip=10.0.0.1/32", "allowed_ip=10.0.0.1/32\nallowed_ip=10.0.0.2/32"),  # a line more
+    ("rx_bytes=200", "tx_bytes=200"),  # another key in the line's place
+    ("rx_bytes=200", "rx_bytes=-1"),
+    ("rx_bytes=200", "rx_bytes=18446744073709551616"),  # one over a u64
+    ("tx_bytes=100", "tx_bytes=1e3"),
+    ("last_handshake_time_nsec=5000", "last_handshake_time_nsec=1000000000"),
+    ("rx_bytes=200", "rx_bytes"),  # not key=value
+])
+def test_any_other_change_is_left_to_the_full_parse(old, new):
+    previous, _ = parse_peer(FULL_BLOCK, "wgt0", 1)
+    assert update_counters(previous, FULL_BLOCK, FULL_BLOCK.replace(old, new)) is None
+
+
+async def test_changes_made_from_counters_equal_a_full_parse(sockdir):
+    """Replies in which peers' counters move, and one peer also changes its endpoint: each
+    read tells exactly the peers a full parse finds different, as a full parse makes them."""
+    keys = [Key(bytes([i]) * 32) for i in range(1, 6)]
+
+    def block(key: Key, rx: int, endpoint: str = "192.0.2.9:9") -> str:
+        return (f"public_key={key.hex()}\nendpoint={endpoint}\nlast_handshake_time_sec={rx}\n"
+                f"last_handshake_time_nsec=0\ntx_bytes={rx * 2}\nrx_bytes={rx}\n"
+                "allowed_ip=10.0.0.1/32\n")
+
+    replies = [
+        get_reply(*(block(k, 1) for k in keys)),
+        get_reply(*(block(k, 1 + (i % 2)) for i, k in enumerate(keys))),
+        get_reply(*(block(k, 3, "192.0.2.9:10" if i == 0 else "192.0.2.9:9")
+                    for i, k in enumerate(keys[:4]))),
+    ]
+    sent = list(replies)
+
+    async def reply(writer):
+        writer.write(sent.pop(0).encode())
+        await writer.drain()
+        writer.close()
+
+    server, _ = await serve(sockdir, reply)
+    async with server:
+        device = UapiDevice("wgt0", directory=sockdir)
+        before = {p.public_key: p for p in (await device.changes()).changed}
+        for text in replies[1:]:
+            read = await device.changes()
+            after = {p.public_key: p for p in parse_get(text, "wgt0")[0].peers}
+            assert {p.public_key: p for p in read.changed} == {
+                k: p for k, p in after.items() if before.get(k) != p}
+            assert set(read.removed) == before.keys() - after.keys()
+            before = after
+    assert not sent

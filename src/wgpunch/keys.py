@@ -60,6 +60,14 @@ class Key:
 
     @classmethod
     def from_hex(cls, text: str, *, what: str = "key", secret: bool = False) -> Key:
+        # The common case at C speed (a poll of a large device decodes many keys): 64
+        # letters and digits that `bytes.fromhex` takes. It skips whitespace, hence the
+        # `isalnum`; anything else falls through to the checks that name the fault.
+        if isinstance(text, str) and len(text) == HEX_LEN and text.isascii() and text.isalnum():
+            try:
+                return cls(bytes.fromhex(text), secret)
+            except ValueError:
+                pass
         _check_length(text, HEX_LEN, what, secret, "hex")
         for pos, char in enumerate(text):
             if char not in _HEX_ALPHABET:

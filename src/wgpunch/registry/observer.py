@@ -27,6 +27,9 @@ from .timings import Timings
 
 log = logging.getLogger(__name__)
 
+# Changed peers applied to the table per turn of the event loop: ~0.3 ms (state.py).
+APPLY_SLICE = 200
+
 
 class Observer:
     def __init__(
@@ -65,8 +68,14 @@ class Observer:
         self._state.observe_device(read.public_key, read.listen_port)
         if read.complete:  # a freshly opened device: its first read is the whole table
             self._state.observe(read.changed)
-        else:
-            self._state.observe_changes(read.changed, read.removed)
+            return True
+        # In slices, with the event loop running between them: at 10,000 nodes ~1,000 peers'
+        # counters move per poll, ~1.5 ms of table updates in one go. Each slice is a change
+        # of its own (the table's guarantees hold per call); the read was never one instant.
+        self._state.observe_changes((), read.removed)
+        for start in range(0, len(read.changed), APPLY_SLICE):
+            await asyncio.sleep(0)
+            self._state.observe_changes(read.changed[start:start + APPLY_SLICE], ())
         return True
 
     async def run(self) -> None:

@@ -87,8 +87,10 @@ Change = PeerEvent | RemovedEvent
 StreamItem = Snapshot | PeerEvent | RemovedEvent | PunchEvent
 
 
-def _canonical(nets: Iterable[IPNetwork]) -> tuple[IPNetwork, ...]:
+def _canonical(nets: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
     """Allowed IPs in one order, so a device listing them differently is not a change."""
+    if len(nets) < 2:  # most peers (a node's /32): nothing to sort, and polls see each often
+        return tuple(nets)
     return tuple(sorted(set(nets), key=lambda n: (n.version, int(n.network_address),
                                                    n.prefixlen)))
 

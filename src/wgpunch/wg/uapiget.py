@@ -4,16 +4,19 @@ lines per peer, each block starting with `public_key=`, then `errno=N` and a bla
 `parse_get` turns a whole reply into a snapshot. `GetCutter` cuts a reply into the device
 lines and the peers' blocks as it arrives, piece by piece, so that `UapiDevice.changes`
 (uapi.py) can compare blocks with the previous reply's and parse only those that differ
-(`parse_peer_at`). Unknown keys are skipped, so a newer server does not break us; anything
-else that is wrong is a `MalformedReply` that names the interface and, where it can, the line.
+(`parse_peer_at`), or, for a block whose traffic counters or handshake time alone moved,
+only those lines (`update_counters`). Unknown keys are skipped, so a newer server does not
+break us; anything else that is wrong is a `MalformedReply` that names the interface and,
+where it can, the line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno as errno_codes
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import DeviceError, MalformedReply, WgpunchError
@@ -23,6 +26,11 @@ from .device import parse_allowed_ip as _parse_allowed_ip
 
 PEER_START = "\npublic_key="  # the line that starts a peer, after the previous line's end
 NO_KEY_HEX = "0" * 64  # how wireguard-go shows an unset preshared key
+# The lines of a peer block that move with traffic and handshakes: in a registry that every
+# node keeps a stream open to, most changed blocks differ from their previous reply's only here.
+COUNTER_KEYS = frozenset(
+    {"rx_bytes", "tx_bytes", "last_handshake_time_sec", "last_handshake_time_nsec"})
+HANDSHAKE_SEC, HANDSHAKE_NSEC = "last_handshake_time_sec=", "last_handshake_time_nsec="
 
 
 @dataclass
@@ -155,16 +163,66 @@ class GetCutter:
             self.head = blocks.pop(0)
 
 
-def parse_peer_at(head: str, blocks: list[str], block: str, ifname: str) -> PeerState:
-    """`block`, one of `blocks` of a reply whose device lines are `head`. Its line number in
-    the reply is worked out only for an error message, which then reads as `parse_get`'s."""
+def parse_peer_at(head: str, blocks: Iterable[str], block: str, ifname: str) -> PeerState:
+    """`block`, one of `blocks` (in order) of a reply whose device lines are `head`. Its line
+    number in the reply is worked out only for an error message, which then reads as
+    `parse_get`'s."""
     try:
         return parse_peer(block, ifname, 0)[0]
     except MalformedReply:
-        before = blocks[:blocks.index(block)]
+        before = itertools.takewhile(lambda other: other != block, blocks)
         number = first_peer_line(head) + sum(other.count("\n") + 1 for other in before)
         parse_peer(block, ifname, number)  # raises the same error, numbered
         raise
+
+
+def update_counters(previous: PeerState, old_block: str, block: str) -> PeerState | None:
+    """`block` as a `PeerState`, made from `previous` (the same peer's state, parsed from
+    `old_block` of an earlier reply) when the two blocks differ only in counter lines
+    (`COUNTER_KEYS`, each once in a block, as servers write them) and those hold valid
+    values; otherwise None, and the caller parses `block` in full, which also names a bad
+    line. This costs ~7 us a block, parsing it in full ~20 (a key, an endpoint, an allowed
+    IP to build): at 10,000 active nodes, ~1,000 blocks a poll."""
+    old_lines, lines = old_block.split("\n"), block.split("\n")
+    if len(old_lines) != len(lines):
+        return None
+    rx, tx, handshake = previous.rx_bytes, previous.tx_bytes, previous.latest_handshake
+    for old, line in zip(old_lines, lines, strict=True):
+        if old == line:
+            continue
+        key, _, value = line.partition("=")
+        if key not in COUNTER_KEYS or old.partition("=")[0] != key:
+            return None
+        number = _counter(value)
+        if number is None:
+            return None
+        if key == "rx_bytes":
+            rx = number
+        elif key == "tx_bytes":
+            tx = number
+        else:  # either half of the handshake time: the new time needs both
+            sec = _counter(_value_of(lines, HANDSHAKE_SEC))
+            nsec = _counter(_value_of(lines, HANDSHAKE_NSEC))
+            if sec is None or nsec is None or nsec >= 1_000_000_000:
+                return None
+            handshake = handshake_time(sec, nsec)
+    return PeerState(previous.public_key, previous.endpoint, previous.allowed_ips, handshake,
+                     rx, tx, previous.persistent_keepalive, previous.has_preshared_key)
+
+
+def _counter(value: str | None) -> int | None:
+    """An unsigned 64-bit value, or None where `_int` would raise."""
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
+        return None
+    number = int(value)
+    return number if number < 1 << 64 else None
+
+
+def _value_of(lines: list[str], prefix: str) -> str | None:
+    for line in lines:
+        if line.startswith(prefix):
+            return line[len(prefix):]
+    return None
 
 
 def first_peer_line(head: str) -> int:
