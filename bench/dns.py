@@ -74,6 +74,7 @@ from wgpunch.lab.netns import (
     python_module,
     read_line,
     require_root,
+    stop_process,
     wait_for,
 )
 from wgpunch.wg.device import Endpoint, PeerConfig
@@ -254,13 +255,7 @@ def churn(host: Host, nodes: Namespace, per_poll: int, interval_s: float, tmp: P
             raise RuntimeError(f"churn helper: {line!r} {log.read_text()[-500:]}")
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         assert proc.stdout is not None
         proc.stdout.close()
         print(f"churn {per_poll}: {log.read_text().strip()[-300:]}", file=sys.stderr)
@@ -302,13 +297,7 @@ def registry(ns: Namespace, ifname: str, poll_s: float, log: Path
             raise RuntimeError(f"the registry exited: {log.read_text()[-500:]}")
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def run_client(ns: Namespace, labels: list[tuple[str, int]], queries: int,

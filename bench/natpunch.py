@@ -46,7 +46,6 @@ import random
 import re
 import secrets
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from typing import Any, NamedTuple, Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wgpunch.keys import generate_keypair
+from wgpunch.lab.netns import stop_process
 from wgpunch.natpunch import wire
 from wgpunch.natpunch.noise import CipherState, HandshakeIK, NoiseError
 from wgpunch.natpunch.server import Limits
@@ -188,13 +188,7 @@ def rendezvous(tmp: Path, max_peers: int) -> Iterator[Server]:
             time.sleep(0.05)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         # Its last line sums up what it did ("rendezvous: stopped (found 3, handshakes 2)").
         stopped = re.findall(r"rendezvous: stopped \((.*)\)", log.read_text(errors="replace"))
         if stopped:

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import state
 from .lab import Lab
-from .netns import LabError, python_module, wait_for
+from .netns import LabError, python_module, stop_process, wait_for
 
 API_PORT = 51821
 START_TIMEOUT_S = 10.0
@@ -98,14 +98,7 @@ class Agents:
         proc = self.procs.pop(host, None)
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        return proc.returncode
+        return stop_process(proc, sig=sig, timeout=5)
 
     def stop_all(self) -> None:
         for host in list(self.procs):

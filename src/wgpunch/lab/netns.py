@@ -147,6 +147,19 @@ def read_line(proc: subprocess.Popen, *, timeout: float, what: str) -> str:
     return line.decode(errors="replace").strip() if isinstance(line, bytes) else line.strip()
 
 
+def stop_process(proc: subprocess.Popen, *, sig: int = signal.SIGTERM,
+                 timeout: float = 10.0) -> int:
+    """Ask `proc` to stop with `sig`, kill it if it has not after `timeout`; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return proc.returncode
+
+
 def uapi_socket(ifname: str) -> Path:
     return UAPI_DIR / f"{ifname}.sock"
 
@@ -203,13 +216,8 @@ class WireguardGo:
         return text.strip()[-300:]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        if self.proc is not None:
+            stop_process(self.proc, timeout=5)
         if self.proc is not None and self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None
