@@ -65,8 +65,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from wgpunch.keys import generate_keypair
 from wgpunch.lab.netns import stop_process
 from wgpunch.natpunch import wire
+from wgpunch.natpunch.limits import Limits
 from wgpunch.natpunch.noise import CipherState, HandshakeIK, NoiseError
-from wgpunch.natpunch.server import Limits
 
 SRC = Path(__file__).resolve().parents[1] / "src"  # again: ruff wants the imports first
 SERVER_IP = "127.0.0.1"

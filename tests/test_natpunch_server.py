@@ -42,8 +42,9 @@ from wgpunch.keys import Key, generate_keypair
 from wgpunch.natpunch import keyfile, serve, wire
 from wgpunch.natpunch.client import LegacyClient, NatpunchError, NoiseClient, Retries
 from wgpunch.natpunch.legacy import LegacyRendezvous
+from wgpunch.natpunch.limits import Limits
 from wgpunch.natpunch.noise import CipherState, HandshakeIK, NoiseError
-from wgpunch.natpunch.server import SESSIONS_PER_KEY, Limits, NoiseRendezvous
+from wgpunch.natpunch.server import SESSIONS_PER_KEY, NoiseRendezvous
 from wgpunch.natpunch.table import Table
 from wgpunch.wg.device import Endpoint
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from wgpunch.keys import Key
 from wgpunch.natpunch import wire
 from wgpunch.natpunch.legacy import LegacyRendezvous
-from wgpunch.natpunch.server import Limits
+from wgpunch.natpunch.limits import Limits
 from wgpunch.wg.device import Endpoint
 
 A = Key(bytes(range(1, 33)))

@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .keys import public_key
 from .lab import catalog
 from .lab.netns import require_root
 
@@ -63,8 +62,7 @@ def _agents(lab: Any, natpunch: str | None) -> Any:
     """The registry and a node on every host; with `natpunch` ("noise" or "legacy"), a
     rendezvous server on the registry host instead, which no node has as a peer."""
     from .lab import state
-    from .lab.agents import Agents
-    from .natpunch import keyfile
+    from .lab.agents import Agents, natpunch_flags
     from .natpunch.wire import RENDEZVOUS_PORT
 
     if natpunch is None:
@@ -72,19 +70,11 @@ def _agents(lab: Any, natpunch: str | None) -> Any:
         agents.start_registry()
         agents.start_nodes()
         return agents
-    server = lab.host("registry").public_ip
-    key_file = state.state_dir(lab.prefix) / "rendezvous.key"  # removed with the lab
-    public = public_key(keyfile.load_or_create(key_file))
-    if natpunch == "noise":
-        flags = ["--natpunch", f"{server}:{RENDEZVOUS_PORT}", "--natpunch-server-key",
-                 str(public)]
-    else:
-        flags = ["--natpunch-legacy", str(server)]
+    # The key lives in the lab's state directory: removed with the lab.
+    rendezvous, flags = natpunch_flags(lab, natpunch, state.state_dir(lab.prefix) / "r.key")
     agents = Agents(lab, node_args=[*flags, "--interval", "1"])
     try:
-        agents.start_rendezvous(["--key", str(key_file), "--listen",
-                                 f"{server}:{RENDEZVOUS_PORT}", "--legacy", str(server)],
-                                port=RENDEZVOUS_PORT)
+        agents.start_rendezvous(rendezvous, port=RENDEZVOUS_PORT)
         for host in agents.nodes:
             agents.start_node(host, registry_key=False)
     except BaseException:

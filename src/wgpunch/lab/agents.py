@@ -132,3 +132,22 @@ class Agents:
             if isinstance(entry, dict) and "event" in entry:
                 found.append(entry)
         return found
+
+
+def natpunch_flags(lab: Lab, mode: str, key_file: Path) -> tuple[list[str], list[str]]:
+    """For a lab whose nodes do not have the registry as a peer: `wgpunch rendezvous` flags
+    (both protocols, on the registry host's public address, its key in `key_file`, made if
+    missing) and a node's flags to follow it, natpunch-go's protocol ("noise") or the
+    wireguard-tools example's ("legacy")."""
+    from ..keys import public_key
+    from ..natpunch import keyfile
+    from ..natpunch.wire import RENDEZVOUS_PORT
+
+    server = lab.host("registry").public_ip
+    rendezvous = ["--key", str(key_file), "--listen", f"{server}:{RENDEZVOUS_PORT}",
+                  "--legacy", str(server)]
+    if mode == "noise":
+        public = public_key(keyfile.load_or_create(key_file))
+        return rendezvous, ["--natpunch", f"{server}:{RENDEZVOUS_PORT}",
+                            "--natpunch-server-key", str(public)]
+    return rendezvous, ["--natpunch-legacy", str(server)]

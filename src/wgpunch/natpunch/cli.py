@@ -17,8 +17,9 @@ from ..keys import Key, public_key
 from ..wg.device import Endpoint
 from . import keyfile
 from .legacy import LegacyRendezvous
-from .serve import listen
-from .server import Limits, NoiseRendezvous
+from .limits import Limits
+from .serve import listen, source_endpoint
+from .server import NoiseRendezvous
 from .wire import LEGACY_PORT, RENDEZVOUS_PORT
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,7 @@ DEFAULTS = Limits()
 def parse_endpoint(text: str, default_port: int, what: str) -> Endpoint:
     """`ADDR:PORT`, `[IPv6]:PORT`, or a bare address (with `default_port`)."""
     try:
-        return Endpoint(ipaddress.ip_address(text.strip("[]")), default_port)
-    except ValueError:
-        pass
-    try:
-        return Endpoint.parse(text)
+        return Endpoint.parse(text, default_port)
     except ValueError:
         raise WgpunchError(
             f"rendezvous: {what} {text!r}: expected ADDR:PORT, [IPv6]:PORT or ADDR"
@@ -66,22 +63,24 @@ def _default_listen() -> Endpoint:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    # Every flag is checked before the key file may be made.
+    endpoints = [parse_endpoint(text, RENDEZVOUS_PORT, "--listen")
+                 for text in args.listen or ()] or [_default_listen()]
+    legacy_at = parse_endpoint(args.legacy, LEGACY_PORT, "--legacy") if args.legacy else None
+    allowed = read_allowed(args.allow) if args.allow else None
     private = keyfile.load_or_create(Path(args.key))
     public = public_key(private)
     limits = Limits(peers_max=args.max_peers, peer_ttl_s=args.peer_ttl)
-    allowed = read_allowed(args.allow) if args.allow else None
     noise = NoiseRendezvous(private, allowed=allowed, limits=limits)
-    legacy = LegacyRendezvous(limits) if args.legacy else None
+    legacy = LegacyRendezvous(limits)
     transports: list[asyncio.DatagramTransport] = []
     try:
-        endpoints = [parse_endpoint(text, RENDEZVOUS_PORT, "--listen")
-                     for text in args.listen or ()] or [_default_listen()]
         for endpoint in endpoints:
             transports.append(await listen(noise, endpoint, "natpunch"))
-        if legacy is not None:
-            endpoint = parse_endpoint(args.legacy, LEGACY_PORT, "--legacy")
-            transports.append(await listen(legacy, endpoint, "natpunch legacy"))
-        where = ", ".join(_bound(t) for t in transports)
+        if legacy_at is not None:
+            transports.append(await listen(legacy, legacy_at, "natpunch legacy"))
+        where = ", ".join(str(source_endpoint(t.get_extra_info("sockname")))
+                          for t in transports)
         log.info("rendezvous on %s; public key %s%s", where, public,
                  f"; {len(allowed)} keys allowed" if allowed is not None else "",
                  extra={"event": "started", "public_key": str(public)})
@@ -90,19 +89,13 @@ async def serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        totals: Counter[str] = noise.counts + (legacy.counts if legacy else Counter())
+        totals: Counter[str] = noise.counts + legacy.counts
         log.info("rendezvous: stopped (%s)",
                  ", ".join(f"{k} {v}" for k, v in sorted(totals.items())) or "nothing served")
     finally:
         for transport in transports:
             transport.close()
     return 0
-
-
-def _bound(transport: asyncio.DatagramTransport) -> str:
-    address = transport.get_extra_info("sockname")
-    host = f"[{address[0]}]" if ":" in address[0] else address[0]
-    return f"{host}:{address[1]}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from collections import Counter
 from ..keys import Key
 from ..wg.device import Endpoint
 from . import wire
-from .server import Limits
+from .limits import Limits
 from .table import Table
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Token buckets per source address, for the one message that costs a server real work.
+"""What a rendezvous server allows (`Limits`), and token buckets per source address for the
+one message that costs it real work.
 
 A natpunch-go handshake costs the server four X25519 operations before it knows whether the
 sender holds a key it accepts; anyone who knows the server's public key can send them. A
@@ -36,3 +37,15 @@ class Buckets:
             bucket.tokens -= 1
         self._buckets.put(source, bucket, now)
         return allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Our choices; `wgpunch rendezvous --help` names them."""
+
+    peers_max: int = 65536  # the wireguard-tools server's table size
+    peer_ttl_s: float = 600.0  # ten minutes: beyond a cron client's period and a NAT's timeout
+    session_ttl_s: float = 600.0  # natpunch-go handshakes again every 5 minutes
+    handshakes_per_source_s: float = 5.0
+    handshake_burst: float = 20.0
+    handshakes_per_s: float = 2000.0  # ~0.7 of a core here (bench/natpunch.py: 355 us each)

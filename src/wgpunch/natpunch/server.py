@@ -30,25 +30,13 @@ from dataclasses import dataclass, field
 from ..keys import Key
 from ..wg.device import Endpoint
 from . import wire
-from .limits import Buckets
+from .limits import Buckets, Limits
 from .noise import CipherState, HandshakeIK, ReplayWindow
 from .table import Table
 
 log = logging.getLogger(__name__)
 
 SESSIONS_PER_KEY = 2  # the current one, and the one before it for replies still in flight
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Our choices; `wgpunch rendezvous --help` names them."""
-
-    peers_max: int = 65536  # the wireguard-tools server's table size
-    peer_ttl_s: float = 600.0  # ten minutes: beyond a cron client's period and a NAT's timeout
-    session_ttl_s: float = 600.0  # natpunch-go handshakes again every 5 minutes
-    handshakes_per_source_s: float = 5.0
-    handshake_burst: float = 20.0
-    handshakes_per_s: float = 2000.0  # ~0.7 of a core here (bench/natpunch.py: 355 us each)
 
 
 @dataclass(slots=True)

@@ -98,6 +98,8 @@ async def serve(args: argparse.Namespace) -> int:
     if server_key_text and not natpunch:
         raise ConfigError("node: --natpunch-server-key goes with --natpunch")
     registry = Key.parse(str(registry_text), what="--registry key") if registry_text else None
+    server_key = (Key.parse(str(server_key_text), what="--natpunch-server-key")
+                  if server_key_text else None)
     keepalive = _number(_option(args, config, "keepalive", 25), "keepalive (s)", 1, 65535)
     opener_ttl = _number(_option(args, config, "opener_ttl", 64), "opener TTL", 1, 255)
     interval = _number(_option(args, config, "interval", 5.0), "interval (s)", 0.1, 3600, float)
@@ -117,8 +119,6 @@ async def serve(args: argparse.Namespace) -> int:
     if natpunch or natpunch_legacy:
         rendezvous = await resolve_server(natpunch or natpunch_legacy,
                                           RENDEZVOUS_PORT if natpunch else LEGACY_PORT)
-        server_key = (Key.parse(str(server_key_text), what="--natpunch-server-key")
-                      if natpunch else None)
         source = NatpunchSource(rendezvous, server_key, device, interval_s=float(interval))
         await source.connect(state.listen_port, state.public_key)  # fail now, not later
         where = (f"natpunch server {rendezvous} (key {server_key})" if server_key

@@ -20,11 +20,7 @@ DNS_PORT = 53  # RFC 1035 §4.2; needs root or CAP_NET_BIND_SERVICE
 def _address(text: str, default_port: int, what: str, forms: str) -> Endpoint:
     """`ADDR:PORT`, `[IPv6]:PORT`, or a bare address (with `default_port`)."""
     try:
-        return Endpoint(ipaddress.ip_address(text), default_port)
-    except ValueError:
-        pass
-    try:
-        return Endpoint.parse(text)
+        return Endpoint.parse(text, default_port)
     except ValueError:
         raise ConfigError(
             f"registry: {what} {text!r}: expected {forms}, "

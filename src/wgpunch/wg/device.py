@@ -42,8 +42,14 @@ class Endpoint:
             raise ChangeRefused(f"endpoint: port {self.port} is not in 1-65535")
 
     @classmethod
-    def parse(cls, text: str) -> Endpoint:
-        """`192.0.2.1:51820` or `[2001:db8::1]:51820`."""
+    def parse(cls, text: str, default_port: int | None = None) -> Endpoint:
+        """`192.0.2.1:51820` or `[2001:db8::1]:51820`; with `default_port`, also a bare
+        address (`192.0.2.1`, `2001:db8::1`) on that port."""
+        if default_port is not None:
+            try:
+                return cls(ipaddress.ip_address(text), default_port)
+            except ValueError:
+                pass
         host, sep, port_text = text.rpartition(":")
         if not sep or not port_text.isdigit():
             raise ChangeRefused(f"endpoint {text!r}: expected IP:PORT or [IPv6]:PORT")
