@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import ipaddress
 import logging
 import os
@@ -407,6 +408,21 @@ async def test_refused_set_is_a_device_error_without_secrets(caplog):
     assert info.value.errno == errno.EINVAL
     assert PSK.base64() not in caplog.text and PSK.base64() not in str(info.value)
     assert logging.getLogger("pyroute2").getEffectiveLevel() >= logging.INFO
+
+
+async def test_failed_opens_leave_no_file_descriptor_open():
+    """A registry polls a missing kernel device every few ms: each failed open must clean up."""
+    if await asyncio.to_thread(kernel_wireguard_available):  # pyroute2 sync: not on the loop
+        pytest.skip("the kernel has WireGuard: opening the socket does not fail here")
+    gc.disable()  # the leak was only reclaimed by the cycle collector
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(50):
+            with pytest.raises(DeviceNotFound):
+                await NetlinkDevice("wgpunchnosuch0").state()
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        gc.enable()
 
 
 def test_genl_family_probe_against_the_running_kernel():

@@ -243,8 +243,26 @@ def set_message_from_changes(ifname: str, changes: Sequence[PeerConfig]) -> wgms
 # -- I/O --------------------------------------------------------------------------------------
 
 
+class _WireGuard(WireGuard):
+    """pyroute2's `WireGuard`, closing what it opened when binding to the family fails.
+
+    pyroute2 0.9 makes an event loop and a netlink socket before it looks the family up, and
+    leaves both open when that fails (no kernel module). A registry polling a missing device
+    would pile them up between garbage collections, and a collected loop whose self-pipe was
+    finalised first prints a traceback from `BaseEventLoop.__del__`.
+    """
+
+    def __init__(self) -> None:
+        try:
+            super().__init__()
+        except BaseException:
+            if hasattr(self, "asyncore"):
+                self.close()
+            raise
+
+
 def _open_wireguard() -> WireGuardSocket:
-    return WireGuard()
+    return _WireGuard()
 
 
 def _translate(error: NetlinkError | OSError, ifname: str, operation: str) -> WgpunchError:
