@@ -97,6 +97,7 @@ def remove(prefix: str) -> Removed:
         time.sleep(0.01)
     for ns in spaces:
         ns.delete()
+    _delete_stragglers(prefix)
     socks = sockets(prefix)
     for sock in socks:
         sock.unlink(missing_ok=True)
@@ -107,6 +108,20 @@ def remove(prefix: str) -> Removed:
     if left:
         raise LabError(f"lab {prefix}: could not delete {', '.join(ns.name for ns in left)}")
     return Removed(len(spaces), len(pids), len(socks), had_dir)
+
+
+def _delete_stragglers(prefix: str) -> None:
+    """Delete namespaces that appeared while the lab was being removed.
+
+    On Ctrl-C during `lab up`, subprocess gives an interrupted child only a brief wait (it
+    assumes the child got SIGINT too, which a signal sent to this process alone does not do),
+    so an `ip netns add` of the build may still finish after the lab's namespaces were listed.
+    """
+    deadline = time.monotonic() + TERM_GRACE_S
+    while (left := namespaces(prefix)) and time.monotonic() < deadline:
+        for ns in left:
+            ns.delete()
+        time.sleep(0.01)
 
 
 def _pids(ns: Namespace) -> list[int]:
