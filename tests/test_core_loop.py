@@ -287,6 +287,8 @@ def test_easy_pair_goes_direct_and_its_traffic_does_not_cross_the_registry(lab_p
         assert sides_after.a.endpoint == sides.a.endpoint
         assert sides_after.b.endpoint == sides.b.endpoint
         agents.check_alive()
+        following = {e["msg"] for e in agents.events("a") if e["event"] == "registry-connected"}
+        assert following == {"registry http://10.99.0.254:51821: following its watch stream"}
         print(f"\ntime to direct {took:.3f} s; 1 MiB a->b: a tx {a_tx} B, b rx {b_rx} B; "
               f"registry (rx, tx) per node during it: {via_registry}")
 

@@ -18,6 +18,7 @@ from wgpunch.lab import catalog, evidence
 from wgpunch.lab.agents import Agents, natpunch_flags
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import python_module, wait_for
+from wgpunch.natpunch.wire import LEGACY_PORT
 
 pytestmark = pytest.mark.lab
 
@@ -47,6 +48,10 @@ def test_nodes_find_each_other_through_a_rendezvous_server(lab_prefix, tmp_path,
             registered = {e["peer"] for e in agents.events("registry")
                           if e["event"] == "registered"}
             assert registered == {str(lab.host(h).public_key) for h in ("a", "b")}
+            following = {e["msg"] for e in agents.events("a")
+                         if e["event"] == "registry-connected"}
+            server = f"{lab.host('registry').public_ip}:{PORT if mode == 'noise' else LEGACY_PORT}"
+            assert following == {f"natpunch {server} ({mode}): polling every 1 s"}
             print(f"natpunch {mode}: direct after {took:.2f} s")
 
 

@@ -120,7 +120,7 @@ class Agent:
             try:
                 async for event in self.client.watch(self.revision, self.epoch):
                     if not heard:
-                        log.info("registry: following its watch stream",
+                        log.info("%s", self.client.following,
                                  extra={"event": "registry-connected"})
                     delay, heard = 0.25, True
                     self.apply_event(event)

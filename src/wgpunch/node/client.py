@@ -55,6 +55,10 @@ class RegistryClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session = aiohttp.ClientSession(headers=headers)
 
+    @property
+    def following(self) -> str:
+        return f"registry {self.base_url}: following its watch stream"
+
     async def close(self) -> None:
         await self._session.close()
 

@@ -84,6 +84,10 @@ class DnsSdSource:
         self.timeout_s = timeout_s
         self.failed: set[Key] = set()  # peers whose last lookup failed (for --once)
 
+    @property
+    def following(self) -> str:
+        return f"dns-sd {self.server} zone {self.zone}: polling every {self.interval_s:g} s"
+
     async def lookup(self, key: Key) -> PeerRecord | None:
         query = dns.message.make_query(query_name(key, self.zone), dns.rdatatype.SRV)
         where, port = str(self.server.ip), self.server.port

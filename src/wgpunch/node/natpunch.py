@@ -68,6 +68,11 @@ class NatpunchSource:
         self._port: int | None = None
         self._public: Key | None = None
 
+    @property
+    def following(self) -> str:
+        protocol = "legacy" if self.server_key is None else "noise"
+        return f"natpunch {self.server} ({protocol}): polling every {self.interval_s:g} s"
+
     async def connect(self, listen_port: int, public: Key | None = None
                       ) -> NoiseClient | LegacyClient:
         """A client for the WireGuard port and key as they are now (both can change under
