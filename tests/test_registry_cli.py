@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import wgpunch
+from ports import free_port, free_ports
 from wgpunch.cli import build_parser
 from wgpunch.registry import ConfigError
 from wgpunch.registry.cli import read_token, settings_from
@@ -208,12 +209,6 @@ def test_errors_are_one_line_and_exit_1(argv, message):
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def get_json(url: str) -> dict | None:
     try:
         with urllib.request.urlopen(url, timeout=1) as resp:
@@ -276,7 +271,7 @@ def test_serves_dns_and_releases_its_ports_on_signal(sig):
     import dns.message
     import dns.rcode
 
-    port, dns_port = free_port(), free_port()
+    port, dns_port = free_ports(2)
     proc = subprocess.Popen(
         wgpunch_cli("registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{port}",
                     "--dns", f"127.0.0.1:{dns_port}", "--zone", "mesh.internal",
