@@ -21,10 +21,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ports import free_ports
 from wgpunch.keys import Key
-from wgpunch.registry.dnssd import Zone, answer
+from wgpunch.registry.dnssd import InstanceCache, Zone, answer
 from wgpunch.registry.dnsserver import DnsServer, Instance, SelfConfig
-from wgpunch.registry.dnswire import size_limit, to_wire
+from wgpunch.registry.dnswire import TCP_MAX, size_limit, to_wire
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
 from wgpunch.wg.device import Endpoint, PeerState
@@ -86,11 +87,19 @@ def query(name: str, rdtype: str, *, edns: int = -1, payload: int = 1232,
                                   **kwargs)
 
 
+CACHE = InstanceCache()  # shared by every test, as a server shares one across queries
+
+
 def respond(q: dns.message.Message, state: RegistryState = FIXTURE, me=SELF, *,
             tcp: bool = False) -> dns.message.Message | None:
-    """The pure answer, rendered as the server would and parsed back."""
+    """The pure answer, rendered as the server would and parsed back; the same bytes with
+    the server's cache of record sets, asked twice (built, then reused)."""
     limit = size_limit(q, tcp=tcp)
     response = answer(q, ZONE, state, lambda: me, limit=limit)
+    for _ in range(2):
+        cached = answer(q, ZONE, state, lambda: me, limit=limit, cache=CACHE)
+        assert (None if cached is None else to_wire(cached, limit)) == (
+            None if response is None else to_wire(response, limit))
     if response is None:
         return None
     return dns.message.from_wire(to_wire(response, limit))
@@ -205,6 +214,44 @@ def test_rules(intent, qname, qtype, rcode, an, ns, ar):
     r = respond(q)
     check(r, rcode, an, ns, ar)
     assert r.question[0].name.to_text() == qname  # echoed as asked
+
+
+def test_cached_record_sets_follow_the_table():
+    """The server's cache of record sets serves a peer's new endpoint and allowed IPs as soon
+    as the table has them, and drops the sets of peers that left."""
+    state = table(peer(KEY["peer1"], "1.1.1.1:1", "10.0.0.1/32"))
+    cache = InstanceCache()
+
+    def srv() -> dns.message.Message:
+        q = query(N("peer1").upper(), "SRV")
+        return dns.message.from_wire(to_wire(answer(q, ZONE, state, lambda: None, cache=cache),
+                                             TCP_MAX))
+
+    check(srv(), "NOERROR", [f"{N('peer1')} 0 IN SRV 0 0 1 {N('peer1')}"], [],
+          [f"{N('peer1')} 0 IN A 1.1.1.1", f"{N('peer1')} 0 IN TXT {TXT('peer1', '10.0.0.1/32')}"])
+    state.observe([peer(KEY["peer1"], "[2001:db8::7]:7", "10.0.0.1/32")])
+    check(srv(), "NOERROR", [f"{N('peer1')} 0 IN SRV 0 0 7 {N('peer1')}"], [],
+          [f"{N('peer1')} 0 IN AAAA 2001:db8::7",
+           f"{N('peer1')} 0 IN TXT {TXT('peer1', '10.0.0.1/32')}"])
+    state.observe([peer(KEY["peer1"], "[2001:db8::7]:7", "10.0.0.9/32", "10.0.0.8/32")])
+    check(srv(), "NOERROR", [f"{N('peer1')} 0 IN SRV 0 0 7 {N('peer1')}"], [],
+          [f"{N('peer1')} 0 IN AAAA 2001:db8::7",
+           f"{N('peer1')} 0 IN TXT {TXT('peer1', '10.0.0.8/32,10.0.0.9/32')}"])
+    state.observe([peer(KEY["peer1"], None, "10.0.0.1/32")])
+    check(srv(), "NXDOMAIN", [], [SOA], [])
+
+    many = [peer(Key(bytes([i]) * 32), f"192.0.2.{i}:{i}", f"10.1.0.{i}/32")
+            for i in range(1, 101)]
+    state.observe(many)
+    for p in many:
+        answer(query(ZONE.instance(p.public_key).to_text(), "TXT"), ZONE, state, lambda: None,
+               cache=cache)
+    newcomer = peer(KEY["peer2"], "192.0.2.200:200", "10.1.1.1/32")
+    state.observe([*many[:2], newcomer])
+    for p in [*many[:2], newcomer]:  # building the newcomer's lets the 98 departed peers go
+        answer(query(ZONE.instance(p.public_key).to_text(), "SRV"), ZONE, state, lambda: None,
+               cache=cache)
+    assert len(cache) == 3
 
 
 @pytest.mark.parametrize(("intent", "qname", "rdclass"), [
@@ -612,7 +659,6 @@ def healthz_latencies(port: int, count: int) -> list[float]:
 
 
 def test_a_dns_flood_does_not_slow_the_api():
-    import socket
     import subprocess
     import sys
     from pathlib import Path
@@ -622,12 +668,7 @@ def test_a_dns_flood_does_not_slow_the_api():
 
     src = str(Path(wgpunch.__file__).resolve().parents[1])
 
-    def free(kind: int) -> int:
-        with socket.socket(socket.AF_INET, kind) as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
-    api, dns_port = free(socket.SOCK_STREAM), free(socket.SOCK_DGRAM)
+    api, dns_port = free_ports(2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "wgpunch.cli", "registry", "-i", "nosuchwg0", "--listen",
          f"127.0.0.1:{api}", "--dns", f"127.0.0.1:{dns_port}", "--zone", "mesh.internal"],
@@ -641,7 +682,8 @@ def test_a_dns_flood_does_not_slow_the_api():
                 healthz_latencies(api, 1)
                 break
             except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None
+                assert time.monotonic() < deadline and proc.poll() is None, (
+                    proc.stderr.read() if proc.poll() is not None else "no API in 10 s")
                 time.sleep(0.05)  # poll interval, bounded by the deadline above
         quiet = healthz_latencies(api, 50)
         wire = query(f"{'a' * 52}====._wireguard._udp.mesh.internal.", "SRV").to_wire()

@@ -141,12 +141,54 @@ def lowercase(name: dns.name.Name) -> dns.name.Name:
 # -- the request ------------------------------------------------------------------------------
 
 
+class InstanceCache:
+    """Each instance's record sets, built once per endpoint and allowed IPs.
+
+    Building them (rdata objects, and the hashing by which a record set refuses duplicates)
+    was a third of the CPU time of an SRV answer; a node asks for the same peers every poll.
+    dnspython renders a record set without changing it, so responses can share them.
+    """
+
+    def __init__(self) -> None:
+        self._built: dict[Key, tuple[Endpoint, tuple[IPNetwork, ...], _InstanceSets]] = {}
+
+    def __len__(self) -> int:
+        return len(self._built)
+
+    def get(self, owner: dns.name.Name, record: Record, endpoint: Endpoint,
+            table: PeerTable) -> _InstanceSets:
+        key = record.public_key
+        cached = self._built.get(key)
+        if cached is not None and cached[0] == endpoint and cached[1] == record.allowed_ips \
+                and cached[2].owner.labels == owner.labels:
+            return cached[2]
+        built = _InstanceSets(owner, record, endpoint)
+        if len(self._built) > 2 * len(table.peers) + 64:  # removed peers' sets: let them go
+            self._built = {k: v for k, v in self._built.items() if k in table.peers}
+        self._built[key] = (endpoint, record.allowed_ips, built)
+        return built
+
+
+class _InstanceSets:
+    __slots__ = ("host", "owner", "srv", "txt")
+
+    def __init__(self, owner: dns.name.Name, record: Record, endpoint: Endpoint) -> None:
+        self.owner = owner
+        # §1.4: the SRV target is the instance name itself.
+        self.srv = dns.rrset.from_rdata(
+            owner, TTL, SRV(IN, dns.rdatatype.SRV, 0, 0, endpoint.port, owner))
+        self.host = host_rrset(owner, endpoint)
+        self.txt = txt_rrset(owner, record)
+
+
 def answer(query: dns.message.Message, zone: Zone, table: PeerTable, me: SelfRecord, *,
-           limit: int = TCP_MAX) -> dns.message.Message | None:
+           limit: int = TCP_MAX, cache: InstanceCache | None = None
+           ) -> dns.message.Message | None:
     """The response to `query`, or None when it must not be answered (it is a response).
 
     `me` is asked only when the query concerns the registry's own record. `limit` is the
     size the response will be rendered into; it only bounds how many PTR records are built.
+    A server passes one `cache` to every call.
     """
     if query.flags & dns.flags.QR:
         return None  # miekg MsgIgnore: never answer a response (no loops, no reflection)
@@ -169,7 +211,9 @@ def answer(query: dns.message.Message, zone: Zone, table: PeerTable, me: SelfRec
     if len(labels) == 3 and labels[1:] == SERVICE and qtype in _INSTANCE_TYPES:
         record = _find(labels[0], table, me)
         if record is not None and record.endpoint is not None:
-            return _instance(query, owner, record, record.endpoint, qtype)
+            sets = (_InstanceSets(owner, record, record.endpoint) if cache is None
+                    else cache.get(owner, record, record.endpoint, table))
+            return _instance(query, sets, qtype)
     return _nxdomain(query, zone)
 
 
@@ -218,19 +262,17 @@ def _with_endpoint(peers: Iterable[Record], me: SelfRecord) -> Iterable[Record]:
         yield mine
 
 
-def _instance(query: dns.message.Message, owner: dns.name.Name, record: Record,
-              endpoint: Endpoint, qtype: int) -> dns.message.Message:
+def _instance(query: dns.message.Message, sets: _InstanceSets, qtype: int
+              ) -> dns.message.Message:
     response = _reply(query, dns.rcode.NOERROR, aa=True)
     if qtype == dns.rdatatype.SRV:
-        # §1.4: the target is the instance name itself; host record first, then TXT.
-        srv = SRV(IN, dns.rdatatype.SRV, 0, 0, endpoint.port, owner)
-        response.answer.append(dns.rrset.from_rdata(owner, TTL, srv))
-        response.additional.append(host_rrset(owner, endpoint))
-        response.additional.append(txt_rrset(owner, record))
+        response.answer.append(sets.srv)
+        response.additional.append(sets.host)  # §1.4: host record first, then TXT
+        response.additional.append(sets.txt)
     elif qtype == dns.rdatatype.TXT:
-        response.answer.append(txt_rrset(owner, record))
+        response.answer.append(sets.txt)
     else:  # A or AAAA: the endpoint's family decides (§1.4 quirk)
-        response.answer.append(host_rrset(owner, endpoint))
+        response.answer.append(sets.host)
     return response
 
 
@@ -288,6 +330,7 @@ def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode, *, aa: bool = Fal
 
 
 __all__ = [
-    "PTR_MIN_WIRE", "PeerTable", "Record", "SelfRecord", "Zone", "answer", "host_rrset",
+    "PTR_MIN_WIRE", "InstanceCache", "PeerTable", "Record", "SelfRecord", "Zone", "answer",
+    "host_rrset",
     "lowercase", "servfail", "txt_rrset",
 ]

@@ -36,7 +36,7 @@ from ..keys import Key
 from ..wg.device import Endpoint, IPAddress, IPNetwork
 from . import ConfigError
 from .auth import identify, source_ip
-from .dnssd import Record, Zone, answer, servfail
+from .dnssd import InstanceCache, Record, Zone, answer, servfail
 from .dnswire import size_limit, to_wire
 from .ratelimit import Throttle
 from .state import RegistryState
@@ -121,6 +121,7 @@ class DnsServer:
         self._throttle = Throttle(self._timings.dns_malformed_log_s)
         self._derived: dict[IPAddress | None, Endpoint | None] = {}
         self._derived_revision = -1
+        self._instances = InstanceCache()
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
         self._clients: set[asyncio.Task] = set()
@@ -147,7 +148,7 @@ class DnsServer:
         limit = size_limit(query, tcp=tcp)
         try:
             response = answer(query, self.zone, self._state, lambda: self._me(source),
-                              limit=limit)
+                              limit=limit, cache=self._instances)
             if response is None:
                 self.counts["ignored"] += 1
                 return None
