@@ -794,6 +794,24 @@ def test_handshakes_are_rate_limited_per_source() -> None:
     assert server.counts["rate_limited"] == 8
 
 
+def test_an_ipv6_source_is_its_64_and_a_mapped_ipv4_its_address() -> None:
+    limits = Limits(handshakes_per_source_s=5.0, handshake_burst=3.0)
+    server, server_public = noise_server(limits)
+    rig = Rig(server, now=100.0)
+
+    def one(ip: str) -> bool:
+        return rig.send(Spec.new(server_public).init(), ep(ip, 1000)) is not None
+
+    # Three addresses of one /64 share its bucket; the next /64 has its own.
+    assert [one(f"2001:db8:0:1::{n}") for n in (1, 2, 3, 4)] == [True, True, True, False]
+    assert one("2001:db8:0:1:ffff:ffff:ffff:ffff") is False
+    assert one("2001:db8:0:2::1") is True
+    # An IPv4 sender seen through a dual-stack socket counts as that IPv4 address.
+    assert [one("192.0.2.9") for _ in range(3)] == [True] * 3
+    assert one("::ffff:192.0.2.9") is False
+    assert one("::ffff:192.0.2.10") is True
+
+
 def test_handshakes_are_rate_limited_overall() -> None:
     limits = Limits(handshakes_per_s=10.0)
     server, server_public = noise_server(limits)

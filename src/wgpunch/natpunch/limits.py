@@ -9,6 +9,7 @@ address is far above any honest need, and a global bucket caps what a spread-out
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -39,6 +40,20 @@ class Buckets:
         return allowed
 
 
+# An IPv6 site gets a /64 at least (RFC 6177), and one host can use any address in it: a
+# bucket per address would let one flooder have 2^64 of them.
+IPV6_SOURCE_PREFIX = 64
+
+
+def source_of(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> Hashable:
+    """Whom a per-source limit counts: an IPv4 address, or an IPv6 address's /64."""
+    if ip.version == 4:
+        return ip
+    if ip.ipv4_mapped is not None:  # a dual-stack socket's view of an IPv4 sender
+        return ip.ipv4_mapped
+    return ipaddress.IPv6Network((ip, IPV6_SOURCE_PREFIX), strict=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """Our choices; `wgpunch rendezvous --help` names them."""
@@ -46,6 +61,6 @@ class Limits:
     peers_max: int = 65536  # the wireguard-tools server's table size
     peer_ttl_s: float = 600.0  # ten minutes: beyond a cron client's period and a NAT's timeout
     session_ttl_s: float = 600.0  # natpunch-go handshakes again every 5 minutes
-    handshakes_per_source_s: float = 5.0
+    handshakes_per_source_s: float = 5.0  # per IPv4 address or IPv6 /64
     handshake_burst: float = 20.0
     handshakes_per_s: float = 2000.0  # ~0.7 of a core here (bench/natpunch.py: 355 us each)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from ..keys import Key
 from ..wg.device import Endpoint
 from . import wire
-from .limits import Buckets, Limits
+from .limits import Buckets, Limits, source_of
 from .noise import CipherState, HandshakeIK, ReplayWindow
 from .table import Table
 
@@ -82,7 +82,8 @@ class NoiseRendezvous:
 
     def _handshake(self, data: bytes, source: Endpoint, now: float) -> bytes | None:
         _, noise = wire.parse_handshake_init(data)  # the client's index names nothing here
-        if not (self._per_source.allow(source.ip, now) and self._overall.allow(None, now)):
+        if not (self._per_source.allow(source_of(source.ip), now)
+                and self._overall.allow(None, now)):
             self.counts["rate_limited"] += 1
             return None
         handshake = HandshakeIK.responder(self._private, wire.PROLOGUE)
