@@ -30,9 +30,9 @@ FRESH_RX = Memory(rx_bytes=500, rx_changed_at=NOW - 1)
 
 
 def run(p, registry_endpoint, mem=FRESH_RX, *, initiator=True, punched=False, now=NOW,
-        can_open=False):
+        can_open=False, peer_ready=True):
     return decide(p, registry_endpoint, mem, initiator=initiator, punched=punched,
-                  can_open=can_open, now_wall=NOW_WALL, now=now, t=T)
+                  can_open=can_open, peer_ready=peer_ready, now_wall=NOW_WALL, now=now, t=T)
 
 
 @pytest.mark.parametrize(
@@ -83,6 +83,46 @@ def test_with_raw_openers_only_the_initiator_sends_initiations():
     initiation = run(peer(), OLD, Memory(), punched=True, can_open=True)
     # ... a moment after the event, so that the other side's opener is out first.
     assert (initiation.kind, initiation.delay_s) == (Kind.HANDSHAKE, T.initiator_delay_s)
+
+
+def test_the_initiator_sends_only_to_a_peer_whose_agent_follows_punches():
+    """A punch event the peer's agent may have missed (it has not reported itself: not
+    started yet) brings no initiation: on a NAT that keeps state for unsolicited packets it
+    would arrive before the peer's opener and leave state that every retry refreshes. The
+    peer's own request, once its agent is up, brings the next punch event."""
+    for can_open in (True, False):
+        waiting = run(peer(), OLD, Memory(), punched=True, can_open=can_open, peer_ready=False)
+        assert (waiting.kind, waiting.reason) == (Kind.LEAVE, Reason.PEER_NOT_READY)
+        assert waiting.recheck_s == T.busy_recheck_s
+    # It asks for no punch while the peer may be starting with us: the peer's own request,
+    # after its report, brings the punch event we act on ...
+    starting = run(peer(), OLD, Memory(unready_since=NOW - 0.1), peer_ready=False)
+    assert (starting.kind, starting.reason) == (Kind.LEAVE, Reason.PEER_STARTING)
+    # ... but a peer that stays silent is asked for, as before (its agent may come up later).
+    late = run(peer(), OLD, Memory(unready_since=NOW - T.peer_grace_s), peer_ready=False)
+    assert (late.kind, late.reason) == (Kind.REQUEST_PUNCH, Reason.NO_SESSION)
+    # An ignored event, then the peer reports: ask again once the registry no longer
+    # coalesces (its window after our last request), not at the 0.5 s retry.
+    skipped = Memory(attempts=1, attempt_at=NOW - 0.1, attempt_endpoint=OLD, skipped=True)
+    assert run(peer(), OLD, skipped).reason is Reason.WAITING
+    again = run(peer(), OLD, replace(skipped, attempt_at=NOW - T.coalesce_s - 0.01))
+    assert (again.kind, again.reason) == (Kind.REQUEST_PUNCH, Reason.PEER_READY)
+    # A peer still not reported waits for the ordinary retry.
+    assert run(peer(), OLD, replace(skipped, attempt_at=NOW - T.coalesce_s - 0.01),
+               peer_ready=False).reason is Reason.WAITING
+    # ... and the other side opens its NAT on any punch event: an opener reaches no peer.
+    opening = run(peer(), OLD, Memory(), initiator=False, punched=True, can_open=True,
+                  peer_ready=False)
+    assert opening.kind is Kind.OPEN
+    # A live session is no punch at all: its probe is data on the session.
+    assert run(LIVE, OLD, punched=True, peer_ready=False).kind is Kind.PROBE
+    # A peer that never reports runs no agent: after agentless_after_s it is punched as
+    # before reports counted, or a plain WireGuard peer would never be reached.
+    agentless = Memory(unready_since=NOW - T.agentless_after_s)
+    initiation = run(peer(), OLD, agentless, punched=True, peer_ready=False)
+    assert initiation.kind is Kind.HANDSHAKE
+    not_yet = Memory(unready_since=NOW - T.agentless_after_s + 0.5)
+    assert run(peer(), OLD, not_yet, punched=True, peer_ready=False).kind is Kind.LEAVE
 
 
 def test_without_raw_openers_the_non_initiator_keeps_to_wireguards_rhythm():

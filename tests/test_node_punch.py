@@ -63,3 +63,14 @@ def test_the_kernel_delivers_an_opener_from_the_wireguard_port(tmp_path):
         finally:
             receiver.kill()
             receiver.wait()
+
+
+def test_inside_addresses_are_where_nats_number_their_inside():
+    from ipaddress import ip_address
+
+    from wgpunch.node.punch import inside_address
+    for address in ("192.168.1.1", "10.0.0.1", "172.16.5.1", "100.64.1.1", "169.254.0.1"):
+        assert inside_address(ip_address(address)), address
+    # The lab's "public" addresses are documentation ranges: outside, as real public ones.
+    for address in ("198.51.100.1", "203.0.113.5", "192.0.2.2", "8.8.8.8", "100.128.0.1"):
+        assert not inside_address(ip_address(address)), address

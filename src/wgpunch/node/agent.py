@@ -28,15 +28,16 @@ from ..registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Sn
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import local_addresses
-from .client import ApiError, Event
+from .client import ApiError, Event, RegistryClient
 from .decide import Decision, Kind, Memory, Reason, Timings, decide
 from .probe import send_probe, tunnel_address
-from .punch import DEFAULT_TTL, can_send_raw, send_opener
+from .punch import DEFAULT_TTL, can_send_raw, opener_hops, send_opener
 from .source import ConfigError, Source
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 60.0  # re-report our candidates: addresses change (DHCP, roaming)
+HOPS_WAIT_S = 1.0  # an opener waits at most this long for the first measurement of its TTL
 RECONNECT_MAX_S = 30.0
 
 
@@ -59,7 +60,7 @@ class Agent:
         *,
         timings: Timings | None = None,
         state_dir: Path = pathfile.STATE_DIR,
-        opener_ttl: int = DEFAULT_TTL,
+        opener_ttl: int | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -69,7 +70,8 @@ class Agent:
         self.me: Key | None = None
         self.listen_port = 0
         self.can_open = can_send_raw()
-        self.opener_ttl = opener_ttl
+        self.opener_ttl = opener_ttl  # None: measured (punch.opener_hops), else DEFAULT_TTL
+        self.hops: asyncio.Task[int | None] | None = None
         self.peers: dict[Key, PeerRecord] = {}
         self.epoch: str | None = None
         self.revision: int | None = None
@@ -81,6 +83,14 @@ class Agent:
         self.reported = asyncio.Event()  # set when the registry needs our report again
         self._published: dict[str, pathfile.PeerPath] | None = None
         self._device_failing = False
+        # Our own report reaches the registry only after our watch stream is open, and we ask
+        # for punches only after our report: so a peer that sees us reported knows that we
+        # follow punch events (decide(peer_ready=...)).
+        self.following = asyncio.Event()
+        # Only the registry's HTTP API takes reports (DNS-SD and natpunch sources do not, and
+        # bring no punch events): elsewhere every peer counts as ready.
+        self.reports_matter = isinstance(client, RegistryClient)
+        self.has_reported = False
 
     # -- registry view (plain defs: no await inside an update) ------------------------------
 
@@ -124,6 +134,7 @@ class Agent:
                                  extra={"event": "registry-connected"})
                     delay, heard = 0.25, True
                     self.apply_event(event)
+                    self.following.set()
             except ApiError as error:
                 log.log(logging.WARNING if delay >= 1 else logging.DEBUG, "%s", error)
             if heard:
@@ -146,22 +157,35 @@ class Agent:
                 await asyncio.to_thread(send_probe, self.device.name, address)
 
     async def report_self(self) -> None:
+        await self.following.wait()
         while True:
             try:
                 state = await self.device.state()
                 addresses = await asyncio.to_thread(local_addresses, self.device.name)
-                await self.client.report_self(
+                report = asyncio.ensure_future(self.client.report_self(
                     Reported(state.listen_port, tuple(addresses), __version__)
-                )
+                ))
+                await asyncio.sleep(0)  # the report is on its way before any punch request
+                self.allow_punches()
+                await report
                 log.debug("reported listen port %d and %d addresses", state.listen_port,
                           len(addresses))
                 wait = REPORT_EVERY_S
             except (ApiError, DeviceError, BadRequest) as error:
                 log.debug("report to the registry failed: %s", error)
                 wait = 2.0
+            self.allow_punches()  # a report that fails must not stop our punches
             self.reported.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.reported.wait(), wait)
+
+    def allow_punches(self) -> None:
+        """Our report has left (__init__ says why punch requests wait for it): it is sent on
+        its own connection before any request, so the registry, and through its stream every
+        peer, sees it first (a request overtaking it costs the peer one coalescing window)."""
+        if not self.has_reported:
+            self.has_reported = True
+            self.wake.set()  # punch requests held back until now may go
 
     async def reconcile_forever(self) -> None:
         while True:
@@ -176,6 +200,7 @@ class Agent:
             raise ConfigError(f"node: {state.name} has no private key configured")
         self.me = state.public_key
         self.listen_port = state.listen_port
+        self.start_measuring_hops(state)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.follow_registry())
@@ -183,6 +208,34 @@ class Agent:
                 group.create_task(self.reconcile_forever())
         finally:
             pathfile.remove(self.device.name, self.state_dir)
+
+    def start_measuring_hops(self, state: DeviceState) -> None:
+        """Measure the opener TTL toward the registry's public address, in the background."""
+        registry = None if self.registry_key is None else state.peer(self.registry_key)
+        if (self.opener_ttl is not None or not self.can_open or registry is None
+                or registry.endpoint is None or registry.endpoint.ip.version != 4):
+            return
+        target = registry.endpoint.ip
+        self.hops = asyncio.create_task(asyncio.to_thread(opener_hops, target))
+
+        def measured(task: asyncio.Task[int | None]) -> None:
+            hops = None if task.cancelled() or task.exception() else task.result()
+            log.info("opener TTL %s, measured toward the registry %s",
+                     f"{DEFAULT_TTL} (no public router answered)" if hops is None else hops,
+                     target, extra={"event": "opener-ttl", "ttl": hops})
+
+        self.hops.add_done_callback(measured)
+
+    async def current_opener_ttl(self) -> int:
+        if self.opener_ttl is not None:
+            return self.opener_ttl
+        if self.hops is None:
+            return DEFAULT_TTL
+        try:
+            hops = await asyncio.wait_for(asyncio.shield(self.hops), HOPS_WAIT_S)
+        except (TimeoutError, OSError):
+            return DEFAULT_TTL
+        return DEFAULT_TTL if hops is None else hops
 
     async def run_once(self) -> int:
         """One pass, for cron: every peer without a live session whose endpoint the registry
@@ -235,10 +288,14 @@ class Agent:
             punched = peer.public_key in self.punched
             self.punched.discard(peer.public_key)
             memory = track.memory.observe(peer.rx_bytes, peer.tx_bytes, now)
+            ready = not self.reports_matter or known.reported is not None
+            if ready != (memory.unready_since is None):
+                memory = replace(memory, unready_since=None if ready else now)
             decision = decide(
                 peer, known.endpoint, memory,
                 initiator=self.me is not None and initiator(self.me, peer.public_key),
-                punched=punched, can_open=self.can_open, now_wall=now_wall, now=now, t=self.t,
+                punched=punched, can_open=self.can_open, peer_ready=ready,
+                now_wall=now_wall, now=now, t=self.t,
             )
             track.memory = await self.act(peer, decision, memory, now)
             self.note_path(peer, track, decision, now_wall, now)
@@ -251,6 +308,8 @@ class Agent:
         if d.kind is Kind.LEAVE:
             if d.reason is Reason.PEER_PUNCHING:
                 return replace(mem, attempt_at=now)
+            if d.reason is Reason.PEER_NOT_READY:
+                return replace(mem, skipped=True)
             if d.reason is Reason.PROBE_ANSWERED:
                 log.info("peer %s: registry reports %s, but the current path %s answers; "
                          "left alone", key, d.endpoint, peer.endpoint)
@@ -264,7 +323,7 @@ class Agent:
             elif d.kind is Kind.HANDSHAKE or d.endpoint is None:
                 await self.handshake(peer, d.endpoint)
             elif not await asyncio.to_thread(send_opener, self.listen_port, d.endpoint,
-                                             self.opener_ttl):
+                                             await self.current_opener_ttl()):
                 self.can_open = False  # decide() falls back to handshakes from now on
             return replace(
                 mem, attempt_at=mem.attempt_at or now,
@@ -285,7 +344,10 @@ class Agent:
                        repointed=d.kind is Kind.REPOINT)
 
     async def request_punch(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
+        if not self.has_reported:
+            return mem  # see __init__: the request waits for our report (a few ms)
         mem = replace(mem, attempt_at=now, attempt_endpoint=d.endpoint, attempts=mem.attempts + 1,
+                      skipped=False,
                       first_attempt_at=mem.first_attempt_at or now)
         if d.live:
             log.info("peer %s: we send but hear nothing, and a probe went unanswered; "

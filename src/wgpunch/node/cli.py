@@ -101,7 +101,8 @@ async def serve(args: argparse.Namespace) -> int:
     server_key = (Key.parse(str(server_key_text), what="--natpunch-server-key")
                   if server_key_text else None)
     keepalive = _number(_option(args, config, "keepalive", 25), "keepalive (s)", 1, 65535)
-    opener_ttl = _number(_option(args, config, "opener_ttl", 64), "opener TTL", 1, 255)
+    ttl_option = _option(args, config, "opener_ttl")  # None: measured (node/punch.py)
+    opener_ttl = None if ttl_option is None else _number(ttl_option, "opener TTL", 1, 255)
     interval = _number(_option(args, config, "interval", 5.0), "interval (s)", 0.1, 3600, float)
     zone = _option(args, config, "zone")
     if dns_sd and not zone:
@@ -239,10 +240,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--opener-ttl", type=int, metavar="HOPS",
-        help="IP TTL of the empty datagram that opens our NAT for a peer's handshake "
-        "(default 64). Behind a router that keeps state for unsolicited packets (a Linux "
-        "router without an input drop rule), set it to the hops that pass our own NATs but "
-        "not the peer's, e.g. 2 for one home router",
+        help="IP TTL of the empty datagram that opens our NAT for a peer's handshake. "
+        "Default: measured at start, toward the registry: the hops that pass our own NATs "
+        "(up to the first router answering from a public address) but not the peer's, as a "
+        "router that keeps state for unsolicited packets (a Linux router without an input "
+        "drop rule) needs; 64 when nothing answers",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file with the same options")
     parser.set_defaults(func=run, daemon=True)

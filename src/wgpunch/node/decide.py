@@ -21,6 +21,19 @@ The rules (DESIGN.md §3):
   initiation when it comes. Without raw sockets it must use an initiation to open its NAT,
   and then does so only on its first attempt, for a new endpoint, or in WireGuard's own 5 s
   rhythm. Either side may ask for punches quickly: the request makes the initiator act.
+- The initiator's initiation must not reach the other side's NAT before that side's opener
+  has left it: a router that keeps state for unsolicited packets (DESIGN.md §3, the lab's
+  `collision` kind) would then give the other side's packets toward us a new outside port,
+  and every retry of ours keeps that state alive (measured: never direct). A punch event
+  reaches the other side only if its agent follows the registry, which we know once it has
+  reported itself (its report follows its watch stream, agent.py). So the initiator ignores
+  punch events for a peer that has not reported: the peer's own request, when its agent is
+  up, brings the next one, and the registry lets it through (registry/state.py). Nor does it
+  ask for punches for such a peer during its first peer_grace_s: when both agents start
+  together, a request of ours could reach the peer after its stream opened and before its
+  report, so that it opens its NAT and we ignore the event, and the registry would then
+  coalesce its own request. If that happens anyway (a peer starting later), we ask again as
+  soon as the coalescing window has passed and the peer has reported.
 - A live session that sends but hears nothing (a NAT on the way lost its state: reboot,
   conntrack flush) is probed; an unanswered probe asks the registry for a punch, which makes
   the other side send too and so reopen its NAT.
@@ -58,6 +71,17 @@ class Timings:
     # choice, from bench/time_to_direct.py (easy, p95 from both agents up: 0.45 s without
     # it, 0.084 s with 50 ms, 0.050 s with 20 ms; 20 runs each).
     initiator_delay_s: float = 0.02
+    # The initiator asks for no punch for a peer whose agent has not reported itself for this
+    # long after it first saw it so (see the module doc): both agents started together.
+    peer_grace_s: float = 1.0
+    # A peer that has not reported itself for this long runs no agent (a plain WireGuard
+    # peer, perhaps with a public address): punch events mean nothing to it, so the
+    # initiator sends as it did before reports counted. Several punch rounds, so that an
+    # agent that is merely starting late (or reconnecting) is not taken for none.
+    agentless_after_s: float = 10.0
+    # The registry's punch coalescing window (registry/timings.py) plus a margin: a request
+    # sooner after the last one is answered without a punch event.
+    coalesce_s: float = 0.3
     # A non-initiator that cannot send raw openers sends its own initiation at most this
     # often (WireGuard's REKEY_TIMEOUT): quicker ones would cross the initiator's.
     passive_retry_s: float = 5.0
@@ -90,6 +114,11 @@ class Reason(enum.StrEnum):
     WAITING = "waiting before the next attempt"
     PUNCH = "punch event from the registry"
     PEER_PUNCHING = "punch event: the initiator sends, our NAT is open from our last attempt"
+    PEER_STARTING = ("the peer's agent has not reported itself yet: its own punch request "
+                     "will come when it follows the registry")
+    PEER_READY = "the peer's agent reported itself after we ignored a punch event: punching again"
+    PEER_NOT_READY = ("punch event, but the peer's agent has not reported itself: it may have "
+                      "missed the punch, so an initiation now could reach its NAT unopened")
     OPENING = "punch event: opening our NAT for the initiator's handshake"
     SUSPECT = "the registry reports a new endpoint while the session looks live"
     PROBE_PENDING = "waiting for an answer to the path probe"
@@ -115,6 +144,8 @@ class Memory:
     first_attempt_at: float | None = None  # for time-to-direct
     opened_at: float | None = None  # our last handshake-now or opener: our NAT was opened
     opened_endpoint: Endpoint | None = None
+    unready_since: float | None = None  # we first saw the peer's agent not reported
+    skipped: bool = False  # we ignored a punch event: the peer's agent had not reported
     probe_at: float | None = None
     probe_rx_bytes: int = 0
     probe_endpoint: Endpoint | None = None  # the registry endpoint that caused the probe
@@ -169,21 +200,35 @@ def decide(
     initiator: bool,
     punched: bool,
     can_open: bool = False,
+    peer_ready: bool = True,
     now_wall: float,
     now: float,
     t: Timings,
 ) -> Decision:
     """One peer, one tick. `punched`: a punch event for this peer arrived since last tick;
-    `can_open`: raw NAT openers work here (node/punch.py)."""
+    `can_open`: raw NAT openers work here (node/punch.py); `peer_ready`: the peer's agent has
+    reported itself to the registry, so it gets punch events too."""
     if not path_is_dead(peer, mem, now_wall, now, t):
         return _decide_live(peer, registry_endpoint, mem, punched, now, t)
+    if (not peer_ready and mem.unready_since is not None
+            and now - mem.unready_since >= t.agentless_after_s):
+        peer_ready = True
     if registry_endpoint is None:
         return Decision(Kind.LEAVE, Reason.NO_ENDPOINT, recheck_s=t.idle_recheck_s)
     if punched and not initiator and can_open and registry_endpoint.ip.version == 4:
         return Decision(Kind.OPEN, Reason.OPENING, registry_endpoint, t.busy_recheck_s)
+    if punched and initiator and not peer_ready:
+        return Decision(Kind.LEAVE, Reason.PEER_NOT_READY, registry_endpoint, t.busy_recheck_s)
     if punched and initiator:
         return Decision(Kind.HANDSHAKE, Reason.PUNCH, registry_endpoint, t.busy_recheck_s,
                         delay_s=t.initiator_delay_s)
+    if (initiator and not peer_ready and mem.unready_since is not None
+            and now - mem.unready_since < t.peer_grace_s):
+        return Decision(Kind.LEAVE, Reason.PEER_STARTING, registry_endpoint, t.busy_recheck_s)
+    if (initiator and peer_ready and mem.skipped and mem.attempt_at is not None
+            and now - mem.attempt_at >= t.coalesce_s):
+        return Decision(Kind.REQUEST_PUNCH, Reason.PEER_READY, registry_endpoint,
+                        t.busy_recheck_s)
     if punched and (
         mem.opened_at is None
         or mem.opened_endpoint != registry_endpoint

@@ -9,14 +9,28 @@ would answer. WireGuard owns the port, so the datagram is built by hand and sent
 socket (IP_HDRINCL), as in the wireguard-tools NAT hole-punching example. It needs
 CAP_NET_RAW; without it `send_opener` says False and the agent falls back to a handshake.
 
+How far an opener should go: through our own NAT(s), and no further. On a router that keeps
+state for unsolicited packets (DESIGN.md §3, the lab's `collision` kind) an opener that reaches
+the peer's NAT leaves an unreplied entry there, and the peer's own packets toward us then get a
+new outside port. `opener_hops` measures the distance once, traceroute-style: UDP datagrams
+with TTL 1, 2, ... toward a public address (the registry's), until a router that answers "time
+exceeded" from an address outside the ranges NATs use on their inside (RFC 1918, RFC 6598
+shared space, link-local) is found: that router is past our last NAT, and a TTL that dies
+there has passed every NAT of ours. The probes stop there, so none reaches the target.
+
 IPv4 only, for now: an IPv6 opener needs a raw IPv6 UDP socket with IPV6_CHECKSUM, which
 works (natpunch/rawudp.py says how) but is not built; IPv6 peers get the fallback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
+import select
 import socket
+import struct
+import time
 
 # The datagram helpers live with the natpunch raw-UDP channel, which sends the same way.
 from ..natpunch.rawudp import source_address, udp_datagram
@@ -24,7 +38,19 @@ from ..wg.device import Endpoint
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TTL = 64
+DEFAULT_TTL = 64  # without a measured distance: reaches everything (and the peer's NAT)
+MAX_HOPS = 8  # NATs sit near the edge: a public router farther away than this is no help
+HOP_WAIT_S = 0.25  # per hop: a router's time-exceeded comes back within a round trip to it
+
+# Where routers on the inside of NATs get their addresses: a router answering from one of these
+# may be a NAT itself (home router LAN, carrier NAT inside), so the search goes on past it.
+INSIDE_NETS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"))
+
+# linux/in.h and linux/errqueue.h; Python's socket module names neither.
+IP_RECVERR = 11
+SO_EE_ORIGIN_ICMP = 2
+ICMP_TIME_EXCEEDED = 11
 
 
 def can_send_raw() -> bool:
@@ -52,3 +78,61 @@ def send_opener(listen_port: int, dst: Endpoint, ttl: int = DEFAULT_TTL) -> bool
         log.debug("NAT opener toward %s failed: %s", dst, error)
         return False
     return True
+
+
+def inside_address(address: ipaddress.IPv4Address) -> bool:
+    return any(address in net for net in INSIDE_NETS)
+
+
+def opener_hops(target: ipaddress.IPv4Address, *, max_hops: int = MAX_HOPS,
+                wait_s: float = HOP_WAIT_S) -> int | None:
+    """The TTL that takes a datagram from here through our own NATs and lets it die at the
+    first router past them, measured toward `target` (a public address; the datagrams never
+    reach it). None: no such router answered within `max_hops` (a silent router, the target
+    reached first, or no route); the caller keeps its default. Blocking: call it in a thread.
+
+    Uses an ordinary UDP socket with IP_RECVERR: the kernel queues each ICMP error for the
+    datagram that caused it, with the address of the router that sent it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
+        try:
+            sock.connect((str(target), 33434))  # traceroute's port; nobody should answer
+        except OSError as error:
+            log.debug("opener hops toward %s: %s", target, error)
+            return None
+        for ttl in range(1, max_hops + 1):
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            with contextlib.suppress(OSError):  # an error queued earlier; read below
+                sock.send(b"")
+            answer = _icmp_error(sock, wait_s)
+            if answer is None:
+                continue  # a router that says nothing: perhaps the next one does
+            icmp_type, offender = answer
+            if icmp_type != ICMP_TIME_EXCEEDED or offender == target:
+                return None  # at the target (or refused on the way) before any public router
+            if not inside_address(offender):
+                log.debug("opener hops toward %s: %d (router %s)", target, ttl, offender)
+                return ttl
+    return None
+
+
+def _icmp_error(sock: socket.socket, wait_s: float) -> tuple[int, ipaddress.IPv4Address] | None:
+    """The next ICMP error queued on `sock` within `wait_s`: (ICMP type, sender)."""
+    deadline = time.monotonic() + wait_s
+    poller = select.poll()
+    poller.register(sock, select.POLLERR)
+    while (left := deadline - time.monotonic()) > 0:
+        if not poller.poll(left * 1000):
+            return None
+        try:
+            _data, ancillary, _flags, _addr = sock.recvmsg(64, 512, socket.MSG_ERRQUEUE)
+        except BlockingIOError:
+            continue
+        for level, kind, data in ancillary:
+            if level != socket.SOL_IP or kind != IP_RECVERR or len(data) < 24:
+                continue
+            # struct sock_extended_err, then the offender's sockaddr_in (SO_EE_OFFENDER)
+            _errno, origin, icmp_type, _code = struct.unpack_from("=IBBB", data)
+            if origin == SO_EE_ORIGIN_ICMP:
+                return icmp_type, ipaddress.IPv4Address(data[20:24])
+    return None
