@@ -226,6 +226,23 @@ def test_punch_reaches_both_sides_at_once_with_each_others_endpoint():
     assert state.changes_since(2, "e1") == []  # punches are not history
 
 
+def test_between_a_public_node_and_a_natted_one_the_natted_one_initiates():
+    """K1 (lower key) reports the address we observe: it has no NAT, so K2 behind its NAT
+    sends first (registry/punch.py `initiator`); K2's report does not make it public."""
+    state = two_peers()
+    s1, _ = state.open_stream(K1, None, None)
+    s2, _ = state.open_stream(K2, None, None)
+    state.report(K1, Reported(51820, (ipaddress.ip_address("198.51.100.1"),), "0.1.0"))
+    state.report(K2, report())
+    records = {r.public_key: r for r in state.sorted_peers()}
+    assert records[K1].public and not records[K2].public
+    drain(s1), drain(s2)
+    state.request_punch(K1, K2, now=100.0)
+    [to_k1] = drain(s1)
+    [to_k2] = drain(s2)
+    assert (to_k1.initiator, to_k2.initiator) == (False, True)
+
+
 def test_punch_repeats_within_the_window_are_coalesced_for_the_pair():
     state = two_peers()
     s1, _ = state.open_stream(K1, None, None)
@@ -266,6 +283,9 @@ def test_punch_refusals(intent, caller, target, status):
 
 def test_initiator_is_the_lower_key_and_pairs_are_unordered():
     assert initiator(K1, K2) and not initiator(K2, K1)
+    assert initiator(K1, K2, side_public=True, other_public=True)
+    assert not initiator(K1, K2, side_public=True)  # the NATed side sends, whatever the keys
+    assert initiator(K2, K1, other_public=True)
     assert pair_of(K2, K1) == pair_of(K1, K2) == (K1, K2)
 
 

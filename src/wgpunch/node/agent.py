@@ -293,7 +293,7 @@ class Agent:
                 memory = replace(memory, unready_since=None if ready else now)
             decision = decide(
                 peer, known.endpoint, memory,
-                initiator=self.me is not None and initiator(self.me, peer.public_key),
+                initiator=self.initiates(known),
                 punched=punched, can_open=self.can_open, peer_ready=ready,
                 now_wall=now_wall, now=now, t=self.t,
             )
@@ -302,6 +302,15 @@ class Agent:
             recheck = min(recheck, decision.recheck_s)
         self.publish(state, now_wall)
         return recheck
+
+    def initiates(self, peer: PeerRecord) -> bool:
+        """Whether we send the first initiation to `peer`: the registry's rule, from the same
+        records (ours is among them), so both sides agree (registry/punch.py)."""
+        if self.me is None:
+            return False
+        mine = self.peers.get(self.me)
+        return initiator(self.me, peer.public_key, side_public=mine is not None and mine.public,
+                         other_public=peer.public)
 
     async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         key = peer.public_key

@@ -16,7 +16,8 @@ The rules (DESIGN.md §3):
   replaces its own pending handshake with the peer's, and neither response then matches;
   measured: the next try comes 5 s later). They both arrive whenever the two sides send
   within one one-way delay of each other, which a punch aims for. So on a punch event only
-  the *initiator* of a pair (lower public key) sends an initiation; the other side opens its
+  the *initiator* of a pair (registry/punch.py: the lower public key, or the NATed side
+  when the other has no NAT) sends an initiation; the other side opens its
   NAT with an empty datagram from the WireGuard port (node/punch.py) and answers the
   initiation when it comes. Without raw sockets it must use an initiation to open its NAT,
   and then does so only on its first attempt, for a new endpoint, or in WireGuard's own 5 s

@@ -11,8 +11,18 @@ from __future__ import annotations
 from ..keys import Key
 
 
-def initiator(side: Key, other: Key) -> bool:
-    """True when `side` is the one that sends the first initiation: the lower key (bytes)."""
+def initiator(side: Key, other: Key, *, side_public: bool = False,
+              other_public: bool = False) -> bool:
+    """True when `side` is the one that sends the first initiation. `*_public`: the side has
+    no NAT of its own (PeerRecord.public). Between a side without NAT and one behind a NAT,
+    the NATed side sends: behind an endpoint-dependent ("symmetric") NAT, the mapping toward
+    the peer is a new port that nobody can know beforehand, so an initiation *toward* that
+    side never arrives, and only its own initiation (which the public side answers, roaming
+    to its source) makes a path (measured in the lab's mixed-4, public b vs symmetric c: with
+    b initiating, no handshake in 0 of 4 runs; with c, direct in 15 of 15). A side without
+    NAT has nothing to open. Otherwise the lower key (bytes)."""
+    if side_public != other_public:
+        return other_public
     return side.raw < other.raw
 
 

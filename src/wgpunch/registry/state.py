@@ -53,6 +53,13 @@ class PeerRecord:
     reported: Reported | None  # what the node said about itself; None = nothing yet
     revision: int  # the revision at which this record last changed
 
+    @property
+    def public(self) -> bool:
+        """The node has no NAT of its own: the address we observe is one it reported as its
+        own (registry/punch.py `initiator` says why that matters)."""
+        return (self.reported is not None and self.endpoint is not None
+                and self.endpoint.ip in self.reported.local_addresses)
+
 
 @dataclass(frozen=True, slots=True)
 class PeerEvent:
@@ -258,10 +265,11 @@ class RegistryState:
         if not self._punches.admit(caller, target, now):
             log.debug("punch %s <-> %s coalesced", caller, target)
             return other.endpoint, False
+        first = initiator(caller, target, side_public=me.public, other_public=other.public)
         reached_caller = self._push(caller, PunchEvent(self.revision, target, other.endpoint,
-                                                       initiator(caller, target)))
+                                                       first))
         reached_target = self._push(target, PunchEvent(self.revision, caller, me.endpoint,
-                                                        initiator(target, caller)))
+                                                        not first))
         if not (reached_caller and reached_target):
             # A side without a stream missed this push (typically a node just starting):
             # its own request, which will follow, must push again rather than be coalesced.
