@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from wgpunch.keys import Key
 from wgpunch.lab import catalog, evidence
+from wgpunch.lab import lab as lab_module
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import python_module, wait_for
@@ -72,6 +74,41 @@ def test_collision_pair_goes_direct_whichever_node_starts_first(lab_prefix, earl
             [measured] = events(agents, host, "opener-ttl")
             assert measured["ttl"] == 2, measured  # passes its own NAT, dies at the core
         print(f"\n{early_role} ({early}) first: direct {took:.3f} s after {late} started")
+
+
+@pytest.mark.parametrize("lower_key", ["public", "symmetric"])
+def test_public_and_symmetric_go_direct_whichever_key_is_lower(lab_prefix, monkeypatch,
+                                                                lower_key):
+    """a has a public address, b sits behind a symmetric NAT: only b's own initiation makes a
+    path (its NAT maps it to a new port, a answers and roams there), so b initiates whatever
+    the keys say (registry/punch.py). Before, with a's key the lower, a initiated toward the
+    NAT's mapping for the registry and the pair never went direct (mixed-4: 0 of 9 runs)."""
+    generate = lab_module.generate_keypair
+    pool: list[tuple[Key, Key]] = []
+
+    def ordered_keypair() -> tuple[Key, Key]:
+        # The lab makes the keys of registry, a, b in this order: a gets the lower public key
+        # of the two when lower_key is "public".
+        if not pool:
+            pool.extend(sorted((generate() for _ in range(3)), key=lambda kp: kp[1].raw,
+                               reverse=lower_key == "public"))
+        return pool.pop()
+
+    monkeypatch.setattr(lab_module, "generate_keypair", ordered_keypair)
+    with (Lab(catalog.resolve("matrix-public-symmetric"), prefix=lab_prefix) as lab,
+          Agents(lab) as agents):
+        a, b = lab.host("a").public_key.raw, lab.host("b").public_key.raw
+        assert (a < b) == (lower_key == "public")
+        agents.start_registry()
+        agents.start_nodes()
+
+        def direct() -> bool:
+            agents.check_alive()
+            return pair(lab).direct
+
+        wait_for(direct, timeout=DIRECT_DEADLINE_S, interval=0.02, what="a-b to go direct")
+        found = pair(lab)
+        assert found.b.endpoint is not None and found.b.endpoint.port == 51820, found
 
 
 MEASURE = """

@@ -157,11 +157,14 @@ class Agent:
                 await asyncio.to_thread(send_probe, self.device.name, address)
 
     async def report_self(self) -> None:
-        await self.following.wait()
         while True:
             try:
                 state = await self.device.state()
                 addresses = await asyncio.to_thread(local_addresses, self.device.name)
+                # Read while the watch stream opens, sent once it is open (__init__ says why
+                # it waits): the reads would otherwise delay every first punch (bench easy
+                # p50 0.054-0.055 s with them after the stream, 0.049 s before it).
+                await self.following.wait()
                 report = asyncio.ensure_future(self.client.report_self(
                     Reported(state.listen_port, tuple(addresses), __version__)
                 ))

@@ -18,9 +18,9 @@ def initiator(side: Key, other: Key, *, side_public: bool = False,
     the NATed side sends: behind an endpoint-dependent ("symmetric") NAT, the mapping toward
     the peer is a new port that nobody can know beforehand, so an initiation *toward* that
     side never arrives, and only its own initiation (which the public side answers, roaming
-    to its source) makes a path (measured in the lab's mixed-4, public b vs symmetric c: with
-    b initiating, no handshake in 0 of 4 runs; with c, direct in 15 of 15). A side without
-    NAT has nothing to open. Otherwise the lower key (bytes)."""
+    to its source) makes a path (measured in the lab's mixed-4, public b vs symmetric c, by
+    the lower key alone: direct in 0 of 9 runs with b initiating, 17 of 17 with c). A side
+    without NAT has nothing to open. Otherwise the lower key (bytes)."""
     if side_public != other_public:
         return other_public
     return side.raw < other.raw
