@@ -37,7 +37,11 @@ from .source import ConfigError, Source
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 60.0  # re-report our candidates: addresses change (DHCP, roaming)
-HOPS_WAIT_S = 1.0  # an opener waits at most this long for the first measurement of its TTL
+# An opener waits at most this long for the first measurement of its TTL, then goes with the
+# default. Where routers answer (the lab) the measurement is done long before the first punch;
+# where some hop is silent it can take seconds (punch.HOP_WAIT_S per silent hop), and an opener
+# held longer than the agent's first punch retry (0.5 s) costs more than it can save.
+HOPS_WAIT_S = 0.3
 RECONNECT_MAX_S = 30.0
 
 
