@@ -74,7 +74,7 @@ class Agent:
         self.me: Key | None = None
         self.listen_port = 0
         self.can_open = can_send_raw()
-        self.opener_ttl = opener_ttl  # None: measured (punch.opener_hops), else DEFAULT_TTL
+        self.opener_ttl = opener_ttl  # None: measured at start (punch.opener_hops)
         self.hops: asyncio.Task[int | None] | None = None
         self.peers: dict[Key, PeerRecord] = {}
         self.epoch: str | None = None
@@ -90,7 +90,7 @@ class Agent:
         # Our own report reaches the registry only after our watch stream is open, and we ask
         # for punches only after our report: so a peer that sees us reported knows that we
         # follow punch events (decide(peer_ready=...)).
-        self.following = asyncio.Event()
+        self.stream_open = asyncio.Event()
         # Only the registry's HTTP API takes reports (DNS-SD and natpunch sources do not, and
         # bring no punch events): elsewhere every peer counts as ready.
         self.reports_matter = isinstance(client, RegistryClient)
@@ -138,7 +138,7 @@ class Agent:
                                  extra={"event": "registry-connected"})
                     delay, heard = 0.25, True
                     self.apply_event(event)
-                    self.following.set()
+                    self.stream_open.set()
             except ApiError as error:
                 log.log(logging.WARNING if delay >= 1 else logging.DEBUG, "%s", error)
             if heard:
@@ -168,7 +168,7 @@ class Agent:
                 # Read while the watch stream opens, sent once it is open (__init__ says why
                 # it waits): the reads would otherwise delay every first punch (bench easy
                 # p50 0.054-0.055 s with them after the stream, 0.049 s before it).
-                await self.following.wait()
+                await self.stream_open.wait()
                 report = asyncio.ensure_future(self.client.report_self(
                     Reported(state.listen_port, tuple(addresses), __version__)
                 ))
