@@ -128,9 +128,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             f"Entries expire after --peer-ttl seconds without a request (clients ask every "
             f"few seconds); at most --max-peers are kept, the least recently heard going "
             f"first. Handshakes are limited to {DEFAULTS.handshakes_per_source_s:g}/s per "
-            f"source address (burst {DEFAULTS.handshake_burst:g}). IPv4 and IPv6: an IPv6 "
-            "endpoint is answered in 18 bytes, which natpunch-go's client cannot read; the "
-            "legacy protocol carries IPv4 only."
+            f"source, an IPv4 address or an IPv6 /64 (burst {DEFAULTS.handshake_burst:g}). "
+            "IPv4 and IPv6: an IPv6 endpoint is answered in 18 bytes, which natpunch-go's "
+            "client cannot read; the legacy protocol carries IPv4 only."
         ),
     )
     parser.add_argument(

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,31 +28,17 @@ from ..registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Sn
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import local_addresses
-from .client import ApiError, Event, RegistryClient
+from .client import ApiError, Event
 from .decide import Decision, Kind, Memory, Reason, Timings, decide
 from .probe import send_probe, tunnel_address
-from .punch import DEFAULT_TTL, can_send_raw, opener_hops, send_opener
+from .punch import OpenerTtl, can_send_raw, send_opener
 from .source import ConfigError, Source
+from .track import Track
 
 log = logging.getLogger(__name__)
 
 REPORT_EVERY_S = 60.0  # re-report our candidates: addresses change (DHCP, roaming)
-# An opener waits at most this long for the first measurement of its TTL, then goes with the
-# default. Where routers answer (the lab) the measurement is done long before the first punch;
-# where some hop is silent it can take seconds (punch.HOP_WAIT_S per silent hop), and an opener
-# held longer than the agent's first punch retry (0.5 s) costs more than it can save.
-HOPS_WAIT_S = 0.3
 RECONNECT_MAX_S = 30.0
-
-
-@dataclass
-class Track:
-    """One peer as the agent follows it."""
-
-    memory: Memory = field(default_factory=Memory)
-    connected: bool = False
-    since: float | None = None  # wall time of the last path change
-    reason: str = ""
 
 
 class Agent:
@@ -74,8 +60,7 @@ class Agent:
         self.me: Key | None = None
         self.listen_port = 0
         self.can_open = can_send_raw()
-        self.opener_ttl = opener_ttl  # None: measured at start (punch.opener_hops)
-        self.hops: asyncio.Task[int | None] | None = None
+        self.opener_ttl = OpenerTtl(opener_ttl)
         self.peers: dict[Key, PeerRecord] = {}
         self.epoch: str | None = None
         self.revision: int | None = None
@@ -91,9 +76,6 @@ class Agent:
         # for punches only after our report: so a peer that sees us reported knows that we
         # follow punch events (decide(peer_ready=...)).
         self.stream_open = asyncio.Event()
-        # Only the registry's HTTP API takes reports (DNS-SD and natpunch sources do not, and
-        # bring no punch events): elsewhere every peer counts as ready.
-        self.reports_matter = isinstance(client, RegistryClient)
         self.has_reported = False
 
     # -- registry view (plain defs: no await inside an update) ------------------------------
@@ -207,7 +189,9 @@ class Agent:
             raise ConfigError(f"node: {state.name} has no private key configured")
         self.me = state.public_key
         self.listen_port = state.listen_port
-        self.start_measuring_hops(state)
+        registry = None if self.registry_key is None else state.peer(self.registry_key)
+        if self.can_open and registry is not None and registry.endpoint is not None:
+            self.opener_ttl.measure(registry.endpoint.ip)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.follow_registry())
@@ -215,34 +199,6 @@ class Agent:
                 group.create_task(self.reconcile_forever())
         finally:
             pathfile.remove(self.device.name, self.state_dir)
-
-    def start_measuring_hops(self, state: DeviceState) -> None:
-        """Measure the opener TTL toward the registry's public address, in the background."""
-        registry = None if self.registry_key is None else state.peer(self.registry_key)
-        if (self.opener_ttl is not None or not self.can_open or registry is None
-                or registry.endpoint is None or registry.endpoint.ip.version != 4):
-            return
-        target = registry.endpoint.ip
-        self.hops = asyncio.create_task(asyncio.to_thread(opener_hops, target))
-
-        def measured(task: asyncio.Task[int | None]) -> None:
-            hops = None if task.cancelled() or task.exception() else task.result()
-            log.info("opener TTL %s, measured toward the registry %s",
-                     f"{DEFAULT_TTL} (no public router answered)" if hops is None else hops,
-                     target, extra={"event": "opener-ttl", "ttl": hops})
-
-        self.hops.add_done_callback(measured)
-
-    async def current_opener_ttl(self) -> int:
-        if self.opener_ttl is not None:
-            return self.opener_ttl
-        if self.hops is None:
-            return DEFAULT_TTL
-        try:
-            hops = await asyncio.wait_for(asyncio.shield(self.hops), HOPS_WAIT_S)
-        except (TimeoutError, OSError):
-            return DEFAULT_TTL
-        return DEFAULT_TTL if hops is None else hops
 
     async def run_once(self) -> int:
         """One pass, for cron: every peer without a live session whose endpoint the registry
@@ -295,7 +251,8 @@ class Agent:
             punched = peer.public_key in self.punched
             self.punched.discard(peer.public_key)
             memory = track.memory.observe(peer.rx_bytes, peer.tx_bytes, now)
-            ready = not self.reports_matter or known.reported is not None
+            # Without punch events (DNS-SD, natpunch) no peer reports: each counts as ready.
+            ready = not self.client.coordinates_punches or known.reported is not None
             if ready != (memory.unready_since is None):
                 memory = replace(memory, unready_since=None if ready else now)
             decision = decide(
@@ -305,7 +262,7 @@ class Agent:
                 now_wall=now_wall, now=now, t=self.t,
             )
             track.memory = await self.act(peer, decision, memory, now)
-            self.note_path(peer, track, decision, now_wall, now)
+            track.note(peer, decision, now_wall, now)
             recheck = min(recheck, decision.recheck_s)
         self.publish(state, now_wall)
         return recheck
@@ -339,7 +296,7 @@ class Agent:
             elif d.kind is Kind.HANDSHAKE or d.endpoint is None:
                 await self.handshake(peer, d.endpoint)
             elif not await asyncio.to_thread(send_opener, self.listen_port, d.endpoint,
-                                             await self.current_opener_ttl()):
+                                             await self.opener_ttl.get()):
                 self.can_open = False  # decide() falls back to handshakes from now on
             return replace(
                 mem, attempt_at=mem.attempt_at or now,
@@ -421,37 +378,9 @@ class Agent:
             log.warning("peer %s: handshake-now to %s failed: %s", peer.public_key, endpoint,
                         error)
 
-    def note_path(self, peer: PeerState, track: Track, d: Decision, now_wall: float,
-                  now: float) -> None:
-        if d.live and not track.connected:
-            took = None if track.memory.first_attempt_at is None else (
-                now - track.memory.first_attempt_at)
-            log.info(
-                "peer %s connected: direct via %s%s", peer.public_key, peer.endpoint,
-                "" if took is None else f", time-to-direct {took:.3f} s",
-                extra={"event": "connected", "peer": str(peer.public_key), "path": "direct",
-                       "endpoint": str(peer.endpoint), "time_to_direct_s": took},
-            )
-            track.connected, track.since = True, now_wall
-            track.memory = replace(track.memory, attempts=0, attempt_at=None,
-                                   attempt_endpoint=None, first_attempt_at=None)
-        elif d.reason in (Reason.LIVE, Reason.ROAMED) and track.memory.attempts:
-            track.memory = replace(track.memory, attempts=0, attempt_at=None)
-        elif not d.live and track.connected:
-            log.info("peer %s: session lost (%s)", peer.public_key, d.reason,
-                     extra={"event": "disconnected", "peer": str(peer.public_key)})
-            track.connected, track.since = False, now_wall
-        track.reason = d.reason.value
-
     def publish(self, state: DeviceState, now_wall: float) -> None:
-        paths = {}
-        for key, track in self.tracks.items():
-            known = self.peers.get(key)
-            paths[key.base64()] = pathfile.PeerPath(
-                path=pathfile.PathKind.DIRECT if track.connected else pathfile.PathKind.NONE,
-                since=track.since, reason=track.reason,
-                endpoint=None if known is None or known.endpoint is None else str(known.endpoint),
-            )
+        paths = {key.base64(): track.path(self.peers.get(key))
+                 for key, track in self.tracks.items()}
         if paths != self._published:
             try:
                 pathfile.write(state.name, paths, self.state_dir)

@@ -40,6 +40,8 @@ def parse_event(line: bytes) -> Event:
 
 
 class RegistryClient:
+    coordinates_punches = True
+
     def __init__(
         self,
         base_url: str,

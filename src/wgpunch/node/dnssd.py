@@ -75,6 +75,8 @@ def parse_answer(key: Key, response: dns.message.Message) -> PeerRecord:
 class DnsSdSource:
     """The agent's view of a DNS-SD registry; the same shape as `RegistryClient`."""
 
+    coordinates_punches = False
+
     def __init__(self, server: Endpoint, zone: str, device: Device, *,
                  interval_s: float = 5.0, timeout_s: float = 2.0) -> None:
         self.server = server

@@ -56,6 +56,8 @@ class NatpunchSource:
     Noise static key); None selects the wireguard-tools example protocol.
     """
 
+    coordinates_punches = False
+
     def __init__(self, server: Endpoint, server_key: Key | None, device: Device, *,
                  interval_s: float = 5.0) -> None:
         self.server = server

@@ -24,6 +24,7 @@ works (natpunch/rawudp.py says how) but is not built; IPv6 peers get the fallbac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 DEFAULT_TTL = 64  # without a measured distance: reaches everything (and the peer's NAT)
 MAX_HOPS = 8  # NATs sit near the edge: a public router farther away than this is no help
 HOP_WAIT_S = 0.25  # per hop: a router's time-exceeded comes back within a round trip to it
+# An opener waits at most this long for the first measurement of its TTL, then goes with the
+# default. Where routers answer (the lab) the measurement is done long before the first punch;
+# where some hop is silent it can take seconds (HOP_WAIT_S per silent hop), and an opener held
+# longer than the agent's first punch retry (0.5 s) costs more than it can save.
+MEASURE_WAIT_S = 0.3
 
 # Where routers on the inside of NATs get their addresses: a router answering from one of these
 # may be a NAT itself (home router LAN, carrier NAT inside), so the search goes on past it.
@@ -136,3 +142,37 @@ def _icmp_error(sock: socket.socket, wait_s: float) -> tuple[int, ipaddress.IPv4
             if origin == SO_EE_ORIGIN_ICMP:
                 return icmp_type, ipaddress.IPv4Address(data[20:24])
     return None
+
+
+class OpenerTtl:
+    """The TTL of our openers: the user's, or measured once toward the registry (`measure`),
+    or DEFAULT_TTL while neither is known."""
+
+    def __init__(self, fixed: int | None = None) -> None:
+        self.fixed = fixed
+        self._measuring: asyncio.Task[int | None] | None = None
+
+    def measure(self, toward: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+        """Start measuring in the background (IPv4 only; nothing to do with a fixed TTL)."""
+        if self.fixed is not None or toward.version != 4:
+            return
+        self._measuring = asyncio.create_task(asyncio.to_thread(opener_hops, toward))
+
+        def measured(task: asyncio.Task[int | None]) -> None:
+            hops = None if task.cancelled() or task.exception() else task.result()
+            log.info("opener TTL %s, measured toward the registry %s",
+                     f"{DEFAULT_TTL} (no public router answered)" if hops is None else hops,
+                     toward, extra={"event": "opener-ttl", "ttl": hops})
+
+        self._measuring.add_done_callback(measured)
+
+    async def get(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self._measuring is None:
+            return DEFAULT_TTL
+        try:
+            hops = await asyncio.wait_for(asyncio.shield(self._measuring), MEASURE_WAIT_S)
+        except (TimeoutError, OSError):
+            return DEFAULT_TTL
+        return DEFAULT_TTL if hops is None else hops

@@ -38,8 +38,11 @@ def registry_api_url(state: DeviceState, registry: Key) -> str:
 
 
 class Source(Protocol):
-    """Where the agent learns peers' endpoints: the registry's HTTP API (client.py) or a
-    DNS-SD registry (dnssd.py)."""
+    """Where the agent learns peers' endpoints: the registry's HTTP API (client.py), a
+    DNS-SD registry (dnssd.py) or a rendezvous server (natpunch.py)."""
+
+    # Takes reports and pushes punch events to both sides of a pair (the registry's API).
+    coordinates_punches: bool
 
     @property
     def following(self) -> str:
