@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import wgpunch
+from ports import free_port, free_ports
 from wgpunch.cli import build_parser
 from wgpunch.errors import WgpunchError
 from wgpunch.keys import Key, generate_keypair
@@ -235,13 +236,6 @@ class Udp:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 async def listen_free(handler: Any, host: str = "127.0.0.1") -> asyncio.DatagramTransport:
@@ -1251,7 +1245,7 @@ async def test_rendezvous_process(tmp_path: Path) -> None:
     c_private, c_public = generate_keypair()
     allow = tmp_path / "allow"
     allow.write_text(f"# nodes\n{a_public}\n{b_public.hex()}  # b\n\n{d_public}\n")
-    port, legacy_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    port, legacy_port = free_ports(2)
     argv = ["--listen", f"127.0.0.1:{port}", "--key", str(key), "--allow", str(allow),
             "--legacy", f"127.0.0.1:{legacy_port}"]
     v6 = has_ipv6_loopback()
