@@ -62,11 +62,12 @@ from typing import Any, NamedTuple, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from wgpunch.errors import MalformedPacket, NoiseError
 from wgpunch.keys import generate_keypair
 from wgpunch.lab.netns import stop_process
 from wgpunch.natpunch import wire
 from wgpunch.natpunch.limits import Limits
-from wgpunch.natpunch.noise import CipherState, HandshakeIK, NoiseError
+from wgpunch.natpunch.noise import CipherState, HandshakeIK
 
 SRC = Path(__file__).resolve().parents[1] / "src"  # again: ruff wants the imports first
 SERVER_IP = "127.0.0.1"
@@ -134,7 +135,7 @@ def verify(server_public: bytes, pairs: list[tuple[Prepared, bytes]]) -> int:
     for prepared, reply in pairs:
         try:
             finish(server_public, prepared, reply)
-        except (wire.Malformed, NoiseError):
+        except (MalformedPacket, NoiseError):
             continue
         good += 1
     return good
@@ -370,7 +371,7 @@ def run_exchange(server: tuple[str, int], channels: Sequence[Channel],
                 out.latencies_ms.append((got - sent) * 1e3)
                 try:
                     ok = channel.check(data, expected)
-                except (wire.Malformed, NoiseError, ValueError):
+                except (MalformedPacket, NoiseError, ValueError):
                     ok = False
                 out.errors += not ok
                 if got < stop_at:

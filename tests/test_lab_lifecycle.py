@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from wgpunch.errors import LabError
 from wgpunch.lab import catalog, scenario, state
 from wgpunch.lab.lab import Lab
-from wgpunch.lab.netns import LabError, wait_for
+from wgpunch.lab.netns import wait_for
 
 pytestmark = pytest.mark.lab
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from wgpunch.cli import build_parser
+from wgpunch.errors import LabError
 from wgpunch.keys import generate_keypair
 from wgpunch.lab import catalog, scenario, state
 from wgpunch.lab.nat import NAT_KINDS
-from wgpunch.lab.netns import IFNAME_MAX, LabError
+from wgpunch.lab.netns import IFNAME_MAX
 from wgpunch.lab.probe import parse_target
 from wgpunch.lab.scenario import Host, Nat, Scenario
 from wgpunch.lab.topology import plan

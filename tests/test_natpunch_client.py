@@ -11,11 +11,11 @@ import time
 
 import pytest
 
+from wgpunch.errors import MalformedPacket, NatpunchError, NoiseError
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.natpunch import wire
-from wgpunch.natpunch.client import LegacyClient, NatpunchError, NoiseClient, Retries
+from wgpunch.natpunch.client import LegacyClient, NoiseClient, Retries
 from wgpunch.natpunch.legacy import LegacyRendezvous
-from wgpunch.natpunch.noise import NoiseError
 from wgpunch.natpunch.server import NoiseRendezvous
 from wgpunch.wg.device import Endpoint
 
@@ -44,7 +44,7 @@ class Channel:
         self.sent.append(payload)
         try:
             reply = self.handler.handle(payload, self.source, time.monotonic())
-        except (wire.Malformed, NoiseError):  # dropped, as serve.py drops it
+        except (MalformedPacket, NoiseError):  # dropped, as serve.py drops it
             reply = None
         for early in self.inject:
             self.replies.put_nowait(early)

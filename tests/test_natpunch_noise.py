@@ -11,15 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wgpunch.errors import WgpunchError
-from wgpunch.natpunch.noise import (
-    PROTOCOL_NAME,
-    CipherState,
-    HandshakeIK,
-    NoiseError,
-    ReplayWindow,
-    public_key,
-)
+from wgpunch.errors import NoiseError, WgpunchError
+from wgpunch.natpunch.noise import PROTOCOL_NAME, CipherState, HandshakeIK, ReplayWindow, public_key
 
 VECTORS_FILE = Path(__file__).parent / "data" / "noise_ik_25519_chachapoly_blake2s.json"
 VECTORS: dict[str, Any] = json.loads(VECTORS_FILE.read_text())

@@ -38,20 +38,20 @@ from hypothesis import strategies as st
 import wgpunch
 from ports import free_port, free_ports
 from wgpunch.cli import build_parser
-from wgpunch.errors import WgpunchError
+from wgpunch.errors import MalformedPacket, NatpunchError, NoiseError, WgpunchError
 from wgpunch.keys import Key, generate_keypair
-from wgpunch.natpunch import keyfile, serve, wire
-from wgpunch.natpunch.client import LegacyClient, NatpunchError, NoiseClient, Retries
+from wgpunch.natpunch import keyfile, serve
+from wgpunch.natpunch.client import LegacyClient, NoiseClient, Retries
 from wgpunch.natpunch.legacy import LegacyRendezvous
 from wgpunch.natpunch.limits import Limits
-from wgpunch.natpunch.noise import CipherState, HandshakeIK, NoiseError
+from wgpunch.natpunch.noise import CipherState, HandshakeIK
 from wgpunch.natpunch.server import SESSIONS_PER_KEY, NoiseRendezvous
 from wgpunch.natpunch.table import Table
 from wgpunch.wg.device import Endpoint
 
 SRC = str(Path(wgpunch.__file__).resolve().parents[1])
 PROLOGUE = b"natpunch-go is the best :)"  # natpunch.md B: 26 ASCII bytes
-DROPPED = (wire.Malformed, NoiseError)
+DROPPED = (MalformedPacket, NoiseError)
 # Handshake stamps (UnixNano) that only ever grow, in the past so real clients come later.
 STAMPS = itertools.count(1_600_000_000_000_000_000, 1_000)
 # No rate limit in the way: for tests that send many handshakes from one address.
@@ -985,7 +985,7 @@ async def test_serve_contains_handler_bugs() -> None:
             if data == b"boom":
                 raise RuntimeError("a bug")
             if data == b"bad":
-                raise wire.Malformed("bad")
+                raise MalformedPacket("bad")
             return b"ok:" + data
 
     handler = Exploding()

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wgpunch.errors import MalformedPacket
 from wgpunch.keys import Key
 from wgpunch.natpunch import wire
 from wgpunch.natpunch.legacy import LegacyRendezvous
@@ -59,7 +60,7 @@ def test_legacy_request_longer_is_truncated_shorter_dropped() -> None:
     assert wire.parse_legacy_request(body + b"\xff" * 36) == (A, B)  # the C server's 64-byte buffer
     assert wire.parse_legacy_request(body + b"\x00") == (A, B)
     for size in (0, 1, 32, 63):
-        with pytest.raises(wire.Malformed):
+        with pytest.raises(MalformedPacket):
             wire.parse_legacy_request(body[:size])
 
 
@@ -72,10 +73,10 @@ def test_legacy_reply_layout() -> None:
     # IPv6 cannot be said in 6 bytes: answered as unknown.
     assert wire.legacy_reply(ep("2001:db8::1", 51820)) == b""
     for size in (1, 5, 7, 18):
-        with pytest.raises(wire.Malformed):
+        with pytest.raises(MalformedPacket):
             wire.parse_legacy_reply(bytes(size))
     # The reference's answer to an all-zero-key lookup (0.0.0.0:0) is not an endpoint.
-    with pytest.raises(wire.Malformed):
+    with pytest.raises(MalformedPacket):
         wire.parse_legacy_reply(bytes(6))
 
 
@@ -91,7 +92,7 @@ def test_legacy_server_golden_exchange() -> None:
     # Longer: truncated to its first 64 bytes and served (the reference does so).
     assert server.handle(request_b + b"junk" * 10, b_at, 3.0) == bytes.fromhex("c63364039c43")
     for size in (0, 1, 63):
-        with pytest.raises(wire.Malformed):
+        with pytest.raises(MalformedPacket):
             server.handle(request_b[:size], b_at, 4.0)
 
 
@@ -169,7 +170,7 @@ def test_timestamp_is_unixnano_big_endian() -> None:
     assert wire.timestamp(stamp) == bytes.fromhex("17979cfe3d85cd15")
     assert wire.parse_timestamp(bytes.fromhex("17979cfe3d85cd15")) == stamp
     for size in (0, 1, 7, 9):
-        with pytest.raises(wire.Malformed):
+        with pytest.raises(MalformedPacket):
             wire.parse_timestamp(bytes(size))
 
 
@@ -182,7 +183,7 @@ def test_address_bodies_ipv4_and_ipv6() -> None:
     assert wire.encode_address(None) == b""
     assert wire.decode_address(b"") is None
     for bad in (bytes(1), bytes(5), bytes(7), bytes(17), bytes(19), bytes(4) + b"\x00\x00"):
-        with pytest.raises(wire.Malformed):
+        with pytest.raises(MalformedPacket):
             wire.decode_address(bad)
 
 
@@ -190,7 +191,7 @@ def test_lookup_body() -> None:
     assert wire.lookup_body(A, B) == bytes(range(1, 33)) + bytes(range(101, 133))
     assert wire.parse_lookup(bytes(range(1, 33)) + bytes(range(101, 133))) == (A, B)
     for size in (0, 63, 65):
-        with pytest.raises(wire.Malformed):
+        with pytest.raises(MalformedPacket):
             wire.parse_lookup(bytes(size))
 
 
@@ -206,19 +207,19 @@ def test_indexed_parsers_check_type_and_length(parse, kind: int, length: int) ->
     good = bytes([kind]) + bytes(length - 1)
     parse(good)
     for size in (0, 1, 4, 5, 12, 13, length - 1, length + 1):
-        with pytest.raises(wire.Malformed):
+        with pytest.raises(MalformedPacket):
             parse((bytes([kind]) + bytes(size))[:size])
     for other in (0, 1, 2, 3, 4, 255):
         if other != kind:
-            with pytest.raises(wire.Malformed):
+            with pytest.raises(MalformedPacket):
                 parse(bytes([other]) + bytes(length - 1))
 
 
 def test_reply_parser_checks_type_and_length() -> None:
     for size in (0, 1, 8, 9, 24, 26, 30, 32, 42, 44, 93):
-        with pytest.raises(wire.Malformed):
+        with pytest.raises(MalformedPacket):
             wire.parse_reply((b"\x03" + bytes(size))[:size])
-    with pytest.raises(wire.Malformed):
+    with pytest.raises(MalformedPacket):
         wire.parse_reply(b"\x02" + bytes(24))
 
 
@@ -234,5 +235,5 @@ PARSERS = (
     lambda kind: st.binary(min_size=0, max_size=120).map(lambda rest: bytes([kind]) + rest)))
 def test_parsers_raise_only_malformed(data: bytes) -> None:
     for parse in PARSERS:
-        with contextlib.suppress(wire.Malformed):
+        with contextlib.suppress(MalformedPacket):
             parse(data)

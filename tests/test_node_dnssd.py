@@ -10,9 +10,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from wgpunch.errors import ApiError, NoRecord
 from wgpunch.keys import Key
-from wgpunch.node.client import ApiError
-from wgpunch.node.dnssd import NoRecord, parse_answer, query_name
+from wgpunch.node.dnssd import parse_answer, query_name
 
 ZONE = dns.name.from_text("mesh.internal.")
 KEY = Key.from_base64("xScVkH3fUGUv4RrJFfmcqm8rs3SEHr41km6+yffAHw4=")

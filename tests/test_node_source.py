@@ -7,8 +7,7 @@ import itertools
 
 import pytest
 
-from wgpunch.errors import DeviceError
-from wgpunch.node.client import ApiError
+from wgpunch.errors import ApiError, DeviceError
 from wgpunch.node.source import polled
 from wgpunch.registry.state import Snapshot
 

@@ -15,7 +15,7 @@ import pytest
 import wgpunch
 from ports import free_port, free_ports
 from wgpunch.cli import build_parser
-from wgpunch.registry import ConfigError
+from wgpunch.errors import ConfigError
 from wgpunch.registry.cli import read_token, settings_from
 from wgpunch.registry.listen import parse_listen
 

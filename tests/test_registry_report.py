@@ -1,5 +1,5 @@
 """`PUT /v1/self` bodies and the other client input (queries, path keys): every malformed
-input is one `BadRequest` naming what is wrong; nothing else escapes."""
+input is one `MalformedMessage` naming what is wrong; nothing else escapes."""
 
 import contextlib
 import json
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wgpunch.errors import MalformedMessage
 from wgpunch.keys import Key
-from wgpunch.registry import BadRequest
 from wgpunch.registry.report import FIELDS, Reported, reported_from_json
 from wgpunch.registry.wire import path_key, watch_query
 
@@ -74,14 +74,14 @@ def test_a_good_body():
     ("version not ASCII", body(version="0.1-é"), "printable ASCII"),
 ])
 def test_malformed_bodies(intent, raw, match):
-    with pytest.raises(BadRequest, match=match):
+    with pytest.raises(MalformedMessage, match=match):
         reported_from_json(raw)
 
 
 def test_reported_checks_fields_when_built_in_code_too():
-    with pytest.raises(BadRequest, match="not an IP address"):
+    with pytest.raises(MalformedMessage, match="not an IP address"):
         Reported(1, ("192.168.1.2",), "x")  # type: ignore[arg-type]
-    with pytest.raises(BadRequest, match="expected a list"):
+    with pytest.raises(MalformedMessage, match="expected a list"):
         Reported(1, ["192.168.1.2"], "x")  # type: ignore[arg-type]
 
 
@@ -109,7 +109,7 @@ def test_watch_query(query, want):
     ("unknown parameter", [("peer", "x")], "unknown parameter 'peer'"),
 ])
 def test_bad_watch_queries(intent, query, match):
-    with pytest.raises(BadRequest, match=match):
+    with pytest.raises(MalformedMessage, match=match):
         watch_query(query)
 
 
@@ -124,11 +124,11 @@ def test_path_key_in_every_spelling(text):
 @pytest.mark.parametrize("text", ["", "x", KEY.base64()[:-1], KEY.hex()[:-1] + "g",
                                   KEY.base64().replace("=", "A"), "%" * 44])
 def test_bad_path_keys(text):
-    with pytest.raises(BadRequest, match="peer key in path"):
+    with pytest.raises(MalformedMessage, match="peer key in path"):
         path_key(text)
 
 
-# -- anything at all: a value or a BadRequest, never another exception -------------------------
+# -- anything at all: a value or a MalformedMessage, never another exception ---------------
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -148,7 +148,7 @@ BODIES = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(BODIES)
 def test_any_body_is_a_report_or_a_bad_request(raw):
-    with contextlib.suppress(BadRequest):
+    with contextlib.suppress(MalformedMessage):
         assert isinstance(reported_from_json(raw), Reported)
 
 
@@ -157,5 +157,5 @@ def test_any_body_is_a_report_or_a_bad_request(raw):
                 max_size=3), st.text(max_size=80))
 def test_any_query_or_path_is_a_value_or_a_bad_request(query, text):
     for parse, arg in ((watch_query, query), (path_key, text)):
-        with contextlib.suppress(BadRequest):
+        with contextlib.suppress(MalformedMessage):
             parse(arg)

@@ -5,8 +5,8 @@ import ipaddress
 
 import pytest
 
+from wgpunch.errors import RequestRefused
 from wgpunch.keys import Key
-from wgpunch.registry import RequestRefused
 from wgpunch.registry.punch import Coalescer, initiator, pair_of
 from wgpunch.registry.report import Reported
 from wgpunch.registry.state import (

@@ -1,13 +1,13 @@
 """registry/wire.py both ways: what the registry encodes, the node's client decodes back to
-the same records and events; anything else is one BadRequest."""
+the same records and events; anything else is one MalformedMessage."""
 
 import ipaddress
 import json
 
 import pytest
 
+from wgpunch.errors import MalformedMessage
 from wgpunch.keys import Key
-from wgpunch.registry import BadRequest
 from wgpunch.registry.report import Reported
 from wgpunch.registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Snapshot
 from wgpunch.registry.wire import Heartbeat, heartbeat_json, item_from_json, item_json
@@ -49,5 +49,5 @@ def test_heartbeat_round_trip():
                                                           "version": ""}}}, "listen_port"),
 ])
 def test_malformed_items_are_one_error(obj, message):
-    with pytest.raises(BadRequest, match=message):
+    with pytest.raises(MalformedMessage, match=message):
         item_from_json(obj)

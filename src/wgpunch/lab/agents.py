@@ -14,11 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import LabError
+from ..protocol import API_PORT
 from . import state
 from .lab import Lab
-from .netns import LabError, python_module, stop_process, wait_for
+from .netns import python_module, stop_process, wait_for
 
-API_PORT = 51821
 START_TIMEOUT_S = 10.0
 
 

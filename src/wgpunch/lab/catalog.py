@@ -26,8 +26,8 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..errors import LabError
 from .nat import NAT_KINDS
-from .netns import LabError
 from .scenario import Host, Nat, Scenario, Site, load_toml
 
 PUBLIC = "public"  # pseudo-kind: a host with its own public address

@@ -14,9 +14,10 @@ import json
 import subprocess
 from typing import Any
 
+from ..errors import LabError
 from . import catalog, state
 from .nat import NAT_KINDS
-from .netns import LabError, Namespace, require_root
+from .netns import Namespace, require_root
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -20,10 +20,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ..errors import LabError
 from ..keys import Key, generate_keypair
 from . import state
 from .build import apply_topology, wire_namespaces
-from .netns import LabError, Namespace, WireguardGo, python_module, read_line, require_root
+from .netns import Namespace, WireguardGo, python_module, read_line, require_root
 from .scenario import Scenario
 from .topology import LISTEN_PORT, TUNNEL_NET, Node, Plan, plan
 from .wgconf import device_config

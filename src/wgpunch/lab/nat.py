@@ -46,7 +46,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .netns import LabError
+from ..errors import LabError
 
 MAPPING_TIMEOUT_S = 120  # nf_conntrack_udp_timeout_stream: how long Linux keeps a live flow
 EIM_PORT_RANGE = (20000, 29999)  # outside ports of `eim-port`; disjoint from the lab's own

@@ -33,9 +33,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..errors import LabError
 from .lab import Lab
 from .nat import NAT_KINDS
-from .netns import LabError, Namespace, python_module, wait_for
+from .netns import Namespace, python_module, wait_for
 from .scenario import Host, Nat, Scenario
 
 OUTSIDE = ("o1", "o2", "o3")

@@ -18,17 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import WgpunchError
+from ..errors import LabError
 
 UAPI_DIR = Path("/var/run/wireguard")
 NETNS_DIR = Path("/run/netns")
 # wireguard-go refuses to start on kernels >= 5.6 without this; this lab wants userspace.
 WG_GO_ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
 IFNAME_MAX = 15  # IFNAMSIZ - 1
-
-
-class LabError(WgpunchError):
-    """The lab could not be built or driven."""
 
 
 def require_root() -> None:

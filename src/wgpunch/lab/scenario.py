@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import LabError
 from .nat import check_kind
-from .netns import LabError
 
 NAME_RE = re.compile(r"[a-z][a-z0-9]{0,5}")
 RESERVED = frozenset({"registry", "reg", "core", "lan"})

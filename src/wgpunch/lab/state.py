@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .netns import NETNS_DIR, UAPI_DIR, LabError, Namespace, run
+from ..errors import LabError
+from .netns import NETNS_DIR, UAPI_DIR, Namespace, run
 
 STATE_ROOT = Path("/run/wgpunch-lab")
 PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,7}")

@@ -24,8 +24,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from ..errors import LabError
 from .nat import NatInterfaces
-from .netns import IFNAME_MAX, LabError
+from .netns import IFNAME_MAX
 from .scenario import NO_IMPAIRMENT, Host, Impairment, Nat, Scenario
 
 IPv4 = ipaddress.IPv4Address

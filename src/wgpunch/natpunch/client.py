@@ -21,11 +21,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import WgpunchError
+from ..errors import MalformedPacket, NatpunchError, NoiseError
 from ..keys import Key
 from ..wg.device import Endpoint
 from . import wire
-from .noise import CipherState, HandshakeIK, NoiseError, ReplayWindow
+from .noise import CipherState, HandshakeIK, ReplayWindow
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 class Transport(Protocol):
     def send(self, payload: bytes) -> None: ...
     async def recv(self, timeout: float) -> bytes | None: ...  # noqa: ASYNC109
-
-
-class NatpunchError(WgpunchError):
-    """The rendezvous server did not answer (or not in a way we could read)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +103,7 @@ class NoiseClient:
             try:
                 index, noise = wire.parse_handshake_resp(data)
                 handshake.read_message(noise)
-            except (wire.Malformed, NoiseError) as error:
+            except (MalformedPacket, NoiseError) as error:
                 # A reply to an earlier attempt, or not from the server: keep waiting.
                 log.debug("natpunch: skipped a reply while handshaking: %s", error)
                 continue
@@ -128,9 +124,9 @@ class NoiseClient:
                 counter, body = wire.parse_reply(data)
                 plain = session.receive.decrypt(counter, b"", body)
                 if not session.window.accept(counter):
-                    raise wire.Malformed(f"reply counter {counter} replayed")
+                    raise MalformedPacket(f"reply counter {counter} replayed")
                 return wire.decode_address(plain), True
-            except (wire.Malformed, NoiseError, ValueError) as error:
+            except (MalformedPacket, NoiseError, ValueError) as error:
                 log.debug("natpunch: skipped a reply: %s", error)
         return None, False
 
@@ -149,7 +145,7 @@ class LegacyClient:
             async for data in _replies(self.transport, self.retries.timeout_s):
                 try:
                     return wire.parse_legacy_reply(data)
-                except (wire.Malformed, ValueError) as error:
+                except (MalformedPacket, ValueError) as error:
                     log.debug("natpunch legacy: skipped a reply: %s", error)
         raise NatpunchError(f"natpunch legacy: no answer from the server after "
                             f"{self.retries.attempts} tries")

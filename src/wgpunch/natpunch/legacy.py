@@ -32,7 +32,7 @@ class LegacyRendezvous:
         self.counts: Counter[str] = Counter()
 
     def handle(self, data: bytes, source: Endpoint, now: float) -> bytes:
-        """The reply to one datagram; raises `wire.Malformed` for one to drop."""
+        """The reply to one datagram; raises `MalformedPacket` for one to drop."""
         mine, theirs = wire.parse_legacy_request(data)
         if not mine.is_zero():
             if self.peers.get(mine, now) != source:

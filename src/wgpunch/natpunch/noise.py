@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ..errors import WgpunchError
+from ..errors import NoiseError
 
 PROTOCOL_NAME = b"Noise_IK_25519_ChaChaPoly_BLAKE2s"
 
@@ -43,10 +43,6 @@ MAX_NONCE = 2**64 - 2
 # e ‖ enc(s) ‖ enc(payload) and e ‖ enc(payload): the sizes before the payload's own bytes.
 MSG1_OVERHEAD = DHLEN + (DHLEN + TAGLEN) + TAGLEN
 MSG2_OVERHEAD = DHLEN + TAGLEN
-
-
-class NoiseError(WgpunchError):
-    """A Noise operation failed: bad message, failed authentication, or misuse."""
 
 
 def _hash(data: bytes) -> bytes:

@@ -34,7 +34,7 @@ import socket
 import struct
 from types import TracebackType
 
-from ..errors import WgpunchError
+from ..errors import CapabilityError, WgpunchError
 from ..wg.device import Endpoint
 
 _IPPROTO_UDP = 17
@@ -58,10 +58,6 @@ _BPF_ALU_AND_K = 0x54  # A &= k
 _BPF_JMP_JEQ_K = 0x15  # pc += jt if A == k else jf
 _BPF_JMP_JSET_K = 0x45  # pc += jt if A & k else jf
 _BPF_RET_K = 0x06  # accept k bytes of the packet (0: drop it)
-
-
-class CapabilityError(WgpunchError):
-    """The process lacks a capability an operation needs; the message names it."""
 
 
 def checksum(data: bytes) -> int:

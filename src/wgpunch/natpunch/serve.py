@@ -16,11 +16,9 @@ import socket
 import time
 from typing import Any, Protocol
 
-from ..errors import WgpunchError
+from ..errors import MalformedPacket, NoiseError, WgpunchError
 from ..registry.ratelimit import Throttle
 from ..wg.device import Endpoint
-from .noise import NoiseError
-from .wire import Malformed
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +53,9 @@ class _Datagrams(asyncio.DatagramProtocol):
         try:
             source = source_endpoint(addr)
             if source.port == 0:
-                raise Malformed("source port 0")
+                raise MalformedPacket("source port 0")
             reply = self.handler.handle(data, source, now)
-        except (Malformed, NoiseError, WgpunchError, ValueError) as error:
+        except (MalformedPacket, NoiseError, WgpunchError, ValueError) as error:
             self.handler.counts["malformed"] += 1
             self._note(addr, now, logging.DEBUG, "dropped a datagram: %s", error)
             return

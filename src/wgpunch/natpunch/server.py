@@ -27,6 +27,7 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..errors import MalformedPacket
 from ..keys import Key
 from ..wg.device import Endpoint
 from . import wire
@@ -72,13 +73,13 @@ class NoiseRendezvous:
 
     def handle(self, data: bytes, source: Endpoint, now: float) -> bytes | None:
         """The reply to one datagram from `source`, or None. `now` is monotonic seconds.
-        Raises `wire.Malformed` or `noise.NoiseError` for a datagram to drop as malformed."""
+        Raises `MalformedPacket` or `noise.NoiseError` for a datagram to drop as malformed."""
         kind = data[0] if data else None
         if kind == wire.HANDSHAKE_INIT:
             return self._handshake(data, source, now)
         if kind == wire.DATA:
             return self._request(data, source, now)
-        raise wire.Malformed(f"unknown message type {kind}")
+        raise MalformedPacket(f"unknown message type {kind}")
 
     def _handshake(self, data: bytes, source: Endpoint, now: float) -> bytes | None:
         _, noise = wire.parse_handshake_init(data)  # the client's index names nothing here
@@ -126,7 +127,7 @@ class NoiseRendezvous:
             return None
         mine, target = wire.parse_lookup(plain)
         if mine != session.key:
-            raise wire.Malformed("a request in another key's name")
+            raise MalformedPacket("a request in another key's name")
         peer = self.peers.get(mine, now) or Peer(source, session.stamp, [index])
         self._register(mine, peer, source, now)
         found = self.peers.get(target, now) if self._may_use(target) else None

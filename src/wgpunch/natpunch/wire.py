@@ -9,7 +9,7 @@ natpunch-go: a type byte, then
   3 request          `index[4] ‖ nonce[8] ‖ AEAD(my_key ‖ their_key)`
   3 reply            `nonce[8] ‖ AEAD(address)`, the address as in the legacy reply.
 Integers are big-endian. Every parser checks the length before it slices and raises
-`Malformed` for anything else, so a handler can drop what it cannot read in one place.
+`MalformedPacket` for anything else, so a handler can drop what it cannot read in one place.
 
 IPv6: the formats carry a 4-byte address. A natpunch-go reply has room for more, so an IPv6
 endpoint goes out as `ipv6[16] ‖ port` (18 bytes); a reference client treats that as an
@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+from ..errors import MalformedPacket
 from ..keys import KEY_LEN, Key
 from ..wg.device import Endpoint
 
@@ -48,10 +49,6 @@ REQUEST_LEN = 1 + INDEX_LEN + NONCE_LEN + LOOKUP_LEN + TAG_LEN  # 93
 REPLY_MIN_LEN = 1 + NONCE_LEN + TAG_LEN  # 25, "not found"
 
 
-class Malformed(ValueError):
-    """A datagram that is not a message of the protocol."""
-
-
 # -- addresses -------------------------------------------------------------------------------
 
 def encode_address(endpoint: Endpoint | None) -> bytes:
@@ -65,11 +62,11 @@ def decode_address(body: bytes) -> Endpoint | None:
     if not body:
         return None
     if len(body) not in (6, 18):
-        raise Malformed(f"an address is 6 or 18 bytes, got {len(body)}")
+        raise MalformedPacket(f"an address is 6 or 18 bytes, got {len(body)}")
     (port,) = struct.unpack("!H", body[-2:])
     if port == 0:
         # The wireguard-tools server answers a lookup of the all-zero key with 0.0.0.0:0.
-        raise Malformed("an address with port 0")
+        raise MalformedPacket("an address with port 0")
     return Endpoint(ipaddress.ip_address(body[:-2]), port)
 
 
@@ -79,7 +76,7 @@ def lookup_body(mine: Key, theirs: Key) -> bytes:
 
 def parse_lookup(body: bytes) -> tuple[Key, Key]:
     if len(body) != LOOKUP_LEN:
-        raise Malformed(f"a lookup is {LOOKUP_LEN} bytes, got {len(body)}")
+        raise MalformedPacket(f"a lookup is {LOOKUP_LEN} bytes, got {len(body)}")
     return Key(body[:KEY_LEN]), Key(body[KEY_LEN:])
 
 
@@ -92,7 +89,7 @@ def legacy_request(mine: Key, theirs: Key) -> bytes:
 def parse_legacy_request(data: bytes) -> tuple[Key, Key]:
     """The reference server reads into a 64-byte buffer: shorter is dropped, longer is cut."""
     if len(data) < LEGACY_REQUEST_LEN:
-        raise Malformed(f"a legacy request is {LEGACY_REQUEST_LEN} bytes, got {len(data)}")
+        raise MalformedPacket(f"a legacy request is {LEGACY_REQUEST_LEN} bytes, got {len(data)}")
     return parse_lookup(data[:LEGACY_REQUEST_LEN])
 
 
@@ -104,7 +101,7 @@ def legacy_reply(endpoint: Endpoint | None) -> bytes:
 
 def parse_legacy_reply(data: bytes) -> Endpoint | None:
     if len(data) not in (0, 6):
-        raise Malformed(f"a legacy reply is 0 or 6 bytes, got {len(data)}")
+        raise MalformedPacket(f"a legacy reply is 0 or 6 bytes, got {len(data)}")
     return decode_address(data)
 
 
@@ -116,7 +113,7 @@ def timestamp(unix_ns: int) -> bytes:
 
 def parse_timestamp(payload: bytes) -> int:
     if len(payload) != TIMESTAMP_LEN:
-        raise Malformed(f"a handshake stamp is {TIMESTAMP_LEN} bytes, got {len(payload)}")
+        raise MalformedPacket(f"a handshake stamp is {TIMESTAMP_LEN} bytes, got {len(payload)}")
     return int.from_bytes(payload, "big")
 
 
@@ -142,7 +139,7 @@ def request(index: int, nonce: int, sealed: bytes) -> bytes:
 
 def parse_request(data: bytes) -> tuple[int, int, bytes]:
     if len(data) != REQUEST_LEN or data[0] != DATA:
-        raise Malformed(f"a request is {REQUEST_LEN} bytes of type {DATA}")
+        raise MalformedPacket(f"a request is {REQUEST_LEN} bytes of type {DATA}")
     index, nonce = struct.unpack_from("!IQ", data, 1)
     return index, nonce, data[1 + INDEX_LEN + NONCE_LEN:]
 
@@ -155,13 +152,13 @@ def parse_reply(data: bytes) -> tuple[int, bytes]:
     if data[:1] != bytes([DATA]) or len(data) not in (
         REPLY_MIN_LEN, REPLY_MIN_LEN + 6, REPLY_MIN_LEN + 18
     ):
-        raise Malformed(f"a reply is type {DATA} and {REPLY_MIN_LEN}, +6 or +18 bytes")
+        raise MalformedPacket(f"a reply is type {DATA} and {REPLY_MIN_LEN}, +6 or +18 bytes")
     (nonce,) = struct.unpack_from("!Q", data, 1)
     return nonce, data[1 + NONCE_LEN:]
 
 
 def _indexed(data: bytes, kind: int, length: int) -> tuple[int, bytes]:
     if len(data) != length or data[0] != kind:
-        raise Malformed(f"a type-{kind} message is {length} bytes, got {len(data)}")
+        raise MalformedPacket(f"a type-{kind} message is {length} bytes, got {len(data)}")
     (index,) = struct.unpack_from("!I", data, 1)
     return index, data[1 + INDEX_LEN:]

@@ -19,20 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import ChangeRefused, DeviceError
+from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, MalformedMessage
 from ..keys import Key
-from ..registry import BadRequest
 from ..registry.punch import initiator
 from ..registry.report import Reported
 from ..registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Snapshot
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import local_addresses
-from .client import ApiError, Event
+from .client import Event
 from .decide import Decision, Kind, Memory, Reason, Timings, decide
 from .probe import send_probe, tunnel_address
 from .punch import OpenerTtl, can_send_raw, send_opener
-from .source import ConfigError, Source
+from .source import Source
 from .track import Track
 
 log = logging.getLogger(__name__)
@@ -160,7 +159,7 @@ class Agent:
                 log.debug("reported listen port %d and %d addresses", state.listen_port,
                           len(addresses))
                 wait = REPORT_EVERY_S
-            except (ApiError, DeviceError, BadRequest) as error:
+            except (ApiError, DeviceError, MalformedMessage) as error:
                 log.debug("report to the registry failed: %s", error)
                 wait = 2.0
             self.allow_punches()  # a report that fails must not stop our punches

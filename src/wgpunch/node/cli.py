@@ -11,9 +11,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ..errors import DeviceError, WgpunchError
+from ..errors import ConfigError, DeviceError, WgpunchError
 from ..keys import Key
 from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
+from ..protocol import API_PORT
 from ..wg import open_device
 from ..wg.device import Endpoint
 from .agent import Agent
@@ -21,7 +22,7 @@ from .client import RegistryClient
 from .decide import Timings
 from .dnssd import DnsSdSource
 from .natpunch import NatpunchSource, resolve_server
-from .source import ConfigError, Source, registry_api_url
+from .source import Source, registry_api_url
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--api", metavar="URL",
-        help="registry API URL (default: http://<registry peer's tunnel address>:51821)",
+        help=f"registry API URL (default: http://<registry peer's tunnel address>:{API_PORT})",
     )
     parser.add_argument(
         "--token-file", metavar="FILE", help="bearer token for a registry that requires one"

@@ -12,30 +12,20 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from ..errors import WgpunchError
+from ..errors import ApiError, MalformedMessage, WgpunchError
 from ..keys import Key
-from ..registry import BadRequest
 from ..registry.report import Reported
 from ..registry.state import PeerEvent, PunchEvent, RemovedEvent, Snapshot
 from ..registry.wire import Heartbeat, item_from_json, peer_from_json
 
-API_PORT = 51821
 Event = Snapshot | PeerEvent | RemovedEvent | PunchEvent | Heartbeat
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry
-
-
-class ApiError(WgpunchError):
-    """A request to the registry's API failed: unreachable, refused, or a nonsense answer."""
-
-    def __init__(self, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def parse_event(line: bytes) -> Event:
     try:
         return item_from_json(json.loads(line))
-    except (ValueError, BadRequest) as error:
+    except (ValueError, MalformedMessage) as error:
         raise ApiError(f"registry: bad watch event: {error}") from None
 
 

@@ -23,22 +23,18 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
-from ..errors import WgpunchError
+from ..errors import ApiError, NoRecord, WgpunchError
 from ..keys import Key
 from ..registry.report import Reported
 from ..registry.state import PeerRecord, Snapshot
 from ..wg.device import Device, Endpoint
-from .client import ApiError, Event
+from .client import Event
 from .source import polled
 
 log = logging.getLogger(__name__)
 
 SERVICE = "_wireguard._udp"
 EPOCH = "dns-sd"  # a DNS registry has no epoch: every poll is a full snapshot
-
-
-class NoRecord(Exception):
-    """The server has no record for this key (NXDOMAIN, or no answer)."""
 
 
 def query_name(key: Key, zone: dns.name.Name) -> dns.name.Name:

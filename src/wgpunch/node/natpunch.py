@@ -17,15 +17,15 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 
-from ..errors import WgpunchError
+from ..errors import ApiError, ConfigError, WgpunchError
 from ..keys import Key
 from ..natpunch.client import LegacyClient, NoiseClient
 from ..natpunch.rawudp import RawUdp
 from ..registry.report import Reported
 from ..registry.state import PeerRecord, Snapshot
 from ..wg.device import Device, Endpoint
-from .client import ApiError, Event
-from .source import ConfigError, polled
+from .client import Event
+from .source import polled
 
 log = logging.getLogger(__name__)
 

@@ -7,17 +7,14 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-from ..errors import WgpunchError
+from ..errors import ApiError, ConfigError, WgpunchError
 from ..keys import Key
+from ..protocol import API_PORT
 from ..registry.report import Reported
 from ..registry.state import Snapshot
 from ..wg.device import DeviceState
-from .client import API_PORT, ApiError, Event
+from .client import Event
 from .probe import tunnel_address
-
-
-class ConfigError(WgpunchError):
-    """The agent cannot start with this device and these options."""
 
 
 def registry_api_url(state: DeviceState, registry: Key) -> str:

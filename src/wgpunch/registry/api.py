@@ -1,7 +1,7 @@
 """The registry's HTTP API, exactly docs/api.md, on aiohttp.
 
 Two middlewares wrap every handler. The outer one turns every failure into a JSON error:
-`BadRequest` → 400, `RequestRefused` → its status, aiohttp's own (404, 405, 413) keep their
+`MalformedMessage` → 400, `RequestRefused` → its status, aiohttp's own (404, 405, 413) keep their
 status, anything unexpected → a logged 500; nothing a client sends can stop the server. The
 inner one decides who is calling (auth.py) before any handler, or any route lookup, runs; only
 `/healthz` answers strangers.
@@ -22,8 +22,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ..errors import MalformedMessage, RequestRefused
 from ..keys import Key
-from . import BadRequest, RequestRefused
 from .auth import bearer_matches, identify, source_ip
 from .observer import Observer
 from .ratelimit import Throttle
@@ -85,7 +85,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         return _http_error(exc)
-    except BadRequest as exc:
+    except MalformedMessage as exc:
         return json_error(400, str(exc))
     except RequestRefused as exc:
         return json_error(exc.status, str(exc))
@@ -146,7 +146,7 @@ async def post_punch(request: web.Request) -> web.Response:
     body = await request.read()
     # The contract has no body; an empty JSON object (what many clients send) is the same.
     if body.strip() and decode_object(body):
-        raise BadRequest("body: POST /v1/punch takes no fields")
+        raise MalformedMessage("body: POST /v1/punch takes no fields")
     endpoint, _pushed = request.app[STATE].request_punch(
         request[CALLER], target, time.monotonic())
     return json_response({"peer": target.base64(), "endpoint": str(endpoint)}, status=202)

@@ -20,14 +20,14 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import ConfigError
+from ..protocol import API_PORT
 from ..wg import open_device
 from ..wg.device import Endpoint, IPAddress
-from . import ConfigError
 from .api import create_app
 from .dnssd import Zone
 from .dnsserver import DnsServer, SelfConfig
 from .listen import (
-    DEFAULT_PORT,
     DNS_PORT,
     default_listen,
     interface_addresses,
@@ -49,7 +49,7 @@ CONFIG_KEYS = ("interface", "listen", "token_file", "poll_interval", "dns", "zon
 EPILOG = f"""\
 config file (--config FILE, TOML): the same options as the flags; a flag wins over the file.
   interface = "wg0"                      # like --interface
-  listen = ["10.99.0.254:{DEFAULT_PORT}"]         # like --listen (a list, or one string)
+  listen = ["10.99.0.254:{API_PORT}"]         # like --listen (a list, or one string)
   token_file = "/etc/wgpunch/token"      # like --token-file (relative: to the config file)
   poll_interval = 0.2                    # like --poll-interval
   dns = 53                               # like --dns: a port, "ADDR:PORT", or a list
@@ -106,8 +106,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--listen", metavar="ADDR:PORT", action="append",
         help=f"listen for the API on ADDR:PORT ([IPv6]:PORT; a bare ADDR means port "
-             f"{DEFAULT_PORT}); repeat for several. Default: every IP address of IF, port "
-             f"{DEFAULT_PORT}. 0.0.0.0 or [::] only when given explicitly (logs a warning)",
+             f"{API_PORT}); repeat for several. Default: every IP address of IF, port "
+             f"{API_PORT}. 0.0.0.0 or [::] only when given explicitly (logs a warning)",
     )
     parser.add_argument(
         "--config", metavar="FILE", type=Path,

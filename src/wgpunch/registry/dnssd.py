@@ -50,10 +50,9 @@ from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 from dns.rdtypes.IN.SRV import SRV
 
-from ..errors import KeyFormatError
+from ..errors import ConfigError, KeyFormatError
 from ..keys import BASE32_LEN, Key
 from ..wg.device import Endpoint, IPNetwork
-from . import ConfigError
 from .dnswire import TCP_MAX
 
 IN = dns.rdataclass.IN

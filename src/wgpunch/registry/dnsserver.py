@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import dns.message
 
+from ..errors import ConfigError
 from ..keys import Key
 from ..wg.device import Endpoint, IPAddress, IPNetwork
-from . import ConfigError
 from .auth import identify, source_ip
 from .dnssd import InstanceCache, Record, Zone, answer, servfail
 from .dnswire import size_limit, to_wire

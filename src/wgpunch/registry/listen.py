@@ -10,10 +10,10 @@ import asyncio
 import ipaddress
 from typing import Any
 
+from ..errors import ConfigError
+from ..protocol import API_PORT
 from ..wg.device import Endpoint, IPAddress
-from . import ConfigError
 
-DEFAULT_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
 DNS_PORT = 53  # RFC 1035 §4.2; needs root or CAP_NET_BIND_SERVICE
 
 
@@ -30,7 +30,7 @@ def _address(text: str, default_port: int, what: str, forms: str) -> Endpoint:
 
 def parse_listen(text: str) -> Endpoint:
     """`ADDR:PORT`, `[IPv6]:PORT`, or a bare address (default port)."""
-    return _address(text, DEFAULT_PORT, "listen address", "ADDR:PORT, [IPv6]:PORT or ADDR")
+    return _address(text, API_PORT, "listen address", "ADDR:PORT, [IPv6]:PORT or ADDR")
 
 
 def parse_dns_listen(text: str) -> Endpoint | int:
@@ -80,7 +80,7 @@ async def interface_addresses(ifname: str) -> list[IPAddress]:
     return sorted({ip for ip in found if _bindable(ip)}, key=lambda ip: (ip.version, int(ip)))
 
 
-async def default_listen(ifname: str, port: int = DEFAULT_PORT) -> list[Endpoint]:
+async def default_listen(ifname: str, port: int = API_PORT) -> list[Endpoint]:
     addresses = await interface_addresses(ifname)
     if not addresses:
         raise ConfigError(

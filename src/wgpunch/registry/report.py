@@ -2,7 +2,7 @@
 
 `Reported` checks every field on construction, so an invalid report cannot exist; the JSON
 decoder in front of it is strict too (UTF-8 only, one object, no duplicate or unknown keys, no
-NaN), and every failure is one `BadRequest` naming the field.
+NaN), and every failure is one `MalformedMessage` naming the field.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import MalformedMessage
 from ..wg.device import IPAddress
-from . import BadRequest
 
 MAX_BODY_BYTES = 4096  # docs/api.md
 MAX_LOCAL_ADDRESSES = 32  # docs/api.md; more LAN addresses than candidates worth trying
@@ -32,31 +32,32 @@ class Reported:
     def __post_init__(self) -> None:
         port = self.listen_port
         if not isinstance(port, int) or isinstance(port, bool):
-            raise BadRequest(f"listen_port: expected an integer, got {_kind(port)}")
+            raise MalformedMessage(f"listen_port: expected an integer, got {_kind(port)}")
         if not 1 <= port <= 65535:
-            raise BadRequest(f"listen_port: {port} is not in 1-65535")
+            raise MalformedMessage(f"listen_port: {port} is not in 1-65535")
         if not isinstance(self.local_addresses, tuple):
-            raise BadRequest("local_addresses: expected a list")
+            raise MalformedMessage("local_addresses: expected a list")
         if len(self.local_addresses) > MAX_LOCAL_ADDRESSES:
-            raise BadRequest(
+            raise MalformedMessage(
                 f"local_addresses: {len(self.local_addresses)} addresses, "
                 f"at most {MAX_LOCAL_ADDRESSES}"
             )
         for address in self.local_addresses:
             if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
-                raise BadRequest(f"local_addresses: {address!r} is not an IP address")
+                raise MalformedMessage(f"local_addresses: {address!r} is not an IP address")
             if address.is_unspecified or address.is_loopback or address.is_multicast:
-                raise BadRequest(f"local_addresses: {address} cannot be reached from another host")
+                raise MalformedMessage(
+                    f"local_addresses: {address} cannot be reached from another host")
         if len(set(self.local_addresses)) != len(self.local_addresses):
-            raise BadRequest("local_addresses: an address is listed twice")
+            raise MalformedMessage("local_addresses: an address is listed twice")
         if not isinstance(self.version, str):
-            raise BadRequest(f"version: expected text, got {_kind(self.version)}")
+            raise MalformedMessage(f"version: expected text, got {_kind(self.version)}")
         if len(self.version) > MAX_VERSION_CHARS:
-            raise BadRequest(
+            raise MalformedMessage(
                 f"version: {len(self.version)} characters, at most {MAX_VERSION_CHARS}"
             )
         if not set(self.version) <= _PRINTABLE:
-            raise BadRequest("version: only printable ASCII characters are allowed")
+            raise MalformedMessage("version: only printable ASCII characters are allowed")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,44 +78,44 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise BadRequest(f"body: key {key[:40]!r} appears twice")
+            raise MalformedMessage(f"body: key {key[:40]!r} appears twice")
         obj[key] = value
     return obj
 
 
 def _no_constant(name: str) -> Any:
-    raise BadRequest(f"body: {name} is not valid JSON")
+    raise MalformedMessage(f"body: {name} is not valid JSON")
 
 
 def decode_object(body: bytes) -> dict[str, Any]:
     """A JSON object from a request body, strictly."""
     if not body:
-        raise BadRequest("body: empty; expected a JSON object")
+        raise MalformedMessage("body: empty; expected a JSON object")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BadRequest(f"body: not UTF-8 (byte {exc.start + 1})") from None
+        raise MalformedMessage(f"body: not UTF-8 (byte {exc.start + 1})") from None
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
-        raise BadRequest(f"body: invalid JSON at line {exc.lineno} column {exc.colno}: "
+        raise MalformedMessage(f"body: invalid JSON at line {exc.lineno} column {exc.colno}: "
                          f"{exc.msg}") from None
     except RecursionError:
-        raise BadRequest("body: JSON nested too deeply") from None
+        raise MalformedMessage("body: JSON nested too deeply") from None
     if not isinstance(value, dict):
-        raise BadRequest(f"body: expected a JSON object, got {_kind(value)}")
+        raise MalformedMessage(f"body: expected a JSON object, got {_kind(value)}")
     return value
 
 
 def _address(value: object) -> IPAddress:
     if not isinstance(value, str):
-        raise BadRequest(f"local_addresses: expected text, got {_kind(value)}")
+        raise MalformedMessage(f"local_addresses: expected text, got {_kind(value)}")
     if len(value) > _MAX_ADDRESS_CHARS or "%" in value:
-        raise BadRequest(f"local_addresses: {value[:60]!r} is not an IP address")
+        raise MalformedMessage(f"local_addresses: {value[:60]!r} is not an IP address")
     try:
         return ipaddress.ip_address(value)
     except ValueError:
-        raise BadRequest(f"local_addresses: {value[:60]!r} is not an IP address") from None
+        raise MalformedMessage(f"local_addresses: {value[:60]!r} is not an IP address") from None
 
 
 def reported_from_json(body: bytes) -> Reported:
@@ -122,15 +123,16 @@ def reported_from_json(body: bytes) -> Reported:
     obj = decode_object(body)
     unknown = sorted(set(obj) - set(FIELDS))
     if unknown:
-        raise BadRequest(f"body: unknown field {unknown[0][:40]!r}; allowed: {', '.join(FIELDS)}")
+        raise MalformedMessage(
+            f"body: unknown field {unknown[0][:40]!r}; allowed: {', '.join(FIELDS)}")
     missing = [name for name in FIELDS if name not in obj]
     if missing:
-        raise BadRequest(f"body: missing field {missing[0]!r}")
+        raise MalformedMessage(f"body: missing field {missing[0]!r}")
     addresses = obj["local_addresses"]
     if not isinstance(addresses, list):
-        raise BadRequest(f"local_addresses: expected a list, got {_kind(addresses)}")
+        raise MalformedMessage(f"local_addresses: expected a list, got {_kind(addresses)}")
     if len(addresses) > MAX_LOCAL_ADDRESSES:
-        raise BadRequest(
+        raise MalformedMessage(
             f"local_addresses: {len(addresses)} addresses, at most {MAX_LOCAL_ADDRESSES}"
         )
     return Reported(

@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from types import MappingProxyType
 
+from ..errors import RequestRefused
 from ..keys import Key
 from ..wg.device import Endpoint, IPNetwork, PeerState
-from . import RequestRefused
 from .punch import Coalescer, initiator
 from .report import Reported
 from .timings import Timings

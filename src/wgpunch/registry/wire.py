@@ -2,7 +2,7 @@
 
 Pure functions: records and events in, dicts (and NDJSON lines) out, for the registry; the
 same dicts back to records and events (`item_from_json`), for the node's client; text in,
-validated values or one `BadRequest` out.
+validated values or one `MalformedMessage` out.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import KeyFormatError, WgpunchError
+from ..errors import KeyFormatError, MalformedMessage, WgpunchError
 from ..keys import Key
 from ..wg.device import Endpoint
-from . import BadRequest
 from .report import Reported
 from .state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Snapshot, StreamItem
 
@@ -83,7 +82,7 @@ def peer_from_json(obj: Any) -> PeerRecord:
 
 
 def item_from_json(obj: Any) -> StreamItem | Heartbeat:
-    """The inverse of `item_json` (and `heartbeat_json`); BadRequest for anything else."""
+    """The inverse of `item_json` (and `heartbeat_json`); MalformedMessage for anything else."""
     try:
         kind, revision = obj["type"], int(obj["revision"])
         if kind == "snapshot":
@@ -99,8 +98,8 @@ def item_from_json(obj: Any) -> StreamItem | Heartbeat:
         if kind == "heartbeat":
             return Heartbeat(revision)
     except (ValueError, KeyError, TypeError, WgpunchError) as error:
-        raise BadRequest(f"malformed {str(obj)[:100]}: {error}") from None
-    raise BadRequest(f"unknown watch event type {kind!r}")
+        raise MalformedMessage(f"malformed {str(obj)[:100]}: {error}") from None
+    raise MalformedMessage(f"unknown watch event type {kind!r}")
 
 
 def dumps(obj: Any) -> str:
@@ -118,9 +117,9 @@ def only_params(pairs: Iterable[tuple[str, str]], allowed: Iterable[str]) -> dic
     for name, value in pairs:
         if name not in allowed:
             what = ", ".join(allowed) if allowed else "none"
-            raise BadRequest(f"query: unknown parameter {name[:40]!r}; allowed: {what}")
+            raise MalformedMessage(f"query: unknown parameter {name[:40]!r}; allowed: {what}")
         if name in params:
-            raise BadRequest(f"query: parameter {name!r} given twice")
+            raise MalformedMessage(f"query: parameter {name!r} given twice")
         params[name] = value
     return params
 
@@ -132,10 +131,11 @@ def watch_query(pairs: Iterable[tuple[str, str]]) -> tuple[int | None, str | Non
     since = None
     if since_text is not None:
         if not _SINCE.fullmatch(since_text) or int(since_text) >= 1 << 63:
-            raise BadRequest(f"query: since={since_text[:40]!r} is not a revision (0 or more)")
+            raise MalformedMessage(
+                f"query: since={since_text[:40]!r} is not a revision (0 or more)")
         since = int(since_text)
     if epoch is not None and not _EPOCH.fullmatch(epoch):
-        raise BadRequest(f"query: epoch={epoch[:40]!r} is not lowercase hex")
+        raise MalformedMessage(f"query: epoch={epoch[:40]!r} is not lowercase hex")
     return since, epoch
 
 
@@ -144,4 +144,4 @@ def path_key(text: str) -> Key:
     try:
         return Key.parse(text, what="peer key in path")
     except KeyFormatError as exc:
-        raise BadRequest(str(exc)) from None
+        raise MalformedMessage(str(exc)) from None
