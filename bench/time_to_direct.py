@@ -8,7 +8,7 @@ loss on each site's uplink), each run builds a fresh lab, starts `wgpunch regist
 (lab/evidence.py). Times are counted from "both nodes up" (the later of the two agents'
 `started` log events: process started, options read, device read) and, for comparison, from
 launching the node processes (Python start-up included), and from both agents following the
-registry's watch stream (their `registry-connected` events): the part that the physical limit
+registry's watch stream (their `registry_connected` events): the part that the physical limit
 (a registry round trip plus a handshake round trip) speaks of.
 
 Recovery: after the pair is direct, (1) `rebind`: the NAT in front of b (an `eim-port`
@@ -94,7 +94,7 @@ def one_run(scenario: Scenario) -> dict[str, Any]:
         found = asyncio.run(evidence.wait_direct(lab, TIMEOUT_S, check=agents.check_alive))
         (_pair, took), = found.values()
         up = max(event_at(agents, h, "started") for h in ("a", "b"))
-        connected = max(event_at(agents, h, "registry-connected") for h in ("a", "b"))
+        connected = max(event_at(agents, h, "registry_connected") for h in ("a", "b"))
         direct_wall = None if took is None else start_wall + took
         return {
             "direct": took is not None,

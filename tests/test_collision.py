@@ -71,7 +71,7 @@ def test_collision_pair_goes_direct_whichever_node_starts_first(lab_prefix, earl
         found = pair(lab)
         assert {found.a.endpoint.port, found.b.endpoint.port} == {51820}, found
         for host in ("a", "b"):
-            [measured] = events(agents, host, "opener-ttl")
+            [measured] = events(agents, host, "opener_ttl")
             assert measured["ttl"] == 2, measured  # passes its own NAT, dies at the core
         print(f"\n{early_role} ({early}) first: direct {took:.3f} s after {late} started")
 

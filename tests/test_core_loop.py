@@ -287,7 +287,7 @@ def test_easy_pair_goes_direct_and_its_traffic_does_not_cross_the_registry(lab_p
         assert sides_after.a.endpoint == sides.a.endpoint
         assert sides_after.b.endpoint == sides.b.endpoint
         agents.check_alive()
-        following = {e["msg"] for e in agents.events("a") if e["event"] == "registry-connected"}
+        following = {e["msg"] for e in agents.events("a") if e["event"] == "registry_connected"}
         assert following == {"registry http://10.99.0.254:51821: following its watch stream"}
         print(f"\ntime to direct {took:.3f} s; 1 MiB a->b: a tx {a_tx} B, b rx {b_rx} B; "
               f"registry (rx, tx) per node during it: {via_registry}")
@@ -422,7 +422,7 @@ def test_a_bogus_endpoint_from_the_registry_does_not_move_a_working_path(lab_pre
                 # b's next packet to the registry (a TCP ACK of a heartbeat, every 2 s) roams
                 # the registry's device back to b's real endpoint, sometimes before the
                 # observer's next read: set it again until a has heard of it.
-                if not [e for e in events(agents, "a", "endpoint-changed", peer=b_key)
+                if not [e for e in events(agents, "a", "endpoint_changed", peer=b_key)
                         if e["msg"].endswith(f"-> {BOGUS_ENDPOINT}")]:
                     lab.exec("registry", ["wg", "set", reg.ifname, "peer", b_key,
                                           "endpoint", BOGUS_ENDPOINT])

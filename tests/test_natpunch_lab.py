@@ -49,7 +49,7 @@ def test_nodes_find_each_other_through_a_rendezvous_server(lab_prefix, tmp_path,
                           if e["event"] == "registered"}
             assert registered == {str(lab.host(h).public_key) for h in ("a", "b")}
             following = {e["msg"] for e in agents.events("a")
-                         if e["event"] == "registry-connected"}
+                         if e["event"] == "registry_connected"}
             server = f"{lab.host('registry').public_ip}:{PORT if mode == 'noise' else LEGACY_PORT}"
             assert following == {f"natpunch {server} ({mode}): polling every 1 s"}
             print(f"natpunch {mode}: direct after {took:.2f} s")

@@ -33,7 +33,7 @@ def test_nodes_following_dns_sd_go_direct(lab_prefix):
         (pair, took), = asyncio.run(evidence.wait_direct(
             lab, DIRECT_DEADLINE_S, check=agents.check_alive)).values()
         assert took is not None, f"not direct: {pair}"
-        following = {e["msg"] for e in agents.events("a") if e["event"] == "registry-connected"}
+        following = {e["msg"] for e in agents.events("a") if e["event"] == "registry_connected"}
         assert following == {f"dns-sd 10.99.0.254:{DNS_PORT} zone {ZONE}: polling every 1 s"}
         print(f"dns-sd: direct after {took:.2f} s")
 

@@ -92,7 +92,7 @@ class Agent:
                 log.info(
                     "registry: peer %s endpoint %s -> %s",
                     event.peer.public_key, old.endpoint, event.peer.endpoint,
-                    extra={"event": "endpoint-changed", "peer": str(event.peer.public_key)},
+                    extra={"event": "endpoint_changed", "peer": str(event.peer.public_key)},
                 )
             self.peers[event.peer.public_key] = event.peer
         elif isinstance(event, RemovedEvent):
@@ -116,7 +116,7 @@ class Agent:
                 async for event in self.client.watch(self.revision, self.epoch):
                     if not heard:
                         log.info("%s", self.client.following,
-                                 extra={"event": "registry-connected"})
+                                 extra={"event": "registry_connected"})
                     delay, heard = 0.25, True
                     self.apply_event(event)
                     self.stream_open.set()
@@ -328,7 +328,7 @@ class Agent:
         elif mem.attempts > 1:
             log.info("peer %s: no handshake with %s yet (attempt %d); punching again",
                      peer.public_key, d.endpoint, mem.attempts,
-                     extra={"event": "punch-retry", "peer": str(peer.public_key)})
+                     extra={"event": "punch_retry", "peer": str(peer.public_key)})
         if peer.public_key not in self.punching:
             # In the background: a slow registry (a lost SYN costs a second) must not hold up
             # the loop that notices handshakes and answers punch events.

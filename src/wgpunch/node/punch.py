@@ -162,7 +162,7 @@ class OpenerTtl:
             hops = None if task.cancelled() or task.exception() else task.result()
             log.info("opener TTL %s, measured toward the registry %s",
                      f"{DEFAULT_TTL} (no public router answered)" if hops is None else hops,
-                     toward, extra={"event": "opener-ttl", "ttl": hops})
+                     toward, extra={"event": "opener_ttl", "ttl": hops})
 
         self._measuring.add_done_callback(measured)
 
