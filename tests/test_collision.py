@@ -23,6 +23,7 @@ from wgpunch.lab import lab as lab_module
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import python_module, wait_for
+from wgpunch.protocol import initiator
 
 pytestmark = pytest.mark.lab
 
@@ -39,9 +40,9 @@ def pair(lab: Lab) -> evidence.Pair:
 
 
 def roles(lab: Lab) -> tuple[str, str]:
-    """(initiator, other): the lower public key sends the initiation."""
-    a, b = lab.host("a").public_key.raw, lab.host("b").public_key.raw
-    return ("a", "b") if a < b else ("b", "a")
+    """(initiator, other), by the protocol's rule (both sides behind NATs)."""
+    a, b = lab.host("a").public_key, lab.host("b").public_key
+    return ("a", "b") if initiator(a, b) else ("b", "a")
 
 
 @pytest.mark.parametrize("early_role", ["initiator", "other"])

@@ -28,6 +28,7 @@ from wgpunch.lab import catalog, evidence
 from wgpunch.lab.agents import API_PORT, Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import holds_for, python_module, read_line, wait_for
+from wgpunch.protocol import initiator
 from wgpunch.wg.device import DeviceState
 from wgpunch.wg.uapi import UapiDevice
 
@@ -71,9 +72,10 @@ def key(lab: Lab, host: str) -> str:
 
 
 def initiator_first(lab: Lab) -> tuple[str, str]:
-    """(initiator, responder): the side whose public key sorts lower retries quickly."""
-    a, b = lab.host("a").public_key.raw, lab.host("b").public_key.raw
-    return ("a", "b") if a < b else ("b", "a")
+    """(initiator, responder) by the protocol's rule (both behind NATs): the initiator
+    retries quickly."""
+    a, b = lab.host("a").public_key, lab.host("b").public_key
+    return ("a", "b") if initiator(a, b) else ("b", "a")
 
 
 def log_entries(agents: Agents, host: str) -> list[dict[str, Any]]:

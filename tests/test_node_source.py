@@ -9,7 +9,7 @@ import pytest
 
 from wgpunch.errors import ApiError, DeviceError
 from wgpunch.node.source import polled
-from wgpunch.registry.state import Snapshot
+from wgpunch.protocol import Snapshot
 
 
 async def test_fractional_intervals_are_honoured_start_to_start():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from wgpunch.errors import MalformedMessage
 from wgpunch.keys import Key
-from wgpunch.registry.report import FIELDS, Reported, reported_from_json
+from wgpunch.protocol import FIELDS, Reported, reported_from_json
 from wgpunch.registry.wire import path_key, watch_query
 
 GOOD = {"listen_port": 51820, "local_addresses": ["192.168.1.2", "fd00::2"],

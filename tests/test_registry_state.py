@@ -7,15 +7,17 @@ import pytest
 
 from wgpunch.errors import RequestRefused
 from wgpunch.keys import Key
-from wgpunch.registry.punch import Coalescer, initiator, pair_of
-from wgpunch.registry.report import Reported
-from wgpunch.registry.state import (
+from wgpunch.protocol import (
     PeerEvent,
     PunchEvent,
-    RegistryState,
     RemovedEvent,
+    Reported,
     Snapshot,
+    initiator,
+    pair_of,
 )
+from wgpunch.registry.punch import Coalescer
+from wgpunch.registry.state import RegistryState
 from wgpunch.wg.device import Endpoint, PeerState
 
 K1, K2, K3 = (Key(bytes([n]) * 32) for n in (1, 2, 3))

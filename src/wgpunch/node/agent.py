@@ -21,13 +21,19 @@ from typing import Any
 from .. import __version__
 from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, MalformedMessage
 from ..keys import Key
-from ..registry.punch import initiator
-from ..registry.report import Reported
-from ..registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Snapshot
+from ..protocol import (
+    Event,
+    PeerEvent,
+    PeerRecord,
+    PunchEvent,
+    RemovedEvent,
+    Reported,
+    Snapshot,
+    initiator,
+)
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import local_addresses
-from .client import Event
 from .decide import Decision, Kind, Memory, Reason, Timings, decide
 from .probe import send_probe, tunnel_address
 from .punch import OpenerTtl, can_send_raw, send_opener
@@ -64,6 +70,9 @@ class Agent:
         self.epoch: str | None = None
         self.revision: int | None = None
         self.punched: set[Key] = set()
+        # Who initiates, per peer, as the registry's last punch event for it said: the
+        # registry decides (protocol/roles.py); before an event, the same rule locally.
+        self.roles: dict[Key, bool] = {}
         self.tracks: dict[Key, Track] = {}
         self.punching: set[Key] = set()  # peers with a punch request under way
         self.tasks: set[asyncio.Task[None]] = set()
@@ -97,11 +106,13 @@ class Agent:
             self.peers[event.peer.public_key] = event.peer
         elif isinstance(event, RemovedEvent):
             self.peers.pop(event.public_key, None)
+            self.roles.pop(event.public_key, None)
         elif isinstance(event, PunchEvent):
             known = self.peers.get(event.peer)
             if known is not None:
                 self.peers[event.peer] = replace(known, endpoint=event.endpoint)
             self.punched.add(event.peer)
+            self.roles[event.peer] = event.initiator
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
         self.wake.set()
@@ -267,8 +278,12 @@ class Agent:
         return recheck
 
     def initiates(self, peer: PeerRecord) -> bool:
-        """Whether we send the first initiation to `peer`: the registry's rule, from the same
-        records (ours is among them), so both sides agree (registry/punch.py)."""
+        """Whether we send the first initiation to `peer`: what the registry's last punch
+        event for it said; before any (and without a registry that coordinates), the
+        protocol's rule applied to the records we have (ours is among them)."""
+        role = self.roles.get(peer.public_key)
+        if role is not None:
+            return role
         if self.me is None:
             return False
         mine = self.peers.get(self.me)

@@ -1,5 +1,6 @@
 """The node's side of the registry API (docs/api.md): requests, and the watch stream parsed
-into the registry's own event types (registry/wire.py decodes what it encodes). Everything the
+into the protocol's event types (protocol/codec.py decodes what the registry
+encodes). Everything the
 registry sends is validated here, at the edge; a reply that does not fit is a
 `ApiError`, like a refused or lost connection."""
 
@@ -12,20 +13,17 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from ..errors import ApiError, MalformedMessage, WgpunchError
+from ..errors import ApiError, MalformedMessage
 from ..keys import Key
-from ..registry.report import Reported
-from ..registry.state import PeerEvent, PunchEvent, RemovedEvent, Snapshot
-from ..registry.wire import Heartbeat, item_from_json, peer_from_json
+from ..protocol import Event, Reported, Snapshot, item_from_json, snapshot_from_json
 
-Event = Snapshot | PeerEvent | RemovedEvent | PunchEvent | Heartbeat
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry
 
 
 def parse_event(line: bytes) -> Event:
     try:
         return item_from_json(json.loads(line))
-    except (ValueError, MalformedMessage) as error:
+    except ValueError as error:  # MalformedMessage is one
         raise ApiError(f"registry: bad watch event: {error}") from None
 
 
@@ -73,10 +71,9 @@ class RegistryClient:
     async def peers(self) -> Snapshot:
         obj = await self._request("GET", "/v1/peers")
         try:
-            peers = tuple(peer_from_json(p) for p in obj["peers"])
-            return Snapshot(str(obj["epoch"]), int(obj["revision"]), peers)
-        except (ValueError, KeyError, TypeError, WgpunchError) as error:
-            raise ApiError(f"registry: malformed /v1/peers reply: {error}") from None
+            return snapshot_from_json(obj)
+        except MalformedMessage as error:
+            raise ApiError(f"registry: /v1/peers reply: {error}") from None
 
     async def report_self(self, report: Reported) -> None:
         await self._request("PUT", "/v1/self", report.to_json())

@@ -25,10 +25,8 @@ import dns.rdatatype
 
 from ..errors import ApiError, NoRecord, WgpunchError
 from ..keys import Key
-from ..registry.report import Reported
-from ..registry.state import PeerRecord, Snapshot
+from ..protocol import Event, PeerRecord, Reported, Snapshot
 from ..wg.device import Device, Endpoint
-from .client import Event
 from .source import polled
 
 log = logging.getLogger(__name__)

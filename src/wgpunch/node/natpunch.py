@@ -21,10 +21,8 @@ from ..errors import ApiError, ConfigError, WgpunchError
 from ..keys import Key
 from ..natpunch.client import LegacyClient, NoiseClient
 from ..natpunch.rawudp import RawUdp
-from ..registry.report import Reported
-from ..registry.state import PeerRecord, Snapshot
+from ..protocol import Event, PeerRecord, Reported, Snapshot
 from ..wg.device import Device, Endpoint
-from .client import Event
 from .source import polled
 
 log = logging.getLogger(__name__)

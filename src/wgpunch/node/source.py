@@ -9,11 +9,8 @@ from typing import Protocol
 
 from ..errors import ApiError, ConfigError, WgpunchError
 from ..keys import Key
-from ..protocol import API_PORT
-from ..registry.report import Reported
-from ..registry.state import Snapshot
+from ..protocol import API_PORT, Event, Reported, Snapshot
 from ..wg.device import DeviceState
-from .client import Event
 from .probe import tunnel_address
 
 

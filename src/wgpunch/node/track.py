@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-from ..registry.state import PeerRecord
+from ..protocol import PeerRecord
 from ..wg.device import PeerState
 from . import pathfile
 from .decide import Decision, Memory, Reason

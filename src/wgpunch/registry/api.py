@@ -24,22 +24,22 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import MalformedMessage, RequestRefused
 from ..keys import Key
-from .auth import bearer_matches, identify, source_ip
-from .observer import Observer
-from .ratelimit import Throttle
-from .report import MAX_BODY_BYTES, decode_object, reported_from_json
-from .state import RegistryState
-from .timings import Timings
-from .wire import (
+from ..protocol import (
+    MAX_BODY_BYTES,
+    decode_object,
     dumps,
     heartbeat_json,
     item_json,
     ndjson_line,
-    only_params,
-    path_key,
     peers_json,
-    watch_query,
+    reported_from_json,
 )
+from .auth import bearer_matches, identify, source_ip
+from .observer import Observer
+from .ratelimit import Throttle
+from .state import RegistryState
+from .timings import Timings
+from .wire import only_params, path_key, watch_query
 
 log = logging.getLogger(__name__)
 

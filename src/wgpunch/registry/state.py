@@ -23,15 +23,25 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import islice
 from types import MappingProxyType
 
 from ..errors import RequestRefused
 from ..keys import Key
+from ..protocol import (
+    Change,
+    PeerEvent,
+    PeerRecord,
+    PunchEvent,
+    RemovedEvent,
+    Reported,
+    Snapshot,
+    StreamItem,
+    initiator,
+)
 from ..wg.device import Endpoint, IPNetwork, PeerState
-from .punch import Coalescer, initiator
-from .report import Reported
+from .punch import Coalescer
 from .timings import Timings
 
 log = logging.getLogger(__name__)
@@ -42,56 +52,6 @@ HISTORY_MAX = 4096
 # Our choice: far more than one poll can produce for a normal mesh; a reader this far behind is
 # better served by reconnecting (and resuming) than by the registry buffering for it.
 STREAM_QUEUE_MAX = 256
-
-
-@dataclass(frozen=True, slots=True)
-class PeerRecord:
-    public_key: Key
-    allowed_ips: tuple[IPNetwork, ...]
-    endpoint: Endpoint | None  # as the registry's interface observes it
-    latest_handshake: float | None  # Unix seconds; None = never
-    reported: Reported | None  # what the node said about itself; None = nothing yet
-    revision: int  # the revision at which this record last changed
-
-    @property
-    def public(self) -> bool:
-        """The node has no NAT of its own: the address we observe is one it reported as its
-        own (registry/punch.py `initiator` says why that matters)."""
-        return (self.reported is not None and self.endpoint is not None
-                and self.endpoint.ip in self.reported.local_addresses)
-
-
-@dataclass(frozen=True, slots=True)
-class PeerEvent:
-    revision: int
-    peer: PeerRecord
-
-
-@dataclass(frozen=True, slots=True)
-class RemovedEvent:
-    revision: int
-    public_key: Key
-
-
-@dataclass(frozen=True, slots=True)
-class PunchEvent:
-    """For one side of a punch: `peer` is the other side, `endpoint` its observed endpoint."""
-
-    revision: int
-    peer: Key
-    endpoint: Endpoint
-    initiator: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    epoch: str
-    revision: int
-    peers: tuple[PeerRecord, ...]
-
-
-Change = PeerEvent | RemovedEvent
-StreamItem = Snapshot | PeerEvent | RemovedEvent | PunchEvent
 
 
 def _canonical(nets: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
@@ -344,9 +304,3 @@ class RegistryState:
             log.warning("watch stream of %s closed: it fell %d events behind", stream.caller,
                         self._stream_queue_max,
                         extra={"event": "stream_overflow", "peer": str(stream.caller)})
-
-
-__all__ = [
-    "Change", "PeerEvent", "PeerRecord", "PunchEvent", "RegistryState", "RemovedEvent",
-    "Snapshot", "Stream", "StreamItem",
-]

@@ -8,9 +8,18 @@ import pytest
 
 from wgpunch.errors import MalformedMessage
 from wgpunch.keys import Key
-from wgpunch.registry.report import Reported
-from wgpunch.registry.state import PeerEvent, PeerRecord, PunchEvent, RemovedEvent, Snapshot
-from wgpunch.registry.wire import Heartbeat, heartbeat_json, item_from_json, item_json
+from wgpunch.protocol import (
+    Heartbeat,
+    PeerEvent,
+    PeerRecord,
+    PunchEvent,
+    RemovedEvent,
+    Reported,
+    Snapshot,
+    heartbeat_json,
+    item_from_json,
+    item_json,
+)
 from wgpunch.wg.device import Endpoint
 
 K1, K2 = Key(bytes([1]) * 32), Key(bytes([2]) * 32)

@@ -1,0 +1,55 @@
+"""The registry<->node contract: what both sides import (and nothing else of each other's).
+
+docs/api.md is its text; this package is its code, as Tailscale's disco.go is shared by
+magicsock and the relay server. No sockets, no clocks, no state:
+- `report.py`  what a node says about itself (`PUT /v1/self`), validated on construction;
+- `records.py` peer records, watch-stream events and snapshots;
+- `codec.py`   their JSON forms, both ways;
+- `roles.py`   who initiates a punch: decided by the registry, carried in the punch event.
+Errors are `MalformedMessage` and `RequestRefused` in errors.py.
+"""
+
+from __future__ import annotations
+
+from .codec import (
+    dumps,
+    heartbeat_json,
+    item_from_json,
+    item_json,
+    ndjson_line,
+    peer_from_json,
+    peer_json,
+    peers_json,
+    snapshot_from_json,
+)
+from .records import (
+    Change,
+    Event,
+    Heartbeat,
+    PeerEvent,
+    PeerRecord,
+    PunchEvent,
+    RemovedEvent,
+    Snapshot,
+    StreamItem,
+)
+from .report import (
+    FIELDS,
+    MAX_BODY_BYTES,
+    MAX_LOCAL_ADDRESSES,
+    MAX_VERSION_CHARS,
+    Reported,
+    decode_object,
+    reported_from_json,
+)
+from .roles import initiator, pair_of
+
+API_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
+
+__all__ = [
+    "API_PORT", "FIELDS", "MAX_BODY_BYTES", "MAX_LOCAL_ADDRESSES", "MAX_VERSION_CHARS",
+    "Change", "Event", "Heartbeat", "PeerEvent", "PeerRecord", "PunchEvent", "RemovedEvent",
+    "Reported", "Snapshot", "StreamItem", "decode_object", "dumps", "heartbeat_json",
+    "initiator", "item_from_json", "item_json", "ndjson_line", "pair_of", "peer_from_json",
+    "peer_json", "peers_json", "reported_from_json", "snapshot_from_json",
+]
