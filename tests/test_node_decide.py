@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 
 from wgpunch.keys import Key
+from wgpunch.node.candidates import Candidate, CandidateKind
 from wgpunch.node.decide import Kind, Memory, Reason, Timings, decide, retry_delay
 from wgpunch.wg.device import Endpoint, PeerState
 
@@ -31,7 +32,10 @@ FRESH_RX = Memory(rx_bytes=500, rx_changed_at=NOW - 1)
 
 def run(p, registry_endpoint, mem=FRESH_RX, *, initiator=True, punched=False, now=NOW,
         can_open=False, peer_ready=True):
-    return decide(p, registry_endpoint, mem, initiator=initiator, punched=punched,
+    """decide() with the registry's endpoint as the peer's one (public) candidate."""
+    candidates = () if registry_endpoint is None else (
+        Candidate(CandidateKind.PUBLIC, registry_endpoint),)
+    return decide(p, candidates, mem, initiator=initiator, punched=punched,
                   can_open=can_open, peer_ready=peer_ready, now_wall=NOW_WALL, now=now, t=T)
 
 

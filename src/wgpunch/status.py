@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 from .node import pathfile
-from .node.pathfile import PathKind, PeerPath
+from .node.candidates import PathKind
+from .node.pathfile import PeerPath
 from .wg import Device, DeviceState, PeerState, list_devices, open_device
 
 JSON_VERSION = 1

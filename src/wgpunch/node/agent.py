@@ -33,7 +33,8 @@ from ..protocol import (
 )
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
-from .candidates import local_addresses
+from .addresses import local_addresses
+from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide
 from .probe import send_probe, tunnel_address
 from .punch import OpenerTtl, can_send_raw, send_opener
@@ -266,7 +267,7 @@ class Agent:
             if ready != (memory.unready_since is None):
                 memory = replace(memory, unready_since=None if ready else now)
             decision = decide(
-                peer, known.endpoint, memory,
+                peer, candidates_of(known), memory,
                 initiator=self.initiates(known),
                 punched=punched, can_open=self.can_open, peer_ready=ready,
                 now_wall=now_wall, now=now, t=self.t,
@@ -393,7 +394,7 @@ class Agent:
                         error)
 
     def publish(self, state: DeviceState, now_wall: float) -> None:
-        paths = {key.base64(): track.path(self.peers.get(key))
+        paths = {key.base64(): track.published(self.peers.get(key))
                  for key, track in self.tracks.items()}
         if paths != self._published:
             try:

@@ -1,31 +1,112 @@
-"""This host's own candidate addresses, which the node reports to the registry so that peers
-behind the same NAT can later try the LAN path (DESIGN.md §3, candidate 1)."""
+"""Where a peer can be reached, and which of those places to use: pure, no sockets, no clock.
+
+A peer's *candidates* are the endpoints worth trying (DESIGN.md §3), each of a kind:
+- `lan`    one of the peer's LAN addresses and its listen port (same NAT, same subnet);
+- `public` the peer's endpoint as the registry's WireGuard interface observes it;
+- `mapped` a port the peer's node opened on its NAT (UPnP-IGD, NAT-PMP, PCP);
+- `relay`  a registry relay slot, which forwards ciphertext between the two.
+`choose` ranks them in the spirit of Tailscale's `betterAddr` (wgengine/magicsock): a direct
+path always beats a relay; between direct paths a clearly faster one wins, then a private
+address over a public one; and the path in use is kept unless another is better by more
+than a margin, so two similar paths never make the peer flap between them.
+
+The *path* of a peer is what its live session runs over: the kind of the candidate its
+current endpoint matches, `direct` for an endpoint WireGuard roamed to by itself, `none`
+without a live session. `wgpunch status` shows it.
+"""
 
 from __future__ import annotations
 
-import ipaddress
-import socket
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-
-from ..wg.device import IPAddress
-
-MAX_ADDRESSES = 32  # the registry's limit on a report (docs/api.md)
+from ..protocol import PeerRecord
+from ..wg.device import Endpoint
 
 
-def local_addresses(exclude_ifname: str) -> list[IPAddress]:
-    """Global-scope addresses of every interface but the WireGuard one (whose tunnel address
-    is no way to reach us) and loopback. Blocking: call it in a thread."""
-    try:
-        exclude = socket.if_nametoindex(exclude_ifname)
-    except OSError:
-        exclude = -1
-    found: list[IPAddress] = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            if msg["index"] == exclude or msg["scope"] != 0:  # 0: RT_SCOPE_UNIVERSE
-                continue
-            address = ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))
-            if not address.is_loopback and address not in found:
-                found.append(address)
-    return found[:MAX_ADDRESSES]
+class PathKind(enum.StrEnum):
+    DIRECT = "direct"  # live session on the peer's public, mapped or roamed-to address
+    LAN = "lan"  # live session on one of the peer's LAN addresses
+    RELAY = "relay"  # live session through a relay slot
+    NONE = "none"  # no live session
+
+
+class CandidateKind(enum.StrEnum):
+    LAN = "lan"
+    PUBLIC = "public"
+    MAPPED = "mapped"
+    RELAY = "relay"
+
+    @property
+    def path(self) -> PathKind:
+        return {CandidateKind.LAN: PathKind.LAN,
+                CandidateKind.RELAY: PathKind.RELAY}.get(self, PathKind.DIRECT)
+
+
+# The order in which kinds are tried when nothing else tells them apart (DESIGN.md §3).
+TRY_ORDER = (CandidateKind.LAN, CandidateKind.PUBLIC, CandidateKind.MAPPED, CandidateKind.RELAY)
+
+# Our choice, as Tailscale's betterAddr: a path must be this much faster (relative round
+# trip) before we leave the one in use, so measurement noise never moves a peer.
+SWITCH_MARGIN = 0.10
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    kind: CandidateKind
+    endpoint: Endpoint
+    rtt_s: float | None = None  # a measured round trip; None: not measured
+
+    @property
+    def direct(self) -> bool:
+        return self.kind is not CandidateKind.RELAY
+
+    @property
+    def private(self) -> bool:
+        """On the peer's own network. By kind, not by address: Python counts the
+        documentation ranges (the lab's "public" addresses) as private."""
+        return self.kind is CandidateKind.LAN
+
+
+def better(a: Candidate, b: Candidate) -> bool:
+    """Whether `a` is worth leaving `b` for. Not symmetric on purpose: two candidates that
+    differ by less than the margin are each not better than the other, so the one in use
+    stays."""
+    if a.direct != b.direct:
+        return a.direct
+    if a.rtt_s is not None and b.rtt_s is not None:
+        if a.rtt_s < b.rtt_s * (1 - SWITCH_MARGIN):
+            return True
+        if b.rtt_s < a.rtt_s * (1 - SWITCH_MARGIN):
+            return False
+    if a.private != b.private:
+        return a.private
+    return False
+
+
+def choose(candidates: Iterable[Candidate], current: Endpoint | None = None
+           ) -> Candidate | None:
+    """The candidate to use: the one at `current` (the endpoint in use) unless another is
+    `better`; without one at `current`, the best in TRY_ORDER. None when there are none."""
+    ordered = sorted(candidates, key=lambda c: TRY_ORDER.index(c.kind))
+    best = next((c for c in ordered if c.endpoint == current), None)
+    for candidate in ordered:
+        if best is None or better(candidate, best):
+            best = candidate
+    return best
+
+
+def path_of(endpoint: Endpoint | None, candidates: Iterable[Candidate]) -> PathKind:
+    """The path a *live* session on `endpoint` runs over."""
+    for candidate in candidates:
+        if candidate.endpoint == endpoint:
+            return candidate.kind.path
+    return PathKind.DIRECT  # WireGuard roamed to an address of the peer's own
+
+
+def candidates_of(record: PeerRecord) -> tuple[Candidate, ...]:
+    """The candidates the registry's record of a peer gives (today: its observed endpoint)."""
+    if record.endpoint is None:
+        return ()
+    return (Candidate(CandidateKind.PUBLIC, record.endpoint),)

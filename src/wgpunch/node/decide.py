@@ -47,9 +47,11 @@ The rules (DESIGN.md §3):
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..wg.device import SESSION_LIVE_S, Endpoint, PeerState
+from .candidates import Candidate, PathKind, choose, path_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +181,7 @@ class Decision:
     recheck_s: float = 1.0
     live: bool = False  # the peer has a working session (the path is up)
     delay_s: float = 0.0  # act this much later (without holding up other peers)
+    path: PathKind = PathKind.NONE  # what the live session runs over (candidates.py)
 
 
 def retry_delay(attempts: int, t: Timings) -> float:
@@ -195,7 +198,7 @@ def path_is_dead(peer: PeerState, mem: Memory, now_wall: float, now: float, t: T
 
 def decide(
     peer: PeerState,
-    registry_endpoint: Endpoint | None,
+    candidates: Sequence[Candidate],
     mem: Memory,
     *,
     initiator: bool,
@@ -206,43 +209,67 @@ def decide(
     now: float,
     t: Timings,
 ) -> Decision:
-    """One peer, one tick. `punched`: a punch event for this peer arrived since last tick;
-    `can_open`: raw NAT openers work here (node/punch.py); `peer_ready`: the peer's agent has
-    reported itself to the registry, so it gets punch events too."""
+    """One peer, one tick. `candidates`: where the peer may be reached (candidates.py), of
+    which `choose` picks the one to try or to move to; `punched`: a punch event for this peer
+    arrived since last tick; `can_open`: raw NAT openers work here (node/punch.py);
+    `peer_ready`: the peer's agent has reported itself to the registry, so it gets punch
+    events too."""
+    chosen = choose(candidates, current=peer.endpoint)
+    decision = _decide(peer, None if chosen is None else chosen.endpoint, mem,
+                       initiator=initiator, punched=punched, can_open=can_open,
+                       peer_ready=peer_ready, now_wall=now_wall, now=now, t=t)
+    if decision.live:
+        return replace(decision, path=path_of(peer.endpoint, candidates))
+    return decision
+
+
+def _decide(
+    peer: PeerState,
+    target: Endpoint | None,  # the chosen candidate's endpoint
+    mem: Memory,
+    *,
+    initiator: bool,
+    punched: bool,
+    can_open: bool,
+    peer_ready: bool,
+    now_wall: float,
+    now: float,
+    t: Timings,
+) -> Decision:
     if not path_is_dead(peer, mem, now_wall, now, t):
-        return _decide_live(peer, registry_endpoint, mem, punched, now, t)
+        return _decide_live(peer, target, mem, punched, now, t)
     if (not peer_ready and mem.unready_since is not None
             and now - mem.unready_since >= t.agentless_after_s):
         peer_ready = True
-    if registry_endpoint is None:
+    if target is None:
         return Decision(Kind.LEAVE, Reason.NO_ENDPOINT, recheck_s=t.idle_recheck_s)
-    if punched and not initiator and can_open and registry_endpoint.ip.version == 4:
-        return Decision(Kind.OPEN, Reason.OPENING, registry_endpoint, t.busy_recheck_s)
+    if punched and not initiator and can_open and target.ip.version == 4:
+        return Decision(Kind.OPEN, Reason.OPENING, target, t.busy_recheck_s)
     if punched and initiator and not peer_ready:
-        return Decision(Kind.LEAVE, Reason.PEER_NOT_READY, registry_endpoint, t.busy_recheck_s)
+        return Decision(Kind.LEAVE, Reason.PEER_NOT_READY, target, t.busy_recheck_s)
     if punched and initiator:
-        return Decision(Kind.HANDSHAKE, Reason.PUNCH, registry_endpoint, t.busy_recheck_s,
+        return Decision(Kind.HANDSHAKE, Reason.PUNCH, target, t.busy_recheck_s,
                         delay_s=t.initiator_delay_s)
     if (initiator and not peer_ready and mem.unready_since is not None
             and now - mem.unready_since < t.peer_grace_s):
-        return Decision(Kind.LEAVE, Reason.PEER_STARTING, registry_endpoint, t.busy_recheck_s)
+        return Decision(Kind.LEAVE, Reason.PEER_STARTING, target, t.busy_recheck_s)
     if (initiator and peer_ready and mem.skipped and mem.attempt_at is not None
             and now - mem.attempt_at >= t.coalesce_s):
-        return Decision(Kind.REQUEST_PUNCH, Reason.PEER_READY, registry_endpoint,
+        return Decision(Kind.REQUEST_PUNCH, Reason.PEER_READY, target,
                         t.busy_recheck_s)
     if punched and (
         mem.opened_at is None
-        or mem.opened_endpoint != registry_endpoint
+        or mem.opened_endpoint != target
         or now - mem.opened_at >= t.passive_retry_s
     ):
-        return Decision(Kind.HANDSHAKE, Reason.PUNCH, registry_endpoint, t.busy_recheck_s)
+        return Decision(Kind.HANDSHAKE, Reason.PUNCH, target, t.busy_recheck_s)
     if punched:  # an attempt is under way: the backoff clock restarts (see agent.act)
-        return Decision(Kind.LEAVE, Reason.PEER_PUNCHING, registry_endpoint, t.busy_recheck_s)
-    if mem.attempt_at is None or mem.attempt_endpoint != registry_endpoint:
-        return Decision(Kind.REQUEST_PUNCH, Reason.NO_SESSION, registry_endpoint, t.busy_recheck_s)
+        return Decision(Kind.LEAVE, Reason.PEER_PUNCHING, target, t.busy_recheck_s)
+    if mem.attempt_at is None or mem.attempt_endpoint != target:
+        return Decision(Kind.REQUEST_PUNCH, Reason.NO_SESSION, target, t.busy_recheck_s)
     wait = retry_delay(mem.attempts, t) - (now - mem.attempt_at)
     if wait <= 0:
-        return Decision(Kind.REQUEST_PUNCH, Reason.RETRY, registry_endpoint, t.busy_recheck_s)
+        return Decision(Kind.REQUEST_PUNCH, Reason.RETRY, target, t.busy_recheck_s)
     # Poll closely right after an attempt, so the handshake is seen (and logged) at once.
     recheck = t.busy_recheck_s if now - mem.attempt_at < 2.0 else min(wait, t.idle_recheck_s)
     return Decision(Kind.LEAVE, Reason.WAITING, recheck_s=recheck)
@@ -250,7 +277,7 @@ def decide(
 
 def _decide_live(
     peer: PeerState,
-    registry_endpoint: Endpoint | None,
+    target: Endpoint | None,
     mem: Memory,
     punched: bool,
     now: float,
@@ -259,28 +286,28 @@ def _decide_live(
     if punched and (mem.probe_at is None or now - mem.probe_at >= t.probe_timeout_s):
         return Decision(Kind.PROBE, Reason.PUNCH_LIVE, None, t.busy_recheck_s, live=True)
     if (
-        registry_endpoint is None
-        or registry_endpoint == peer.endpoint
-        or registry_endpoint == mem.cleared_endpoint
+        target is None
+        or target == peer.endpoint
+        or target == mem.cleared_endpoint
     ):
         if mem.stalled(now, t):
             return _decide_stalled(mem, now, t)
-        reason = Reason.ROAMED if registry_endpoint == peer.endpoint else Reason.LIVE
+        reason = Reason.ROAMED if target == peer.endpoint else Reason.LIVE
         return Decision(Kind.LEAVE, reason, recheck_s=t.idle_recheck_s, live=True)
-    if mem.probe_at is None or mem.probe_endpoint != registry_endpoint:
-        return Decision(Kind.PROBE, Reason.SUSPECT, registry_endpoint, t.busy_recheck_s, True)
+    if mem.probe_at is None or mem.probe_endpoint != target:
+        return Decision(Kind.PROBE, Reason.SUSPECT, target, t.busy_recheck_s, True)
     if peer.rx_bytes != mem.probe_rx_bytes:
         return Decision(
-            Kind.LEAVE, Reason.PROBE_ANSWERED, registry_endpoint, t.idle_recheck_s, True
+            Kind.LEAVE, Reason.PROBE_ANSWERED, target, t.idle_recheck_s, True
         )
     if now - mem.probe_at < t.probe_timeout_s:
         return Decision(Kind.LEAVE, Reason.PROBE_PENDING, recheck_s=t.busy_recheck_s, live=True)
     if not mem.repointed:
         return Decision(
-            Kind.REPOINT, Reason.PROBE_UNANSWERED, registry_endpoint, t.busy_recheck_s, True
+            Kind.REPOINT, Reason.PROBE_UNANSWERED, target, t.busy_recheck_s, True
         )
     # Moved and probed again, still nothing: the session is as good as dead.
-    return Decision(Kind.REQUEST_PUNCH, Reason.SILENT, registry_endpoint, t.busy_recheck_s)
+    return Decision(Kind.REQUEST_PUNCH, Reason.SILENT, target, t.busy_recheck_s)
 
 
 def _decide_stalled(mem: Memory, now: float, t: Timings) -> Decision:

@@ -8,7 +8,6 @@ still derived from the device alone.
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -17,14 +16,9 @@ from pathlib import Path
 STATE_DIR = Path("/run/wgpunch")
 
 
-class PathKind(enum.StrEnum):
-    DIRECT = "direct"  # live session on the peer's own (observed) address
-    NONE = "none"  # no live session
-
-
 @dataclass(frozen=True, slots=True)
 class PeerPath:
-    path: str
+    path: str  # a candidates.PathKind
     since: float | None  # Unix time the current path was established (or lost)
     reason: str
     endpoint: str | None  # what the registry reports for the peer
