@@ -597,7 +597,7 @@ def test_self_options(args, endpoint, allowed):
     (["192.0.2.1:51820", "192.0.2.2:51820"], "allowed IP"),
 ])
 def test_self_options_refused(args, match):
-    from wgpunch.registry import ConfigError
+    from wgpunch.errors import ConfigError
     with pytest.raises(ConfigError, match=match):
         SelfConfig.parse(args)
 
