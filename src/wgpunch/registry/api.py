@@ -24,9 +24,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import MalformedMessage, RequestRefused
 from ..keys import Key
+from ..throttle import Throttle
 from .auth import bearer_matches, identify, source_ip
 from .observer import Observer
-from .ratelimit import Throttle
 from .report import MAX_BODY_BYTES, decode_object, reported_from_json
 from .state import RegistryState
 from .timings import Timings

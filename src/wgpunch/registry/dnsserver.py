@@ -35,11 +35,11 @@ import dns.message
 
 from ..errors import ConfigError
 from ..keys import Key
+from ..throttle import Throttle
 from ..wg.device import Endpoint, IPAddress, IPNetwork
 from .auth import identify, source_ip
 from .dnssd import InstanceCache, Record, Zone, answer, servfail
 from .dnswire import size_limit, to_wire
-from .ratelimit import Throttle
 from .state import RegistryState
 from .timings import Timings
 
