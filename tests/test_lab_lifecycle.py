@@ -54,6 +54,13 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return done
 
 
+def default_sigint() -> None:
+    """In the child, before exec: SIGINT to its default, which Python turns into
+    KeyboardInterrupt. A test run started with SIGINT ignored (`nohup ... &`) would hand
+    SIG_IGN down, and the child would never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def tunnel_ping(lab: Lab, host: str, target: str) -> bool:
     return lab.exec(host, ["ping", "-c1", "-W1", target], check=False).returncode == 0
 
@@ -137,7 +144,8 @@ def test_ctrl_c_during_up_removes_what_was_built(lab_prefix):
     env = {**os.environ, "PYTHONPATH": SRC}
     proc = subprocess.Popen([sys.executable, "-m", "wgpunch.cli", "lab", "up", BIG,
                              "--prefix", prefix], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_sigint)
     try:
         wait_for(lambda: len(state.namespaces(prefix)) > 5, timeout=20, what="the build")
         proc.send_signal(signal.SIGINT)

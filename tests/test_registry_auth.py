@@ -7,7 +7,6 @@ import pytest
 
 from wgpunch.keys import Key
 from wgpunch.registry.auth import bearer_matches, identify, source_ip
-from wgpunch.registry.ratelimit import Throttle
 
 K1, K2, K3 = (Key(bytes([n]) * 32) for n in (1, 2, 3))
 
@@ -76,13 +75,3 @@ def test_source_ip(remote, want):
 ])
 def test_bearer_matches(header, ok):
     assert bearer_matches(header, "s3cret") is ok
-
-
-def test_throttle_allows_one_line_per_period_and_counts_the_rest():
-    throttle = Throttle(60.0)
-    assert throttle.allow("10.0.0.9", 0.0) == 0
-    assert throttle.allow("10.0.0.9", 1.0) is None
-    assert throttle.allow("10.0.0.8", 1.0) == 0  # another source has its own budget
-    assert throttle.allow("10.0.0.9", 59.9) is None
-    assert throttle.allow("10.0.0.9", 60.0) == 2
-    assert throttle.reset("10.0.0.9") == 0

@@ -1,6 +1,7 @@
 """Log set-up shared by every command: human lines by default, one JSON object per line with
 `--log-format json` (for journald/Loki/jq). Events that matter carry their fields in `extra=`
-under the key `event`, so the JSON form keeps them as fields, not only as text."""
+under the key `event`, so the JSON form keeps them as fields, not only as text. Event names
+are snake_case; docs/events.md lists every one (tests/test_events_doc.py keeps it complete)."""
 
 from __future__ import annotations
 

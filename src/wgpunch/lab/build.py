@@ -65,6 +65,7 @@ def topology_batches(plan: Plan) -> list[tuple[str, list[str]]]:
             if node.role == "nat":
                 commands.append(f"link set {port} master {plan.bridge()}")
             elif child.gateway is not None:  # the core: one /30 per child
+                assert child.address is not None
                 commands.append(f"address add {child.gateway}/{child.address.network.prefixlen} "
                                 f"dev {port}")
             commands.append(f"link set {port} up")
@@ -86,8 +87,8 @@ def apply_topology(plan: Plan) -> None:
         Namespace(node.ns).run(["sysctl", "-qw", *sysctls(node)])
     for _, wire in wire_namespaces(plan):
         Namespace(wire).run(["sysctl", "-qw", *SYSCTL_ALL])
-    for ns, commands in topology_batches(plan):
-        Namespace(ns).ip_batch(commands)
+    for name, commands in topology_batches(plan):
+        Namespace(name).ip_batch(commands)
     for node in plan.nodes:
         if node.role == "nat":
             script = ruleset(node.kind or "", plan.nat_interfaces(node), hairpin=node.hairpin)

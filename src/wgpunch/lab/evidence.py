@@ -51,14 +51,15 @@ class Pair:
 
 
 async def read_devices(lab: Lab) -> dict[str, DeviceState]:
-    hosts = [h for h in lab.hosts.values() if h.ifname is not None]
-    states = await asyncio.gather(*(UapiDevice(h.ifname).state() for h in hosts))
-    return {h.name: s for h, s in zip(hosts, states, strict=True)}
+    devices = {h.name: UapiDevice(h.ifname) for h in lab.hosts.values() if h.ifname is not None}
+    states = await asyncio.gather(*(device.state() for device in devices.values()))
+    return dict(zip(devices, states, strict=True))
 
 
 def side(lab: Lab, devices: dict[str, DeviceState], host: str, peer: str,
          now: float) -> Side:
     other = lab.host(peer)
+    assert other.public_key is not None, f"{peer} has no WireGuard device"
     mine = devices[host].peer(other.public_key)
     seen = devices["registry"].peer(other.public_key)
     return Side(

@@ -187,6 +187,7 @@ class Lab:
             conf.write_text(device_config(self.plan, node, keys[node.name][0], public,
                                          registry_peer=self.registry_peer))
             ns = Namespace(node.ns)
+            assert node.ifname
             ns.run(["wg", "setconf", node.ifname, str(conf)])
             ns.ip_batch([f"address add {node.tunnel_ip}/{TUNNEL_NET.prefixlen} dev {node.ifname}",
                          f"link set {node.ifname} up"])

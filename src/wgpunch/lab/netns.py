@@ -14,9 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from ..errors import LabError
 
@@ -25,6 +26,17 @@ NETNS_DIR = Path("/run/netns")
 # wireguard-go refuses to start on kernels >= 5.6 without this; this lab wants userspace.
 WG_GO_ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
 IFNAME_MAX = 15  # IFNAMSIZ - 1
+
+T = TypeVar("T")
+
+
+class RunOptions(TypedDict, total=False):
+    """The keyword arguments of `run`, for `Namespace.run` to pass on."""
+
+    check: bool
+    timeout: float
+    input: str | None
+    env: Mapping[str, str] | None
 
 
 def require_root() -> None:
@@ -58,7 +70,8 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0,
     return done
 
 
-def wait_for(condition, *, timeout: float, interval: float = 0.01, what: str = "condition"):
+def wait_for(condition: Callable[[], T | None], *, timeout: float, interval: float = 0.01,
+             what: str = "condition") -> T:
     """Poll `condition()` until it returns a true value; LabError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -70,7 +83,8 @@ def wait_for(condition, *, timeout: float, interval: float = 0.01, what: str = "
         time.sleep(interval)
 
 
-def holds_for(condition, *, duration: float, interval: float = 0.05) -> bool:
+def holds_for(condition: Callable[[], object], *, duration: float,
+              interval: float = 0.05) -> bool:
     """Poll `condition()` for `duration` seconds; False as soon as it is false once.
 
     For negative results ("no handshake happens"), which no deadline-bounded wait can prove
@@ -108,7 +122,8 @@ class Namespace:
                 os.kill(int(pid), signal.SIGKILL)
         run(["ip", "netns", "delete", self.name], check=False)
 
-    def run(self, argv: Sequence[str], **kwargs) -> subprocess.CompletedProcess[str]:
+    def run(self, argv: Sequence[str], **kwargs: Unpack[RunOptions]
+            ) -> subprocess.CompletedProcess[str]:
         return run(self.argv(argv), **kwargs)
 
     def ip_batch(self, commands: Sequence[str]) -> None:
@@ -117,7 +132,7 @@ class Namespace:
             run(["ip", "-n", self.name, "-batch", "-"], input="\n".join(commands) + "\n")
 
     def popen(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-              **kwargs) -> subprocess.Popen:
+              **kwargs: Any) -> subprocess.Popen[Any]:
         full_env = {**os.environ, **(env or {})}
         return subprocess.Popen(self.argv(argv), env=full_env, **kwargs)
 

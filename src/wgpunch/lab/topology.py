@@ -22,7 +22,7 @@ directory requires. An impaired link runs through a namespace `P-<child>-wire` w
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import LabError
 from .nat import NatInterfaces
@@ -133,17 +133,18 @@ def plan(scenario: Scenario, prefix: str) -> Plan:
 
     def add(site: Host | Nat, parent: Node, address: IPv4If, gateway: IPv4,
             chain: tuple[Node, ...]) -> None:
-        public = chain[0].address.ip if chain else address.ip  # type: ignore[union-attr]
-        common = dict(name=site.name, ns=ns(site.name), parent=parent.name,
-                      uplink=link_name(prefix, parent.name), address=address, gateway=gateway,
-                      impairment=site.link, public_ip=public,
-                      nat_chain=tuple(n.name for n in reversed(chain)))
+        # chain[0] is the outermost NAT, whose public address is its own uplink address.
+        public = chain[0].public_ip if chain else address.ip
+        node = Node(site.name, "host", ns(site.name), parent.name, link_name(prefix, parent.name),
+                    address, gateway, site.link, public_ip=public,
+                    nat_chain=tuple(n.name for n in reversed(chain)))
         if isinstance(site, Host):
-            wg = dict(ifname=f"{prefix}-{site.name}", tunnel_ip=next(tunnel_ips, None)) \
-                if site.wireguard else {}
-            if site.wireguard and wg["tunnel_ip"] in (None, REGISTRY_TUNNEL_IP):
-                raise LabError(f"lab: too many WireGuard hosts for {TUNNEL_NET}")
-            nodes.append(Node(role="host", **common, **wg))
+            if site.wireguard:
+                tunnel_ip = next(tunnel_ips, None)
+                if tunnel_ip in (None, REGISTRY_TUNNEL_IP):
+                    raise LabError(f"lab: too many WireGuard hosts for {TUNNEL_NET}")
+                node = replace(node, ifname=f"{prefix}-{site.name}", tunnel_ip=tunnel_ip)
+            nodes.append(node)
             return
         number = next(nat_numbers, None)
         if number is None:
@@ -152,8 +153,8 @@ def plan(scenario: Scenario, prefix: str) -> Plan:
         lan_net = ipaddress.IPv4Network(f"{'100.64' if carrier else '192.168'}.{number}.0/24")
         if len(site.inside) > 254 - FIRST_CHILD:
             raise LabError(f"lab: NAT {site.name!r}: too many nodes behind it")
-        router = Node(role="nat", kind=site.kind, hairpin=site.hairpin,
-                      lan=IPv4If(f"{lan_net[1]}/24"), **common)
+        router = replace(node, role="nat", kind=site.kind, hairpin=site.hairpin,
+                         lan=IPv4If(f"{lan_net[1]}/24"))
         nodes.append(router)
         for i, child in enumerate(site.inside):
             add(child, router, IPv4If(f"{lan_net[FIRST_CHILD + i]}/24"), lan_net[1],

@@ -64,7 +64,7 @@ def checksum(data: bytes) -> int:
     """RFC 1071 Internet checksum."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -88,7 +88,8 @@ def source_address(dst: Endpoint) -> str:
     """The address the kernel would send from toward `dst` (a route lookup, no packet)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.connect((str(dst.ip), dst.port))
-        return sock.getsockname()[0]
+        address: str = sock.getsockname()[0]
+        return address
 
 
 def reply_filter(server_ip: ipaddress.IPv4Address, server_port: int,
@@ -141,7 +142,7 @@ class _SockFprog(ctypes.Structure):
 
 def _attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
     """SO_ATTACH_FILTER: the kernel checks the program and raises OSError if it is invalid."""
-    instructions = (_SockFilter * len(program))(*program)
+    instructions = (_SockFilter * len(program))(*(_SockFilter(*op) for op in program))
     fprog = _SockFprog(len(program), instructions)
     # bytes(fprog) holds a pointer into `instructions`, which this frame keeps alive; the
     # kernel copies the program during the call.

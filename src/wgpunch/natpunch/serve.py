@@ -17,7 +17,7 @@ import time
 from typing import Any, Protocol
 
 from ..errors import MalformedPacket, NoiseError, WgpunchError
-from ..registry.ratelimit import Throttle
+from ..throttle import Throttle
 from ..wg.device import Endpoint
 
 log = logging.getLogger(__name__)

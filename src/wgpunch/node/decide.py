@@ -187,7 +187,7 @@ class Decision:
 def retry_delay(attempts: int, t: Timings) -> float:
     if attempts <= 0:
         return 0.0
-    return min(t.first_retry_s * 2 ** (attempts - 1), t.max_retry_s)
+    return min(t.first_retry_s * 2.0 ** (attempts - 1), t.max_retry_s)
 
 
 def path_is_dead(peer: PeerState, mem: Memory, now_wall: float, now: float, t: Timings) -> bool:

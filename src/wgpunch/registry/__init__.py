@@ -7,7 +7,6 @@ Modules, one concern each:
 - `punch.py`    punch coalescing and the initiator tie-break;
 - `observer.py` reads the registry's own device and feeds the table;
 - `auth.py`     who is calling (source address → peer key), bearer token;
-- `ratelimit.py` a log throttle (one line per key per period);
 - `wire.py`     JSON forms of records and events, query and path parsing;
 - `api.py`      the aiohttp application (docs/api.md);
 - `dnssd.py`    wgsd-compatible DNS-SD answers: query in, response out (DESIGN.md §5);

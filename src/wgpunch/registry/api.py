@@ -34,9 +34,9 @@ from ..protocol import (
     peers_json,
     reported_from_json,
 )
+from ..throttle import Throttle
 from .auth import bearer_matches, identify, source_ip
 from .observer import Observer
-from .ratelimit import Throttle
 from .state import RegistryState
 from .timings import Timings
 from .wire import only_params, path_key, watch_query

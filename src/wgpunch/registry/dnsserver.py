@@ -29,16 +29,17 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import dns.message
 
 from ..errors import ConfigError
 from ..keys import Key
+from ..throttle import Throttle
 from ..wg.device import Endpoint, IPAddress, IPNetwork
 from .auth import identify, source_ip
 from .dnssd import InstanceCache, Record, Zone, answer, servfail
 from .dnswire import size_limit, to_wire
-from .ratelimit import Throttle
 from .state import RegistryState
 from .timings import Timings
 
@@ -196,9 +197,10 @@ class DnsServer:
             toward = next((r.endpoint for r in peers.values() if r.endpoint is not None), None)
         local = None if toward is None else route_source(toward.ip)
         port = self._state.listen_port
-        usable = (local is not None and port and not local.is_unspecified
-                  and local not in self._tunnel_ips)
-        endpoint = Endpoint(local, port) if usable else None  # type: ignore[arg-type]
+        endpoint = None
+        if (local is not None and port and not local.is_unspecified
+                and local not in self._tunnel_ips):
+            endpoint = Endpoint(local, port)
         self._derived[source] = endpoint
         return endpoint
 
@@ -214,7 +216,7 @@ class DnsServer:
                 try:
                     transport, _ = await loop.create_datagram_endpoint(
                         lambda: _Udp(self), local_addr=(host, port))
-                    self._udp.append(transport)  # type: ignore[arg-type]
+                    self._udp.append(transport)
                     port = transport.get_extra_info("sockname")[1]
                     self._tcp.append(await asyncio.start_server(
                         self._tcp_client, host, port, reuse_address=True))
@@ -271,13 +273,21 @@ class DnsServer:
             writer.close()
 
 
+class _UdpTransport(Protocol):
+    """What _Udp uses of its transport. asyncio's datagram transport is a WriteTransport too
+    (it has a write buffer), which typeshed's DatagramTransport does not say."""
+
+    def sendto(self, data: bytes, addr: tuple[Any, ...]) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+
+
 class _Udp(asyncio.DatagramProtocol):
     def __init__(self, server: DnsServer) -> None:
         self._server = server
-        self._transport: asyncio.DatagramTransport | None = None
+        self._transport: _UdpTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = cast(_UdpTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         reply = self._server.handle(data, addr[0], tcp=False)

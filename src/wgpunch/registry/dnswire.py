@@ -63,7 +63,8 @@ def to_wire(response: dns.message.Message, limit: int) -> bytes:
     if response.opt is not None:
         renderer.add_edns(response.edns, response.ednsflags, response.payload)
     renderer.write_header()
-    return renderer.get_wire()
+    wire: bytes = renderer.get_wire()
+    return wire
 
 
 def _add_section(renderer: dns.renderer.Renderer, section: int,

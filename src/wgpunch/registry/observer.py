@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 
 from ..errors import WgpunchError
+from ..throttle import Throttle
 from ..wg import Device
-from .ratelimit import Throttle
 from .state import RegistryState
 from .timings import Timings
 

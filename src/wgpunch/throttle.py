@@ -2,6 +2,9 @@
 
 Servers meet the same condition over and over (a device that stays unreadable, a stranger
 that keeps knocking); one line per occurrence would drown the events that matter.
+
+Below the registry, the node and natpunch (each server uses one), so none of them imports
+another for it.
 """
 
 from __future__ import annotations
