@@ -143,8 +143,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Show every WireGuard interface in this network namespace (kernel or userspace), "
             "and per peer: public key, path (direct: a live session on the peer's own "
-            "address; none: no live session; with the time it was established when a "
-            "`wgpunch node` agent runs), endpoint, allowed IPs, time since the latest "
+            "public address; lan: on one of its LAN addresses; relay: through a relay; none: "
+            "no live session; with the time it was established when a `wgpunch node` agent "
+            "runs, which tells lan and relay apart), endpoint, allowed IPs, time since the latest "
             "handshake, bytes received/sent and persistent keepalive. Keys shown are public keys; "
             "private and preshared keys are never printed."
         ),
