@@ -33,23 +33,42 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"wgpunch {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="count", default=0,
-        help="more log output: -v for events (INFO), -vv for debugging",
-    )
-    parser.add_argument(
-        "--log-format", choices=("text", "json"), default="text",
-        help="log lines as text (default) or one JSON object per line, on stderr",
-    )
+    add_log_options(parser, defaults=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(subparsers)
+    for subparser in subparsers.choices.values():
+        add_log_options(subparser, defaults=False)
     return parser
+
+
+def add_log_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The logging options, before the command or after it (`wgpunch node -v ...`). After it
+    they have no defaults of their own, so they never undo what was given before it; `-v`s
+    after it count on their own and add up with those before (`-v node -v` is `-vv`)."""
+    group = parser.add_argument_group("logging")
+    group.add_argument(
+        "-v", "--verbose", action="count", dest="verbose" if defaults else "verbose_after",
+        default=0 if defaults else argparse.SUPPRESS,
+        help="more log output from wgpunch: -v for events (INFO), -vv for debugging",
+    )
+    group.add_argument(
+        "--log-format", choices=("text", "json"),
+        default="text" if defaults else argparse.SUPPRESS,
+        help="log lines as text (default) or one JSON object per line, on stderr",
+    )
+    group.add_argument(
+        "--debug-libraries", action="store_true",
+        default=False if defaults else argparse.SUPPRESS,
+        help="let -v/-vv raise the libraries' loggers too (aiohttp, pyroute2, dnspython); a "
+        "record that names a secret key field is withheld even then",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.setup(args.verbose, args.log_format, daemon=getattr(args, "daemon", False))
+    logs.setup(args.verbose + getattr(args, "verbose_after", 0), args.log_format,
+               daemon=getattr(args, "daemon", False), debug_libraries=args.debug_libraries)
     try:
         return int(args.func(args) or 0)
     except WgpunchError as error:
