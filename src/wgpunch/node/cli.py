@@ -89,7 +89,7 @@ def _key(options: config.NodeConfig, name: str) -> Key | None:
     text = getattr(options, name)
     if not text:
         return None
-    what = "node: " + name.replace("_", " ") + " key"
+    what = name.replace("_", " ") + " key"
     return options.parsed(name, lambda t: Key.parse(t, what=what), text)
 
 
