@@ -443,3 +443,17 @@ def test_help_lists_every_key_flag_and_variable(schema, capsys):
 def test_schema_and_settings_type_cannot_drift():
     with pytest.raises(TypeError, match="differ: \\['listen'\\]"):
         config.Schema("x", RENDEZVOUS.options[1:], config.RendezvousConfig)
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=lambda s: s.command)
+def test_commented_out_example_lines_are_valid_too(schema):
+    """`# key = value` lines in an example are alternatives a reader uncomments."""
+    lines = (EXAMPLES / f"{schema.command}.toml").read_text().splitlines()
+    commented = [line[2:] for line in lines
+                 if line.startswith("# ") and line[2:].split(" = ")[0] in schema.keys]
+    assert commented
+    for line in commented:
+        key, value = next(iter(tomllib.loads(line).items()))
+        option = schema.option(key)
+        got = option.kind.toml(value)
+        assert option.bounds is None or option.bounds.holds(got), line
