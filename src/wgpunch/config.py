@@ -158,14 +158,16 @@ class Bounds:
         return (self.low < value if self.open_low else self.low <= value) and value <= self.high
 
     def __str__(self) -> str:
-        if self.open_low:
-            return f"more than {self.low:g}"
-        return f"at least {self.low:g}" if self.high == math.inf else \
+        low = f"more than {self.low:g}" if self.open_low else f"at least {self.low:g}"
+        if self.high == math.inf:
+            return low
+        return f"{low}, at most {self.high:g}" if self.open_low else \
             f"in {self.low:g}-{self.high:g}"
 
     @property
     def problem(self) -> str:
-        return f"is not {self}" if self.high != math.inf else f"must be {self}"
+        closed = self.high != math.inf and not self.open_low
+        return f"is not {self}" if closed else f"must be {self}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +265,9 @@ def load(schema: Schema[C], flags: Mapping[str, Any], *, config: Path | str | No
         given = flags.get(option.key)
         if given is not None:
             origin, value = option.flag, option.kind.flag(given)
-        elif environ.get(option.env):  # set but empty counts as unset, as in most shells
+        # Set but empty counts as unset, so that `Environment=WGPUNCH_ZONE=` in a unit file
+        # takes a value away instead of failing.
+        elif environ.get(option.env):
             origin = f"environment {option.env}"
             value = _convert(layer, origin, option.kind.text, environ[option.env])
         elif option.key in file:
