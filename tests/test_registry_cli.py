@@ -15,8 +15,9 @@ import pytest
 import wgpunch
 from ports import free_port, free_ports
 from wgpunch.cli import build_parser
+from wgpunch.config import read_token
 from wgpunch.errors import ConfigError
-from wgpunch.registry.cli import read_token, settings_from
+from wgpunch.registry.cli import settings_from
 from wgpunch.registry.listen import parse_listen
 
 SRC = str(Path(wgpunch.__file__).resolve().parents[1])

@@ -9,10 +9,13 @@ import ipaddress
 import logging
 import signal
 import socket
+import textwrap
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import WgpunchError
+from .. import config
+from ..errors import ConfigError
 from ..keys import Key, public_key
 from ..wg.device import Endpoint
 from . import keyfile
@@ -24,8 +27,8 @@ from .wire import LEGACY_PORT, RENDEZVOUS_PORT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KEY = "/var/lib/wgpunch/rendezvous.key"
 DEFAULTS = Limits()
+DEFAULT_KEY: Path = config.RENDEZVOUS.option("key").default
 
 
 def parse_endpoint(text: str, default_port: int, what: str) -> Endpoint:
@@ -33,17 +36,36 @@ def parse_endpoint(text: str, default_port: int, what: str) -> Endpoint:
     try:
         return Endpoint.parse(text, default_port)
     except ValueError:
-        raise WgpunchError(
+        raise ConfigError(
             f"rendezvous: {what} {text!r}: expected ADDR:PORT, [IPv6]:PORT or ADDR"
         ) from None
 
 
-def read_allowed(path: str) -> frozenset[Key]:
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: tuple[Endpoint, ...]  # empty: [::] (or 0.0.0.0 where IPv6 is off)
+    key: Path
+    allow: Path | None  # None: anyone with the server's key
+    legacy: Endpoint | None  # None: the legacy protocol is off
+    limits: Limits
+
+
+def settings_from(options: config.RendezvousConfig) -> Settings:
+    """The addresses parsed; the files (key, allow-list) are read only when serving."""
+    listen = tuple(parse_endpoint(text, RENDEZVOUS_PORT, options.origin("listen"))
+                   for text in options.listen)
+    legacy = (None if options.legacy is None
+              else parse_endpoint(options.legacy, LEGACY_PORT, options.origin("legacy")))
+    return Settings(listen, options.key, options.allow, legacy,
+                    Limits(peers_max=options.max_peers, peer_ttl_s=options.peer_ttl))
+
+
+def read_allowed(path: Path) -> frozenset[Key]:
     """One public key per line (any form `wg` prints or wgpunch reads); `#` starts a comment."""
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as error:
-        raise WgpunchError(f"rendezvous: cannot read {path}: {error.strerror}") from None
+        raise ConfigError(f"rendezvous: cannot read {path}: {error.strerror}") from None
     keys = set()
     for number, line in enumerate(lines, 1):
         text = line.partition("#")[0].strip()
@@ -62,23 +84,21 @@ def _default_listen() -> Endpoint:
     return Endpoint(ipaddress.ip_address("::"), RENDEZVOUS_PORT)
 
 
-async def serve(args: argparse.Namespace) -> int:
-    # Every flag is checked before the key file may be made.
-    endpoints = [parse_endpoint(text, RENDEZVOUS_PORT, "--listen")
-                 for text in args.listen or ()] or [_default_listen()]
-    legacy_at = parse_endpoint(args.legacy, LEGACY_PORT, "--legacy") if args.legacy else None
-    allowed = read_allowed(args.allow) if args.allow else None
-    private = keyfile.load_or_create(Path(args.key))
+async def serve(settings: Settings) -> int:
+    # Every option is checked before the key file may be made.
+    endpoints = list(settings.listen) or [_default_listen()]
+    allowed = None if settings.allow is None else read_allowed(settings.allow)
+    private = keyfile.load_or_create(settings.key)
     public = public_key(private)
-    limits = Limits(peers_max=args.max_peers, peer_ttl_s=args.peer_ttl)
+    limits = settings.limits
     noise = NoiseRendezvous(private, allowed=allowed, limits=limits)
     legacy = LegacyRendezvous(limits)
     transports: list[asyncio.DatagramTransport] = []
     try:
         for endpoint in endpoints:
             transports.append(await listen(noise, endpoint, "natpunch"))
-        if legacy_at is not None:
-            transports.append(await listen(legacy, legacy_at, "natpunch legacy"))
+        if settings.legacy is not None:
+            transports.append(await listen(legacy, settings.legacy, "natpunch legacy"))
         where = ", ".join(str(source_endpoint(t.get_extra_info("sockname")))
                           for t in transports)
         log.info("rendezvous on %s; public key %s%s", where, public,
@@ -99,15 +119,13 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_peers < 1:
-        raise WgpunchError(f"rendezvous: --max-peers {args.max_peers} must be at least 1")
-    if not args.peer_ttl > 0:
-        raise WgpunchError(f"rendezvous: --peer-ttl {args.peer_ttl} must be positive")
+    options = config.load(config.RENDEZVOUS, vars(args), config=args.config)
     if args.print_key:
-        print(public_key(keyfile.load_or_create(Path(args.key))))
+        print(public_key(keyfile.load_or_create(options.key)))
         return 0
+    settings = settings_from(options)
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(serve(args))
+        return asyncio.run(serve(settings))
     return 0
 
 
@@ -115,23 +133,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "rendezvous",
         help="a natpunch server: nodes behind NATs find each other without a registry peer",
-        description=(
+        description=textwrap.fill(
             "Serve endpoint discovery over UDP for nodes that cannot have the registry as a "
             "WireGuard peer (a shared rendezvous host, or one without WireGuard). It speaks "
             "natpunch-go's protocol: a node handshakes (Noise IK) with its WireGuard key, "
             "from its WireGuard port, so the server learns its public endpoint and that the "
             "node holds the key; then the node asks for its peers' endpoints. Run nodes "
             "with `wgpunch node --natpunch HOST:PORT --natpunch-server-key KEY` (or "
-            "natpunch-go's client). The server holds no WireGuard device."
-        ),
-        epilog=(
+            "natpunch-go's client). The server holds no WireGuard device.", 88),
+        epilog=textwrap.fill(
             f"Entries expire after --peer-ttl seconds without a request (clients ask every "
             f"few seconds); at most --max-peers are kept, the least recently heard going "
             f"first. Handshakes are limited to {DEFAULTS.handshakes_per_source_s:g}/s per "
             f"source, an IPv4 address or an IPv6 /64 (burst {DEFAULTS.handshake_burst:g}). "
             "IPv4 and IPv6: an IPv6 endpoint is answered in 18 bytes, which natpunch-go's "
-            "client cannot read; the legacy protocol carries IPv4 only."
-        ),
+            "client cannot read; the legacy protocol carries IPv4 only.", 88)
+        + "\n\n" + config.epilog(config.RENDEZVOUS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--listen", action="append", metavar="ADDR[:PORT]",
@@ -139,7 +157,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"IPv4 and IPv6; 0.0.0.0:{RENDEZVOUS_PORT} where IPv6 is off)",
     )
     parser.add_argument(
-        "--key", metavar="FILE", default=DEFAULT_KEY,
+        "--key", metavar="FILE", type=Path,
         help="the server's private key, base64 as `wg genkey` writes it; made (mode 0600) "
         f"when missing, and kept across restarts (default {DEFAULT_KEY})",
     )
@@ -148,7 +166,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="print the server's public key (what nodes need) and exit",
     )
     parser.add_argument(
-        "--allow", metavar="FILE",
+        "--allow", metavar="FILE", type=Path,
         help="only these WireGuard public keys (one per line) may register and be found; "
         "handshakes from other keys get no answer (default: anyone with the server's key)",
     )
@@ -160,12 +178,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "sender is trusted. Its entries are kept apart from the authenticated ones",
     )
     parser.add_argument(
-        "--peer-ttl", type=float, default=DEFAULTS.peer_ttl_s, metavar="SECONDS",
+        "--peer-ttl", type=float, metavar="SECONDS",
         help=f"forget a node not heard from for this long (default {DEFAULTS.peer_ttl_s:g})",
     )
     parser.add_argument(
-        "--max-peers", type=int, default=DEFAULTS.peers_max, metavar="N",
+        "--max-peers", type=int, metavar="N",
         help=f"the most nodes remembered per protocol (default {DEFAULTS.peers_max})",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", type=Path,
+        help="read options from this TOML file (keys below); flags and the environment win",
     )
     parser.set_defaults(func=run, daemon=True)
 

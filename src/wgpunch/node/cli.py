@@ -7,11 +7,13 @@ import asyncio
 import errno
 import logging
 import signal
-import tomllib
+import textwrap
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..errors import ConfigError, DeviceError, WgpunchError
+from .. import config
+from ..errors import ChangeRefused, ConfigError, DeviceError, WgpunchError
 from ..keys import Key
 from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
 from ..protocol import API_PORT
@@ -26,66 +28,32 @@ from .source import Source, registry_api_url
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEYS = {"interface", "registry", "api", "token_file", "keepalive", "opener_ttl",
-               "dns_sd", "zone", "interval", "natpunch", "natpunch_server_key",
-               "natpunch_legacy"}
 MODES = ("registry", "dns_sd", "natpunch", "natpunch_legacy")
 
 
-def load_config(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        with open(path, "rb") as handle:
-            config = tomllib.load(handle)
-    except OSError as error:
-        raise ConfigError(f"node: cannot read config {path}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"node: config {path}: {error}") from None
-    unknown = set(config) - CONFIG_KEYS
-    if unknown:
-        raise ConfigError(
-            f"node: config {path}: unknown key {sorted(unknown)[0]!r} "
-            f"(known: {', '.join(sorted(CONFIG_KEYS))})"
-        )
-    return config
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the node runs with; exactly one of `registry`, `dns_sd`, `natpunch` and
+    `natpunch_legacy` says which kind of registry it follows."""
+
+    interface: str
+    registry: Key | None
+    api: str | None  # None: http://<the registry peer's tunnel address>:API_PORT
+    token_file: Path | None
+    dns_sd: Endpoint | None
+    zone: str | None
+    natpunch: str | None  # HOST[:PORT], resolved at start
+    natpunch_server_key: Key | None
+    natpunch_legacy: str | None  # HOST[:PORT], resolved at start
+    keepalive_s: int
+    opener_ttl: int | None  # None: measured (node/punch.py)
+    interval_s: float
 
 
-def read_token(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as error:
-        raise ConfigError(f"node: cannot read token file {path}: {error.strerror}") from None
-    if not token:
-        raise ConfigError(f"node: token file {path} is empty")
-    return token
-
-
-def _option(args: argparse.Namespace, config: dict[str, Any], name: str,
-            default: Any = None) -> Any:
-    value = getattr(args, name)
-    return config.get(name, default) if value is None else value
-
-
-def _number(value: Any, name: str, low: float, high: float, kind: type = int) -> Any:
-    if isinstance(value, bool) or not isinstance(value, kind | int) or not low <= value <= high:
-        raise ConfigError(f"node: {name} {value!r} is not in {low:g}-{high:g}")
-    return value
-
-
-async def serve(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    interface = _option(args, config, "interface")
-    registry_text = _option(args, config, "registry")
-    dns_sd = _option(args, config, "dns_sd")
-    natpunch = _option(args, config, "natpunch")
-    natpunch_legacy = _option(args, config, "natpunch_legacy")
-    server_key_text = _option(args, config, "natpunch_server_key")
-    if not interface:
-        raise ConfigError("node: --interface is required (or in --config)")
-    modes = [m for m in MODES if _option(args, config, m)]
+def settings_from(args: argparse.Namespace,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    options = config.load(config.NODE, vars(args), config=args.config, environ=environ)
+    modes = [m for m in MODES if getattr(options, m)]
     if len(modes) != 1:
         raise ConfigError(
             "node: give one of --registry PUBKEY (HTTP API), --dns-sd ADDR:PORT --zone ZONE, "
@@ -93,23 +61,48 @@ async def serve(args: argparse.Namespace) -> int:
             + (f" (got {' and '.join('--' + m.replace('_', '-') for m in modes)})"
                if modes else "")
         )
-    if natpunch and not server_key_text:
+    if options.natpunch and not options.natpunch_server_key:
         raise ConfigError("node: --natpunch needs --natpunch-server-key KEY (the public key "
                           "`wgpunch rendezvous --print-key` shows)")
-    if server_key_text and not natpunch:
+    if options.natpunch_server_key and not options.natpunch:
         raise ConfigError("node: --natpunch-server-key goes with --natpunch")
-    registry = Key.parse(str(registry_text), what="--registry key") if registry_text else None
-    server_key = (Key.parse(str(server_key_text), what="--natpunch-server-key")
-                  if server_key_text else None)
-    keepalive = _number(_option(args, config, "keepalive", 25), "keepalive (s)", 1, 65535)
-    ttl_option = _option(args, config, "opener_ttl")  # None: measured (node/punch.py)
-    opener_ttl = None if ttl_option is None else _number(ttl_option, "opener TTL", 1, 255)
-    interval = _number(_option(args, config, "interval", 5.0), "interval (s)", 0.1, 3600, float)
-    zone = _option(args, config, "zone")
-    if dns_sd and not zone:
+    if options.dns_sd and not options.zone:
         raise ConfigError("node: --dns-sd needs --zone ZONE (e.g. mesh.internal.)")
-    server = Endpoint.parse(str(dns_sd)) if dns_sd else None
-    device = open_device(str(interface))
+    return Settings(
+        interface=options.interface,
+        registry=_key(options, "registry"),
+        api=options.api,
+        token_file=options.token_file,
+        dns_sd=(options.parsed("dns_sd", _dns_sd_server, options.dns_sd)
+                if options.dns_sd else None),
+        zone=options.zone,
+        natpunch=options.natpunch,
+        natpunch_server_key=_key(options, "natpunch_server_key"),
+        natpunch_legacy=options.natpunch_legacy,
+        keepalive_s=options.keepalive,
+        opener_ttl=options.opener_ttl,
+        interval_s=options.interval,
+    )
+
+
+def _key(options: config.NodeConfig, name: str) -> Key | None:
+    text = getattr(options, name)
+    if not text:
+        return None
+    what = name.replace("_", " ") + " key"
+    return options.parsed(name, lambda t: Key.parse(t, what=what), text)
+
+
+def _dns_sd_server(text: str) -> Endpoint:
+    try:
+        return Endpoint.parse(text)
+    except ChangeRefused as error:
+        raise ConfigError(f"node: DNS-SD server: {error}") from None
+
+
+async def serve(settings: Settings, *, once: bool = False) -> int:
+    interface = settings.interface
+    device = open_device(interface)
     try:
         state = await device.state()
     except DeviceError as error:
@@ -118,26 +111,31 @@ async def serve(args: argparse.Namespace) -> int:
                               "root (CAP_NET_ADMIN)") from None
         raise
     source: Source
-    if natpunch or natpunch_legacy:
-        rendezvous = await resolve_server(natpunch or natpunch_legacy,
-                                          RENDEZVOUS_PORT if natpunch else LEGACY_PORT)
-        source = NatpunchSource(rendezvous, server_key, device, interval_s=float(interval))
+    server_key = settings.natpunch_server_key
+    natpunch = settings.natpunch or settings.natpunch_legacy
+    if natpunch:
+        rendezvous = await resolve_server(natpunch, RENDEZVOUS_PORT if settings.natpunch
+                                          else LEGACY_PORT)
+        source = NatpunchSource(rendezvous, server_key, device, interval_s=settings.interval_s)
         await source.connect(state.listen_port, state.public_key)  # fail now, not later
         where = (f"natpunch server {rendezvous} (key {server_key})" if server_key
                  else f"natpunch legacy server {rendezvous} (unauthenticated)")
-    elif server is not None:
-        source = DnsSdSource(server, str(zone), device, interval_s=float(interval))
-        where = f"DNS-SD {server}, zone {zone}"
+    elif settings.dns_sd is not None:
+        source = DnsSdSource(settings.dns_sd, str(settings.zone), device,
+                             interval_s=settings.interval_s)
+        where = f"DNS-SD {settings.dns_sd}, zone {settings.zone}"
     else:
-        assert registry is not None
-        token = read_token(_option(args, config, "token_file"))
-        api = _option(args, config, "api") or registry_api_url(state, registry)
-        source = RegistryClient(str(api), token=token)
-        where = f"registry {registry}, API {api}"
-    agent = Agent(device, registry, source, timings=Timings(keepalive_s=keepalive),
-                  opener_ttl=opener_ttl)
+        assert settings.registry is not None
+        token = (None if settings.token_file is None
+                 else config.read_token(settings.token_file, "node"))
+        api = settings.api or registry_api_url(state, settings.registry)
+        source = RegistryClient(api, token=token)
+        where = f"registry {settings.registry}, API {api}"
+    agent = Agent(device, settings.registry, source,
+                  timings=Timings(keepalive_s=settings.keepalive_s),
+                  opener_ttl=settings.opener_ttl)
     try:
-        if args.once:
+        if once:
             failures = await agent.run_once()
             return 1 if failures else 0
         log.info("node on %s: %s", interface, where,
@@ -158,8 +156,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
     try:
-        return asyncio.run(serve(args))
+        return asyncio.run(serve(settings, once=args.once))
     except* WgpunchError as group:
         raise group.exceptions[0] from None
 
@@ -168,7 +167,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "node",
         help="keep this host's WireGuard peers on direct paths, with a registry's help",
-        description=(
+        description=textwrap.fill(
             "Run the node agent. It follows the registry's view of every peer's public "
             "endpoint and, for each peer of the interface that has no live session, sets "
             "that endpoint and makes WireGuard handshake at once, at the same moment as the "
@@ -177,15 +176,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "are never touched; no peer is added or removed. The registry is one of: a "
             "wgpunch registry that is a WireGuard peer (--registry), a wgsd-compatible DNS-SD "
             "server (--dns-sd), or a natpunch rendezvous server (--natpunch, "
-            "--natpunch-legacy); the last two can only be asked, so each side tries alone."
-        ),
-        epilog=(
-            "--config FILE is TOML with any of the keys: interface, registry, api, "
-            "token_file, keepalive, opener_ttl, dns_sd, zone, interval, natpunch, "
-            "natpunch_server_key, natpunch_legacy. Flags win over the "
-            "file. The agent writes its view of each peer's path to /run/wgpunch/IF.json, "
-            "which `wgpunch status` shows."
-        ),
+            "--natpunch-legacy); the last two can only be asked, so each side tries alone.",
+            88),
+        epilog=textwrap.fill(
+            "The agent writes its view of each peer's path to /run/wgpunch/IF.json, which "
+            "`wgpunch status` shows.", 88) + "\n\n" + config.epilog(config.NODE),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-i", "--interface", metavar="IF", help="the WireGuard interface to steer")
     parser.add_argument(
@@ -247,5 +243,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "router that keeps state for unsolicited packets (a Linux router without an input "
         "drop rule) needs; 64 when nothing answers",
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML file with the same options")
+    parser.add_argument(
+        "--config", metavar="FILE", type=Path,
+        help="read options from this TOML file (keys below); flags and the environment win",
+    )
     parser.set_defaults(func=run, daemon=True)

@@ -1,5 +1,5 @@
-"""`wgpunch registry`: options from flags and a TOML file (flags win), then serve until a
-signal. Every mistake in either is a `ConfigError`: one line, no traceback."""
+"""`wgpunch registry`: options from flags, the environment and a TOML file (config.py), then
+serve until a signal. Every mistake in them is a `ConfigError`: one line, no traceback."""
 
 from __future__ import annotations
 
@@ -9,17 +9,14 @@ import contextlib
 import gc
 import ipaddress
 import logging
-import math
 import signal
-import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
+from .. import config
 from ..errors import ConfigError
 from ..protocol import API_PORT
 from ..wg import open_device
@@ -41,21 +38,7 @@ from .timings import Timings
 
 log = logging.getLogger(__name__)
 
-# Bounds on --poll-interval: below 10 ms the reads cost more than they tell; above a minute
-# the registry is no help in getting peers connected quickly.
-POLL_MIN_S, POLL_MAX_S = 0.01, 60.0
-CONFIG_KEYS = ("interface", "listen", "token_file", "poll_interval", "dns", "zone", "dns_self")
-
 EPILOG = f"""\
-config file (--config FILE, TOML): the same options as the flags; a flag wins over the file.
-  interface = "wg0"                      # like --interface
-  listen = ["10.99.0.254:{API_PORT}"]         # like --listen (a list, or one string)
-  token_file = "/etc/wgpunch/token"      # like --token-file (relative: to the config file)
-  poll_interval = 0.2                    # like --poll-interval
-  dns = 53                               # like --dns: a port, "ADDR:PORT", or a list
-  zone = "mesh.internal."                # like --zone
-  dns_self = ["192.0.2.1:51820", "10.99.0.254/32"]  # like --dns-self (true: no arguments)
-
 The API (docs/api.md) identifies each caller by its tunnel source address: it must lie in
 the allowed IPs of exactly one peer of IF. Stop with SIGTERM or SIGINT (exit status 0).
 
@@ -66,7 +49,8 @@ zone Z and with K its key in lowercase base32 (56 characters, "====" padding):
   K._wireguard._udp.Z A|AAAA|TXT "txtvers=1" "pub=BASE64" "allowed=CIDR,..."
 TTL 0; other names in Z: NXDOMAIN; names outside Z: REFUSED. Like the API, it listens on
 IF's tunnel addresses by default: anyone who can query it learns every node's endpoint.
-"""
+
+{config.epilog(config.REGISTRY)}"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +95,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--config", metavar="FILE", type=Path,
-        help="read options from this TOML file (keys below); flags win",
+        help="read options from this TOML file (keys below); flags and the environment "
+             "win",
     )
     parser.add_argument(
         "--token-file", metavar="FILE", type=Path,
@@ -121,7 +106,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--poll-interval", metavar="SECONDS", type=float,
         help="how often to read IF for peers' endpoints (default 0.2; "
-             f"{POLL_MIN_S}-{POLL_MAX_S:.0f})",
+             f"{config.REGISTRY.option('poll_interval').bounds})",
     )
     parser.add_argument(
         "--dns", metavar="[ADDR:]PORT", action="append",
@@ -148,105 +133,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 # -- options ----------------------------------------------------------------------------------
 
 
-def load_config(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as file:
-            config = tomllib.load(file)
-    except OSError as exc:
-        raise ConfigError(f"registry: cannot read config {str(path)!r}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"registry: config {str(path)!r} is not valid TOML: {exc}") from None
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"registry: config {str(path)!r}: unknown key {unknown[0]!r}; "
-                          f"known: {', '.join(CONFIG_KEYS)}")
-    return config
+def settings_from(args: argparse.Namespace,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    options = config.load(config.REGISTRY, vars(args), config=args.config, environ=environ)
+    listen = tuple(dict.fromkeys(
+        options.parsed("listen", parse_listen, text) for text in options.listen))
+    return Settings(options.interface, listen, options.token_file, options.poll_interval,
+                    _dns_settings(options))
 
 
-def _config_value(config: Mapping[str, Any], key: str, kinds: tuple[type, ...],
-                  what: str) -> Any:
-    value = config.get(key)
-    if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
-        raise ConfigError(f"registry: config key {key!r} must be {what}, got {value!r}")
-    return value
-
-
-def settings_from(args: argparse.Namespace) -> Settings:
-    config: dict[str, Any] = {} if args.config is None else load_config(args.config)
-    base = Path(".") if args.config is None else args.config.parent
-
-    interface = args.interface or _config_value(config, "interface", (str,), "text")
-    if not interface:
-        raise ConfigError("registry: no interface: give --interface IF or 'interface' in "
-                          "the config file")
-
-    listen_texts = args.listen
-    if listen_texts is None:
-        value = _config_value(config, "listen", (str, list), "an address or a list")
-        listen_texts = [value] if isinstance(value, str) else value or []
-        if not all(isinstance(text, str) for text in listen_texts):
-            raise ConfigError("registry: config key 'listen' must list addresses as text")
-    listen = tuple(dict.fromkeys(parse_listen(text) for text in listen_texts))
-
-    token_file = args.token_file
-    if token_file is None:
-        value = _config_value(config, "token_file", (str,), "a file name")
-        token_file = None if value is None else base / value
-
-    poll = args.poll_interval
-    if poll is None:
-        poll = _config_value(config, "poll_interval", (int, float), "a number of seconds")
-    poll = 0.2 if poll is None else float(poll)
-    if math.isnan(poll) or not POLL_MIN_S <= poll <= POLL_MAX_S:
-        raise ConfigError(f"registry: poll interval {poll} s is not in "
-                          f"{POLL_MIN_S}-{POLL_MAX_S:.0f} s")
-    return Settings(interface, listen, token_file, poll, _dns_settings(args, config))
-
-
-def _dns_settings(args: argparse.Namespace, config: Mapping[str, Any]) -> DnsSettings | None:
-    texts = args.dns
-    if texts is None:
-        value = _config_value(config, "dns", (str, int, list), "a port, an address or a list")
-        texts = [] if value is None else value if isinstance(value, list) else [value]
-        if not all(isinstance(t, str | int) and not isinstance(t, bool) for t in texts):
-            raise ConfigError("registry: config key 'dns' must list ports or addresses")
-    zone = args.zone or _config_value(config, "zone", (str,), "text")
-    self_args = args.dns_self
-    if self_args is None:
-        value = config.get("dns_self")
-        if isinstance(value, bool):
-            self_args = [] if value else None
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            self_args = value
-        elif value is not None:
-            raise ConfigError("registry: config key 'dns_self' must be true, false or a list "
-                              f"of texts, got {value!r}")
-    if not texts:
-        if zone or self_args is not None:
+def _dns_settings(options: config.RegistryConfig) -> DnsSettings | None:
+    if not options.dns:
+        if options.zone or options.dns_self is not None:
             raise ConfigError("registry: --zone and --dns-self need --dns (where to serve "
                               "DNS-SD)")
         return None
-    if not zone:
+    if not options.zone:
         raise ConfigError("registry: --dns needs --zone ZONE (or 'zone' in the config file)")
-    listen = tuple(dict.fromkeys(parse_dns_listen(str(text)) for text in texts))
-    return DnsSettings(listen, Zone.parse(zone),
-                       None if self_args is None else SelfConfig.parse(self_args))
-
-
-def read_token(path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8")
-        mode = path.stat().st_mode
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-        raise ConfigError(f"registry: cannot read token file {str(path)!r}: {reason}") from None
-    token = text.strip()
-    if not token or any(c.isspace() or not c.isprintable() for c in token):
-        raise ConfigError(f"registry: token file {str(path)!r} must hold one token "
-                          "(printable, no spaces)")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("token file %s is readable by other users (chmod 600 it)", path)
-    return token
+    listen = tuple(dict.fromkeys(
+        options.parsed("dns", parse_dns_listen, str(text)) for text in options.dns))
+    zone = options.parsed("zone", Zone.parse, options.zone)
+    self_config = (None if options.dns_self is None else
+                   options.parsed("dns_self", SelfConfig.parse, options.dns_self))
+    return DnsSettings(listen, zone, self_config)
 
 
 # -- serving ----------------------------------------------------------------------------------
@@ -255,7 +164,8 @@ def read_token(path: Path) -> str:
 async def serve(settings: Settings, timings: Timings | None = None) -> None:
     """Run the registry until SIGTERM or SIGINT, then release everything."""
     timings = timings or Timings(poll_interval_s=settings.poll_interval_s)
-    token = None if settings.token_file is None else read_token(settings.token_file)
+    token = (None if settings.token_file is None
+             else config.read_token(settings.token_file, "registry"))
     listen = list(settings.listen) or await default_listen(settings.interface)
     state = RegistryState(punch_window_s=timings.punch_coalesce_s)
     observer = Observer(lambda: open_device(settings.interface), state, timings)
@@ -324,9 +234,10 @@ async def _start_dns(interface: str, dns: DnsSettings, state: RegistryState,
         # Only to never serve a tunnel address as the registry's endpoint (dnsserver.py).
         with contextlib.suppress(ConfigError):
             own = await interface_addresses(interface)
-    addresses = list(dict.fromkeys(
-        (ip, entry) if isinstance(entry, int) else (entry.ip, entry.port)
-        for entry in dns.listen for ip in (own if isinstance(entry, int) else [None])))
+    addresses: list[tuple[IPAddress, int]] = list(dict.fromkeys(
+        pair for entry in dns.listen
+        for pair in ([(ip, entry) for ip in own] if isinstance(entry, int)
+                     else [(entry.ip, entry.port)])))
     for ip, _port in addresses:
         if ip.is_unspecified:
             log.warning("serving DNS-SD on every address (%s): every node's endpoint is "
