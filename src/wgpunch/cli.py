@@ -60,8 +60,8 @@ def add_log_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     group.add_argument(
         "--debug-libraries", action="store_true",
         default=False if defaults else argparse.SUPPRESS,
-        help="let -v/-vv raise the libraries' loggers too (aiohttp, pyroute2, dnspython); a "
-        "record that names a secret key field is withheld even then",
+        help="let -v/-vv raise the libraries' loggers too (aiohttp, dnspython; pyroute2 to "
+        "INFO); a record that names a secret key field is withheld even then",
     )
 
 

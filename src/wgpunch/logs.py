@@ -54,8 +54,8 @@ def setup(verbosity: int, fmt: str, *, daemon: bool = False,
           debug_libraries: bool = False) -> None:
     """Daemons log their events (INFO) by default; one-shot commands only warnings. `-v`/`-vv`
     raise wgpunch's own loggers; libraries (aiohttp, pyroute2, dnspython, asyncio) stay at
-    WARNING unless `debug_libraries`, and even then a record naming a secret key field is
-    withheld."""
+    WARNING unless `debug_libraries` (pyroute2 then at most INFO), and even then a record
+    naming a secret key field is withheld."""
     verbosity += 1 if daemon else 0
     level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
@@ -71,5 +71,8 @@ def setup(verbosity: int, fmt: str, *, daemon: bool = False,
     root.handlers[:] = [handler]
     root.setLevel(level if debug_libraries else max(level, logging.WARNING))
     logging.getLogger("wgpunch").setLevel(level)
+    # pyroute2's DEBUG lines are whole netlink messages: never below INFO (wg/netlink.py caps
+    # it so on import too, for programs that use wgpunch without this set-up).
+    logging.getLogger("pyroute2").setLevel(max(root.level, logging.INFO))
     # aiohttp logs every request at INFO; that is the access log, not our events.
     logging.getLogger("aiohttp.access").setLevel(max(level, logging.WARNING))
