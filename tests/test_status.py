@@ -98,3 +98,14 @@ def test_status_in_a_namespace_without_wireguard(pair):
         assert json.loads(status(empty, "--json").stdout) == {"version": 1, "interfaces": []}
     finally:
         empty.delete()
+
+
+def test_status_says_why_without_an_agent(pair):
+    a, _ = pair
+    done = status(a.ns)
+    assert done.returncode == 0, done.stderr
+    assert "WHY" in done.stdout
+    assert "never a handshake, and no endpoint (no wgpunch node agent" in done.stdout
+    report = json.loads(status(a.ns, "--json").stdout)
+    [peer] = report["interfaces"][0]["peers"]
+    assert peer["reason"].startswith("never a handshake")

@@ -24,10 +24,10 @@ JSON_VERSION = 1
 def peer_json(peer: PeerState, now: float, agent: PeerPath | None = None) -> dict[str, Any]:
     age = peer.handshake_age(now)
     if agent is not None:
-        path, since = agent.path, agent.since
+        path, since, reason = agent.path, agent.since, agent.reason
     else:  # no agent runs here: the device alone says whether a session is up
         path = PathKind.DIRECT if peer.has_live_session(now) else PathKind.NONE
-        since = None
+        since, reason = None, device_reason(peer, now)
     return {
         "public_key": peer.public_key.base64(),
         "endpoint": None if peer.endpoint is None else str(peer.endpoint),
@@ -40,7 +40,19 @@ def peer_json(peer: PeerState, now: float, agent: PeerPath | None = None) -> dic
         "preshared_key": peer.has_preshared_key,
         "path": str(path),
         "path_since": since,
+        "reason": reason,
     }
+
+
+def device_reason(peer: PeerState, now: float) -> str:
+    """Why the path is what it is, from the device alone (no agent on the interface)."""
+    age = peer.handshake_age(now)
+    if peer.has_live_session(now):
+        return "live session (no wgpunch node agent on this interface)"
+    if age is None:
+        return ("never a handshake" + ("" if peer.endpoint else ", and no endpoint")
+                + " (no wgpunch node agent on this interface)")
+    return f"no handshake for {_duration(age)} (no wgpunch node agent on this interface)"
 
 
 def device_json(state: DeviceState, backend: str, now: float) -> dict[str, Any]:
@@ -83,7 +95,8 @@ def _path(peer: dict[str, Any], now: float) -> str:
 
 
 def render_table(devices: list[dict[str, Any]], now: float) -> str:
-    header = ("PEER", "PATH", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX", "KEEPALIVE")
+    header = ("PEER", "PATH", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX", "KEEPALIVE",
+              "WHY")
     out: list[str] = []
     for device in devices:
         out.append(
@@ -100,6 +113,7 @@ def render_table(devices: list[dict[str, Any]], now: float) -> str:
                 _bytes(peer["rx_bytes"]),
                 _bytes(peer["tx_bytes"]),
                 f"{peer['persistent_keepalive']}s" if peer["persistent_keepalive"] else "off",
+                peer["reason"] or "",
             )
             for peer in device["peers"]
         ]
@@ -146,7 +160,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "public address; lan: on one of its LAN addresses; relay: through a relay; none: "
             "no live session; with the time it was established when a `wgpunch node` agent "
             "runs, which tells lan and relay apart), endpoint, allowed IPs, time since the latest "
-            "handshake, bytes received/sent and persistent keepalive. Keys shown are public keys; "
+            "handshake, bytes received/sent, persistent keepalive, and why the path is what it "
+            "is (the agent's reason, or the device's). Keys shown are public keys; "
             "private and preshared keys are never printed."
         ),
     )

@@ -1,0 +1,39 @@
+"""What `status` says a peer's path is and why: the agent's word when one runs, the device's
+otherwise. Pure: no device, no agent process."""
+
+import pytest
+
+from wgpunch.keys import Key
+from wgpunch.node.pathfile import PeerPath
+from wgpunch.status import peer_json
+from wgpunch.wg.device import Endpoint, PeerState
+
+NOW = 1_800_000_000.0
+
+
+def peer(age: float | None, endpoint: str | None = "198.51.100.2:51820") -> PeerState:
+    return PeerState(
+        public_key=Key(bytes(32)), endpoint=None if endpoint is None else Endpoint.parse(endpoint),
+        allowed_ips=(), latest_handshake=None if age is None else NOW - age, rx_bytes=0,
+        tx_bytes=0, persistent_keepalive=25, has_preshared_key=False)
+
+
+@pytest.mark.parametrize(("intent", "state", "path", "reason"), [
+    ("a live session", peer(10), "direct", "live session (no wgpunch node agent on this "
+     "interface)"),
+    ("a session past Reject-After-Time says how long ago", peer(600), "none",
+     "no handshake for 10m00s (no wgpunch node agent on this interface)"),
+    ("never, without an endpoint: nothing could have been sent", peer(None, None), "none",
+     "never a handshake, and no endpoint (no wgpunch node agent on this interface)"),
+])
+def test_without_an_agent_the_device_says_why(intent, state, path, reason):
+    shown = peer_json(state, NOW)
+    assert (shown["path"], shown["path_since"], shown["reason"]) == (path, None, reason), intent
+
+
+def test_with_an_agent_its_path_since_and_reason_are_shown():
+    agent = PeerPath(path="relay", since=NOW - 5, reason="waiting before the next attempt",
+                     endpoint="198.51.100.2:51820")
+    shown = peer_json(peer(10), NOW, agent)
+    assert (shown["path"], shown["path_since"], shown["reason"]) == (
+        "relay", NOW - 5, "waiting before the next attempt")
