@@ -109,3 +109,14 @@ def test_status_says_why_without_an_agent(pair):
     report = json.loads(status(a.ns, "--json").stdout)
     [peer] = report["interfaces"][0]["peers"]
     assert peer["reason"].startswith("never a handshake")
+
+
+def test_a_missing_interface_is_named_with_the_ones_that_are_here(pair):
+    """Not "the kernel has no WireGuard module": on a wireguard-go host that is true and
+    beside the point."""
+    a, _ = pair
+    done = status(a.ns, "--interface", "wg0")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "wgpunch: no interface 'wg0' in this network namespace (no wireguard-go socket "
+        f"/var/run/wireguard/wg0.sock, no kernel device); WireGuard interfaces here: {a.ifname}")

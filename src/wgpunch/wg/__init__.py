@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
+from ..errors import DeviceNotFound
 from .device import Device, DeviceState, Endpoint, PeerConfig, PeerState
-from .uapi import UapiDevice, socket_path
+from .uapi import UapiDevice, interface_here, socket_path
 from .uapi import list_devices as list_uapi_devices
 
 __all__ = [
@@ -36,11 +37,21 @@ async def list_devices() -> list[str]:
 def open_device(name: str) -> Device:
     """The device called `name`, with the backend that serves it.
 
-    No I/O happens until the first operation; a missing device shows up there as
-    `DeviceNotFound`.
+    A name no interface in this network namespace has is `DeviceNotFound` at once, naming
+    the WireGuard interfaces that are here: asking the kernel about it would only say that
+    it has no WireGuard module, which on a wireguard-go host is true and beside the point.
+    Otherwise no I/O happens until the first operation.
     """
     if socket_path(name).exists():
         return UapiDevice(name)
+    if not interface_here(name):
+        present = list_uapi_devices()
+        raise DeviceNotFound(
+            f"no interface {name!r} in this network namespace (no wireguard-go socket "
+            f"{socket_path(name)}, no kernel device); "
+            + (f"WireGuard interfaces here: {', '.join(present)}" if present
+               else "`ip link` lists the interfaces here")
+        )
     from .netlink import NetlinkDevice
 
     return NetlinkDevice(name)

@@ -136,10 +136,10 @@ def list_devices(directory: Path = SOCKET_DIR) -> list[str]:
         names = sorted(p.name[:-5] for p in directory.iterdir() if p.name.endswith(".sock"))
     except FileNotFoundError:
         return []
-    return [name for name in names if _interface_here(name)]
+    return [name for name in names if interface_here(name)]
 
 
-def _interface_here(ifname: str) -> bool:
+def interface_here(ifname: str) -> bool:
     try:
         socket.if_nametoindex(ifname)
     except OSError:
