@@ -72,3 +72,17 @@ def test_the_address_must_come_first():
     reply.additional.reverse()  # TXT first: what wgsd-client would crash on
     with pytest.raises(ApiError, match="no A/AAAA record first"):
         parse_answer(KEY, reply)
+
+
+@pytest.mark.parametrize(("intent", "rcode", "meaning"), [
+    ("a server that does not serve the zone is an error that names --zone",
+     dns.rcode.REFUSED, "REFUSED: the server does not serve this zone (is --zone"),
+    ("a server that cannot read its device (wgsd without CAP_NET_ADMIN) is an error too",
+     dns.rcode.SERVFAIL, "SERVFAIL: the server could not answer (wgsd: CoreDNS cannot read"),
+])
+def test_error_answers_are_errors_not_missing_records(intent, rcode, meaning):
+    """As such answers carry no records, they were taken for "no record": a wrong zone made
+    `--once` exit 0 without a word."""
+    with pytest.raises(ApiError) as info:
+        parse_answer(KEY, response(answer=False, address=None, pub=None, rcode=rcode))
+    assert meaning in str(info.value), intent

@@ -35,6 +35,14 @@ SERVICE = "_wireguard._udp"
 EPOCH = "dns-sd"  # a DNS registry has no epoch: every poll is a full snapshot
 
 
+# What an error answer means for a wgsd-compatible server, and what to do about it.
+RCODE_MEANING = {
+    dns.rcode.REFUSED: ": the server does not serve this zone (is --zone the one it answers?)",
+    dns.rcode.SERVFAIL: (": the server could not answer (wgsd: CoreDNS cannot read its "
+                         "WireGuard device without CAP_NET_ADMIN)"),
+}
+
+
 def query_name(key: Key, zone: dns.name.Name) -> dns.name.Name:
     # Uppercase, as wgsd-client asks; answers match case-insensitively.
     return dns.name.from_text(f"{key.base32().upper()}.{SERVICE}", origin=zone)
@@ -42,10 +50,14 @@ def query_name(key: Key, zone: dns.name.Name) -> dns.name.Name:
 
 def parse_answer(key: Key, response: dns.message.Message) -> PeerRecord:
     """One peer's record from an SRV response, as wgsd lays it out."""
-    if response.rcode() == dns.rcode.NXDOMAIN or not response.answer:
+    rcode = response.rcode()
+    if rcode == dns.rcode.NXDOMAIN:
         raise NoRecord
-    if response.rcode() != dns.rcode.NOERROR:
-        raise ApiError(f"dns-sd: {key}: {dns.rcode.to_text(response.rcode())}")
+    if rcode != dns.rcode.NOERROR:
+        raise ApiError(f"dns-sd: {key}: {dns.rcode.to_text(rcode)}"
+                       + RCODE_MEANING.get(rcode, ""))
+    if not response.answer:
+        raise NoRecord
     srv = response.answer[0]
     if srv.rdtype != dns.rdatatype.SRV or not srv:
         raise ApiError(f"dns-sd: {key}: the first answer is not an SRV record")
@@ -96,7 +108,9 @@ class DnsSdSource:
             self.failed.discard(key)
             return None
         except (dns.exception.DNSException, OSError, ValueError, WgpunchError) as error:
-            log.debug("dns-sd lookup of %s failed: %s", key, error)
+            # Once at WARNING per peer until it works again: every poll would repeat it.
+            log.log(logging.DEBUG if key in self.failed else logging.WARNING,
+                    "dns-sd lookup of %s failed: %s", key, error)
             self.failed.add(key)
             return None
         self.failed.discard(key)
