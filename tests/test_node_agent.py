@@ -12,6 +12,7 @@ deadline; the few fixed durations bound negative claims and are named in the tes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import ipaddress
 import logging
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -602,6 +603,37 @@ async def test_an_unanswered_probe_moves_the_live_session_to_the_reported_endpoi
 async def _at(pair: Pair, endpoint: Endpoint) -> PeerState | None:
     peer = await pair.peer(pair.b.public)
     return peer if peer.endpoint == endpoint else None
+
+
+async def test_a_live_session_that_sends_but_hears_nothing_is_probed_then_asks_for_a_punch(
+        pair, registry, io, caplog):
+    """A NAT on the way lost its state (the `flush` lab): b hears nothing any more (its
+    wireguard-go stopped), a's pings go out unanswered. After stall_s a probes; the probe
+    unanswered too, a asks the registry for a punch, which makes b send."""
+    await b_handshakes_first(pair)
+    daemon = pair.b.daemon.proc
+    assert daemon is not None
+    timings = replace(FAST, stall_s=0.3)
+    async with Running(agent_for(pair, registry, io, timings=timings)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: _path(pair) == "direct", what="the agent to see b direct")
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            ping = await asyncio.create_subprocess_exec(
+                *pair.a.ns.argv(["ping", "-n", "-c", "3", "-i", "0.2", "-W", "1",
+                                 pair.b.tunnel_ip]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                await run.until(lambda: events(caplog, "stall"), what="the stall")
+                await run.until(lambda: registry.of("punch"), what="the punch request")
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    ping.kill()
+                await ping.wait()
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+    assert registry.of("punch") == [pair.b.public]
+    assert io.probes[:1] == [(pair.a.ifname, ipaddress.ip_address(pair.b.tunnel_ip))]
 
 
 # -- 5. the registry's stream ------------------------------------------------------------------
