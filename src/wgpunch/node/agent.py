@@ -1,9 +1,10 @@
 """The node agent: the only loop that acts. Read the device and the registry, `decide()` per
-peer, apply, repeat; wake at once when the registry's watch stream says something changed.
+peer, apply, repeat; wake at once when the registry's watch stream says something changed
+(follow.py follows it and reports this node).
 
 Peers the registry does not know, and the registry peer itself, are never touched; no peer is
-added or removed. Registry state changes only in plain `def` methods, so no `await` can
-interleave with an update.
+added or removed. The clock and every packet the agent sends itself (openers, probes) go
+through `Clock` and `Io` (edges.py), so tests run the real agent in process.
 """
 
 from __future__ import annotations
@@ -11,40 +12,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import time
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, MalformedMessage
+from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError
 from ..keys import Key
-from ..protocol import (
-    Event,
-    PeerEvent,
-    PeerRecord,
-    PunchEvent,
-    RemovedEvent,
-    Reported,
-    Snapshot,
-    initiator,
-)
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
-from .addresses import local_addresses
 from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide
-from .probe import send_probe, tunnel_address
-from .punch import OpenerTtl, can_send_raw, send_opener
+from .edges import Clock, Io, SystemClock, SystemIo
+from .follow import RegistryTimings, RegistryView, follow_registry, report_self
+from .probe import tunnel_address
+from .punch import OpenerTtl
 from .source import Source
 from .track import Track
 
 log = logging.getLogger(__name__)
-
-REPORT_EVERY_S = 60.0  # re-report our candidates: addresses change (DHCP, roaming)
-RECONNECT_MAX_S = 30.0
 
 
 class Agent:
@@ -57,142 +43,48 @@ class Agent:
         timings: Timings | None = None,
         state_dir: Path = pathfile.STATE_DIR,
         opener_ttl: int | None = None,
+        registry_timings: RegistryTimings | None = None,
+        clock: Clock | None = None,
+        io: Io | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
         self.client = client
         self.t = timings or Timings()
+        self.registry_t = registry_timings or RegistryTimings()
         self.state_dir = state_dir
+        self.clock: Clock = clock or SystemClock()
+        self.io: Io = io or SystemIo()
         self.me: Key | None = None
         self.listen_port = 0
-        self.can_open = can_send_raw()
-        self.opener_ttl = OpenerTtl(opener_ttl)
-        self.peers: dict[Key, PeerRecord] = {}
-        self.epoch: str | None = None
-        self.revision: int | None = None
-        self.punched: set[Key] = set()
-        # Who initiates, per peer, as the registry's last punch event for it said: the
-        # registry decides (protocol/roles.py); before an event, the same rule locally.
-        self.roles: dict[Key, bool] = {}
+        self.can_open = False  # whether raw openers work here: asked in run()
+        self.opener_ttl = OpenerTtl(opener_ttl, hops=self.io.opener_hops)
+        self.view = RegistryView()
         self.tracks: dict[Key, Track] = {}
         self.punching: set[Key] = set()  # peers with a punch request under way
         self.tasks: set[asyncio.Task[None]] = set()
-        self.wake = asyncio.Event()
-        self.reported = asyncio.Event()  # set when the registry needs our report again
         self._published: dict[str, pathfile.PeerPath] | None = None
         self._device_failing = False
-        # Our own report reaches the registry only after our watch stream is open, and we ask
-        # for punches only after our report: so a peer that sees us reported knows that we
-        # follow punch events (decide(peer_ready=...)).
-        self.stream_open = asyncio.Event()
-        self.has_reported = False
-
-    # -- registry view (plain defs: no await inside an update) ------------------------------
-
-    def apply_event(self, event: Event) -> None:
-        if isinstance(event, Snapshot):
-            if self.epoch is not None and event.epoch != self.epoch:
-                log.info("registry restarted (new epoch): resynced %d peers", len(event.peers))
-                self.reported.set()
-            self.epoch = event.epoch
-            self.peers = {p.public_key: p for p in event.peers}
-        elif isinstance(event, PeerEvent):
-            old = self.peers.get(event.peer.public_key)
-            if old is not None and old.endpoint != event.peer.endpoint:
-                log.info(
-                    "registry: peer %s endpoint %s -> %s",
-                    event.peer.public_key, old.endpoint, event.peer.endpoint,
-                    extra={"event": "endpoint_changed", "peer": str(event.peer.public_key)},
-                )
-            self.peers[event.peer.public_key] = event.peer
-        elif isinstance(event, RemovedEvent):
-            self.peers.pop(event.public_key, None)
-            self.roles.pop(event.public_key, None)
-        elif isinstance(event, PunchEvent):
-            known = self.peers.get(event.peer)
-            if known is not None:
-                self.peers[event.peer] = replace(known, endpoint=event.endpoint)
-            self.punched.add(event.peer)
-            self.roles[event.peer] = event.initiator
-        if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
-            self.revision = event.revision  # punches and heartbeats are not history
-        self.wake.set()
 
     # -- tasks ------------------------------------------------------------------------------
-
-    async def follow_registry(self) -> None:
-        delay = 0.25
-        while True:
-            heard = False
-            try:
-                async for event in self.client.watch(self.revision, self.epoch):
-                    if not heard:
-                        log.info("%s", self.client.following,
-                                 extra={"event": "registry_connected"})
-                    delay, heard = 0.25, True
-                    self.apply_event(event)
-                    self.stream_open.set()
-            except ApiError as error:
-                log.log(logging.WARNING if delay >= 1 else logging.DEBUG, "%s", error)
-            if heard:
-                # A stream that worked and went silent: our own NAT may have lost its state
-                # (reboot, flush), which blocks every peer's packets to us as well. Sending
-                # is what reopens it.
-                await self.probe_live_peers()
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # backoff, not sync
-            delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def probe_live_peers(self) -> None:
         try:
             state = await self.device.state()
         except DeviceError:
             return
-        now = time.time()
+        now = self.clock.wall()
         for peer in state.peers:
             address = tunnel_address(peer.allowed_ips)
             if peer.has_live_session(now, self.t.session_live_s) and address is not None:
-                await asyncio.to_thread(send_probe, self.device.name, address)
-
-    async def report_self(self) -> None:
-        while True:
-            try:
-                state = await self.device.state()
-                addresses = await asyncio.to_thread(local_addresses, self.device.name)
-                # Read while the watch stream opens, sent once it is open (__init__ says why
-                # it waits): the reads would otherwise delay every first punch (bench easy
-                # p50 0.054-0.055 s with them after the stream, 0.049 s before it).
-                await self.stream_open.wait()
-                report = asyncio.ensure_future(self.client.report_self(
-                    Reported(state.listen_port, tuple(addresses), __version__)
-                ))
-                await asyncio.sleep(0)  # the report is on its way before any punch request
-                self.allow_punches()
-                await report
-                log.debug("reported listen port %d and %d addresses", state.listen_port,
-                          len(addresses))
-                wait = REPORT_EVERY_S
-            except (ApiError, DeviceError, MalformedMessage) as error:
-                log.debug("report to the registry failed: %s", error)
-                wait = 2.0
-            self.allow_punches()  # a report that fails must not stop our punches
-            self.reported.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.reported.wait(), wait)
-
-    def allow_punches(self) -> None:
-        """Our report has left (__init__ says why punch requests wait for it): it is sent on
-        its own connection before any request, so the registry, and through its stream every
-        peer, sees it first (a request overtaking it costs the peer one coalescing window)."""
-        if not self.has_reported:
-            self.has_reported = True
-            self.wake.set()  # punch requests held back until now may go
+                await self.io.probe(self.device.name, address)
 
     async def reconcile_forever(self) -> None:
         while True:
             recheck = await self.reconcile()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), recheck)
-            self.wake.clear()
+                await asyncio.wait_for(self.view.wake.wait(), recheck)
+            self.view.wake.clear()
 
     async def run(self) -> None:
         state = await self.device.state()
@@ -200,13 +92,16 @@ class Agent:
             raise ConfigError(f"node: {state.name} has no private key configured")
         self.me = state.public_key
         self.listen_port = state.listen_port
+        self.can_open = self.io.can_send_raw()
         registry = None if self.registry_key is None else state.peer(self.registry_key)
         if self.can_open and registry is not None and registry.endpoint is not None:
             self.opener_ttl.measure(registry.endpoint.ip)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self.follow_registry())
-                group.create_task(self.report_self())
+                group.create_task(follow_registry(self.client, self.view, self.registry_t,
+                                                  self.probe_live_peers))
+                group.create_task(report_self(self.client, self.view, self.device, self.io,
+                                              self.registry_t))
                 group.create_task(self.reconcile_forever())
         finally:
             pathfile.remove(self.device.name, self.state_dir)
@@ -216,12 +111,12 @@ class Agent:
         knows gets it through handshake-now. Returns how many peers failed (lookup or
         device); a live session is left alone, as always."""
         state = await self.device.state()
-        self.apply_event(await self.client.snapshot())
+        self.view.apply(await self.client.snapshot())
         failures = 0
-        now = time.time()
+        now = self.clock.wall()
         for peer in state.peers:
             key = peer.public_key
-            known = self.peers.get(key)
+            known = self.view.peers.get(key)
             if key == self.registry_key or peer.has_live_session(now, self.t.session_live_s):
                 continue
             if known is None or known.endpoint is None:
@@ -232,7 +127,8 @@ class Agent:
             try:
                 await self.device.handshake_now(
                     key, known.endpoint,
-                    persistent_keepalive=peer.persistent_keepalive or self.t.keepalive_s)
+                    persistent_keepalive=peer.persistent_keepalive or self.t.keepalive_s,
+                    now=self.clock.wall())
                 log.info("peer %s: endpoint %s set, handshake sent", key, known.endpoint)
             except (DeviceError, ChangeRefused) as error:
                 log.warning("peer %s: %s", key, error)
@@ -252,15 +148,14 @@ class Agent:
         if self._device_failing:
             log.info("reading %s works again", self.device.name)
             self._device_failing = False
-        now_wall, now = time.time(), time.monotonic()
+        now_wall, now = self.clock.wall(), self.clock.monotonic()
         recheck = self.t.idle_recheck_s
         for peer in state.peers:
-            known = self.peers.get(peer.public_key)
+            known = self.view.peers.get(peer.public_key)
             if peer.public_key == self.registry_key or known is None:
                 continue
             track = self.tracks.setdefault(peer.public_key, Track())
-            punched = peer.public_key in self.punched
-            self.punched.discard(peer.public_key)
+            punched = self.view.take_punched(peer.public_key)
             memory = track.memory.observe(peer.rx_bytes, peer.tx_bytes, now)
             # Without punch events (DNS-SD, natpunch) no peer reports: each counts as ready.
             ready = not self.client.coordinates_punches or known.reported is not None
@@ -268,7 +163,7 @@ class Agent:
                 memory = replace(memory, unready_since=None if ready else now)
             decision = decide(
                 peer, candidates_of(known), memory,
-                initiator=self.initiates(known),
+                initiator=self.view.initiates(self.me, known),
                 punched=punched, can_open=self.can_open, peer_ready=ready,
                 now_wall=now_wall, now=now, t=self.t,
             )
@@ -277,19 +172,6 @@ class Agent:
             recheck = min(recheck, decision.recheck_s)
         self.publish(state, now_wall)
         return recheck
-
-    def initiates(self, peer: PeerRecord) -> bool:
-        """Whether we send the first initiation to `peer`: what the registry's last punch
-        event for it said; before any (and without a registry that coordinates), the
-        protocol's rule applied to the records we have (ours is among them)."""
-        role = self.roles.get(peer.public_key)
-        if role is not None:
-            return role
-        if self.me is None:
-            return False
-        mine = self.peers.get(self.me)
-        return initiator(self.me, peer.public_key, side_public=mine is not None and mine.public,
-                         other_public=peer.public)
 
     async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         key = peer.public_key
@@ -310,8 +192,8 @@ class Agent:
                 self.background(self.handshake(peer, d.endpoint, delay_s=d.delay_s))
             elif d.kind is Kind.HANDSHAKE or d.endpoint is None:
                 await self.handshake(peer, d.endpoint)
-            elif not await asyncio.to_thread(send_opener, self.listen_port, d.endpoint,
-                                             await self.opener_ttl.get()):
+            elif not await self.io.open(self.listen_port, d.endpoint,
+                                        await self.opener_ttl.get()):
                 self.can_open = False  # decide() falls back to handshakes from now on
             return replace(
                 mem, attempt_at=mem.attempt_at or now,
@@ -327,13 +209,13 @@ class Agent:
             with contextlib.suppress(ChangeRefused):
                 await self.device.set_endpoint(key, d.endpoint)
         if probe_to is not None:
-            await asyncio.to_thread(send_probe, self.device.name, probe_to)
+            await self.io.probe(self.device.name, probe_to)
         return replace(mem, probe_at=now, probe_rx_bytes=peer.rx_bytes, probe_endpoint=d.endpoint,
                        repointed=d.kind is Kind.REPOINT)
 
     async def request_punch(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
-        if not self.has_reported:
-            return mem  # see __init__: the request waits for our report (a few ms)
+        if not self.view.has_reported:
+            return mem  # see RegistryView: the request waits for our report (a few ms)
         mem = replace(mem, attempt_at=now, attempt_endpoint=d.endpoint, attempts=mem.attempts + 1,
                       skipped=False,
                       first_attempt_at=mem.first_attempt_at or now)
@@ -361,7 +243,7 @@ class Agent:
             await self.handshake(peer, endpoint)
             track = self.tracks.get(peer.public_key)
             if track is not None:
-                track.memory = replace(track.memory, opened_at=time.monotonic(),
+                track.memory = replace(track.memory, opened_at=self.clock.monotonic(),
                                        opened_endpoint=endpoint)
         finally:
             self.punching.discard(peer.public_key)
@@ -380,12 +262,14 @@ class Agent:
         keepalive = peer.persistent_keepalive or self.t.keepalive_s
         # A session that looks live by age but was judged dead by silence may be replaced;
         # any handshake newer than the one we judged makes the device layer refuse.
-        age = peer.handshake_age(time.time())
+        now = self.clock.wall()
+        age = peer.handshake_age(now)
         live_s = (self.t.session_live_s if age is None
                   else max(0.0, min(age - 0.05, self.t.session_live_s)))
         try:
             await self.device.handshake_now(
-                peer.public_key, endpoint, persistent_keepalive=keepalive, live_s=live_s
+                peer.public_key, endpoint, persistent_keepalive=keepalive, live_s=live_s,
+                now=now,
             )
         except ChangeRefused as refused:
             log.debug("%s", refused)  # a handshake completed meanwhile: nothing to do
@@ -394,7 +278,7 @@ class Agent:
                         error)
 
     def publish(self, state: DeviceState, now_wall: float) -> None:
-        paths = {key.base64(): track.published(self.peers.get(key))
+        paths = {key.base64(): track.published(self.view.peers.get(key))
                  for key, track in self.tracks.items()}
         if paths != self._published:
             try:

@@ -32,6 +32,8 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 # The datagram helpers live with the natpunch raw-UDP channel, which sends the same way.
 from ..natpunch.rawudp import source_address, udp_datagram
@@ -122,6 +124,10 @@ def opener_hops(target: ipaddress.IPv4Address, *, max_hops: int = MAX_HOPS,
     return None
 
 
+async def _hops_in_thread(toward: ipaddress.IPv4Address) -> int | None:
+    return await asyncio.to_thread(opener_hops, toward)
+
+
 def _icmp_error(sock: socket.socket, wait_s: float) -> tuple[int, ipaddress.IPv4Address] | None:
     """The next ICMP error queued on `sock` within `wait_s`: (ICMP type, sender)."""
     deadline = time.monotonic() + wait_s
@@ -145,18 +151,22 @@ def _icmp_error(sock: socket.socket, wait_s: float) -> tuple[int, ipaddress.IPv4
 
 
 class OpenerTtl:
-    """The TTL of our openers: the user's, or measured once toward the registry (`measure`),
-    or DEFAULT_TTL while neither is known."""
+    """The TTL of our openers: the user's, or measured once toward the registry (`measure`,
+    with `hops`: `opener_hops` in a thread unless given), or DEFAULT_TTL while neither is
+    known."""
 
-    def __init__(self, fixed: int | None = None) -> None:
+    def __init__(self, fixed: int | None = None,
+                 hops: Callable[[ipaddress.IPv4Address],
+                                Coroutine[Any, Any, int | None]] | None = None) -> None:
         self.fixed = fixed
+        self._hops = hops or _hops_in_thread
         self._measuring: asyncio.Task[int | None] | None = None
 
     def measure(self, toward: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
         """Start measuring in the background (IPv4 only; nothing to do with a fixed TTL)."""
-        if self.fixed is not None or toward.version != 4:
+        if self.fixed is not None or not isinstance(toward, ipaddress.IPv4Address):
             return
-        self._measuring = asyncio.create_task(asyncio.to_thread(opener_hops, toward))
+        self._measuring = asyncio.create_task(self._hops(toward))
 
         def measured(task: asyncio.Task[int | None]) -> None:
             hops = None if task.cancelled() or task.exception() else task.result()

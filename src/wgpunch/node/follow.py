@@ -1,0 +1,178 @@
+"""The node agent's side of the registry: its view of the peers as the watch stream tells them
+(`RegistryView`), the task that follows the stream (`follow_registry`) and the one that reports
+this node (`report_self`). agent.py reconciles the device with the view.
+
+The view changes only in plain `def` methods, so no `await` can interleave with an update.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from .. import __version__
+from ..errors import ApiError, DeviceError, MalformedMessage
+from ..keys import Key
+from ..protocol import (
+    Event,
+    PeerEvent,
+    PeerRecord,
+    PunchEvent,
+    RemovedEvent,
+    Reported,
+    Snapshot,
+    initiator,
+)
+from ..wg.device import Device
+from .edges import Io
+from .source import Source
+
+log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, whichever module
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryTimings:
+    # A watch stream that failed is opened again after this long, doubled per failure up to
+    # reconnect_max_s (each pause jittered by +-20 %, so that nodes do not reconnect in step),
+    # and back to the first once a stream delivered again. Our choice.
+    reconnect_first_s: float = 0.25
+    reconnect_max_s: float = 30.0
+    # Re-report our candidates this often: addresses change (DHCP, roaming).
+    report_every_s: float = 60.0
+    # A report that failed is tried again this soon.
+    report_retry_s: float = 2.0
+
+
+class RegistryView:
+    """The registry's peers and what its stream said about them, as the agent knows them."""
+
+    def __init__(self) -> None:
+        self.peers: dict[Key, PeerRecord] = {}
+        self.epoch: str | None = None
+        self.revision: int | None = None
+        self.punched: set[Key] = set()  # peers with a punch event since their last tick
+        # Who initiates, per peer, as the registry's last punch event for it said: the
+        # registry decides (protocol/roles.py); before an event, the same rule locally.
+        self.roles: dict[Key, bool] = {}
+        self.wake = asyncio.Event()  # something changed: reconcile now
+        self.reported = asyncio.Event()  # set when the registry needs our report again
+        # Our own report reaches the registry only after our watch stream is open, and we ask
+        # for punches only after our report: so a peer that sees us reported knows that we
+        # follow punch events (decide(peer_ready=...)).
+        self.stream_open = asyncio.Event()
+        self.has_reported = False
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, Snapshot):
+            if self.epoch is not None and event.epoch != self.epoch:
+                log.info("registry restarted (new epoch): resynced %d peers", len(event.peers))
+                self.reported.set()
+            self.epoch = event.epoch
+            self.peers = {p.public_key: p for p in event.peers}
+        elif isinstance(event, PeerEvent):
+            old = self.peers.get(event.peer.public_key)
+            if old is not None and old.endpoint != event.peer.endpoint:
+                log.info(
+                    "registry: peer %s endpoint %s -> %s",
+                    event.peer.public_key, old.endpoint, event.peer.endpoint,
+                    extra={"event": "endpoint_changed", "peer": str(event.peer.public_key)},
+                )
+            self.peers[event.peer.public_key] = event.peer
+        elif isinstance(event, RemovedEvent):
+            self.peers.pop(event.public_key, None)
+            self.roles.pop(event.public_key, None)
+        elif isinstance(event, PunchEvent):
+            known = self.peers.get(event.peer)
+            if known is not None:
+                self.peers[event.peer] = replace(known, endpoint=event.endpoint)
+            self.punched.add(event.peer)
+            self.roles[event.peer] = event.initiator
+        if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
+            self.revision = event.revision  # punches and heartbeats are not history
+        self.wake.set()
+
+    def take_punched(self, peer: Key) -> bool:
+        """Whether a punch event for `peer` came since the last call for it."""
+        punched = peer in self.punched
+        self.punched.discard(peer)
+        return punched
+
+    def allow_punches(self) -> None:
+        """Our report has left (__init__ says why punch requests wait for it): it is sent on
+        its own connection before any request, so the registry, and through its stream every
+        peer, sees it first (a request overtaking it costs the peer one coalescing window)."""
+        if not self.has_reported:
+            self.has_reported = True
+            self.wake.set()  # punch requests held back until now may go
+
+    def initiates(self, me: Key | None, peer: PeerRecord) -> bool:
+        """Whether we (`me`) send the first initiation to `peer`: what the registry's last
+        punch event for it said; before any (and without a registry that coordinates), the
+        protocol's rule applied to the records we have (ours is among them)."""
+        role = self.roles.get(peer.public_key)
+        if role is not None:
+            return role
+        if me is None:
+            return False
+        mine = self.peers.get(me)
+        return initiator(me, peer.public_key, side_public=mine is not None and mine.public,
+                         other_public=peer.public)
+
+
+async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings,
+                          on_silence: Callable[[], Awaitable[None]]) -> None:
+    """Follow `client`'s watch stream into `view`, forever, reconnecting with backoff from
+    where it left off; `on_silence` runs whenever a stream that had worked ends."""
+    delay = t.reconnect_first_s
+    while True:
+        heard = False
+        try:
+            async for event in client.watch(view.revision, view.epoch):
+                if not heard:
+                    log.info("%s", client.following, extra={"event": "registry_connected"})
+                delay, heard = t.reconnect_first_s, True
+                view.apply(event)
+                view.stream_open.set()
+        except ApiError as error:
+            log.log(logging.WARNING if delay >= 1 else logging.DEBUG, "%s", error)
+        if heard:
+            # A stream that worked and went silent: our own NAT may have lost its state
+            # (reboot, flush), which blocks every peer's packets to us as well. Sending
+            # is what reopens it.
+            await on_silence()
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # backoff, not sync
+        delay = min(delay * 2, t.reconnect_max_s)
+
+
+async def report_self(client: Source, view: RegistryView, device: Device, io: Io,
+                      t: RegistryTimings) -> None:
+    """Report this node (listen port, addresses, version) once the watch stream is open, then
+    every report_every_s, and at once when the registry needs it again (a new epoch)."""
+    while True:
+        try:
+            state = await device.state()
+            addresses = await io.local_addresses(device.name)
+            # Read while the watch stream opens, sent once it is open (RegistryView says why
+            # it waits): the reads would otherwise delay every first punch (bench easy p50
+            # 0.054-0.055 s with them after the stream, 0.049 s before it).
+            await view.stream_open.wait()
+            report = asyncio.ensure_future(client.report_self(
+                Reported(state.listen_port, tuple(addresses), __version__)
+            ))
+            await asyncio.sleep(0)  # the report is on its way before any punch request
+            view.allow_punches()
+            await report
+            log.debug("reported listen port %d and %d addresses", state.listen_port,
+                      len(addresses))
+            wait = t.report_every_s
+        except (ApiError, DeviceError, MalformedMessage) as error:
+            log.debug("report to the registry failed: %s", error)
+            wait = t.report_retry_s
+        view.allow_punches()  # a report that fails must not stop our punches
+        view.reported.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(view.reported.wait(), wait)

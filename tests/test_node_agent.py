@@ -1,0 +1,772 @@
+"""The real node agent in this test's event loop: a fake registry (an in-memory watch stream
+that records punch requests and reports), a real wireguard-go device in a throwaway network
+namespace, and senders (NAT openers, path probes, address look-ups, the TTL measurement) that
+only record. This process sends no packet itself: what leaves goes out of wireguard-go, or
+of a fake probe that answers with a `ping` run in the device's namespace.
+
+What the lab tests (test_core_loop.py, test_rebinding.py, test_collision.py) prove with the
+real processes in minutes, the agent's own part of it, here in seconds. Waits poll with a
+deadline; the few fixed durations bound negative claims and are named in the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from wgpair import PORT, Side
+from wgpunch import __version__
+from wgpunch.errors import ApiError
+from wgpunch.keys import Key, generate_keypair
+from wgpunch.lab.netns import Namespace, uapi_socket
+from wgpunch.node import pathfile
+from wgpunch.node.agent import Agent
+from wgpunch.node.decide import Timings
+from wgpunch.node.follow import RegistryTimings
+from wgpunch.protocol import (
+    Event,
+    Heartbeat,
+    PeerEvent,
+    PeerRecord,
+    PunchEvent,
+    RemovedEvent,
+    Reported,
+    Snapshot,
+    initiator,
+)
+from wgpunch.wg import open_device
+from wgpunch.wg.device import Endpoint, IPAddress, PeerState
+from wgpunch.wg.uapi import UapiDevice
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go not installed"),
+]
+
+T = TypeVar("T")
+
+# Short enough that a test takes a fraction of a second per round; the decisions are the same.
+FAST = Timings(first_retry_s=0.1, max_retry_s=0.4, coalesce_s=0.1, peer_grace_s=0.2,
+               probe_timeout_s=0.3, idle_recheck_s=0.1, busy_recheck_s=0.02)
+FAST_REGISTRY = RegistryTimings(reconnect_first_s=0.1, reconnect_max_s=0.4)
+LAN_ADDRESS = ipaddress.ip_address("10.0.0.9")  # what peers "report"; not the endpoint: NATed
+OUR_ADDRESSES = [ipaddress.ip_address("192.168.1.10")]  # what the fake says we have
+REGISTRY_ENDPOINT = Endpoint.parse("192.0.2.254:51820")  # nobody there
+MEASURED_TTL = 2
+
+
+# -- the fakes ---------------------------------------------------------------------------------
+
+
+class FakeRegistry:
+    """A `Source`: the test pushes watch-stream items (or an ApiError, which ends the stream);
+    it records watches, punch requests and reports, in order, in `calls`."""
+
+    coordinates_punches = True
+
+    def __init__(self) -> None:
+        self.stream: asyncio.Queue[Event | ApiError] = asyncio.Queue()
+        self.calls: list[tuple[str, Any]] = []
+        self.watch_times: list[float] = []
+        self.delivered = 0  # stream items the agent has taken
+        self.records: dict[Key, PeerRecord] = {}
+        self.revision = 0
+        # With a value: answer each punch request with a punch event saying that.
+        self.answer_punches: bool | None = None
+        self.punch_error: ApiError | None = None
+        self.report_error: ApiError | None = None
+        self.failed_lookups: set[Key] = set()
+
+    @property
+    def following(self) -> str:
+        return "fake registry"
+
+    def of(self, kind: str) -> list[Any]:
+        return [what for name, what in self.calls if name == kind]
+
+    # -- what the test does ---------------------------------------------------------------------
+
+    def push(self, item: Event | ApiError) -> None:
+        self.stream.put_nowait(item)
+
+    def snapshot_of(self, *records: PeerRecord, epoch: str = "e1") -> Snapshot:
+        self.revision += 1
+        self.records = {r.public_key: r for r in records}
+        return Snapshot(epoch, self.revision, records)
+
+    def publish(self, *records: PeerRecord, epoch: str = "e1") -> None:
+        self.push(self.snapshot_of(*records, epoch=epoch))
+
+    def change(self, record: PeerRecord) -> None:
+        self.revision += 1
+        self.records[record.public_key] = record
+        self.push(PeerEvent(self.revision, record))
+
+    def punch_event(self, peer: Key, *, initiator: bool) -> None:
+        endpoint = self.records[peer].endpoint
+        assert endpoint is not None
+        self.push(PunchEvent(self.revision, peer, endpoint, initiator))
+
+    # -- the Source protocol --------------------------------------------------------------------
+
+    async def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
+        self.calls.append(("watch", (since, epoch)))
+        self.watch_times.append(asyncio.get_running_loop().time())
+        while True:
+            item = await self.stream.get()
+            if isinstance(item, ApiError):
+                raise item
+            self.delivered += 1
+            yield item
+
+    async def snapshot(self) -> Snapshot:
+        return Snapshot("e1", self.revision, tuple(self.records.values()))
+
+    async def punch(self, peer: Key) -> None:
+        self.calls.append(("punch", peer))
+        if self.punch_error is not None:
+            raise self.punch_error
+        if self.answer_punches is not None:
+            self.punch_event(peer, initiator=self.answer_punches)
+
+    async def report_self(self, report: Reported) -> None:
+        self.calls.append(("report", (report, self.delivered)))
+        if self.report_error is not None:
+            raise self.report_error
+
+    def lookup_failed(self, peer: Key) -> bool:
+        return peer in self.failed_lookups
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeIo:
+    """The agent's senders, recording instead of sending. With `answer_from`, a probe is
+    answered: a ping from that namespace through the tunnel, as a real probe would raise the
+    peer's rx counter."""
+
+    raw: bool = True
+    answer_from: Namespace | None = None
+    addresses: list[IPAddress] = field(default_factory=lambda: list(OUR_ADDRESSES))
+    opened: list[tuple[int, Endpoint, int]] = field(default_factory=list)
+    probes: list[tuple[str, IPAddress]] = field(default_factory=list)
+    address_lookups: list[str] = field(default_factory=list)
+    measured_toward: list[ipaddress.IPv4Address] = field(default_factory=list)
+
+    def can_send_raw(self) -> bool:
+        return self.raw
+
+    async def open(self, listen_port: int, endpoint: Endpoint, ttl: int) -> bool:
+        self.opened.append((listen_port, endpoint, ttl))
+        return True
+
+    async def probe(self, ifname: str, address: IPAddress) -> bool:
+        self.probes.append((ifname, address))
+        if self.answer_from is not None:
+            ping = await asyncio.create_subprocess_exec(
+                *self.answer_from.argv(["ping", "-n", "-c", "1", "-W", "1", str(address)]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            await ping.wait()
+        return True
+
+    async def local_addresses(self, ifname: str) -> list[IPAddress]:
+        self.address_lookups.append(ifname)
+        return list(self.addresses)
+
+    async def opener_hops(self, toward: ipaddress.IPv4Address) -> int | None:
+        self.measured_toward.append(toward)
+        return MEASURED_TTL
+
+
+class SkipClock:
+    """Real time plus an offset the test moves forward (`skip`): the device's handshake
+    times are real, so the agent's clock must stay comparable with them."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def wall(self) -> float:
+        return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def skip(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+# -- the device and its peers ------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    """a (the agent's device) and b, each other's peer, on a veth link; a also has the
+    registry's peer (with an endpoint nobody answers at) and a stranger the registry does
+    not know (no endpoint)."""
+
+    a: Side
+    b: Side
+    registry: Key
+    stranger: Key
+    tmp: Path
+
+    @property
+    def b_endpoint(self) -> Endpoint:
+        return Endpoint.parse(f"{self.b.veth_ip}:{PORT}")
+
+    def record(self, key: Key, endpoint: Endpoint | None, *, reported: bool = True
+               ) -> PeerRecord:
+        return PeerRecord(key, (), endpoint, None,
+                          Reported(PORT, (LAN_ADDRESS,), "test") if reported else None, 0)
+
+    def records(self, *, b_reported: bool = True) -> tuple[PeerRecord, ...]:
+        """The registry's records: a itself, b, and the registry's own peer."""
+        return (self.record(self.a.public, Endpoint.parse(f"198.51.100.1:{PORT}")),
+                self.record(self.b.public, self.b_endpoint, reported=b_reported),
+                self.record(self.registry, REGISTRY_ENDPOINT))
+
+    async def peer(self, key: Key) -> PeerState:
+        found = (await self.a.device.state()).peer(key)
+        assert found is not None
+        return found
+
+    def paths(self) -> dict[str, pathfile.PeerPath]:
+        return pathfile.read(self.a.ifname, self.tmp)
+
+
+def unique_prefix() -> str:
+    """`ag` + 4 hex digits that no namespace or UAPI socket on the machine uses now."""
+    while True:
+        prefix = "ag" + secrets.token_hex(2)
+        if not any(Namespace(f"{prefix}-{side}").exists() or
+                   uapi_socket(f"{prefix}{side}wg").exists() for side in "ab"):
+            return prefix
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    """As tests/wgpair.py builds it (namespaces `agXXXX-a`/`-b`), plus a's two other peers;
+    everything removed on the way out, whatever the test did."""
+    prefix = unique_prefix()
+    a = Side(prefix, "a", "192.0.2.1", "10.77.0.1")
+    b = Side(prefix, "b", "192.0.2.2", "10.77.0.2")
+    try:
+        for side in (a, b):
+            side.ns.add()
+        a.ns.run(["ip", "link", "add", f"{prefix}va", "type", "veth", "peer", "name",
+                  f"{prefix}vb", "netns", b.ns.name])
+        for side, veth in ((a, f"{prefix}va"), (b, f"{prefix}vb")):
+            side.ns.run(["ip", "addr", "add", f"{side.veth_ip}/24", "dev", veth])
+            side.ns.run(["ip", "link", "set", veth, "up"])
+            side.daemon.start()
+            keyfile = tmp_path / f"{side.ifname}.key"
+            keyfile.write_text(side.private.base64())
+            keyfile.chmod(0o600)
+            side.wg_set("private-key", str(keyfile), "listen-port", str(PORT))
+            side.ns.run(["ip", "addr", "add", f"{side.tunnel_ip}/24", "dev", side.ifname])
+            side.ns.run(["ip", "link", "set", side.ifname, "up"])
+        a.wg_set("peer", b.public.base64(), "allowed-ips", f"{b.tunnel_ip}/32",
+                 "persistent-keepalive", "25")
+        b.wg_set("peer", a.public.base64(), "allowed-ips", f"{a.tunnel_ip}/32",
+                 "persistent-keepalive", "25")
+        registry, stranger = generate_keypair()[1], generate_keypair()[1]
+        a.wg_set("peer", registry.base64(), "allowed-ips", "10.77.0.254/32",
+                 "endpoint", str(REGISTRY_ENDPOINT))
+        a.wg_set("peer", stranger.base64(), "allowed-ips", "10.77.0.3/32")
+        yield Pair(a, b, registry, stranger, tmp_path)
+    finally:
+        for side in (a, b):
+            side.daemon.stop()
+            side.ns.delete()
+
+
+async def b_handshakes_first(pair: Pair) -> PeerState:
+    """A live session that b started (handshake-now needs b's keepalive, whose next packet
+    is 25 s away: longer than any test); a's device roams to b's endpoint. Returns a's view
+    of b."""
+    await pair.b.device.handshake_now(pair.a.public, Endpoint.parse(f"{pair.a.veth_ip}:{PORT}"))
+    return await poll(lambda: handshaked(pair), what="a to see b's handshake")
+
+
+async def handshaked(pair: Pair, endpoint: Endpoint | None = None) -> PeerState | None:
+    peer = await pair.peer(pair.b.public)
+    if peer.latest_handshake is None or (endpoint is not None and peer.endpoint != endpoint):
+        return None
+    return peer
+
+
+# -- running the agent -------------------------------------------------------------------------
+
+
+async def poll(check: Callable[[], T | Awaitable[T]], *, within_s: float = 5.0, what: str,
+               alive: Callable[[], None] = lambda: None) -> T:
+    """The first true value of `check()` (awaited if need be), polled for `within_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while True:
+        alive()
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value  # type: ignore[return-value]
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out after {within_s:.1f} s waiting for {what}")
+        await asyncio.sleep(0.01)  # poll interval, bounded by the deadline above
+
+
+class Running:
+    """`agent.run()` as a task of this event loop, stopped on the way out (with everything
+    it started); a test's waits fail at once, with its exception, if the agent died."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Running:
+        self.task = asyncio.create_task(self.agent.run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.task is not None
+        pending = [self.task, *self.agent.tasks]
+        for task in pending:
+            task.cancel()
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        if exc[0] is None:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+
+    def alive(self) -> None:
+        assert self.task is not None
+        if self.task.done():
+            self.task.result()  # raises what killed it
+            raise AssertionError("the agent stopped")
+
+    async def until(self, check: Callable[[], T | Awaitable[T]], *, within_s: float = 5.0,
+                    what: str) -> T:
+        return await poll(check, within_s=within_s, what=what, alive=self.alive)
+
+    async def holds(self, check: Callable[[], Any], *, duration: float) -> bool:
+        """Whether `check()` stays true for `duration` s: the bound of a negative claim."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + duration
+        while loop.time() < deadline:
+            self.alive()
+            value = check()
+            if inspect.isawaitable(value):
+                value = await value
+            if not value:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+
+def agent_for(pair: Pair, registry: FakeRegistry, io: FakeIo, **kwargs: Any) -> Agent:
+    kwargs = {"timings": FAST, "registry_timings": FAST_REGISTRY, "state_dir": pair.tmp,
+              **kwargs}
+    device = kwargs.pop("device", None) or open_device(pair.a.ifname)
+    return Agent(device, pair.registry, registry, io=io, **kwargs)
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == name]
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    return FakeRegistry()
+
+
+@pytest.fixture
+def io() -> FakeIo:
+    return FakeIo()
+
+
+@pytest.fixture(autouse=True)
+def agent_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="wgpunch")
+
+
+# -- 1. first contact --------------------------------------------------------------------------
+
+
+async def test_first_contact_reports_once_the_stream_is_open_then_requests_a_punch(
+        pair, registry, io):
+    """Nothing is reported before the watch stream delivered (the agent has read its
+    addresses by then); then the report (listen port, our addresses, version) goes first and
+    the punch request for b, which has no session, after it."""
+    async with Running(agent_for(pair, registry, io)) as run:
+        await run.until(lambda: io.address_lookups, what="the agent to read its addresses")
+        assert await run.holds(lambda: not registry.of("report"), duration=0.3)
+        assert registry.of("watch") == [(None, None)]
+
+        registry.publish(*pair.records())
+        await run.until(lambda: registry.of("punch"), what="a punch request")
+        assert [name for name, _ in registry.calls][:3] == ["watch", "report", "punch"]
+        [(report, delivered)] = registry.of("report")
+        assert delivered >= 1  # sent after the stream's first item
+        assert report == Reported(PORT, tuple(OUR_ADDRESSES), __version__)
+        assert io.address_lookups == [pair.a.ifname]
+        assert registry.of("punch") == [pair.b.public]
+
+
+@pytest.mark.parametrize("failure", ["refused", "unsendable"])
+async def test_a_failed_report_does_not_hold_back_punch_requests(pair, registry, io, failure):
+    """Refused by the registry, or impossible to make (an address no report may carry)."""
+    if failure == "refused":
+        registry.report_error = ApiError("registry: PUT /v1/self: 503 busy", 503)
+    else:
+        io.addresses = [ipaddress.ip_address("224.0.0.1")]
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: registry.of("punch"), what="a punch request")
+        assert len(registry.of("report")) == (1 if failure == "refused" else 0)
+
+
+# -- 2. punch events ---------------------------------------------------------------------------
+
+
+async def test_the_initiator_handshakes_now_toward_the_punch_events_endpoint(pair, registry, io):
+    """b's wireguard-go answers the initiation: a's device holds b's endpoint and a fresh
+    handshake; no opener was sent."""
+    registry.answer_punches = True
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        peer = await run.until(lambda: handshaked(pair, pair.b_endpoint),
+                               what="a handshake with b at its endpoint")
+        assert peer.persistent_keepalive == 25
+        assert io.opened == []
+
+
+async def test_the_non_initiator_opens_its_nat_and_never_handshakes_while_it_can_open(
+        pair, registry, io):
+    """On each punch event (one per retry, 1 s here) an opener leaves from the WireGuard
+    port toward b's endpoint, with the TTL measured toward the registry; a's device keeps b
+    without an endpoint: no initiation of ours could cross b's."""
+    registry.answer_punches = False
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: io.opened, what="an opener")
+        assert await run.holds(lambda: _no_endpoint(pair), duration=1.0)
+        assert len(io.opened) >= 2, io.opened  # the retries open again
+        assert set(io.opened) == {(PORT, pair.b_endpoint, MEASURED_TTL)}
+        assert io.measured_toward == [REGISTRY_ENDPOINT.ip]
+
+
+async def _no_endpoint(pair: Pair) -> bool:
+    return (await pair.peer(pair.b.public)).endpoint is None
+
+
+async def test_the_non_initiator_without_raw_sockets_handshakes_instead(pair, registry):
+    io = FakeIo(raw=False)
+    registry.answer_punches = False
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: handshaked(pair, pair.b_endpoint), what="a handshake with b")
+        assert io.opened == [] and io.measured_toward == []
+
+
+async def test_the_punch_events_initiator_field_wins_over_the_key_order(pair, registry, io):
+    """The registry decides who initiates; the node follows it even where its own rule
+    (lower key) would say the opposite."""
+    says = not initiator(pair.a.public, pair.b.public)
+    registry.answer_punches = says
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        if says:
+            await run.until(lambda: handshaked(pair, pair.b_endpoint), what="a handshake")
+            assert io.opened == []
+        else:
+            await run.until(lambda: io.opened, what="an opener")
+            assert await _no_endpoint(pair)
+
+
+async def test_the_initiator_leaves_a_punch_alone_until_the_peer_has_reported(
+        pair, registry, io):
+    """A punch event for a peer whose agent has not reported itself could reach a NAT not
+    yet opened (the `collision` lab): the initiator leaves it alone; once the peer reports,
+    it asks for a punch again and handshakes on the event."""
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records(b_reported=False))
+        registry.punch_event(pair.b.public, initiator=True)
+        await run.until(lambda: registry.delivered >= 2, what="the punch event to arrive")
+        assert await run.holds(lambda: _no_endpoint(pair), duration=0.5)
+
+        registry.answer_punches = True
+        registry.change(pair.record(pair.b.public, pair.b_endpoint))
+        await run.until(lambda: handshaked(pair, pair.b_endpoint), what="a handshake")
+        assert set(registry.of("punch")) == {pair.b.public}
+
+
+async def test_a_failed_punch_request_makes_it_handshake_alone(pair, registry, io):
+    registry.punch_error = ApiError("registry: POST /v1/punch: connection refused")
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: handshaked(pair, pair.b_endpoint), what="a handshake")
+        assert registry.of("punch")
+
+
+# -- 3. what the agent never touches -----------------------------------------------------------
+
+
+async def test_a_peer_the_registry_does_not_know_and_the_registry_peer_are_never_touched(
+        pair, registry, io):
+    registry.answer_punches = True
+    before = {key: await pair.peer(key) for key in (pair.registry, pair.stranger)}
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: _path(pair) == "direct", what="b's path to go direct")
+        registry.punch_event(pair.registry, initiator=True)  # the registry never does this
+        registry.punch_event(pair.b.public, initiator=True)  # a live session: a probe
+        await run.until(lambda: io.probes, what="the probe for b's punch event")
+        assert set(pair.paths()) == {pair.b.public.base64()}
+    assert registry.of("punch") == [pair.b.public]
+    assert io.probes == [(pair.a.ifname, ipaddress.ip_address(pair.b.tunnel_ip))]
+    assert io.opened == []
+    after = {key: await pair.peer(key) for key in (pair.registry, pair.stranger)}
+    assert after == before
+
+
+# -- 4. a working path is never overwritten ----------------------------------------------------
+
+
+async def test_a_live_session_stays_when_the_registry_reports_another_endpoint_and_the_probe_is_answered(  # noqa: E501
+        pair, registry, caplog):
+    """The registry reports b elsewhere (a bogus port): a probes the current path, b
+    answers, and the session stays where it is, with the same handshake."""
+    io = FakeIo(answer_from=pair.a.ns)
+    live = await b_handshakes_first(pair)
+    bogus = Endpoint.parse(f"{pair.b.veth_ip}:4444")
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: _path(pair) == "direct", what="the agent to see b direct")
+        registry.change(pair.record(pair.b.public, bogus))
+        await run.until(lambda: [r for r in caplog.records if "left alone" in r.getMessage()],
+                        what="the probe to be answered")
+        assert await run.holds(lambda: _still(pair, live), duration=2 * FAST.probe_timeout_s)
+    assert io.probes == [(pair.a.ifname, ipaddress.ip_address(pair.b.tunnel_ip))]
+    assert not events(caplog, "repoint")
+
+
+async def _still(pair: Pair, live: PeerState) -> bool:
+    now = await pair.peer(pair.b.public)
+    return (now.endpoint, now.latest_handshake) == (live.endpoint, live.latest_handshake)
+
+
+def _path(pair: Pair) -> str | None:
+    shown = pair.paths().get(pair.b.public.base64())
+    return None if shown is None else shown.path
+
+
+async def test_an_unanswered_probe_moves_the_live_session_to_the_reported_endpoint(
+        pair, registry, io, caplog):
+    """NAT rebinding (the `rebind` lab): the registry reports b on a new port; the probe of
+    the current path goes unanswered for probe_timeout_s, so a moves the session there,
+    keeping its keys (same handshake), and probes again."""
+    live = await b_handshakes_first(pair)
+    moved = Endpoint.parse(f"{pair.b.veth_ip}:4444")
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: _path(pair) == "direct", what="the agent to see b direct")
+        registry.change(pair.record(pair.b.public, moved))
+        await run.until(lambda: io.probes, what="a probe")
+        probed_at = time.monotonic()
+        peer = await run.until(lambda: _at(pair, moved), what="the repoint")
+        took = time.monotonic() - probed_at
+    assert peer.latest_handshake == live.latest_handshake
+    assert took >= FAST.probe_timeout_s - 0.05, took
+    [repoint] = events(caplog, "repoint")
+    assert repoint.to == str(moved)  # type: ignore[attr-defined]
+    assert len(io.probes) >= 2 and set(io.probes) == {
+        (pair.a.ifname, ipaddress.ip_address(pair.b.tunnel_ip))}
+
+
+async def _at(pair: Pair, endpoint: Endpoint) -> PeerState | None:
+    peer = await pair.peer(pair.b.public)
+    return peer if peer.endpoint == endpoint else None
+
+
+async def test_a_live_session_that_sends_but_hears_nothing_is_probed_then_asks_for_a_punch(
+        pair, registry, io, caplog):
+    """A NAT on the way lost its state (the `flush` lab): b hears nothing any more (its
+    wireguard-go stopped), a's pings go out unanswered. After stall_s a probes; the probe
+    unanswered too, a asks the registry for a punch, which makes b send."""
+    await b_handshakes_first(pair)
+    daemon = pair.b.daemon.proc
+    assert daemon is not None
+    timings = replace(FAST, stall_s=0.3)
+    async with Running(agent_for(pair, registry, io, timings=timings)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: _path(pair) == "direct", what="the agent to see b direct")
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            ping = await asyncio.create_subprocess_exec(
+                *pair.a.ns.argv(["ping", "-n", "-c", "3", "-i", "0.2", "-W", "1",
+                                 pair.b.tunnel_ip]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                await run.until(lambda: events(caplog, "stall"), what="the stall")
+                await run.until(lambda: registry.of("punch"), what="the punch request")
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    ping.kill()
+                await ping.wait()
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+    assert registry.of("punch") == [pair.b.public]
+    assert io.probes[:1] == [(pair.a.ifname, ipaddress.ip_address(pair.b.tunnel_ip))]
+
+
+# -- 5. the registry's stream ------------------------------------------------------------------
+
+
+async def test_a_registry_restart_makes_it_report_again(pair, registry, io, caplog):
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records(), epoch="e1")
+        await run.until(lambda: registry.of("report"), what="the first report")
+        registry.push(ApiError("registry: watch stream ended"))
+        await run.until(lambda: len(registry.of("watch")) == 2, what="a reconnect")
+        registry.publish(*pair.records(), epoch="e2")
+        await run.until(lambda: len(registry.of("report")) == 2, what="a second report",
+                        within_s=2.0)  # far sooner than the periodic report (60 s)
+    assert registry.of("watch")[1] == (1, "e1")
+    assert [r for r in caplog.records
+            if r.getMessage() == "registry restarted (new epoch): resynced 3 peers"]
+
+
+async def test_a_failing_watch_stream_backs_off_and_resumes_where_it_was(pair, registry, io):
+    """The stream resumes from the last history revision and epoch (punch events and
+    heartbeats are not history); a stream that fails again waits twice as long."""
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())  # revision 1
+        registry.push(RemovedEvent(7, pair.stranger))
+        registry.push(Heartbeat(9))
+        registry.punch_event(pair.b.public, initiator=False)
+        registry.push(ApiError("registry: watch stream ended"))
+        await run.until(lambda: len(registry.of("watch")) == 2, what="a reconnect")
+        registry.push(ApiError("registry: watch: 502"))  # fails at once: nothing heard
+        await run.until(lambda: len(registry.of("watch")) == 3, what="a second reconnect")
+        registry.push(PeerEvent(8, pair.record(pair.b.public, pair.b_endpoint)))
+        await run.until(lambda: registry.delivered == 5, what="the stream to deliver again")
+    assert registry.of("watch") == [(None, None), (7, "e1"), (7, "e1")]
+    first, second = (b - a for a, b in zip(registry.watch_times, registry.watch_times[1:],
+                                           strict=False))
+    low = FAST_REGISTRY.reconnect_first_s
+    assert 0.8 * low <= first < second and second >= 2 * 0.8 * low, (first, second)
+
+
+async def test_a_stream_that_ends_makes_it_probe_every_live_peer(pair, registry, io):
+    """A stream that worked and went silent: our NAT may have lost its state; a probe to
+    each peer with a live session (only b has one) reopens it."""
+    await b_handshakes_first(pair)
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: _path(pair) == "direct", what="the agent to see b direct")
+        registry.push(ApiError("registry: watch: timeout"))
+        await run.until(lambda: io.probes, what="a probe")
+    assert io.probes == [(pair.a.ifname, ipaddress.ip_address(pair.b.tunnel_ip))]
+
+
+# -- 6. run_once -------------------------------------------------------------------------------
+
+
+async def test_run_once_handshakes_every_peer_without_a_live_session_and_counts_failures(
+        pair, registry, io, caplog):
+    """b (endpoint known) gets handshake-now; the stranger's lookup failed and a peer whose
+    endpoint the device rejects fails: 2 failures; the registry's own peer is left alone. A
+    second pass leaves b's live session alone whatever the registry says, until the clock
+    passes the session's end."""
+    _, rejected = generate_keypair()
+    pair.a.wg_set("peer", rejected.base64(), "allowed-ips", "10.77.0.4/32")
+    registry.snapshot_of(*pair.records(), pair.record(
+        rejected, Endpoint(ipaddress.IPv6Address("fe80::1%nosuchinterface"), 1)))
+    registry.failed_lookups.add(pair.stranger)
+    clock = SkipClock()
+    agent = agent_for(pair, registry, io, clock=clock)
+    registry_before = await pair.peer(pair.registry)
+
+    assert await agent.run_once() == 2
+    await poll(lambda: handshaked(pair, pair.b_endpoint), what="a handshake with b")
+    assert await pair.peer(pair.registry) == registry_before
+    assert (await pair.peer(rejected)).endpoint is None  # rolled back
+
+    elsewhere = Endpoint.parse(f"{pair.b.veth_ip}:4444")
+    registry.records[pair.b.public] = pair.record(pair.b.public, elsewhere)
+    assert await agent.run_once() == 2
+    assert (await pair.peer(pair.b.public)).endpoint == pair.b_endpoint  # live: untouched
+    clock.skip(FAST.session_live_s)
+    assert await agent.run_once() == 2
+    assert (await pair.peer(pair.b.public)).endpoint == elsewhere
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"peer {pair.stranger}: lookup failed" in warned
+    assert [w for w in warned if w.startswith(f"peer {rejected}:")]
+    assert io.opened == [] and io.probes == []
+
+
+# -- 7. what `wgpunch status` shows, and a device that fails -----------------------------------
+
+
+async def test_the_path_file_shows_none_then_direct_with_its_since(pair, registry, io):
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: registry.of("punch"), what="a punch request")
+        [(key, shown)] = (await run.until(lambda: pair.paths(), what="the path file")).items()
+        assert (key, shown.path, shown.since) == (pair.b.public.base64(), "none", None)
+        assert shown.endpoint == str(pair.b_endpoint)
+        before = time.time()
+        registry.punch_event(pair.b.public, initiator=True)
+        await run.until(lambda: _path(pair) == "direct", what="the path to go direct")
+        shown = pair.paths()[pair.b.public.base64()]
+        assert shown.since is not None and before <= shown.since <= time.time()
+        assert shown.reason in ("live session", "live session on the endpoint the registry "
+                                "reports")
+    assert not pathfile.path_file(pair.a.ifname, pair.tmp).exists()  # removed on the way out
+
+
+async def test_an_unreadable_device_is_logged_once_and_recovers(pair, registry, io, caplog):
+    """wireguard-go stopped (SIGSTOP): every read times out. One error line however many
+    reads fail (1 s here: three or more), one line when it reads again; then the agent acts
+    on the next punch event as ever."""
+    device = UapiDevice(pair.a.ifname, timeout_s=0.2)
+    daemon = pair.a.daemon.proc
+    assert daemon is not None
+
+    def failed() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(f"reading {pair.a.ifname} ")]
+
+    async with Running(agent_for(pair, registry, io, device=device)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: registry.of("punch"), what="a punch request")
+        os.kill(daemon.pid, signal.SIGSTOP)
+        try:
+            await run.until(failed, what="the read error")
+            assert await run.holds(lambda: len(failed()) == 1, duration=1.0), failed()
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+        await run.until(lambda: len(failed()) == 2, what="the read to work again")
+        assert failed() == [
+            f"reading {pair.a.ifname} failed: uapi: {pair.a.ifname}: get: no complete reply "
+            "within 0.2 s", f"reading {pair.a.ifname} works again"]
+        registry.punch_event(pair.b.public, initiator=True)
+        await run.until(lambda: handshaked(pair, pair.b_endpoint), what="a handshake")
+
