@@ -770,3 +770,31 @@ async def test_an_unreadable_device_is_logged_once_and_recovers(pair, registry, 
         registry.punch_event(pair.b.public, initiator=True)
         await run.until(lambda: handshaked(pair, pair.b_endpoint), what="a handshake")
 
+
+
+async def test_a_device_that_disappears_is_logged_once_and_followed_when_it_is_back(
+        pair, registry, io, caplog, tmp_path):
+    """wg-quick down/up, or wireguard-go restarted: the UAPI socket is gone for a while
+    (here a link to the real one, removed and put back). The agent waits for it instead of
+    stopping, and acts on the next punch event as ever."""
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    link = sockets / f"{pair.a.ifname}.sock"
+    link.symlink_to(UapiDevice(pair.a.ifname).path)
+    device = UapiDevice(pair.a.ifname, directory=sockets)
+
+    def failed() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith(f"reading {pair.a.ifname} ")]
+
+    async with Running(agent_for(pair, registry, io, device=device)) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: registry.of("punch"), what="a punch request")
+        link.unlink()
+        await run.until(failed, what="the read error")
+        assert await run.holds(lambda: len(failed()) == 1, duration=1.0), failed()
+        link.symlink_to(UapiDevice(pair.a.ifname).path)
+        await run.until(lambda: len(failed()) == 2, what="the read to work again")
+        assert "no WireGuard device" in failed()[0]
+        registry.punch_event(pair.b.public, initiator=True)
+        await run.until(lambda: handshaked(pair, pair.b_endpoint), what="a handshake")

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError
+from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
@@ -71,7 +71,7 @@ class Agent:
     async def probe_live_peers(self) -> None:
         try:
             state = await self.device.state()
-        except DeviceError:
+        except (DeviceError, DeviceNotFound):
             return
         now = self.clock.wall()
         for peer in state.peers:
@@ -140,7 +140,7 @@ class Agent:
     async def reconcile(self) -> float:
         try:
             state = await self.device.state()
-        except DeviceError as error:
+        except (DeviceError, DeviceNotFound) as error:  # gone: wg-quick down/up, a restart
             if not self._device_failing:
                 log.error("reading %s failed: %s", self.device.name, error)
             self._device_failing = True
