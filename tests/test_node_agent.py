@@ -17,7 +17,6 @@ import inspect
 import ipaddress
 import logging
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -29,11 +28,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from wgpair import PORT, Side
+from wgpair import PORT, Side, unique_prefix, wg_pair
 from wgpunch import __version__
 from wgpunch.errors import ApiError
 from wgpunch.keys import Key, generate_keypair
-from wgpunch.lab.netns import Namespace, uapi_socket
+from wgpunch.lab.netns import Namespace
 from wgpunch.node import pathfile
 from wgpunch.node.agent import Agent
 from wgpunch.node.decide import Timings
@@ -251,50 +250,16 @@ class Pair:
         return pathfile.read(self.a.ifname, self.tmp)
 
 
-def unique_prefix() -> str:
-    """`ag` + 4 hex digits that no namespace or UAPI socket on the machine uses now."""
-    while True:
-        prefix = "ag" + secrets.token_hex(2)
-        if not any(Namespace(f"{prefix}-{side}").exists() or
-                   uapi_socket(f"{prefix}{side}wg").exists() for side in "ab"):
-            return prefix
-
-
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
     """As tests/wgpair.py builds it (namespaces `agXXXX-a`/`-b`), plus a's two other peers;
     everything removed on the way out, whatever the test did."""
-    prefix = unique_prefix()
-    a = Side(prefix, "a", "192.0.2.1", "10.77.0.1")
-    b = Side(prefix, "b", "192.0.2.2", "10.77.0.2")
-    try:
-        for side in (a, b):
-            side.ns.add()
-        a.ns.run(["ip", "link", "add", f"{prefix}va", "type", "veth", "peer", "name",
-                  f"{prefix}vb", "netns", b.ns.name])
-        for side, veth in ((a, f"{prefix}va"), (b, f"{prefix}vb")):
-            side.ns.run(["ip", "addr", "add", f"{side.veth_ip}/24", "dev", veth])
-            side.ns.run(["ip", "link", "set", veth, "up"])
-            side.daemon.start()
-            keyfile = tmp_path / f"{side.ifname}.key"
-            keyfile.write_text(side.private.base64())
-            keyfile.chmod(0o600)
-            side.wg_set("private-key", str(keyfile), "listen-port", str(PORT))
-            side.ns.run(["ip", "addr", "add", f"{side.tunnel_ip}/24", "dev", side.ifname])
-            side.ns.run(["ip", "link", "set", side.ifname, "up"])
-        a.wg_set("peer", b.public.base64(), "allowed-ips", f"{b.tunnel_ip}/32",
-                 "persistent-keepalive", "25")
-        b.wg_set("peer", a.public.base64(), "allowed-ips", f"{a.tunnel_ip}/32",
-                 "persistent-keepalive", "25")
+    with wg_pair(tmp_path, unique_prefix("ag")) as (a, b):
         registry, stranger = generate_keypair()[1], generate_keypair()[1]
         a.wg_set("peer", registry.base64(), "allowed-ips", "10.77.0.254/32",
                  "endpoint", str(REGISTRY_ENDPOINT))
         a.wg_set("peer", stranger.base64(), "allowed-ips", "10.77.0.3/32")
         yield Pair(a, b, registry, stranger, tmp_path)
-    finally:
-        for side in (a, b):
-            side.daemon.stop()
-            side.ns.delete()
 
 
 async def b_handshakes_first(pair: Pair) -> PeerState:

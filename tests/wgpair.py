@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from wgpunch.keys import generate_keypair
-from wgpunch.lab.netns import Namespace, WireguardGo
+from wgpunch.lab.netns import Namespace, WireguardGo, uapi_socket
 from wgpunch.wg.uapi import UapiDevice
 
 PORT = 51820
@@ -36,9 +36,18 @@ class Side:
         self.ns.run(["wg", "set", self.ifname, *args])
 
 
+def unique_prefix(start: str = "wd") -> str:
+    """`start` + 4 hex digits that no namespace or UAPI socket on the machine uses now."""
+    while True:
+        prefix = start + secrets.token_hex(2)
+        if not any(Namespace(f"{prefix}-{side}").exists() or
+                   uapi_socket(f"{prefix}{side}wg").exists() for side in "ab"):
+            return prefix
+
+
 @contextmanager
-def wg_pair(tmp_path: Path) -> Iterator[tuple[Side, Side]]:
-    prefix = "wd" + secrets.token_hex(2)
+def wg_pair(tmp_path: Path, prefix: str | None = None) -> Iterator[tuple[Side, Side]]:
+    prefix = prefix or unique_prefix()
     a = Side(prefix, "a", "192.0.2.1", "10.77.0.1")
     b = Side(prefix, "b", "192.0.2.2", "10.77.0.2")
     try:
