@@ -707,6 +707,12 @@ async def test_the_path_file_shows_none_then_direct_with_its_since(pair, registr
     assert not pathfile.path_file(pair.a.ifname, pair.tmp).exists()  # removed on the way out
 
 
+def read_lines(caplog: pytest.LogCaptureFixture, ifname: str) -> list[str]:
+    """What the agent logged about reading its device (failures and recoveries)."""
+    return [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith(f"reading {ifname} ")]
+
+
 async def test_an_unreadable_device_is_logged_once_and_recovers(pair, registry, io, caplog):
     """wireguard-go stopped (SIGSTOP): every read times out. One error line however many
     reads fail (1 s here: three or more), one line when it reads again; then the agent acts
@@ -716,8 +722,7 @@ async def test_an_unreadable_device_is_logged_once_and_recovers(pair, registry, 
     assert daemon is not None
 
     def failed() -> list[str]:
-        return [r.getMessage() for r in caplog.records
-                if r.getMessage().startswith(f"reading {pair.a.ifname} ")]
+        return read_lines(caplog, pair.a.ifname)
 
     async with Running(agent_for(pair, registry, io, device=device)) as run:
         registry.publish(*pair.records())
@@ -749,8 +754,7 @@ async def test_a_device_that_disappears_is_logged_once_and_followed_when_it_is_b
     device = UapiDevice(pair.a.ifname, directory=sockets)
 
     def failed() -> list[str]:
-        return [r.getMessage() for r in caplog.records
-                if r.getMessage().startswith(f"reading {pair.a.ifname} ")]
+        return read_lines(caplog, pair.a.ifname)
 
     async with Running(agent_for(pair, registry, io, device=device)) as run:
         registry.publish(*pair.records())
