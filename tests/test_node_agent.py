@@ -767,3 +767,29 @@ async def test_a_device_that_disappears_is_logged_once_and_followed_when_it_is_b
         assert "no WireGuard device" in failed()[0]
         registry.punch_event(pair.b.public, initiator=True)
         await run.until(lambda: handshaked(pair, pair.b_endpoint), what="a handshake")
+
+
+async def test_the_path_file_says_how_the_registry_link_goes(pair, registry, io):
+    """`wgpunch status` shows since when the agent follows its registry, or since when it has
+    not reached it and why (the link's state changes, not every event, rewrite the file)."""
+    def health() -> pathfile.RegistryHealth | None:
+        published = pathfile.read_published(pair.a.ifname, pair.tmp)
+        return None if published is None else published.registry
+
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(*pair.records())
+        following = await run.until(
+            lambda: (h := health()) is not None and h.state == "following" and h,
+            what="the link to show as following")
+        registry.push(ApiError("registry: watch stream ended"))
+        lost = await run.until(
+            lambda: (h := health()) is not None and h.state == "unreachable" and h,
+            what="the link to show as lost")
+        registry.publish(*pair.records())
+        back = await run.until(
+            lambda: (h := health()) is not None and h.state == "following" and h,
+            what="the link to show as back")
+    assert following.following == registry.following and following.error is None
+    assert lost.error == "registry: watch stream ended"
+    assert following.since is not None and lost.since is not None and back.since is not None
+    assert following.since <= lost.since <= back.since

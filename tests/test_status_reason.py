@@ -5,7 +5,7 @@ import pytest
 
 from wgpunch.keys import Key
 from wgpunch.node.pathfile import PeerPath
-from wgpunch.status import peer_json
+from wgpunch.status import peer_json, registry_line
 from wgpunch.wg.device import Endpoint, PeerState
 
 NOW = 1_800_000_000.0
@@ -37,3 +37,22 @@ def test_with_an_agent_its_path_since_and_reason_are_shown():
     shown = peer_json(peer(10), NOW, agent)
     assert (shown["path"], shown["path_since"], shown["reason"]) == (
         "relay", NOW - 5, "waiting before the next attempt")
+
+
+@pytest.mark.parametrize(("intent", "registry", "line"), [
+    ("following, since when",
+     {"following": "registry http://10.99.0.254:51821: following its watch stream",
+      "state": "following", "since": NOW - 300, "error": None},
+     "registry http://10.99.0.254:51821: following its watch stream for 5m00s"),
+    ("lost: for how long, why, and what that means for the tunnels",
+     {"following": "x", "state": "unreachable", "since": NOW - 40,
+      "error": "registry: watch stream ended"},
+     "unreachable for 40s: registry: watch stream ended; live sessions do not need it, new "
+     "paths and changed endpoints wait for it"),
+    ("never reached since the agent started",
+     {"following": "x", "state": "connecting", "since": NOW - 5, "error": "connection refused"},
+     "not reached yet for 5s: connection refused; live sessions do not need it, new paths and "
+     "changed endpoints wait for it"),
+])
+def test_the_registry_link_in_words(intent, registry, line):
+    assert registry_line(registry, NOW) == line, intent

@@ -15,7 +15,7 @@ from typing import Any
 
 from .node import pathfile
 from .node.candidates import PathKind
-from .node.pathfile import PeerPath
+from .node.pathfile import PeerPath, RegistryHealth
 from .wg import Device, DeviceState, PeerState, list_devices, open_device
 
 JSON_VERSION = 1
@@ -56,15 +56,36 @@ def device_reason(peer: PeerState, now: float) -> str:
 
 
 def device_json(state: DeviceState, backend: str, now: float) -> dict[str, Any]:
-    agent = pathfile.read(state.name)
+    published = pathfile.read_published(state.name)
+    agent = {} if published is None else published.peers
     return {
         "name": state.name,
         "backend": backend,
         "public_key": None if state.public_key is None else state.public_key.base64(),
         "listen_port": state.listen_port,
         "fwmark": state.fwmark,
+        "agent": None if published is None else {"registry": registry_json(published.registry)},
         "peers": [peer_json(p, now, agent.get(p.public_key.base64())) for p in state.peers],
     }
+
+
+def registry_json(health: RegistryHealth | None) -> dict[str, Any] | None:
+    if health is None:
+        return None
+    return {"following": health.following, "state": health.state, "since": health.since,
+            "error": health.error}
+
+
+def registry_line(registry: dict[str, Any], now: float) -> str:
+    """The agent's link to its registry, in words."""
+    since = registry["since"]
+    took = "" if since is None else f" for {_duration(now - since)}"
+    if registry["state"] == "following":
+        return f"{registry['following']}{took}"
+    what = "not reached yet" if registry["state"] == "connecting" else "unreachable"
+    error = f": {registry['error']}" if registry["error"] else ""
+    return (f"{what}{took}{error}; live sessions do not need it, new paths and changed "
+            "endpoints wait for it")
 
 
 def _duration(seconds: float) -> str:
@@ -103,6 +124,11 @@ def render_table(devices: list[dict[str, Any]], now: float) -> str:
             f"interface {device['name']} ({device['backend']}): public key "
             f"{device['public_key'] or '(none)'}, listening on {device['listen_port']}"
         )
+        agent = device["agent"]
+        if agent is None:
+            out.append("  agent: none (`wgpunch node` is not running on this interface)")
+        elif agent["registry"] is not None:
+            out.append(f"  registry: {registry_line(agent['registry'], now)}")
         rows = [
             (
                 peer["public_key"],

@@ -63,7 +63,7 @@ class Agent:
         self.tracks: dict[Key, Track] = {}
         self.punching: set[Key] = set()  # peers with a punch request under way
         self.tasks: set[asyncio.Task[None]] = set()
-        self._published: dict[str, pathfile.PeerPath] | None = None
+        self._published: pathfile.Published | None = None
         self._device_failing = False
 
     # -- tasks ------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ class Agent:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
-                                                  self.probe_live_peers))
+                                                  self.probe_live_peers, self.clock))
                 group.create_task(report_self(self.client, self.view, self.device, self.io,
                                               self.registry_t))
                 group.create_task(self.reconcile_forever())
@@ -278,11 +278,13 @@ class Agent:
                         error)
 
     def publish(self, state: DeviceState, now_wall: float) -> None:
-        paths = {key.base64(): track.published(self.view.peers.get(key))
-                 for key, track in self.tracks.items()}
-        if paths != self._published:
+        published = pathfile.Published(
+            {key.base64(): track.published(self.view.peers.get(key))
+             for key, track in self.tracks.items()}, self.view.health)
+        if published != self._published:
             try:
-                pathfile.write(state.name, paths, self.state_dir)
-                self._published = paths
+                pathfile.write(state.name, published.peers, self.state_dir,
+                               published.registry)
+                self._published = published
             except OSError as error:
                 log.warning("cannot write %s: %s", pathfile.path_file(state.name), error)

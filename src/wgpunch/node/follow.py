@@ -28,7 +28,8 @@ from ..protocol import (
     initiator,
 )
 from ..wg.device import Device
-from .edges import Io
+from .edges import Clock, Io
+from .pathfile import RegistryHealth
 from .source import Source
 
 log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, whichever module
@@ -65,6 +66,7 @@ class RegistryView:
         # follow punch events (decide(peer_ready=...)).
         self.stream_open = asyncio.Event()
         self.has_reported = False
+        self.health: RegistryHealth | None = None  # None until follow_registry starts
 
     def apply(self, event: Event) -> None:
         if isinstance(event, Snapshot):
@@ -95,6 +97,14 @@ class RegistryView:
             self.revision = event.revision  # punches and heartbeats are not history
         self.wake.set()
 
+    def set_health(self, following: str, state: str, now_wall: float,
+                   error: str | None = None) -> None:
+        """Our link to the registry, for `wgpunch status`: `since` moves only when the state
+        does, so a registry that keeps failing shows since when it has."""
+        old = self.health
+        since = old.since if old is not None and old.state == state else now_wall
+        self.health = RegistryHealth(following, state, since, error)
+
     def take_punched(self, peer: Key) -> bool:
         """Whether a punch event for `peer` came since the last call for it."""
         punched = peer in self.punched
@@ -124,21 +134,27 @@ class RegistryView:
 
 
 async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings,
-                          on_silence: Callable[[], Awaitable[None]]) -> None:
+                          on_silence: Callable[[], Awaitable[None]], clock: Clock) -> None:
     """Follow `client`'s watch stream into `view`, forever, reconnecting with backoff from
     where it left off; `on_silence` runs whenever a stream that had worked ends."""
     delay = t.reconnect_first_s
+    view.set_health(client.following, "connecting", clock.wall())
     while True:
         heard = False
         try:
             async for event in client.watch(view.revision, view.epoch):
                 if not heard:
                     log.info("%s", client.following, extra={"event": "registry_connected"})
+                    view.set_health(client.following, "following", clock.wall())
                 delay, heard = t.reconnect_first_s, True
                 view.apply(event)
                 view.stream_open.set()
         except ApiError as error:
             log.log(logging.WARNING if delay >= 1 else logging.DEBUG, "%s", error)
+            never = not heard and view.health is not None and view.health.state == "connecting"
+            view.set_health(client.following, "connecting" if never else "unreachable",
+                            clock.wall(), str(error))
+            view.wake.set()  # the agent publishes the change
         if heard:
             # A stream that worked and went silent: our own NAT may have lost its state
             # (reboot, flush), which blocks every peer's packets to us as well. Sending

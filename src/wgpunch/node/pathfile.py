@@ -24,15 +24,33 @@ class PeerPath:
     endpoint: str | None  # what the registry reports for the peer
 
 
+@dataclass(frozen=True, slots=True)
+class RegistryHealth:
+    """The agent's link to what it follows (registry API, DNS-SD server, natpunch server)."""
+
+    following: str  # what, in words (the source's `following`)
+    state: str  # "connecting" (never heard yet), "following", "unreachable"
+    since: float | None  # Unix time the state began
+    error: str | None  # the last failure, while unreachable
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    peers: dict[str, PeerPath]
+    registry: RegistryHealth | None
+
+
 def path_file(ifname: str, directory: Path = STATE_DIR) -> Path:
     return directory / f"{ifname}.json"
 
 
-def write(ifname: str, peers: dict[str, PeerPath], directory: Path = STATE_DIR) -> None:
+def write(ifname: str, peers: dict[str, PeerPath], directory: Path = STATE_DIR,
+          registry: RegistryHealth | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     target = path_file(ifname, directory)
     tmp = target.with_suffix(".tmp")
-    body = {"pid": os.getpid(), "peers": {k: asdict(v) for k, v in sorted(peers.items())}}
+    body = {"pid": os.getpid(), "peers": {k: asdict(v) for k, v in sorted(peers.items())},
+            "registry": None if registry is None else asdict(registry)}
     tmp.write_text(json.dumps(body, indent=1))
     tmp.replace(target)
 
@@ -43,10 +61,19 @@ def remove(ifname: str, directory: Path = STATE_DIR) -> None:
 
 def read(ifname: str, directory: Path = STATE_DIR) -> dict[str, PeerPath]:
     """The agent's paths for `ifname`; empty when no live agent wrote them."""
+    published = read_published(ifname, directory)
+    return {} if published is None else published.peers
+
+
+def read_published(ifname: str, directory: Path = STATE_DIR) -> Published | None:
+    """What a live agent published for `ifname`; None without one."""
     try:
         body = json.loads(path_file(ifname, directory).read_text())
         os.kill(int(body["pid"]), 0)  # a file left by a dead agent tells nothing current
-        return {key: PeerPath(**value) for key, value in body["peers"].items()}
+        registry = body.get("registry")
+        return Published(
+            {key: PeerPath(**value) for key, value in body["peers"].items()},
+            None if registry is None else RegistryHealth(**registry))
     except (OSError, ValueError, KeyError, TypeError):
-        return {}
+        return None
 
