@@ -23,11 +23,20 @@ from ..natpunch.client import LegacyClient, NoiseClient
 from ..natpunch.rawudp import RawUdp
 from ..protocol import Event, PeerRecord, Reported, Snapshot
 from ..wg.device import Device, Endpoint
+from .edges import Clock, SystemClock
 from .source import polled
 
 log = logging.getLogger(__name__)
 
 EPOCH = "natpunch"  # a rendezvous server has no epoch: every poll is a full snapshot
+# A peer with a live session is asked about less and less often (its endpoint can only
+# matter again when the session ends, and WireGuard follows a peer that roams), doubling from
+# the poll interval up to this. Our choice: a minute is soon enough to learn that a peer
+# moved while our session with it lives on.
+LIVE_RECHECK_MAX_S = 60.0
+# When a poll asks about no peer, we register anyway this often, so that the server keeps our
+# entry fresh: natpunch-go keeps entries forever, ours forgets them after --peer-ttl (600 s).
+REGISTER_EVERY_S = 30.0
 
 
 async def resolve_server(text: str, default_port: int) -> Endpoint:
@@ -57,8 +66,9 @@ class NatpunchSource:
     coordinates_punches = False
 
     def __init__(self, server: Endpoint, server_key: Key | None, device: Device, *,
-                 interval_s: float = 5.0) -> None:
+                 interval_s: float = 5.0, clock: Clock | None = None) -> None:
         self.server = server
+        self.clock = clock or SystemClock()
         self.server_key = server_key
         self.device = device
         self.interval_s = interval_s
@@ -67,6 +77,12 @@ class NatpunchSource:
         self._client: NoiseClient | LegacyClient | None = None
         self._port: int | None = None
         self._public: Key | None = None
+        # Per peer: its last answer, and for a peer with a live session, how long we now wait
+        # between questions and when the next is due (monotonic).
+        self._answers: dict[Key, Endpoint] = {}
+        self._recheck_s: dict[Key, float] = {}
+        self._due: dict[Key, float] = {}
+        self._asked_at = float("-inf")
 
     @property
     def following(self) -> str:
@@ -101,8 +117,17 @@ class NatpunchSource:
         records = []
         keys = [peer.public_key for peer in state.peers]
         self.failed &= set(keys)
-        answered = False
-        for key in keys:
+        for forgotten in set(self._answers) - set(keys):
+            self._forget(forgotten)
+        now, now_wall = self.clock.monotonic(), self.clock.wall()
+        asked = answered = False
+        for peer in state.peers:
+            key = peer.public_key
+            live = peer.has_live_session(now_wall)
+            if live and key in self._answers and now < self._due.get(key, now):
+                records.append(PeerRecord(key, (), self._answers[key], None, None, 0))
+                continue  # nothing to learn about it yet (LIVE_RECHECK_MAX_S)
+            asked = True
             try:
                 found = await client.lookup(state.public_key, key)
             except WgpunchError as error:  # no answer, or the send failed (no route)
@@ -114,17 +139,37 @@ class NatpunchSource:
                 continue
             answered = True
             self.failed.discard(key)
+            self._note(key, found, live, now)
             if found is not None:
                 records.append(PeerRecord(key, (), found, None, None, 0))
-        if not keys:
+        if not asked and now - self._asked_at >= (REGISTER_EVERY_S if keys else 0):
             try:
                 await client.register(state.public_key)
-                answered = True
+                asked = answered = True
             except WgpunchError as error:
                 log.debug("natpunch registration failed: %s", error)
-        if not answered:
-            raise ApiError(f"natpunch: no answer from {self.server}")
+        if asked:
+            self._asked_at = now
+            if not answered:
+                raise ApiError(f"natpunch: no answer from {self.server}")
         return Snapshot(EPOCH, 0, tuple(records))
+
+    def _note(self, key: Key, found: Endpoint | None, live: bool, now: float) -> None:
+        """Remember an answer and when to ask about `key` next: a peer whose session is
+        live and whose endpoint did not change waits twice as long as before."""
+        same = found is not None and self._answers.get(key) == found
+        if found is None:
+            self._forget(key)
+            return
+        self._answers[key] = found
+        wait = (min(2 * self._recheck_s.get(key, self.interval_s / 2), LIVE_RECHECK_MAX_S)
+                if live and same else self.interval_s)
+        self._recheck_s[key], self._due[key] = wait, now + wait
+
+    def _forget(self, key: Key) -> None:
+        self._answers.pop(key, None)
+        self._recheck_s.pop(key, None)
+        self._due.pop(key, None)
 
     def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
         return polled(self.interval_s, self.snapshot)
