@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import config
+from .. import config, sdnotify
 from ..errors import ChangeRefused, ConfigError, DeviceError, WgpunchError
 from ..keys import Key
 from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
@@ -143,8 +143,14 @@ async def serve(settings: Settings, *, once: bool = False) -> int:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+
+        def stop() -> None:
+            sdnotify.notify("STOPPING=1")
+            task.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
+        sdnotify.notify("READY=1", f"STATUS=steering {interface}: {where}")
         try:
             await agent.run()
         except asyncio.CancelledError:
