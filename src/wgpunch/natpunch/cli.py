@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import config
+from .. import config, sdnotify
 from ..errors import ConfigError
 from ..keys import Key, public_key
 from ..wg.device import Endpoint
@@ -108,7 +108,9 @@ async def serve(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        sdnotify.notify("READY=1", f"STATUS=serving on {where}")
         await stop.wait()
+        sdnotify.notify("STOPPING=1")
         totals: Counter[str] = noise.counts + legacy.counts
         log.info("rendezvous: stopped (%s)",
                  ", ".join(f"{k} {v}" for k, v in sorted(totals.items())) or "nothing served")

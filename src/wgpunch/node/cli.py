@@ -12,17 +12,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import config
+from .. import config, sdnotify
 from ..errors import ChangeRefused, ConfigError, DeviceError, WgpunchError
 from ..keys import Key
 from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
 from ..protocol import API_PORT
 from ..wg import open_device
 from ..wg.device import Endpoint
+from . import pathfile
 from .agent import Agent
 from .client import RegistryClient
 from .decide import Timings
 from .dnssd import DnsSdSource
+from .lock import agent_lock
 from .natpunch import NatpunchSource, resolve_server
 from .source import Source, registry_api_url
 
@@ -100,7 +102,15 @@ def _dns_sd_server(text: str) -> Endpoint:
         raise ConfigError(f"node: DNS-SD server: {error}") from None
 
 
-async def serve(settings: Settings, *, once: bool = False) -> int:
+async def serve(settings: Settings, *, once: bool = False,
+                state_dir: Path = pathfile.STATE_DIR) -> int:
+    """Run the agent (one pass with `once`) while holding the interface's lock
+    (node/lock.py), taken before the device is opened: a second agent on IF exits at once."""
+    with agent_lock(settings.interface, state_dir):
+        return await _serve(settings, once=once, state_dir=state_dir)
+
+
+async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
     interface = settings.interface
     device = open_device(interface)
     try:
@@ -133,7 +143,7 @@ async def serve(settings: Settings, *, once: bool = False) -> int:
         where = f"registry {settings.registry}, API {api}"
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
-                  opener_ttl=settings.opener_ttl)
+                  opener_ttl=settings.opener_ttl, state_dir=state_dir)
     try:
         if once:
             failures = await agent.run_once()
@@ -143,8 +153,14 @@ async def serve(settings: Settings, *, once: bool = False) -> int:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+
+        def stop() -> None:
+            sdnotify.notify("STOPPING=1")
+            task.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
+        sdnotify.notify("READY=1", f"STATUS=steering {interface}: {where}")
         try:
             await agent.run()
         except asyncio.CancelledError:
@@ -180,7 +196,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             88),
         epilog=textwrap.fill(
             "The agent writes its view of each peer's path to /run/wgpunch/IF.json, which "
-            "`wgpunch status` shows.", 88) + "\n\n" + config.epilog(config.NODE),
+            "`wgpunch status` shows, and locks /run/wgpunch/IF.lock: a second agent on IF "
+            "exits at once, naming the first one's pid.", 88) + "\n\n" + config.epilog(config.NODE),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-i", "--interface", metavar="IF", help="the WireGuard interface to steer")

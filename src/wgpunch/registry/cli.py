@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .. import config
+from .. import config, sdnotify
 from ..errors import ConfigError
 from ..protocol import API_PORT
 from ..wg import open_device
@@ -178,6 +178,7 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     dns_server: DnsServer | None = None
 
     def on_signal(sig: signal.Signals) -> None:
+        sdnotify.notify("STOPPING=1")
         caught.append(sig.name)
         stop.set()
 
@@ -207,6 +208,8 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
         log.info("registry for %s serving on %s, epoch %s", settings.interface,
                  ", ".join(map(str, listen)), state.epoch,
                  extra={"event": "serving", "listen": [str(e) for e in listen]})
+        sdnotify.notify("READY=1", f"STATUS=serving {settings.interface} on "
+                        f"{', '.join(map(str, listen))}")
         await stop.wait()
         log.info("stopping on %s", caught[0], extra={"event": "stopping"})
     finally:
