@@ -6,8 +6,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from pyroute2 import IPRoute
-
 from ..wg.device import IPAddress
 
 MAX_ADDRESSES = 32  # the registry's limit on a report (docs/api.md)
@@ -16,6 +14,8 @@ MAX_ADDRESSES = 32  # the registry's limit on a report (docs/api.md)
 def local_addresses(exclude_ifname: str) -> list[IPAddress]:
     """Global-scope addresses of every interface but the WireGuard one (whose tunnel address
     is no way to reach us) and loopback. Blocking: call it in a thread."""
+    from pyroute2 import IPRoute  # here: a third of a second to import, only nodes need it
+
     try:
         exclude = socket.if_nametoindex(exclude_ifname)
     except OSError:

@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import config, sdnotify
 from ..errors import ChangeRefused, ConfigError, DeviceError, WgpunchError
@@ -20,13 +21,10 @@ from ..protocol import API_PORT
 from ..wg import open_device
 from ..wg.device import Endpoint
 from . import pathfile
-from .agent import Agent
-from .client import RegistryClient
-from .decide import Timings
-from .dnssd import DnsSdSource
 from .lock import agent_lock
-from .natpunch import NatpunchSource, resolve_server
-from .source import Source, registry_api_url
+
+if TYPE_CHECKING:
+    from .source import Source
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +109,12 @@ async def serve(settings: Settings, *, once: bool = False,
 
 
 async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
+    # Imported here, and each source only in its own mode: `--help` and a mistaken flag
+    # answer without loading aiohttp, dnspython or pyroute2 (most of a second on a busy
+    # 2-core machine), and each mode loads only its own client.
+    from .agent import Agent
+    from .decide import Timings
+
     interface = settings.interface
     device = open_device(interface)
     try:
@@ -124,6 +128,8 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
     server_key = settings.natpunch_server_key
     natpunch = settings.natpunch or settings.natpunch_legacy
     if natpunch:
+        from .natpunch import NatpunchSource, resolve_server
+
         rendezvous = await resolve_server(natpunch, RENDEZVOUS_PORT if settings.natpunch
                                           else LEGACY_PORT)
         source = NatpunchSource(rendezvous, server_key, device, interval_s=settings.interval_s)
@@ -131,11 +137,16 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
         where = (f"natpunch server {rendezvous} (key {server_key})" if server_key
                  else f"natpunch legacy server {rendezvous} (unauthenticated)")
     elif settings.dns_sd is not None:
+        from .dnssd import DnsSdSource
+
         source = DnsSdSource(settings.dns_sd, str(settings.zone), device,
                              interval_s=settings.interval_s)
         where = f"DNS-SD {settings.dns_sd}, zone {settings.zone}"
     else:
         assert settings.registry is not None
+        from .client import RegistryClient
+        from .source import registry_api_url
+
         token = (None if settings.token_file is None
                  else config.read_token(settings.token_file, "node"))
         api = settings.api or registry_api_url(state, settings.registry)
