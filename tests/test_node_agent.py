@@ -49,7 +49,7 @@ from wgpunch.protocol import (
     initiator,
 )
 from wgpunch.wg import open_device
-from wgpunch.wg.device import Endpoint, IPAddress, PeerState
+from wgpunch.wg.device import Endpoint, IPAddress, IPInterface, PeerState
 from wgpunch.wg.uapi import UapiDevice
 
 pytestmark = [
@@ -64,7 +64,8 @@ FAST = Timings(first_retry_s=0.1, max_retry_s=0.4, coalesce_s=0.1, peer_grace_s=
                probe_timeout_s=0.3, idle_recheck_s=0.1, busy_recheck_s=0.02)
 FAST_REGISTRY = RegistryTimings(reconnect_first_s=0.1, reconnect_max_s=0.4)
 LAN_ADDRESS = ipaddress.ip_address("10.0.0.9")  # what peers "report"; not the endpoint: NATed
-OUR_ADDRESSES = [ipaddress.ip_address("192.168.1.10")]  # what the fake says we have
+OUR_INTERFACES = [ipaddress.ip_interface("192.168.1.10/24")]  # what the fake says we have
+OUR_ADDRESSES = [i.ip for i in OUR_INTERFACES]
 REGISTRY_ENDPOINT = Endpoint.parse("192.0.2.254:51820")  # nobody there
 MEASURED_TTL = 2
 
@@ -163,7 +164,7 @@ class FakeIo:
 
     raw: bool = True
     answer_from: Namespace | None = None
-    addresses: list[IPAddress] = field(default_factory=lambda: list(OUR_ADDRESSES))
+    addresses: list[IPInterface] = field(default_factory=lambda: list(OUR_INTERFACES))
     opened: list[tuple[int, Endpoint, int]] = field(default_factory=list)
     probes: list[tuple[str, IPAddress]] = field(default_factory=list)
     address_lookups: list[str] = field(default_factory=list)
@@ -185,7 +186,7 @@ class FakeIo:
             await ping.wait()
         return True
 
-    async def local_addresses(self, ifname: str) -> list[IPAddress]:
+    async def local_addresses(self, ifname: str) -> list[IPInterface]:
         self.address_lookups.append(ifname)
         return list(self.addresses)
 
@@ -400,7 +401,7 @@ async def test_a_failed_report_does_not_hold_back_punch_requests(pair, registry,
     if failure == "refused":
         registry.report_error = ApiError("registry: PUT /v1/self: 503 busy", 503)
     else:
-        io.addresses = [ipaddress.ip_address("224.0.0.1")]
+        io.addresses = [ipaddress.ip_interface("224.0.0.1/32")]
     async with Running(agent_for(pair, registry, io)) as run:
         registry.publish(*pair.records())
         await run.until(lambda: registry.of("punch"), what="a punch request")

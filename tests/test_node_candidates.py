@@ -1,5 +1,7 @@
 """The candidate ranking: one row per rule, each saying what it protects."""
 
+import ipaddress
+
 import pytest
 
 from wgpunch.keys import Key
@@ -12,7 +14,7 @@ from wgpunch.node.candidates import (
     choose,
     path_of,
 )
-from wgpunch.protocol import PeerRecord
+from wgpunch.protocol import PeerRecord, Reported
 from wgpunch.wg.device import Endpoint
 
 LAN, PUBLIC, MAPPED, RELAY = (CandidateKind.LAN, CandidateKind.PUBLIC, CandidateKind.MAPPED,
@@ -78,3 +80,39 @@ def test_the_registry_record_gives_its_observed_endpoint_as_the_public_candidate
     record = PeerRecord(Key(bytes(32)), (), NAT, None, None, 1)
     assert candidates_of(record) == (c(PUBLIC, NAT),)
     assert candidates_of(PeerRecord(Key(bytes(32)), (), None, None, None, 1)) == ()
+
+
+ME_KEY, PEER_KEY = Key(bytes([1]) * 32), Key(bytes([2]) * 32)
+SHARED_NAT = Endpoint.parse("198.51.100.7:1024")
+OTHER_NAT = Endpoint.parse("203.0.113.9:1024")
+OUR_LAN = (ipaddress.ip_interface("10.1.0.2/24"),)
+
+
+def record(key: Key, endpoint: Endpoint, addresses: tuple[str, ...] = ("10.1.0.3",),
+           port: int = 51820) -> PeerRecord:
+    reported = Reported(port, tuple(ipaddress.ip_address(a) for a in addresses), "test")
+    return PeerRecord(key, (), endpoint, None, reported, 1)
+
+
+@pytest.mark.parametrize(("intent", "peer", "mine", "local", "lan"), [
+    ("same public address, the peer's address on our own network: its LAN address first",
+     record(PEER_KEY, Endpoint.parse("198.51.100.7:2048")), record(ME_KEY, SHARED_NAT),
+     OUR_LAN, ["10.1.0.3:51820"]),
+    ("the LAN candidate has the peer's own listen port, not its NAT's",
+     record(PEER_KEY, Endpoint.parse("198.51.100.7:2048"), port=4500),
+     record(ME_KEY, SHARED_NAT), OUR_LAN, ["10.1.0.3:4500"]),
+    ("another public address: a 10.1.0.3 there is someone else's LAN",
+     record(PEER_KEY, OTHER_NAT), record(ME_KEY, SHARED_NAT), OUR_LAN, []),
+    ("same public address (a carrier NAT), but not on our network: no LAN candidate",
+     record(PEER_KEY, Endpoint.parse("198.51.100.7:2048"), ("192.168.7.3",)),
+     record(ME_KEY, SHARED_NAT), OUR_LAN, []),
+    ("our own address is never a candidate for the peer",
+     record(PEER_KEY, Endpoint.parse("198.51.100.7:2048"), ("10.1.0.2",)),
+     record(ME_KEY, SHARED_NAT), OUR_LAN, []),
+    ("before our own record is known, nothing to compare with",
+     record(PEER_KEY, SHARED_NAT), None, OUR_LAN, []),
+])
+def test_lan_candidates(intent, peer, mine, local, lan):
+    found = candidates_of(peer, mine, local)
+    assert [str(c.endpoint) for c in found if c.kind is LAN] == lan, intent
+    assert found[-1] == c(PUBLIC, peer.endpoint), intent  # the observed endpoint, always

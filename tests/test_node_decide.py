@@ -6,7 +6,7 @@ import pytest
 
 from wgpunch.keys import Key
 from wgpunch.node.candidates import Candidate, CandidateKind
-from wgpunch.node.decide import Kind, Memory, Reason, Timings, decide, retry_delay
+from wgpunch.node.decide import Kind, Memory, Reason, Timings, decide, failover, retry_delay
 from wgpunch.wg.device import Endpoint, PeerState
 
 T = Timings()
@@ -214,3 +214,43 @@ def test_a_stalled_live_path_is_probed_then_punched():
         Kind.REQUEST_PUNCH, Reason.STALL_UNANSWERED, True)
     asked = replace(unanswered, attempts=1, attempt_at=NOW - 0.1)
     assert run(LIVE, OLD, asked).reason is Reason.WAITING
+
+
+HOME_LAN = Endpoint.parse("10.1.0.3:51820")
+BOTH = (Candidate(CandidateKind.LAN, HOME_LAN), Candidate(CandidateKind.PUBLIC, OLD))
+
+
+@pytest.mark.parametrize(("intent", "mem", "live", "failed"), [
+    ("an attempt not yet due for its retry keeps its candidate",
+     Memory(attempts=1, attempt_at=NOW - 0.1, attempt_endpoint=HOME_LAN), False, set()),
+    ("a LAN attempt without a handshake at its retry: given up for the next candidate",
+     Memory(attempts=1, attempt_at=NOW - 0.6, attempt_endpoint=HOME_LAN), False, {HOME_LAN}),
+    ("once every candidate has failed, all are tried again",
+     Memory(attempts=2, attempt_at=NOW - 1.1, attempt_endpoint=OLD,
+            failed=frozenset({HOME_LAN})), False, set()),
+    ("an endpoint that is no candidate (any more) is nothing to give up",
+     Memory(attempts=1, attempt_at=NOW - 0.6, attempt_endpoint=NEW), False, set()),
+    ("a live session has nothing failed",
+     Memory(failed=frozenset({HOME_LAN})), True, set()),
+])
+def test_failover(intent, mem, live, failed):
+    assert failover(mem, BOTH, live=live, now=NOW, t=T).failed == failed, intent
+
+
+def test_a_failed_lan_candidate_makes_the_retry_go_to_the_public_one():
+    """Two LANs behind one NAT that cannot reach each other: the LAN address leads nowhere,
+    the NAT's (hairpinned) public endpoint may."""
+    first = decide(peer(), BOTH, Memory(), initiator=True, punched=False, now_wall=NOW_WALL,
+                   now=NOW, t=T)
+    assert (first.kind, first.endpoint) == (Kind.REQUEST_PUNCH, HOME_LAN)
+    tried = Memory(attempts=1, attempt_at=NOW - 0.6, attempt_endpoint=HOME_LAN)
+    mem = failover(tried, BOTH, live=False, now=NOW, t=T)
+    retry = decide(peer(), BOTH, mem, initiator=True, punched=False, now_wall=NOW_WALL,
+                   now=NOW, t=T)
+    assert (retry.kind, retry.endpoint) == (Kind.REQUEST_PUNCH, OLD)
+
+
+def test_a_live_session_on_a_lan_candidate_is_on_the_lan_path():
+    live = decide(peer(handshake_age=10, endpoint=HOME_LAN, rx=500), BOTH, FRESH_RX,
+                  initiator=True, punched=False, now_wall=NOW_WALL, now=NOW, t=T)
+    assert (live.kind, live.live, str(live.path)) == (Kind.LEAVE, True, "lan")

@@ -1,6 +1,7 @@
 """Is a pair of lab hosts on a direct path? Decided from what `wg` shows, not from what the
 agents say: each side's device must hold a recent handshake with the other, on an endpoint at
-the other side's public address (its outermost NAT), which is where the registry sees it too.
+the other side's public address (its outermost NAT), which is where the registry sees it too;
+or, for hosts behind one NAT, at the other side's own LAN address (the `lan` path).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Side:
     peer: str
     endpoint: Endpoint | None  # this host's device's endpoint for the peer
     peer_public_ip: str  # where the peer's NAT faces the internet
+    peer_private_ip: str | None  # the peer's own address on its LAN
     registry_sees: Endpoint | None  # the registry device's endpoint for the peer
     handshake_age_s: float | None
     rx_bytes: int
@@ -32,9 +34,16 @@ class Side:
 
     @property
     def direct(self) -> bool:
+        return self._recent_on(self.peer_public_ip)
+
+    @property
+    def lan(self) -> bool:
+        return self.peer_private_ip is not None and self._recent_on(self.peer_private_ip)
+
+    def _recent_on(self, ip: str) -> bool:
         return (
             self.endpoint is not None
-            and str(self.endpoint.ip) == self.peer_public_ip
+            and str(self.endpoint.ip) == ip
             and self.handshake_age_s is not None
             and self.handshake_age_s < RECENT_S
         )
@@ -48,6 +57,14 @@ class Pair:
     @property
     def direct(self) -> bool:
         return self.a.direct and self.b.direct
+
+    @property
+    def lan(self) -> bool:
+        return self.a.lan and self.b.lan
+
+    @property
+    def path(self) -> str:
+        return "direct" if self.direct else "lan" if self.lan else "none"
 
 
 async def read_devices(lab: Lab) -> dict[str, DeviceState]:
@@ -66,6 +83,7 @@ def side(lab: Lab, devices: dict[str, DeviceState], host: str, peer: str,
         host=host, peer=peer,
         endpoint=None if mine is None else mine.endpoint,
         peer_public_ip=str(other.public_ip),
+        peer_private_ip=None if other.private_ip is None else str(other.private_ip),
         registry_sees=None if seen is None else seen.endpoint,
         handshake_age_s=None if mine is None else mine.handshake_age(now),
         rx_bytes=0 if mine is None else mine.rx_bytes,
@@ -88,8 +106,10 @@ async def wait_direct(
     *,
     check: Callable[[], None] | None = None,
     accept: Callable[[Pair], bool] | None = None,
+    lan_ok: bool = False,
 ) -> dict[tuple[str, str], tuple[Pair, float | None]]:
-    """Poll the devices until every pair is direct (and `accept`ed) or `timeout_s` passes.
+    """Poll the devices until every pair is direct (or, with `lan_ok`, on its LAN path; and
+    `accept`ed) or `timeout_s` passes.
 
     Returns each pair's last evidence and the seconds until it first qualified (None:
     never). `check` runs every round (e.g. "are the agents still alive?").
@@ -103,7 +123,8 @@ async def wait_direct(
         latest = pairs(lab, await read_devices(lab))
         for pair in latest:
             key = (pair.a.host, pair.b.host)
-            if key not in first and pair.direct and (accept is None or accept(pair)):
+            up = pair.direct or (lan_ok and pair.lan)
+            if key not in first and up and (accept is None or accept(pair)):
                 first[key] = now - start
         if len(first) == len(latest) or now - start > timeout_s:
             return {(p.a.host, p.b.host): (p, first.get((p.a.host, p.b.host))) for p in latest}

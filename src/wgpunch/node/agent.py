@@ -22,7 +22,7 @@ from ..keys import Key
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import candidates_of
-from .decide import Decision, Kind, Memory, Reason, Timings, decide
+from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
 from .probe import tunnel_address
@@ -161,8 +161,12 @@ class Agent:
             ready = not self.client.coordinates_punches or known.reported is not None
             if ready != (memory.unready_since is None):
                 memory = replace(memory, unready_since=None if ready else now)
+            candidates = candidates_of(known, self.view.peers.get(self.me) if self.me else None,
+                                       self.view.local)
+            memory = failover(memory, candidates, now=now, t=self.t,
+                              live=not path_is_dead(peer, memory, now_wall, now, self.t))
             decision = decide(
-                peer, candidates_of(known), memory,
+                peer, candidates, memory,
                 initiator=self.view.initiates(self.me, known),
                 punched=punched, can_open=self.can_open, peer_ready=ready,
                 now_wall=now_wall, now=now, t=self.t,

@@ -18,11 +18,11 @@ without a live session. `wgpunch status` shows it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..protocol import PeerRecord
-from ..wg.device import Endpoint
+from ..wg.device import Endpoint, IPInterface
 
 
 class PathKind(enum.StrEnum):
@@ -105,8 +105,26 @@ def path_of(endpoint: Endpoint | None, candidates: Iterable[Candidate]) -> PathK
     return PathKind.DIRECT  # WireGuard roamed to an address of the peer's own
 
 
-def candidates_of(record: PeerRecord) -> tuple[Candidate, ...]:
-    """The candidates the registry's record of a peer gives (today: its observed endpoint)."""
-    if record.endpoint is None:
-        return ()
-    return (Candidate(CandidateKind.PUBLIC, record.endpoint),)
+def candidates_of(record: PeerRecord, mine: PeerRecord | None = None,
+                  local: Sequence[IPInterface] = ()) -> tuple[Candidate, ...]:
+    """The candidates the registry's record of a peer gives: its observed endpoint, and its
+    LAN addresses (with its listen port) when it is behind our own NAT.
+
+    Behind our NAT means: the registry sees both of us at one public address (`mine` is our
+    own record), and the peer reported an address inside one of our on-link networks
+    (`local`: our addresses with their prefixes). Both, because each alone misleads: two
+    homes behind one carrier NAT share a public address, and most homes number their LAN
+    192.168.1.0/24. A LAN candidate that still leads nowhere is given up after one attempt
+    (decide.failover)."""
+    found: list[Candidate] = []
+    reported = record.reported
+    if (reported is not None and mine is not None and mine.endpoint is not None
+            and record.endpoint is not None and mine.endpoint.ip == record.endpoint.ip):
+        own = {interface.ip for interface in local}
+        for address in reported.local_addresses:
+            if address not in own and any(address in i.network for i in local):
+                found.append(Candidate(CandidateKind.LAN,
+                                       Endpoint(address, reported.listen_port)))
+    if record.endpoint is not None:
+        found.append(Candidate(CandidateKind.PUBLIC, record.endpoint))
+    return tuple(found)

@@ -154,6 +154,8 @@ class Memory:
     probe_endpoint: Endpoint | None = None  # the registry endpoint that caused the probe
     cleared_endpoint: Endpoint | None = None  # a reported endpoint a probe showed irrelevant
     repointed: bool = False  # the probe's endpoint has been set on the live session
+    # Candidates an attempt got no handshake from, while others are left to try (failover).
+    failed: frozenset[Endpoint] = frozenset()
 
     def observe(self, rx_bytes: int, tx_bytes: int, now: float) -> Memory:
         mem = self
@@ -190,6 +192,25 @@ def retry_delay(attempts: int, t: Timings) -> float:
     return min(t.first_retry_s * 2.0 ** (attempts - 1), t.max_retry_s)
 
 
+def failover(mem: Memory, candidates: Sequence[Candidate], *, live: bool, now: float,
+             t: Timings) -> Memory:
+    """Give up a candidate that an attempt got no handshake from, when its retry is due and
+    another candidate is left: the retry then goes to the next one (decide() skips the failed
+    ones). Once every candidate has failed, all are tried again, in order. A peer with a
+    live session has nothing failed."""
+    if live:
+        return mem if not mem.failed else replace(mem, failed=frozenset())
+    tried = mem.attempt_endpoint
+    if (tried is None or mem.attempt_at is None or tried in mem.failed
+            or now - mem.attempt_at < retry_delay(mem.attempts, t)
+            or not any(c.endpoint == tried for c in candidates)):
+        return mem
+    failed = mem.failed | {tried}
+    if all(c.endpoint in failed for c in candidates):
+        return replace(mem, failed=frozenset())
+    return replace(mem, failed=failed)
+
+
 def path_is_dead(peer: PeerState, mem: Memory, now_wall: float, now: float, t: Timings) -> bool:
     if not peer.has_live_session(now_wall, t.session_live_s):
         return True
@@ -214,7 +235,8 @@ def decide(
     arrived since last tick; `can_open`: raw NAT openers work here (node/punch.py);
     `peer_ready`: the peer's agent has reported itself to the registry, so it gets punch
     events too."""
-    chosen = choose(candidates, current=peer.endpoint)
+    usable = [c for c in candidates if c.endpoint not in mem.failed] or candidates
+    chosen = choose(usable, current=peer.endpoint)
     decision = _decide(peer, None if chosen is None else chosen.endpoint, mem,
                        initiator=initiator, punched=punched, can_open=can_open,
                        peer_ready=peer_ready, now_wall=now_wall, now=now, t=t)

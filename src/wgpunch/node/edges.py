@@ -18,7 +18,7 @@ import ipaddress
 import time
 from typing import Protocol
 
-from ..wg.device import Endpoint, IPAddress
+from ..wg.device import Endpoint, IPAddress, IPInterface
 from . import addresses, probe, punch
 
 
@@ -48,8 +48,9 @@ class Io(Protocol):
         """One path probe into the tunnel toward a peer's tunnel `address`: node/probe.py."""
         ...
 
-    async def local_addresses(self, ifname: str) -> list[IPAddress]:
-        """This host's addresses but those of `ifname`, for our report: node/addresses.py."""
+    async def local_addresses(self, ifname: str) -> list[IPInterface]:
+        """This host's addresses (with prefixes) but those of `ifname`, for our report and
+        our LAN candidates: node/addresses.py."""
         ...
 
     async def opener_hops(self, toward: ipaddress.IPv4Address) -> int | None:
@@ -69,7 +70,7 @@ class SystemIo:
     async def probe(self, ifname: str, address: IPAddress) -> bool:
         return await asyncio.to_thread(probe.send_probe, ifname, address)
 
-    async def local_addresses(self, ifname: str) -> list[IPAddress]:
+    async def local_addresses(self, ifname: str) -> list[IPInterface]:
         return await asyncio.to_thread(addresses.local_addresses, ifname)
 
     async def opener_hops(self, toward: ipaddress.IPv4Address) -> int | None:

@@ -27,7 +27,7 @@ from ..protocol import (
     Snapshot,
     initiator,
 )
-from ..wg.device import Device
+from ..wg.device import Device, IPInterface
 from .edges import Clock, Io
 from .pathfile import RegistryHealth
 from .source import Source
@@ -67,6 +67,7 @@ class RegistryView:
         self.stream_open = asyncio.Event()
         self.has_reported = False
         self.health: RegistryHealth | None = None  # None until follow_registry starts
+        self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
 
     def apply(self, event: Event) -> None:
         if isinstance(event, Snapshot):
@@ -171,19 +172,20 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
     while True:
         try:
             state = await device.state()
-            addresses = await io.local_addresses(device.name)
+            interfaces = await io.local_addresses(device.name)
+            view.local = tuple(interfaces)
             # Read while the watch stream opens, sent once it is open (RegistryView says why
             # it waits): the reads would otherwise delay every first punch (bench easy p50
             # 0.054-0.055 s with them after the stream, 0.049 s before it).
             await view.stream_open.wait()
             report = asyncio.ensure_future(client.report_self(
-                Reported(state.listen_port, tuple(addresses), __version__)
+                Reported(state.listen_port, tuple(i.ip for i in interfaces), __version__)
             ))
             await asyncio.sleep(0)  # the report is on its way before any punch request
             view.allow_punches()
             await report
             log.debug("reported listen port %d and %d addresses", state.listen_port,
-                      len(addresses))
+                      len(interfaces))
             wait = t.report_every_s
         except (ApiError, DeviceError, MalformedMessage) as error:
             log.debug("report to the registry failed: %s", error)

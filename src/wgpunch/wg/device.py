@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 # WireGuard whitepaper §6.1, Reject-After-Time: 180 s after a handshake its session keys are
 # dead. A handshake younger than this means a session that may still carry traffic, which

@@ -1,0 +1,45 @@
+"""Hosts behind one NAT reach each other on their LAN (the `lan` candidate), with or without
+hairpinning: real registry and node processes in the lab, `wg` as the judge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from wgpunch.lab import catalog, evidence
+from wgpunch.lab.agents import Agents
+from wgpunch.lab.lab import Lab
+from wgpunch.lab.netns import python_module
+
+pytestmark = pytest.mark.lab
+
+DEADLINE_S = 10.0
+
+
+def status_path(lab: Lab, host: str, peer: str) -> dict[str, object]:
+    argv, env = python_module("wgpunch.cli", "status", "--json")
+    report = json.loads(lab.ns(host).run(argv, env=env).stdout)
+    key = lab.host(peer).public_key
+    assert key is not None
+    [found] = [p for i in report["interfaces"] for p in i["peers"]
+               if p["public_key"] == key.base64()]
+    return found
+
+
+@pytest.mark.parametrize("scenario", ["same-nat", "hairpin"])
+def test_hosts_behind_one_nat_use_their_lan(lab_prefix, scenario):
+    """same-nat was never connected before (0 of 3 runs): the second host's port is remapped
+    and the NAT does not hairpin. Both ends' devices hold the other's LAN address, and
+    `status` says `lan`."""
+    with Lab(catalog.resolve(scenario), prefix=lab_prefix) as lab, Agents(lab) as agents:
+        agents.start_registry()
+        agents.start_nodes()
+        [(pair, took)] = asyncio.run(evidence.wait_direct(
+            lab, DEADLINE_S, check=agents.check_alive, lan_ok=True)).values()
+        assert took is not None and pair.path == "lan", pair
+        assert str(pair.a.endpoint.ip) == str(lab.host("b").private_ip), pair
+        for host, peer in (("a", "b"), ("b", "a")):
+            shown = status_path(lab, host, peer)
+            assert shown["path"] == "lan" and shown["path_since"] is not None, shown
