@@ -32,10 +32,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import wgpunch
+from fuzzing import fuzz_settings
 from ports import free_port, free_ports
 from wgpunch.cli import build_parser
 from wgpunch.errors import MalformedPacket, NatpunchError, NoiseError, WgpunchError
@@ -1142,8 +1143,7 @@ def test_fuzz_handlers_directly() -> None:
         st.tuples(st.sampled_from(seeds), rngs).map(lambda p: mutate(p[1], p[0], indexes)),
     )
 
-    @settings(max_examples=400, database=None, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @fuzz_settings(4)
     @given(datagrams, st.sampled_from(sources))
     def fuzz(data: bytes, source: Endpoint) -> None:
         for handler in (server, legacy):

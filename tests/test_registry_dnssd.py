@@ -14,18 +14,22 @@ import time
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.rrset
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from fuzzing import FUZZ, fuzz_input
 from ports import free_ports
+from wgpunch.errors import MalformedPacket
 from wgpunch.keys import Key
 from wgpunch.registry.dnsaccess import RefusalLog, SourceIndex
-from wgpunch.registry.dnssd import InstanceCache, Zone, answer
+from wgpunch.registry.dnssd import InstanceCache, Zone, answer, parse_query
 from wgpunch.registry.dnsserver import DnsLimits, DnsServer, Instance, SelfConfig
 from wgpunch.registry.dnswire import TCP_MAX, size_limit, to_wire
 from wgpunch.registry.state import RegistryState
@@ -766,16 +770,77 @@ async def test_fuzz_never_stops_the_server(server):
     assert server.counts["queries"] > 3000
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=700))
-def test_handle_any_bytes(wire):
+def seed_queries() -> list[bytes]:
+    """Every query of the golden tables above, plain and with EDNS, and the framework cases
+    (a response, NOTIFY, no question, two questions, EDNS version 1, class CH), as bytes;
+    plus the answers to some of them (messages with records to parse)."""
+    queries = [query(row[1], row[2], edns=edns) for row in (*WGSD_ROWS, *ROWS)
+               for edns in (-1, 0)]
+    special = [query(N("peer1"), "SRV", edns=1), query(N("peer1"), "SRV", rdclass="CH"),
+               query(f"_wireguard._udp.{Z}", "PTR", edns=0, payload=65535),
+               query("example.org.", "A", edns=0, want_dnssec=True)]
+    response = query(N("peer1"), "SRV")
+    response.flags |= dns.flags.QR
+    notify = query(Z, "SOA")
+    notify.set_opcode(dns.opcode.NOTIFY)
+    none, two = query(N("peer1"), "SRV"), query(N("peer1"), "SRV")
+    none.question = []
+    two.question.append(query(N("peer2"), "SRV").question[0])
+    wires = [q.to_wire() for q in (*queries, *special, response, notify, none, two)]
+    answers = [to_wire(answer(q, ZONE, FIXTURE, lambda: SELF), TCP_MAX)
+               for q in (query(N("peer1"), "SRV", edns=0), query(f"_wireguard._udp.{Z}", "PTR"),
+                         query(f"nxdomain.{Z}", "A"))]
+    return wires + answers
+
+
+DNS_SEEDS = seed_queries()
+LABELS = [b"_wireguard", b"_udp", b"example", b"com", b"", *(B32[w].encode() for w in B32),
+          *(B32[w].upper().encode() for w in B32), b"a" * 63, b"*", b"\x00", b"ns1"]
+
+
+@st.composite
+def structured_queries(draw) -> bytes:
+    """Well-formed messages with every header field, name, type, class and EDNS setting
+    drawn: they get past the parser into the answer logic."""
+    labels = draw(st.lists(st.sampled_from([label for label in LABELS if label])
+                           | st.binary(min_size=1, max_size=20), max_size=6))
+    try:
+        name = dns.name.Name([*labels, b"example", b"com", b""])
+    except dns.name.NameTooLong:
+        name = dns.name.Name([b"example", b"com", b""])
+    q = dns.message.make_query(
+        name, draw(st.sampled_from([1, 12, 16, 28, 33, 6, 2, 255, 251, 0]) | st.integers(0, 65535)),
+        draw(st.sampled_from([1, 3, 255]) | st.integers(0, 65535)),
+        use_edns=draw(st.sampled_from([-1, 0, 1]) | st.integers(0, 255)),
+        payload=draw(st.integers(0, 65535)), want_dnssec=draw(st.booleans()))
+    q.id = draw(st.integers(0, 65535))
+    q.flags = draw(st.integers(0, 0xFFFF)) & ~0x780F  # opcode and rcode set below
+    q.set_opcode(draw(st.sampled_from([0, 4]) | st.integers(0, 15)))
+    for _ in range(draw(st.integers(0, 1))):  # a second question
+        q.question.append(dns.rrset.RRset(dns.name.from_text(N("peer2")), 1, 33))
+    return q.to_wire()
+
+
+@FUZZ
+@given(fuzz_input(DNS_SEEDS, max_size=700) | structured_queries(), st.booleans())
+def test_any_packet_is_answered_dropped_or_malformed(wire, tcp):
+    """Arbitrary bytes and mutated golden queries: parse_query gives a message or raises
+    MalformedPacket, nothing else; the answer logic never fails on what it parsed (no
+    SERVFAIL for an internal error); a reply parses and fits the transport's limit."""
+    try:
+        parsed = parse_query(wire)
+    except MalformedPacket:
+        parsed = None
+    event("malformed" if parsed is None else "parsed")
     srv = DnsServer(ZONE, FIXTURE, self_config=SelfConfig.parse(["198.51.100.1:51820"]))
-    reply = srv.handle(wire, "127.0.0.1", tcp=False)
-    if reply is not None:
-        assert len(reply) <= 512 or len(reply) <= size_limit(dns.message.from_wire(wire),
-                                                               tcp=False)
-        dns.message.from_wire(reply)
+    reply = srv.handle(wire, "10.0.0.1", tcp=tcp)  # peer1's tunnel address
     assert srv.counts["errors"] == 0
+    assert srv.counts["malformed"] == (parsed is None)
+    if reply is not None:
+        assert len(reply) <= size_limit(parsed, tcp=tcp)
+        got = dns.message.from_wire(reply)
+        assert got.id == parsed.id and got.flags & dns.flags.QR
+        event(f"answered {dns.rcode.to_text(got.rcode())}")
 
 
 # -- the `self` record ------------------------------------------------------------------------
