@@ -12,12 +12,23 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from wgpunch.lab import state
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.scenario import Scenario
 
 LAB_TOOLS = ("ip", "nft", "wireguard-go", "wg", "conntrack", "ping")
+
+# The fuzz tests' settings (tests/fuzzing.py, docs/fuzzing.md): CI-sized by default, so that
+# all of them together take well under 20 s; WGPUNCH_FUZZ_EXAMPLES=100000 for a long run.
+settings.register_profile(
+    "wgpunch-fuzz",
+    max_examples=int(os.environ.get("WGPUNCH_FUZZ_EXAMPLES") or 200),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def lab_skip_reason() -> str | None:

@@ -32,10 +32,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import wgpunch
+from fuzzing import fuzz_settings
 from ports import free_port, free_ports
 from wgpunch.cli import build_parser
 from wgpunch.errors import MalformedPacket, NatpunchError, NoiseError, WgpunchError
@@ -518,6 +519,54 @@ def test_replayed_handshake_is_refused_after_a_request_brought_its_key_back() ->
     assert rig.send(captured, ELSEWHERE) is None
     assert rig.ask(c, a.public, ep("192.0.2.1", 1)) == body_of(A_AT)
 
+
+
+def test_replayed_handshake_is_refused_after_the_key_expired() -> None:
+    """Issue 17 item 6 (`--peer-ttl 3`): A's entry expires, then A's captured handshake is
+    replayed from elsewhere. Refused; lookups never give the replayer's address, and give A's
+    own once A is back."""
+    server, server_public = noise_server(Limits(peer_ttl_s=3.0, session_ttl_s=3.0))
+    rig = Rig(server, now=0.0)
+    a, b = Spec.new(server_public), Spec.new(server_public)
+    captured = a.init()
+    reply = rig.send(captured, A_AT)
+    assert reply is not None
+    a.finish(reply)
+    rig.now = 10.0  # long after A's entry and session expired
+    rig.join(b, B_AT)
+    assert rig.ask(b, a.public, B_AT) == b""
+    assert rig.send(captured, ELSEWHERE) is None
+    assert server.counts["replayed"] == 1
+    assert rig.ask(b, a.public, B_AT) == b""  # not found, rather than ELSEWHERE
+    rig.join(a, A_AT)  # the real A, with a new handshake
+    assert rig.ask(b, a.public, B_AT) == body_of(A_AT)
+    rig.now = 20.0
+    rig.join(b, B_AT)
+    assert rig.send(captured, ELSEWHERE) is None
+    assert server.counts["replayed"] == 2
+
+
+def test_handshake_stamps_outlive_the_peer_table_and_are_bounded() -> None:
+    """The stamps table keeps at least `peers_max` keys (here 2 < 3), the least recently
+    heard going first: once three other keys handshook after A, A's old handshake is new to
+    the server again (docstring of server.py: the bound's cost)."""
+    limits = Limits(peers_max=3, stamps_max=2, peer_ttl_s=3.0, session_ttl_s=3.0,
+                    handshakes_per_source_s=1e9, handshake_burst=1e9)
+    server, server_public = noise_server(limits)
+    rig = Rig(server, now=0.0)
+    a = Spec.new(server_public)
+    captured = a.init()
+    assert rig.send(captured, A_AT) is not None
+    others = [Spec.new(server_public) for _ in range(3)]
+    for number, spec in enumerate(others[:2], 1):
+        rig.now = 10.0 * number
+        rig.join(spec, ep("192.0.2.1", number))
+    assert rig.send(captured, ELSEWHERE) is None  # A is still among the last 3 heard
+    assert len(server.stamps) == 3
+    rig.now = 30.0
+    rig.join(others[2], ep("192.0.2.1", 3))
+    assert a.public not in server.stamps and len(server.stamps) == 3
+    assert rig.send(captured, ELSEWHERE) is not None
 
 def test_replayed_request_is_refused() -> None:
     server, server_public = noise_server()
@@ -1094,8 +1143,7 @@ def test_fuzz_handlers_directly() -> None:
         st.tuples(st.sampled_from(seeds), rngs).map(lambda p: mutate(p[1], p[0], indexes)),
     )
 
-    @settings(max_examples=400, database=None, deadline=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @fuzz_settings(4)
     @given(datagrams, st.sampled_from(sources))
     def fuzz(data: bytes, source: Endpoint) -> None:
         for handler in (server, legacy):
@@ -1302,6 +1350,52 @@ async def test_rendezvous_process(tmp_path: Path) -> None:
     assert str(server_public) in text  # the start-up line names the public key
     assert "rendezvous: stopped" in text
 
+
+
+async def test_rendezvous_process_refuses_a_handshake_replayed_after_expiry(
+        tmp_path: Path) -> None:
+    """Issue 17 item 6, against `wgpunch rendezvous --peer-ttl 1`: A registers, its entry
+    expires, a replayer sends A's captured handshake from another socket. No answer, and B's
+    lookups of A say "not found", never the replayer's address."""
+    key = tmp_path / "server.key"
+    printed = cli("--print-key", "--key", str(key))
+    assert printed.returncode == 0, printed.stderr
+    server_public = Key.from_base64(printed.stdout.strip())
+    b_private, b_public = generate_keypair()
+    port = free_port()
+    log = tmp_path / "stderr"
+    nets: list[Udp] = []
+    with log.open("w") as stderr:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wgpunch.cli", "rendezvous", "--listen", f"127.0.0.1:{port}",
+            "--key", str(key), "--peer-ttl", "1", stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": SRC})
+    try:
+        nets = [Udp(("127.0.0.1", port)) for _ in range(3)]
+        a_net, b_net, replayer = nets
+        b = NoiseClient(b_net, b_private, server_public, retries=Retries(0.3, 1))
+        await poll_register(b, b_public, proc, log)
+        a = Spec.new(server_public)
+        captured = a.init()
+        a_net.send(captured)
+        reply = await a_net.recv(2.0)
+        assert reply is not None
+        a.finish(reply)
+        assert await b.lookup(b_public, a.public) == a_net.endpoint
+        deadline = time.monotonic() + 10.0
+        while await b.lookup(b_public, a.public) is not None:  # A expires after 1 s
+            assert time.monotonic() < deadline, "A's entry did not expire"
+            await asyncio.sleep(0.1)  # poll interval, bounded by the deadline above
+        replayer.send(captured)
+        assert await replayer.recv(1.0) is None
+        assert await b.lookup(b_public, a.public) is None
+    finally:
+        for net in nets:
+            net.close()
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10.0)
+    assert "Traceback" not in text_of(log)
 
 # == 9. CLI errors ============================================================================
 

@@ -12,9 +12,10 @@ import contextlib
 import ipaddress
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzzing import fuzz_input, fuzz_settings
 from wgpunch.errors import MalformedPacket
 from wgpunch.keys import Key
 from wgpunch.natpunch import wire
@@ -230,10 +231,35 @@ PARSERS = (
 )
 
 
-@settings(max_examples=300, database=None, deadline=None)
-@given(st.binary(max_size=140) | st.sampled_from([1, 2, 3]).flatmap(
-    lambda kind: st.binary(min_size=0, max_size=120).map(lambda rest: bytes([kind]) + rest)))
+# Every layout above, as the seeds of the fuzz test below.
+WIRE_SEEDS = [
+    bytes(range(1, 33)) + bytes(range(101, 133)),  # legacy request
+    bytes(range(1, 33)) + bytes(range(101, 133)) + b"\xff" * 36,
+    bytes.fromhex("cb0071099c43"), b"",  # legacy reply: found, not found
+    bytes([0x01, 0xE4, 0x8D, 0x60, 0xF5]) + bytes(range(104)),  # handshake init
+    bytes([0x02, 0xE4, 0x8D, 0x60, 0xF6]) + bytes(range(48)),  # handshake response
+    bytes([0x03]) + bytes.fromhex("00000102") + bytes.fromhex("0000000000000a0b")
+    + bytes(range(80)),  # request
+    *(bytes([0x03]) + bytes.fromhex("8000000000000001") + bytes(range(n + 16))
+      for n in (0, 6, 18)),  # replies
+    bytes.fromhex("17979cfe3d85cd15"),  # timestamp
+    bytes.fromhex("20010db8000000000000000000000001ca6c"),  # IPv6 address body
+]
+
+
+@fuzz_settings(3)
+@given(fuzz_input(WIRE_SEEDS, max_size=140)
+       | st.sampled_from([1, 2, 3]).flatmap(
+           lambda kind: st.binary(max_size=120).map(lambda rest: bytes([kind]) + rest)))
 def test_parsers_raise_only_malformed(data: bytes) -> None:
+    """Both wire formats' parsers, and the legacy server, on arbitrary bytes and mutated
+    golden messages: a value or MalformedPacket. (The Noise server's handler is fuzzed in
+    test_natpunch_server.py, with real sessions.)"""
     for parse in PARSERS:
         with contextlib.suppress(MalformedPacket):
             parse(data)
+    legacy = LegacyRendezvous(Limits())
+    legacy.handle(A.raw + bytes(32), ep("198.51.100.3", 40003), 0.0)
+    with contextlib.suppress(MalformedPacket):
+        reply = legacy.handle(data, ep("198.51.100.9", 9), 1.0)
+        assert reply == b"" or len(reply) == 6

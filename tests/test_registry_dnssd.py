@@ -8,23 +8,29 @@ so case matters: owners must come back lowercased and questions as asked.
 
 import asyncio
 import ipaddress
+import logging
 import random
 import time
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.rrset
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from fuzzing import FUZZ, fuzz_input
 from ports import free_ports
+from wgpunch.errors import MalformedPacket
 from wgpunch.keys import Key
-from wgpunch.registry.dnssd import InstanceCache, Zone, answer
-from wgpunch.registry.dnsserver import DnsServer, Instance, SelfConfig
+from wgpunch.registry.dnsaccess import RefusalLog, SourceIndex
+from wgpunch.registry.dnssd import InstanceCache, Zone, answer, parse_query
+from wgpunch.registry.dnsserver import DnsLimits, DnsServer, Instance, SelfConfig
 from wgpunch.registry.dnswire import TCP_MAX, size_limit, to_wire
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
@@ -409,7 +415,13 @@ def test_srv_fits_in_512_without_edns():
 # -- the server on real sockets ---------------------------------------------------------------
 
 
-async def udp_ask(port: int, wire: bytes, wait_s: float = 2.0) -> bytes:
+# The test server listens on 127.0.0.1; a client binds to another loopback address to play a
+# peer's tunnel address (in the table's allowed IPs) or a stranger's.
+LOOPBACK = "127.0.0.1"
+
+
+async def udp_ask(port: int, wire: bytes, wait_s: float = 2.0, *,
+                  bind: str = LOOPBACK) -> bytes:
     loop = asyncio.get_running_loop()
     got: asyncio.Future[bytes] = loop.create_future()
 
@@ -418,7 +430,8 @@ async def udp_ask(port: int, wire: bytes, wait_s: float = 2.0) -> bytes:
             if not got.done():
                 got.set_result(data)
 
-    transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", port))
+    transport, _ = await loop.create_datagram_endpoint(
+        Client, local_addr=(bind, 0), remote_addr=(LOOPBACK, port))
     try:
         transport.sendto(wire)
         async with asyncio.timeout(wait_s):
@@ -427,9 +440,9 @@ async def udp_ask(port: int, wire: bytes, wait_s: float = 2.0) -> bytes:
         transport.close()
 
 
-async def tcp_ask(port: int, *wires: bytes) -> list[bytes]:
+async def tcp_ask(port: int, *wires: bytes, bind: str = LOOPBACK) -> list[bytes]:
     """Several queries over one connection (RFC 7766 pipelining), answers in order."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection(LOOPBACK, port, local_addr=(bind, 0))
     try:
         for wire in wires:
             writer.write(len(wire).to_bytes(2, "big") + wire)
@@ -449,8 +462,8 @@ async def server():
     state, _ = many_peers(40)
     state.observe_device(KEY["self"], 51820)
     srv = DnsServer(ZONE, state, self_config=SelfConfig.parse(["198.51.100.1:51820"]),
-                    timings=Timings(dns_tcp_idle_s=0.5))
-    await srv.start([("127.0.0.1", 0)])
+                    allow=net(f"{LOOPBACK}/32"), timings=Timings(dns_tcp_idle_s=0.5))
+    await srv.start([(LOOPBACK, 0)])
     yield srv
     await srv.close()
 
@@ -492,7 +505,8 @@ async def test_tcp_connection_ends_on_garbage_and_when_idle(server):
 
 
 async def test_tcp_connections_are_bounded():
-    srv = DnsServer(ZONE, FIXTURE, self_config=None, tcp_clients_max=2)
+    srv = DnsServer(ZONE, FIXTURE, self_config=None, allow=net(f"{LOOPBACK}/32"),
+                    limits=DnsLimits(tcp_clients_max=2))
     await srv.start([("127.0.0.1", 0)])
     port, streams = port_of(srv), []
     try:
@@ -515,6 +529,201 @@ async def test_tcp_connections_are_bounded():
         await srv.close()
     assert srv.connections == 0
 
+
+# -- who may ask: peers through the tunnel, and allowed networks (dnsaccess.py) -------------
+
+SRV_Q = query(N("peer1"), "SRV").to_wire()
+
+ACCESS_ROWS = [
+    # intent, source (as a socket gives it), allowed networks, answered
+    ("a peer's tunnel address", "10.0.0.1", (), True),
+    ("a peer without an endpoint is still a peer", "10.0.0.5", (), True),
+    ("the IPv4-mapped form a dual-stack socket gives", "::ffff:10.0.0.2", (), True),
+    ("an address in no peer's allowed IPs", "192.0.2.9", (), False),
+    ("loopback is not the tunnel", "127.0.0.1", (), False),
+    ("the tunnel's network, but no peer's address", "10.0.0.7", (), False),
+    ("in an allowed network", "192.0.2.9", ("192.0.2.0/24",), True),
+    ("an allowed network of the other family", "192.0.2.9", ("2001:db8::/32",), False),
+    ("in an allowed IPv6 network", "2001:db8::5", ("2001:db8::/32",), True),
+    ("no source address", None, ("0.0.0.0/0",), False),
+    ("not an address", "nonsense", ("0.0.0.0/0",), False),
+]
+
+
+@pytest.mark.parametrize(("intent", "source", "allow", "answered"), ACCESS_ROWS,
+                         ids=[r[0] for r in ACCESS_ROWS])
+def test_who_is_answered(intent, source, allow, answered):
+    srv = DnsServer(ZONE, FIXTURE, self_config=None, allow=net(*allow))
+    reply = srv.handle(SRV_Q, source, tcp=False)
+    assert (reply is not None) == answered, intent
+    assert srv.counts["refused"] == (0 if answered else 1)
+    if answered:
+        assert dns.message.from_wire(reply).answer
+
+
+def test_an_address_two_peers_claim_is_nobody_and_the_table_is_followed():
+    """The API's rule (auth.identify): exactly one peer. A removed peer's address is refused
+    from the next query on; a new peer's answered."""
+    state = table(peer(KEY["peer1"], "1.1.1.1:1", "10.0.0.0/24"),
+                  peer(KEY["peer2"], "[::2]:2", "10.0.0.7/32"))
+    srv = DnsServer(ZONE, state, self_config=None)
+    assert srv.handle(SRV_Q, "10.0.0.1", tcp=False) is not None
+    assert srv.handle(SRV_Q, "10.0.0.7", tcp=False) is None  # in both peers' allowed IPs
+    state.observe([peer(KEY["peer2"], "[::2]:2", "10.0.0.7/32"),
+                   peer(KEY["peer3"], None, "10.9.0.1/32")])
+    assert srv.handle(SRV_Q, "10.0.0.1", tcp=False) is None  # peer1 is gone
+    assert srv.handle(SRV_Q, "10.0.0.7", tcp=False) is not None
+    assert srv.handle(SRV_Q, "10.9.0.1", tcp=False) is not None
+    assert srv.counts["refused"] == 2
+
+
+nets4 = st.builds(lambda a, n: ipaddress.ip_network((a, n), strict=False),
+                  st.integers(0, 2**32 - 1), st.integers(0, 32))
+nets6 = st.builds(lambda a, n: ipaddress.ip_network((a, n), strict=False),
+                  st.integers(0, 2**128 - 1), st.integers(0, 128))
+small4 = st.builds(lambda a, n: ipaddress.ip_network((0x0A000000 | a, n), strict=False),
+                   st.integers(0, 255), st.integers(24, 32))  # so that they overlap often
+
+
+@settings(deadline=None)
+@given(st.lists(st.lists(small4 | nets4 | nets6, max_size=4), max_size=8),
+       st.lists(st.integers(0, 255).map(lambda i: ipaddress.ip_address(0x0A000000 | i))
+                | st.ip_addresses(), min_size=1, max_size=8))
+def test_the_index_finds_whom_identify_finds(allowed, ips):
+    """SourceIndex only narrows down the peers `auth.identify` looks at: same answer."""
+    from wgpunch.registry.auth import identify
+
+    peers = [peer(Key(i.to_bytes(32, "big")), None, *map(str, nets))
+             for i, nets in enumerate(allowed, 1)]
+    index = SourceIndex(peers)
+    for ip in ips:
+        assert index.identify(ip) == identify(ip, peers)
+
+
+def test_refusals_are_logged_once_per_source_and_at_most_once_per_interval():
+    refusals = RefusalLog(per_source_s=60.0, interval_s=1.0, sources_max=3)
+    assert refusals.allow("a", 0.0)
+    assert not refusals.allow("a", 0.5)  # this source: once a minute
+    assert not refusals.allow("b", 0.5)  # everyone: once a second
+    assert refusals.allow("c", 1.5)
+    assert not refusals.allow("a", 30.0)
+    assert refusals.allow("a", 61.0)
+    # Past 3 sources remembered, it starts over: memory stays bounded under spoofing.
+    assert refusals.allow("d", 63.0) and refusals.allow("e", 65.0)
+    assert refusals.allow("c", 67.0)  # forgotten, although its minute is not over
+
+
+def test_a_refused_source_is_counted_and_logged_throttled(caplog):
+    srv = DnsServer(ZONE, FIXTURE, self_config=None,
+                    limits=DnsLimits(refused_log_interval_s=1e-9))
+    with caplog.at_level(logging.WARNING, logger="wgpunch.registry.dnsserver"):
+        for source in ("192.0.2.9", "192.0.2.9", "192.0.2.10", "192.0.2.9"):
+            assert srv.handle(SRV_Q, source, tcp=False) is None
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "dns_refused"]
+    assert [r.source for r in lines] == ["192.0.2.9", "192.0.2.10"]
+    assert "(3 refused in all)" in lines[1].getMessage()
+    assert (srv.counts["refused"], srv.counts["queries"], srv.counts["malformed"]) == (4, 4, 0)
+
+
+# A table whose peers' tunnel addresses are loopback addresses, so that a test client bound to
+# one of them is that peer; 127.0.0.4 is nobody's.
+PEER1_AT, PEER2_AT, STRANGER_AT = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+
+
+@pytest.fixture
+async def tunnel_server():
+    state = table(peer(KEY["peer1"], "1.1.1.1:1", f"{PEER1_AT}/32"),
+                  peer(KEY["peer2"], "[::2]:2", f"{PEER2_AT}/32"))
+    srv = DnsServer(ZONE, state, self_config=None, timings=Timings(dns_tcp_idle_s=2.0),
+                    limits=DnsLimits(tcp_clients_max=4, tcp_per_client_max=2))
+    await srv.start([(LOOPBACK, 0)])
+    yield srv, state
+    await srv.close()
+
+
+async def test_outside_the_tunnel_udp_gets_nothing_and_tcp_is_closed(tunnel_server):
+    srv, _ = tunnel_server
+    port = port_of(srv)
+    for who in (PEER1_AT, PEER2_AT):
+        assert dns.message.from_wire(await udp_ask(port, SRV_Q, bind=who)).answer
+        [reply] = await tcp_ask(port, SRV_Q, bind=who)
+        assert dns.message.from_wire(reply).answer
+    with pytest.raises(TimeoutError):  # dropped: nothing is sent back, so nothing reflected
+        await udp_ask(port, SRV_Q, wait_s=0.5, bind=STRANGER_AT)
+    reader, writer = await asyncio.open_connection(LOOPBACK, port, local_addr=(STRANGER_AT, 0))
+    try:
+        writer.write(len(SRV_Q).to_bytes(2, "big") + SRV_Q)
+        assert await closed_by_server(reader)  # no answer
+    finally:
+        writer.close()
+    assert (srv.counts["answered"], srv.counts["refused"]) == (4, 2)
+    assert srv.connections == 0
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """The server closed the connection: an end of stream, or a reset (closing a socket with
+    unread data, the query, sends RST)."""
+    try:
+        async with asyncio.timeout(2):
+            return await reader.read() == b""
+    except ConnectionResetError:
+        return True
+
+
+async def hold(port: int, bind: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                             bytes | None]:
+    """A connection from `bind` with one query sent: its answer, or None if closed."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port, local_addr=(bind, 0))
+    writer.write(len(SRV_Q).to_bytes(2, "big") + SRV_Q)
+    try:
+        async with asyncio.timeout(2):
+            head = await reader.readexactly(2)
+            return reader, writer, await reader.readexactly(int.from_bytes(head, "big"))
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        return reader, writer, None
+
+
+async def test_one_client_cannot_hold_every_tcp_slot(tunnel_server):
+    """Issue 17 item 5: one client opening more connections than the server has slots gets
+    its own share (2 here), and another client is still answered; a client that leaves the
+    table loses its connections at its next query."""
+    srv, state = tunnel_server
+    port, held = port_of(srv), []
+    try:
+        for _ in range(5):
+            held.append(await hold(port, PEER1_AT))
+        assert [answer_ is not None for *_, answer_ in held] == [True, True] + [False] * 3
+        assert srv.counts["tcp_client_full"] == 3 and srv.connections == 2
+        for _ in range(2):
+            held.append(await hold(port, PEER2_AT))
+        assert all(answer_ is not None for *_, answer_ in held[5:])
+        assert srv.connections == 4 and srv.counts["tcp_refused"] == 0
+
+        state.observe([peer(KEY["peer2"], "[::2]:2", f"{PEER2_AT}/32")])  # peer1 is gone
+        reader, writer, _ = held[0]
+        writer.write(len(SRV_Q).to_bytes(2, "big") + SRV_Q)
+        assert await closed_by_server(reader)
+        assert srv.counts["refused"] == 1
+    finally:
+        for _, writer, _ in held:
+            writer.close()
+
+
+
+async def test_close_cuts_open_connections_without_an_error(caplog):
+    """Shutdown with clients connected: each connection ends as if its client had hung up
+    (a cancelled connection task would make asyncio log an error per connection)."""
+    srv = DnsServer(ZONE, FIXTURE, self_config=None, allow=net(f"{LOOPBACK}/32"))
+    await srv.start([(LOOPBACK, 0)])
+    held = [await hold(port_of(srv), LOOPBACK) for _ in range(3)]
+    assert srv.connections == 3
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        await srv.close()
+        for reader, writer, _ in held:
+            assert await closed_by_server(reader)
+            writer.close()
+    assert srv.connections == 0
+    assert not [r for r in caplog.records if r.name == "asyncio"]
 
 def mutate(wire: bytes, rng: random.Random) -> bytes:
     data = bytearray(wire)
@@ -561,16 +770,77 @@ async def test_fuzz_never_stops_the_server(server):
     assert server.counts["queries"] > 3000
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=700))
-def test_handle_any_bytes(wire):
+def seed_queries() -> list[bytes]:
+    """Every query of the golden tables above, plain and with EDNS, and the framework cases
+    (a response, NOTIFY, no question, two questions, EDNS version 1, class CH), as bytes;
+    plus the answers to some of them (messages with records to parse)."""
+    queries = [query(row[1], row[2], edns=edns) for row in (*WGSD_ROWS, *ROWS)
+               for edns in (-1, 0)]
+    special = [query(N("peer1"), "SRV", edns=1), query(N("peer1"), "SRV", rdclass="CH"),
+               query(f"_wireguard._udp.{Z}", "PTR", edns=0, payload=65535),
+               query("example.org.", "A", edns=0, want_dnssec=True)]
+    response = query(N("peer1"), "SRV")
+    response.flags |= dns.flags.QR
+    notify = query(Z, "SOA")
+    notify.set_opcode(dns.opcode.NOTIFY)
+    none, two = query(N("peer1"), "SRV"), query(N("peer1"), "SRV")
+    none.question = []
+    two.question.append(query(N("peer2"), "SRV").question[0])
+    wires = [q.to_wire() for q in (*queries, *special, response, notify, none, two)]
+    answers = [to_wire(answer(q, ZONE, FIXTURE, lambda: SELF), TCP_MAX)
+               for q in (query(N("peer1"), "SRV", edns=0), query(f"_wireguard._udp.{Z}", "PTR"),
+                         query(f"nxdomain.{Z}", "A"))]
+    return wires + answers
+
+
+DNS_SEEDS = seed_queries()
+LABELS = [b"_wireguard", b"_udp", b"example", b"com", b"", *(B32[w].encode() for w in B32),
+          *(B32[w].upper().encode() for w in B32), b"a" * 63, b"*", b"\x00", b"ns1"]
+
+
+@st.composite
+def structured_queries(draw) -> bytes:
+    """Well-formed messages with every header field, name, type, class and EDNS setting
+    drawn: they get past the parser into the answer logic."""
+    labels = draw(st.lists(st.sampled_from([label for label in LABELS if label])
+                           | st.binary(min_size=1, max_size=20), max_size=6))
+    try:
+        name = dns.name.Name([*labels, b"example", b"com", b""])
+    except dns.name.NameTooLong:
+        name = dns.name.Name([b"example", b"com", b""])
+    q = dns.message.make_query(
+        name, draw(st.sampled_from([1, 12, 16, 28, 33, 6, 2, 255, 251, 0]) | st.integers(0, 65535)),
+        draw(st.sampled_from([1, 3, 255]) | st.integers(0, 65535)),
+        use_edns=draw(st.sampled_from([-1, 0, 1]) | st.integers(0, 255)),
+        payload=draw(st.integers(0, 65535)), want_dnssec=draw(st.booleans()))
+    q.id = draw(st.integers(0, 65535))
+    q.flags = draw(st.integers(0, 0xFFFF)) & ~0x780F  # opcode and rcode set below
+    q.set_opcode(draw(st.sampled_from([0, 4]) | st.integers(0, 15)))
+    for _ in range(draw(st.integers(0, 1))):  # a second question
+        q.question.append(dns.rrset.RRset(dns.name.from_text(N("peer2")), 1, 33))
+    return q.to_wire()
+
+
+@FUZZ
+@given(fuzz_input(DNS_SEEDS, max_size=700) | structured_queries(), st.booleans())
+def test_any_packet_is_answered_dropped_or_malformed(wire, tcp):
+    """Arbitrary bytes and mutated golden queries: parse_query gives a message or raises
+    MalformedPacket, nothing else; the answer logic never fails on what it parsed (no
+    SERVFAIL for an internal error); a reply parses and fits the transport's limit."""
+    try:
+        parsed = parse_query(wire)
+    except MalformedPacket:
+        parsed = None
+    event("malformed" if parsed is None else "parsed")
     srv = DnsServer(ZONE, FIXTURE, self_config=SelfConfig.parse(["198.51.100.1:51820"]))
-    reply = srv.handle(wire, "127.0.0.1", tcp=False)
-    if reply is not None:
-        assert len(reply) <= 512 or len(reply) <= size_limit(dns.message.from_wire(wire),
-                                                               tcp=False)
-        dns.message.from_wire(reply)
+    reply = srv.handle(wire, "10.0.0.1", tcp=tcp)  # peer1's tunnel address
     assert srv.counts["errors"] == 0
+    assert srv.counts["malformed"] == (parsed is None)
+    if reply is not None:
+        assert len(reply) <= size_limit(parsed, tcp=tcp)
+        got = dns.message.from_wire(reply)
+        assert got.id == parsed.id and got.flags & dns.flags.QR
+        event(f"answered {dns.rcode.to_text(got.rcode())}")
 
 
 # -- the `self` record ------------------------------------------------------------------------
@@ -659,6 +929,8 @@ def healthz_latencies(port: int, count: int) -> list[float]:
 
 
 def test_a_dns_flood_does_not_slow_the_api():
+    """A flood from outside the tunnel (here loopback: the registry has no device, so no
+    peers) does not slow the API down."""
     import subprocess
     import sys
     from pathlib import Path
@@ -705,8 +977,10 @@ def test_a_dns_flood_does_not_slow_the_api():
     p90 = lambda xs: xs[int(len(xs) * 0.9)]  # noqa: E731
     print(f"flood: {sent} packets sent, {handled} handled; /healthz p90 quiet "
           f"{p90(quiet) * 1e3:.1f} ms, under flood {p90(busy) * 1e3:.1f} ms")
-    assert handled > 1000 and "dropped a malformed packet" in stderr
-    assert stderr.count("dropped a malformed packet") == 1  # once per source per minute
+    # Loopback is no peer's tunnel address: every packet is refused before it is parsed,
+    # and the one source is logged once a minute.
+    assert handled > 1000 and f"queries {handled}, answered 0, malformed 0" in stderr
+    assert stderr.count("DNS: refused a query from 127.0.0.1") == 1
     assert p90(busy) < max(0.05, 5 * p90(quiet))
 
 
@@ -769,3 +1043,126 @@ def test_lab_dig_from_a_finds_b_through_the_tunnel(lab_prefix):
         assert me[0][6] == "51820" and me[1][3:] == ["A", str(registry.public_ip)]
         print(f"dig from a: b = {srv[1][4]}:{srv[0][6]}, self = {me[1][4]}:{me[0][6]}, "
               f"listing of {len(ptr)}")
+
+
+# -- the lab: nothing for a host outside the tunnel, and TCP slots shared ---------------------
+
+# Opens argv[3] DNS-over-TCP connections to argv[1]:argv[2], sends the query argv[4] (hex) on
+# each and reads its answer, and prints {"answered": N, "closed": M}; then argv[5] times: waits
+# 5 s (inside the server's idle timeout, 8 s), asks again on every connection still open, and
+# prints the counts again.
+HOLDER = r"""
+import json, socket, sys, time
+host, port, count, wire, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
+    bytes.fromhex(sys.argv[4]), int(sys.argv[5])
+message = len(wire).to_bytes(2, "big") + wire
+def ask(sock):
+    try:
+        sock.sendall(message)
+        head = sock.recv(2, socket.MSG_WAITALL)
+        if len(head) < 2:
+            return False
+        size = int.from_bytes(head, "big")
+        return len(sock.recv(size, socket.MSG_WAITALL)) == size
+    except OSError:
+        return False
+open_ = []
+for _ in range(count):
+    sock = socket.create_connection((host, port), timeout=3)
+    (open_.append if ask(sock) else lambda s: s.close())(sock)
+print(json.dumps({"answered": len(open_), "closed": count - len(open_)}), flush=True)
+for _ in range(rounds):
+    time.sleep(5)
+    open_ = [s for s in open_ if ask(s)]
+    print(json.dumps({"answered": len(open_), "closed": count - len(open_)}), flush=True)
+"""
+
+# One HTTP GET; prints {"status": N, "body": "..."} or {"status": null, "error": "..."}.
+FETCH = r"""
+import json, sys, urllib.error, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    with opener.open(sys.argv[1], timeout=3) as resp:
+        print(json.dumps({"status": resp.status, "body": resp.read().decode()}))
+except urllib.error.HTTPError as err:
+    print(json.dumps({"status": err.code, "body": err.read().decode()}))
+except OSError as err:
+    print(json.dumps({"status": None, "error": str(err)}))
+"""
+
+
+@pytest.mark.lab
+def test_lab_outside_the_tunnel_gets_nothing_and_one_node_cannot_hold_tcp(lab_prefix):
+    """Issue 17 items 3 and 5, against the real `wgpunch registry --dns` in a lab: nodes `a`
+    and `b` (public addresses, WireGuard), `o` a plain host outside the tunnel whose router
+    (the core) routes the registry's tunnel address to the registry's public address, as a
+    host next to the registry could. Through the tunnel, `a` is answered; `o` gets nothing
+    over UDP (no reply at all), a closed connection over TCP, and a 403 without peer data from
+    the API. Then `a` opens 130 TCP connections and keeps querying on them every 5 s: it
+    holds its own share only, and `b` is still answered over TCP."""
+    import json
+    import subprocess
+    import sys
+
+    from wgpunch.lab.agents import Agents
+    from wgpunch.lab.lab import Lab
+    from wgpunch.lab.netns import read_line, stop_process, wait_for
+    from wgpunch.lab.scenario import Host, Scenario
+    from wgpunch.protocol import API_PORT
+
+    scenario = Scenario("dns-outside", (Host("a"), Host("b"), Host("o", wireguard=False)))
+    args = ["--dns", str(LAB_DNS_PORT), "--zone", LAB_ZONE]
+    with Lab(scenario, prefix=lab_prefix) as lab, \
+            Agents(lab, registry_args=args) as agents:
+        agents.start_registry()
+        registry = lab.host("registry")
+        tunnel = str(registry.tunnel_ip)
+        lab.exec("core", ["ip", "route", "add", f"{tunnel}/32", "via", str(registry.public_ip)])
+        listing = f"_wireguard._udp.{LAB_ZONE}"
+
+        def dig(host: str, *query: str) -> list[str]:
+            agents.check_alive()
+            done = lab.exec(host, ["dig", f"@{tunnel}", "-p", str(LAB_DNS_PORT), "+time=1",
+                                   "+tries=1", "+short", *query], check=False)
+            return [line for line in done.stdout.splitlines()
+                    if line.strip() and not line.startswith(";")]
+
+        me = f"{lab.host('a').public_key.base32()}._wireguard._udp.{LAB_ZONE}"
+        assert wait_for(lambda: me in dig("a", listing, "PTR"), timeout=10,
+                        what="a's record in the listing, asked through the tunnel")
+        assert me in dig("a", "+tcp", listing, "PTR")
+
+        # o reaches the tunnel address (ping answers), but DNS-SD tells it nothing.
+        lab.exec("o", ["ping", "-c", "1", "-W", "2", tunnel])
+        for transport in ("+notcp", "+tcp"):
+            assert dig("o", transport, listing, "PTR") == []
+            assert dig("o", transport, me, "SRV") == []
+        fetched = json.loads(lab.exec("o", [sys.executable, "-c", FETCH,
+                                            f"http://{tunnel}:{API_PORT}/v1/peers"]).stdout)
+        assert fetched["status"] == 403, fetched
+        assert "peers" not in json.loads(fetched["body"])
+        assert lab.host("a").public_key.base64() not in fetched["body"]
+        assert str(lab.host("a").public_ip) not in fetched["body"]
+
+        # a takes as many TCP connections as it can and keeps them busy; b is still served.
+        wire = query(listing, "PTR").to_wire().hex()
+        holder = lab.ns("a").popen([sys.executable, "-c", HOLDER, tunnel, str(LAB_DNS_PORT),
+                                    "130", wire, "1"], stdout=subprocess.PIPE)
+        b_name = f"{lab.host('b').public_key.base32()}._wireguard._udp.{LAB_ZONE}"
+        try:
+            first = json.loads(read_line(holder, timeout=30, what="a's 130 connections"))
+            wait_for(lambda: b_name in dig("b", "+tcp", listing, "PTR") or None, timeout=5,
+                     what="an answer to b over TCP while a holds what it can")
+            assert first == {"answered": 8, "closed": 122}  # DnsLimits.tcp_per_client_max
+            later = json.loads(read_line(holder, timeout=15, what="a's next round"))
+            assert later == first  # a's connections stay open while it keeps asking...
+            assert b_name in dig("b", "+tcp", listing, "PTR")  # ...and b is still answered
+        finally:
+            stop_process(holder)
+            holder.stdout.close()
+        agents.check_alive()
+        log = agents.logs["registry"].read_text()
+    refused = [json.loads(line) for line in log.splitlines() if '"dns_refused"' in line]
+    assert {r["source"] for r in refused} == {str(lab.host("o").public_ip)}
+    assert len(refused) == 1  # throttled: once per source per minute
+    assert '"dns_tcp_full"' in log

@@ -59,6 +59,9 @@ class Limits:
     """Our choices; `wgpunch rendezvous --help` names them."""
 
     peers_max: int = 65536  # the wireguard-tools server's table size
+    # Keys whose last handshake timestamp is kept after their entry expired, so that an old
+    # handshake replayed then is refused (server.py); 13.6 MB at 65,536 (tracemalloc).
+    stamps_max: int = 65536
     peer_ttl_s: float = 600.0  # ten minutes: beyond a cron client's period and a NAT's timeout
     session_ttl_s: float = 600.0  # natpunch-go handshakes again every 5 minutes
     handshakes_per_source_s: float = 5.0  # per IPv4 address or IPv6 /64

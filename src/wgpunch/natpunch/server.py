@@ -13,16 +13,22 @@ are bounded; handshakes are rate-limited per source address; an allow-list can r
 registers and who can be found.
 
 Replay protection is the reference's: a handshake's timestamp must be newer than the last
-one seen for its key, and request nonces pass a sliding window. The last timestamp lives in
-the peer's entry (and each session keeps its handshake's, for a request that brings a pushed
-out key back), so a replayed handshake is refused only while the key is in the table: a
-key that expired (or was pushed out of a full table) can be re-registered at the replayer's
-address by an old handshake, until the real node speaks again. It cannot read the session.
+one accepted for its key, and request nonces pass a sliding window. The last timestamps are
+kept apart from the peers, in a table of their own that forgets nothing by age: a key's
+entry expires after `peer_ttl_s`, its timestamp stays, so a handshake captured earlier and
+replayed after the key expired is still refused (the reference forgets nothing, so it refuses
+it too; until this table, wgpunch accepted it and served the replayer's address). The table
+holds `Limits.stamps_max` keys (at least `peers_max`), the least recently heard going first;
+a key leaves it only after that many other keys completed a handshake since it was last
+heard, at most `handshakes_per_s` a second: 33 s at the defaults, and only by keys the server
+accepts (`--allow`). Each session keeps its handshake's timestamp, and a request puts it back
+should it have been pushed out.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,7 +49,6 @@ SESSIONS_PER_KEY = 2  # the current one, and the one before it for replies still
 @dataclass(slots=True)
 class Peer:
     endpoint: Endpoint
-    stamp: int  # the newest handshake timestamp seen for this key
     sessions: list[int] = field(default_factory=list)
 
 
@@ -54,7 +59,7 @@ class Session:
     send: CipherState
     window: ReplayWindow = field(default_factory=ReplayWindow)
     sent: int = 0
-    stamp: int = 0  # its handshake's timestamp: the key's, should the key's entry be gone
+    stamp: int = 0  # its handshake's timestamp: the key's, should `stamps` have lost it
 
 
 class NoiseRendezvous:
@@ -67,6 +72,10 @@ class NoiseRendezvous:
         self.sessions: Table[int, Session] = Table(
             SESSIONS_PER_KEY * limits.peers_max, limits.session_ttl_s
         )
+        # The newest handshake timestamp accepted per key, kept however long ago: a key in
+        # `peers` must have one, so it holds at least as many.
+        self.stamps: Table[Key, int] = Table(max(limits.stamps_max, limits.peers_max),
+                                             math.inf)
         self._per_source = Buckets(limits.handshakes_per_source_s, limits.handshake_burst)
         self._overall = Buckets(limits.handshakes_per_s, limits.handshakes_per_s)
         self.counts: Counter[str] = Counter()
@@ -95,18 +104,16 @@ class NoiseRendezvous:
         if not self._may_use(key):
             self.counts["refused"] += 1
             return None
-        peer = self.peers.get(key, now)
-        if peer is not None and stamp <= peer.stamp:
+        last = self.stamps.get(key, now)
+        if last is not None and stamp <= last:
             self.counts["replayed"] += 1
             return None
         response = handshake.write_message(b"")
         receive, send = handshake.split()
         index = self._free_index()
         self.sessions.put(index, Session(key, receive, send, stamp=stamp), now)
-        if peer is None:
-            peer = Peer(source, stamp)
-        else:
-            peer.stamp = stamp
+        self.stamps.put(key, stamp, now)
+        peer = self.peers.get(key, now) or Peer(source)
         peer.sessions.append(index)
         for old in peer.sessions[:-SESSIONS_PER_KEY]:
             self.sessions.pop(old)
@@ -128,7 +135,9 @@ class NoiseRendezvous:
         mine, target = wire.parse_lookup(plain)
         if mine != session.key:
             raise MalformedPacket("a request in another key's name")
-        peer = self.peers.get(mine, now) or Peer(source, session.stamp, [index])
+        peer = self.peers.get(mine, now) or Peer(source, [index])
+        last = self.stamps.get(mine, now)  # refreshed: a key heard from is the last to go
+        self.stamps.put(mine, session.stamp if last is None else max(last, session.stamp), now)
         self._register(mine, peer, source, now)
         found = self.peers.get(target, now) if self._may_use(target) else None
         endpoint = None if found is None else found.endpoint

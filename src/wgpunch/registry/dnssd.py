@@ -50,7 +50,7 @@ from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 from dns.rdtypes.IN.SRV import SRV
 
-from ..errors import ConfigError, KeyFormatError
+from ..errors import ConfigError, KeyFormatError, MalformedPacket
 from ..keys import BASE32_LEN, Key
 from ..wg.device import Endpoint, IPNetwork
 from .dnswire import TCP_MAX
@@ -138,6 +138,16 @@ def lowercase(name: dns.name.Name) -> dns.name.Name:
 
 
 # -- the request ------------------------------------------------------------------------------
+
+
+def parse_query(wire: bytes) -> dns.message.Message:
+    """A DNS message as it came from the network. Raises `MalformedPacket` for anything
+    dnspython cannot read (all its errors are `DNSException`s)."""
+    try:
+        return dns.message.from_wire(wire)
+    except dns.exception.DNSException as exc:
+        reason = (str(exc) or type(exc).__name__).splitlines()[0][:120]
+        raise MalformedPacket(f"dns: {reason}") from None
 
 
 class InstanceCache:
@@ -331,5 +341,5 @@ def _reply(query: dns.message.Message, rcode: dns.rcode.Rcode, *, aa: bool = Fal
 __all__ = [
     "PTR_MIN_WIRE", "InstanceCache", "PeerTable", "Record", "SelfRecord", "Zone", "answer",
     "host_rrset",
-    "lowercase", "servfail", "txt_rrset",
+    "lowercase", "parse_query", "servfail", "txt_rrset",
 ]

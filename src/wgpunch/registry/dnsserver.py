@@ -1,12 +1,16 @@
 """The DNS-SD server: `dnssd.answer` on UDP and TCP sockets, plus the registry's own record.
 
 Answers come from the registry's peer table as the observer keeps it (no device read per
-query). Both transports run on the API's event loop, and neither can hold it up:
+query). Only peers, through the tunnel, are answered, and networks allowed explicitly
+(dnsaccess.py); anything else is dropped before it is parsed, counted (`refused`) and logged
+throttled. Both transports run on the API's event loop, and neither can hold it up:
 - UDP: asyncio reads one datagram per socket per loop iteration, so a flood costs the API one
   answer's time (about 0.3 ms) per turn; the kernel drops what does not keep up.
   Replies are dropped, not queued, while the socket's send buffer is backed up.
-- TCP (RFC 7766, 2-byte length prefix): at most `tcp_clients_max` connections, each closed
-  after `dns_tcp_idle_s` without a complete query or on the first malformed one.
+- TCP (RFC 7766, 2-byte length prefix): at most `DnsLimits.tcp_clients_max` connections, and
+  `tcp_per_client_max` of one client (a peer, or an address of an allowed network), so one
+  client cannot hold every slot; each is closed after `dns_tcp_idle_s` without a complete
+  query, on the first malformed one, and when its source is no longer allowed.
 A packet that does not parse is dropped and counted, and logged at most once per source per
 `dns_malformed_log_s`; an unexpected error answering one is a SERVFAIL, never a crash.
 
@@ -27,32 +31,52 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-import dns.message
-
-from ..errors import ConfigError
+from ..errors import ConfigError, MalformedPacket
 from ..keys import Key
 from ..throttle import Throttle
 from ..wg.device import Endpoint, IPAddress, IPNetwork
-from .auth import identify, source_ip
-from .dnssd import InstanceCache, Record, Zone, answer, servfail
+from .auth import source_ip
+from .dnsaccess import Access, RefusalLog
+from .dnssd import InstanceCache, Record, Zone, answer, parse_query, servfail
 from .dnswire import size_limit, to_wire
 from .state import RegistryState
 from .timings import Timings
 
 log = logging.getLogger(__name__)
 
-# Our choice: far more than the nodes of a mesh querying at once over TCP (wgsd-client uses UDP
-# only); a connection over the limit is closed at once rather than queued.
-TCP_CLIENTS_MAX = 128
 # Our choice: replies waiting in a UDP socket's user-space buffer; beyond this the client is
 # not reading (or is spoofed) and the reply is dropped, as the kernel would.
 UDP_BACKLOG_MAX = 256 * 1024
 # Our choice: derived self endpoints remembered per table revision (one per querying node).
 SELF_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class DnsLimits:
+    """What clients may hold of the server; our choices. (Its timers are the registry's
+    `Timings`: `dns_tcp_idle_s`, `forbidden_log_s`, `dns_malformed_log_s`.)"""
+
+    # DNS-over-TCP connections open at once: far more than the nodes of a mesh querying at
+    # once over TCP (wgsd-client uses UDP only). One over the limit is closed at once.
+    tcp_clients_max: int = 128
+    # ... of one client. RFC 7766 §6.2.2: a client SHOULD use one connection for its queries;
+    # 8 leaves room for a few programs on one node, and it takes 16 clients to fill the server.
+    tcp_per_client_max: int = 8
+    # Refusals of sources outside the tunnel, all sources together: at most one line per this
+    # period (each source at most once per `forbidden_log_s`). Spoofed sources are free.
+    refused_log_interval_s: float = 1.0
+    # Refused sources remembered for the per-source period; the memory such a flood can take.
+    refused_sources_max: int = 4096
+
+    def __post_init__(self) -> None:
+        if not (self.tcp_clients_max >= 1 and self.tcp_per_client_max >= 1
+                and self.refused_log_interval_s > 0 and self.refused_sources_max >= 1):
+            raise ConfigError(f"registry: DNS limits must be positive: {self}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,25 +135,34 @@ def route_source(ip: IPAddress) -> IPAddress | None:
 
 
 class DnsServer:
+    """`allow`: networks answered besides the peers' tunnel addresses (by default none:
+    tunnel only)."""
+
     def __init__(self, zone: Zone, state: RegistryState, *, self_config: SelfConfig | None,
-                 tunnel_ips: Iterable[IPAddress] = (), timings: Timings | None = None,
-                 tcp_clients_max: int = TCP_CLIENTS_MAX) -> None:
+                 tunnel_ips: Iterable[IPAddress] = (), allow: Iterable[IPNetwork] = (),
+                 timings: Timings | None = None, limits: DnsLimits | None = None) -> None:
         self.zone = zone
         self._state = state
         self._self = self_config
         self._tunnel_ips = frozenset(tunnel_ips)
         self._timings = timings or Timings()
+        self._limits = limits or DnsLimits()
+        self._access = Access(state, allow)
         self._throttle = Throttle(self._timings.dns_malformed_log_s)
+        self._refusals = RefusalLog(self._timings.forbidden_log_s,
+                                    self._limits.refused_log_interval_s,
+                                    self._limits.refused_sources_max)
         self._derived: dict[IPAddress | None, Endpoint | None] = {}
         self._derived_revision = -1
         self._instances = InstanceCache()
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
-        self._clients: set[asyncio.Task] = set()
-        self._clients_max = tcp_clients_max
+        self._clients: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self._per_client: Counter[Hashable] = Counter()
         self.addresses: list[tuple[str, int]] = []
         self.counts = {"queries": 0, "answered": 0, "malformed": 0, "ignored": 0,
-                       "errors": 0, "dropped": 0, "tcp_refused": 0}
+                       "errors": 0, "dropped": 0, "refused": 0, "tcp_refused": 0,
+                       "tcp_client_full": 0}
 
     @property
     def connections(self) -> int:
@@ -141,10 +174,16 @@ class DnsServer:
     def handle(self, wire: bytes, source: str | None, *, tcp: bool) -> bytes | None:
         """The reply to one message, or None when nothing is to be sent."""
         self.counts["queries"] += 1
+        if self._access.client(source) is None:
+            self._refused(source, "a query")
+            return None
         try:
-            query = dns.message.from_wire(wire)
-        except Exception as exc:  # dnspython raises several kinds on hostile input
+            query = parse_query(wire)
+        except MalformedPacket as exc:
             self._malformed(source, wire, exc)
+            return None
+        except Exception:  # a bug in the parser: this packet is lost, not the server
+            self._error(source)
             return None
         limit = size_limit(query, tcp=tcp)
         try:
@@ -155,13 +194,25 @@ class DnsServer:
                 return None
             reply = to_wire(response, limit)
         except Exception:
-            self.counts["errors"] += 1
-            if self._throttle.allow(("error", source), time.monotonic()) is not None:
-                log.exception("DNS: internal error answering %s", source,
-                              extra={"event": "dns_error", "source": source})
+            self._error(source)
             return to_wire(servfail(query), limit)
         self.counts["answered"] += 1
         return reply
+
+    def _refused(self, source: str | None, what: str) -> None:
+        """A query or connection from outside the tunnel (dnsaccess.py): dropped."""
+        self.counts["refused"] += 1
+        if self._refusals.allow(source, time.monotonic()):
+            log.warning("DNS: refused %s from %s: not the tunnel address of exactly one peer, "
+                        "nor in an allowed network (%d refused in all)", what, source,
+                        self.counts["refused"],
+                        extra={"event": "dns_refused", "source": source})
+
+    def _error(self, source: str | None) -> None:
+        self.counts["errors"] += 1
+        if self._throttle.allow(("error", source), time.monotonic()) is not None:
+            log.exception("DNS: internal error answering %s", source,
+                          extra={"event": "dns_error", "source": source})
 
     def _malformed(self, source: str | None, wire: bytes, exc: Exception) -> None:
         self.counts["malformed"] += 1
@@ -190,7 +241,7 @@ class DnsServer:
         if source in self._derived:
             return self._derived[source]
         peers = self._state.peers
-        caller = None if source is None else identify(source, peers.values())
+        caller = None if source is None else self._access.identify(source)
         record = None if caller is None else peers.get(caller)
         toward = record.endpoint if record is not None else None
         if toward is None:  # not a node (a local test, a monitor): any node's view will do
@@ -231,8 +282,10 @@ class DnsServer:
     async def close(self) -> None:
         for server in self._tcp:
             server.close()
-        for task in list(self._clients):
-            task.cancel()
+        # Connections are cut, not their tasks cancelled: each then ends as when its client
+        # hangs up (asyncio logs an error for a cancelled client_connected_cb task).
+        for writer in list(self._clients.values()):
+            writer.transport.abort()
         for task in list(self._clients):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -245,15 +298,29 @@ class DnsServer:
 
     async def _tcp_client(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= self._clients_max:
+        peer = writer.get_extra_info("peername")
+        source = peer[0] if peer else None
+        client = self._access.client(source)
+        if client is None:
+            self._refused(source, "a TCP connection")
+            writer.close()
+            return
+        if self._per_client[client] >= self._limits.tcp_per_client_max:
+            self.counts["tcp_client_full"] += 1
+            if self._throttle.allow(("tcp_client_full", client), time.monotonic()) is not None:
+                log.warning("DNS: closed a TCP connection from %s: its client already has %d "
+                            "open", source, self._limits.tcp_per_client_max,
+                            extra={"event": "dns_tcp_full", "source": source})
+            writer.close()
+            return
+        if len(self._clients) >= self._limits.tcp_clients_max:
             self.counts["tcp_refused"] += 1
             writer.close()
             return
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)
-        peer = writer.get_extra_info("peername")
-        source = peer[0] if peer else None
+        self._clients[task] = writer
+        self._per_client[client] += 1
         idle = self._timings.dns_tcp_idle_s
         try:
             while True:
@@ -269,7 +336,10 @@ class DnsServer:
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass  # idle, gone, or cut off: the connection simply ends
         finally:
-            self._clients.discard(task)
+            self._clients.pop(task, None)
+            self._per_client[client] -= 1
+            if not self._per_client[client]:
+                del self._per_client[client]
             writer.close()
 
 

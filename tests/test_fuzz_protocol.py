@@ -1,0 +1,144 @@
+"""Fuzzing the JSON of the registry<->node protocol (docs/fuzzing.md): what a node reports
+(`reported_from_json`, the body of PUT /v1/self, read by the registry) and what the registry
+sends (`item_from_json` for a watch-stream line, `snapshot_from_json` for GET /v1/peers,
+read by the node, through `parse_event` for the stream's bytes).
+
+Each gives a value or its module's one error: `MalformedMessage` (node/client.py turns it,
+and JSON it cannot decode, into `ApiError`). Seeds: the golden records and events of
+test_protocol_codec.py and the golden body of test_registry_report.py, mutated as JSON
+(values replaced by nasty ones, keys dropped or added) and as bytes.
+test_registry_report.py already fuzzes `reported_from_json` with generated bodies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from fuzzing import FUZZ, fuzz_input, mutated_json
+from test_protocol_codec import BARE, RECORD
+from test_registry_report import GOOD
+from wgpunch.errors import ApiError, MalformedMessage
+from wgpunch.keys import Key
+from wgpunch.node.client import parse_event
+from wgpunch.protocol import (
+    Heartbeat,
+    PeerEvent,
+    PunchEvent,
+    RemovedEvent,
+    Reported,
+    Snapshot,
+    heartbeat_json,
+    item_from_json,
+    item_json,
+    reported_from_json,
+    snapshot_from_json,
+)
+from wgpunch.wg.device import Endpoint
+
+EVENTS = [item_json(item) for item in (
+    Snapshot("ab12", 9, (RECORD, BARE)), PeerEvent(8, RECORD), PeerEvent(4, BARE),
+    RemovedEvent(9, Key(bytes([2]) * 32)),
+    PunchEvent(9, Key(bytes([2]) * 32), Endpoint.parse("[2001:db8::2]:4500"), True),
+)] + [heartbeat_json(5)]
+SNAPSHOT = {k: v for k, v in EVENTS[0].items() if k != "type"}  # the GET /v1/peers body
+REPORTS = [GOOD, {**GOOD, "local_addresses": [], "version": ""}]
+
+
+def encoded(values: list) -> list[bytes]:
+    return [json.dumps(value).encode() for value in values]
+
+
+# Nesting deeper than Python's recursion limit: the decoder itself gives up.
+DEEP = st.integers(900, 5000).map(lambda n: b"[" * n + b"]" * n)
+STREAM_LINES = st.one_of(fuzz_input(encoded(EVENTS), max_size=400),
+                         mutated_json(EVENTS), mutated_json(EVENTS), DEEP)
+REPORT_BODIES = st.one_of(fuzz_input(encoded(REPORTS), max_size=300), mutated_json(REPORTS),
+                          mutated_json(REPORTS))
+SNAPSHOT_BODIES = st.one_of(fuzz_input(encoded([SNAPSHOT]), max_size=900),
+                            mutated_json([SNAPSHOT]), mutated_json([SNAPSHOT]))
+
+# Found by these tests in code outside this change (docs/fuzzing.md, "Findings"): a watch
+# event that item_from_json does not turn into a MalformedMessage, and a line too deeply
+# nested for json.loads, which parse_event does not turn into an ApiError. Until they are
+# fixed, the fuzz tests accept exactly these, and the strict xfail tests below keep the
+# smallest inputs; when one is fixed its xfail test fails: delete it and its entry here.
+KNOWN = (
+    (OverflowError, "cannot convert float infinity to integer"),  # int() of 1e999/Infinity
+    (AttributeError, "object has no attribute 'rpartition'"),  # Endpoint.parse of a non-text
+    (RecursionError, "maximum recursion depth exceeded"),  # json.loads in parse_event
+)
+
+
+def known(error: Exception) -> bool:
+    return any(isinstance(error, kind) and text in str(error) for kind, text in KNOWN)
+
+
+@FUZZ
+@given(REPORT_BODIES)
+def test_any_report_body_is_a_report_or_malformed(raw):
+    try:
+        assert isinstance(reported_from_json(raw), Reported)
+        event("report")
+    except MalformedMessage:
+        event("MalformedMessage")
+
+
+@FUZZ
+@given(STREAM_LINES)
+def test_any_stream_line_is_an_event_or_malformed(raw):
+    """The bytes of one watch-stream line, as the node reads them: parse_event gives an
+    event or an ApiError; item_from_json, on whatever JSON decodes, an event or a
+    MalformedMessage."""
+    try:
+        parse_event(raw)
+        event("event")
+    except ApiError:
+        event("ApiError")
+    except Exception as error:
+        if not known(error):
+            raise
+        event(f"known: {type(error).__name__}")
+    with contextlib.suppress(ValueError, RecursionError):  # not JSON: parse_event's case
+        obj = json.loads(raw)
+        try:
+            assert isinstance(item_from_json(obj), Snapshot | PeerEvent | RemovedEvent
+                              | PunchEvent | Heartbeat)
+        except MalformedMessage:
+            pass
+        except Exception as error:
+            if not known(error):
+                raise
+
+
+@FUZZ
+@given(SNAPSHOT_BODIES)
+def test_any_peer_list_is_a_snapshot_or_malformed(raw):
+    with contextlib.suppress(ValueError, RecursionError):
+        obj = json.loads(raw)
+        try:
+            assert isinstance(snapshot_from_json(obj), Snapshot)
+        except MalformedMessage:
+            pass
+        except Exception as error:
+            if not known(error):
+                raise
+
+
+@pytest.mark.xfail(strict=True, raises=(OverflowError, AttributeError, RecursionError),
+                   reason="found by fuzzing: protocol/codec.py item_from_json and "
+                          "node/client.py parse_event let these through (docs/fuzzing.md)")
+@pytest.mark.parametrize("line", [
+    b'{"type": "heartbeat", "revision": 1e999}',
+    b'{"type": "heartbeat", "revision": Infinity}',
+    b'{"type": "punch", "revision": 1, "peer": "' + Key(bytes([2]) * 32).base64().encode()
+    + b'", "endpoint": 5, "initiator": true}',
+    b"[" * 100_000 + b"]" * 100_000,
+], ids=["revision 1e999", "revision Infinity", "endpoint a number", "nested 100,000 deep"])
+def test_known_findings_are_still_there(line):
+    with contextlib.suppress(ApiError):
+        parse_event(line)
