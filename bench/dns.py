@@ -286,7 +286,9 @@ def registry(ns: Namespace, ifname: str, poll_s: float, log: Path
              ) -> Iterator[subprocess.Popen]:
     argv, env = python_module("wgpunch.cli", "--log-format", "json", "registry",
                               "--interface", ifname, "--dns", str(DNS_PORT), "--zone", ZONE,
-                              "--poll-interval", str(poll_s))
+                              "--poll-interval", str(poll_s),
+                              # The bench's client asks from the registry's own address.
+                              "--dns-allow", f"{TUNNEL_IP}/32")
     with log.open("w") as out:
         proc = ns.popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                         start_new_session=True)

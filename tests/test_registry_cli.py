@@ -276,7 +276,9 @@ def test_serves_dns_and_releases_its_ports_on_signal(sig):
     proc = subprocess.Popen(
         wgpunch_cli("registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{port}",
                     "--dns", f"127.0.0.1:{dns_port}", "--zone", "mesh.internal",
-                    "--dns-self", "192.0.2.1:51820"),
+                    "--dns-self", "192.0.2.1:51820",
+                    # Queries from outside the tunnel are answered only where allowed.
+                    "--dns-allow", "127.0.0.1/32"),
         env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:
@@ -337,3 +339,20 @@ def test_serves_without_a_device_and_exits_0_on_signal(sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--dns-allow", "10.0.0.0/8"], "--zone, --dns-self and --dns-allow need --dns"),
+    (["--dns", "53", "--zone", "m.", "--dns-allow", "10.0.0.1/8"],
+     "DNS allowed network '10.0.0.1/8' is not a network"),
+])
+def test_dns_allow_refused(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        settings("-i", "wg0", *argv)
+
+
+def test_dns_allow_networks():
+    got = settings("-i", "wg0", "--dns", "53", "--zone", "m.", "--dns-allow", "192.0.2.0/24",
+                   "--dns-allow", "fd00::/8")
+    assert got.dns is not None
+    assert [str(n) for n in got.dns.allow] == ["192.0.2.0/24", "fd00::/8"]

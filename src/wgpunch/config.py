@@ -363,6 +363,7 @@ class RegistryConfig(Loaded):
     dns: tuple[str | int, ...]  # empty: no DNS-SD server
     zone: str | None
     dns_self: tuple[str, ...] | None  # None: no `self` record
+    dns_allow: tuple[str, ...]  # networks answered besides the peers' tunnel addresses
 
 
 REGISTRY = Schema("registry", (
@@ -384,6 +385,9 @@ REGISTRY = Schema("registry", (
     Option("dns_self", switch_or(one_or_list(TEXT, "a list of texts", "texts"), on=()),
            "publish the registry itself (true, or [IP:PORT] [CIDR ...])",
            '["192.0.2.1:51820"]'),
+    Option("dns_allow", one_or_list(TEXT, "a network or a list of networks", "networks"),
+           "also answer DNS-SD queries from these networks (default: peers' tunnel "
+           "addresses only)", '["192.0.2.0/24"]', default=()),
 ), RegistryConfig)
 
 

@@ -20,7 +20,7 @@ from .. import config, sdnotify
 from ..errors import ConfigError
 from ..protocol import API_PORT
 from ..wg import open_device
-from ..wg.device import Endpoint, IPAddress
+from ..wg.device import Endpoint, IPAddress, IPNetwork
 from .api import create_app
 from .dnssd import Zone
 from .dnsserver import DnsServer, SelfConfig
@@ -48,7 +48,8 @@ zone Z and with K its key in lowercase base32 (56 characters, "====" padding):
   K._wireguard._udp.Z SRV 0 0 PORT K._wireguard._udp.Z   (+ A or AAAA, then TXT)
   K._wireguard._udp.Z A|AAAA|TXT "txtvers=1" "pub=BASE64" "allowed=CIDR,..."
 TTL 0; other names in Z: NXDOMAIN; names outside Z: REFUSED. Like the API, it listens on
-IF's tunnel addresses by default: anyone who can query it learns every node's endpoint.
+IF's tunnel addresses by default, and answers only queries from peers' tunnel addresses (and
+networks given with --dns-allow): anyone it answers learns every node's endpoint.
 
 {config.epilog(config.REGISTRY)}"""
 
@@ -58,6 +59,7 @@ class DnsSettings:
     listen: tuple[Endpoint | int, ...]  # a bare port: that port on every address of IF
     zone: Zone
     self_config: SelfConfig | None  # None: no `self` record
+    allow: tuple[IPNetwork, ...] = ()  # answered besides the peers' tunnel addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "listen port, which is wrong behind a NAT or port forward. CIDRs are its allowed "
              "IPs in the TXT record",
     )
+    parser.add_argument(
+        "--dns-allow", metavar="CIDR", action="append",
+        help="also answer DNS-SD queries from this network; repeat for several. By default "
+             "only queries from peers' tunnel addresses are answered: a query from anywhere "
+             "else gets no answer over UDP and a closed connection over TCP",
+    )
     parser.set_defaults(func=run, daemon=True)
 
 
@@ -144,9 +152,9 @@ def settings_from(args: argparse.Namespace,
 
 def _dns_settings(options: config.RegistryConfig) -> DnsSettings | None:
     if not options.dns:
-        if options.zone or options.dns_self is not None:
-            raise ConfigError("registry: --zone and --dns-self need --dns (where to serve "
-                              "DNS-SD)")
+        if options.zone or options.dns_self is not None or options.dns_allow:
+            raise ConfigError("registry: --zone, --dns-self and --dns-allow need --dns (where "
+                              "to serve DNS-SD)")
         return None
     if not options.zone:
         raise ConfigError("registry: --dns needs --zone ZONE (or 'zone' in the config file)")
@@ -155,7 +163,16 @@ def _dns_settings(options: config.RegistryConfig) -> DnsSettings | None:
     zone = options.parsed("zone", Zone.parse, options.zone)
     self_config = (None if options.dns_self is None else
                    options.parsed("dns_self", SelfConfig.parse, options.dns_self))
-    return DnsSettings(listen, zone, self_config)
+    allow = tuple(options.parsed("dns_allow", _network, text) for text in options.dns_allow)
+    return DnsSettings(listen, zone, self_config, allow)
+
+
+def _network(text: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        raise ConfigError(f"registry: DNS allowed network {text!r} is not a network (CIDR, "
+                          "with no host bits set)") from None
 
 
 # -- serving ----------------------------------------------------------------------------------
@@ -243,10 +260,10 @@ async def _start_dns(interface: str, dns: DnsSettings, state: RegistryState,
                      else [(entry.ip, entry.port)])))
     for ip, _port in addresses:
         if ip.is_unspecified:
-            log.warning("serving DNS-SD on every address (%s): every node's endpoint is "
-                        "visible from outside the tunnel", ip)
+            log.warning("serving DNS-SD on every address (%s): queries from outside the "
+                        "tunnel are still refused unless --dns-allow lets them in", ip)
     server = DnsServer(dns.zone, state, self_config=dns.self_config, tunnel_ips=own,
-                       timings=timings)
+                       allow=dns.allow, timings=timings)
     await server.start([(str(ip), port) for ip, port in addresses])
     where = ", ".join(str(Endpoint(ipaddress.ip_address(h), p)) for h, p in server.addresses)
     log.info("DNS-SD for zone %s serving on %s (UDP and TCP)", dns.zone.name, where,
