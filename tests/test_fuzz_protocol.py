@@ -62,22 +62,6 @@ REPORT_BODIES = st.one_of(fuzz_input(encoded(REPORTS), max_size=300), mutated_js
 SNAPSHOT_BODIES = st.one_of(fuzz_input(encoded([SNAPSHOT]), max_size=900),
                             mutated_json([SNAPSHOT]), mutated_json([SNAPSHOT]))
 
-# Found by these tests in code outside this change (docs/fuzzing.md, "Findings"): a watch
-# event that item_from_json does not turn into a MalformedMessage, and a line too deeply
-# nested for json.loads, which parse_event does not turn into an ApiError. Until they are
-# fixed, the fuzz tests accept exactly these, and the strict xfail tests below keep the
-# smallest inputs; when one is fixed its xfail test fails: delete it and its entry here.
-KNOWN = (
-    (OverflowError, "cannot convert float infinity to integer"),  # int() of 1e999/Infinity
-    (AttributeError, "object has no attribute 'rpartition'"),  # Endpoint.parse of a non-text
-    (RecursionError, "maximum recursion depth exceeded"),  # json.loads in parse_event
-)
-
-
-def known(error: Exception) -> bool:
-    return any(isinstance(error, kind) and text in str(error) for kind, text in KNOWN)
-
-
 @FUZZ
 @given(REPORT_BODIES)
 def test_any_report_body_is_a_report_or_malformed(raw):
@@ -99,39 +83,31 @@ def test_any_stream_line_is_an_event_or_malformed(raw):
         event("event")
     except ApiError:
         event("ApiError")
-    except Exception as error:
-        if not known(error):
-            raise
-        event(f"known: {type(error).__name__}")
-    with contextlib.suppress(ValueError, RecursionError):  # not JSON: parse_event's case
-        obj = json.loads(raw)
-        try:
+    obj = json_or_none(raw)
+    if obj is not None:
+        with contextlib.suppress(MalformedMessage):
             assert isinstance(item_from_json(obj), Snapshot | PeerEvent | RemovedEvent
                               | PunchEvent | Heartbeat)
-        except MalformedMessage:
-            pass
-        except Exception as error:
-            if not known(error):
-                raise
 
 
 @FUZZ
 @given(SNAPSHOT_BODIES)
 def test_any_peer_list_is_a_snapshot_or_malformed(raw):
-    with contextlib.suppress(ValueError, RecursionError):
-        obj = json.loads(raw)
-        try:
+    obj = json_or_none(raw)
+    if obj is not None:
+        with contextlib.suppress(MalformedMessage):
             assert isinstance(snapshot_from_json(obj), Snapshot)
-        except MalformedMessage:
-            pass
-        except Exception as error:
-            if not known(error):
-                raise
 
 
-@pytest.mark.xfail(strict=True, raises=(OverflowError, AttributeError, RecursionError),
-                   reason="found by fuzzing: protocol/codec.py item_from_json and "
-                          "node/client.py parse_event let these through (docs/fuzzing.md)")
+def json_or_none(raw: bytes) -> object | None:
+    """What the JSON decoder makes of `raw`; None when it is not JSON (parse_event's case)
+    or is JSON null."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
 @pytest.mark.parametrize("line", [
     b'{"type": "heartbeat", "revision": 1e999}',
     b'{"type": "heartbeat", "revision": Infinity}',
@@ -139,6 +115,8 @@ def test_any_peer_list_is_a_snapshot_or_malformed(raw):
     + b'", "endpoint": 5, "initiator": true}',
     b"[" * 100_000 + b"]" * 100_000,
 ], ids=["revision 1e999", "revision Infinity", "endpoint a number", "nested 100,000 deep"])
-def test_known_findings_are_still_there(line):
-    with contextlib.suppress(ApiError):
+def test_the_findings_are_malformed(line):
+    """Found by fuzzing: each escaped as OverflowError, AttributeError or RecursionError;
+    now a watch-stream line the node cannot read is an ApiError, like any other."""
+    with pytest.raises(ApiError, match="registry: bad watch event"):
         parse_event(line)

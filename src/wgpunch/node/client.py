@@ -23,7 +23,7 @@ MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry
 def parse_event(line: bytes) -> Event:
     try:
         return item_from_json(json.loads(line))
-    except ValueError as error:  # MalformedMessage is one
+    except (ValueError, RecursionError) as error:  # MalformedMessage is a ValueError
         raise ApiError(f"registry: bad watch event: {error}") from None
 
 
@@ -65,7 +65,7 @@ class RegistryClient:
                         response.status,
                     )
                 return json.loads(text) if text else None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as error:
             raise ApiError(f"registry: {method} {url}: {_describe(error)}") from None
 
     async def peers(self) -> Snapshot:

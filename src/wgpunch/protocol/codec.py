@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -61,26 +62,28 @@ def heartbeat_json(revision: int) -> dict[str, Any]:
 
 
 def peer_from_json(obj: Any) -> PeerRecord:
-    reported = obj["reported"]
+    reported = _field(obj, "reported", dict, none=True)
     return PeerRecord(
-        public_key=Key.from_base64(obj["public_key"]),
-        allowed_ips=tuple(ipaddress.ip_network(net) for net in obj["allowed_ips"]),
-        endpoint=None if obj["endpoint"] is None else Endpoint.parse(obj["endpoint"]),
-        latest_handshake=obj["latest_handshake"],
+        public_key=Key.from_base64(_field(obj, "public_key", str)),
+        allowed_ips=tuple(ipaddress.ip_network(_item(net, "allowed_ips", str))
+                          for net in _field(obj, "allowed_ips", list)),
+        endpoint=_endpoint(obj, "endpoint", none=True),
+        latest_handshake=_number(obj, "latest_handshake", none=True),
         reported=None if reported is None else Reported(
-            reported["listen_port"],
-            tuple(ipaddress.ip_address(a) for a in reported["local_addresses"]),
-            reported["version"],
+            _revision(reported, "listen_port"),
+            tuple(ipaddress.ip_address(_item(a, "local_addresses", str))
+                  for a in _field(reported, "local_addresses", list)),
+            _field(reported, "version", str),
         ),
-        revision=int(obj["revision"]),
+        revision=_revision(obj, "revision"),
     )
 
 
 def snapshot_from_json(obj: Any) -> Snapshot:
     """The body of `GET /v1/peers` (a snapshot without its `type`)."""
     try:
-        peers = tuple(peer_from_json(p) for p in obj["peers"])
-        return Snapshot(str(obj["epoch"]), int(obj["revision"]), peers)
+        peers = tuple(peer_from_json(p) for p in _field(obj, "peers", list))
+        return Snapshot(_field(obj, "epoch", str), _revision(obj, "revision"), peers)
     except (ValueError, KeyError, TypeError, WgpunchError) as error:
         raise MalformedMessage(f"malformed peer list: {error}") from None
 
@@ -88,22 +91,70 @@ def snapshot_from_json(obj: Any) -> Snapshot:
 def item_from_json(obj: Any) -> Event:
     """The inverse of `item_json` (and `heartbeat_json`)."""
     try:
-        kind, revision = obj["type"], int(obj["revision"])
+        kind, revision = _field(obj, "type", str), _revision(obj, "revision")
         if kind == "snapshot":
-            peers = tuple(peer_from_json(p) for p in obj["peers"])
-            return Snapshot(str(obj["epoch"]), revision, peers)
+            peers = tuple(peer_from_json(p) for p in _field(obj, "peers", list))
+            return Snapshot(_field(obj, "epoch", str), revision, peers)
         if kind == "peer":
-            return PeerEvent(revision, peer_from_json(obj["peer"]))
+            return PeerEvent(revision, peer_from_json(_field(obj, "peer", dict)))
         if kind == "removed":
-            return RemovedEvent(revision, Key.from_base64(obj["public_key"]))
+            return RemovedEvent(revision, Key.from_base64(_field(obj, "public_key", str)))
         if kind == "punch":
-            return PunchEvent(revision, Key.from_base64(obj["peer"]),
-                              Endpoint.parse(obj["endpoint"]), bool(obj["initiator"]))
+            endpoint = _endpoint(obj, "endpoint")
+            assert endpoint is not None
+            return PunchEvent(revision, Key.from_base64(_field(obj, "peer", str)), endpoint,
+                              _field(obj, "initiator", bool))
         if kind == "heartbeat":
             return Heartbeat(revision)
     except (ValueError, KeyError, TypeError, WgpunchError) as error:
         raise MalformedMessage(f"malformed {str(obj)[:100]}: {error}") from None
-    raise MalformedMessage(f"unknown watch event type {kind!r}")
+    raise MalformedMessage(f"unknown watch event type {kind[:40]!r}")
+
+
+# Readers of one field each: the JSON type is checked before the value is used, so a value
+# of another type is a MalformedMessage naming the field, never a Python error of its own
+# (found by fuzzing: an endpoint of 5, a revision of 1e999, an initiator of "no").
+
+
+def _field(obj: Any, key: str, kind: type | tuple[type, ...], *, none: bool = False) -> Any:
+    if not isinstance(obj, dict):
+        raise MalformedMessage(f"expected an object holding {key!r}")
+    value = obj[key]
+    if value is None and none:
+        return None
+    # bool is an int in Python, not in JSON.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise MalformedMessage(f"{key}: expected {names}, got {type(value).__name__}")
+    return value
+
+
+def _item(value: Any, key: str, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise MalformedMessage(f"{key}: expected {kind.__name__} items, got "
+                               f"{type(value).__name__}")
+    return value
+
+
+def _revision(obj: Any, key: str) -> int:
+    value: int = _field(obj, key, int)
+    if value < 0:
+        raise MalformedMessage(f"{key}: {value} is negative")
+    return value
+
+
+def _number(obj: Any, key: str, *, none: bool = False) -> float | None:
+    value = _field(obj, key, (int, float), none=none)
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise MalformedMessage(f"{key}: {value!r} is not a finite number")
+    return float(value)
+
+
+def _endpoint(obj: Any, key: str, *, none: bool = False) -> Endpoint | None:
+    text = _field(obj, key, str, none=none)
+    return None if text is None else Endpoint.parse(text)
 
 
 def dumps(obj: Any) -> str:
