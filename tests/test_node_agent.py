@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import ipaddress
+import itertools
 import logging
 import os
 import shutil
@@ -62,7 +63,8 @@ T = TypeVar("T")
 # Short enough that a test takes a fraction of a second per round; the decisions are the same.
 FAST = Timings(first_retry_s=0.1, max_retry_s=0.4, coalesce_s=0.1, peer_grace_s=0.2,
                probe_timeout_s=0.3, idle_recheck_s=0.1, busy_recheck_s=0.02)
-FAST_REGISTRY = RegistryTimings(reconnect_first_s=0.1, reconnect_max_s=0.4)
+FAST_REGISTRY = RegistryTimings(reconnect_first_s=0.1, reconnect_fast_max_s=0.4,
+                                reconnect_max_s=0.4)
 LAN_ADDRESS = ipaddress.ip_address("10.0.0.9")  # what peers "report"; not the endpoint: NATed
 OUR_INTERFACES = [ipaddress.ip_interface("192.168.1.10/24")]  # what the fake says we have
 OUR_ADDRESSES = [i.ip for i in OUR_INTERFACES]
@@ -794,3 +796,21 @@ async def test_the_path_file_says_how_the_registry_link_goes(pair, registry, io)
     assert lost.error == "registry: watch stream ended"
     assert following.since is not None and lost.since is not None and back.since is not None
     assert following.since <= lost.since <= back.since
+
+
+async def test_a_registry_that_went_away_is_asked_often_at_first_then_less(pair, registry, io):
+    """Retries stay at the fast cap while the registry has been away for less than fast_for_s
+    (a registry restarted at once is followed again within that cap), and only then back off
+    further. Doubling alone would have made 4 tries in the first second here, not 6 or more."""
+    timings = RegistryTimings(reconnect_first_s=0.05, reconnect_fast_max_s=0.1, fast_for_s=1.0,
+                              reconnect_max_s=2.0)
+    for _ in range(40):
+        registry.push(ApiError("registry: watch: 503"))
+    async with Running(agent_for(pair, registry, io, registry_timings=timings)) as run:
+        await run.until(lambda: len(registry.of("watch")) >= 14, what="many reconnects",
+                        within_s=10.0)
+    start = registry.watch_times[0]
+    early = [t for t in registry.watch_times if t - start < 1.0]
+    gaps = [b - a for a, b in itertools.pairwise(registry.watch_times)]
+    assert len(early) >= 6, gaps
+    assert max(gaps) >= 0.8 * 0.2, gaps  # past fast_for_s the pause doubles beyond the cap

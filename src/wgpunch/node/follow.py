@@ -37,10 +37,17 @@ log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, which
 
 @dataclass(frozen=True, slots=True)
 class RegistryTimings:
-    # A watch stream that failed is opened again after this long, doubled per failure up to
-    # reconnect_max_s (each pause jittered by +-20 %, so that nodes do not reconnect in step),
-    # and back to the first once a stream delivered again. Our choice.
+    # A watch stream that failed is opened again after this long, doubled per failure (each
+    # pause jittered by +-20 %, so that nodes do not reconnect in step), and back to the first
+    # once a stream delivered again. Up to reconnect_fast_max_s while the registry has been
+    # away for less than fast_for_s, so that a registry restarted at once (an upgrade, a
+    # crash under systemd's Restart=) has its nodes back within about a second; then up to
+    # reconnect_max_s, so that a registry gone for good is not asked every second by every
+    # node. Our choices (before: up to 30 s at once, nodes followed a registry restarted
+    # after 15 s 11.7-12.3 s after it served again).
     reconnect_first_s: float = 0.25
+    reconnect_fast_max_s: float = 1.0
+    fast_for_s: float = 60.0
     reconnect_max_s: float = 30.0
     # Re-report our candidates this often: addresses change (DHCP, roaming).
     report_every_s: float = 60.0
@@ -140,6 +147,7 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
     where it left off; `on_silence` runs whenever a stream that had worked ends."""
     delay = t.reconnect_first_s
     view.set_health(client.following, "connecting", clock.wall())
+    lost_at = clock.monotonic()  # when we last stopped hearing from it
     while True:
         heard = False
         try:
@@ -148,6 +156,7 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
                     log.info("%s", client.following, extra={"event": "registry_connected"})
                     view.set_health(client.following, "following", clock.wall())
                 delay, heard = t.reconnect_first_s, True
+                lost_at = clock.monotonic()
                 view.apply(event)
                 view.stream_open.set()
         except ApiError as error:
@@ -162,7 +171,9 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
             # is what reopens it.
             await on_silence()
         await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # backoff, not sync
-        delay = min(delay * 2, t.reconnect_max_s)
+        away_s = clock.monotonic() - lost_at
+        delay = min(delay * 2, t.reconnect_fast_max_s if away_s < t.fast_for_s
+                    else t.reconnect_max_s)
 
 
 async def report_self(client: Source, view: RegistryView, device: Device, io: Io,
