@@ -41,7 +41,7 @@ from ..protocol import (
     reported_from_json,
 )
 from .auth import Identities, bearer_matches, source_ip
-from .clientlog import ClientLog
+from .clientlog import ClientLog, quiet_malformed_http
 from .connlimit import Client, ConnectionTable, Guard, Kind
 from .limits import Limits
 from .observer import Observer
@@ -336,44 +336,6 @@ def _observer_ctx(observer: Observer) -> Callable[[web.Application], AsyncIterat
     return run_observer
 
 
-class _MalformedHttp(logging.Filter):
-    """aiohttp logs an unparsable request (a port scan, a TLS hello, a broken client) as an
-    ERROR with a traceback when it answers it itself (site.JsonErrors answers those for
-    ApiSite; this covers any other path, such as a plain aiohttp site). For a server on a
-    network that is noise a client can make at will: it becomes the client log's line
-    ("malformed_http", throttled per source), the record itself is dropped."""
-
-    def __init__(self, client_log: ClientLog) -> None:
-        super().__init__()
-        self._client_log = client_log
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, web.RequestPayloadError) and isinstance(error.__cause__,
-                                                                     HttpProcessingError):
-            error = error.__cause__
-        if not isinstance(error, HttpProcessingError):
-            return True
-        source = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-        reason = (error.message or type(error).__name__).strip().splitlines()[0][:120]
-        self._client_log.log(source, "malformed HTTP request from %s: %s", source, reason,
-                             event="malformed_http")
-        return False
-
-
-def _quiet_malformed_http(client_log: ClientLog) -> Callable[[web.Application],
-                                                             AsyncIterator[None]]:
-    async def install(app: web.Application) -> AsyncIterator[None]:
-        server_log, quiet = logging.getLogger("aiohttp.server"), _MalformedHttp(client_log)
-        server_log.addFilter(quiet)
-        try:
-            yield
-        finally:
-            server_log.removeFilter(quiet)
-
-    return install
-
-
 async def _end_streams(app: web.Application) -> None:
     app[STATE].close_streams()
 
@@ -419,7 +381,7 @@ def create_app(
     app[REPORT_RATE] = RateLimiter(limits.report_burst, limits.report_per_s)
     app[PUNCH_RATE] = RateLimiter(limits.punch_burst, limits.punch_per_s)
     app[STREAMS] = {}
-    app.cleanup_ctx.append(_quiet_malformed_http(app[CLIENT_LOG]))
+    app.cleanup_ctx.append(quiet_malformed_http(app[CLIENT_LOG]))
     if token is not None:
         app[TOKEN] = token
     if observer is not None:
