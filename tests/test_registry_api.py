@@ -1,4 +1,5 @@
-"""The HTTP API over real sockets (aiohttp's test server on loopback).
+"""The HTTP API over real sockets, served as `wgpunch registry` serves it (site.ApiSite) on
+loopback.
 
 Identity comes from the source address, so the table gives peer A the allowed IP 127.0.0.1/32
 and peer B 127.0.0.2/32: a client bound to 127.0.0.2 is B. The state is fed directly with
@@ -6,9 +7,11 @@ device snapshots (`PeerState`), as the observer would.
 """
 
 import asyncio
+import gzip
 import ipaddress
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
@@ -18,7 +21,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from wgpunch.keys import Key
-from wgpunch.registry.api import create_app
+from wgpunch.registry.api import create_app, send_line
+from wgpunch.registry.limits import Limits
+from wgpunch.registry.site import ApiSite
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
 from wgpunch.wg.device import Endpoint, PeerState
@@ -41,23 +46,38 @@ def table(a_endpoint: str = "198.51.100.1:51820") -> list[PeerState]:
 
 
 class Registry:
-    def __init__(self, state: RegistryState, server: TestServer) -> None:
-        self.state, self.server = state, server
-        self.clients: list[TestClient] = []
+    """The application served as `wgpunch registry` serves it: an AppRunner and an ApiSite
+    (site.py: connection limits, timeouts, JSON answers to malformed HTTP) on loopback."""
 
-    async def client(self, source: str = "127.0.0.1", **kwargs) -> TestClient:
+    def __init__(self, state: RegistryState, runner: web.AppRunner, site: ApiSite) -> None:
+        self.state, self.runner, self.site = state, runner, site
+        self.host, self.port = "127.0.0.1", site.port
+        self.clients: list[aiohttp.ClientSession] = []
+
+    @property
+    def app(self) -> web.Application:
+        return self.runner.app
+
+    async def client(self, source: str = "127.0.0.1", **kwargs) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(local_addr=(source, 0))
-        client = TestClient(self.server, connector=connector, **kwargs)
-        await client.start_server()
+        client = aiohttp.ClientSession(f"http://{self.host}:{self.port}", connector=connector,
+                                       **kwargs)
         self.clients.append(client)
         return client
 
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+        await self.runner.cleanup()
+
 
 async def start(state: RegistryState, timings: Timings = QUIET, **kwargs) -> Registry:
-    server = TestServer(create_app(state, timings=timings, **kwargs), host="127.0.0.1",
-                        handler_cancellation=True)
-    await server.start_server()
-    return Registry(state, server)
+    runner = web.AppRunner(create_app(state, timings=timings, **kwargs),
+                           handler_cancellation=True, shutdown_timeout=timings.shutdown_grace_s)
+    await runner.setup()
+    site = ApiSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return Registry(state, runner, site)
 
 
 @pytest.fixture
@@ -66,9 +86,7 @@ async def registry() -> AsyncIterator[Registry]:
     state.observe(table())
     reg = await start(state)
     yield reg
-    for client in reg.clients:
-        await client.close()
-    await reg.server.close()
+    await reg.close()
 
 
 async def next_line(resp: aiohttp.ClientResponse) -> dict | None:
@@ -119,9 +137,7 @@ async def test_a_stranger_is_refused_everywhere_and_logged_once(caplog):
         refused = [r for r in caplog.records if "refused" in r.getMessage()]
         assert len(refused) == 1 and refused[0].event == "forbidden"
     finally:
-        for client in reg.clients:
-            await client.close()
-        await reg.server.close()
+        await reg.close()
 
 
 async def test_bearer_token_is_a_second_factor():
@@ -136,9 +152,7 @@ async def test_bearer_token_is_a_second_factor():
         assert ok.status == 200
         assert (await a.get("/healthz")).status == 200
     finally:
-        for client in reg.clients:
-            await client.close()
-        await reg.server.close()
+        await reg.close()
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -152,6 +166,8 @@ async def test_put_self_records_the_report(registry):
     assert peers[0]["reported"] == report and peers[0]["revision"] == 4
 
 
+GZIP_NOT = {"data": b"this is not gzip" * 8, "headers": {"Content-Encoding": "gzip"}}
+GZIP_BOMB = {"data": gzip.compress(bytes(16 << 20), 9), "headers": {"Content-Encoding": "gzip"}}
 OVERSIZED = json.dumps({"listen_port": 1, "local_addresses": [], "version": "x" * 5000})
 
 
@@ -170,10 +186,26 @@ async def chunks() -> AsyncIterator[bytes]:
      {"json": {"listen_port": "1", "local_addresses": [], "version": ""}}, 400),
     ("a host name as address", "PUT", "/v1/self",
      {"json": {"listen_port": 1, "local_addresses": ["evil.example"], "version": ""}}, 400),
+    ("loopback, IPv4-mapped", "PUT", "/v1/self",
+     {"json": {"listen_port": 1, "local_addresses": ["::ffff:127.0.0.1"], "version": ""}}, 400),
+    ("unspecified, IPv4-mapped", "PUT", "/v1/self",
+     {"json": {"listen_port": 1, "local_addresses": ["::ffff:0.0.0.0"], "version": ""}}, 400),
+    ("multicast, IPv4-mapped", "PUT", "/v1/self",
+     {"json": {"listen_port": 1, "local_addresses": ["::ffff:224.0.0.1"], "version": ""}}, 400),
+    ("an address twice, once IPv4-mapped", "PUT", "/v1/self",
+     {"json": {"listen_port": 1, "local_addresses": ["192.168.1.2", "::ffff:192.168.1.2"],
+               "version": ""}}, 400),
     ("binary garbage", "PUT", "/v1/self", {"data": bytes(range(256))}, 400),
     ("deeply nested", "PUT", "/v1/self", {"data": b"[" * 4000}, 400),
     ("over 4 KiB", "PUT", "/v1/self", {"data": OVERSIZED}, 413),
     ("over 4 KiB, chunked", "PUT", "/v1/self", {"data": chunks()}, 413),
+    ("Content-Encoding: gzip, not gzip", "PUT", "/v1/self", GZIP_NOT, 400),
+    ("a gzip bomb: 16 MiB of zeros", "PUT", "/v1/self", GZIP_BOMB, 413),
+    ("a punch with a gzip bomb", "POST", f"/v1/punch/{B.hex()}", GZIP_BOMB, 413),
+    ("deflate, not deflate", "PUT", "/v1/self",
+     {"data": b"\x00" * 64, "headers": {"Content-Encoding": "deflate"}}, 400),
+    ("an unknown content encoding", "PUT", "/v1/self",
+     {"data": b"{}", "headers": {"Content-Encoding": "x-nope"}}, 400),
     ("a query on /v1/self", "PUT", "/v1/self?x=1", {"json": {}}, 400),
     ("a query on /v1/peers", "GET", "/v1/peers?all=1", {}, 400),
     ("a bad since", "GET", "/v1/watch?since=-1", {}, 400),
@@ -197,14 +229,18 @@ async def chunks() -> AsyncIterator[bytes]:
     ("HEAD on the watch stream", "HEAD", "/v1/watch", {}, 405),
 ])
 async def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(
-        registry, intent, method, path, kwargs, status):
+        registry, intent, method, path, kwargs, status, caplog):
     a = await registry.client()
-    resp = await a.request(method, path, **kwargs)
+    with caplog.at_level(logging.DEBUG):
+        resp = await a.request(method, path, **kwargs)
     assert resp.status == status, intent
     assert resp.content_type == "application/json", intent
     if method != "HEAD":  # a HEAD answer has no body
         assert isinstance((await resp.json())["error"], str), intent
     assert (await a.get("/v1/peers")).status == 200
+    # Client input is never a traceback, nor an error of ours.
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], \
+        caplog.text
 
 
 @pytest.mark.parametrize("raw", [
@@ -215,20 +251,22 @@ async def test_bad_requests_get_a_json_4xx_and_the_server_keeps_serving(
     b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
     b"GET /v1/peers HTTP/1.1\r\n" + b"X: y\r\n" * 1000 + b"\r\n",
 ])
-async def test_broken_http_gets_an_error_and_the_server_keeps_serving(registry, raw, caplog):
-    host, port = registry.server.host, registry.server.port
-    with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+async def test_broken_http_gets_a_json_400_and_the_server_keeps_serving(registry, raw, caplog):
+    with caplog.at_level(logging.DEBUG):
         for _ in range(2):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(registry.host, registry.port)
             writer.write(raw)
             async with asyncio.timeout(READ_S):
-                answer = await reader.read(100)
+                answer = await reader.read()  # the registry closes the connection after it
             writer.close()
-    # One line without a traceback, not an ERROR with one per request.
-    logged = [r for r in caplog.records if r.name == "aiohttp.server"]
-    assert len(logged) <= 1 and not any(r.exc_info for r in logged), caplog.text
-    assert all(r.levelno <= logging.WARNING for r in logged)
-    assert answer == b"" or (answer.startswith(b"HTTP/1.") and b" 4" in answer[:13]), answer
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert re.match(rb"HTTP/1\.[01] 400 ", head), answer
+    assert b"Content-Type: application/json" in head, answer
+    assert json.loads(body)["error"].startswith("malformed HTTP request: "), body
+    # One line for both, without a traceback, not an ERROR with one per request.
+    logged = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [r.event for r in logged] == ["malformed_http"], caplog.text
+    assert not any(r.exc_info for r in caplog.records), caplog.text
     a = await registry.client()
     assert (await a.get("/v1/peers")).status == 200
 
@@ -321,9 +359,7 @@ async def test_watch_sends_heartbeats_when_idle():
         assert await next_line(resp) == {"type": "heartbeat", "revision": 3}
         assert await next_line(resp) == {"type": "heartbeat", "revision": 3}
     finally:
-        for client in reg.clients:
-            await client.close()
-        await reg.server.close()
+        await reg.close()
 
 
 async def test_a_stream_that_falls_behind_is_closed_and_resumes_from_history():
@@ -341,9 +377,7 @@ async def test_a_stream_that_falls_behind_is_closed_and_resumes_from_history():
         assert [(await next_line(resumed))["revision"] for _ in range(5)] == [4, 5, 6, 7, 8]
         assert (await a.get("/v1/peers")).status == 200
     finally:
-        for client in reg.clients:
-            await client.close()
-        await reg.server.close()
+        await reg.close()
 
 
 async def test_shutdown_ends_open_streams_promptly():
@@ -354,7 +388,7 @@ async def test_shutdown_ends_open_streams_promptly():
     resp = await a.get("/v1/watch")
     assert (await next_line(resp))["type"] == "snapshot"
     async with asyncio.timeout(3.0):  # aiohttp would wait 60 s for a handler still running
-        await reg.server.close()
+        await reg.runner.cleanup()
         assert await next_line(resp) is None
     assert state.stream_count == 0
     await a.close()
@@ -370,3 +404,137 @@ async def test_a_client_that_goes_away_releases_its_stream(registry):
     while registry.state.stream_count:
         assert asyncio.get_running_loop().time() < deadline, "stream not released in 3 s"
         await asyncio.sleep(0.01)  # poll interval, bounded by the deadline above
+
+
+# -- limits per caller (registry/limits.py) ----------------------------------------------------
+
+REPORT = {"listen_port": 51820, "local_addresses": ["192.168.1.2"], "version": "0.1.0"}
+
+
+async def limited(**limits) -> Registry:
+    state = RegistryState(epoch="e1", punch_window_s=QUIET.punch_coalesce_s)
+    state.observe(table())
+    return await start(state, limits=Limits(**limits))
+
+
+@pytest.mark.parametrize(("intent", "method", "path", "limits"), [
+    ("reports", "PUT", "/v1/self", {"report_burst": 2, "report_per_s": 0.4}),
+    ("punch requests", "POST", f"/v1/punch/{B.hex()}", {"punch_burst": 2, "punch_per_s": 0.4}),
+])
+async def test_a_caller_over_its_rate_gets_429_with_retry_after_and_others_do_not(
+        intent, method, path, limits, caplog):
+    reg = await limited(**limits)
+    try:
+        a, b = await reg.client(), await reg.client("127.0.0.2")
+        body = {"json": REPORT} if method == "PUT" else {}
+        for _ in range(2):
+            assert (await a.request(method, path, **body)).status in (200, 202), intent
+        with caplog.at_level(logging.INFO, logger="wgpunch.registry"):
+            for _ in range(3):
+                refused = await a.request(method, path, **body)
+                assert refused.status == 429, intent
+                assert refused.headers["Retry-After"] == "3", intent  # 1 token at 0.4/s: 2.5 s
+                assert "retry in 2.5 s" in (await refused.json())["error"], intent
+        assert [r.event for r in caplog.records] == ["rate_limited"], caplog.text  # one line
+        other = A.hex() if method == "POST" else None
+        again = await b.request(method, path.replace(B.hex(), other) if other else path, **body)
+        assert again.status in (200, 202), intent  # B has a bucket of its own
+        assert reg.state.revision <= 5  # two reports of A's, one of B's: nothing more
+    finally:
+        await reg.close()
+
+
+async def test_requests_over_a_callers_pace_wait_their_turn_and_others_do_not():
+    reg = await limited(requests_burst=3, requests_per_s=10.0)
+    try:
+        a, b = await reg.client(), await reg.client("127.0.0.2")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answers = await asyncio.gather(*(a.get("/v1/peers") for _ in range(6)))
+        took_a = loop.time() - started
+        assert [r.status for r in answers] == [200] * 6
+        assert 0.25 <= took_a <= 1.0  # three at once, then one every 0.1 s
+        started = loop.time()
+        assert (await b.get("/v1/peers")).status == 200
+        assert loop.time() - started < 0.1  # B's budget is its own
+    finally:
+        await reg.close()
+
+
+async def test_a_new_watch_stream_beyond_the_cap_ends_the_callers_oldest(caplog):
+    reg = await limited(caller_streams=2)
+    try:
+        a, b = await reg.client(), await reg.client("127.0.0.2")
+        streams = []
+        for _ in range(2):
+            streams.append(await a.get("/v1/watch"))
+            assert (await next_line(streams[-1]))["type"] == "snapshot"
+        on_b = await b.get("/v1/watch")
+        assert (await next_line(on_b))["type"] == "snapshot"
+        with caplog.at_level(logging.INFO, logger="wgpunch.registry"):
+            third = await a.get("/v1/watch")
+            assert (await next_line(third))["type"] == "snapshot"
+            assert await next_line(streams[0]) is None  # the oldest, ended
+        assert [r.event for r in caplog.records] == ["stream_replaced"]
+        assert reg.state.stream_count == 3
+        reg.state.observe(table("198.51.100.1:40000"))
+        for stream in (streams[1], third, on_b):  # the others go on
+            assert (await next_line(stream))["type"] == "peer"
+    finally:
+        await reg.close()
+
+
+class StuckResponse:
+    """A stream response whose client takes nothing: every write waits forever."""
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_stream_line_not_taken_in_time_ends_the_stream():
+    timings = Timings(stream_write_timeout_s=0.05)
+    started = asyncio.get_running_loop().time()
+    assert await send_line(StuckResponse(), {"type": "heartbeat", "revision": 1}, timings) is False
+    assert asyncio.get_running_loop().time() - started < 1.0
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/peers", "/v1/self"])
+async def test_a_strangers_bad_gzip_and_bombs_cost_no_traceback(path, caplog):
+    state = RegistryState()
+    state.observe(table())
+    reg = await start(state)
+    try:
+        stranger = await reg.client("127.0.0.9")
+        with caplog.at_level(logging.DEBUG):
+            for kwargs in (GZIP_NOT, GZIP_BOMB) * 2:
+                resp = await stranger.put(path, **kwargs) if path == "/v1/self" else \
+                    await stranger.get(path, **kwargs)
+                assert resp.status in (200, 403) and resp.content_type == "application/json"
+        assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], \
+            caplog.text
+        assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= 1
+    finally:
+        await reg.close()
+
+
+async def test_on_a_plain_aiohttp_site_broken_http_is_one_line_all_the_same(caplog):
+    """Served by aiohttp's own site (not ApiSite), aiohttp answers broken HTTP itself and logs
+    an ERROR with a traceback each time: the application turns that into the client log's
+    line."""
+    state = RegistryState()
+    state.observe(table())
+    server = TestServer(create_app(state, timings=QUIET), host="127.0.0.1")
+    await server.start_server()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection(server.host, server.port)
+                writer.write(b"GET /v1/peers HTTP/9.9\r\n\r\n")
+                async with asyncio.timeout(READ_S):
+                    assert (await reader.read()).startswith(b"HTTP/1.0 400 ")
+                writer.close()
+        logged = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert [r.event for r in logged] == ["malformed_http"], caplog.text
+        assert not any(r.exc_info for r in caplog.records)
+    finally:
+        await server.close()

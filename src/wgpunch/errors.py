@@ -15,6 +15,7 @@ every one of them lives here.
     ├── ChangeRefused (ValueError)      a device change is invalid and was not sent
     ├── MalformedMessage (ValueError)   a registry<->node message is malformed (HTTP 400)
     ├── RequestRefused                  a well-formed request the registry refuses (HTTP code)
+    │   └── RateLimited                 ... because its caller asks too often (429)
     ├── ApiError                        the node's request to the registry failed
     ├── NoRecord                        a DNS-SD server has no record for a key
     ├── MalformedPacket (ValueError)    a datagram that is not a message of its protocol
@@ -76,6 +77,15 @@ class RequestRefused(WgpunchError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RateLimited(RequestRefused):
+    """A request refused because its caller made too many of its kind: HTTP 429, with
+    `retry_after_s`, the seconds until one would be accepted (the `Retry-After` header)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, 429)
+        self.retry_after_s = retry_after_s
 
 
 class ApiError(WgpunchError):

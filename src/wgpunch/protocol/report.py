@@ -45,10 +45,11 @@ class Reported:
         for address in self.local_addresses:
             if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
                 raise MalformedMessage(f"local_addresses: {address!r} is not an IP address")
-            if address.is_unspecified or address.is_loopback or address.is_multicast:
+            judged = _as_ipv4(address)
+            if judged.is_unspecified or judged.is_loopback or judged.is_multicast:
                 raise MalformedMessage(
                     f"local_addresses: {address} cannot be reached from another host")
-        if len(set(self.local_addresses)) != len(self.local_addresses):
+        if len({_as_ipv4(a) for a in self.local_addresses}) != len(self.local_addresses):
             raise MalformedMessage("local_addresses: an address is listed twice")
         if not isinstance(self.version, str):
             raise MalformedMessage(f"version: expected text, got {_kind(self.version)}")
@@ -65,6 +66,14 @@ class Reported:
             "local_addresses": [str(a) for a in self.local_addresses],
             "version": self.version,
         }
+
+
+def _as_ipv4(address: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) is its IPv4 address, which is what a
+    dual-stack socket sending to it reaches; other addresses are themselves."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _kind(value: object) -> str:

@@ -33,6 +33,7 @@ from .listen import (
     parse_listen,
 )
 from .observer import Observer
+from .site import ApiSite
 from .state import RegistryState
 from .timings import Timings
 
@@ -218,7 +219,7 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
                             "outside the tunnel; only peers' tunnel addresses are served",
                             endpoint)
             try:
-                await web.TCPSite(runner, str(endpoint.ip), endpoint.port).start()
+                await ApiSite(runner, str(endpoint.ip), endpoint.port).start()
             except OSError as exc:
                 raise ConfigError(f"registry: cannot listen on {endpoint}: "
                                   f"{exc.strerror or exc}") from None

@@ -26,8 +26,31 @@ class Timings:
     # one registry round trip of each other, and one push serves both. Shorter than the
     # node's quickest retry (0.5 s, wgpunch.node.decide.Timings), so retries are not eaten.
     punch_coalesce_s: float = 0.25
-    # A refused source address is logged at most once per this period (docs/api.md).
+    # A refused source address is logged at most once per this period (docs/api.md); so is
+    # every other client-caused condition (a refused connection, a timeout, a rate limit, a
+    # malformed request), per client and kind. Our choice.
     forbidden_log_s: float = 60.0
+    # A connection must deliver a complete request head within this long of opening, and the
+    # next head within this long of its first byte. A head is a few hundred bytes in one
+    # segment: 5 s leaves room for two TCP retransmissions (RFC 6298: 1 s, then 2 s) on a
+    # lossy path. Until then a connection holds a file descriptor and has told us nothing.
+    head_timeout_s: float = 5.0
+    # A keep-alive connection with no request for this long is closed. Above aiohttp's client
+    # default of 15 s (what the node agent uses), so that the client, not the registry, closes
+    # an idle connection, and never one it is about to send on.
+    idle_timeout_s: float = 20.0
+    # A request body (at most 4 KiB, docs/api.md) must be complete within this long of the
+    # head: as head_timeout_s.
+    body_timeout_s: float = 5.0
+    # A watch-stream line the client has not taken within this long ends the stream (and its
+    # connection). A node calls a stream dead after 4.5 s of silence (docs/api.md); this only
+    # bounds how long a client that stopped reading keeps a connection. Our choice: a
+    # snapshot line of a 10,000-node registry (~4 MB) still gets through at 1 Mbit/s.
+    stream_write_timeout_s: float = 40.0
+    # After accept() fails for lack of file descriptors or memory, the API tries again after
+    # this long, not in a busy loop. asyncio's own server waits 1 s (ACCEPT_RETRY_DELAY);
+    # connections wait in the kernel's backlog meanwhile.
+    accept_retry_s: float = 0.5
     # A failing device read is logged at most once per this period while it keeps failing
     # (at 0.2 s polls it would otherwise be 300 lines a minute). Our choice.
     device_error_log_s: float = 30.0
