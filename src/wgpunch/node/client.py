@@ -18,6 +18,7 @@ from ..keys import Key
 from ..protocol import Event, Reported, Snapshot, item_from_json, snapshot_from_json
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry
+CONNECTIONS_MAX = 32
 
 
 def parse_event(line: bytes) -> Event:
@@ -43,7 +44,10 @@ class RegistryClient:
         self.timeout_s = timeout_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._session = aiohttp.ClientSession(headers=headers)
+        # Below the registry's 64 connections per caller (registry/limits.py): a node asking
+        # for many peers' punches at once waits for a connection instead of being reset.
+        self._session = aiohttp.ClientSession(
+            headers=headers, connector=aiohttp.TCPConnector(limit=CONNECTIONS_MAX))
 
     @property
     def following(self) -> str:
