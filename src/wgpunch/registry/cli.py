@@ -13,17 +13,13 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from .. import config, sdnotify
 from ..errors import ConfigError
 from ..protocol import API_PORT
 from ..wg import open_device
 from ..wg.device import Endpoint, IPAddress, IPNetwork
-from .api import create_app
-from .dnssd import Zone
-from .dnsserver import DnsServer, SelfConfig
 from .listen import (
     DNS_PORT,
     default_listen,
@@ -32,10 +28,12 @@ from .listen import (
     parse_dns_listen,
     parse_listen,
 )
-from .observer import Observer
-from .site import ApiSite
-from .state import RegistryState
 from .timings import Timings
+
+if TYPE_CHECKING:  # the serving parts load aiohttp and dnspython: only when serving
+    from .dnssd import Zone
+    from .dnsserver import DnsServer, SelfConfig
+    from .state import RegistryState
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +155,9 @@ def _dns_settings(options: config.RegistryConfig) -> DnsSettings | None:
             raise ConfigError("registry: --zone, --dns-self and --dns-allow need --dns (where "
                               "to serve DNS-SD)")
         return None
+    from .dnssd import Zone  # dnspython: only for a registry that serves DNS-SD
+    from .dnsserver import SelfConfig
+
     if not options.zone:
         raise ConfigError("registry: --dns needs --zone ZONE (or 'zone' in the config file)")
     listen = tuple(dict.fromkeys(
@@ -181,6 +182,13 @@ def _network(text: str) -> IPNetwork:
 
 async def serve(settings: Settings, timings: Timings | None = None) -> None:
     """Run the registry until SIGTERM or SIGINT, then release everything."""
+    from aiohttp import web
+
+    from .api import create_app
+    from .observer import Observer
+    from .site import ApiSite
+    from .state import RegistryState
+
     timings = timings or Timings(poll_interval_s=settings.poll_interval_s)
     token = (None if settings.token_file is None
              else config.read_token(settings.token_file, "registry"))
@@ -245,6 +253,8 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
 async def _start_dns(interface: str, dns: DnsSettings, state: RegistryState,
                      timings: Timings) -> DnsServer:
     """The DNS-SD server on its addresses: a bare port means every address of `interface`."""
+    from .dnsserver import DnsServer
+
     own: list[IPAddress] = []
     if any(isinstance(entry, int) for entry in dns.listen):
         own = await interface_addresses(interface)
