@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -101,6 +102,16 @@ def render(results: list[PairResult]) -> str:
                      for row in rows)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in 0-3600 seconds (more than 0)")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     require_root()
     results = run_demo(args.scenario, args.timeout, args.prefix, args.natpunch)
@@ -132,7 +143,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("scenario", nargs="?", default="easy", metavar="SCENARIO",
                         help="lab scenario (default: easy; see `wgpunch lab scenarios`)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--timeout", type=float, default=20.0, metavar="SECONDS",
+    parser.add_argument("--timeout", type=_seconds, default=20.0, metavar="SECONDS",
                         help="how long to wait for every pair to go direct (default 20)")
     parser.add_argument(
         "--natpunch", choices=("noise", "legacy"),

@@ -36,7 +36,9 @@ def load_or_create(path: Path) -> Key:
 def _create(path: Path) -> Key:
     key = generate_private_key()
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Its own directory is made (the default /var/lib/wgpunch), never more: a mistyped
+        # path must not leave a tree of directories behind.
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another process made it first: use theirs
         return load_or_create(path)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from .. import config, sdnotify
 from ..errors import ChangeRefused, ConfigError, DeviceError, WgpunchError
@@ -71,7 +72,7 @@ def settings_from(args: argparse.Namespace,
     return Settings(
         interface=options.interface,
         registry=_key(options, "registry"),
-        api=options.api,
+        api=options.parsed("api", _api_url, options.api) if options.api else None,
         token_file=options.token_file,
         dns_sd=(options.parsed("dns_sd", _dns_sd_server, options.dns_sd)
                 if options.dns_sd else None),
@@ -91,6 +92,20 @@ def _key(options: config.NodeConfig, name: str) -> Key | None:
         return None
     what = name.replace("_", " ") + " key"
     return options.parsed(name, lambda t: Key.parse(t, what=what), text)
+
+
+def _api_url(text: str) -> str:
+    """The registry API's URL, checked now: a URL the client cannot use would otherwise only
+    show as a failing request, retried forever."""
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
+    except ValueError as error:
+        raise ConfigError(f"node: API URL {text[:80]!r}: {error}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"node: API URL {text[:80]!r}: expected http://HOST[:PORT] or "
+                          "https://HOST[:PORT]")
+    return text
 
 
 def _dns_sd_server(text: str) -> Endpoint:
