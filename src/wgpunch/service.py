@@ -103,6 +103,9 @@ ARGS=--config /etc/wgpunch/IF.toml there; see README.md, "Running as a service\"
 
 def run(args: argparse.Namespace) -> int:
     words = command()
+    directory: Path = args.dir
+    for line in install(directory, words, dry_run=args.dry_run):  # bad input fails first
+        print(line)
     for path in (Path(words[0]), Path(__file__).parent):  # the program, the package
         hidden = hidden_by_sandbox(path)
         if hidden is not None:
@@ -110,9 +113,6 @@ def run(args: argparse.Namespace) -> int:
                         "PrivateTmp=): install wgpunch elsewhere (/opt, /usr/local) or the "
                         "units will not start", path, hidden)
             break
-    directory: Path = args.dir
-    for line in install(directory, words, dry_run=args.dry_run):
-        print(line)
     if args.dry_run:
         for name in UNITS:
             print(f"\n# {directory / name}\n{render(name, words)}", end="")
