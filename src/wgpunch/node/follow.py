@@ -203,5 +203,6 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
             wait = t.report_retry_s
         view.allow_punches()  # a report that fails must not stop our punches
         view.reported.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(view.reported.wait(), wait)
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout: see reconcile_forever
+            async with asyncio.timeout(wait):
+                await view.reported.wait()

@@ -182,7 +182,8 @@ class OpenerTtl:
         if self._measuring is None:
             return DEFAULT_TTL
         try:
-            hops = await asyncio.wait_for(asyncio.shield(self._measuring), MEASURE_WAIT_S)
+            async with asyncio.timeout(MEASURE_WAIT_S):  # not wait_for: see Agent
+                hops = await asyncio.shield(self._measuring)
         except (TimeoutError, OSError):
             return DEFAULT_TTL
         return DEFAULT_TTL if hops is None else hops
