@@ -798,12 +798,13 @@ async def test_the_path_file_says_how_the_registry_link_goes(pair, registry, io)
     assert following.since <= lost.since <= back.since
 
 
-async def test_a_registry_that_went_away_is_asked_often_at_first_then_less(pair, registry, io):
+async def test_a_registry_that_went_away_is_asked_often_at_first_then_less(pair, registry, io,
+                                                                           caplog):
     """Retries stay at the fast cap while the registry has been away for less than fast_for_s
     (a registry restarted at once is followed again within that cap), and only then back off
     further. Doubling alone would have made 4 tries in the first second here, not 6 or more."""
     timings = RegistryTimings(reconnect_first_s=0.05, reconnect_fast_max_s=0.1, fast_for_s=1.0,
-                              reconnect_max_s=2.0)
+                              reconnect_max_s=2.0, warn_after_s=0.3)
     for _ in range(40):
         registry.push(ApiError("registry: watch: 503"))
     async with Running(agent_for(pair, registry, io, registry_timings=timings)) as run:
@@ -814,3 +815,6 @@ async def test_a_registry_that_went_away_is_asked_often_at_first_then_less(pair,
     gaps = [b - a for a, b in itertools.pairwise(registry.watch_times)]
     assert len(early) >= 6, gaps
     assert max(gaps) >= 0.8 * 0.2, gaps  # past fast_for_s the pause doubles beyond the cap
+    # The same failure, however often retried, is one warning (status says how long).
+    assert [r.levelname for r in caplog.records
+            if r.getMessage() == "registry: watch: 503"].count("WARNING") == 1

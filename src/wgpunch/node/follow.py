@@ -49,6 +49,9 @@ class RegistryTimings:
     reconnect_fast_max_s: float = 1.0
     fast_for_s: float = 60.0
     reconnect_max_s: float = 30.0
+    # A registry away for less than this is a blip, logged at DEBUG; past it, each distinct
+    # failure is one warning. Our choice: a restart of the registry's process takes about this.
+    warn_after_s: float = 1.0
     # Re-report our candidates this often: addresses change (DHCP, roaming).
     report_every_s: float = 60.0
     # A report that failed is tried again this soon.
@@ -148,6 +151,7 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
     delay = t.reconnect_first_s
     view.set_health(client.following, "connecting", clock.wall())
     lost_at = clock.monotonic()  # when we last stopped hearing from it
+    warned: str | None = None  # the failure last logged as a warning, until it works again
     while True:
         heard = False
         try:
@@ -155,12 +159,16 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
                 if not heard:
                     log.info("%s", client.following, extra={"event": "registry_connected"})
                     view.set_health(client.following, "following", clock.wall())
-                delay, heard = t.reconnect_first_s, True
+                delay, heard, warned = t.reconnect_first_s, True, None
                 lost_at = clock.monotonic()
                 view.apply(event)
                 view.stream_open.set()
         except ApiError as error:
-            log.log(logging.WARNING if delay >= 1 else logging.DEBUG, "%s", error)
+            # A blip (the first quick retries) is no warning, nor is the same failure again
+            # (retries come every second for a while): `status` says how long it has lasted.
+            loud = clock.monotonic() - lost_at >= t.warn_after_s and str(error) != warned
+            log.log(logging.WARNING if loud else logging.DEBUG, "%s", error)
+            warned = str(error) if loud else warned
             never = not heard and view.health is not None and view.health.state == "connecting"
             view.set_health(client.following, "connecting" if never else "unreachable",
                             clock.wall(), str(error))
