@@ -28,7 +28,8 @@ from fuzzing import FUZZ, fuzz_input
 from ports import free_ports
 from wgpunch.errors import MalformedPacket
 from wgpunch.keys import Key
-from wgpunch.registry.dnsaccess import RefusalLog, SourceIndex
+from wgpunch.registry.auth import SourceIndex
+from wgpunch.registry.dnsaccess import RefusalLog
 from wgpunch.registry.dnssd import InstanceCache, Zone, answer, parse_query
 from wgpunch.registry.dnsserver import DnsLimits, DnsServer, Instance, SelfConfig
 from wgpunch.registry.dnswire import TCP_MAX, size_limit, to_wire

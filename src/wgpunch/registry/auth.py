@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
@@ -47,29 +48,56 @@ class PeerTable(Protocol):
     def peers(self) -> Mapping[Key, HasAllowedIPs]: ...
 
 
+class SourceIndex:
+    """The peers of one table by their allowed networks, to find the few that may contain an
+    address; `identify` decides among them (the same answer as on the whole table: a peer
+    contains the address exactly when one of its networks is the address's own network at
+    that network's length). An address costs one dict probe per prefix length in use, ~10 us,
+    where `identify` over 10,000 peers costs 9-13 ms: every connection, request and DNS query
+    asks, and a flood from outside must not cost that per packet."""
+
+    __slots__ = ("_lengths",)
+
+    def __init__(self, peers: Iterable[HasAllowedIPs]) -> None:
+        by_length: dict[tuple[int, int], dict[int, list[HasAllowedIPs]]] = defaultdict(dict)
+        for peer in peers:
+            for net in peer.allowed_ips:
+                filed = by_length[(net.version, net.prefixlen)]
+                filed.setdefault(int(net.network_address), []).append(peer)
+        # Per IP version: (bits to drop, networks at that length), longest prefixes first.
+        self._lengths: dict[int, list[tuple[int, dict[int, list[HasAllowedIPs]]]]] = {4: [], 6: []}
+        for (version, length), filed in sorted(by_length.items(), key=lambda i: -i[0][1]):
+            self._lengths[version].append(((32 if version == 4 else 128) - length, filed))
+
+    def candidates(self, ip: IPAddress) -> list[HasAllowedIPs]:
+        """The peers with an allowed network that contains `ip`."""
+        value = int(ip)
+        found: list[HasAllowedIPs] = []
+        for drop, filed in self._lengths[ip.version]:
+            peers = filed.get(value >> drop << drop)
+            if peers:
+                found += peers
+        return found
+
+    def identify(self, ip: IPAddress) -> Key | None:
+        return identify(ip, self.candidates(ip))
+
+
 class Identities:
-    """`identify` over the registry's table, with each answer kept until the revision moves.
+    """`identify` over the registry's table as it is now: through a `SourceIndex`, rebuilt
+    when the table's revision moves, on the first question after (12-18 ms at 10,000 peers,
+    once per revision at most). The API and DNS-SD both ask it."""
 
-    Every connection and every request asks; a scan of the table costs ~1 ms per 1,000 peers,
-    and the answers change only with a revision. At most `max_cached` addresses are kept (a
-    stranger can try many), after that the cache starts over."""
-
-    def __init__(self, table: PeerTable, max_cached: int = 4096) -> None:
+    def __init__(self, table: PeerTable) -> None:
         self._table = table
-        self._max_cached = max_cached
-        self._revision = -1
-        self._cache: dict[IPAddress, Key | None] = {}
+        self._revision: int | None = None
+        self._index = SourceIndex(())
 
     def __call__(self, ip: IPAddress) -> Key | None:
-        revision = self._table.revision
-        if revision != self._revision or len(self._cache) >= self._max_cached:
-            self._cache.clear()
-            self._revision = revision
-        try:
-            return self._cache[ip]
-        except KeyError:
-            found = self._cache[ip] = identify(ip, self._table.peers.values())
-            return found
+        if self._revision != self._table.revision:
+            self._index = SourceIndex(self._table.peers.values())
+            self._revision = self._table.revision
+        return self._index.identify(ip)
 
 
 def source_ip(remote: str | None) -> IPAddress | None:

@@ -7,14 +7,8 @@ must lie in the allowed IPs of exactly one peer of the registry's device (`auth.
 in a network the operator allowed. Anything else is dropped before it is parsed: over UDP
 without a reply (a spoofed source gets nothing reflected), over TCP by closing the connection.
 
-Finding the peer fast: `identify` looks at every peer (9-13 ms at 10,000 peers, measured on
-this shared 2-core machine), so a flood from outside would cost that per packet. `SourceIndex`
-files the peers under each of their allowed networks, per prefix length; an address costs one
-dict probe per prefix length in use, and `identify` decides among the peers found there (the
-same answer as on the whole table: a peer contains the address exactly when one of its
-networks is the address's own at that network's length). A refused query then costs ~10 us
-in all. The index is rebuilt when the table's revision moves, on the first query after:
-12-18 ms at 10,000 peers, once per revision at most.
+Finding the peer is `auth.Identities`, the API's own lookup (an index by allowed network,
+rebuilt once per revision): a refused query costs ~10 us.
 
 Refusals are logged at most once per source per period, and at most once per
 `interval_s` for all sources together: spoofed source addresses are free, and one line for
@@ -23,55 +17,11 @@ each would flood the log.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Hashable, Iterable, Mapping
-from typing import Protocol
+from collections.abc import Hashable, Iterable
 
-from ..keys import Key
 from ..throttle import Throttle
-from ..wg.device import IPAddress, IPNetwork
-from .auth import HasAllowedIPs, identify, source_ip
-
-
-class PeerTable(Protocol):
-    """The registry's peer table (state.RegistryState fits)."""
-
-    @property
-    def peers(self) -> Mapping[Key, HasAllowedIPs]: ...
-
-    @property
-    def revision(self) -> int: ...
-
-
-class SourceIndex:
-    """The peers of one table by their allowed networks, to find the few that may contain an
-    address; `auth.identify` decides among them."""
-
-    __slots__ = ("_lengths",)
-
-    def __init__(self, peers: Iterable[HasAllowedIPs]) -> None:
-        by_length: dict[tuple[int, int], dict[int, list[HasAllowedIPs]]] = defaultdict(dict)
-        for peer in peers:
-            for net in peer.allowed_ips:
-                filed = by_length[(net.version, net.prefixlen)]
-                filed.setdefault(int(net.network_address), []).append(peer)
-        # Per IP version: (bits to drop, networks at that length), longest prefixes first.
-        self._lengths: dict[int, list[tuple[int, dict[int, list[HasAllowedIPs]]]]] = {4: [], 6: []}
-        for (version, length), filed in sorted(by_length.items(), key=lambda i: -i[0][1]):
-            self._lengths[version].append(((32 if version == 4 else 128) - length, filed))
-
-    def candidates(self, ip: IPAddress) -> list[HasAllowedIPs]:
-        """The peers with an allowed network that contains `ip`."""
-        value = int(ip)
-        found: list[HasAllowedIPs] = []
-        for drop, filed in self._lengths[ip.version]:
-            peers = filed.get(value >> drop << drop)
-            if peers:
-                found += peers
-        return found
-
-    def identify(self, ip: IPAddress) -> Key | None:
-        return identify(ip, self.candidates(ip))
+from ..wg.device import IPNetwork
+from .auth import Identities, PeerTable, source_ip
 
 
 class Access:
@@ -79,17 +29,8 @@ class Access:
     networks in `allow`."""
 
     def __init__(self, table: PeerTable, allow: Iterable[IPNetwork] = ()) -> None:
-        self._table = table
+        self.identify = Identities(table)  # `auth.identify` on the table as it is now
         self.allow = tuple(allow)
-        self._index = SourceIndex(())
-        self._revision: int | None = None
-
-    def identify(self, ip: IPAddress) -> Key | None:
-        """`auth.identify` on the table as it is now."""
-        if self._revision != self._table.revision:
-            self._index = SourceIndex(self._table.peers.values())
-            self._revision = self._table.revision
-        return self._index.identify(ip)
 
     def client(self, source: str | None) -> Hashable | None:
         """Who `source` (a socket's address) is, for the limits per client: the peer's key,

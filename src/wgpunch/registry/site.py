@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 ACCEPT_BATCH = 128
 # accept() failing for lack of a resource: wait (Timings.accept_retry_s) and try again.
 RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# Sources remembered by a listener, as Identities does.
+# Sources remembered by a listener (a stranger can try many addresses).
 CLASSIFIED_MAX = 4096
 _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, keeps no TIME_WAIT
 
