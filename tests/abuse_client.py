@@ -90,14 +90,20 @@ async def health(host: str, port: int) -> None:
         print("{}")
 
 
-async def slow_one(host: str, port: int) -> None:
+async def connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection, however many tries it takes; a refused one is counted and retried after
+    4-6 s, as a patient attacker would."""
     while True:
         try:
-            reader, writer = await asyncio.open_connection(host, port)
+            return await asyncio.open_connection(host, port)
         except OSError as error:
             counts[f"error {error.errno}"] += 1
             await asyncio.sleep(random.uniform(4.0, 6.0))
-            continue
+
+
+async def slow_one(host: str, port: int) -> None:
+    while True:
+        reader, writer = await connect(host, port)
         counts["connected"] += 1
         try:
             writer.write(f"GET /v1/peers HTTP/1.1\r\nHost: {host}\r\n".encode())
@@ -167,12 +173,7 @@ async def report_one(host: str, port: int, worker: int) -> None:
 
 async def stream_one(host: str, port: int) -> None:
     while True:
-        try:
-            reader, writer = await asyncio.open_connection(host, port)
-        except OSError as error:
-            counts[f"error {error.errno}"] += 1
-            await asyncio.sleep(random.uniform(4.0, 6.0))
-            continue
+        reader, writer = await connect(host, port)
         try:
             writer.write(f"GET /v1/watch HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             async with asyncio.timeout(TIMEOUT_S):
