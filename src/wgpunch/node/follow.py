@@ -141,7 +141,8 @@ class RegistryView:
             return False
         mine = self.peers.get(me)
         return initiator(me, peer.public_key, side_public=mine is not None and mine.public,
-                         other_public=peer.public)
+                         other_public=peer.public, side_nat=None if mine is None else mine.nat,
+                         other_nat=peer.nat)
 
 
 async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings,

@@ -23,6 +23,7 @@ from .records import (
     Snapshot,
     StreamItem,
 )
+from .natinfo import nat_from_json
 from .report import Reported
 
 
@@ -74,6 +75,8 @@ def peer_from_json(obj: Any) -> PeerRecord:
             tuple(ipaddress.ip_address(_item(a, "local_addresses", str))
                   for a in _field(reported, "local_addresses", list)),
             _field(reported, "version", str),
+            # Absent from an older registry's records: not reported.
+            None if reported.get("nat") is None else nat_from_json(reported["nat"]),
         ),
         revision=_revision(obj, "revision"),
     )

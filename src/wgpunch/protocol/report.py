@@ -1,4 +1,5 @@
-"""What a node reports about itself (`PUT /v1/self`): its listen port, LAN addresses, version.
+"""What a node reports about itself (`PUT /v1/self`): its listen port, LAN addresses, version,
+and (optional: older nodes do not send it) its NAT's behaviour (natinfo.py).
 
 `Reported` checks every field on construction, so an invalid report cannot exist; the JSON
 decoder in front of it is strict too (UTF-8 only, one object, no duplicate or unknown keys, no
@@ -14,13 +15,15 @@ from typing import Any
 
 from ..errors import MalformedMessage
 from ..wg.device import IPAddress
+from .natinfo import NatBehaviour, nat_from_json
 
 MAX_BODY_BYTES = 4096  # docs/api.md
 MAX_LOCAL_ADDRESSES = 32  # docs/api.md; more LAN addresses than candidates worth trying
 MAX_VERSION_CHARS = 64  # docs/api.md
 _MAX_ADDRESS_CHARS = 45  # the longest IPv6 text form (IPv4-mapped, fully written out)
 _PRINTABLE = frozenset(chr(c) for c in range(0x20, 0x7F))
-FIELDS = ("listen_port", "local_addresses", "version")
+FIELDS = ("listen_port", "local_addresses", "version")  # required
+OPTIONAL_FIELDS = ("nat",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,7 @@ class Reported:
     listen_port: int
     local_addresses: tuple[IPAddress, ...]
     version: str
+    nat: NatBehaviour | None = None  # None: not reported (an older node, or not measured yet)
 
     def __post_init__(self) -> None:
         port = self.listen_port
@@ -59,13 +63,25 @@ class Reported:
             )
         if not set(self.version) <= _PRINTABLE:
             raise MalformedMessage("version: only printable ASCII characters are allowed")
+        if self.nat is not None and not isinstance(self.nat, NatBehaviour):
+            raise MalformedMessage("nat: expected an object")
 
     def to_json(self) -> dict[str, Any]:
+        """As the registry shows it in a peer record: `nat` is null when not reported."""
         return {
             "listen_port": self.listen_port,
             "local_addresses": [str(a) for a in self.local_addresses],
             "version": self.version,
+            "nat": None if self.nat is None else self.nat.to_json(),
         }
+
+    def body_json(self) -> dict[str, Any]:
+        """The body of `PUT /v1/self`: without `nat` until it is known, so that a registry
+        older than the field accepts the report of a node that has not measured yet."""
+        body = self.to_json()
+        if self.nat is None:
+            del body["nat"]
+        return body
 
 
 def _as_ipv4(address: IPAddress) -> IPAddress:
@@ -128,12 +144,14 @@ def _address(value: object) -> IPAddress:
 
 
 def reported_from_json(body: bytes) -> Reported:
-    """The body of `PUT /v1/self`; every field is required, no other is allowed."""
+    """The body of `PUT /v1/self`; every field but OPTIONAL_FIELDS is required, no other is
+    allowed (`nat` may be null)."""
     obj = decode_object(body)
-    unknown = sorted(set(obj) - set(FIELDS))
+    unknown = sorted(set(obj) - set(FIELDS) - set(OPTIONAL_FIELDS))
     if unknown:
         raise MalformedMessage(
-            f"body: unknown field {unknown[0][:40]!r}; allowed: {', '.join(FIELDS)}")
+            f"body: unknown field {unknown[0][:40]!r}; allowed: "
+            f"{', '.join(FIELDS + OPTIONAL_FIELDS)}")
     missing = [name for name in FIELDS if name not in obj]
     if missing:
         raise MalformedMessage(f"body: missing field {missing[0]!r}")
@@ -148,4 +166,5 @@ def reported_from_json(body: bytes) -> Reported:
         listen_port=obj["listen_port"],
         local_addresses=tuple(_address(a) for a in addresses),
         version=obj["version"],
+        nat=None if obj.get("nat") is None else nat_from_json(obj["nat"]),
     )
