@@ -32,6 +32,9 @@ from .errors import ConfigError, WgpunchError
 from .natpunch.limits import Limits
 from .natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
 from .protocol import API_PORT
+from .protocol.probewire import PORT
+
+NATPROBE_PORT = PORT  # the registry's NAT probe port (docs/api.md)
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +367,9 @@ class RegistryConfig(Loaded):
     zone: str | None
     dns_self: tuple[str, ...] | None  # None: no `self` record
     dns_allow: tuple[str, ...]  # networks answered besides the peers' tunnel addresses
+    natprobe_port: int  # 0: no NAT probe port
+    natprobe_alt_port: int | None  # None: natprobe_port + 1; 0: none
+    natprobe_alt_address: str | None
 
 
 REGISTRY = Schema("registry", (
@@ -388,6 +394,13 @@ REGISTRY = Schema("registry", (
     Option("dns_allow", one_or_list(TEXT, "a network or a list of networks", "networks"),
            "also answer DNS-SD queries from these networks (default: peers' tunnel "
            "addresses only)", '["192.0.2.0/24"]', default=()),
+    Option("natprobe_port", WHOLE, "UDP port of the NAT probe on every address (0: off)",
+           str(NATPROBE_PORT), default=NATPROBE_PORT, bounds=Bounds(0, 65535)),
+    Option("natprobe_alt_port", WHOLE, "the NAT probe's second port, for filtering "
+           "(default: natprobe_port + 1; 0: none)", str(NATPROBE_PORT + 1),
+           bounds=Bounds(0, 65535)),
+    Option("natprobe_alt_address", TEXT, "a second public address of this host, for the NAT "
+           "probe's filtering and mapping tests", '"192.0.2.66"'),
 ), RegistryConfig)
 
 
@@ -405,6 +418,7 @@ class NodeConfig(Loaded):
     natpunch: str | None
     natpunch_server_key: str | None
     natpunch_legacy: str | None
+    natprobe_port: int  # 0: do not measure the NAT
 
 
 NODE = Schema("node", (
@@ -429,6 +443,9 @@ NODE = Schema("node", (
            '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="'),
     Option("natpunch_legacy", TEXT, f"follow this wireguard-tools server (port {LEGACY_PORT} "
            "if none)", '"rendezvous.example"'),
+    Option("natprobe_port", WHOLE, "the registry's NAT probe port (UDP, at its public "
+           "address; 0: do not measure the NAT)", str(NATPROBE_PORT), default=NATPROBE_PORT,
+           bounds=Bounds(0, 65535)),
 ), NodeConfig)
 
 

@@ -25,6 +25,7 @@ from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
+from .natprobe import Channel, NatWatch, RawChannel
 from .probe import tunnel_address
 from .punch import OpenerTtl
 from .source import Source
@@ -46,6 +47,8 @@ class Agent:
         registry_timings: RegistryTimings | None = None,
         clock: Clock | None = None,
         io: Io | None = None,
+        natprobe_port: int | None = None,
+        nat_channel: Channel | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -65,6 +68,9 @@ class Agent:
         self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
         self._device_failing = False
+        self.natprobe_port = natprobe_port  # the registry's NAT probe port; None: no probing
+        self.nat_channel = nat_channel
+        self.nat: NatWatch | None = None
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -94,18 +100,22 @@ class Agent:
         state = await self.device.state()
         if state.public_key is None:
             raise ConfigError(f"node: {state.name} has no private key configured")
-        self.me = state.public_key
+        self.me = self.view.me = state.public_key
         self.listen_port = state.listen_port
         self.can_open = self.io.can_send_raw()
         registry = None if self.registry_key is None else state.peer(self.registry_key)
         if self.can_open and registry is not None and registry.endpoint is not None:
             self.opener_ttl.measure(registry.endpoint.ip)
+        if (self.natprobe_port and self.client.coordinates_punches and registry is not None
+                and registry.endpoint is not None):
+            self.nat = NatWatch(self.nat_channel or RawChannel(),
+                                Endpoint(registry.endpoint.ip, self.natprobe_port))
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
                                                   self.probe_live_peers, self.clock))
                 group.create_task(report_self(self.client, self.view, self.device, self.io,
-                                              self.registry_t))
+                                              self.registry_t, self.nat))
                 group.create_task(self.reconcile_forever())
         finally:
             pathfile.remove(self.device.name, self.state_dir)

@@ -49,6 +49,7 @@ class Settings:
     keepalive_s: int
     opener_ttl: int | None  # None: measured (node/punch.py)
     interval_s: float
+    natprobe_port: int = 0  # the registry's NAT probe port; 0: the NAT is not measured
 
 
 def settings_from(args: argparse.Namespace,
@@ -83,6 +84,7 @@ def settings_from(args: argparse.Namespace,
         keepalive_s=options.keepalive,
         opener_ttl=options.opener_ttl,
         interval_s=options.interval,
+        natprobe_port=options.natprobe_port,
     )
 
 
@@ -169,7 +171,8 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
         where = f"registry {settings.registry}, API {api}"
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
-                  opener_ttl=settings.opener_ttl, state_dir=state_dir)
+                  opener_ttl=settings.opener_ttl, state_dir=state_dir,
+                  natprobe_port=settings.natprobe_port or None)
     try:
         if once:
             failures = await agent.run_once()
@@ -277,6 +280,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--keepalive", type=int, metavar="SECONDS",
         help="persistent keepalive set on peers that have none, to keep NAT mappings open "
         "(default 25)",
+    )
+    parser.add_argument(
+        "--natprobe-port", type=int, metavar="PORT",
+        help="the registry's NAT probe port (UDP, at the registry peer's endpoint address): "
+        "the node measures how its NAT maps and filters there and reports it, so that the "
+        f"registry can tell who initiates (default {config.NATPROBE_PORT}; 0: do not "
+        "measure)",
     )
     parser.add_argument(
         "--opener-ttl", type=int, metavar="HOPS",

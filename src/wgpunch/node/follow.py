@@ -27,8 +27,9 @@ from ..protocol import (
     Snapshot,
     initiator,
 )
-from ..wg.device import Device, IPInterface
+from ..wg.device import Device, Endpoint, IPInterface
 from .edges import Clock, Io
+from .natprobe import NatWatch, own_addresses
 from .pathfile import RegistryHealth
 from .source import Source
 
@@ -56,6 +57,9 @@ class RegistryTimings:
     report_every_s: float = 60.0
     # A report that failed is tried again this soon.
     report_retry_s: float = 2.0
+    # Before measuring our NAT (node/natprobe.py), wait at most this long for the registry
+    # to observe our WireGuard endpoint (its device is read every 0.2 s by default).
+    observed_wait_s: float = 1.0
 
 
 class RegistryView:
@@ -78,8 +82,26 @@ class RegistryView:
         self.has_reported = False
         self.health: RegistryHealth | None = None  # None until follow_registry starts
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
+        self.me: Key | None = None  # our key, once the device is read
+        self.observed = asyncio.Event()  # set while the registry observes our endpoint
+
+    def own_endpoint(self) -> Endpoint | None:
+        """Our WireGuard endpoint as the registry's interface observes it."""
+        mine = None if self.me is None else self.peers.get(self.me)
+        return None if mine is None else mine.endpoint
 
     def apply(self, event: Event) -> None:
+        observed = self.own_endpoint()
+        self._apply(event)
+        if self.own_endpoint() != observed and self.has_reported:
+            self.reported.set()  # a new mapping: our NAT is measured again, and reported
+        if self.own_endpoint() is None:
+            self.observed.clear()
+        else:
+            self.observed.set()
+        self.wake.set()
+
+    def _apply(self, event: Event) -> None:
         if isinstance(event, Snapshot):
             if self.epoch is not None and event.epoch != self.epoch:
                 log.info("registry restarted (new epoch): resynced %d peers", len(event.peers))
@@ -106,7 +128,6 @@ class RegistryView:
             self.roles[event.peer] = event.initiator
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
-        self.wake.set()
 
     def set_health(self, following: str, state: str, now_wall: float,
                    error: str | None = None) -> None:
@@ -185,10 +206,20 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
                     else t.reconnect_max_s)
 
 
+async def _observed(view: RegistryView, wait_s: float) -> Endpoint | None:
+    """Our endpoint as the registry observes it, waiting up to `wait_s` for the registry to
+    see it (the first read of its device after our first handshake with it)."""
+    with contextlib.suppress(TimeoutError):  # asyncio.timeout: see reconcile_forever
+        async with asyncio.timeout(wait_s):
+            await view.observed.wait()
+    return view.own_endpoint()
+
+
 async def report_self(client: Source, view: RegistryView, device: Device, io: Io,
-                      t: RegistryTimings) -> None:
-    """Report this node (listen port, addresses, version) once the watch stream is open, then
-    every report_every_s, and at once when the registry needs it again (a new epoch)."""
+                      t: RegistryTimings, nat: NatWatch | None = None) -> None:
+    """Report this node (listen port, addresses, version, NAT behaviour with `nat`) once the
+    watch stream is open, then every report_every_s, and at once when the registry needs it
+    again (a new epoch, a new observed endpoint)."""
     while True:
         try:
             state = await device.state()
@@ -198,8 +229,14 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
             # it waits): the reads would otherwise delay every first punch (bench easy p50
             # 0.054-0.055 s with them after the stream, 0.049 s before it).
             await view.stream_open.wait()
+            # Measured before the report, so that the registry knows it before our first
+            # punch: who initiates depends on it (protocol/roles.py).
+            behaviour = None if nat is None else await nat.current(
+                state.listen_port, await _observed(view, t.observed_wait_s),
+                own_addresses(i.ip for i in interfaces))
             report = asyncio.ensure_future(client.report_self(
-                Reported(state.listen_port, tuple(i.ip for i in interfaces), __version__)
+                Reported(state.listen_port, tuple(i.ip for i in interfaces), __version__,
+                         behaviour)
             ))
             await asyncio.sleep(0)  # the report is on its way before any punch request
             view.allow_punches()

@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import MalformedMessage, WgpunchError
 from ..keys import Key
 from ..wg.device import Endpoint
+from .natinfo import nat_from_json
 from .records import (
     Event,
     Heartbeat,
@@ -23,7 +24,6 @@ from .records import (
     Snapshot,
     StreamItem,
 )
-from .natinfo import nat_from_json
 from .report import Reported
 
 

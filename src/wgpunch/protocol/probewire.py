@@ -33,6 +33,7 @@ from enum import IntEnum, IntFlag
 from ..errors import MalformedPacket
 from ..wg.device import Endpoint, IPAddress
 
+PORT = 51822  # the registry's default probe port: next to WireGuard's 51820 and the API's
 MAGIC = b"WGNP"
 VERSION = 1
 SIZE = 64  # a reply, and a request without alternates
@@ -47,6 +48,7 @@ class Type(IntEnum):
 
 
 class Ask(IntFlag):
+    NONE = 0
     ALT_PORT = 1
     ALT_ADDRESS = 2
 
@@ -60,7 +62,7 @@ class Via(IntEnum):
 @dataclass(frozen=True, slots=True)
 class Request:
     txid: bytes
-    ask: Ask = Ask(0)
+    ask: Ask = Ask.NONE
 
     def encode(self) -> bytes:
         head = _HEAD.pack(MAGIC, VERSION, Type.REQUEST, self.ask, 0, self.txid)

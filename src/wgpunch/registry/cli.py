@@ -28,6 +28,7 @@ from .listen import (
     parse_dns_listen,
     parse_listen,
 )
+from .natprobe import ProbeSettings
 from .timings import Timings
 
 if TYPE_CHECKING:  # the serving parts load aiohttp and dnspython: only when serving
@@ -68,6 +69,7 @@ class Settings:
     token_file: Path | None
     poll_interval_s: float
     dns: DnsSettings | None = None  # None: no DNS-SD server
+    natprobe: ProbeSettings | None = None  # None: no NAT probe port
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -134,6 +136,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "only queries from peers' tunnel addresses are answered: a query from anywhere "
              "else gets no answer over UDP and a closed connection over TCP",
     )
+    parser.add_argument(
+        "--natprobe-port", metavar="PORT", type=int,
+        help="answer NAT probes (docs/api.md) on this UDP port of every address: nodes learn "
+             f"how their NAT maps and filters (default {config.NATPROBE_PORT}; 0: off). "
+             "Must be reachable from the internet, like the WireGuard port",
+    )
+    parser.add_argument(
+        "--natprobe-alt-port", metavar="PORT", type=int,
+        help="the NAT probe's second port, which answers from elsewhere so that a node can "
+             "tell its NAT's filtering (default: the probe port + 1; 0: none)",
+    )
+    parser.add_argument(
+        "--natprobe-alt-address", metavar="ADDR",
+        help="a second public address of this host: the probe also answers from it, so that "
+             "nodes can tell address-dependent filtering and mapping",
+    )
     parser.set_defaults(func=run, daemon=True)
 
 
@@ -146,7 +164,34 @@ def settings_from(args: argparse.Namespace,
     listen = tuple(dict.fromkeys(
         options.parsed("listen", parse_listen, text) for text in options.listen))
     return Settings(options.interface, listen, options.token_file, options.poll_interval,
-                    _dns_settings(options))
+                    _dns_settings(options), _natprobe_settings(options))
+
+
+def _natprobe_settings(options: config.RegistryConfig) -> ProbeSettings | None:
+    port = options.natprobe_port
+    if not port:
+        if options.natprobe_alt_address or options.natprobe_alt_port:
+            raise ConfigError("registry: --natprobe-alt-port and --natprobe-alt-address need "
+                              "the probe port (--natprobe-port is 0)")
+        return None
+    alt_port = options.natprobe_alt_port
+    if alt_port is None:
+        alt_port = port + 1 if port < 65535 else 0
+    if alt_port == port:
+        raise ConfigError(f"registry: the NAT probe's second port is its first ({port})")
+    alt_address = None
+    if options.natprobe_alt_address:
+        alt_address = options.parsed("natprobe_alt_address", _address,
+                                     options.natprobe_alt_address)
+    return ProbeSettings(port, alt_port or None, alt_address)
+
+
+def _address(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"registry: NAT probe address {text!r} is not an IP address") \
+            from None
 
 
 def _dns_settings(options: config.RegistryConfig) -> DnsSettings | None:
@@ -185,6 +230,7 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     from aiohttp import web
 
     from .api import create_app
+    from .natprobe import ProbeServer
     from .observer import Observer
     from .site import ApiSite
     from .state import RegistryState
@@ -202,6 +248,7 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     stop = asyncio.Event()
     caught: list[str] = []
     dns_server: DnsServer | None = None
+    probe_server: ProbeServer | None = None
 
     def on_signal(sig: signal.Signals) -> None:
         sdnotify.notify("STOPPING=1")
@@ -221,6 +268,15 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
         # DNS before the API, so that an API that answers means DNS-SD answers too.
         if settings.dns is not None:
             dns_server = await _start_dns(settings.interface, settings.dns, state, timings)
+        if settings.natprobe is not None:
+            probe_server = ProbeServer(settings.natprobe)
+            await probe_server.start()
+            log.info("NAT probe on UDP port %d%s%s", settings.natprobe.port,
+                     "" if settings.natprobe.alt_port is None
+                     else f", second port {settings.natprobe.alt_port}",
+                     "" if settings.natprobe.alt_address is None
+                     else f", second address {settings.natprobe.alt_address}",
+                     extra={"event": "natprobe_serving"})
         for endpoint in listen:
             if is_wildcard(endpoint):
                 log.warning("listening on every address (%s): the API is reachable from "
@@ -241,6 +297,11 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if probe_server is not None:
+            await probe_server.close()
+            log.info("NAT probe stopped: %s", ", ".join(
+                f"{k} {v}" for k, v in probe_server.counts.items()) or "nothing received",
+                extra={"event": "natprobe_stopped", **probe_server.counts})
         # DNS first: it answers from the table that the application's observer keeps.
         if dns_server is not None:
             await dns_server.close()
