@@ -9,9 +9,9 @@ import pytest
 
 from test_protocol_roles import KINDS
 from wgpunch.errors import CapabilityError
+from wgpunch.node.natprobe import Measurement, NatWatch, ProbeTimings, classify, measure
 from wgpunch.protocol import NatBehaviour
 from wgpunch.protocol.probewire import Ask, Reply, Via, parse_request
-from wgpunch.node.natprobe import Measurement, NatWatch, ProbeTimings, classify, measure
 from wgpunch.wg.device import Endpoint
 
 REGISTRY = ipaddress.ip_address("192.0.2.2")

@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__, completion, demo, logs, service
+from . import __version__, completion, demo, logs, netcheck, service
 from . import status as status_cli
 from .errors import WgpunchError
 from .lab import cli as lab_cli
@@ -20,8 +20,8 @@ from .natpunch import cli as rendezvous_cli
 from .node import cli as node_cli
 from .registry import cli as registry_cli
 
-SUBCOMMANDS = (registry_cli, rendezvous_cli, node_cli, status_cli, lab_cli, demo, service,
-               completion)
+SUBCOMMANDS = (registry_cli, rendezvous_cli, node_cli, status_cli, netcheck, lab_cli, demo,
+               service, completion)
 
 
 def build_parser() -> argparse.ArgumentParser:
