@@ -18,18 +18,16 @@ FULL = ProbeSettings(51822, 51823, SECOND)
 BOTH = Ask.ALT_PORT | Ask.ALT_ADDRESS
 
 
-@pytest.mark.parametrize(("intent", "settings", "ask", "to_alt", "vias"), [
-    ("a plain probe: one reply", FULL, Ask.NONE, False, [Via.PROBE_PORT]),
-    ("both alternates asked and offered", FULL, BOTH, False,
+@pytest.mark.parametrize(("intent", "settings", "ask", "vias"), [
+    ("a plain probe: one reply", FULL, Ask.NONE, [Via.PROBE_PORT]),
+    ("both alternates asked and offered", FULL, BOTH,
      [Via.PROBE_PORT, Via.ALT_PORT, Via.ALT_ADDRESS]),
-    ("the second port only", FULL, Ask.ALT_PORT, False, [Via.PROBE_PORT, Via.ALT_PORT]),
-    ("alternates asked, none offered", ProbeSettings(51822), BOTH, False, [Via.PROBE_PORT]),
-    ("to the second address: a mapping test, no alternates", FULL, BOTH, True,
-     [Via.PROBE_PORT]),
+    ("the second port only", FULL, Ask.ALT_PORT, [Via.PROBE_PORT, Via.ALT_PORT]),
+    ("alternates asked, none offered", ProbeSettings(51822), BOTH, [Via.PROBE_PORT]),
 ])
-def test_answers(intent, settings, ask, to_alt, vias):
+def test_answers(intent, settings, ask, vias):
     request = Request(TXID, ask).encode()
-    got = answers(request, NODE, settings, to_alt_address=to_alt)
+    got = answers(request, NODE, settings)
     assert [via for via, _ in got] == vias
     assert len(got) * SIZE <= len(request)  # never an amplifier
     for via, data in got:

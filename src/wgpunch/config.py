@@ -400,7 +400,7 @@ REGISTRY = Schema("registry", (
            "(default: natprobe_port + 1; 0: none)", str(NATPROBE_PORT + 1),
            bounds=Bounds(0, 65535)),
     Option("natprobe_alt_address", TEXT, "a second public address of this host, for the NAT "
-           "probe's filtering and mapping tests", '"192.0.2.66"'),
+           "probe's filtering test", '"192.0.2.66"'),
 ), RegistryConfig)
 
 

@@ -9,13 +9,16 @@ NAT maps each probe exactly as it maps WireGuard's packets:
    port), it tells the *mapping*: the same outside port toward both ports is
    endpoint-independent, another one endpoint-dependent; an address of our own is no NAT.
 2. a request asking for replies from the registry's second port and second address, which
-   we never sent to: the *filtering*. The one from the second port arriving means our NAT
+   we never send to: the *filtering*. The one from the second port arriving means our NAT
    does not filter per port; the one from the second address, not per address either.
-3. a request to the second address's probe port: the outside port toward another address,
-   which tells address-dependent mapping apart. Sent after 2, so that the reply of 2 is
-   still unsolicited; and the second address answers 2 from its *second* port, so that its
-   reply leaves no state on a NAT that keeps state for unsolicited packets (the lab's
-   `collision`) where 3's request would collide with it.
+
+Address-dependent *mapping* (another outside port only toward another address; rare) is not
+told apart from endpoint-independent: that needs a request to the second address, and a NAT
+that filters per address then lets the second address in for minutes (conntrack's 120 s), so
+the next measurement (a new endpoint, `netcheck` beside a running agent) would call it
+endpoint-independent filtering. Repeatable beats complete here: filtering decides who needs
+a relay (protocol/roles.py), and address-dependent mapping is endpoint-dependent anyway
+toward every peer but the registry.
 
 `Channel` is the one edge (send from the WireGuard port, collect replies), so the logic runs
 in process against any fake; `classify` is pure.
@@ -94,27 +97,22 @@ class Measurement:
     behaviour: NatBehaviour
     seen: Endpoint | None  # our WireGuard port as the probe port saw it
     wg_observed: Endpoint | None  # ... and as the registry's WireGuard interface saw it
-    seen_elsewhere: Endpoint | None  # ... and as the second address's probe port saw it
     alt_port_heard: bool | None  # None: the registry has no second port
     alt_address_heard: bool | None  # None: the registry has no second address
 
 
 def classify(listen_port: int, own: Collection[IPAddress], wg_observed: Endpoint | None,
-             seen: Endpoint | None, seen_elsewhere: Endpoint | None,
-             alt_port_heard: bool | None, alt_address_heard: bool | None) -> NatBehaviour:
+             seen: Endpoint | None, alt_port_heard: bool | None,
+             alt_address_heard: bool | None) -> NatBehaviour:
     """RFC 4787 terms from what the probes saw (the module docstring says which is which)."""
     if seen is None:
         return UNKNOWN
     if seen.ip in own:
         mapping = "none"
-    elif wg_observed is not None and wg_observed != seen:
-        mapping = "address-and-port-dependent"  # same registry address, another port
-    elif seen_elsewhere is not None and seen_elsewhere != seen:
-        # Without wg_observed, only the weaker claim: whether it also maps per port is not
-        # known; either way it maps per destination.
-        mapping = "address-dependent"
-    elif wg_observed is None and seen_elsewhere is None:
+    elif wg_observed is None:
         mapping = "unknown"
+    elif wg_observed != seen:
+        mapping = "address-and-port-dependent"  # same registry address, another port
     else:
         mapping = "endpoint-independent"
     if alt_address_heard:
@@ -165,7 +163,7 @@ async def measure(channel: Channel, listen_port: int, server: Endpoint,
                             t.tries)).get(server)
         if first is None:
             log.debug("NAT probe: no answer from %s", server)
-            return Measurement(UNKNOWN, None, wg_observed, None, None, None)
+            return Measurement(UNKNOWN, None, wg_observed, None, None)
         alternates: dict[Ask, Endpoint] = {}
         if first.alt_port is not None:
             alternates[Ask.ALT_PORT] = Endpoint(server.ip, first.alt_port)
@@ -179,24 +177,18 @@ async def measure(channel: Channel, listen_port: int, server: Endpoint,
                 ask |= flag
             heard = await _ask(channel, listen_port, server, ask, list(alternates.values()),
                                t.alt_wait_s, t.alt_tries)
-        elsewhere = None
-        if first.alt_address is not None:
-            other = Endpoint(first.alt_address, server.port)
-            reply = (await _ask(channel, listen_port, other, Ask.NONE, [other], t.wait_s,
-                                t.tries)).get(other)
-            elsewhere = None if reply is None else reply.observed
     except WgpunchError as error:
         log.debug("NAT probe toward %s: %s", server, error)
-        return Measurement(UNKNOWN, None, wg_observed, None, None, None)
+        return Measurement(UNKNOWN, None, wg_observed, None, None)
 
     def was_heard(flag: Ask) -> bool | None:
         where = alternates.get(flag)
         return None if where is None else where in heard
 
     alt_port_heard, alt_address_heard = was_heard(Ask.ALT_PORT), was_heard(Ask.ALT_ADDRESS)
-    behaviour = classify(listen_port, own, wg_observed, first.observed, elsewhere,
-                         alt_port_heard, alt_address_heard)
-    return Measurement(behaviour, first.observed, wg_observed, elsewhere, alt_port_heard,
+    behaviour = classify(listen_port, own, wg_observed, first.observed, alt_port_heard,
+                         alt_address_heard)
+    return Measurement(behaviour, first.observed, wg_observed, alt_port_heard,
                        alt_address_heard)
 
 

@@ -149,8 +149,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--natprobe-alt-address", metavar="ADDR",
-        help="a second public address of this host: the probe also answers from it, so that "
-             "nodes can tell address-dependent filtering and mapping",
+        help="a second public address of this host: the probe also answers from it (from "
+             "the second port), so that nodes can tell address-dependent from "
+             "endpoint-independent filtering",
     )
     parser.set_defaults(func=run, daemon=True)
 

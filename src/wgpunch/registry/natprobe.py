@@ -68,8 +68,7 @@ class _Socket(asyncio.DatagramProtocol):
 def _bound(family: socket.AddressFamily, address: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        # The second address's socket shares the port with the wildcard one; the kernel
-        # hands a datagram to the most specific match.
+        # The second address's socket may share the second port with the wildcard one.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -81,11 +80,9 @@ def _bound(family: socket.AddressFamily, address: str, port: int) -> socket.sock
     return sock
 
 
-def answers(data: bytes, observed: Endpoint, s: ProbeSettings, *, to_alt_address: bool = False
-            ) -> list[tuple[Via, bytes]]:
+def answers(data: bytes, observed: Endpoint, s: ProbeSettings) -> list[tuple[Via, bytes]]:
     """The replies to one datagram from `observed`, and where each leaves from; raises
-    MalformedPacket. Alternates only for a request to the probe port proper: one to the
-    second address is a mapping test (node/natprobe.py), not a filtering one."""
+    MalformedPacket."""
     request = parse_request(data)
     alt_address = s.alt_address if s.alt_address is not None and \
         s.alt_address.version == observed.ip.version else None
@@ -94,11 +91,10 @@ def answers(data: bytes, observed: Endpoint, s: ProbeSettings, *, to_alt_address
         return Reply(request.txid, how, observed, s.alt_port, alt_address).encode()
 
     replies = [(Via.PROBE_PORT, reply(Via.PROBE_PORT))]
-    if not to_alt_address:
-        if request.ask & Ask.ALT_PORT and s.alt_port is not None:
-            replies.append((Via.ALT_PORT, reply(Via.ALT_PORT)))
-        if request.ask & Ask.ALT_ADDRESS and alt_address is not None:
-            replies.append((Via.ALT_ADDRESS, reply(Via.ALT_ADDRESS)))
+    if request.ask & Ask.ALT_PORT and s.alt_port is not None:
+        replies.append((Via.ALT_PORT, reply(Via.ALT_PORT)))
+    if request.ask & Ask.ALT_ADDRESS and alt_address is not None:
+        replies.append((Via.ALT_ADDRESS, reply(Via.ALT_ADDRESS)))
     return replies
 
 
@@ -109,11 +105,10 @@ class ProbeServer:
         self.limiter = RateLimiter(burst, per_s)
         self.clock = clock
         self.counts: Counter[str] = Counter()
-        # Per family: the socket answering on the probe port, the one on the second port;
-        # and the second address's pair.
+        # Per family: the socket answering on the probe port, the one sending from the
+        # second port; and the one sending from the second address.
         self._probe: dict[int, _Socket] = {}
         self._alt_port: dict[int, _Socket] = {}
-        self._alt_address: _Socket | None = None
         self._alt_address_send: _Socket | None = None
 
     async def start(self) -> None:
@@ -136,8 +131,6 @@ class ProbeServer:
         if s.alt_address is not None:
             family = socket.AF_INET if s.alt_address.version == 4 else socket.AF_INET6
             try:
-                self._alt_address = await self._open(family, str(s.alt_address), s.port,
-                                                     answer=True)
                 self._alt_address_send = await self._open(
                     family, str(s.alt_address), s.alt_port or s.port + 1, answer=False)
             except OSError as error:
@@ -167,8 +160,7 @@ class ProbeServer:
             self.counts["rate_limited"] += 1
             return
         try:
-            replies = answers(data, observed, self.settings,
-                              to_alt_address=via is self._alt_address)
+            replies = answers(data, observed, self.settings)
         except MalformedPacket as error:
             self.counts["malformed"] += 1
             log.debug("NAT probe from %s: %s", observed, error)
@@ -183,11 +175,11 @@ class ProbeServer:
         self.counts["answered"] += 1
 
     async def close(self) -> None:
-        for protocol in [*self._probe.values(), *self._alt_port.values(), self._alt_address,
+        for protocol in [*self._probe.values(), *self._alt_port.values(),
                          self._alt_address_send]:
             if protocol is not None and protocol.transport is not None:
                 with contextlib.suppress(OSError):
                     protocol.transport.close()
         self._probe.clear()
         self._alt_port.clear()
-        self._alt_address = self._alt_address_send = None
+        self._alt_address_send = None
