@@ -298,11 +298,13 @@ class Agent:
     def publish(self, state: DeviceState, now_wall: float) -> None:
         published = pathfile.Published(
             {key.base64(): track.published(self.view.peers.get(key))
-             for key, track in self.tracks.items()}, self.view.health)
+             for key, track in self.tracks.items()}, self.view.health,
+            None if self.nat is None or self.nat.measured is None
+            else self.nat.measured.behaviour.to_json())
         if published != self._published:
             try:
                 pathfile.write(state.name, published.peers, self.state_dir,
-                               published.registry)
+                               published.registry, published.nat)
                 self._published = published
             except OSError as error:
                 log.warning("cannot write %s: %s", pathfile.path_file(state.name), error)

@@ -33,7 +33,7 @@ from enum import IntEnum, IntFlag
 from ..errors import MalformedPacket
 from ..wg.device import Endpoint, IPAddress
 
-PORT = 51822  # the registry's default probe port: next to WireGuard's 51820 and the API's
+PORT = 51823  # the registry's default probe port: 51822 is the rendezvous server's (natpunch)
 MAGIC = b"WGNP"
 VERSION = 1
 SIZE = 64  # a reply, and a request without alternates
