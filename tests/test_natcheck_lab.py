@@ -95,6 +95,21 @@ def test_netcheck_names_every_kind_and_the_symmetric_cells_go_direct_in_both_key
             want = KINDS[HOSTS[host]].to_json()
             assert {k: measured[-1][k] for k in want} == want, (host, measured)
 
+        # status: each node's NAT, and why symmetric x symmetric cannot go direct.
+        s2 = lab.host("s2").public_key
+        assert s2 is not None
+
+        def s1_on_s2() -> dict | None:
+            argv, env = python_module("wgpunch.cli", "status", "--json")
+            [device] = json.loads(lab.ns("s1").run(argv, env=env).stdout)["interfaces"]
+            [peer] = [p for p in device["peers"] if p["public_key"] == s2.base64()]
+            return (device, peer) if peer["nat"] is not None else None
+
+        device, peer = wait_for(s1_on_s2, timeout=5, what="s1's status to show s2's NAT")
+        assert device["agent"]["nat"] == KINDS["symmetric"].to_json()
+        assert peer["nat"] == KINDS["symmetric"].to_json()
+        assert peer["needs_relay"] == "both NATs map per destination: needs a relay", peer
+
         # netcheck, from every host.
         for host, kind in HOSTS.items():
             got = netcheck(lab, host)
