@@ -30,11 +30,12 @@ from .ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
-# Per source address. A node's probe is at most a handful of requests (node/natprobe.py);
-# our choice, so that a source spoofing a victim's address gets it at most 64 bytes * 3 per
-# request, 5 requests a second.
-BURST = 10
-PER_S = 5.0
+# Per source address. A node's measurement is at most 5 requests (node/natprobe.py), and a
+# few nodes behind one carrier NAT share an address; our choice. A source spoofing a
+# victim's address gets it no more bytes than it sends, and at most 16 requests' worth a
+# second (3 KiB/s).
+BURST = 32
+PER_S = 16.0
 
 
 @dataclass(frozen=True, slots=True)
