@@ -9,8 +9,10 @@ import pytest
 
 from test_protocol_roles import KINDS
 from wgpunch.errors import CapabilityError
+from wgpunch.keys import Key
+from wgpunch.node.follow import RegistryView
 from wgpunch.node.natprobe import Measurement, NatWatch, ProbeTimings, classify, measure
-from wgpunch.protocol import NatBehaviour
+from wgpunch.protocol import NatBehaviour, PeerEvent, PeerRecord, Snapshot
 from wgpunch.protocol.probewire import Ask, Reply, Via, parse_request
 from wgpunch.wg.device import Endpoint
 
@@ -152,3 +154,24 @@ async def test_the_watch_measures_again_only_when_the_observed_endpoint_changes(
     assert len(channel.sent) == sent  # the same mapping: nothing sent
     await watch.current(51820, Endpoint(OUTSIDE, 40000), {INSIDE})
     assert len(channel.sent) > sent
+
+
+def _record(key, endpoint, revision):
+    return PeerRecord(key, (), None if endpoint is None else Endpoint.parse(endpoint), None,
+                      None, revision)
+
+
+async def test_a_new_observed_endpoint_asks_for_a_new_report_and_measurement():
+    me, other = Key(bytes([1]) * 32), Key(bytes([2]) * 32)
+    view = RegistryView()
+    view.me = me
+    view.apply(Snapshot("e", 1, (_record(me, None, 1), _record(other, "203.0.113.9:1", 1))))
+    assert not view.observed.is_set()
+    view.apply(PeerEvent(2, _record(me, "198.51.100.2:51820", 2)))
+    # Before our first report: it waits for this anyway (follow.report_self).
+    assert view.observed.is_set() and not view.reported.is_set()
+    view.allow_punches()  # our first report has left
+    view.apply(PeerEvent(3, _record(other, "203.0.113.9:2", 3)))
+    assert not view.reported.is_set()  # another peer's endpoint is no reason
+    view.apply(PeerEvent(4, _record(me, "198.51.100.2:40000", 4)))
+    assert view.reported.is_set()
