@@ -161,17 +161,16 @@ def _record(key, endpoint, revision):
                       None, revision)
 
 
-async def test_a_new_observed_endpoint_asks_for_a_new_report_and_measurement():
+async def test_a_new_observed_endpoint_of_our_own_asks_for_a_new_measurement():
     me, other = Key(bytes([1]) * 32), Key(bytes([2]) * 32)
     view = RegistryView()
     view.me = me
     view.apply(Snapshot("e", 1, (_record(me, None, 1), _record(other, "203.0.113.9:1", 1))))
-    assert not view.observed.is_set()
+    assert not view.observed_changed.is_set()
     view.apply(PeerEvent(2, _record(me, "198.51.100.2:51820", 2)))
-    # Before our first report: it waits for this anyway (follow.report_self).
-    assert view.observed.is_set() and not view.reported.is_set()
-    view.allow_punches()  # our first report has left
+    assert view.observed_changed.is_set()
+    view.observed_changed.clear()
     view.apply(PeerEvent(3, _record(other, "203.0.113.9:2", 3)))
-    assert not view.reported.is_set()  # another peer's endpoint is no reason
+    assert not view.observed_changed.is_set()  # another peer's endpoint is no reason
     view.apply(PeerEvent(4, _record(me, "198.51.100.2:40000", 4)))
-    assert view.reported.is_set()
+    assert view.observed_changed.is_set()

@@ -24,7 +24,7 @@ from . import pathfile
 from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
-from .follow import RegistryTimings, RegistryView, follow_registry, report_self
+from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
 from .natprobe import Channel, NatWatch, RawChannel
 from .probe import tunnel_address
 from .punch import OpenerTtl
@@ -116,6 +116,8 @@ class Agent:
                                                   self.probe_live_peers, self.clock))
                 group.create_task(report_self(self.client, self.view, self.device, self.io,
                                               self.registry_t, self.nat))
+                if self.nat is not None:
+                    group.create_task(measure_nat(self.view, self.nat, self.device, self.io))
                 group.create_task(self.reconcile_forever())
         finally:
             pathfile.remove(self.device.name, self.state_dir)
