@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -66,11 +67,14 @@ class _Socket(asyncio.DatagramProtocol):
             self.transport.sendto(data, to)
 
 
-def _bound(family: socket.AddressFamily, address: str, port: int) -> socket.socket:
+def _bound(family: socket.AddressFamily, address: str, port: int, *, shared: bool
+           ) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        # The second address's socket may share the second port with the wildcard one.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            # The second address's socket shares the second port with the wildcard one; both
+            # only send, so no datagram can go to the wrong one.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address, port))
@@ -113,36 +117,45 @@ class ProbeServer:
         self._alt_address_send: _Socket | None = None
 
     async def start(self) -> None:
+        """Bind every socket, or none (a ConfigError naming the one that failed)."""
+        try:
+            await self._start()
+        except OSError as error:
+            await self.close()
+            raise ConfigError(f"registry: NAT probe: {error.strerror or error}") from None
+
+    async def _start(self) -> None:
         s = self.settings
-        wildcards = [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
-        for index, (family, address) in enumerate(wildcards):
+        for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             try:
-                probe = await self._open(family, address, s.port, answer=True)
+                self._probe[family] = await self._open(family, address, s.port, answer=True)
             except OSError as error:
-                if index == 0 or error.errno not in (97, 99):  # EAFNOSUPPORT, no IPv6 here
-                    await self.close()
-                    raise ConfigError(f"registry: cannot listen for NAT probes on "
-                                      f"{Endpoint(ipaddress.ip_address(address), s.port)}: "
-                                      f"{error.strerror or error}") from None
-                continue
-            self._probe[family] = probe
+                if family == socket.AF_INET6 and error.errno in (errno.EAFNOSUPPORT,
+                                                                 errno.EADDRNOTAVAIL):
+                    continue  # no IPv6 on this host
+                raise OSError(error.errno, f"cannot listen on "
+                              f"{Endpoint(ipaddress.ip_address(address), s.port)}: "
+                              f"{error.strerror}") from None
             if s.alt_port is not None:
-                self._alt_port[family] = await self._open(family, address, s.alt_port,
-                                                          answer=False)
+                try:
+                    self._alt_port[family] = await self._open(family, address, s.alt_port,
+                                                              answer=False)
+                except OSError as error:
+                    raise OSError(error.errno, f"cannot use the second port {s.alt_port}: "
+                                  f"{error.strerror}") from None
         if s.alt_address is not None:
             family = socket.AF_INET if s.alt_address.version == 4 else socket.AF_INET6
             try:
                 self._alt_address_send = await self._open(
                     family, str(s.alt_address), s.alt_port or s.port + 1, answer=False)
             except OSError as error:
-                await self.close()
-                raise ConfigError(f"registry: cannot use {s.alt_address} as the NAT probe's "
-                                  f"second address: {error.strerror or error}") from None
+                raise OSError(error.errno, f"cannot use {s.alt_address} as the second "
+                              f"address: {error.strerror}") from None
 
     async def _open(self, family: socket.AddressFamily, address: str, port: int, *,
                     answer: bool) -> _Socket:
         loop = asyncio.get_running_loop()
-        sock = _bound(family, address, port)
+        sock = _bound(family, address, port, shared=not answer)
         protocol = _Socket(None)
         protocol.on_datagram = (lambda data, src: self.received(data, src, protocol)) \
             if answer else None
