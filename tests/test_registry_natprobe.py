@@ -3,10 +3,11 @@ nobody gets more bytes than they send or more answers than the per-source limit;
 test (test_natcheck_lab.py) runs it on real sockets behind every NAT kind."""
 
 import ipaddress
+import socket
 
 import pytest
 
-from wgpunch.errors import MalformedPacket
+from wgpunch.errors import ConfigError, MalformedPacket
 from wgpunch.protocol.probewire import SIZE, Ask, Request, Via, parse_reply
 from wgpunch.registry.natprobe import ProbeServer, ProbeSettings, answers
 from wgpunch.wg.device import Endpoint
@@ -70,3 +71,15 @@ def test_each_source_is_limited_and_bad_datagrams_are_counted():
     now[0] = 1.0  # a token back
     server.received(request, ("198.51.100.2", 40001), probe)
     assert len(probe.sent) == 5
+
+
+async def test_a_port_in_use_is_one_config_error():
+    """The probe port taken (here by a socket on loopback, so that nothing of the test
+    listens on the host's other addresses): a one-line ConfigError naming it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        server = ProbeServer(ProbeSettings(port, None))
+        with pytest.raises(ConfigError, match=f"cannot listen on 0.0.0.0:{port}: Address "
+                                              "already in use"):
+            await server.start()
