@@ -324,8 +324,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--metrics-listen", metavar="ADDR:PORT",
         help="serve Prometheus metrics at http://ADDR:PORT/metrics (docs/metrics.md): each "
         "peer's path, time to direct, punches, the registry link; off by default, and not "
-        "served with --once. No authentication: give 127.0.0.1 or the tunnel address (a wildcard or "
-        "public address logs a warning)",
+        "served with --once. No authentication: give 127.0.0.1 or the tunnel address (a "
+        "wildcard or public address logs a warning)",
     )
     parser.add_argument(
         "--config", metavar="FILE", type=Path,

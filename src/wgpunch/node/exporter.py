@@ -4,8 +4,8 @@ Imported only with `--metrics-listen` (prometheus_client costs ~80 ms of start-u
 is listed in docs/metrics.md.
 
 A peer is labelled with the first 8 characters of its public key in base64 (as `wg` prints
-it), more only if two peers of the interface share them: one series per peer, whose `path`
-label is the path it has now, so a node exports as many series as it has peers.
+it), more only where two peers of the interface share them (short_keys): one series per peer,
+whose `path` label is the path it has now, so a node exports as many series as it has peers.
 """
 
 from __future__ import annotations
@@ -107,11 +107,18 @@ class _AgentState(Collector):
 
 
 def short_keys(keys: Iterable[Key]) -> dict[Key, str]:
-    """Each key's shortest base64 prefix of SHORT_KEY characters or more that no other key
-    here shares (whole keys when only the last character differs)."""
-    texts = {key: key.base64() for key in keys}
-    for length in range(SHORT_KEY, 44):
-        prefixes = {key: text[:length] for key, text in texts.items()}
-        if len(set(prefixes.values())) == len(prefixes):
-            return prefixes
-    return texts
+    """Each key's base64 cut to SHORT_KEY characters, or to one more than it shares with
+    any other key here, so that a new peer lengthens only the labels it collides with."""
+    ordered = sorted(keys, key=Key.base64)
+    texts = [key.base64() for key in ordered]
+    shared = [0] * len(texts)  # the longest prefix each shares with another (a neighbour)
+    for i in range(1, len(texts)):
+        common = _common_prefix(texts[i - 1], texts[i])
+        shared[i - 1], shared[i] = max(shared[i - 1], common), common
+    return {key: text[:max(SHORT_KEY, common + 1)]
+            for key, text, common in zip(ordered, texts, shared, strict=True)}
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
