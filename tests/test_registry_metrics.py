@@ -23,7 +23,7 @@ from scraped import Scraped, scrape
 from wgpair import wg_pair
 from wgpunch.cli import build_parser
 from wgpunch.errors import ConfigError
-from wgpunch.exposition import MetricsServer, exposure, parse_listen
+from wgpunch.exposition import MetricsServer, exposure, parse_address
 from wgpunch.keys import Key
 from wgpunch.node import cli as node_cli
 from wgpunch.registry import cli as registry_cli
@@ -302,13 +302,13 @@ async def test_observer_polls_are_timed_and_a_device_that_goes_away_counts_failu
 ])
 def test_a_metrics_address_is_an_ip_and_a_port(text, problem):
     with pytest.raises(ConfigError, match=problem):
-        parse_listen(text, "registry")
+        parse_address(text, "registry")
 
 
 @pytest.mark.parametrize("command", ["registry", "node"])
 def test_the_option_comes_from_a_flag_the_environment_or_the_file(command, tmp_path: Path):
     settings_from = {"registry": registry_cli, "node": node_cli}[command].settings_from
-    needs = ["--interface", "wg0"] + ([] if command == "registry" else
+    needs = ["--interface", "wg0"] + (["--listen", "127.0.0.1"] if command == "registry" else
                                       ["--registry", Key(bytes(32)).base64()])
     args = build_parser().parse_args([command, *needs])
     assert settings_from(args, {}).metrics_listen is None

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 PATH = "/metrics"
 
 
-def parse_listen(text: str, layer: str) -> Endpoint:
+def parse_address(text: str, layer: str) -> Endpoint:
     """`ADDR:PORT` or `[IPv6]:PORT`: a port is required (there is no default to guess)."""
     try:
         return Endpoint.parse(text)

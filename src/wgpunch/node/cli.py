@@ -102,9 +102,9 @@ def _key(options: config.NodeConfig, name: str) -> Key | None:
 def _metrics_listen(options: config.NodeConfig) -> Endpoint | None:
     if not options.metrics_listen:
         return None
-    from ..exposition import parse_listen  # prometheus_client: only when asked for
+    from ..exposition import parse_address  # prometheus_client: only when asked for
 
-    return options.parsed("metrics_listen", lambda text: parse_listen(text, "node"),
+    return options.parsed("metrics_listen", lambda text: parse_address(text, "node"),
                           options.metrics_listen)
 
 

@@ -154,14 +154,17 @@ def settings_from(args: argparse.Namespace,
     options = config.load(config.REGISTRY, vars(args), config=args.config, environ=environ)
     listen = tuple(dict.fromkeys(
         options.parsed("listen", parse_listen, text) for text in options.listen))
-    metrics_listen = None
-    if options.metrics_listen:
-        from ..exposition import parse_listen  # prometheus_client: only when asked for
-
-        metrics_listen = options.parsed("metrics_listen", lambda t: parse_listen(t, "registry"),
-                                        options.metrics_listen)
     return Settings(options.interface, listen, options.token_file, options.poll_interval,
-                    _dns_settings(options), metrics_listen)
+                    _dns_settings(options), _metrics_listen(options))
+
+
+def _metrics_listen(options: config.RegistryConfig) -> Endpoint | None:
+    if not options.metrics_listen:
+        return None
+    from ..exposition import parse_address  # prometheus_client: only when asked for
+
+    return options.parsed("metrics_listen", lambda text: parse_address(text, "registry"),
+                          options.metrics_listen)
 
 
 def _dns_settings(options: config.RegistryConfig) -> DnsSettings | None:
