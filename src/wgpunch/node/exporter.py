@@ -73,13 +73,16 @@ class NodeExporter(NodeMetrics):
 class _AgentState(Collector):
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
+        self._labels: dict[Key, str] = {}  # short_keys of the peers, while they stay the same
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         paths = {key: track.path for key, track in self._agent.tracks.items()}
+        if paths.keys() != self._labels.keys():
+            self._labels = short_keys(paths)
         per_peer = GaugeMetricFamily("wgpunch_node_peer_path",
                                      "1 for each peer, labelled with its path now",
                                      labels=["peer", "path"])
-        for key, short in short_keys(paths).items():
+        for key, short in self._labels.items():
             per_peer.add_metric([short, str(paths[key])], 1)
         yield per_peer
         by_path = GaugeMetricFamily("wgpunch_node_peers", "Peers by their path now",
