@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import shutil
+import signal
+import subprocess
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,12 +22,15 @@ import dns.message
 import pytest
 from aiohttp import web
 
+from ports import free_ports
 from scraped import Scraped, scrape
+from test_registry_cli import SRC, port_is_free, wait_json, wgpunch_cli
 from wgpair import wg_pair
 from wgpunch.cli import build_parser
 from wgpunch.errors import ConfigError
 from wgpunch.exposition import MetricsServer, exposure, parse_address
 from wgpunch.keys import Key
+from wgpunch.lab.netns import wait_for
 from wgpunch.node import cli as node_cli
 from wgpunch.registry import cli as registry_cli
 from wgpunch.registry.api import create_app
@@ -336,3 +342,45 @@ async def test_a_port_in_use_is_a_one_line_error(served):
     port = int(served.metrics.rsplit(":", 1)[1].split("/")[0])
     with pytest.raises(ConfigError, match=r"registry: cannot serve metrics on 127\.0\.0\.1:\d+: "):
         await MetricsServer(served.exporter.registry, "registry").start("127.0.0.1", port)
+
+
+# -- the real command -------------------------------------------------------------------------
+
+
+def test_the_registry_command_serves_metrics_and_releases_the_port_on_sigterm():
+    """`wgpunch registry --metrics-listen` as a process, with no such WireGuard device: the
+    API serves, and /metrics says the device cannot be read."""
+    api, metrics = free_ports(2)
+    proc = subprocess.Popen(
+        wgpunch_cli("registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{api}",
+                    "--poll-interval", "0.01", "--metrics-listen", f"127.0.0.1:{metrics}"),
+        env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{metrics}/metrics"
+    try:
+        wait_json(f"http://127.0.0.1:{api}/healthz", proc)
+
+        def failing() -> Scraped | None:
+            got = scrape_now(url)
+            failures = got.value("wgpunch_registry_device_read_failures_total") or 0
+            return got if failures >= 1 else None
+        got = wait_for(failing, timeout=5, interval=0.02, what="a failed read counted")
+        assert got.value("wgpunch_registry_device_readable") == 0
+        assert got.value("wgpunch_registry_peers") == 0
+        assert got.value("process_open_fds") is not None  # the process's own, too
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+        assert proc.returncode == 0, stderr
+        assert port_is_free(metrics)
+        assert f"registry: serving Prometheus metrics on {url}" in stderr
+        assert "without authentication" not in stderr  # loopback: no warning
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def scrape_now(url: str) -> Scraped:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=3) as resp:
+        return Scraped(resp.read().decode())
