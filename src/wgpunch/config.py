@@ -370,6 +370,7 @@ class RegistryConfig(Loaded):
     natprobe_port: int  # 0: no NAT probe port
     natprobe_alt_port: int | None  # None: natprobe_port + 1; 0: none
     natprobe_alt_address: str | None
+    metrics_listen: str | None  # None: no metrics
 
 
 REGISTRY = Schema("registry", (
@@ -401,6 +402,8 @@ REGISTRY = Schema("registry", (
            bounds=Bounds(0, 65535)),
     Option("natprobe_alt_address", TEXT, "a second public address of this host, for the NAT "
            "probe's filtering test", '"192.0.2.66"'),
+    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
+           "(default: off)", '"127.0.0.1:9587"'),
 ), RegistryConfig)
 
 
@@ -419,6 +422,7 @@ class NodeConfig(Loaded):
     natpunch_server_key: str | None
     natpunch_legacy: str | None
     natprobe_port: int  # 0: do not measure the NAT
+    metrics_listen: str | None  # None: no metrics
 
 
 NODE = Schema("node", (
@@ -446,6 +450,8 @@ NODE = Schema("node", (
     Option("natprobe_port", WHOLE, "the registry's NAT probe port (UDP, at its public "
            "address; 0: do not measure the NAT)", str(NATPROBE_PORT), default=NATPROBE_PORT,
            bounds=Bounds(0, 65535)),
+    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
+           "(default: off)", '"127.0.0.1:9588"'),
 ), NodeConfig)
 
 
