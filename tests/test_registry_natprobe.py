@@ -74,8 +74,8 @@ def test_each_source_is_limited_and_bad_datagrams_are_counted():
 
 
 async def test_a_port_in_use_is_one_config_error():
-    """The probe port taken (here by a socket on loopback, so that nothing of the test
-    listens on the host's other addresses): a one-line ConfigError naming it."""
+    """The probe port taken by a program that does not share it (here on loopback, so that
+    nothing of the test listens on the host's other addresses): a one-line ConfigError."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]

@@ -67,14 +67,14 @@ class _Socket(asyncio.DatagramProtocol):
             self.transport.sendto(data, to)
 
 
-def _bound(family: socket.AddressFamily, address: str, port: int, *, shared: bool
-           ) -> socket.socket:
+def _bound(family: socket.AddressFamily, address: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        if shared:
-            # The second address's socket shares the second port with the wildcard one; both
-            # only send, so no datagram can go to the wrong one.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Shared: the probe keeps no state (any socket on the port answers a probe exactly as
+        # another would), so two registries on one host (wg0 and wg1) both start with the
+        # default ports, and the second address's socket shares the second port with the
+        # wildcard one.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address, port))
@@ -155,7 +155,7 @@ class ProbeServer:
     async def _open(self, family: socket.AddressFamily, address: str, port: int, *,
                     answer: bool) -> _Socket:
         loop = asyncio.get_running_loop()
-        sock = _bound(family, address, port, shared=not answer)
+        sock = _bound(family, address, port)
         protocol = _Socket(None)
         protocol.on_datagram = (lambda data, src: self.received(data, src, protocol)) \
             if answer else None
