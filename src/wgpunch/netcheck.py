@@ -189,7 +189,7 @@ async def check(options: config.NodeConfig) -> Report:
     ipv6 = any(i.ip.version == 6 and i.ip.is_global for i in interfaces)
     over_v6 = None
     if server is not None and server.ip.version == 6:
-        over_v6 = measured is not None and measured.seen is not None
+        over_v6 = await asyncio.to_thread(lanprobe.reaches, server)
     return Report(
         state.name, server, None if measured is None else measured.seen, wg_observed,
         NatBehaviour("unknown", "unknown", None) if measured is None else measured.behaviour,

@@ -119,22 +119,42 @@ def _upnp(wait_s: float) -> bool:
         return any(data.startswith(b"HTTP/1.1 200") for data in _answers(sock, wait_s))
 
 
+def _mapping(sock: socket.socket, server: Endpoint, wait_s: float) -> Endpoint | None:
+    """The source the probe port `server` sees for `sock` (None: no answer)."""
+    request = Request(os.urandom(TXID_SIZE))
+    sock.sendto(request.encode(), (str(server.ip), server.port))
+    for data in _answers(sock, wait_s, str(server.ip), first=True):
+        try:
+            reply = parse_reply(data)
+        except MalformedPacket:
+            continue
+        if reply.txid == request.txid:
+            return reply.observed
+    return None
+
+
+def _socket_for(server: Endpoint) -> socket.socket:
+    return socket.socket(socket.AF_INET if server.ip.version == 4 else socket.AF_INET6,
+                         socket.SOCK_DGRAM)
+
+
+def reaches(server: Endpoint, wait_s: float = WAIT_S) -> bool:
+    """Whether the probe port `server` answers an ordinary UDP socket: for IPv6, where the
+    WireGuard port's raw probe (node/natprobe.py) is not built. Blocking: call it in a
+    thread."""
+    with _socket_for(server) as sock:
+        try:
+            return _mapping(sock, server, wait_s) is not None
+        except OSError:
+            return False
+
+
 def hairpin(server: Endpoint, wait_s: float = WAIT_S) -> bool | None:
     """Whether our NAT hairpins: None when the probe port did not tell us our mapping.
     Blocking: call it in a thread."""
-    family = socket.AF_INET if server.ip.version == 4 else socket.AF_INET6
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+    with _socket_for(server) as sock:
         try:
-            request = Request(os.urandom(TXID_SIZE))
-            sock.sendto(request.encode(), (str(server.ip), server.port))
-            mapping = None
-            for data in _answers(sock, wait_s, str(server.ip), first=True):
-                try:
-                    reply = parse_reply(data)
-                except MalformedPacket:
-                    continue
-                if reply.txid == request.txid:
-                    mapping = reply.observed
+            mapping = _mapping(sock, server, wait_s)
             if mapping is None:
                 return None
             marker = os.urandom(16)
