@@ -1,6 +1,6 @@
 """Fuzzing the NAT probe's datagrams (protocol/probewire.py; docs/fuzzing.md): anything the
-registry's probe port receives is a request or one MalformedPacket, and so is anything the
-node reads as a reply; a request is never answered with more bytes than it has. Seeds: the
+registry's probe port receives is answered with no more bytes than it has, or refused with
+one MalformedPacket; anything the node reads as a reply is one or MalformedPacket. Seeds: the
 golden datagrams of test_protocol_probewire.py."""
 
 from hypothesis import event, given
@@ -8,8 +8,10 @@ from hypothesis import strategies as st
 
 from fuzzing import FUZZ, fuzz_input
 from test_protocol_probewire import REPLY_BYTES, REQUEST, TXID
+from test_registry_natprobe import FULL, NODE
 from wgpunch.errors import MalformedPacket
-from wgpunch.protocol.probewire import SIZE, Ask, Request, parse_reply, parse_request
+from wgpunch.protocol.probewire import Ask, Request, parse_reply, parse_request
+from wgpunch.registry.natprobe import answers
 
 SEEDS = [REQUEST, Request(TXID, Ask.ALT_PORT).encode(),
          Request(TXID, Ask.ALT_PORT | Ask.ALT_ADDRESS).encode(), REPLY_BYTES]
@@ -18,15 +20,17 @@ DATAGRAMS = st.one_of(fuzz_input(SEEDS, max_size=260), st.binary(max_size=200))
 
 @FUZZ
 @given(DATAGRAMS)
-def test_any_datagram_is_a_request_or_malformed(raw):
+def test_any_datagram_is_answered_with_no_more_bytes_or_refused(raw):
+    """What the registry's probe port does with it (registry/natprobe.py `answers`, with a
+    second port and a second address to answer from): never more bytes than it got."""
     try:
-        request = parse_request(raw)
+        replies = answers(raw, NODE, FULL)
     except MalformedPacket:
         event("MalformedPacket")
         return
-    event("request")
-    replies = 1 + bin(int(request.ask)).count("1")
-    assert replies * SIZE <= len(raw)  # never an amplifier
+    event(f"{len(replies)} replies")
+    assert parse_request(raw).txid == parse_reply(replies[0][1]).txid
+    assert sum(len(reply) for _, reply in replies) <= len(raw)  # never an amplifier
 
 
 @FUZZ
