@@ -3,8 +3,9 @@ peer, apply, repeat; wake at once when the registry's watch stream says somethin
 (follow.py follows it and reports this node).
 
 Peers the registry does not know, and the registry peer itself, are never touched; no peer is
-added or removed. The clock and every packet the agent sends itself (openers, probes) go
-through `Clock` and `Io` (edges.py), so tests run the real agent in process.
+added or removed, except by the managed mesh (mesh.py) when the agent is given one. The clock
+and every packet the agent sends itself (openers, probes) go through `Clock` and `Io`
+(edges.py), so tests run the real agent in process.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
+from .mesh import Mesh
 from .probe import tunnel_address
 from .punch import OpenerTtl
 from .source import Source
@@ -46,6 +48,7 @@ class Agent:
         registry_timings: RegistryTimings | None = None,
         clock: Clock | None = None,
         io: Io | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -55,6 +58,7 @@ class Agent:
         self.state_dir = state_dir
         self.clock: Clock = clock or SystemClock()
         self.io: Io = io or SystemIo()
+        self.mesh = mesh
         self.me: Key | None = None
         self.listen_port = 0
         self.can_open = False  # whether raw openers work here: asked in run()
@@ -152,6 +156,10 @@ class Agent:
         if self._device_failing:
             log.info("reading %s works again", self.device.name)
             self._device_failing = False
+        if self.mesh is not None and self.view.revision is not None:  # not before a snapshot
+            state = await self.mesh.sync(self.device, state, {
+                key: record.allowed_ips for key, record in self.view.peers.items()})
+            self.tracks = {k: t for k, t in self.tracks.items() if state.peer(k) is not None}
         now_wall, now = self.clock.wall(), self.clock.monotonic()
         recheck = self.t.idle_recheck_s
         for peer in state.peers:
