@@ -18,7 +18,6 @@ from wgpunch.node.mesh import Mesh, Overlap, plan, read_managed, state_file
 from wgpunch.protocol import PeerRecord, RemovedEvent
 from wgpunch.wg.device import DeviceState, IPNetwork, PeerConfig, PeerState
 
-
 # test_node_agent.py's fixtures: the device pair, the fake registry and senders, its logging.
 pair, registry, io = agent_tests.pair, agent_tests.registry, agent_tests.io
 agent_logs = agent_tests.agent_logs
