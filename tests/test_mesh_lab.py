@@ -40,7 +40,7 @@ RESTART_HOLD_S = 3.0  # how long a restarted agent must leave every peer as it w
 REVOKE_DEADLINE_S = 10.0
 USER_PEER_IP = "10.98.0.1/32"  # outside the mesh's network: no overlap
 MIXED = Scenario("mesh", (catalog.site("a", "eim"), catalog.site("b", catalog.PUBLIC),
-                          catalog.site("c", "eim-port"), catalog.site("d", "eim-full-cone")))
+                          catalog.site("c", "eim-port"), catalog.site("d", "collision")))
 
 
 def state(ifname: str) -> DeviceState:

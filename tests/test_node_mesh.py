@@ -224,3 +224,20 @@ async def test_an_unwritable_state_directory_changes_nothing(pair, registry, io,
         await run.until(lambda: "mesh: cannot write" in caplog.text, what="the warning")
         assert dump(pair).keys() == before.keys()
 
+
+
+async def test_the_report_waits_until_the_mesh_put_the_peers_on_the_device(pair, io):
+    """Peers take our report as "follows punch events for me", which needs them on our
+    device: reported earlier, a peer's initiation beat our opener through a collision NAT."""
+    at_report: list[bool] = []
+
+    class Recording(FakeRegistry):
+        async def report_self(self, report):
+            at_report.append(N1.base64() in dump(pair))
+            await super().report_self(report)
+
+    registry = Recording()
+    async with Running(mesh_agent(pair, registry, io)) as run:
+        registry.publish(*listing(pair, (N1, "10.77.0.11/32")))
+        await run.until(lambda: at_report, what="the report")
+    assert at_report[0]

@@ -108,11 +108,18 @@ class Agent:
             async with asyncio.TaskGroup() as group:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
                                                   self.probe_live_peers, self.clock))
-                group.create_task(report_self(self.client, self.view, self.device, self.io,
-                                              self.registry_t))
+                group.create_task(self.report())
                 group.create_task(self.reconcile_forever())
         finally:
             pathfile.remove(self.device.name, self.state_dir)
+
+    async def report(self) -> None:
+        # A peer takes our report as "follows punch events for me": with a mesh, only true
+        # once the mesh has put the registry's peers on the device (a collision NAT then
+        # never connected: the peer's initiation came before our opener).
+        if self.mesh is not None:
+            await self.mesh.synced.wait()
+        await report_self(self.client, self.view, self.device, self.io, self.registry_t)
 
     async def run_once(self) -> int:
         """One pass, for cron: every peer without a live session whose endpoint the registry

@@ -14,6 +14,7 @@ preshared key (none crosses the API; a user who wants one sets it, and the peer 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -144,6 +145,7 @@ class Mesh:
     exclude: frozenset[Key] = frozenset()
     managed: frozenset[Key] = field(init=False)
     _told: set[Overlap] = field(default_factory=set, init=False)  # logged once each
+    synced: asyncio.Event = field(default_factory=asyncio.Event, init=False)  # a first sync
 
     def __post_init__(self) -> None:
         self.managed = read_managed(self.ifname, self.state_dir)
@@ -152,6 +154,13 @@ class Mesh:
                    listed: Mapping[Key, Iterable[IPNetwork]]) -> DeviceState:
         """Apply the plan for `state`; the device's state afterwards (`state` itself when
         nothing changed or the change failed, which is logged and tried again next pass)."""
+        try:
+            return await self._sync(device, state, listed)
+        finally:
+            self.synced.set()
+
+    async def _sync(self, device: Device, state: DeviceState,
+                    listed: Mapping[Key, Iterable[IPNetwork]]) -> DeviceState:
         p = plan(state, listed, self.managed, registry=self.registry, exclude=self.exclude)
         for overlap in p.refused:
             if overlap not in self._told:
