@@ -6,8 +6,10 @@ this process's `list_devices` cannot see them), so that interfaces can appear an
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 from wgpair import Side, unique_prefix, wg_pair
 from wgpunch.errors import ConfigError
 from wgpunch.keys import generate_keypair
+from wgpunch.lab.netns import Namespace, WireguardGo, python_module, stop_process, wait_for
 from wgpunch.node.fleet import Fleet
 from wgpunch.wg.device import DeviceState
 from wgpunch.wg.uapi import UapiDevice
@@ -118,3 +121,58 @@ async def test_an_agent_that_ends_is_logged_once_and_started_again(sides, caplog
     assert ended[0].levelno == logging.WARNING
     assert set(agents.starts) == {a.ifname}
 
+
+
+# -- the real command: one process, two interfaces, two registries ---------------------------------
+
+def test_one_node_process_steers_two_interfaces_that_follow_different_registries(tmp_path):
+    """`wgpunch node --registry K1 --registry K2` without --interface, in a namespace with
+    two wireguard-go interfaces, each with one of the registries as a peer: one agent per
+    interface, each following its own registry; an interface that vanishes is let go of;
+    SIGTERM stops both (exit 0). The registries are nowhere: only the agents' own start is
+    judged, from their log."""
+    prefix = unique_prefix("fm")
+    ns = Namespace(f"{prefix}-a")
+    names = [f"{prefix}awg", f"{prefix}bwg"]
+    registries = [generate_keypair()[1] for _ in names]
+    daemons = [WireguardGo(ns, name) for name in names]
+    log = tmp_path / "node.log"
+    try:
+        ns.add()
+        for n, (name, daemon, registry) in enumerate(zip(names, daemons, registries,
+                                                         strict=True)):
+            daemon.start()
+            keyfile = tmp_path / f"{name}.key"
+            keyfile.write_text(generate_keypair()[0].base64())
+            ns.run(["wg", "set", name, "private-key", str(keyfile), "peer", registry.base64(),
+                    "allowed-ips", f"10.7{n}.0.254/32"])
+            ns.run(["ip", "addr", "add", f"10.7{n}.0.1/24", "dev", name])
+            ns.run(["ip", "link", "set", name, "up"])
+        argv, env = python_module("wgpunch.cli", "--log-format", "json", "node",
+                                  *(a for k in registries for a in ("--registry", k.base64())))
+        with log.open("w") as out:
+            proc = ns.popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        try:
+            def started() -> dict[str, str]:
+                assert proc.poll() is None, log.read_text()
+                lines = [json.loads(line) for line in log.read_text().splitlines()
+                         if line.startswith("{")]
+                return {e["interface"]: e["msg"] for e in lines if e.get("event") == "started"}
+
+            shown = wait_for(lambda: len(started()) == 2 and started(), timeout=20,
+                             what="an agent on each interface")
+            for name, registry in zip(names, registries, strict=True):
+                assert f"registry {registry}" in shown[name], shown
+            daemons[1].stop()
+            wait_for(lambda: '"interface_gone"' in log.read_text(), timeout=10,
+                     what="the vanished interface let go of")
+            assert stop_process(proc) == 0
+            assert "Traceback" not in log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        ns.delete()

@@ -407,7 +407,7 @@ REGISTRY = Schema("registry", (
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig(Loaded):
     interface: str | None  # None: every WireGuard interface (node/fleet.py)
-    registry: str | None
+    registry: tuple[str, ...]  # several: each interface follows the one it has as a peer
     api: str | None
     token_file: Path | None
     keepalive: int
@@ -425,8 +425,9 @@ class NodeConfig(Loaded):
 NODE = Schema("node", (
     Option("interface", TEXT, "the WireGuard interface to steer (default: every one that has "
            "the registry's peer)", '"wg0"'),
-    Option("registry", TEXT, "the registry's public key (a peer of IF)",
-           '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="'),
+    Option("registry", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
+           "the registry's public key (a peer of IF); a list: each interface follows the one "
+           "it has", '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="', default=()),
     Option("api", TEXT, f"the registry API's URL (default: its tunnel address, port {API_PORT})",
            f'"http://10.99.0.254:{API_PORT}"'),
     Option("token_file", PATH, "bearer token for the registry", '"/etc/wgpunch/token"'),

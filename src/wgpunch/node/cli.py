@@ -38,7 +38,7 @@ class Settings:
     `natpunch_legacy` says which kind of registry it follows."""
 
     interface: str | None  # None: every WireGuard interface that qualifies (fleet.py)
-    registry: Key | None
+    registry: Key | None  # None with several `registries`: the one IF has, found at start
     api: str | None  # None: http://<the registry peer's tunnel address>:API_PORT
     token_file: Path | None
     dns_sd: Endpoint | None
@@ -51,6 +51,7 @@ class Settings:
     interval_s: float
     mesh: bool = False
     mesh_exclude: frozenset[Key] = frozenset()
+    registries: tuple[Key, ...] = ()  # every --registry given
 
 
 def settings_from(args: argparse.Namespace,
@@ -76,9 +77,13 @@ def settings_from(args: argparse.Namespace,
                           "every peer with its allowed IPs")
     if options.mesh_exclude and not options.mesh:
         raise ConfigError("node: --mesh-exclude goes with --mesh")
+    registries = tuple(dict.fromkeys(
+        options.parsed("registry", lambda t: Key.parse(t, what="registry key"), text)
+        for text in options.registry))
     return Settings(
         interface=options.interface,
-        registry=_key(options, "registry"),
+        registry=registries[0] if len(registries) == 1 else None,
+        registries=registries,
         api=options.parsed("api", _api_url, options.api) if options.api else None,
         token_file=options.token_file,
         dns_sd=(options.parsed("dns_sd", _dns_sd_server, options.dns_sd)
@@ -103,6 +108,16 @@ def _key(options: config.NodeConfig, name: str) -> Key | None:
         return None
     what = name.replace("_", " ") + " key"
     return options.parsed(name, lambda t: Key.parse(t, what=what), text)
+
+
+def registry_of(state: DeviceState, registries: tuple[Key, ...]) -> Key:
+    """Which of several registries' keys this device follows: the one that is its peer."""
+    found = [key for key in registries if state.peer(key) is not None]
+    if len(found) != 1:
+        raise ConfigError(f"node: {state.name} has {'none' if not found else 'several'} of the "
+                          f"registries given ({', '.join(map(str, registries))}) as a peer; "
+                          "it must have exactly one")
+    return found[0]
 
 
 def _api_url(text: str) -> str:
@@ -136,7 +151,7 @@ async def serve(settings: Settings, *, once: bool = False,
         if once:
             raise ConfigError("node: --once steers one interface: give --interface IF")
         return await _until_signal(_fleet(settings, state_dir), "every interface", (
-            "every WireGuard interface" + (" with the registry's peer" if settings.registry
+            "every WireGuard interface" + (" with a registry's peer" if settings.registries
                                            else "")))
     with agent_lock(settings.interface, state_dir):
         return await _serve(settings, once=once, state_dir=state_dir)
@@ -146,8 +161,8 @@ async def _fleet(settings: Settings, state_dir: Path) -> None:
     from .fleet import Fleet
 
     def wanted(state: DeviceState) -> bool:
-        if settings.registry is not None:
-            return state.peer(settings.registry) is not None
+        if settings.registries:
+            return any(state.peer(key) is not None for key in settings.registries)
         return state.public_key is not None
 
     async def steer(interface: str) -> None:
@@ -198,6 +213,8 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
             raise ConfigError(f"node: cannot control {interface}: {error}; the node needs "
                               "root (CAP_NET_ADMIN)") from None
         raise
+    if settings.registry is None and settings.registries:
+        settings = replace(settings, registry=registry_of(state, settings.registries))
     source: Source
     server_key = settings.natpunch_server_key
     natpunch = settings.natpunch or settings.natpunch_legacy
@@ -283,9 +300,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the WireGuard interface to steer (default: every one that has the registry's "
         "peer, looked for every 2 s)")
     parser.add_argument(
-        "--registry", metavar="PUBKEY",
+        "--registry", metavar="PUBKEY", action="append",
         help="the registry's public key (base64 as wg prints it, hex or base32); the registry "
-        "must be a peer of IF. Its peer entry is never touched",
+        "must be a peer of IF. Its peer entry is never touched. Repeatable: each interface "
+        "follows the registry it has as a peer (one agent, several networks)",
     )
     parser.add_argument(
         "--dns-sd", metavar="ADDR:PORT",

@@ -52,13 +52,13 @@ class Fleet:
     async def scan(self) -> None:
         qualify = {name for name in await self.devices() if await self._qualifies(name)}
         for name, task in list(self.agents.items()):
-            if task.done():
-                del self.agents[name]
-                self._ended(name, task)
-            elif name not in qualify:
+            if name not in qualify:  # its agent may have ended of it already (device gone)
                 log.info("node: %s is gone or no longer has the registry's peer; let go", name,
                          extra={"event": "interface_gone", "interface": name})
                 await self.stop(name)
+            elif task.done():
+                del self.agents[name]
+                self._ended(name, task)
         for name in sorted(qualify - set(self.agents)):
             if name not in self.failed:
                 log.info("node: steering %s", name,
@@ -88,6 +88,8 @@ class Fleet:
 
     def _ended(self, name: str, task: asyncio.Task[None]) -> None:
         error = None if task.cancelled() else task.exception()
+        while isinstance(error, BaseExceptionGroup):  # the agent's TaskGroup: its first
+            error = error.exceptions[0]
         text = "stopped" if error is None else str(error)
         if self.failed.get(name) != text:
             log.warning("node: the agent on %s ended: %s; started again while %s qualifies",
