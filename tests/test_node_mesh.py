@@ -151,12 +151,13 @@ async def test_mesh_adds_updates_and_removes_only_its_own_peers(pair, registry, 
         assert await run.holds(lambda: dump(pair).keys() == before.keys(), duration=0.3)
         registry.publish(*listing(pair, (N1, "10.77.0.11/32"), (N2, "10.77.0.12/32"),
                                   (OVER, "10.77.0.3/32")))  # the stranger's address
+        # The state file is written before the device changes and again after: poll both.
         rows = await run.until(lambda: N1.base64() in dump(pair) and N2.base64() in dump(pair)
-                               and dump(pair), what="the mesh to add N1 and N2")
+                               and managed(pair) == {N1.base64(), N2.base64()} and dump(pair),
+                               what="the mesh to add N1 and N2")
         # Public key and allowed IPs only: no preshared key, no endpoint, no keepalive.
         assert rows[N1.base64()] == ("(none)", "(none)", "10.77.0.11/32", "off")
         assert OVER.base64() not in rows
-        assert managed(pair) == {N1.base64(), N2.base64()}
         for key in (pair.stranger, pair.registry):  # not touched at all
             assert rows[key.base64()] == before[key.base64()]
         b = rows[pair.b.public.base64()]  # the agent may steer b's endpoint; nothing else
@@ -173,9 +174,10 @@ async def test_mesh_adds_updates_and_removes_only_its_own_peers(pair, registry, 
         registry.push(RemovedEvent(registry.revision, pair.b.public))
         rows = await run.until(
             lambda: N1.base64() not in dump(pair)
-            and dump(pair)[N2.base64()][2] == "10.77.0.12/32,10.77.1.0/24" and dump(pair),
+            and dump(pair)[N2.base64()][2] == "10.77.0.12/32,10.77.1.0/24"
+            and managed(pair) == {N2.base64()} and dump(pair),
             what="N1 removed and N2's allowed IPs updated")
-        assert pair.b.public.base64() in rows and managed(pair) == {N2.base64()}
+        assert pair.b.public.base64() in rows
         assert len(events(caplog, "mesh_refused")) == 1  # once, however many passes
         for key in (pair.stranger, pair.registry):
             assert rows[key.base64()] == before[key.base64()]
@@ -209,9 +211,9 @@ async def test_an_excluded_peer_is_not_added_and_a_user_peers_key_is_never_manag
     async with Running(mesh_agent(pair, registry, io, exclude=frozenset({N2}))) as run:
         registry.publish(*listing(pair, (N1, "10.77.0.11/32"), (N2, "10.77.0.12/32"),
                                   (pair.stranger, "10.77.0.3/32")))
-        await run.until(lambda: N1.base64() in dump(pair), what="the mesh to add N1")
+        await run.until(lambda: N1.base64() in dump(pair) and managed(pair) == {N1.base64()},
+                        what="the mesh to add N1")
         assert await run.holds(lambda: N2.base64() not in dump(pair), duration=0.3)
-        assert managed(pair) == {N1.base64()}
 
 
 async def test_an_unwritable_state_directory_changes_nothing(pair, registry, io, caplog):
@@ -241,3 +243,11 @@ async def test_the_report_waits_until_the_mesh_put_the_peers_on_the_device(pair,
         registry.publish(*listing(pair, (N1, "10.77.0.11/32")))
         await run.until(lambda: at_report, what="the report")
     assert at_report[0]
+
+
+async def test_once_applies_the_mesh_too(pair, registry, io):
+    """`wgpunch node --once --mesh`, as cron runs it: one snapshot, the mesh applied."""
+    registry.snapshot_of(*listing(pair, (N1, "10.77.0.11/32")))
+    assert await mesh_agent(pair, registry, io).run_once() == 0
+    assert dump(pair)[N1.base64()] == ("(none)", "(none)", "10.77.0.11/32", "off")
+    assert managed(pair) == {N1.base64()}

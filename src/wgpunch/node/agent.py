@@ -127,6 +127,7 @@ class Agent:
         device); a live session is left alone, as always."""
         state = await self.device.state()
         self.view.apply(await self.client.snapshot())
+        state = await self.sync_mesh(state)
         failures = 0
         now = self.clock.wall()
         for peer in state.peers:
@@ -163,10 +164,7 @@ class Agent:
         if self._device_failing:
             log.info("reading %s works again", self.device.name)
             self._device_failing = False
-        if self.mesh is not None and self.view.revision is not None:  # not before a snapshot
-            state = await self.mesh.sync(self.device, state, {
-                key: record.allowed_ips for key, record in self.view.peers.items()})
-            self.tracks = {k: t for k, t in self.tracks.items() if state.peer(k) is not None}
+        state = await self.sync_mesh(state)
         now_wall, now = self.clock.wall(), self.clock.monotonic()
         recheck = self.t.idle_recheck_s
         for peer in state.peers:
@@ -195,6 +193,14 @@ class Agent:
             recheck = min(recheck, decision.recheck_s)
         self.publish(state, now_wall)
         return recheck
+
+    async def sync_mesh(self, state: DeviceState) -> DeviceState:
+        if self.mesh is None or self.view.revision is None:  # never before a snapshot
+            return state
+        state = await self.mesh.sync(self.device, state, {
+            key: record.allowed_ips for key, record in self.view.peers.items()})
+        self.tracks = {k: t for k, t in self.tracks.items() if state.peer(k) is not None}
+        return state
 
     async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         key = peer.public_key
