@@ -136,7 +136,8 @@ async def test_invite_adds_the_node_to_device_and_file_and_writes_its_config(hos
      "address 10.99.0.254 is in use"),
     ("an address outside the network", "new", {"address": "10.98.0.1"},
      "is not a host address of the registry's network 10.99.0.0/24"),
-    ("a bad name", "../x", {}, "name '../x': use 1-63 letters"),
+    ("a bad name", "../x", {}, "name '../x': use 1-15 letters"),
+    ("a name too long for wg-quick", "sixteen-letters1", {}, "use 1-15 letters"),
     ("an output file that exists", "new", {"out": "exists"}, "/exists exists; remove it"),
 ])
 async def test_an_invite_error_changes_neither_device_nor_file(host, tmp_path, intent, name,

@@ -18,13 +18,16 @@ KEEPALIVE_S = 25  # wg(8)'s suggestion: keeps the node's NAT mapping toward the 
 # never ask for the same port (a NAT that cannot keep both would map one to a random port,
 # and punching works better through one that keeps it). 13,000 ports: the span up to 64819.
 LISTEN_BASE, LISTEN_SPAN = 51820, 13000
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# NAME.conf must work with `wg-quick up ./NAME.conf`, which takes the interface name from
+# the file name: at most 15 characters (IFNAMSIZ), of these.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$")
 
 
 def check_name(name: str, layer: str) -> str:
     if not _NAME.match(name):
-        raise ConfigError(f"{layer}: name {name[:80]!r}: use 1-63 letters, digits, '.', '_' "
-                          "or '-', starting with a letter or digit")
+        raise ConfigError(f"{layer}: name {name[:80]!r}: use 1-15 letters, digits, '.', '_' "
+                          "or '-', starting with a letter or digit (NAME.conf is a wg-quick "
+                          "interface name)")
     return name
 
 
