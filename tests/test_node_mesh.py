@@ -40,6 +40,7 @@ DEVICE = DeviceState("wg0", ME, 51820, 0, (
     peer(REG, "10.0.0.254/32"), peer(USER, "10.0.0.9/32", "192.168.7.0/24"),
     peer(M1, "10.0.0.1/32"), peer(M2, "10.0.0.2/32")))
 HUB = DeviceState("wg0", ME, 51820, 0, (peer(REG, "10.0.0.0/24"),))
+SELF = {ME: [net("10.0.0.5/32")]}  # every registry's list holds its caller
 LISTED = {ME: [net("10.0.0.5/32")], REG: [net("10.0.0.99/32")], M1: [net("10.0.0.1/32")],
           M2: [net("10.0.0.2/32")]}
 
@@ -58,6 +59,9 @@ LISTED = {ME: [net("10.0.0.5/32")], REG: [net("10.0.0.99/32")], M1: [net("10.0.0
      {**LISTED, USER: [net("10.0.0.50/32")]}, {M1, M2}, set(), ((), (), (), {M1, M2}, 0)),
     ("the registry's peer and our own key are never added or changed", DEVICE,
      LISTED, set(), set(), ((), (), (), set(), 0)),
+    ("a list without ourselves is no whole list: nothing removed", DEVICE,
+     {M1: [net("10.0.0.1/32")]}, {M1, M2}, set(), ((), (), (), {M1, M2}, 0)),
+    ("an empty list neither", DEVICE, {}, {M1, M2}, set(), ((), (), (), {M1, M2}, 0)),
     ("a managed peer whose allowed IPs changed gets the registry's list", DEVICE,
      {**LISTED, M1: [net("10.0.0.1/32"), net("fd00::1/128")]}, {M1, M2}, set(),
      ((), (PeerConfig(M1, update_only=True, replace_allowed_ips=True,
@@ -79,10 +83,10 @@ LISTED = {ME: [net("10.0.0.5/32")], REG: [net("10.0.0.99/32")], M1: [net("10.0.0
     ("a managed peer whose new list overlaps stays as it is, still managed", DEVICE,
      {**LISTED, M1: [net("10.0.0.9/32")]}, {M1, M2}, set(), ((), (), (), {M1, M2}, 1)),
     ("inside a hub-style registry peer's network: taken", HUB,
-     {NEW: [net("10.0.0.3/32")]}, set(), set(),
+     {**SELF, NEW: [net("10.0.0.3/32")]}, set(), set(),
      ((PeerConfig(NEW, allowed_ips=(net("10.0.0.3/32"),)),), (), (), {NEW}, 0)),
     ("equal to the registry peer's network: refused", HUB,
-     {NEW: [net("10.0.0.0/24")]}, set(), set(), ((), (), (), set(), 1)),
+     {**SELF, NEW: [net("10.0.0.0/24")]}, set(), set(), ((), (), (), set(), 1)),
 ])
 def test_plan(intent, device, listed, managed, exclude, want):
     got = plan(device, listed, frozenset(managed), registry=REG, exclude=frozenset(exclude))
@@ -92,7 +96,8 @@ def test_plan(intent, device, listed, managed, exclude, want):
 
 
 def test_an_overlap_names_both_peers_and_networks():
-    [overlap] = plan(DEVICE, {NEW: [net("10.0.0.9/32")]}, frozenset(), registry=REG).refused
+    [overlap] = plan(DEVICE, {**SELF, NEW: [net("10.0.0.9/32")]}, frozenset(),
+                     registry=REG).refused
     assert overlap == Overlap(NEW, net("10.0.0.9/32"), USER, net("10.0.0.9/32"))
     assert str(overlap) == (f"mesh: peer {NEW}: allowed IP 10.0.0.9/32 overlaps 10.0.0.9/32 of "
                             f"peer {USER}, which the mesh did not add; peer not applied")

@@ -66,7 +66,12 @@ def plan(device: DeviceState, listed: Mapping[Key, Iterable[IPNetwork]],
     refused, as WireGuard would move an equal network away from the user's peer and a narrower
     one would take over part of its routes; except that a network strictly inside the
     registry peer's own (a hub's `10.0.0.0/24`) is taken, as that peer already routes it.
+
+    A list without our own key is no registry's whole list (every caller is one of its peers):
+    nothing is done on it, so that no table half-read or empty empties the mesh.
     """
+    if device.public_key is None or device.public_key not in listed:
+        return Plan(managed=managed)
     on_device = {peer.public_key: peer for peer in device.peers}
     never = {k for k in (registry, device.public_key) if k is not None}
     users = [peer for key, peer in on_device.items() if key not in managed and key not in never]
