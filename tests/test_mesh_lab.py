@@ -18,6 +18,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import holds_for, python_module, wait_for
 from wgpunch.lab.scenario import Scenario
+from wgpunch.node.pathfile import STATE_DIR
 from wgpunch.wg.device import DeviceState
 from wgpunch.wg.uapi import UapiDevice
 
@@ -91,8 +93,18 @@ def events(agents: Agents, host: str, since: int = 0) -> list[str]:
     return [e["event"] for e in agents.events(host)[since:]]
 
 
+@pytest.fixture
+def mesh_state(lab_prefix: str) -> Iterator[None]:
+    """The agents keep their managed sets in the default state directory: removed after."""
+    try:
+        yield
+    finally:
+        for path in STATE_DIR.glob(f"{lab_prefix}-*.mesh.json"):
+            path.unlink(missing_ok=True)
+
+
 def test_invited_nodes_reach_a_full_mesh_restart_changes_nothing_revoke_removes(
-        lab_prefix, tmp_path):
+        lab_prefix, tmp_path, mesh_state):
     with Lab(MIXED, prefix=lab_prefix) as lab, Agents(
             lab, node_args=["--mesh"]) as agents:
         registry = lab.host("registry")
