@@ -390,6 +390,9 @@ def test_node_mesh_and_several_registries(tmp_path, monkeypatch):
         None, None, (Key.parse(KEY), other), True, frozenset({other}))
     one = node_cli.settings_from(build_parser().parse_args(["node", "--registry", KEY]))
     assert (one.registry, one.registries) == (Key.parse(KEY), (Key.parse(KEY),))
+    with pytest.raises(ConfigError, match="--metrics-listen needs --interface IF"):
+        node_cli.settings_from(build_parser().parse_args(
+            ["node", "--registry", KEY, "--metrics-listen", "127.0.0.1:9588"]), environ={})
 
 
 def test_which_registry_an_interface_follows():

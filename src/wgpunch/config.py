@@ -377,6 +377,7 @@ class RegistryConfig(Loaded):
     zone: str | None
     dns_self: tuple[str, ...] | None  # None: no `self` record
     dns_allow: tuple[str, ...]  # networks answered besides the peers' tunnel addresses
+    metrics_listen: str | None  # None: no metrics
 
 
 REGISTRY = Schema("registry", (
@@ -401,6 +402,8 @@ REGISTRY = Schema("registry", (
     Option("dns_allow", one_or_list(TEXT, "a network or a list of networks", "networks"),
            "also answer DNS-SD queries from these networks (default: peers' tunnel "
            "addresses only)", '["192.0.2.0/24"]', default=()),
+    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
+           "(default: off)", '"127.0.0.1:9587"'),
 ), RegistryConfig)
 
 
@@ -420,6 +423,7 @@ class NodeConfig(Loaded):
     natpunch_legacy: str | None
     mesh: bool
     mesh_exclude: tuple[str, ...]
+    metrics_listen: str | None  # None: no metrics
 
 
 NODE = Schema("node", (
@@ -451,6 +455,8 @@ NODE = Schema("node", (
     Option("mesh_exclude", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
            "with mesh: never add these peers", '["Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="]',
            default=()),
+    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
+           "(default: off)", '"127.0.0.1:9588"'),
 ), NodeConfig)
 
 

@@ -27,6 +27,7 @@ from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, p
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
 from .mesh import Mesh
+from .metrics import NodeMetrics
 from .probe import tunnel_address
 from .punch import OpenerTtl
 from .source import Source
@@ -49,6 +50,7 @@ class Agent:
         clock: Clock | None = None,
         io: Io | None = None,
         mesh: Mesh | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -59,6 +61,7 @@ class Agent:
         self.clock: Clock = clock or SystemClock()
         self.io: Io = io or SystemIo()
         self.mesh = mesh
+        self.metrics = metrics or NodeMetrics()
         self.me: Key | None = None
         self.listen_port = 0
         self.can_open = False  # whether raw openers work here: asked in run()
@@ -189,7 +192,7 @@ class Agent:
                 now_wall=now_wall, now=now, t=self.t,
             )
             track.memory = await self.act(peer, decision, memory, now)
-            track.note(peer, decision, now_wall, now)
+            track.note(peer, decision, now_wall, now, self.metrics)
             recheck = min(recheck, decision.recheck_s)
         self.publish(state, now_wall)
         return recheck
@@ -221,8 +224,9 @@ class Agent:
                 self.background(self.handshake(peer, d.endpoint, delay_s=d.delay_s))
             elif d.kind is Kind.HANDSHAKE or d.endpoint is None:
                 await self.handshake(peer, d.endpoint)
-            elif not await self.io.open(self.listen_port, d.endpoint,
-                                        await self.opener_ttl.get()):
+            elif await self.io.open(self.listen_port, d.endpoint, await self.opener_ttl.get()):
+                self.metrics.opener_sent()
+            else:
                 self.can_open = False  # decide() falls back to handshakes from now on
             return replace(
                 mem, attempt_at=mem.attempt_at or now,
@@ -248,6 +252,7 @@ class Agent:
         mem = replace(mem, attempt_at=now, attempt_endpoint=d.endpoint, attempts=mem.attempts + 1,
                       skipped=False,
                       first_attempt_at=mem.first_attempt_at or now)
+        self.metrics.punch_attempt(mem.attempts)
         if d.live:
             log.info("peer %s: we send but hear nothing, and a probe went unanswered; "
                      "asking the peer to send too (punch)", peer.public_key,
@@ -266,7 +271,9 @@ class Agent:
     async def punch_or_go_alone(self, peer: PeerState, endpoint: Endpoint | None) -> None:
         try:
             await self.client.punch(peer.public_key)
+            self.metrics.punch_requested(ok=True)
         except ApiError as error:
+            self.metrics.punch_requested(ok=False)
             # Without the registry's help, at least our side opens its NAT and tries.
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
             await self.handshake(peer, endpoint)

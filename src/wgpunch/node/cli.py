@@ -25,6 +25,9 @@ from . import pathfile
 from .lock import agent_lock
 
 if TYPE_CHECKING:
+    from ..exposition import MetricsServer
+    from .agent import Agent
+    from .exporter import NodeExporter
     from .source import Source
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class Settings:
     mesh: bool = False
     mesh_exclude: frozenset[Key] = frozenset()
     registries: tuple[Key, ...] = ()  # every --registry given
+    metrics_listen: Endpoint | None = None  # None: no metrics
 
 
 def settings_from(args: argparse.Namespace,
@@ -77,6 +81,9 @@ def settings_from(args: argparse.Namespace,
                           "every peer with its allowed IPs")
     if options.mesh_exclude and not options.mesh:
         raise ConfigError("node: --mesh-exclude goes with --mesh")
+    if options.metrics_listen and not options.interface:
+        raise ConfigError("node: --metrics-listen needs --interface IF (without it each "
+                          "interface's agent would serve on the one address)")
     registries = tuple(dict.fromkeys(
         options.parsed("registry", lambda t: Key.parse(t, what="registry key"), text)
         for text in options.registry))
@@ -99,6 +106,7 @@ def settings_from(args: argparse.Namespace,
         mesh_exclude=frozenset(
             options.parsed("mesh_exclude", lambda t: Key.parse(t, what="--mesh-exclude key"), text)
             for text in options.mesh_exclude),
+        metrics_listen=_metrics_listen(options),
     )
 
 
@@ -118,6 +126,15 @@ def registry_of(state: DeviceState, registries: tuple[Key, ...]) -> Key:
                           f"registries given ({', '.join(map(str, registries))}) as a peer; "
                           "it must have exactly one")
     return found[0]
+
+
+def _metrics_listen(options: config.NodeConfig) -> Endpoint | None:
+    if not options.metrics_listen:
+        return None
+    from ..exposition import parse_address  # prometheus_client: only when asked for
+
+    return options.parsed("metrics_listen", lambda text: parse_address(text, "node"),
+                          options.metrics_listen)
 
 
 def _api_url(text: str) -> str:
@@ -245,13 +262,18 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
         where = f"registry {settings.registry}, API {api}"
     mesh = (Mesh(interface, state_dir, settings.registry, settings.mesh_exclude)
             if settings.mesh else None)
+    exporter = None if once or settings.metrics_listen is None else _exporter()
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
-                  opener_ttl=settings.opener_ttl, state_dir=state_dir, mesh=mesh)
+                  opener_ttl=settings.opener_ttl, state_dir=state_dir, mesh=mesh,
+                  metrics=exporter)
+    metrics_server: MetricsServer | None = None
     try:
         if once:
             failures = await agent.run_once()
             return 1 if failures else 0
+        if exporter is not None and settings.metrics_listen is not None:
+            metrics_server = await _serve_metrics(exporter, agent, settings.metrics_listen)
         log.info("node on %s: %s%s", interface, where, ", managed mesh" if mesh else "",
                  extra={"event": "started", "interface": interface})
         if supervised:
@@ -259,8 +281,24 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
             return 0
         return await _until_signal(agent.run(), interface, f"{interface}: {where}")
     finally:
+        if metrics_server is not None:
+            await metrics_server.close()
         await source.close()
         await device.close()
+
+
+def _exporter() -> NodeExporter:
+    from .exporter import NodeExporter  # prometheus_client: only with --metrics-listen
+
+    return NodeExporter()
+
+
+async def _serve_metrics(exporter: NodeExporter, agent: Agent, endpoint: Endpoint
+                         ) -> MetricsServer:
+    from ..exposition import serve as serve_metrics
+
+    exporter.watch_agent(agent)
+    return await serve_metrics(exporter.registry, endpoint, "node")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -370,6 +408,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--mesh-exclude", action="append", metavar="KEY",
         help="with --mesh: never add this peer (removed if the mesh added it); repeatable",
+    )
+    parser.add_argument(
+        "--metrics-listen", metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (docs/metrics.md): each "
+        "peer's path, time to direct, punches, the registry link; off by default, and not "
+        "served with --once. No authentication: give 127.0.0.1 or the tunnel address (a "
+        "wildcard or public address logs a warning)",
     )
     parser.add_argument(
         "--config", metavar="FILE", type=Path,
