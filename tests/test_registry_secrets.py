@@ -1,7 +1,8 @@
 """No private or preshared key crosses the registry's API (DESIGN §8, §10), proven against a
 real wireguard-go device whose peers all have preshared keys: the registry's observer reads
 it as `wgpunch registry` does, and every answer of every endpoint (bodies, headers, stream
-lines: snapshot, peer change, punch) is scanned for each secret in every spelling.
+lines: snapshot, peer change, punch; and the metrics page) is scanned for each secret in
+every spelling.
 
 The device lives in a throwaway namespace (tests/wgpair.py); the API is served on loopback
 in this process, its callers' identities the peers' allowed IPs 127.0.0.1/32 and 127.0.0.2/32.
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 
 from test_registry_api import READ_S, start
 from wgpair import unique_prefix, wg_pair
 from wgpunch.keys import Key, generate_keypair
+from wgpunch.registry.exporter import RegistryExporter
 from wgpunch.registry.observer import Observer
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
@@ -60,8 +63,9 @@ async def test_no_private_or_preshared_key_crosses_the_api(tmp_path: Path):
 
         state = RegistryState(epoch="e1")
         timings = Timings(heartbeat_s=0.2, poll_interval_s=0.05)
+        exporter = RegistryExporter(state)  # its /metrics (--metrics-listen) is scanned too
         observer = Observer(lambda: UapiDevice(reg.ifname), state, timings)
-        registry = await start(state, timings, observer=observer)
+        registry = await start(state, timings, observer=observer, metrics=exporter)
         try:
             seen: list[bytes] = []
             one, two = await registry.client("127.0.0.1"), await registry.client("127.0.0.2")
@@ -87,7 +91,7 @@ async def test_no_private_or_preshared_key_crosses_the_api(tmp_path: Path):
             async with asyncio.timeout(READ_S):
                 while not any(b'"punch"' in line for line in lines):  # then peer + punch
                     lines.append(await watch.content.readline())
-            seen += lines
+            seen += [*lines, generate_latest(exporter.registry)]
             assert any(json.loads(line)["type"] == "peer" for line in lines)
         finally:
             await registry.close()

@@ -115,6 +115,8 @@ async def revoke(device: Device, config_path: Path, name: str) -> Key:
     except ConfigError:
         staged.discard()
         raise
+    # The undo re-adds the peer as `state()` shows it: a preshared key set on the registry's
+    # side by hand is not among what it shows, so a failed revoke of such a peer loses it.
     await _commit([staged], device, layer=layer, undo=PeerConfig(
         public, endpoint=before.endpoint, persistent_keepalive=before.persistent_keepalive,
         allowed_ips=before.allowed_ips))
