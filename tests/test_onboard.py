@@ -9,6 +9,7 @@ device change must be undone."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import shutil
@@ -22,7 +23,7 @@ import pytest
 
 from wgpair import Side, unique_prefix, wg_pair
 from wgpunch.cli import main
-from wgpunch.errors import ConfigError
+from wgpunch.errors import ConfigError, DeviceError
 from wgpunch.keys import Key, generate_keypair, public_key
 from wgpunch.onboard import members
 from wgpunch.onboard.invite import invite, revoke
@@ -176,12 +177,14 @@ async def test_an_unwritable_config_changes_nothing_before_or_after_the_device(h
     with immutable(host.conf), pytest.raises(ConfigError, match="cannot write"):
         await invite(host.device, host.conf, "laptop")  # the device had it for a moment
     assert host.snapshot() == before
-    await invite(host.device, host.conf, "laptop")
+    got = await invite(host.device, host.conf, "laptop")
+    (host.conf.parent.parent / "psk").write_text(generate_keypair()[0].base64())
+    host.side.wg_set("peer", got.public_key.base64(), "preshared-key",
+                     str(host.conf.parent.parent / "psk"))  # set by hand: must survive
     before = host.snapshot()
     with immutable(host.conf), pytest.raises(ConfigError, match="cannot write"):
         await revoke(host.device, host.conf, "laptop")
-    assert host.snapshot()[0] == before[0]
-    assert [row[:4] for row in host.snapshot()[1]] == [row[:4] for row in before[1]]
+    assert host.snapshot() == before
 
 
 async def test_revoke_errors_and_a_peer_already_gone(host):
@@ -239,3 +242,22 @@ def test_invite_without_the_device_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the registry's interface must be up (wg-quick up nosuchwg9)" in err
     assert err.count("\n") == 1
+
+
+class Refusing(UapiDevice):
+    """The real device, but every change is refused (as a device in trouble would)."""
+
+    async def _write(self, changes):
+        raise DeviceError("uapi: refused for the test", errno.EIO)
+
+
+async def test_a_device_that_refuses_the_revoke_leaves_file_and_peer_with_its_preshared_key(
+        host, tmp_path):
+    got = await invite(host.device, host.conf, "laptop")
+    (tmp_path / "psk").write_text(generate_keypair()[0].base64())
+    host.side.wg_set("peer", got.public_key.base64(), "preshared-key", str(tmp_path / "psk"))
+    before = host.snapshot()
+    with pytest.raises(ConfigError, match=r"^revoke: changing .* failed, nothing changed"):
+        await revoke(Refusing(host.side.ifname), host.conf, "laptop")
+    assert host.snapshot() == before  # the preshared key included: nothing was re-added
+    assert not list(host.conf.parent.glob(".*.tmp"))

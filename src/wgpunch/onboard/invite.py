@@ -5,6 +5,7 @@ Order: everything is checked and every file staged (written beside its target, 0
 the device changes; the device changes in one transaction (wg/device.py: all or nothing);
 then the staged files are put in place, and should that fail the device change is undone.
 A failure at any step is one `ConfigError`, with the device and the files as they were.
+(`revoke` changes the file first, and puts it back if the device refuses: see there.)
 """
 
 from __future__ import annotations
@@ -105,21 +106,29 @@ async def revoke(device: Device, config_path: Path, name: str) -> Key:
     except ValueError as error:
         raise ConfigError(f"{layer}: {name}'s block in {config_path}: {error}") from None
     state = await _state(device, layer)
-    before = state.peer(public)
     staged = Staged(config_path, config.without(block).text(), new=False, layer=layer)
-    if before is None:  # already gone from the device (removed by hand): the file follows
+    if state.peer(public) is None:  # already gone from the device (by hand): the file follows
         staged.commit()
         return public
+    # Here the file goes first and is put back if the device refuses: re-adding a removed
+    # peer could not restore a preshared key set on it by hand (the device never shows it).
+    # Both texts are staged before anything changes, so putting back is one rename.
     try:
-        await _configure(device, PeerConfig(public, remove=True), layer)
+        backup = Staged(config_path, config.text(), new=False, layer=layer)
     except ConfigError:
         staged.discard()
         raise
-    # The undo re-adds the peer as `state()` shows it: a preshared key set on the registry's
-    # side by hand is not among what it shows, so a failed revoke of such a peer loses it.
-    await _commit([staged], device, layer=layer, undo=PeerConfig(
-        public, endpoint=before.endpoint, persistent_keepalive=before.persistent_keepalive,
-        allowed_ips=before.allowed_ips))
+    try:
+        staged.commit()
+    except ConfigError:
+        backup.discard()
+        raise
+    try:
+        await _configure(device, PeerConfig(public, remove=True), layer)
+    except ConfigError:
+        backup.commit()
+        raise
+    backup.discard()
     log.info("revoked %s: %s", name, public)
     return public
 
