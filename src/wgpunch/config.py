@@ -98,7 +98,20 @@ def _port_or_address(value: Any) -> str | int:
     return value
 
 
+def _switch(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Mismatch("must be true or false")
+    return value
+
+
+def _switch_text(text: str) -> bool:
+    if text.lower() not in _TRUE + _FALSE:
+        raise _Mismatch("must be true or false")
+    return text.lower() in _TRUE
+
+
 TEXT = Kind("text", _text, str)
+SWITCH = Kind("true or false", _switch, _switch_text)
 WHOLE = Kind("a whole number", _whole, _whole_text)
 SECONDS = Kind("a number of seconds", _seconds, _seconds_text)
 # Relative to the config file when it comes from one (the loader sees the Path and joins).
@@ -405,6 +418,7 @@ class NodeConfig(Loaded):
     natpunch: str | None
     natpunch_server_key: str | None
     natpunch_legacy: str | None
+    portmap: bool
 
 
 NODE = Schema("node", (
@@ -429,6 +443,8 @@ NODE = Schema("node", (
            '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="'),
     Option("natpunch_legacy", TEXT, f"follow this wireguard-tools server (port {LEGACY_PORT} "
            "if none)", '"rendezvous.example"'),
+    Option("portmap", SWITCH, "map the listen port on our NAT (PCP, NAT-PMP, UPnP-IGD)",
+           "true", default=True),
 ), NodeConfig)
 
 

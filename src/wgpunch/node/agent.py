@@ -25,6 +25,8 @@ from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
+from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
+from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
 from .source import Source
@@ -46,6 +48,8 @@ class Agent:
         registry_timings: RegistryTimings | None = None,
         clock: Clock | None = None,
         io: Io | None = None,
+        portmap: bool = False,
+        portmap_timings: PortmapTimings | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -65,6 +69,8 @@ class Agent:
         self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
         self._device_failing = False
+        self.portmap = portmap  # keep our listen port mapped on our NAT (node/portmap/)
+        self.portmap_t = portmap_timings or PortmapTimings()
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -107,8 +113,14 @@ class Agent:
                 group.create_task(report_self(self.client, self.view, self.device, self.io,
                                               self.registry_t))
                 group.create_task(self.reconcile_forever())
+                if self.portmap:
+                    group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
+                                                  self.portmap_t))
         finally:
             pathfile.remove(self.device.name, self.state_dir)
+
+    def mapping_changed(self, mapping: Mapping | None) -> None:
+        self.view.set_mapped(None if mapping is None else mapping.external)
 
     async def run_once(self) -> int:
         """One pass, for cron: every peer without a live session whose endpoint the registry
@@ -175,6 +187,9 @@ class Agent:
                 punched=punched, can_open=self.can_open, peer_ready=ready,
                 now_wall=now_wall, now=now, t=self.t,
             )
+            if (decision.kind in (Kind.OPEN, Kind.HANDSHAKE)
+                    and holds_back(self.view.mapped is not None, known)):
+                decision = replace(decision, kind=Kind.LEAVE, reason=Reason.MAPPED)
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now)
             recheck = min(recheck, decision.recheck_s)
@@ -184,7 +199,7 @@ class Agent:
     async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         key = peer.public_key
         if d.kind is Kind.LEAVE:
-            if d.reason is Reason.PEER_PUNCHING:
+            if d.reason in (Reason.PEER_PUNCHING, Reason.MAPPED):
                 return replace(mem, attempt_at=now)
             if d.reason is Reason.PEER_NOT_READY:
                 return replace(mem, skipped=True)
@@ -246,8 +261,12 @@ class Agent:
         try:
             await self.client.punch(peer.public_key)
         except ApiError as error:
-            # Without the registry's help, at least our side opens its NAT and tries.
+            # Without the registry's help, at least our side opens its NAT and tries (unless
+            # the peer comes in through our mapping: then our sending would block it).
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
+            known = self.view.peers.get(peer.public_key)
+            if known is not None and holds_back(self.view.mapped is not None, known):
+                return
             await self.handshake(peer, endpoint)
             track = self.tracks.get(peer.public_key)
             if track is not None:

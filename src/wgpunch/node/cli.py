@@ -49,6 +49,7 @@ class Settings:
     keepalive_s: int
     opener_ttl: int | None  # None: measured (node/punch.py)
     interval_s: float
+    portmap: bool  # map the listen port on our NAT (node/portmap/)
 
 
 def settings_from(args: argparse.Namespace,
@@ -83,6 +84,7 @@ def settings_from(args: argparse.Namespace,
         keepalive_s=options.keepalive,
         opener_ttl=options.opener_ttl,
         interval_s=options.interval,
+        portmap=options.portmap,
     )
 
 
@@ -169,7 +171,8 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
         where = f"registry {settings.registry}, API {api}"
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
-                  opener_ttl=settings.opener_ttl, state_dir=state_dir)
+                  opener_ttl=settings.opener_ttl, state_dir=state_dir,
+                  portmap=settings.portmap and not once)
     try:
         if once:
             failures = await agent.run_once()
@@ -285,6 +288,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(up to the first router answering from a public address) but not the peer's, as a "
         "router that keeps state for unsolicited packets (a Linux router without an input "
         "drop rule) needs; 64 when nothing answers",
+    )
+    parser.add_argument(
+        "--portmap", action=argparse.BooleanOptionalAction, default=None,
+        help="map the WireGuard listen port on the NAT in front of us by PCP, NAT-PMP or "
+        "UPnP-IGD, renewed while running and deleted on exit, and report it to the registry "
+        "as a candidate for peers (default: on; --no-portmap: off)",
     )
     parser.add_argument(
         "--config", metavar="FILE", type=Path,

@@ -13,8 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MalformedMessage
-from ..errors import ChangeRefused
+from ..errors import ChangeRefused, MalformedMessage
 from ..wg.device import Endpoint, IPAddress
 
 MAX_BODY_BYTES = 4096  # docs/api.md
