@@ -3,11 +3,12 @@
 A mapping M on the NAT of side S forwards whatever arrives at M to S's WireGuard port, from
 anyone. So the other side P initiates toward M: its own NAT then lets S's answer in (it comes
 from M, where P sent), whatever P's NAT's kind, and S answers through the mapping's
-conntrack entry, from M. S must not send toward P first, not even a low-TTL opener: behind a
-NAT that maps per destination, S's outbound flow to P's public endpoint gets its own port,
-and its conntrack entry (S:wg -> P) is exactly the reply direction that P's later flow to M
-needs after DNAT; the NAT drops P's packets as a clash (measured in the lab: symmetric with
-miniupnpd against eim, tests/test_portmap_lab.py).
+conntrack entry, from M. S sends nothing toward P first, not even a low-TTL opener: it
+cannot help (P's initiation is what opens P's NAT for M) and it does harm: S's outbound flow
+to P's public endpoint (S:wg -> P) is exactly the reply direction that P's later flow to M
+needs after DNAT. Linux resolves that clash by giving P's flow another source port
+(measured in the lab, kernel 6.18, symmetric NAT with miniupnpd: tests/test_portmap_lab.py),
+so S sees P at a port P never used, and a NAT that cannot remap would drop P's packets.
 
 Each side decides from its own mapping, as it knows it, and the peer's, as the registry's
 record of the peer says; so they agree once the registry has passed the mapping on (a few

@@ -50,12 +50,13 @@ class _Receiver(asyncio.DatagramProtocol):
 
 async def exchange(gateway: ipaddress.IPv4Address,
                    request: Callable[[ipaddress.IPv4Address], bytes],
-                   parse: Callable[[bytes], T], t: ExchangeTimings, *, what: str) -> T:
+                   parse: Callable[[bytes], T], t: ExchangeTimings, *, what: str,
+                   port: int = SERVER_PORT) -> T:
     """Send `request(our address)` to the gateway until `parse` accepts an answer."""
     loop = asyncio.get_running_loop()
     try:
         transport, receiver = await loop.create_datagram_endpoint(
-            _Receiver, remote_addr=(str(gateway), SERVER_PORT))
+            _Receiver, remote_addr=(str(gateway), port))
     except OSError as error:
         raise PortMapError(f"{what}: cannot reach {gateway}: {error.strerror}") from None
     try:
@@ -79,6 +80,6 @@ async def exchange(gateway: ipaddress.IPv4Address,
                 except MalformedPacket as error:
                     log.debug("%s: skipped an answer from %s: %s", what, gateway, error)
             wait *= 2
-        raise PortMapError(f"{what}: no answer from {gateway}:{SERVER_PORT}")
+        raise PortMapError(f"{what}: no answer from {gateway}:{port}")
     finally:
         transport.close()
