@@ -468,6 +468,43 @@ async def test_the_punch_events_initiator_field_wins_over_the_key_order(pair, re
             assert await _no_endpoint(pair)
 
 
+async def test_a_peer_with_a_port_mapping_is_initiated_toward_it_whatever_the_registry_says(
+        pair, registry, io):
+    """b reported a mapping (where its wireguard-go is; its observed endpoint leads nowhere):
+    a sends the initiation there although the punch events call b the initiator, and opens
+    nothing (node/portmap/rule.py)."""
+    registry.answer_punches = False
+    unreachable = Endpoint.parse(f"198.51.100.99:{PORT}")
+    mapped_b = PeerRecord(pair.b.public, (), unreachable, None,
+                          Reported(PORT, (LAN_ADDRESS,), "test", pair.b_endpoint), 0)
+    a, _, reg = pair.records()
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(a, mapped_b, reg)
+        await run.until(lambda: handshaked(pair, pair.b_endpoint),
+                        what="a handshake with b at its mapping")
+        assert io.opened == []
+
+
+@pytest.mark.parametrize("raw", [True, False])
+async def test_with_a_mapping_of_its_own_it_sends_nothing_toward_a_peer_without_one(
+        pair, registry, raw):
+    """a has a mapping, b has none: b sends to a's mapping, so a reports it and sends
+    neither an opener nor an initiation toward b, even on punch events naming a the
+    initiator; it still asks for punches (b needs them to send)."""
+    io = FakeIo(raw=raw)
+    registry.answer_punches = True
+    ours = Endpoint.parse(f"198.51.100.1:{PORT}")
+    agent = agent_for(pair, registry, io)
+    agent.view.set_mapped(ours)  # what the port-mapping task does once the NAT mapped
+    async with Running(agent) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: len(registry.of("punch")) >= 2, what="punch requests")
+        assert await run.holds(lambda: _no_endpoint(pair), duration=1.0)
+        assert io.opened == []
+        [(report, _)] = registry.of("report")
+        assert report.mapped == ours
+
+
 async def test_the_initiator_leaves_a_punch_alone_until_the_peer_has_reported(
         pair, registry, io):
     """A punch event for a peer whose agent has not reported itself could reach a NAT not

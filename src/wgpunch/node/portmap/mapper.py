@@ -166,7 +166,8 @@ async def keep_mapped(port: int, on_change: Callable[[Mapping | None], Awaitable
                     if mapping.external != (current.external if current else None):
                         log.info("port %d mapped by %s on %s: %s (lifetime %d s)", port,
                                  mapping.method, gw, mapping.external, mapping.lifetime_s,
-                                 extra={"event": "port_mapped"})
+                                 extra={"event": "port_mapped", "method": mapping.method,
+                                        "endpoint": str(mapping.external)})
                     await tell(mapping)
                     wait, retry, warned = mapping.renew_in(t), t.retry_first_s, False
             await _wait_unless_moved(gw, wait, t, gateway)
@@ -175,7 +176,8 @@ async def keep_mapped(port: int, on_change: Callable[[Mapping | None], Awaitable
             with contextlib.suppress(PortMapError, MalformedPacket, TimeoutError):
                 async with asyncio.timeout(t.unmap_s):
                     await unmap(current, t)
-                log.info("port mapping %s deleted", current.external)
+                log.info("port mapping %s deleted", current.external,
+                         extra={"event": "port_unmapped", "endpoint": str(current.external)})
 
 
 async def _wait_unless_moved(gw: ipaddress.IPv4Address | None, wait_s: float, t: PortmapTimings,
