@@ -19,7 +19,8 @@ import pytest
 from conftest import unique_prefix
 from wgpunch.demo import run_demo
 from wgpunch.errors import LabError
-from wgpunch.lab import natcheck
+from wgpunch.lab import catalog, natcheck
+from wgpunch.lab.agents import Agents
 from wgpunch.lab.catalog import PORTMAP_SUFFIX
 from wgpunch.lab.nat import NAT_KINDS
 from wgpunch.lab.netns import holds_for, python_module, read_line, wait_for
@@ -197,3 +198,33 @@ def test_symmetric_with_port_mapping_goes_direct_with_every_kind(kind):
     assert pair.path == "direct", pair
     assert pair.a_endpoint_for_b == f"{pair.b_public_ip}:51820", pair  # b's mapping
     assert pair.ping_ms is not None, pair
+
+
+def test_the_node_reports_its_mapping_and_deletes_it_when_stopped(make_lab):
+    """`wgpunch node` as a user runs it: the registry's record of a carries the mapping,
+    the pair goes direct through it, and SIGTERM deletes it from the router."""
+    lab = make_lab(catalog.resolve("symmetric-upnp"))
+    a = str(lab.plan.node("a").address.ip)
+    with Agents(lab) as agents:
+        agents.start_registry()
+        agents.start_nodes()
+        mapped = wait_for(lambda: next((e for e in agents.events("a")
+                                        if e["event"] == "port_mapped"), None),
+                          timeout=10, what="a's port mapping")
+        assert mapped["endpoint"] == f"{public(lab, 'na')}:51820", mapped
+        assert mapped["method"] == "pcp", mapped
+        assert f"dnat ip to {a}:51820" in forwards(lab, "na")
+        # The registry passes it on: b's view of a (asked from b, through the tunnel).
+        key = lab.host("a").public_key.base64()
+
+        def reported() -> Any:
+            ask = ("import json, urllib.request; print(json.dumps(json.load(urllib.request."
+                   f"urlopen('http://{lab.host('registry').tunnel_ip}:51821/v1/peers'))))")
+            peers = json.loads(lab.exec("b", [sys.executable, "-c", ask]).stdout)["peers"]
+            record = next(p for p in peers if p["public_key"] == key)
+            return (record["reported"] or {}).get("mapped_endpoint")
+
+        assert wait_for(reported, timeout=10, what="a's mapping at the registry") == \
+            mapped["endpoint"]
+        assert agents.stop("a") == 0
+    assert f"{a}:51820" not in forwards(lab, "na")
