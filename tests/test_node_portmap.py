@@ -16,6 +16,7 @@ from wgpunch.errors import MalformedPacket, PortMapError
 from wgpunch.keys import Key
 from wgpunch.node.portmap import natpmp, pcp
 from wgpunch.node.portmap.gateway import parse_routes
+from wgpunch.node.portmap.mapper import reachable
 from wgpunch.node.portmap.rule import holds_back, initiates_by_mapping
 from wgpunch.node.portmap.transport import ExchangeTimings, exchange
 from wgpunch.protocol import PeerRecord, Reported
@@ -254,3 +255,18 @@ async def test_silence_and_refusals_end_the_exchange():
     with pytest.raises(PortMapError, match="refuses: Connection refused"):
         await ask(port)
     assert loop.time() - started < FAST.first_wait_s
+
+
+@pytest.mark.parametrize(("external", "usable"), [
+    ("198.51.100.2:51820", True),  # the lab's "public" addresses (documentation ranges)
+    ("203.0.113.9:1", True),
+    ("8.8.8.8:51820", True),
+    ("100.64.1.2:51820", False),  # a home router behind a carrier NAT (RFC 6598)
+    ("192.168.0.2:51820", False),  # a router behind another router
+    ("10.1.2.3:51820", False),
+    ("172.20.0.1:51820", False),
+    ("169.254.1.1:51820", False),
+    ("0.0.0.0:51820", False),
+])
+def test_a_mapping_behind_another_nat_is_not_worth_reporting(external, usable):
+    assert reachable(Endpoint.parse(external)) is usable

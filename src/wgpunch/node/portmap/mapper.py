@@ -26,6 +26,15 @@ from .transport import ExchangeTimings, exchange
 
 log = logging.getLogger("wgpunch.node.portmap")
 
+# External addresses that no peer outside can reach: a gateway behind another NAT (a home
+# router behind a carrier NAT, RFC 6598; a router behind another router) maps a port on an
+# address of that NAT's inside, which is worth nothing to peers. Listed, not
+# `is_private`: Python counts the documentation ranges (the lab's public addresses) too.
+UNREACHABLE = tuple(ipaddress.ip_network(net) for net in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.168.0.0/16",
+))
+
 
 @dataclass(frozen=True, slots=True)
 class PortmapTimings:
@@ -97,11 +106,17 @@ async def _upnp(gateway: ipaddress.IPv4Address, port: int, previous: Mapping | N
 METHODS = {"pcp": _pcp, "nat-pmp": _natpmp, "upnp": _upnp}
 
 
+def reachable(external: Endpoint) -> bool:
+    return not any(external.ip in net for net in UNREACHABLE)
+
+
 async def map_once(gateway: ipaddress.IPv4Address, port: int, t: PortmapTimings, *,
                    previous: Mapping | None = None,
                    methods: tuple[str, ...] = tuple(METHODS)) -> Mapping:
     """Map UDP `port` on `gateway` by the first method that works (the previous mapping's
-    first, so a renewal keeps its method and nonce). PortMapError when none does."""
+    first, so a renewal keeps its method and nonce). PortMapError when none does, or when
+    the mapping is on an address peers cannot reach (UNREACHABLE: the gateway is behind
+    another NAT); that mapping is deleted again."""
     order = list(methods)
     if previous is not None and previous.method in order:
         order.remove(previous.method)
@@ -109,9 +124,16 @@ async def map_once(gateway: ipaddress.IPv4Address, port: int, t: PortmapTimings,
     failures = []
     for method in order:
         try:
-            return await METHODS[method](gateway, port, previous, t.lifetime_s, t)
+            mapping = await METHODS[method](gateway, port, previous, t.lifetime_s, t)
         except PortMapError as error:
             failures.append(str(error))
+            continue
+        if reachable(mapping.external):
+            return mapping
+        with contextlib.suppress(PortMapError, MalformedPacket):
+            await unmap(mapping, t)
+        raise PortMapError(f"port mapping on {gateway}: {method} mapped {mapping.external}, "
+                           "an address behind another NAT, which peers cannot reach")
     raise PortMapError(f"port mapping on {gateway}: " + "; ".join(failures))
 
 
