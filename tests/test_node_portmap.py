@@ -17,7 +17,7 @@ from wgpunch.keys import Key
 from wgpunch.node.portmap import natpmp, pcp
 from wgpunch.node.portmap.gateway import parse_routes
 from wgpunch.node.portmap.mapper import reachable
-from wgpunch.node.portmap.rule import holds_back, initiates_by_mapping
+from wgpunch.node.portmap.rule import HOLD_BACK_ATTEMPTS, holds_back, initiates_by_mapping
 from wgpunch.node.portmap.transport import ExchangeTimings, exchange
 from wgpunch.protocol import PeerRecord, Reported
 from wgpunch.wg.device import Endpoint
@@ -183,7 +183,9 @@ def record(mapped: str | None) -> PeerRecord:
 def test_initiator_by_mapping(intent, we_mapped, peer_mapped, initiates, hold):
     peer = record("198.51.100.2:51820" if peer_mapped else None)
     assert initiates_by_mapping(we_mapped, peer) is initiates
-    assert holds_back(we_mapped, peer) is hold
+    assert holds_back(we_mapped, peer, 0) is hold
+    # A mapping may lead nowhere: after HOLD_BACK_ATTEMPTS rounds, punching as without one.
+    assert holds_back(we_mapped, peer, HOLD_BACK_ATTEMPTS) is False
 
 
 def test_a_peer_that_never_reported_has_no_mapping():

@@ -188,7 +188,7 @@ class Agent:
                 now_wall=now_wall, now=now, t=self.t,
             )
             if (decision.kind in (Kind.OPEN, Kind.HANDSHAKE)
-                    and holds_back(self.view.mapped is not None, known)):
+                    and holds_back(self.view.mapped is not None, known, memory.attempts)):
                 decision = replace(decision, kind=Kind.LEAVE, reason=Reason.MAPPED)
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now)
@@ -199,8 +199,10 @@ class Agent:
     async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         key = peer.public_key
         if d.kind is Kind.LEAVE:
-            if d.reason in (Reason.PEER_PUNCHING, Reason.MAPPED):
+            if d.reason is Reason.PEER_PUNCHING:
                 return replace(mem, attempt_at=now)
+            # Reason.MAPPED leaves the backoff clock alone: our own punch requests go on,
+            # and count the rounds we hold back (portmap/rule.py).
             if d.reason is Reason.PEER_NOT_READY:
                 return replace(mem, skipped=True)
             if d.reason is Reason.PROBE_ANSWERED:
@@ -265,7 +267,9 @@ class Agent:
             # the peer comes in through our mapping: then our sending would block it).
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
             known = self.view.peers.get(peer.public_key)
-            if known is not None and holds_back(self.view.mapped is not None, known):
+            track = self.tracks.get(peer.public_key)
+            attempts = track.memory.attempts if track is not None else 0
+            if known is not None and holds_back(self.view.mapped is not None, known, attempts):
                 return
             await self.handshake(peer, endpoint)
             track = self.tracks.get(peer.public_key)

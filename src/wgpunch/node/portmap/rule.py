@@ -17,6 +17,11 @@ to initiate, which the next punch round after Timings.first_retry_s mends, inste
 early packet from the mapped side blocking the mapping). When both or neither have a
 mapping, the protocol's rule (protocol/roles.py, carried in punch events) decides as before.
 
+A mapping the gateway granted may still lead nowhere (an upstream firewall, a gateway that
+lies). So the mapped side holds back only for its first HOLD_BACK_ATTEMPTS punch rounds
+without a session; after that it punches as it would without a mapping, and the other side
+fails over from the mapping to the observed endpoint (decide.failover).
+
 The registry's own initiator rule does not know mappings yet; nodes override it here. It
 could call `initiates_by_mapping` too (it needs only the two records).
 """
@@ -24,6 +29,11 @@ could call `initiates_by_mapping` too (it needs only the two records).
 from __future__ import annotations
 
 from ...protocol import PeerRecord
+
+# Our choice: a working mapping connects in the first round (lab: 0.1 s); three rounds of the
+# agent's backoff (Timings.first_retry_s doubling: 0.5 + 1 + 2 s) give the other side's
+# retries and its failover time before we send ourselves.
+HOLD_BACK_ATTEMPTS = 3
 
 
 def has_mapping(record: PeerRecord) -> bool:
@@ -39,7 +49,8 @@ def initiates_by_mapping(we_mapped: bool, peer: PeerRecord) -> bool | None:
     return theirs
 
 
-def holds_back(we_mapped: bool, peer: PeerRecord) -> bool:
+def holds_back(we_mapped: bool, peer: PeerRecord, attempts: int) -> bool:
     """Whether we must send nothing toward `peer` (no opener, no initiation) and wait for its
-    initiation to our mapping (module doc)."""
-    return initiates_by_mapping(we_mapped, peer) is False
+    initiation to our mapping, `attempts` punch rounds into a try without a session (module
+    doc)."""
+    return attempts < HOLD_BACK_ATTEMPTS and initiates_by_mapping(we_mapped, peer) is False
