@@ -377,6 +377,7 @@ class RegistryConfig(Loaded):
     zone: str | None
     dns_self: tuple[str, ...] | None  # None: no `self` record
     dns_allow: tuple[str, ...]  # networks answered besides the peers' tunnel addresses
+    metrics_listen: str | None  # None: no metrics
 
 
 REGISTRY = Schema("registry", (
@@ -401,6 +402,8 @@ REGISTRY = Schema("registry", (
     Option("dns_allow", one_or_list(TEXT, "a network or a list of networks", "networks"),
            "also answer DNS-SD queries from these networks (default: peers' tunnel "
            "addresses only)", '["192.0.2.0/24"]', default=()),
+    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
+           "(default: off)", '"127.0.0.1:9587"'),
 ), RegistryConfig)
 
 
@@ -418,6 +421,7 @@ class NodeConfig(Loaded):
     natpunch: str | None
     natpunch_server_key: str | None
     natpunch_legacy: str | None
+    metrics_listen: str | None  # None: no metrics
     portmap: bool
 
 
@@ -443,6 +447,8 @@ NODE = Schema("node", (
            '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="'),
     Option("natpunch_legacy", TEXT, f"follow this wireguard-tools server (port {LEGACY_PORT} "
            "if none)", '"rendezvous.example"'),
+    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
+           "(default: off)", '"127.0.0.1:9588"'),
     Option("portmap", SWITCH, "map the listen port on our NAT (PCP, NAT-PMP, UPnP-IGD)",
            "true", default=True),
 ), NodeConfig)

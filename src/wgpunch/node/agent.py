@@ -25,6 +25,7 @@ from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
+from .metrics import NodeMetrics
 from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
 from .portmap.rule import holds_back
 from .probe import tunnel_address
@@ -48,6 +49,7 @@ class Agent:
         registry_timings: RegistryTimings | None = None,
         clock: Clock | None = None,
         io: Io | None = None,
+        metrics: NodeMetrics | None = None,
         portmap: bool = False,
         portmap_timings: PortmapTimings | None = None,
     ) -> None:
@@ -59,6 +61,7 @@ class Agent:
         self.state_dir = state_dir
         self.clock: Clock = clock or SystemClock()
         self.io: Io = io or SystemIo()
+        self.metrics = metrics or NodeMetrics()
         self.me: Key | None = None
         self.listen_port = 0
         self.can_open = False  # whether raw openers work here: asked in run()
@@ -191,7 +194,7 @@ class Agent:
                     and holds_back(self.view.mapped is not None, known, memory.attempts)):
                 decision = replace(decision, kind=Kind.LEAVE, reason=Reason.MAPPED)
             track.memory = await self.act(peer, decision, memory, now)
-            track.note(peer, decision, now_wall, now)
+            track.note(peer, decision, now_wall, now, self.metrics)
             recheck = min(recheck, decision.recheck_s)
         self.publish(state, now_wall)
         return recheck
@@ -217,8 +220,9 @@ class Agent:
                 self.background(self.handshake(peer, d.endpoint, delay_s=d.delay_s))
             elif d.kind is Kind.HANDSHAKE or d.endpoint is None:
                 await self.handshake(peer, d.endpoint)
-            elif not await self.io.open(self.listen_port, d.endpoint,
-                                        await self.opener_ttl.get()):
+            elif await self.io.open(self.listen_port, d.endpoint, await self.opener_ttl.get()):
+                self.metrics.opener_sent()
+            else:
                 self.can_open = False  # decide() falls back to handshakes from now on
             return replace(
                 mem, attempt_at=mem.attempt_at or now,
@@ -244,6 +248,7 @@ class Agent:
         mem = replace(mem, attempt_at=now, attempt_endpoint=d.endpoint, attempts=mem.attempts + 1,
                       skipped=False,
                       first_attempt_at=mem.first_attempt_at or now)
+        self.metrics.punch_attempt(mem.attempts)
         if d.live:
             log.info("peer %s: we send but hear nothing, and a probe went unanswered; "
                      "asking the peer to send too (punch)", peer.public_key,
@@ -262,7 +267,9 @@ class Agent:
     async def punch_or_go_alone(self, peer: PeerState, endpoint: Endpoint | None) -> None:
         try:
             await self.client.punch(peer.public_key)
+            self.metrics.punch_requested(ok=True)
         except ApiError as error:
+            self.metrics.punch_requested(ok=False)
             # Without the registry's help, at least our side opens its NAT and tries (unless
             # the peer comes in through our mapping: then our sending would block it).
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)

@@ -25,6 +25,9 @@ from . import pathfile
 from .lock import agent_lock
 
 if TYPE_CHECKING:
+    from ..exposition import MetricsServer
+    from .agent import Agent
+    from .exporter import NodeExporter
     from .source import Source
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class Settings:
     opener_ttl: int | None  # None: measured (node/punch.py)
     interval_s: float
     portmap: bool  # map the listen port on our NAT (node/portmap/)
+    metrics_listen: Endpoint | None = None  # None: no metrics
 
 
 def settings_from(args: argparse.Namespace,
@@ -84,6 +88,7 @@ def settings_from(args: argparse.Namespace,
         keepalive_s=options.keepalive,
         opener_ttl=options.opener_ttl,
         interval_s=options.interval,
+        metrics_listen=_metrics_listen(options),
         portmap=options.portmap,
     )
 
@@ -94,6 +99,15 @@ def _key(options: config.NodeConfig, name: str) -> Key | None:
         return None
     what = name.replace("_", " ") + " key"
     return options.parsed(name, lambda t: Key.parse(t, what=what), text)
+
+
+def _metrics_listen(options: config.NodeConfig) -> Endpoint | None:
+    if not options.metrics_listen:
+        return None
+    from ..exposition import parse_address  # prometheus_client: only when asked for
+
+    return options.parsed("metrics_listen", lambda text: parse_address(text, "node"),
+                          options.metrics_listen)
 
 
 def _api_url(text: str) -> str:
@@ -169,14 +183,18 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
         api = settings.api or registry_api_url(state, settings.registry)
         source = RegistryClient(api, token=token)
         where = f"registry {settings.registry}, API {api}"
+    exporter = None if once or settings.metrics_listen is None else _exporter()
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
-                  opener_ttl=settings.opener_ttl, state_dir=state_dir,
+                  opener_ttl=settings.opener_ttl, state_dir=state_dir, metrics=exporter,
                   portmap=settings.portmap and not once)
+    metrics_server: MetricsServer | None = None
     try:
         if once:
             failures = await agent.run_once()
             return 1 if failures else 0
+        if exporter is not None and settings.metrics_listen is not None:
+            metrics_server = await _serve_metrics(exporter, agent, settings.metrics_listen)
         log.info("node on %s: %s", interface, where,
                  extra={"event": "started", "interface": interface})
         loop = asyncio.get_running_loop()
@@ -196,8 +214,24 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
             log.info("node on %s: stopped", interface)
         return 0
     finally:
+        if metrics_server is not None:
+            await metrics_server.close()
         await source.close()
         await device.close()
+
+
+def _exporter() -> NodeExporter:
+    from .exporter import NodeExporter  # prometheus_client: only with --metrics-listen
+
+    return NodeExporter()
+
+
+async def _serve_metrics(exporter: NodeExporter, agent: Agent, endpoint: Endpoint
+                         ) -> MetricsServer:
+    from ..exposition import serve as serve_metrics
+
+    exporter.watch_agent(agent)
+    return await serve_metrics(exporter.registry, endpoint, "node")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -294,6 +328,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="map the WireGuard listen port on the NAT in front of us by PCP, NAT-PMP or "
         "UPnP-IGD, renewed while running and deleted on exit, and report it to the registry "
         "as a candidate for peers (default: on; --no-portmap: off)",
+    )
+    parser.add_argument(
+        "--metrics-listen", metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (docs/metrics.md): each "
+        "peer's path, time to direct, punches, the registry link; off by default, and not "
+        "served with --once. No authentication: give 127.0.0.1 or the tunnel address (a "
+        "wildcard or public address logs a warning)",
     )
     parser.add_argument(
         "--config", metavar="FILE", type=Path,
