@@ -7,6 +7,7 @@ tests/test_portmap_lab.py runs the same client against the real miniupnpd."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 from typing import Any
 
@@ -16,7 +17,7 @@ from wgpunch.errors import MalformedPacket, PortMapError
 from wgpunch.keys import Key
 from wgpunch.node.portmap import natpmp, pcp
 from wgpunch.node.portmap.gateway import parse_routes
-from wgpunch.node.portmap.mapper import reachable
+from wgpunch.node.portmap.mapper import Mapping, PortmapTimings, keep_mapped, reachable
 from wgpunch.node.portmap.rule import HOLD_BACK_ATTEMPTS, holds_back, initiates_by_mapping
 from wgpunch.node.portmap.transport import ExchangeTimings, exchange
 from wgpunch.protocol import PeerRecord, Reported
@@ -272,3 +273,80 @@ async def test_silence_and_refusals_end_the_exchange():
 ])
 def test_a_mapping_behind_another_nat_is_not_worth_reporting(external, usable):
     assert reachable(Endpoint.parse(external)) is usable
+
+
+# -- keeping a mapping: renewal, a failed renewal, a new gateway, deletion ------------------
+
+GW_A, GW_B = IP("192.168.1.1"), IP("192.168.7.1")
+QUICK = PortmapTimings(lifetime_s=2, min_renew_s=0.1, gateway_check_s=0.05, retry_first_s=0.2,
+                       retry_max_s=0.2)
+
+
+class FakeGateways:
+    """map_once and unmap for keep_mapped, answering from a script: each call takes the next
+    outcome (an external port, or None: the gateway does not answer)."""
+
+    def __init__(self, outcomes: list[int | None]) -> None:
+        self.outcomes = outcomes
+        self.calls: list[tuple[IP, Mapping | None]] = []
+        self.deleted: list[Mapping] = []
+        self.gateway = GW_A
+
+    async def map(self, gateway: IP, port: int, t: PortmapTimings, *,
+                  previous: Mapping | None = None) -> Mapping:
+        self.calls.append((gateway, previous))
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if outcome is None:
+            raise PortMapError("PCP: no answer")
+        return Mapping("pcp", gateway, port, Endpoint(IP("198.51.100.2"), outcome), 2, NONCE)
+
+    async def unmap(self, mapping: Mapping, t: PortmapTimings) -> None:
+        self.deleted.append(mapping)
+
+
+async def keeping(fake: FakeGateways, changes: list[Mapping | None], until: Any) -> None:
+    task = asyncio.create_task(keep_mapped(51820, changes.append, QUICK, lambda: fake.gateway,
+                                           mapper=fake.map, unmapper=fake.unmap))
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not until():
+            assert loop.time() < deadline, (changes, fake.calls)
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_renewed_at_half_the_lifetime_and_one_lost_renewal_keeps_it():
+    fake = FakeGateways([40000, None, 40000, 40000])
+    changes: list[Mapping | None] = []
+    await keeping(fake, changes, lambda: len(fake.calls) >= 4)
+    assert [c.external.port if c else None for c in changes] == [40000]  # never withdrawn
+    assert [previous is not None for _, previous in fake.calls] == [False, True, True, True]
+    assert fake.deleted == changes  # deleted on the way out
+
+
+async def test_a_lease_that_runs_out_unrenewed_is_withdrawn_then_mapped_again():
+    # Retries at half of what is left (1, 1.5, 1.75, 1.875, 1.975 s into a 2 s lease: never
+    # more), then, run out, the mapping is withdrawn, and asked for every retry_first_s.
+    fake = FakeGateways([40000, *[None] * 7, 40001])
+    changes: list[Mapping | None] = []
+    await keeping(fake, changes, lambda: len(changes) >= 3)
+    assert [c.external.port if c else None for c in changes] == [40000, None, 40001]
+
+
+async def test_a_new_gateway_is_asked_at_once():
+    fake = FakeGateways([40000, 40002])
+    changes: list[Mapping | None] = []
+
+    def moved() -> bool:
+        if changes and fake.gateway == GW_A:
+            fake.gateway = GW_B  # roamed to another network, long before the renewal
+        return len(changes) >= 2
+
+    await keeping(fake, changes, moved)
+    assert [(c.gateway, c.external.port) for c in changes if c] == [(GW_A, 40000),
+                                                                     (GW_B, 40002)]
+    assert fake.calls[1] == (GW_B, None)  # a fresh mapping there, not a renewal

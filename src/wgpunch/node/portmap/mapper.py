@@ -151,13 +151,21 @@ async def unmap(mapping: Mapping, t: PortmapTimings) -> None:
         await upnp.unmap_port(gw, mapping.external.port)
 
 
+Mapper = Callable[..., Awaitable[Mapping]]  # map_once's signature
+Unmapper = Callable[[Mapping, PortmapTimings], Awaitable[None]]
+
+
 async def keep_mapped(port: int, on_change: Callable[[Mapping | None], Awaitable[None] | None],
                       t: PortmapTimings,
-                      gateway: Callable[[], ipaddress.IPv4Address | None] = default_gateway
-                      ) -> None:
+                      gateway: Callable[[], ipaddress.IPv4Address | None] = default_gateway,
+                      *, mapper: Mapper = map_once, unmapper: Unmapper = unmap) -> None:
     """Run until cancelled: keep `port` mapped, calling `on_change` with each new mapping
-    (None: none any more); on cancellation, delete the mapping (at most t.unmap_s)."""
+    (None: none any more); on cancellation, delete the mapping (at most t.unmap_s). A
+    renewal that fails keeps the mapping while its lease lasts and is tried again at half
+    of what is left (RFC 6886 §3.3), so one lost exchange does not withdraw it."""
+    loop = asyncio.get_running_loop()
     current: Mapping | None = None
+    expires_at = 0.0  # of `current`, loop time; lifetime 0 (UPnP "until deleted"): never
     retry = t.retry_first_s
     warned = False
 
@@ -178,12 +186,17 @@ async def keep_mapped(port: int, on_change: Callable[[Mapping | None], Awaitable
             else:
                 previous = current if current is not None and current.gateway == gw else None
                 try:
-                    mapping = await map_once(gw, port, t, previous=previous)
+                    mapping = await mapper(gw, port, t, previous=previous)
                 except (PortMapError, MalformedPacket) as error:
-                    (log.info if not warned else log.debug)("no port mapping: %s", error)
-                    warned = True
-                    await tell(None)
-                    wait, retry = retry, min(retry * 2, t.retry_max_s)
+                    left = expires_at - loop.time()
+                    if previous is not None and (not previous.lifetime_s or left > 0):
+                        log.debug("renewing the port mapping failed: %s", error)
+                        wait = max(left / 2, t.min_renew_s) if previous.lifetime_s else retry
+                    else:
+                        (log.info if not warned else log.debug)("no port mapping: %s", error)
+                        warned = True
+                        await tell(None)
+                        wait, retry = retry, min(retry * 2, t.retry_max_s)
                 else:
                     if mapping.external != (current.external if current else None):
                         log.info("port %d mapped by %s on %s: %s (lifetime %d s)", port,
@@ -191,13 +204,14 @@ async def keep_mapped(port: int, on_change: Callable[[Mapping | None], Awaitable
                                  extra={"event": "port_mapped", "method": mapping.method,
                                         "endpoint": str(mapping.external)})
                     await tell(mapping)
+                    expires_at = loop.time() + mapping.lifetime_s
                     wait, retry, warned = mapping.renew_in(t), t.retry_first_s, False
             await _wait_unless_moved(gw, wait, t, gateway)
     finally:
         if current is not None:
             with contextlib.suppress(PortMapError, MalformedPacket, TimeoutError):
                 async with asyncio.timeout(t.unmap_s):
-                    await unmap(current, t)
+                    await unmapper(current, t)
                 log.info("port mapping %s deleted", current.external,
                          extra={"event": "port_unmapped", "endpoint": str(current.external)})
 
