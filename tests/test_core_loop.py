@@ -479,7 +479,7 @@ def test_the_api_answers_only_tunnel_callers_each_about_itself(lab_prefix):
         # after that, only our PUT below changes a record.
         def reported_with_nat() -> bool:
             records = peers_by_key(http(lab, "b", PEERS)[0]).values()
-            return all(r["reported"] is not None and r["reported"]["nat"] is not None
+            return all(r["reported"] is not None and "nat" in r["reported"]
                        for r in records)
 
         wait_until(agents, reported_with_nat, timeout=5,
@@ -517,7 +517,7 @@ def test_the_api_answers_only_tunnel_callers_each_about_itself(lab_prefix):
         [seen] = http(lab, "b", PEERS)
         assert seen["body"]["you"] == b
         records = peers_by_key(seen)
-        assert records[a]["reported"] == {**mine, "nat": None}  # a report without it
+        assert records[a]["reported"] == mine
         assert records[b]["reported"] == b_before
 
         # Bad requests are refused one by one; the server keeps serving.

@@ -30,8 +30,10 @@ RECORD = PeerRecord(K1, (ipaddress.ip_network("10.99.0.1/32"),),
                     Endpoint.parse("198.51.100.2:51820"), 1795000000.25, REPORTED, 7)
 BARE = PeerRecord(K2, (), None, None, None, 3)
 MEASURED = PeerRecord(K2, (), Endpoint.parse("203.0.113.9:40001"), None, Reported(
-    51820, (), "0.1.0", NatBehaviour("address-and-port-dependent", "address-and-port-dependent",
-                                     False)), 4)
+    51820, (), "0.1.0", nat=NatBehaviour("address-and-port-dependent",
+                                         "address-and-port-dependent", False)), 4)
+MAPPED = PeerRecord(K2, (), Endpoint.parse("198.51.100.6:31000"), None,
+                    Reported(51820, (), "0.1.0", Endpoint.parse("198.51.100.6:51820")), 4)
 
 
 @pytest.mark.parametrize("item", [
@@ -39,6 +41,7 @@ MEASURED = PeerRecord(K2, (), Endpoint.parse("203.0.113.9:40001"), None, Reporte
     PeerEvent(8, RECORD),
     PeerEvent(4, BARE),
     PeerEvent(5, MEASURED),
+    PeerEvent(6, MAPPED),
     RemovedEvent(9, K2),
     PunchEvent(9, K2, Endpoint.parse("[2001:db8::2]:4500"), True),
 ])
@@ -46,14 +49,25 @@ def test_round_trip_through_json_text(item):
     assert item_from_json(json.loads(json.dumps(item_json(item)))) == item
 
 
-def test_a_record_from_a_registry_older_than_the_nat_field():
+def test_a_null_nat_is_not_reported():
     line = item_json(PeerEvent(8, RECORD))
-    del line["peer"]["reported"]["nat"]
+    assert "nat" not in line["peer"]["reported"]  # absent, as from a registry before it
+    line["peer"]["reported"]["nat"] = None
     assert item_from_json(line) == PeerEvent(8, RECORD)
 
 
 def test_heartbeat_round_trip():
     assert item_from_json(heartbeat_json(5)) == Heartbeat(5)
+
+
+def test_a_mapping_is_in_the_peer_object_only_when_there_is_one():
+    assert item_json(PeerEvent(5, MAPPED))["peer"]["reported"]["mapped_endpoint"] == \
+        "198.51.100.6:51820"
+    assert "mapped_endpoint" not in item_json(PeerEvent(8, RECORD))["peer"]["reported"]
+    bad = item_json(PeerEvent(5, MAPPED))
+    bad["peer"]["reported"]["mapped_endpoint"] = "198.51.100.6"
+    with pytest.raises(MalformedMessage, match="mapped_endpoint"):
+        item_from_json(bad)
 
 
 @pytest.mark.parametrize(("obj", "message"), [

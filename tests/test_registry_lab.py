@@ -143,9 +143,7 @@ async def test_a_node_is_identified_by_its_tunnel_address_and_sees_its_endpoint(
         report = {"listen_port": PORT, "local_addresses": [a.veth_ip], "version": "0.1.0"}
         put = fetch(a, "PUT", f"{tunnel}/v1/self", json.dumps(report))
         assert put["status"] == 200
-        # A report without `nat` (a node from before it) shows it as null.
-        assert fetch(a, "GET", f"{tunnel}/v1/peers")["body"]["peers"][0]["reported"] == {
-            **report, "nat": None}
+        assert fetch(a, "GET", f"{tunnel}/v1/peers")["body"]["peers"][0]["reported"] == report
 
         # By default the API listens on B's tunnel address only: B's veth address refuses.
         outside = fetch(a, "GET", f"http://{b.veth_ip}:{API_PORT}/v1/peers")

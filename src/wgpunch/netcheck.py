@@ -41,7 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--interface", "-i", metavar="IF",
                         help="the WireGuard interface (as for `wgpunch node`)")
-    parser.add_argument("--registry", metavar="PUBKEY", help="the registry's public key")
+    parser.add_argument("--registry", metavar="PUBKEY", action="append",
+                        help="the registry's public key (repeat for several: the one that is a "
+                        "peer of IF helps)")
     parser.add_argument("--api", metavar="URL", help="the registry API's URL (default: its "
                         "tunnel address)")
     parser.add_argument("--token-file", metavar="FILE", help="bearer token for the registry")
@@ -154,16 +156,21 @@ async def check(options: config.NodeConfig) -> Report:
     from .node.source import registry_api_url
     from .wg import open_device
 
+    if not options.interface:
+        raise ConfigError("netcheck: give --interface IF (or WGPUNCH_INTERFACE, or "
+                          "'interface' in the node's config file)")
     if not options.registry:
         raise ConfigError("netcheck: give --registry PUBKEY (or WGPUNCH_REGISTRY, or "
                           "'registry' in the node's config file): the registry helps measure")
-    registry = options.parsed("registry", lambda t: Key.parse(t, what="registry key"),
-                              options.registry)
+    keys = [options.parsed("registry", lambda t: Key.parse(t, what="registry key"), text)
+            for text in options.registry]
     device = open_device(options.interface)
     try:
         state = await device.state()
     finally:
         await device.close()
+    # With several registries, the one this interface has as a peer (as `node` picks it).
+    registry = next((k for k in keys if state.peer(k) is not None), keys[0])
     peer = state.peer(registry)
     api = options.api or registry_api_url(state, registry)
     if state.public_key is None:

@@ -3,8 +3,9 @@ peer, apply, repeat; wake at once when the registry's watch stream says somethin
 (follow.py follows it and reports this node).
 
 Peers the registry does not know, and the registry peer itself, are never touched; no peer is
-added or removed. The clock and every packet the agent sends itself (openers, probes) go
-through `Clock` and `Io` (edges.py), so tests run the real agent in process.
+added or removed, except by the managed mesh (mesh.py) when the agent is given one. The clock
+and every packet the agent sends itself (openers, probes) go through `Clock` and `Io`
+(edges.py), so tests run the real agent in process.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
+from .mesh import Mesh
 from .metrics import NodeMetrics
 from .natprobe import Channel, NatWatch, RawChannel
+from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
+from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
 from .source import Source
@@ -48,9 +52,12 @@ class Agent:
         registry_timings: RegistryTimings | None = None,
         clock: Clock | None = None,
         io: Io | None = None,
+        mesh: Mesh | None = None,
         natprobe_port: int | None = None,
         nat_channel: Channel | None = None,
         metrics: NodeMetrics | None = None,
+        portmap: bool = False,
+        portmap_timings: PortmapTimings | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -60,6 +67,7 @@ class Agent:
         self.state_dir = state_dir
         self.clock: Clock = clock or SystemClock()
         self.io: Io = io or SystemIo()
+        self.mesh = mesh
         self.metrics = metrics or NodeMetrics()
         self.me: Key | None = None
         self.listen_port = 0
@@ -71,6 +79,8 @@ class Agent:
         self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
         self._device_failing = False
+        self.portmap = portmap  # keep our listen port mapped on our NAT (node/portmap/)
+        self.portmap_t = portmap_timings or PortmapTimings()
         self.natprobe_port = natprobe_port  # the registry's NAT probe port; None: no probing
         self.nat_channel = nat_channel
         self.nat: NatWatch | None = None
@@ -117,13 +127,27 @@ class Agent:
             async with asyncio.TaskGroup() as group:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
                                                   self.probe_live_peers, self.clock))
-                group.create_task(report_self(self.client, self.view, self.device, self.io,
-                                              self.registry_t, self.nat))
+                group.create_task(self.report())
                 if self.nat is not None:
                     group.create_task(measure_nat(self.view, self.nat, self.device, self.io))
                 group.create_task(self.reconcile_forever())
+                if self.portmap:
+                    group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
+                                                  self.portmap_t))
         finally:
             pathfile.remove(self.device.name, self.state_dir)
+
+    async def report(self) -> None:
+        # A peer takes our report as "follows punch events for me": with a mesh, only true
+        # once the mesh has put the registry's peers on the device (a collision NAT then
+        # never connected: the peer's initiation came before our opener).
+        if self.mesh is not None:
+            await self.mesh.synced.wait()
+        await report_self(self.client, self.view, self.device, self.io, self.registry_t,
+                          self.nat)
+
+    def mapping_changed(self, mapping: Mapping | None) -> None:
+        self.view.set_mapped(None if mapping is None else mapping.external)
 
     async def run_once(self) -> int:
         """One pass, for cron: every peer without a live session whose endpoint the registry
@@ -131,6 +155,7 @@ class Agent:
         device); a live session is left alone, as always."""
         state = await self.device.state()
         self.view.apply(await self.client.snapshot())
+        state = await self.sync_mesh(state)
         failures = 0
         now = self.clock.wall()
         for peer in state.peers:
@@ -167,6 +192,7 @@ class Agent:
         if self._device_failing:
             log.info("reading %s works again", self.device.name)
             self._device_failing = False
+        state = await self.sync_mesh(state)
         now_wall, now = self.clock.wall(), self.clock.monotonic()
         recheck = self.t.idle_recheck_s
         for peer in state.peers:
@@ -190,17 +216,30 @@ class Agent:
                 punched=punched, can_open=self.can_open, peer_ready=ready,
                 now_wall=now_wall, now=now, t=self.t,
             )
+            if (decision.kind in (Kind.OPEN, Kind.HANDSHAKE)
+                    and holds_back(self.view.mapped is not None, known, memory.attempts)):
+                decision = replace(decision, kind=Kind.LEAVE, reason=Reason.MAPPED)
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now, self.metrics)
             recheck = min(recheck, decision.recheck_s)
         self.publish(state, now_wall)
         return recheck
 
+    async def sync_mesh(self, state: DeviceState) -> DeviceState:
+        if self.mesh is None or self.view.revision is None:  # never before a snapshot
+            return state
+        state = await self.mesh.sync(self.device, state, {
+            key: record.allowed_ips for key, record in self.view.peers.items()})
+        self.tracks = {k: t for k, t in self.tracks.items() if state.peer(k) is not None}
+        return state
+
     async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         key = peer.public_key
         if d.kind is Kind.LEAVE:
             if d.reason is Reason.PEER_PUNCHING:
                 return replace(mem, attempt_at=now)
+            # Reason.MAPPED leaves the backoff clock alone: our own punch requests go on,
+            # and count the rounds we hold back (portmap/rule.py).
             if d.reason is Reason.PEER_NOT_READY:
                 return replace(mem, skipped=True)
             if d.reason is Reason.PROBE_ANSWERED:
@@ -265,8 +304,14 @@ class Agent:
             self.metrics.punch_requested(ok=True)
         except ApiError as error:
             self.metrics.punch_requested(ok=False)
-            # Without the registry's help, at least our side opens its NAT and tries.
+            # Without the registry's help, at least our side opens its NAT and tries (unless
+            # the peer comes in through our mapping: then our sending would block it).
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
+            known = self.view.peers.get(peer.public_key)
+            track = self.tracks.get(peer.public_key)
+            attempts = track.memory.attempts if track is not None else 0
+            if known is not None and holds_back(self.view.mapped is not None, known, attempts):
+                return
             await self.handshake(peer, endpoint)
             track = self.tracks.get(peer.public_key)
             if track is not None:

@@ -80,7 +80,7 @@ class RegistryClient:
             raise ApiError(f"registry: /v1/peers reply: {error}") from None
 
     async def report_self(self, report: Reported) -> None:
-        await self._request("PUT", "/v1/self", report.body_json())
+        await self._request("PUT", "/v1/self", report.to_json())
 
     async def snapshot(self) -> Snapshot:
         return await self.peers()

@@ -31,6 +31,7 @@ from ..wg.device import Device, Endpoint, IPInterface
 from .edges import Clock, Io
 from .natprobe import NatWatch, own_addresses
 from .pathfile import RegistryHealth
+from .portmap.rule import initiates_by_mapping
 from .source import Source
 
 log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, whichever module
@@ -80,6 +81,7 @@ class RegistryView:
         self.health: RegistryHealth | None = None  # None until follow_registry starts
         self.connections = 0  # watch streams that delivered, since start
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
+        self.mapped: Endpoint | None = None  # our port mapping on our NAT (node/portmap/)
         self.me: Key | None = None  # our key, once the device is read
         # Set when the endpoint the registry observes for us changes (measure_nat).
         self.observed_changed = asyncio.Event()
@@ -146,10 +148,20 @@ class RegistryView:
             self.has_reported = True
             self.wake.set()  # punch requests held back until now may go
 
+    def set_mapped(self, mapped: Endpoint | None) -> None:
+        """Our port mapping changed: the registry needs our report again."""
+        if mapped != self.mapped:
+            self.mapped = mapped
+            self.reported.set()
+
     def initiates(self, me: Key | None, peer: PeerRecord) -> bool:
-        """Whether we (`me`) send the first initiation to `peer`: what the registry's last
-        punch event for it said; before any (and without a registry that coordinates), the
-        protocol's rule applied to the records we have (ours is among them)."""
+        """Whether we (`me`) send the first initiation to `peer`: the side that reaches the
+        other's port mapping (portmap/rule.py); else what the registry's last punch event for
+        it said; before any (and without a registry that coordinates), the protocol's rule
+        applied to the records we have (ours is among them)."""
+        by_mapping = initiates_by_mapping(self.mapped is not None, peer)
+        if by_mapping is not None:
+            return by_mapping
         role = self.roles.get(peer.public_key)
         if role is not None:
             return role
@@ -230,13 +242,13 @@ async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io)
 
 async def report_self(client: Source, view: RegistryView, device: Device, io: Io,
                       t: RegistryTimings, nat: NatWatch | None = None) -> None:
-    """Report this node (listen port, addresses, version, and the NAT behaviour `nat`
-    measured last) once the watch stream is open, then every report_every_s, and at once when
-    the registry needs it again (a new epoch, a new NAT measurement)."""
+    """Report this node (listen port, addresses, version, port mapping, and the NAT behaviour
+    `nat` measured last) once the watch stream is open, then every report_every_s, and at once
+    when the registry needs it again (a new epoch, a new port mapping, a new NAT
+    measurement)."""
     while True:
-        # Cleared before the report is made, so that a need arising while it is on its way
-        # (a measurement finishing) makes another.
-        view.reported.clear()
+        sent = view.mapped
+        sent_nat = None if nat is None else nat.measured
         try:
             state = await device.state()
             interfaces = await io.local_addresses(device.name)
@@ -245,11 +257,11 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
             # it waits): the reads would otherwise delay every first punch (bench easy p50
             # 0.054-0.055 s with them after the stream, 0.049 s before it).
             await view.stream_open.wait()
-            behaviour = None if nat is None or nat.measured is None else \
-                nat.measured.behaviour
+            sent = view.mapped  # made meanwhile, most often: PCP answers within ms
+            sent_nat = None if nat is None else nat.measured
             report = asyncio.ensure_future(client.report_self(
                 Reported(state.listen_port, tuple(i.ip for i in interfaces), __version__,
-                         behaviour)
+                         sent, nat=None if sent_nat is None else sent_nat.behaviour)
             ))
             await asyncio.sleep(0)  # the report is on its way before any punch request
             view.allow_punches()
@@ -261,6 +273,10 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
             log.debug("report to the registry failed: %s", error)
             wait = t.report_retry_s
         view.allow_punches()  # a report that fails must not stop our punches
+        view.reported.clear()
+        # A mapping or a NAT measurement that changed meanwhile is reported at once.
+        if view.mapped != sent or (nat is not None and nat.measured is not sent_nat):
+            view.reported.set()
         with contextlib.suppress(TimeoutError):  # asyncio.timeout: see reconcile_forever
             async with asyncio.timeout(wait):
                 await view.reported.wait()

@@ -1,5 +1,6 @@
 """What a node reports about itself (`PUT /v1/self`): its listen port, LAN addresses, version,
-and (optional: older nodes do not send it) its NAT's behaviour (natinfo.py).
+and (optional: older nodes send neither) the endpoint it mapped on its NAT (UPnP-IGD,
+NAT-PMP or PCP) and its NAT's behaviour (natinfo.py).
 
 `Reported` checks every field on construction, so an invalid report cannot exist; the JSON
 decoder in front of it is strict too (UTF-8 only, one object, no duplicate or unknown keys, no
@@ -13,8 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MalformedMessage
-from ..wg.device import IPAddress
+from ..errors import ChangeRefused, MalformedMessage
+from ..wg.device import Endpoint, IPAddress
 from .natinfo import NatBehaviour, nat_from_json
 
 MAX_BODY_BYTES = 4096  # docs/api.md
@@ -23,7 +24,8 @@ MAX_VERSION_CHARS = 64  # docs/api.md
 _MAX_ADDRESS_CHARS = 45  # the longest IPv6 text form (IPv4-mapped, fully written out)
 _PRINTABLE = frozenset(chr(c) for c in range(0x20, 0x7F))
 FIELDS = ("listen_port", "local_addresses", "version")  # required
-OPTIONAL_FIELDS = ("nat",)
+OPTIONAL_FIELDS = ("mapped_endpoint", "nat")
+_MAX_ENDPOINT_CHARS = _MAX_ADDRESS_CHARS + 8  # brackets, colon, port
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,9 @@ class Reported:
     listen_port: int
     local_addresses: tuple[IPAddress, ...]
     version: str
+    # A port the node mapped on its NAT for its listen port: a peer sending there reaches it
+    # whatever its NAT's kind (DESIGN.md §3, candidate "mapped"). None: no mapping.
+    mapped: Endpoint | None = None
     nat: NatBehaviour | None = None  # None: not reported (an older node, or not measured yet)
 
     def __post_init__(self) -> None:
@@ -63,24 +68,28 @@ class Reported:
             )
         if not set(self.version) <= _PRINTABLE:
             raise MalformedMessage("version: only printable ASCII characters are allowed")
+        if self.mapped is not None:
+            if not isinstance(self.mapped, Endpoint):
+                raise MalformedMessage(f"mapped_endpoint: {self.mapped!r} is not an endpoint")
+            judged = _as_ipv4(self.mapped.ip)
+            if judged.is_unspecified or judged.is_loopback or judged.is_multicast:
+                raise MalformedMessage(
+                    f"mapped_endpoint: {self.mapped} cannot be reached from another host")
+
         if self.nat is not None and not isinstance(self.nat, NatBehaviour):
             raise MalformedMessage("nat: expected an object")
 
     def to_json(self) -> dict[str, Any]:
-        """As the registry shows it in a peer record: `nat` is null when not reported."""
-        return {
+        body: dict[str, Any] = {
             "listen_port": self.listen_port,
             "local_addresses": [str(a) for a in self.local_addresses],
             "version": self.version,
-            "nat": None if self.nat is None else self.nat.to_json(),
         }
-
-    def body_json(self) -> dict[str, Any]:
-        """The body of `PUT /v1/self`: without `nat` until it is known, so that a registry
-        older than the field accepts the report of a node that has not measured yet."""
-        body = self.to_json()
-        if self.nat is None:
-            del body["nat"]
+        # Optional fields are absent, not null, when unset: what nodes before them send.
+        if self.mapped is not None:
+            body["mapped_endpoint"] = str(self.mapped)
+        if self.nat is not None:
+            body["nat"] = self.nat.to_json()
         return body
 
 
@@ -143,9 +152,23 @@ def _address(value: object) -> IPAddress:
         raise MalformedMessage(f"local_addresses: {value[:60]!r} is not an IP address") from None
 
 
+def mapped_endpoint(value: object) -> Endpoint | None:
+    """`mapped_endpoint` of a report: `ip:port` (`[ip]:port` for IPv6) or null."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MalformedMessage(f"mapped_endpoint: expected text, got {_kind(value)}")
+    if len(value) > _MAX_ENDPOINT_CHARS or "%" in value:
+        raise MalformedMessage(f"mapped_endpoint: {value[:60]!r} is not IP:PORT")
+    try:
+        return Endpoint.parse(value)
+    except (ChangeRefused, ValueError):
+        raise MalformedMessage(f"mapped_endpoint: {value[:60]!r} is not IP:PORT") from None
+
+
 def reported_from_json(body: bytes) -> Reported:
-    """The body of `PUT /v1/self`; every field but OPTIONAL_FIELDS is required, no other is
-    allowed (`nat` may be null)."""
+    """The body of `PUT /v1/self`; every field of FIELDS is required, those of
+    OPTIONAL_FIELDS may be left out, no other is allowed."""
     obj = decode_object(body)
     unknown = sorted(set(obj) - set(FIELDS) - set(OPTIONAL_FIELDS))
     if unknown:
@@ -166,5 +189,6 @@ def reported_from_json(body: bytes) -> Reported:
         listen_port=obj["listen_port"],
         local_addresses=tuple(_address(a) for a in addresses),
         version=obj["version"],
+        mapped=mapped_endpoint(obj.get("mapped_endpoint")),
         nat=None if obj.get("nat") is None else nat_from_json(obj["nat"]),
     )
