@@ -8,14 +8,9 @@ import pytest
 
 from test_protocol_roles import KINDS
 from wgpunch.netcheck import Report, meaning, render
-from wgpunch.node.lanprobe import default_gateway, pcp_announce
+from wgpunch.node.lanprobe import pcp_announce
 from wgpunch.protocol import NatBehaviour
 from wgpunch.wg.device import Endpoint
-
-ROUTES = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
-eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
-eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
-"""
 
 
 def report(kind: str, **changes) -> Report:
@@ -56,11 +51,6 @@ def test_text_and_json():
                                    "upnp_igd": False}
     assert got["ipv6"] == {"global_address": True, "registry_over_ipv6": None}
     assert got["public_endpoint"] == "198.51.100.2:51820" and got["meaning"] == meaning(r)
-
-
-def test_default_gateway_from_the_route_table():
-    assert default_gateway(ROUTES) == ipaddress.IPv4Address("192.168.1.1")
-    assert default_gateway(ROUTES.splitlines()[0] + "\n") is None
 
 
 def test_pcp_announce_is_rfc_6887_s_request_header():

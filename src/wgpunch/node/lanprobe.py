@@ -21,16 +21,16 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..errors import MalformedPacket
 from ..protocol.probewire import TXID_SIZE, Request, parse_reply
 from ..wg.device import Endpoint
+from .portmap.gateway import default_gateway
+from .portmap.natpmp import address_request
 
 NATPMP_PORT = 5351  # RFC 6886 §3.1, and PCP's (RFC 6887 §19.1)
 SSDP = ("239.255.255.250", 1900)
 WAIT_S = 0.5  # per question: a gateway on the LAN answers within milliseconds; our choice
-PROC_ROUTE = Path("/proc/net/route")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,16 +43,6 @@ class PortMapping:
     @property
     def any(self) -> bool:
         return self.nat_pmp or self.pcp or self.upnp_igd
-
-
-def default_gateway(route_table: str | None = None) -> ipaddress.IPv4Address | None:
-    """The IPv4 default route's gateway, from /proc/net/route (hex, host byte order)."""
-    text = PROC_ROUTE.read_text() if route_table is None else route_table
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) > 3 and fields[1] == "00000000" and int(fields[3], 16) & 0x2:  # RTF_GATEWAY
-            return ipaddress.IPv4Address(struct.pack("<I", int(fields[2], 16)))
-    return None
 
 
 def _answers(sock: socket.socket, wait_s: float, source_ip: str | None = None, *,
@@ -92,7 +82,7 @@ def port_mapping(wait_s: float = WAIT_S) -> PortMapping:
             try:
                 sock.connect((str(gateway), NATPMP_PORT))
                 client = ipaddress.IPv4Address(sock.getsockname()[0])
-                sock.send(b"\x00\x00")  # NAT-PMP: version 0, external address request
+                sock.send(address_request())  # NAT-PMP (version 0)
                 sock.send(pcp_announce(client))
                 for data in _answers(sock, wait_s):
                     # A response has the R bit (128) in its opcode byte.
