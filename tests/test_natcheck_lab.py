@@ -3,10 +3,11 @@ netcheck` names every lab NAT kind as src/wgpunch/lab/nat.py builds it, the node
 measure and report the same, and the cells that were direct only by key-order luck
 (full-cone x symmetric, eim-addr x symmetric) go direct in both key orders, `wg` the judge.
 
-One lab for all of it: a host per kind, and two more hosts each behind full-cone, eim-addr
-and symmetric NATs whose keys are handed out so that every such cell occurs with the cone
-side's key both below and above the symmetric side's. The registry has a second public
-address, so filtering is told exactly (registry --natprobe-alt-address).
+One lab for all of it: a host per kind, two more hosts each behind full-cone, eim-addr and
+symmetric NATs whose keys are handed out so that every such cell occurs with the cone side's
+key both below and above the symmetric side's, and one behind a symmetric NAT whose router
+runs miniupnpd (netcheck finds NAT-PMP, PCP and UPnP-IGD there, and nothing elsewhere). The
+registry has a second public address, so filtering is told exactly (--natprobe-alt-address).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from wgpunch.lab import lab as lab_module
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import python_module, wait_for
-from wgpunch.lab.scenario import Scenario
+from wgpunch.lab.scenario import Host, Nat, Scenario
 from wgpunch.lab.topology import REGISTRY_NET
 
 pytestmark = pytest.mark.lab
@@ -59,8 +60,10 @@ def netcheck(lab: Lab, host: str) -> dict:
 
 def test_netcheck_names_every_kind_and_the_symmetric_cells_go_direct_in_both_key_orders(
         lab_prefix, monkeypatch):
-    scenario = Scenario("natcheck", tuple(catalog.site(h, kind) for h, kind in HOSTS.items()),
-                        description="a host per NAT kind, two more per cone and symmetric")
+    sites = (*(catalog.site(h, kind) for h, kind in HOSTS.items()),
+             Nat("nm1", "symmetric", (Host("m1"),), portmap=True))  # miniupnpd on the router
+    scenario = Scenario("natcheck", sites, description="a host per NAT kind, two more per "
+                        "cone and symmetric, one behind a symmetric NAT with port mapping")
     lab = Lab(scenario, prefix=lab_prefix)
     ordered_keys(lab, monkeypatch)
     with lab, Agents(lab, registry_args=["--natprobe-alt-address", SECOND_ADDRESS]) as agents:
@@ -122,3 +125,10 @@ def test_netcheck_names_every_kind_and_the_symmetric_cells_go_direct_in_both_key
             if kind != "public":  # the lab's NATs do not hairpin unless asked to
                 assert got["hairpin"] is False, got
             assert got["meaning"], got
+
+        # Behind a router that runs miniupnpd: all three port-mapping protocols answer.
+        got = netcheck(lab, "m1")
+        assert got["mapping"] == "address-and-port-dependent", got
+        assert got["port_mapping"] == {"gateway": str(lab.plan.node("nm1").lan.ip),
+                                       "nat_pmp": True, "pcp": True, "upnp_igd": True}, got
+        assert any("port mapping" in line for line in got["meaning"]), got
