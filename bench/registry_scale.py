@@ -1,7 +1,8 @@
 """The registry with many nodes following it: CPU, memory and change → every-stream latency.
 
     python3 bench/registry_scale.py [--nodes 1000] [--churn 10] [--seconds 60]
-                                    [--idle-seconds 10] [--snapshots 10] [--out FILE]
+                                    [--idle-seconds 10] [--snapshots 10] [--profile FILE]
+                                    [--out FILE]
 
 Set-up, inside one throwaway network namespace: a wireguard-go device with `--nodes` peers
 (real keys, an endpoint in 198.18.0.0/15 and one /32 tunnel address each, configured through
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
@@ -61,6 +63,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from wgpunch.errors import LabError
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.lab.netns import (
     Namespace,
@@ -139,10 +142,12 @@ async def fill(ifname: str, configs: list[PeerConfig]) -> None:
 
 
 @contextmanager
-def registry(host: Host, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def registry(host: Host, log: Path, profile: str | None) -> Iterator[subprocess.Popen[bytes]]:
     argv, env = python_module("wgpunch.cli", "--log-format", "json", "registry",
                               "--interface", host.ifname, "--listen",
                               f"{TUNNEL_IP}:{API_PORT}")
+    if profile:  # cProfile writes when the registry exits (it stops cleanly on SIGTERM)
+        argv[1:1] = ["-m", "cProfile", "-o", profile]
     with log.open("w") as out:
         proc = host.ns.popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                              start_new_session=True)
@@ -225,6 +230,7 @@ class Watch(asyncio.Protocol):
         self.chunk_left = -1  # bytes of the current chunk still to come; -1: a size line next
         self.line = b""
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.first_line = asyncio.Event()
         self.lines = 0
         self.lost = False
 
@@ -298,9 +304,13 @@ class Client:
         self.unmatched = 0
         self.heartbeats = 0
         self.snapshot_lines = 0
+        self.retries = 0
+        self.awaited = -1  # changes not yet delivered to every stream, once all are made
+        self.all_delivered = asyncio.Event()
 
     def received(self, watch: Watch, line: bytes) -> None:
         watch.lines += 1
+        watch.first_line.set()
         if line.startswith(b'{"type":"heartbeat"'):
             self.heartbeats += 1
             return
@@ -320,9 +330,23 @@ class Client:
             self.unmatched += 1
             return
         change.delivered.append(now - change.started)
+        if len(change.delivered) == len(self.streams):
+            self.awaited -= 1
+            if not self.awaited:
+                self.all_delivered.set()
 
     async def request(self, node: int, method: str, path: str, body: bytes = b"") -> bytes:
-        """One request on its own connection from node `node`'s address; the response body."""
+        """One request from node `node`'s address; the response body. A failure is retried
+        after a second, as an agent retries (at most 10 times), and counted."""
+        for _attempt in range(10):
+            try:
+                return await self.request_once(node, method, path, body)
+            except (OSError, RuntimeError):
+                self.retries += 1
+                await asyncio.sleep(1.0)
+        return await self.request_once(node, method, path, body)
+
+    async def request_once(self, node: int, method: str, path: str, body: bytes) -> bytes:
         reader, writer = await asyncio.open_connection(
             TUNNEL_IP, API_PORT, local_addr=(node_ip(node), 0))
         try:
@@ -377,9 +401,9 @@ class Client:
 
         async def snapshots() -> None:
             watches = [await self.open_stream(i, "") for i in range(cold)]
-            deadline = time.monotonic() + 120
-            while any(w.lines == 0 for w in watches) and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)  # a snapshot line is big: wait until each is in
+            async with asyncio.timeout(120):  # a snapshot line is big: wait until each is in
+                for watch in watches:
+                    await watch.first_line.wait()
 
         await self.phase("snapshots", results, snapshots())
         query = f"?since={health['revision']}&epoch={health['epoch']}"
@@ -391,7 +415,8 @@ class Client:
         results["changes"] = self.latencies(changes)
         results["streams"] = {"open": sum(not w.lost for w in self.streams),
                               "lost": self.lost_streams, "heartbeats": self.heartbeats,
-                              "unmatched_lines": self.unmatched}
+                              "unmatched_lines": self.unmatched,
+                              "request_retries": self.retries}
         self.stopping = True
         return results
 
@@ -411,10 +436,11 @@ class Client:
             changes.append(change)
             tasks.append(asyncio.create_task(self.make(change)))
         await asyncio.gather(*tasks)
-        deadline = time.monotonic() + LATE_S
-        while time.monotonic() < deadline and any(
-                len(c.delivered or ()) < len(self.streams) for c in changes):
-            await asyncio.sleep(0.05)
+        self.awaited = sum(len(c.delivered or ()) < len(self.streams) for c in changes)
+        if self.awaited:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LATE_S):
+                    await self.all_delivered.wait()
 
     async def make(self, change: Change) -> None:
         key = self.keys[change.node]
@@ -461,11 +487,10 @@ class Client:
 
 def client_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    want = len(spec["keys"]) * 2 + 1024
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, len(spec["keys"]) + 2 * CONNECT_CONCURRENCY + 64)  # a stream per node
     if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, max(hard, want)),
-                                                    max(hard, want)))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     client = Client(spec)
     results = asyncio.run(client.run())
     print(json.dumps(results), flush=True)
@@ -481,7 +506,8 @@ def run_size(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         host = stack.enter_context(registry_host(nodes, tmp))
         setup_s = time.perf_counter() - started
         log = tmp / f"registry-{nodes}.log"
-        proc = stack.enter_context(registry(host, log))
+        proc = stack.enter_context(registry(
+            host, log, args.profile and f"{args.profile}.{nodes}"))
         assert host.daemon.proc is not None
         spec = {"keys": [k.base64() for k in host.keys], "ifname": host.ifname,
                 "pids": {"registry": proc.pid, "wireguard_go": host.daemon.proc.pid},
@@ -497,13 +523,15 @@ def run_size(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         try:
             line = read_line(client, timeout=args.seconds + args.idle_seconds + 600,
                              what="the bench client")
+        except LabError as exc:
+            line = str(exc)
         finally:
             stop_process(client)
             assert client.stdout is not None
             client.stdout.close()
         if not line.startswith("{"):
             raise RuntimeError(f"client: {line!r} "
-                               f"{(tmp / f'client-{nodes}.log').read_text()[-1000:]}")
+                               f"{(tmp / f'client-{nodes}.log').read_text()[-1500:]}")
         result: dict[str, Any] = json.loads(line)
         result.update(nodes=nodes, setup_s=setup_s, load1=os.getloadavg()[0],
                       registry_errors=sum('"level": "ERROR"' in entry or '"ERROR"' in entry
@@ -563,6 +591,8 @@ def main() -> int:
                         help="length of the idle phase (default 10)")
     parser.add_argument("--snapshots", type=int, default=10,
                         help="nodes that start with a full snapshot (default 10)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="run the registry under cProfile, stats to FILE.NODES")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"
                                              / "registry_scale.json"))
     args = parser.parse_args()

@@ -2,6 +2,7 @@
 and punch coordination, all without a clock or a socket (time is passed in)."""
 
 import ipaddress
+import json
 
 import pytest
 
@@ -14,6 +15,7 @@ from wgpunch.protocol import (
     Reported,
     Snapshot,
     initiator,
+    item_from_json,
     pair_of,
 )
 from wgpunch.registry.punch import Coalescer
@@ -45,10 +47,15 @@ def two_peers() -> RegistryState:
     return state
 
 
+def decode(line: bytes | None):
+    """A stream line as the node reads it (None: the end marker)."""
+    return None if line is None else item_from_json(json.loads(line))
+
+
 def drain(stream) -> list:
     items = []
     while not stream.queue.empty():
-        items.append(stream.queue.get_nowait())
+        items.append(decode(stream.queue.get_nowait()))
     return items
 
 
@@ -176,9 +183,10 @@ def test_epoch_is_random_hex_per_state():
 def test_open_stream_starts_with_snapshot_or_backlog_then_gets_live_changes():
     state = two_peers()
     stream, first = state.open_stream(K1, None, None)
-    assert first == [Snapshot("e1", 2, state.sorted_peers())]
+    assert [decode(line) for line in first] == [Snapshot("e1", 2, state.sorted_peers())]
     resumed, backlog = state.open_stream(K2, 1, "e1")
-    assert [type(c) for c in backlog] == [PeerEvent] and backlog[0].peer.public_key == K2
+    [change] = [decode(line) for line in backlog]
+    assert isinstance(change, PeerEvent) and change.peer.public_key == K2
     state.observe([peer(K1, "198.51.100.1:51820", "10.0.0.1/32")])
     assert drain(stream) == drain(resumed) == [RemovedEvent(3, K2)]
 
