@@ -128,7 +128,7 @@ async def test_many_changes_of_one_read_are_all_applied_in_slices():
     state = RegistryState(stream_queue_max=4 * len(keys))
     observer = Observer(lambda: ScriptedDevice(script), state, Timings())
     assert await observer.poll_once()
-    stream, _ = state.open_stream(keys[0], state.revision, state.epoch)
+    stream, _ = state.open_stream(keys[0], state.revision, state.epoch, now=0.0)
     assert await observer.poll_once()
     assert set(state.peers) == set(keys[1:])
     assert {str(record.endpoint) for record in state.peers.values()} == {"192.0.2.1:2"}

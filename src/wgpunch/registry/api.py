@@ -239,7 +239,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
     since, epoch = watch_query(request.query.items())
     app, caller = request.app, request[CALLER]
     state, timings = app[STATE], app[TIMINGS]
-    stream, first = state.open_stream(caller, since, epoch)
+    stream, first = state.open_stream(caller, since, epoch, now=time.monotonic())
     _hold(app, stream)
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
 

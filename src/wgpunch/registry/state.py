@@ -62,6 +62,11 @@ HISTORY_MAX = 4096
 # Our choice: far more than one poll can produce for a normal mesh; a reader this far behind is
 # better served by reconnecting (and resuming) than by the registry buffering for it.
 STREAM_QUEUE_MAX = 256
+# Our choice: a stream opened within this long of another, at the same revision, starts with
+# the same encoded snapshot. After a registry restart every node asks for one at once, and at
+# 10,000 peers each costs ~0.2 s of CPU to encode (bench/registry_scale.py); what may be
+# older than the revision is only `latest_handshake`, which moves without one anyway.
+SNAPSHOT_REUSE_S = 1.0
 
 
 def _canonical(nets: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
@@ -127,6 +132,7 @@ class RegistryState:
         self._records: dict[Key, PeerRecord] = {}
         self._history: deque[tuple[Change, bytes]] = deque(maxlen=history_max)
         self._heartbeat = (-1, b"")  # (revision, its heartbeat line)
+        self._snapshot = (-1, 0.0, b"")  # (revision, when, its line): see SNAPSHOT_REUSE_S
         self._streams: set[Stream] = set()
         self._by_caller: dict[Key, list[Stream]] = {}  # the same streams, for pushes
         self._stream_queue_max = stream_queue_max
@@ -261,12 +267,12 @@ class RegistryState:
         return other.endpoint, True
 
     def open_stream(
-        self, caller: Key, since: int | None, epoch: str | None
+        self, caller: Key, since: int | None, epoch: str | None, *, now: float
     ) -> tuple[Stream, list[bytes]]:
         """A new stream for `caller` and the lines it starts with: the changes after `since`,
         or a snapshot. Atomic, so no change falls between the two."""
         backlog = self._backlog(since, epoch)
-        first = ([encode(self.snapshot())] if backlog is None
+        first = ([self._snapshot_line(now)] if backlog is None
                  else [line for _change, line in backlog])
         stream = Stream(caller, self._stream_queue_max)
         self._streams.add(stream)
@@ -296,6 +302,13 @@ class RegistryState:
             return None
         # Revisions in the history are consecutive, so the position follows from the number.
         return list(islice(self._history, since - oldest + 1, None))
+
+    def _snapshot_line(self, now: float) -> bytes:
+        revision, when, line = self._snapshot
+        if revision != self.revision or not 0 <= now - when < SNAPSHOT_REUSE_S:
+            line = encode(self.snapshot())
+            self._snapshot = (self.revision, now, line)
+        return line
 
     def _forget(self, stream: Stream) -> None:
         if stream not in self._streams:
