@@ -1,6 +1,7 @@
 """The node agent's footprint when idle: resident memory and CPU, with 3 and 100 peers.
 
-    python3 bench/agent_footprint.py [--peers 3,100] [--seconds 30] [--runs 1] [--out FILE]
+    python3 bench/agent_footprint.py [--peers 3,100] [--seconds 30] [--runs 1]
+                                     [--profile FILE] [--out FILE]
 
 Per size, two throwaway network namespaces joined by a veth link: the registry's, with a
 wireguard-go device and the real `wgpunch registry` on it, and the node's, with a wireguard-go
@@ -126,8 +127,11 @@ def lab(peers: int, tmp: Path) -> Iterator[tuple[Device, Device]]:
 
 
 @contextmanager
-def agent(ns: Namespace, argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def agent(ns: Namespace, argv: list[str], log: Path, profile: str | None = None
+          ) -> Iterator[subprocess.Popen[bytes]]:
     command, env = python_module("wgpunch.cli", "--log-format", "json", *argv)
+    if profile:  # cProfile writes when the process exits (it stops cleanly on SIGTERM)
+        command[1:1] = ["-m", "cProfile", "-o", profile]
     with log.open("w") as out:
         proc = ns.popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                         start_new_session=True)
@@ -141,7 +145,7 @@ def logged(log: Path, event: str) -> bool:
     return f'"event": "{event}"' in log.read_text()
 
 
-def measure(peers: int, seconds: float, tmp: Path) -> dict[str, Any]:
+def measure(peers: int, seconds: float, tmp: Path, profile: str | None) -> dict[str, Any]:
     with ExitStack() as stack:
         registry, node = stack.enter_context(lab(peers, tmp))
         reg_log, node_log = tmp / f"registry-{peers}.log", tmp / f"node-{peers}.log"
@@ -151,7 +155,7 @@ def measure(peers: int, seconds: float, tmp: Path) -> dict[str, Any]:
         started = time.perf_counter()
         proc = stack.enter_context(agent(node.ns, ["node", "--interface", node.ifname,
                                                    "--registry", registry.public.base64()],
-                                         node_log))
+                                         node_log, profile and f"{profile}.{peers}"))
         wait_for(lambda: proc.poll() is not None or logged(node_log, "registry_connected"),
                  timeout=30, what="the agent to follow the registry")
         if proc.poll() is not None:
@@ -177,6 +181,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="the measuring window (default 30)")
     parser.add_argument("--runs", type=int, default=1, help="runs per size (default 1)")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="run the agent under cProfile, stats to FILE.PEERS (it measures "
+                             "more CPU and memory so)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"
                                              / "agent_footprint.json"))
     args = parser.parse_args()
@@ -189,7 +196,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         for peers in (int(p) for p in args.peers.split(",")):
             for _ in range(args.runs):
-                rows.append(measure(peers, args.seconds, Path(tmp_name)))
+                rows.append(measure(peers, args.seconds, Path(tmp_name), args.profile))
     report = {"commit": git.stdout.strip(), "python": platform.python_version(),
               "cpus": os.cpu_count(), "rows": rows}
     out = Path(args.out)
