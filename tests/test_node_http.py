@@ -132,3 +132,22 @@ async def test_a_kept_alive_connection_the_registry_closed_is_replaced():
     finally:
         await client.close()
         await reg.close()
+
+
+async def test_the_bearer_token_goes_with_every_request_and_the_stream():
+    state = RegistryState(epoch="e1")
+    state.observe(table())
+    reg = await start(state, token="s3cret")
+    with_token = RegistryClient(f"http://127.0.0.1:{reg.port}", token="s3cret")
+    without = RegistryClient(f"http://127.0.0.1:{reg.port}")
+    try:
+        assert (await with_token.peers()).revision == 3
+        [snapshot] = await follow(with_token, 1)
+        assert isinstance(snapshot, Snapshot)
+        with pytest.raises(ApiError) as caught:
+            await without.peers()
+        assert caught.value.status == 401
+    finally:
+        await with_token.close()
+        await without.close()
+        await reg.close()
