@@ -77,6 +77,7 @@ class RegistryView:
         self.stream_open = asyncio.Event()
         self.has_reported = False
         self.health: RegistryHealth | None = None  # None until follow_registry starts
+        self.connections = 0  # watch streams that delivered, since start
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
 
     def apply(self, event: Event) -> None:
@@ -157,6 +158,7 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
         try:
             async for event in client.watch(view.revision, view.epoch):
                 if not heard:
+                    view.connections += 1
                     log.info("%s", client.following, extra={"event": "registry_connected"})
                     view.set_health(client.following, "following", clock.wall())
                 delay, heard, warned = t.reconnect_first_s, True, None
