@@ -280,9 +280,6 @@ class Watch(asyncio.Protocol):
                 self.line = b""
         self.buffer = buffer[position:]
 
-    def eof_received(self) -> bool | None:
-        return None
-
 
 @dataclass
 class Change:
@@ -420,6 +417,7 @@ class Client:
         results["streams"] = {"open": sum(not w.lost for w in self.streams),
                               "lost": self.lost_streams, "heartbeats": self.heartbeats,
                               "unmatched_lines": self.unmatched,
+                              "snapshot_lines": self.snapshot_lines,
                               "request_retries": self.retries}
         self.stopping = True
         return results
@@ -538,7 +536,7 @@ def run_size(nodes: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                                f"{(tmp / f'client-{nodes}.log').read_text()[-1500:]}")
         result: dict[str, Any] = json.loads(line)
         result.update(nodes=nodes, setup_s=setup_s, load1=os.getloadavg()[0],
-                      registry_errors=sum('"level": "ERROR"' in entry or '"ERROR"' in entry
+                      registry_errors=sum('"level": "error"' in entry
                                           for entry in log.read_text().splitlines()))
         return result
 
