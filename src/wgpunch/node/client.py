@@ -6,16 +6,16 @@ registry sends is validated here, at the edge; a reply that does not fit is a
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
-
-from ..errors import ApiError, MalformedMessage
+from ..errors import ApiError, HttpError, MalformedMessage
 from ..keys import Key
 from ..protocol import Event, Reported, Snapshot, item_from_json, snapshot_from_json
+from .http import HttpClient
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry
 CONNECTIONS_MAX = 32
@@ -46,30 +46,29 @@ class RegistryClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # Below the registry's 64 connections per caller (registry/limits.py): a node asking
         # for many peers' punches at once waits for a connection instead of being reset.
-        self._session = aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(limit=CONNECTIONS_MAX))
+        self._http = HttpClient(self.base_url, headers=headers, connections_max=CONNECTIONS_MAX)
 
     @property
     def following(self) -> str:
         return f"registry {self.base_url}: following its watch stream"
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._http.close()
 
     async def _request(self, method: str, path: str, body: Any = None) -> Any:
         url = self.base_url + path
+        data = None if body is None else json.dumps(body).encode()
         try:
-            async with self._session.request(
-                method, url, json=body, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
-            ) as response:
-                text = await response.text()
-                if response.status >= 400:
-                    raise ApiError(
-                        f"registry: {method} {path}: {response.status} {_error_text(text)}",
-                        response.status,
-                    )
-                return json.loads(text) if text else None
-        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as error:
+            response = await self._http.request(method, path, data, self.timeout_s)
+            text = response.body.decode()
+        except (HttpError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+            raise ApiError(f"registry: {method} {url}: {_describe(error)}") from None
+        if response.status >= 400:
+            raise ApiError(f"registry: {method} {path}: {response.status} {_error_text(text)}",
+                           response.status)
+        try:
+            return json.loads(text) if text else None
+        except (ValueError, RecursionError) as error:
             raise ApiError(f"registry: {method} {url}: {_describe(error)}") from None
 
     async def peers(self) -> Snapshot:
@@ -94,23 +93,16 @@ class RegistryClient:
     async def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
         """Events until the stream ends; a silent stream counts as dead after the timeout."""
         query = {} if since is None or epoch is None else {"since": since, "epoch": epoch}
-        url = f"{self.base_url}/v1/watch"
-        if query:
-            url += "?" + urlencode(query)
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.timeout_s, sock_read=self.heartbeat_timeout_s
-        )
+        path = "/v1/watch" + ("?" + urlencode(query) if query else "")
+        url = self.base_url + path
         try:
-            async with self._session.get(url, timeout=timeout) as response:
-                if response.status >= 400:
-                    text = await response.text()
-                    raise ApiError(
-                        f"registry: watch: {response.status} {_error_text(text)}", response.status
-                    )
-                # Lines are split here rather than with readline(), whose 64 KiB cap a
-                # large registry's snapshot line exceeds.
+            async with self._http.stream(path, self.timeout_s) as (status, body):
+                if status >= 400:
+                    text = b"".join([c async for c in _silent_within(
+                        body, self.timeout_s)]).decode(errors="replace")
+                    raise ApiError(f"registry: watch: {status} {_error_text(text)}", status)
                 buffer = bytearray()
-                async for chunk in response.content.iter_any():
+                async for chunk in _silent_within(body, self.heartbeat_timeout_s):
                     buffer += chunk
                     while (end := buffer.find(b"\n")) >= 0:
                         line = bytes(buffer[:end])
@@ -120,8 +112,23 @@ class RegistryClient:
                     if len(buffer) > MAX_LINE_BYTES:
                         raise ApiError("registry: watch event too large")
                 raise ApiError("registry: watch stream ended")
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            raise ApiError(f"registry: watch {url}: {_describe(error)}") from None
+        except HttpError as error:
+            raise ApiError(f"registry: watch {url}: {error}") from None
+        except TimeoutError:
+            raise ApiError(f"registry: watch {url}: silent for "
+                           f"{self.heartbeat_timeout_s:g} s") from None
+
+
+async def _silent_within(chunks: AsyncIterator[bytes], timeout_s: float
+                         ) -> AsyncIterator[bytes]:
+    """`chunks`, each within `timeout_s` of the one before (TimeoutError otherwise)."""
+    while True:
+        try:
+            async with asyncio.timeout(timeout_s):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        yield chunk
 
 
 def _describe(error: Exception) -> str:
