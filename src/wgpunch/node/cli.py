@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import logging
 import signal
@@ -15,11 +14,11 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .. import config, sdnotify
+from ..commands import help_of
 from ..errors import ChangeRefused, ConfigError, DeviceError, WgpunchError
 from ..keys import Key
 from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
 from ..protocol import API_PORT
-from ..wg import open_device
 from ..wg.device import Endpoint
 from . import pathfile
 from .lock import agent_lock
@@ -125,8 +124,11 @@ async def serve(settings: Settings, *, once: bool = False,
 
 async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
     # Imported here, and each source only in its own mode: `--help` and a mistaken flag
-    # answer without loading aiohttp, dnspython or pyroute2 (most of a second on a busy
-    # 2-core machine), and each mode loads only its own client.
+    # answer without loading asyncio, the device backends or any client, and each mode
+    # loads only its own client (bench/startup.py).
+    import asyncio
+
+    from ..wg import open_device
     from .agent import Agent
     from .decide import Timings
 
@@ -198,6 +200,8 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio  # here, as _serve's imports: `node --help` needs none of it
+
     settings = settings_from(args)
     try:
         return asyncio.run(serve(settings, once=args.once))
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "node",
-        help="keep this host's WireGuard peers on direct paths, with a registry's help",
+        help=help_of("node"),
         description=textwrap.fill(
             "Run the node agent. It follows the registry's view of every peer's public "
             "endpoint and, for each peer of the interface that has no live session, sets "
