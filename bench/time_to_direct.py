@@ -16,8 +16,8 @@ both agents.
 Recovery: after the pair is direct, (1) `rebind`: the NAT in front of b (an `eim-port`
 carrier NAT) forgets its mappings and conntrack state, so b's next packet leaves from a new
 outside port; measured until the pair is direct again on the new endpoint; (2) `flush`: both
-home NATs of `easy` lose their conntrack state while a ping runs from a to b every 0.2 s;
-measured until that ping gets answers again. The side that sends notices the silence and
+home NATs of `easy` lose their conntrack state while a ping runs from a to b every 0.2 s
+(ten replies in before the flush); measured until that ping gets answers again. The side that sends notices the silence and
 probes (unanswered) and asks for a punch; the other side's watch stream has gone silent too
 (its NAT drops the registry's packets as well), and it probes its peers when it notices;
 (3) `forget`: both NATs of a pair behind `eim-port` carrier NATs, with 5 % loss on each
@@ -184,8 +184,11 @@ def flush_run() -> dict[str, Any]:
             return int(line.split("icmp_seq=")[1].split()[0]) if "time=" in line else None
 
         try:
-            last_seq = wait_for(lambda: seq_of(ping.stdout.readline()), timeout=5,
-                                what="ping replies")
+            # Traffic for a while (ten replies, 2 s) before the NATs forget, as on a path
+            # in use: an agent tells a peer with traffic from one that only keeps alive.
+            replies = [wait_for(lambda: seq_of(ping.stdout.readline()), timeout=5,
+                                what="ping replies") for _ in range(10)]
+            last_seq = replies[-1]
             start = time.monotonic()
             for nat in ("na", "nb"):
                 lab.flush_conntrack(nat)

@@ -27,6 +27,7 @@ from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
 from .probe import tunnel_address
 from .punch import OpenerTtl
+from .registrylink import LinkTimings, keep_link
 from .source import Source
 from .track import Track
 
@@ -46,6 +47,7 @@ class Agent:
         registry_timings: RegistryTimings | None = None,
         clock: Clock | None = None,
         io: Io | None = None,
+        registry_link: LinkTimings | None = None,  # None: no heartbeats (registrylink.py)
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -53,6 +55,7 @@ class Agent:
         self.t = timings or Timings()
         self.registry_t = registry_timings or RegistryTimings()
         self.state_dir = state_dir
+        self.link_t = registry_link
         self.clock: Clock = clock or SystemClock()
         self.io: Io = io or SystemIo()
         self.me: Key | None = None
@@ -78,6 +81,10 @@ class Agent:
             address = tunnel_address(peer.allowed_ips)
             if peer.has_live_session(now, self.t.session_live_s) and address is not None:
                 await self.io.probe(self.device.name, address)
+
+    async def open_nat(self, endpoint: Endpoint) -> None:
+        if self.can_open:
+            await self.io.open(self.listen_port, endpoint, await self.opener_ttl.get())
 
     async def reconcile_forever(self) -> None:
         while True:
@@ -107,6 +114,10 @@ class Agent:
                 group.create_task(report_self(self.client, self.view, self.device, self.io,
                                               self.registry_t))
                 group.create_task(self.reconcile_forever())
+                if self.link_t is not None and self.registry_key is not None:
+                    group.create_task(keep_link(self.device, self.registry_key, self.io,
+                                                self.clock, self.probe_live_peers,
+                                                self.view.relink.set, self.open_nat, self.link_t))
         finally:
             pathfile.remove(self.device.name, self.state_dir)
 

@@ -131,6 +131,7 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
     from ..wg import open_device
     from .agent import Agent
     from .decide import Timings
+    from .registrylink import LinkTimings
 
     interface = settings.interface
     device = open_device(interface)
@@ -171,7 +172,8 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
         where = f"registry {settings.registry}, API {api}"
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
-                  opener_ttl=settings.opener_ttl, state_dir=state_dir)
+                  opener_ttl=settings.opener_ttl, state_dir=state_dir,
+                  registry_link=LinkTimings() if settings.registry is not None else None)
     try:
         if once:
             failures = await agent.run_once()
