@@ -17,9 +17,11 @@ Recovery: after the pair is direct, (1) `rebind`: the NAT in front of b (an `eim
 carrier NAT) forgets its mappings and conntrack state, so b's next packet leaves from a new
 outside port; measured until the pair is direct again on the new endpoint; (2) `flush`: both
 home NATs of `easy` lose their conntrack state while a ping runs from a to b every 0.2 s
-(ten replies in before the flush); measured until that ping gets answers again. The side that sends notices the silence and
-probes (unanswered) and asks for a punch; the other side's watch stream has gone silent too
-(its NAT drops the registry's packets as well), and it probes its peers when it notices;
+(ten replies in before the flush); measured until that ping gets answers again. Each side's
+heartbeats (node/registrylink.py) map it again on its NAT toward the registry, and toward a
+peer with traffic; before them, the side that sends noticed the silence, probed (unanswered)
+and asked for a punch, and the other side's watch stream went silent too (its NAT dropped the
+registry's packets as well), so it probed its peers when it noticed;
 (3) `forget`: both NATs of a pair behind `eim-port` carrier NATs, with 5 % loss on each
 uplink, forget their mappings: both sides get new outside ports; measured until the pair is
 direct again on both new endpoints; (4) `registry-restart`: the registry process is killed
