@@ -161,7 +161,7 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
         heard = False
         view.relink.clear()
         try:
-            async for event in _until_set(client.watch(view.revision, view.epoch),
+            async for event in until_set(client.watch(view.revision, view.epoch),
                                           view.relink):
                 if not heard:
                     log.info("%s", client.following, extra={"event": "registry_connected"})
@@ -194,7 +194,7 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
                     else t.reconnect_max_s)
 
 
-async def _until_set(stream: AsyncIterator[Event], stop: asyncio.Event
+async def until_set(stream: AsyncIterator[Event], stop: asyncio.Event
                      ) -> AsyncIterator[Event]:
     """`stream`'s events until it ends or `stop` is set; then an ApiError, as for a stream
     that broke (the caller opens a new one)."""
