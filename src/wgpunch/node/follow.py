@@ -195,21 +195,16 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
 
 
 async def until_set(stream: AsyncIterator[Event], stop: asyncio.Event
-                     ) -> AsyncIterator[Event]:
+                    ) -> AsyncIterator[Event]:
     """`stream`'s events until it ends or `stop` is set; then an ApiError, as for a stream
     that broke (the caller opens a new one)."""
     stopped = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[Event] | None = None
     try:
         while True:
             following = asyncio.ensure_future(anext(stream))
             await asyncio.wait((following, stopped), return_when=asyncio.FIRST_COMPLETED)
             if not following.done():
-                following.cancel()
-                # asyncio.wait, not `await following`: a cancellation of our own that arrives
-                # meanwhile must propagate, not be taken for the stream's.
-                await asyncio.wait((following,))
-                if not following.cancelled():
-                    following.exception()  # retrieved: the stream is dropped either way
                 raise ApiError("registry: the tunnel to it works again: watching anew")
             try:
                 event = following.result()
@@ -218,6 +213,13 @@ async def until_set(stream: AsyncIterator[Event], stop: asyncio.Event
             yield event
     finally:
         stopped.cancel()
+        if following is not None and not following.done():
+            following.cancel()
+            # asyncio.wait, not `await following`: a cancellation of our own that arrives
+            # meanwhile must propagate, not be taken for the stream's.
+            await asyncio.wait((following,))
+        if following is not None and not following.cancelled():
+            following.exception()  # retrieved: the stream is dropped either way
         close = getattr(stream, "aclose", None)
         if close is not None:
             await close()
