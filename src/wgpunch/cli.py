@@ -37,11 +37,14 @@ def build_parser(full: Collection[str] | None = None) -> argparse.ArgumentParser
     parser.add_argument("--version", action="version", version=f"wgpunch {__version__}")
     add_log_options(parser, defaults=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = None if full is None else {COMMANDS[name][0] for name in full}
+    loaded: set[str] = set()
     for name, (module, help_text) in COMMANDS.items():
-        if full is None or name in full:
-            importlib.import_module(module).add_parser(subparsers)
-        else:
+        if wanted is not None and module not in wanted:
             subparsers.add_parser(name, help=help_text)
+        elif module not in loaded:  # one module may add several subcommands (onboard)
+            importlib.import_module(module).add_parser(subparsers)
+            loaded.add(module)
     for subparser in subparsers.choices.values():
         add_log_options(subparser, defaults=False)
     return parser

@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                    "peer"),
     "node": ("wgpunch.node.cli",
              "keep this host's WireGuard peers on direct paths, with a registry's help"),
+    # one module, three subcommands, added together in this order
+    "init": ("wgpunch.onboard.cli", "set up a registry host: its key and wg-quick config"),
+    "invite": ("wgpunch.onboard.cli", "add a node to the registry and write its wg-quick config"),
+    "revoke": ("wgpunch.onboard.cli", "remove an invited node from the registry"),
     "status": ("wgpunch.status", "show WireGuard interfaces and their peers"),
     "lab": ("wgpunch.lab.cli", "build and drive the network-namespace NAT lab"),
     "demo": ("wgpunch.demo", "run registry and NATed nodes in the lab and show a direct tunnel"),

@@ -98,7 +98,20 @@ def _port_or_address(value: Any) -> str | int:
     return value
 
 
+def _switch(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Mismatch("must be true or false")
+    return value
+
+
+def _switch_text(text: str) -> bool:
+    if text.lower() not in _TRUE + _FALSE:
+        raise _Mismatch("must be true or false")
+    return text.lower() in _TRUE
+
+
 TEXT = Kind("text", _text, str)
+SWITCH = Kind("true or false", _switch, _switch_text)
 WHOLE = Kind("a whole number", _whole, _whole_text)
 SECONDS = Kind("a number of seconds", _seconds, _seconds_text)
 # Relative to the config file when it comes from one (the loader sees the Path and joins).
@@ -364,6 +377,7 @@ class RegistryConfig(Loaded):
     zone: str | None
     dns_self: tuple[str, ...] | None  # None: no `self` record
     dns_allow: tuple[str, ...]  # networks answered besides the peers' tunnel addresses
+    metrics_listen: str | None  # None: no metrics
 
 
 REGISTRY = Schema("registry", (
@@ -388,13 +402,15 @@ REGISTRY = Schema("registry", (
     Option("dns_allow", one_or_list(TEXT, "a network or a list of networks", "networks"),
            "also answer DNS-SD queries from these networks (default: peers' tunnel "
            "addresses only)", '["192.0.2.0/24"]', default=()),
+    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
+           "(default: off)", '"127.0.0.1:9587"'),
 ), RegistryConfig)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig(Loaded):
-    interface: str
-    registry: str | None
+    interface: str | None  # None: every WireGuard interface (node/fleet.py)
+    registry: tuple[str, ...]  # several: each interface follows the one it has as a peer
     api: str | None
     token_file: Path | None
     keepalive: int
@@ -405,12 +421,17 @@ class NodeConfig(Loaded):
     natpunch: str | None
     natpunch_server_key: str | None
     natpunch_legacy: str | None
+    mesh: bool
+    mesh_exclude: tuple[str, ...]
+    metrics_listen: str | None  # None: no metrics
 
 
 NODE = Schema("node", (
-    Option("interface", TEXT, "the WireGuard interface to steer", '"wg0"', required=True),
-    Option("registry", TEXT, "the registry's public key (a peer of IF)",
-           '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="'),
+    Option("interface", TEXT, "the WireGuard interface to steer (default: every one that has "
+           "the registry's peer)", '"wg0"'),
+    Option("registry", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
+           "the registry's public key (a peer of IF); a list: each interface follows the one "
+           "it has", '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="', default=()),
     Option("api", TEXT, f"the registry API's URL (default: its tunnel address, port {API_PORT})",
            f'"http://10.99.0.254:{API_PORT}"'),
     Option("token_file", PATH, "bearer token for the registry", '"/etc/wgpunch/token"'),
@@ -429,6 +450,13 @@ NODE = Schema("node", (
            '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="'),
     Option("natpunch_legacy", TEXT, f"follow this wireguard-tools server (port {LEGACY_PORT} "
            "if none)", '"rendezvous.example"'),
+    Option("mesh", SWITCH, "add the registry's peers to IF and remove those it drops (only "
+           "peers the mesh added)", "true", default=False),
+    Option("mesh_exclude", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
+           "with mesh: never add these peers", '["Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="]',
+           default=()),
+    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
+           "(default: off)", '"127.0.0.1:9588"'),
 ), NodeConfig)
 
 

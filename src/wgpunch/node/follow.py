@@ -82,6 +82,7 @@ class RegistryView:
         self.relink = asyncio.Event()
         self.has_reported = False
         self.health: RegistryHealth | None = None  # None until follow_registry starts
+        self.connections = 0  # watch streams that delivered, since start
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
 
     def apply(self, event: Event) -> None:
@@ -164,6 +165,7 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
             async for event in until_set(client.watch(view.revision, view.epoch),
                                           view.relink):
                 if not heard:
+                    view.connections += 1
                     log.info("%s", client.following, extra={"event": "registry_connected"})
                     view.set_health(client.following, "following", clock.wall())
                 delay, heard, warned = t.reconnect_first_s, True, None
