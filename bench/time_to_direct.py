@@ -4,7 +4,8 @@
                                     [--scenarios NAME,...] [--out FILE]
 
 Per scenario (`easy`; `easy` with 30 ms one-way delay on each site's uplink; `easy` with 5 %
-loss on each site's uplink), each run builds a fresh lab, starts `wgpunch registry`, then both
+loss on each site's uplink; `symmetric-upnp`, a symmetric NAT with port mapping against
+`eim`; `--scenarios` picks some), each run builds a fresh lab, starts `wgpunch registry`, then both
 `wgpunch node`s, and polls both devices until the pair is direct by what `wg` shows
 (lab/evidence.py). Times are counted from "both nodes up" (the later of the two agents'
 `started` log events: process started, options read, device read) and, for comparison, from
@@ -83,6 +84,7 @@ def scenarios() -> dict[str, Scenario]:
         "easy": easy,
         "easy+30ms": impaired(easy, "easy30ms", Impairment(delay_ms=30)),
         "easy+5%loss": impaired(easy, "easyloss", Impairment(loss_pct=5)),
+        "symmetric-upnp": catalog.resolve("symmetric-upnp"),
     }
 
 
@@ -334,7 +336,7 @@ def main() -> int:
     parser.add_argument("--recovery-runs", type=int, default=5,
                         help="runs of each recovery case (default 5)")
     parser.add_argument("--scenarios", default=",".join(scenarios()),
-                        help="time-to-direct scenarios to run, comma-separated (default all; "
+                        help=f"comma-separated (default: all: {','.join(scenarios())}; "
                         "'' for none)")
     parser.add_argument("--cases", default=",".join(RECOVERY_CASES),
                         help="recovery cases to run, comma-separated (default all: "
@@ -344,16 +346,18 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "time_to_direct.json"))
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    cases = [name.strip() for name in args.cases.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in scenarios()]
+    unknown += [name for name in cases if name not in RECOVERY_CASES]
+    if unknown or not chosen + cases:
+        parser.error(f"unknown scenario(s) or case(s) {', '.join(unknown) or '(none)'}; "
+                     f"known: {', '.join([*scenarios(), *RECOVERY_CASES])}")
     require_root()
-    chosen = [c for c in args.cases.split(",") if c]
-    unknown = sorted(set(chosen) - set(RECOVERY_CASES))
-    if unknown:
-        parser.error(f"unknown case {unknown[0]!r}")
     report: dict[str, Any] = {"runs": args.runs, "scenarios": {}, "recovery": {}}
     rows = []
-    wanted = [s for s in args.scenarios.split(",") if s]
     for name, scenario in scenarios().items():
-        if name not in wanted:
+        if name not in chosen:
             continue
         runs = [one_run(scenario) for _ in range(args.runs)]
         ok = [r for r in runs if r["direct"]]
@@ -367,11 +371,11 @@ def main() -> int:
                      fmt(connected["p50"]), fmt(connected["p95"]), fmt(launch["p50"]),
                      fmt(launch["p95"])))
         print(f"{name}: {len(ok)}/{len(runs)} direct", file=sys.stderr)
-    cases = {"rebind": rebind_run, "flush": flush_run, "forget": forget_run,
-             "registry-restart": lambda: registry_restart_run(args.restart_after),
-             "late-registry": late_registry_run}
-    for name in chosen:
-        runs = [cases[name]() for _ in range(args.recovery_runs)]
+    run_case = {"rebind": rebind_run, "flush": flush_run, "forget": forget_run,
+                "registry-restart": lambda: registry_restart_run(args.restart_after),
+                "late-registry": late_registry_run}
+    for name in cases:
+        runs = [run_case[name]() for _ in range(args.recovery_runs)]
         times = [r["recovery_s"] for r in runs
                  if r.get("recovered") and r["recovery_s"] is not None]
         report["recovery"][name] = {"runs": runs, **summary(times)}

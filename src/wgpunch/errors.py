@@ -21,6 +21,7 @@ every one of them lives here.
     ├── MalformedPacket (ValueError)    a datagram that is not a message of its protocol
     ├── NoiseError                      a Noise handshake or transport operation failed
     ├── NatpunchError                   a rendezvous server did not answer usefully
+    ├── PortMapError                    a gateway did not map a port (no answer, refused)
     └── LabError                        the lab could not be built or driven
 """
 
@@ -111,6 +112,17 @@ class NoiseError(WgpunchError):
 
 class NatpunchError(WgpunchError):
     """The rendezvous server did not answer (or not in a way we could read)."""
+
+
+class PortMapError(WgpunchError):
+    """A gateway did not map a port: no answer, a refusal, or no gateway at all.
+
+    `code` is the protocol's result code of a refusal (NAT-PMP, PCP), 0 when there is none.
+    """
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class LabError(WgpunchError):

@@ -28,6 +28,8 @@ from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
 from .mesh import Mesh
 from .metrics import NodeMetrics
+from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
+from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
 from .registrylink import LinkTimings, keep_link
@@ -52,6 +54,8 @@ class Agent:
         io: Io | None = None,
         mesh: Mesh | None = None,
         metrics: NodeMetrics | None = None,
+        portmap: bool = False,
+        portmap_timings: PortmapTimings | None = None,
         registry_link: LinkTimings | None = None,  # None: no heartbeats (registrylink.py)
     ) -> None:
         self.device = device
@@ -75,6 +79,8 @@ class Agent:
         self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
         self._device_failing = False
+        self.portmap = portmap  # keep our listen port mapped on our NAT (node/portmap/)
+        self.portmap_t = portmap_timings or PortmapTimings()
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -120,6 +126,9 @@ class Agent:
                                                   self.probe_live_peers, self.clock))
                 group.create_task(self.report())
                 group.create_task(self.reconcile_forever())
+                if self.portmap:
+                    group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
+                                                  self.portmap_t))
                 if self.link_t is not None and self.registry_key is not None:
                     group.create_task(keep_link(self.device, self.registry_key, self.io,
                                                 self.clock, self.probe_live_peers,
@@ -134,6 +143,9 @@ class Agent:
         if self.mesh is not None:
             await self.mesh.synced.wait()
         await report_self(self.client, self.view, self.device, self.io, self.registry_t)
+
+    def mapping_changed(self, mapping: Mapping | None) -> None:
+        self.view.set_mapped(None if mapping is None else mapping.external)
 
     async def run_once(self) -> int:
         """One pass, for cron: every peer without a live session whose endpoint the registry
@@ -202,6 +214,9 @@ class Agent:
                 punched=punched, can_open=self.can_open, peer_ready=ready,
                 now_wall=now_wall, now=now, t=self.t,
             )
+            if (decision.kind in (Kind.OPEN, Kind.HANDSHAKE)
+                    and holds_back(self.view.mapped is not None, known, memory.attempts)):
+                decision = replace(decision, kind=Kind.LEAVE, reason=Reason.MAPPED)
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now, self.metrics)
             recheck = min(recheck, decision.recheck_s)
@@ -221,6 +236,8 @@ class Agent:
         if d.kind is Kind.LEAVE:
             if d.reason is Reason.PEER_PUNCHING:
                 return replace(mem, attempt_at=now)
+            # Reason.MAPPED leaves the backoff clock alone: our own punch requests go on,
+            # and count the rounds we hold back (portmap/rule.py).
             if d.reason is Reason.PEER_NOT_READY:
                 return replace(mem, skipped=True)
             if d.reason is Reason.PROBE_ANSWERED:
@@ -285,8 +302,14 @@ class Agent:
             self.metrics.punch_requested(ok=True)
         except ApiError as error:
             self.metrics.punch_requested(ok=False)
-            # Without the registry's help, at least our side opens its NAT and tries.
+            # Without the registry's help, at least our side opens its NAT and tries (unless
+            # the peer comes in through our mapping: then our sending would block it).
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
+            known = self.view.peers.get(peer.public_key)
+            track = self.tracks.get(peer.public_key)
+            attempts = track.memory.attempts if track is not None else 0
+            if known is not None and holds_back(self.view.mapped is not None, known, attempts):
+                return
             await self.handshake(peer, endpoint)
             track = self.tracks.get(peer.public_key)
             if track is not None:
