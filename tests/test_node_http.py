@@ -92,7 +92,7 @@ async def test_a_silent_watch_stream_is_dead_after_the_heartbeat_timeout():
     reg = await start(state, Timings(heartbeat_s=30.0))
     client = RegistryClient(f"http://127.0.0.1:{reg.port}", heartbeat_timeout_s=0.2)
     try:
-        with pytest.raises(ApiError, match=r"silent for 0\.2 s"):
+        with pytest.raises(ApiError, match=r"nothing for 0\.2 s"):
             await follow(client, 2, since=3, epoch="e1")  # nothing comes after the head
     finally:
         await client.close()
@@ -108,7 +108,7 @@ async def test_no_registry_is_an_api_error_without_status():
         with pytest.raises(ApiError) as caught:
             await client.peers()
         assert caught.value.status == 0 and str(caught.value).startswith("registry: GET ")
-        with pytest.raises(ApiError, match="registry: watch "):
+        with pytest.raises(ApiError, match=r"registry: GET \S+/v1/watch: "):
             await follow(client, 1)
     finally:
         await client.close()

@@ -1,18 +1,17 @@
 """The node's side of the registry API (docs/api.md): requests, and the watch stream parsed
 into the protocol's event types (protocol/codec.py decodes what the registry
-encodes). Everything the
-registry sends is validated here, at the edge; a reply that does not fit is a
-`ApiError`, like a refused or lost connection."""
+encodes), over the node's own HTTP client (http.py). Everything the registry sends is
+validated here, at the edge; a reply that does not fit is an `ApiError`, like a refused or
+lost connection."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
 
-from ..errors import ApiError, HttpError, MalformedMessage
+from ..errors import ApiError, MalformedMessage
 from ..keys import Key
 from ..protocol import Event, Reported, Snapshot, item_from_json, snapshot_from_json
 from .http import HttpClient
@@ -46,7 +45,7 @@ class RegistryClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # Below the registry's 64 connections per caller (registry/limits.py): a node asking
         # for many peers' punches at once waits for a connection instead of being reset.
-        self._http = HttpClient(self.base_url, headers=headers, connections_max=CONNECTIONS_MAX)
+        self._http = HttpClient(self.base_url, headers=headers, limit=CONNECTIONS_MAX)
 
     @property
     def following(self) -> str:
@@ -56,20 +55,16 @@ class RegistryClient:
         await self._http.close()
 
     async def _request(self, method: str, path: str, body: Any = None) -> Any:
-        url = self.base_url + path
         data = None if body is None else json.dumps(body).encode()
-        try:
-            response = await self._http.request(method, path, data, self.timeout_s)
-            text = response.body.decode()
-        except (HttpError, ValueError) as error:  # UnicodeDecodeError is a ValueError
-            raise ApiError(f"registry: {method} {url}: {_describe(error)}") from None
+        response = await self._http.request(method, path, data, timeout_s=self.timeout_s)
+        text = response.body.decode("utf-8", errors="replace")
         if response.status >= 400:
             raise ApiError(f"registry: {method} {path}: {response.status} {_error_text(text)}",
                            response.status)
         try:
             return json.loads(text) if text else None
         except (ValueError, RecursionError) as error:
-            raise ApiError(f"registry: {method} {url}: {_describe(error)}") from None
+            raise ApiError(f"registry: {method} {self.base_url + path}: {error}") from None
 
     async def peers(self) -> Snapshot:
         obj = await self._request("GET", "/v1/peers")
@@ -94,45 +89,21 @@ class RegistryClient:
         """Events until the stream ends; a silent stream counts as dead after the timeout."""
         query = {} if since is None or epoch is None else {"since": since, "epoch": epoch}
         path = "/v1/watch" + ("?" + urlencode(query) if query else "")
-        url = self.base_url + path
-        try:
-            async with self._http.stream(path, self.timeout_s) as (status, body):
-                if status >= 400:
-                    text = b"".join([c async for c in _silent_within(
-                        body, self.timeout_s)]).decode(errors="replace")
-                    raise ApiError(f"registry: watch: {status} {_error_text(text)}", status)
-                buffer = bytearray()
-                async for chunk in _silent_within(body, self.heartbeat_timeout_s):
-                    buffer += chunk
-                    while (end := buffer.find(b"\n")) >= 0:
-                        line = bytes(buffer[:end])
-                        del buffer[: end + 1]
-                        if line.strip():
-                            yield parse_event(line)
-                    if len(buffer) > MAX_LINE_BYTES:
-                        raise ApiError("registry: watch event too large")
-                raise ApiError("registry: watch stream ended")
-        except HttpError as error:
-            raise ApiError(f"registry: watch {url}: {error}") from None
-        except TimeoutError:
-            raise ApiError(f"registry: watch {url}: silent for "
-                           f"{self.heartbeat_timeout_s:g} s") from None
-
-
-async def _silent_within(chunks: AsyncIterator[bytes], timeout_s: float
-                         ) -> AsyncIterator[bytes]:
-    """`chunks`, each within `timeout_s` of the one before (TimeoutError otherwise)."""
-    while True:
-        try:
-            async with asyncio.timeout(timeout_s):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return
-        yield chunk
-
-
-def _describe(error: Exception) -> str:
-    return str(error) or type(error).__name__
+        buffer = bytearray()
+        async for status, chunk in self._http.stream(
+                path, connect_timeout_s=self.timeout_s, read_timeout_s=self.heartbeat_timeout_s):
+            if status >= 400:
+                raise ApiError(f"registry: watch: {status} "
+                               f"{_error_text(chunk.decode('utf-8', errors='replace'))}", status)
+            buffer += chunk
+            while (end := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:end])
+                del buffer[: end + 1]
+                if line.strip():
+                    yield parse_event(line)
+            if len(buffer) > MAX_LINE_BYTES:
+                raise ApiError("registry: watch event too large")
+        raise ApiError("registry: watch stream ended")
 
 
 def _error_text(text: str) -> str:
