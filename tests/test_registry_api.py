@@ -21,11 +21,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from wgpunch.keys import Key
-from wgpunch.registry.api import create_app, send_line
+from wgpunch.registry.api import create_app
 from wgpunch.registry.limits import Limits
 from wgpunch.registry.site import ApiSite
-from wgpunch.registry.state import RegistryState
+from wgpunch.registry.state import RegistryState, Stream
 from wgpunch.registry.timings import Timings
+from wgpunch.registry.watch import Pump
 from wgpunch.wg.device import Endpoint, PeerState
 
 A = Key(bytes([1]) * 32)
@@ -498,11 +499,42 @@ class StuckResponse:
         await asyncio.Event().wait()
 
 
+class Recorder:
+    """A stream response whose client takes everything at once; `done` after `count` writes."""
+
+    def __init__(self, count: int) -> None:
+        self.writes: list[bytes] = []
+        self.count = count
+        self.done = asyncio.Event()
+
+    async def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        if len(self.writes) == self.count:
+            self.done.set()
+
+
+async def test_lines_queued_while_a_stream_waits_go_in_one_write_in_order():
+    stream, response = Stream(A, 8), Recorder(2)
+    for n in range(3):
+        stream.offer(b"%d\n" % n)
+    stream.offer(b"3\n")
+    task = asyncio.create_task(Pump(response, stream, lambda: b"h\n", QUIET,
+                                    lambda: None).run(b"first\n"))
+    async with asyncio.timeout(READ_S):
+        await response.done.wait()
+    stream.close()
+    assert await task is True
+    assert response.writes == [b"first\n", b"0\n1\n2\n3\n"]
+
+
 async def test_a_stream_line_not_taken_in_time_ends_the_stream():
     timings = Timings(stream_write_timeout_s=0.05)
+    aborted = []
+    pump = Pump(StuckResponse(), Stream(A, 4), lambda: b"", timings,
+                lambda: aborted.append(True))
     started = asyncio.get_running_loop().time()
-    assert await send_line(StuckResponse(), {"type": "heartbeat", "revision": 1}, timings) is False
-    assert asyncio.get_running_loop().time() - started < 1.0
+    assert await pump.run(b'{"type":"heartbeat","revision":1}\n') is False
+    assert aborted and asyncio.get_running_loop().time() - started < 1.0
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/v1/peers", "/v1/self"])

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .commands import help_of
 from .errors import MalformedMessage
 from .lab import catalog
 from .lab.netns import require_root
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run registry and NATed nodes in the lab and show a direct tunnel",
+        help=help_of("demo"),
         description=(
             "Build a lab (default scenario: easy, two hosts behind home-router NATs), start "
             "`wgpunch registry` and `wgpunch node` in it, wait until every pair of nodes has "

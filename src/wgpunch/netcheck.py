@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import config
+from .commands import help_of
 from .errors import ApiError, ConfigError
 from .keys import Key
 from .protocol import NatBehaviour
@@ -29,7 +30,7 @@ OBSERVED_WAIT_S = 3.0  # the registry reads its device every 0.2 s by default
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "netcheck",
-        help="measure this host's NAT with the registry's help, and say what it means",
+        help=help_of("netcheck"),
         description=(
             "Measure what this host's network does to WireGuard, with the help of the\n"
             "registry of interface IF (its NAT probe port): public endpoint, NAT mapping and\n"

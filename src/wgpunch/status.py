@@ -13,6 +13,7 @@ import json
 import time
 from typing import Any
 
+from .commands import help_of
 from .errors import MalformedMessage
 from .node import pathfile
 from .node.candidates import PathKind
@@ -205,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "status",
-        help="show WireGuard interfaces and their peers",
+        help=help_of("status"),
         description=(
             "Show every WireGuard interface in this network namespace (kernel or userspace), "
             "and per peer: public key, path (direct: a live session on the peer's own "

@@ -33,6 +33,7 @@ from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
 from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
+from .registrylink import LinkTimings, keep_link
 from .source import Source
 from .track import Track
 
@@ -58,6 +59,7 @@ class Agent:
         metrics: NodeMetrics | None = None,
         portmap: bool = False,
         portmap_timings: PortmapTimings | None = None,
+        registry_link: LinkTimings | None = None,  # None: no heartbeats (registrylink.py)
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -65,6 +67,7 @@ class Agent:
         self.t = timings or Timings()
         self.registry_t = registry_timings or RegistryTimings()
         self.state_dir = state_dir
+        self.link_t = registry_link
         self.clock: Clock = clock or SystemClock()
         self.io: Io = io or SystemIo()
         self.mesh = mesh
@@ -97,6 +100,10 @@ class Agent:
             address = tunnel_address(peer.allowed_ips)
             if peer.has_live_session(now, self.t.session_live_s) and address is not None:
                 await self.io.probe(self.device.name, address)
+
+    async def open_nat(self, endpoint: Endpoint) -> None:
+        if self.can_open:
+            await self.io.open(self.listen_port, endpoint, await self.opener_ttl.get())
 
     async def reconcile_forever(self) -> None:
         while True:
@@ -134,6 +141,10 @@ class Agent:
                 if self.portmap:
                     group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
                                                   self.portmap_t))
+                if self.link_t is not None and self.registry_key is not None:
+                    group.create_task(keep_link(self.device, self.registry_key, self.io,
+                                                self.clock, self.probe_live_peers,
+                                                self.view.relink.set, self.open_nat, self.link_t))
         finally:
             pathfile.remove(self.device.name, self.state_dir)
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from .. import __version__
@@ -46,9 +46,11 @@ class RegistryTimings:
     # crash under systemd's Restart=) has its nodes back within about a second; then up to
     # reconnect_max_s, so that a registry gone for good is not asked every second by every
     # node. Our choices (before: up to 30 s at once, nodes followed a registry restarted
-    # after 15 s 11.7-12.3 s after it served again).
-    reconnect_first_s: float = 0.25
-    reconnect_fast_max_s: float = 1.0
+    # after 15 s 11.7-12.3 s after it served again; with 1 s here, p50 0.80 p95 0.98 s,
+    # bench/time_to_direct.py registry-restart; goal 1 s). A node then connects twice a
+    # second at most: a refused SYN, to a registry that is away.
+    reconnect_first_s: float = 0.1
+    reconnect_fast_max_s: float = 0.5
     fast_for_s: float = 60.0
     reconnect_max_s: float = 30.0
     # A registry away for less than this is a blip, logged at DEBUG; past it, each distinct
@@ -77,6 +79,9 @@ class RegistryView:
         # for punches only after our report: so a peer that sees us reported knows that we
         # follow punch events (decide(peer_ready=...)).
         self.stream_open = asyncio.Event()
+        # The tunnel to the registry answers again after it was dead (registrylink.py): the
+        # watch stream is opened anew at once, not after TCP's retransmission back-off.
+        self.relink = asyncio.Event()
         self.has_reported = False
         self.health: RegistryHealth | None = None  # None until follow_registry starts
         self.connections = 0  # watch streams that delivered, since start
@@ -183,8 +188,10 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
     warned: str | None = None  # the failure last logged as a warning, until it works again
     while True:
         heard = False
+        view.relink.clear()
         try:
-            async for event in client.watch(view.revision, view.epoch):
+            async for event in until_set(client.watch(view.revision, view.epoch),
+                                          view.relink):
                 if not heard:
                     view.connections += 1
                     log.info("%s", client.following, extra={"event": "registry_connected"})
@@ -208,6 +215,9 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
             # (reboot, flush), which blocks every peer's packets to us as well. Sending
             # is what reopens it.
             await on_silence()
+        if view.relink.is_set():
+            delay = t.reconnect_first_s
+            continue
         await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # backoff, not sync
         away_s = clock.monotonic() - lost_at
         delay = min(delay * 2, t.reconnect_fast_max_s if away_s < t.fast_for_s
@@ -238,6 +248,37 @@ async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io)
         await nat.current(state.listen_port, observed, own_addresses(i.ip for i in interfaces))
         if nat.measured is not before:
             view.reported.set()
+
+
+async def until_set(stream: AsyncIterator[Event], stop: asyncio.Event
+                    ) -> AsyncIterator[Event]:
+    """`stream`'s events until it ends or `stop` is set; then an ApiError, as for a stream
+    that broke (the caller opens a new one)."""
+    stopped = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[Event] | None = None
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(stream))
+            await asyncio.wait((following, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                raise ApiError("registry: the tunnel to it works again: watching anew")
+            try:
+                event = following.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        stopped.cancel()
+        if following is not None and not following.done():
+            following.cancel()
+            # asyncio.wait, not `await following`: a cancellation of our own that arrives
+            # meanwhile must propagate, not be taken for the stream's.
+            await asyncio.wait((following,))
+        if following is not None and not following.cancelled():
+            following.exception()  # retrieved: the stream is dropped either way
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def report_self(client: Source, view: RegistryView, device: Device, io: Io,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import config, sdnotify
+from ..commands import help_of
 from ..errors import ConfigError
 from ..protocol import API_PORT
 from ..wg import open_device
@@ -78,7 +79,7 @@ class Settings:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "registry",
-        help="run the registry: publish peers' observed endpoints to nodes",
+        help=help_of("registry"),
         description=(
             "Serve the wgpunch registry API for WireGuard interface IF. Every node is an\n"
             "ordinary peer of IF; the registry publishes the endpoint IF observes for each\n"
