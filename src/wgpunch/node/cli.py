@@ -55,6 +55,7 @@ class Settings:
     mesh: bool = False
     mesh_exclude: frozenset[Key] = frozenset()
     registries: tuple[Key, ...] = ()  # every --registry given
+    natprobe_port: int = 0  # the registry's NAT probe port; 0: the NAT is not measured
     metrics_listen: Endpoint | None = None  # None: no metrics
 
 
@@ -106,6 +107,7 @@ def settings_from(args: argparse.Namespace,
         mesh_exclude=frozenset(
             options.parsed("mesh_exclude", lambda t: Key.parse(t, what="--mesh-exclude key"), text)
             for text in options.mesh_exclude),
+        natprobe_port=options.natprobe_port,
         metrics_listen=_metrics_listen(options),
         portmap=options.portmap,
     )
@@ -272,6 +274,7 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
                   timings=Timings(keepalive_s=settings.keepalive_s),
                   opener_ttl=settings.opener_ttl, state_dir=state_dir, mesh=mesh,
                   metrics=exporter, portmap=settings.portmap and not once,
+                  natprobe_port=settings.natprobe_port or None,
                   registry_link=LinkTimings() if settings.registry is not None else None)
     metrics_server: MetricsServer | None = None
     try:
@@ -396,6 +399,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--keepalive", type=int, metavar="SECONDS",
         help="persistent keepalive set on peers that have none, to keep NAT mappings open "
         "(default 25)",
+    )
+    parser.add_argument(
+        "--natprobe-port", type=int, metavar="PORT",
+        help="the registry's NAT probe port (UDP, at the registry peer's endpoint address): "
+        "the node measures how its NAT maps and filters there and reports it, so that the "
+        f"registry can tell who initiates (default {config.NATPROBE_PORT}; 0: do not "
+        "measure)",
     )
     parser.add_argument(
         "--opener-ttl", type=int, metavar="HOPS",
