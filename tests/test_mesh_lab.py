@@ -31,7 +31,7 @@ from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import holds_for, python_module, wait_for
 from wgpunch.lab.scenario import Scenario
-from wgpunch.node.pathfile import STATE_DIR
+from wgpunch.node.mesh import MESH_DIR
 from wgpunch.wg.device import DeviceState
 from wgpunch.wg.uapi import UapiDevice
 
@@ -100,7 +100,7 @@ def mesh_state(lab_prefix: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for path in STATE_DIR.glob(f"{lab_prefix}-*.mesh.json"):
+        for path in MESH_DIR.glob(f"{lab_prefix}-*.mesh.json"):
             path.unlink(missing_ok=True)
 
 

@@ -234,7 +234,7 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
     from ..wg import open_device
     from .agent import Agent
     from .decide import Timings
-    from .mesh import Mesh
+    from .mesh import MESH_DIR, Mesh
     from .registrylink import LinkTimings
 
     interface = settings.interface
@@ -281,7 +281,9 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
         api = settings.api or registry_api_url(state, settings.registry)
         source = RegistryClient(api, token=token)
         where = f"registry {settings.registry}, API {api}"
-    mesh = (Mesh(interface, state_dir, settings.registry, settings.mesh_exclude)
+    # Beside the path files when a caller (a test) moves them, else persistent (mesh.py).
+    mesh_dir = MESH_DIR if state_dir == pathfile.STATE_DIR else state_dir
+    mesh = (Mesh(interface, mesh_dir, settings.registry, settings.mesh_exclude)
             if settings.mesh else None)
     exporter = None if once or settings.metrics_listen is None else _exporter()
     agent = Agent(device, settings.registry, source,
@@ -435,7 +437,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--mesh", action="store_true", default=None,
         help="managed mesh: add to IF every peer the registry lists (public key and allowed "
         "IPs; the endpoint follows), and remove those it drops, recorded in "
-        "/run/wgpunch/IF.mesh.json. Only peers the mesh added are ever changed: never your "
+        "/var/lib/wgpunch-node/IF.mesh.json. Only peers the mesh added are ever changed: never your "
         "own peers, the registry's, or a preshared key; a listed network that overlaps one "
         "of your peers' is refused with a log line",
     )
