@@ -76,7 +76,7 @@ class _Conn:
             self.http.receive_data(data)  # b"": the end, which h11 judges
         return event
 
-    def keep(self) -> bool:
+    def next_cycle(self) -> bool:
         """Ready for the next request, if h11 says both sides may go on (no `Connection:
         close`, no body framed by the close) and the server sent nothing past the reply."""
         if (self.http.our_state is not h11.DONE or self.http.their_state is not h11.DONE
@@ -127,10 +127,9 @@ class HttpClient:
                     conn = await self._connection()
                     try:
                         return await self._exchange(conn, method, path, body, content_type)
-                    except _Stale:
+                    except _Stale:  # a reused one the server closed as we picked it
                         if not conn.reused:
                             raise
-                        # the server closed it as we picked it: a new one
         except TimeoutError:
             raise ApiError(f"registry: {method} {url}: no answer within {timeout_s:g} s") from None
         except (OSError, _Stale, h11.ProtocolError) as error:
@@ -215,7 +214,7 @@ class HttpClient:
                     raise
                 raise _Stale("connection closed before a reply") from None
             data = await _read_body(conn)
-            keep = conn.keep()
+            keep = conn.next_cycle()
             return Response(head.status_code, data)
         finally:
             if keep:
