@@ -164,7 +164,14 @@ async def test_put_self_records_the_report(registry):
     resp = await a.put("/v1/self", json=report)
     assert (resp.status, await resp.json()) == (200, {"revision": 4})
     peers = (await (await a.get("/v1/peers")).json())["peers"]
+    # A report from a node older than `nat` is taken, and shown as it came.
     assert peers[0]["reported"] == report and peers[0]["revision"] == 4
+    nat = {"mapping": "address-and-port-dependent", "filtering": "address-and-port-dependent",
+           "port_preserved": False}
+    resp = await a.put("/v1/self", json={**report, "nat": nat})
+    assert (resp.status, await resp.json()) == (200, {"revision": 5})
+    peers = (await (await a.get("/v1/peers")).json())["peers"]
+    assert peers[0]["reported"]["nat"] == nat
 
 
 GZIP_NOT = {"data": b"this is not gzip" * 8, "headers": {"Content-Encoding": "gzip"}}

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "invite": ("wgpunch.onboard.cli", "add a node to the registry and write its wg-quick config"),
     "revoke": ("wgpunch.onboard.cli", "remove an invited node from the registry"),
     "status": ("wgpunch.status", "show WireGuard interfaces and their peers"),
+    "netcheck": ("wgpunch.netcheck",
+                 "measure this host's NAT with the registry's help, and say what it means"),
     "lab": ("wgpunch.lab.cli", "build and drive the network-namespace NAT lab"),
     "demo": ("wgpunch.demo", "run registry and NATed nodes in the lab and show a direct tunnel"),
     "systemd": ("wgpunch.service",

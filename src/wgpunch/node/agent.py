@@ -25,9 +25,10 @@ from . import pathfile
 from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
-from .follow import RegistryTimings, RegistryView, follow_registry, report_self
+from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
 from .mesh import Mesh
 from .metrics import NodeMetrics
+from .natprobe import Channel, NatWatch, RawChannel
 from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
 from .portmap.rule import holds_back
 from .probe import tunnel_address
@@ -53,6 +54,8 @@ class Agent:
         clock: Clock | None = None,
         io: Io | None = None,
         mesh: Mesh | None = None,
+        natprobe_port: int | None = None,
+        nat_channel: Channel | None = None,
         metrics: NodeMetrics | None = None,
         portmap: bool = False,
         portmap_timings: PortmapTimings | None = None,
@@ -81,6 +84,9 @@ class Agent:
         self._device_failing = False
         self.portmap = portmap  # keep our listen port mapped on our NAT (node/portmap/)
         self.portmap_t = portmap_timings or PortmapTimings()
+        self.natprobe_port = natprobe_port  # the registry's NAT probe port; None: no probing
+        self.nat_channel = nat_channel
+        self.nat: NatWatch | None = None
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -114,17 +120,23 @@ class Agent:
         state = await self.device.state()
         if state.public_key is None:
             raise ConfigError(f"node: {state.name} has no private key configured")
-        self.me = state.public_key
+        self.me = self.view.me = state.public_key
         self.listen_port = state.listen_port
         self.can_open = self.io.can_send_raw()
         registry = None if self.registry_key is None else state.peer(self.registry_key)
         if self.can_open and registry is not None and registry.endpoint is not None:
             self.opener_ttl.measure(registry.endpoint.ip)
+        if (self.natprobe_port and self.client.coordinates_punches and registry is not None
+                and registry.endpoint is not None):
+            self.nat = NatWatch(self.nat_channel or RawChannel(),
+                                Endpoint(registry.endpoint.ip, self.natprobe_port))
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
                                                   self.probe_live_peers, self.clock))
                 group.create_task(self.report())
+                if self.nat is not None:
+                    group.create_task(measure_nat(self.view, self.nat, self.device, self.io))
                 group.create_task(self.reconcile_forever())
                 if self.portmap:
                     group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
@@ -142,7 +154,8 @@ class Agent:
         # never connected: the peer's initiation came before our opener).
         if self.mesh is not None:
             await self.mesh.synced.wait()
-        await report_self(self.client, self.view, self.device, self.io, self.registry_t)
+        await report_self(self.client, self.view, self.device, self.io, self.registry_t,
+                          self.nat)
 
     def mapping_changed(self, mapping: Mapping | None) -> None:
         self.view.set_mapped(None if mapping is None else mapping.external)
@@ -350,11 +363,13 @@ class Agent:
     def publish(self, state: DeviceState, now_wall: float) -> None:
         published = pathfile.Published(
             {key.base64(): track.published(self.view.peers.get(key))
-             for key, track in self.tracks.items()}, self.view.health)
+             for key, track in self.tracks.items()}, self.view.health,
+            None if self.nat is None or self.nat.measured is None
+            else self.nat.measured.behaviour.to_json())
         if published != self._published:
             try:
                 pathfile.write(state.name, published.peers, self.state_dir,
-                               published.registry)
+                               published.registry, published.nat)
                 self._published = published
             except OSError as error:
                 log.warning("cannot write %s: %s", pathfile.path_file(state.name), error)

@@ -36,11 +36,13 @@ MODES = ("registry", "dns_sd", "natpunch", "natpunch_legacy")
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What the node runs with; exactly one of `registry`, `dns_sd`, `natpunch` and
-    `natpunch_legacy` says which kind of registry it follows."""
+    """What the node runs with; `dns_sd`, `natpunch` or `natpunch_legacy` says which kind of
+    registry it follows, else it follows a registry's API (`registry_mode`)."""
 
     interface: str | None  # None: every WireGuard interface that qualifies (fleet.py)
-    registry: Key | None  # None with several `registries`: the one IF has, found at start
+    # None: with several `registries`, the one IF has; with none, the peer that serves the
+    # registry API (node/discover.py); both found at start
+    registry: Key | None
     api: str | None  # None: http://<the registry peer's tunnel address>:API_PORT
     token_file: Path | None
     dns_sd: Endpoint | None
@@ -55,19 +57,24 @@ class Settings:
     mesh: bool = False
     mesh_exclude: frozenset[Key] = frozenset()
     registries: tuple[Key, ...] = ()  # every --registry given
+    natprobe_port: int = 0  # the registry's NAT probe port; 0: the NAT is not measured
     metrics_listen: Endpoint | None = None  # None: no metrics
+
+    @property
+    def registry_mode(self) -> bool:
+        return self.dns_sd is None and not self.natpunch and not self.natpunch_legacy
 
 
 def settings_from(args: argparse.Namespace,
                   environ: Mapping[str, str] | None = None) -> Settings:
     options = config.load(config.NODE, vars(args), config=args.config, environ=environ)
     modes = [m for m in MODES if getattr(options, m)]
-    if len(modes) != 1:
+    if len(modes) > 1:
         raise ConfigError(
-            "node: give one of --registry PUBKEY (HTTP API), --dns-sd ADDR:PORT --zone ZONE, "
-            "--natpunch HOST:PORT --natpunch-server-key KEY or --natpunch-legacy HOST[:PORT]"
-            + (f" (got {' and '.join('--' + m.replace('_', '-') for m in modes)})"
-               if modes else "")
+            "node: give one of --registry PUBKEY (HTTP API; without any, the peer that serves "
+            "the registry API), --dns-sd ADDR:PORT --zone ZONE, --natpunch HOST:PORT "
+            "--natpunch-server-key KEY or --natpunch-legacy HOST[:PORT] (got "
+            f"{' and '.join('--' + m.replace('_', '-') for m in modes)})"
         )
     if options.natpunch and not options.natpunch_server_key:
         raise ConfigError("node: --natpunch needs --natpunch-server-key KEY (the public key "
@@ -76,9 +83,9 @@ def settings_from(args: argparse.Namespace,
         raise ConfigError("node: --natpunch-server-key goes with --natpunch")
     if options.dns_sd and not options.zone:
         raise ConfigError("node: --dns-sd needs --zone ZONE (e.g. mesh.internal.)")
-    if options.mesh and not options.registry:
-        raise ConfigError("node: --mesh needs --registry PUBKEY: only the registry's API lists "
-                          "every peer with its allowed IPs")
+    if options.mesh and modes not in ([], ["registry"]):
+        raise ConfigError("node: --mesh goes with a registry (--registry, or none given): only "
+                          "the registry's API lists every peer with its allowed IPs")
     if options.mesh_exclude and not options.mesh:
         raise ConfigError("node: --mesh-exclude goes with --mesh")
     if options.metrics_listen and not options.interface:
@@ -106,6 +113,7 @@ def settings_from(args: argparse.Namespace,
         mesh_exclude=frozenset(
             options.parsed("mesh_exclude", lambda t: Key.parse(t, what="--mesh-exclude key"), text)
             for text in options.mesh_exclude),
+        natprobe_port=options.natprobe_port,
         metrics_listen=_metrics_listen(options),
         portmap=options.portmap,
     )
@@ -181,6 +189,10 @@ async def _fleet(settings: Settings, state_dir: Path) -> None:
     def wanted(state: DeviceState) -> bool:
         if settings.registries:
             return any(state.peer(key) is not None for key in settings.registries)
+        if settings.registry_mode:  # a peer that may be the registry (node/discover.py)
+            from .discover import candidates
+
+            return state.public_key is not None and bool(candidates(state))
         return state.public_key is not None
 
     async def steer(interface: str) -> None:
@@ -237,6 +249,10 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
         raise
     if settings.registry is None and settings.registries:
         settings = replace(settings, registry=registry_of(state, settings.registries))
+    elif settings.registry is None and settings.registry_mode:
+        from .discover import find_registry
+
+        settings = replace(settings, registry=await find_registry(state))
     source: Source
     server_key = settings.natpunch_server_key
     natpunch = settings.natpunch or settings.natpunch_legacy
@@ -272,6 +288,7 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
                   timings=Timings(keepalive_s=settings.keepalive_s),
                   opener_ttl=settings.opener_ttl, state_dir=state_dir, mesh=mesh,
                   metrics=exporter, portmap=settings.portmap and not once,
+                  natprobe_port=settings.natprobe_port or None,
                   registry_link=LinkTimings() if settings.registry is not None else None)
     metrics_server: MetricsServer | None = None
     try:
@@ -349,7 +366,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--registry", metavar="PUBKEY", action="append",
         help="the registry's public key (base64 as wg prints it, hex or base32); the registry "
         "must be a peer of IF. Its peer entry is never touched. Repeatable: each interface "
-        "follows the registry it has as a peer (one agent, several networks)",
+        "follows the registry it has as a peer (one agent, several networks). Without "
+        "--registry (and no --dns-sd or --natpunch), the registry is the peer with an "
+        "endpoint whose tunnel address serves the registry API, asked at start",
     )
     parser.add_argument(
         "--dns-sd", metavar="ADDR:PORT",
@@ -396,6 +415,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--keepalive", type=int, metavar="SECONDS",
         help="persistent keepalive set on peers that have none, to keep NAT mappings open "
         "(default 25)",
+    )
+    parser.add_argument(
+        "--natprobe-port", type=int, metavar="PORT",
+        help="the registry's NAT probe port (UDP, at the registry peer's endpoint address): "
+        "the node measures how its NAT maps and filters there and reports it, so that the "
+        f"registry can tell who initiates (default {config.NATPROBE_PORT}; 0: do not "
+        "measure)",
     )
     parser.add_argument(
         "--opener-ttl", type=int, metavar="HOPS",

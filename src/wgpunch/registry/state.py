@@ -228,9 +228,10 @@ class RegistryState:
             log.debug("node %s reported itself again, unchanged", key)
             return self.revision
         self._commit(replace(old, reported=reported))
-        log.info("node %s reported itself: listen port %d, local addresses %s, version %r",
-                 key, reported.listen_port,
+        log.info("node %s reported itself: listen port %d, local addresses %s, version %r, "
+                 "%s", key, reported.listen_port,
                  ",".join(map(str, reported.local_addresses)) or "(none)", reported.version,
+                 "NAT not reported" if reported.nat is None else reported.nat.words(),
                  extra={"event": "node_reported", "peer": str(key)})
         return self.revision
 
@@ -252,7 +253,8 @@ class RegistryState:
         if not self._punches.admit(caller, target, now):
             log.debug("punch %s <-> %s coalesced", caller, target)
             return other.endpoint, False
-        first = initiator(caller, target, side_public=me.public, other_public=other.public)
+        first = initiator(caller, target, side_public=me.public, other_public=other.public,
+                          side_nat=me.nat, other_nat=other.nat)
         reached_caller = self._push(caller, PunchEvent(self.revision, target, other.endpoint,
                                                        first))
         reached_target = self._push(target, PunchEvent(self.revision, caller, me.endpoint,
