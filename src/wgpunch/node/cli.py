@@ -437,8 +437,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--mesh", action="store_true", default=None,
         help="managed mesh: add to IF every peer the registry lists (public key and allowed "
         "IPs; the endpoint follows), and remove those it drops, recorded in "
-        "/var/lib/wgpunch-node/IF.mesh.json. Only peers the mesh added are ever changed: never your "
-        "own peers, the registry's, or a preshared key; a listed network that overlaps one "
+        "/var/lib/wgpunch-node/IF.mesh.json. Only peers the mesh added are ever changed: "
+        "never your own peers, the registry's, or a preshared key; a listed network that "
+        "overlaps one "
         "of your peers' is refused with a log line",
     )
     parser.add_argument(
