@@ -147,6 +147,9 @@ class FakeRegistry:
         if self.answer_punches is not None:
             self.punch_event(peer, initiator=self.answer_punches)
 
+    async def opened(self, peer: Key) -> None:
+        self.calls.append(("opened", peer))
+
     async def report_self(self, report: Reported) -> None:
         self.calls.append(("report", (report, self.delivered)))
         if self.report_error is not None:

@@ -31,11 +31,11 @@ FRESH_RX = Memory(rx_bytes=500, rx_changed_at=NOW - 1)
 
 
 def run(p, registry_endpoint, mem=FRESH_RX, *, initiator=True, punched=False, now=NOW,
-        can_open=False, peer_ready=True):
+        can_open=False, peer_ready=True, opened=False):
     """decide() with the registry's endpoint as the peer's one (public) candidate."""
     candidates = () if registry_endpoint is None else (
         Candidate(CandidateKind.PUBLIC, registry_endpoint),)
-    return decide(p, candidates, mem, initiator=initiator, punched=punched,
+    return decide(p, candidates, mem, initiator=initiator, punched=punched, opened=opened,
                   can_open=can_open, peer_ready=peer_ready, now_wall=NOW_WALL, now=now, t=T)
 
 
@@ -54,8 +54,10 @@ def run(p, registry_endpoint, mem=FRESH_RX, *, initiator=True, punched=False, no
          (peer(), None), {}, Kind.LEAVE, Reason.NO_ENDPOINT),
         ("no session, endpoint known, never tried: ask the registry for a punch",
          (peer(), OLD), {"mem": Memory()}, Kind.REQUEST_PUNCH, Reason.NO_SESSION),
-        ("a punch event makes the initiator handshake at once",
-         (peer(), OLD), {"punched": True}, Kind.HANDSHAKE, Reason.PUNCH),
+        ("a punch event makes the initiator wait for the other side's opener",
+         (peer(), OLD), {"punched": True}, Kind.LEAVE, Reason.AWAITING_OPENER),
+        ("the other side's word that its NAT is open makes the initiator handshake at once",
+         (peer(), OLD), {"punched": True, "opened": True}, Kind.HANDSHAKE, Reason.PUNCH),
         ("a punch event makes the other side handshake when it has not tried lately",
          (peer(), OLD), {"punched": True, "initiator": False}, Kind.HANDSHAKE, Reason.PUNCH),
         ("an expired session (older than Reject-After-Time) is no session",
@@ -84,9 +86,25 @@ def test_with_raw_openers_only_the_initiator_sends_initiations():
     v6 = Endpoint.parse("[2001:db8::2]:51820")  # raw openers are IPv4 only
     assert run(peer(), v6, Memory(), initiator=False, punched=True, can_open=True).kind is (
         Kind.HANDSHAKE)
-    initiation = run(peer(), OLD, Memory(), punched=True, can_open=True)
-    # ... a moment after the event, so that the other side's opener is out first.
-    assert (initiation.kind, initiation.delay_s) == (Kind.HANDSHAKE, T.initiator_delay_s)
+
+
+
+def test_the_initiator_sends_once_the_other_side_says_its_nat_is_open():
+    """On a punch event the initiator waits for the other side's `opened` (its opener is out
+    of its NAT), or opener_wait_s at most (a peer too old to say it), never longer."""
+    waiting = run(peer(), OLD, Memory(), punched=True, can_open=True)
+    assert (waiting.kind, waiting.reason, waiting.recheck_s) == (
+        Kind.LEAVE, Reason.AWAITING_OPENER, T.busy_recheck_s)
+    both = run(peer(), OLD, Memory(), punched=True, opened=True)  # in the same tick
+    assert (both.kind, both.reason, both.endpoint) == (Kind.HANDSHAKE, Reason.PUNCH, OLD)
+    since = Memory(awaiting_opener_since=NOW - 0.1)
+    assert run(peer(), OLD, since).reason is Reason.AWAITING_OPENER
+    word = run(peer(), OLD, since, opened=True)
+    assert (word.kind, word.endpoint) == (Kind.HANDSHAKE, OLD)
+    late = run(peer(), OLD, Memory(awaiting_opener_since=NOW - T.opener_wait_s))
+    assert (late.kind, late.endpoint) == (Kind.HANDSHAKE, OLD)
+    # The other side never waits: it opens, and an `opened` that reaches it means nothing.
+    assert run(peer(), OLD, Memory(), initiator=False, opened=True).kind is not Kind.HANDSHAKE
 
 
 def test_the_initiator_sends_only_to_a_peer_whose_agent_follows_punches():
@@ -136,7 +154,8 @@ def test_without_raw_openers_the_non_initiator_keeps_to_wireguards_rhythm():
                    opened_at=NOW - 0.6, opened_endpoint=OLD)
     for initiator in (True, False):  # either side may ask: the request moves the initiator
         assert run(peer(), OLD, tried, initiator=initiator).kind is Kind.REQUEST_PUNCH
-    assert run(peer(), OLD, tried, initiator=True, punched=True).kind is Kind.HANDSHAKE
+    assert run(peer(), OLD, tried, initiator=True, punched=True, opened=True).kind is (
+        Kind.HANDSHAKE)
     answered = run(peer(), OLD, tried, initiator=False, punched=True)
     assert (answered.kind, answered.reason) == (Kind.LEAVE, Reason.PEER_PUNCHING)
     assert answered.recheck_s == T.busy_recheck_s  # watch closely for the handshake

@@ -70,6 +70,17 @@ def test_a_mapping_is_in_the_peer_object_only_when_there_is_one():
         item_from_json(bad)
 
 
+def test_opened_is_on_the_punch_line_only_when_true():
+    endpoint = Endpoint.parse("203.0.113.2:4000")
+    plain, opened = PunchEvent(3, K1, endpoint, True), PunchEvent(3, K1, endpoint, True, True)
+    assert "opened" not in item_json(plain)  # what an older node reads as one more punch
+    assert item_json(opened)["opened"] is True
+    assert item_from_json(item_json(opened)) == opened
+    assert item_from_json(item_json(plain)) == plain
+    with pytest.raises(MalformedMessage, match="opened"):
+        item_from_json({**item_json(plain), "opened": "yes"})
+
+
 @pytest.mark.parametrize(("obj", "message"), [
     ({"type": "peer"}, "malformed"),
     ({"type": "gossip", "revision": 1}, "unknown watch event type 'gossip'"),

@@ -324,6 +324,19 @@ async def test_punch_reaches_both_streams_at_once_and_repeats_are_coalesced(regi
         assert (line["type"], line["peer"]["endpoint"]) == ("peer", "198.51.100.1:40000")
 
 
+async def test_the_other_sides_opened_reaches_the_initiator(registry):
+    a, b = await registry.client(), await registry.client("127.0.0.2")
+    watch_a = await a.get("/v1/watch")
+    assert (await next_line(watch_a))["type"] == "snapshot"
+    resp = await b.post(f"/v1/punch/{A.hex()}/opened")  # A initiates: B opened its NAT
+    assert (resp.status, await resp.json()) == (202, {"peer": A.base64(), "pushed": True})
+    assert await next_line(watch_a) == {"type": "punch", "revision": 3, "peer": B.base64(),
+                                        "endpoint": "203.0.113.2:4000", "initiator": True,
+                                        "opened": True}
+    resp = await a.post(f"/v1/punch/{B.hex()}/opened", json={"x": 1})
+    assert resp.status == 400
+
+
 # -- watch ------------------------------------------------------------------------------------
 
 async def test_watch_starts_with_a_snapshot_then_streams_changes(registry):

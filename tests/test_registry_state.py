@@ -319,6 +319,22 @@ def test_a_punch_that_missed_a_side_is_not_coalesced():
     assert not state.request_punch(K1, K2, now=10.1)[1]  # both heard that one
 
 
+def test_the_other_sides_opened_reaches_the_initiator_alone():
+    """K1 (lower key) initiates; K2 opened its NAT and says so: K1 hears it as a punch event
+    with `opened`, K2 hears nothing. K1 saying it is ignored: it must not make K2 initiate."""
+    state = two_peers()
+    s1, _ = state.open_stream(K1, None, None, now=0.0)
+    s2, _ = state.open_stream(K2, None, None, now=0.0)
+    assert state.opened(K2, K1)
+    assert drain(s1) == [PunchEvent(2, K2, Endpoint.parse("203.0.113.2:4000"), True,
+                                    opened=True)]
+    assert drain(s2) == []
+    assert not state.opened(K1, K2) and drain(s2) == []
+    with pytest.raises(RequestRefused) as refused:
+        state.opened(K1, K1)
+    assert refused.value.status == 400
+
+
 @pytest.mark.parametrize(("intent", "caller", "target", "status"), [
     ("a node names itself", K1, K1, 400),
     ("unknown target", K1, Key(bytes([9]) * 32), 404),

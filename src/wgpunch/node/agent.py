@@ -224,7 +224,8 @@ class Agent:
             decision = decide(
                 peer, candidates, memory,
                 initiator=self.view.initiates(self.me, known),
-                punched=punched, can_open=self.can_open, peer_ready=ready,
+                punched=punched, opened=self.view.take_opened(peer.public_key),
+                can_open=self.can_open, peer_ready=ready,
                 now_wall=now_wall, now=now, t=self.t,
             )
             if (decision.kind in (Kind.OPEN, Kind.HANDSHAKE)
@@ -257,23 +258,24 @@ class Agent:
                 log.info("peer %s: registry reports %s, but the current path %s answers; "
                          "left alone", key, d.endpoint, peer.endpoint)
                 return replace(mem, cleared_endpoint=d.endpoint, probe_at=None)
+            if d.reason is Reason.AWAITING_OPENER and mem.awaiting_opener_since is None:
+                return replace(mem, awaiting_opener_since=now)
             return mem
         if d.kind is Kind.REQUEST_PUNCH:
             return await self.request_punch(peer, d, mem, now)
         if d.kind in (Kind.HANDSHAKE, Kind.OPEN):
-            if d.kind is Kind.HANDSHAKE and d.delay_s:
-                self.background(self.handshake(peer, d.endpoint, delay_s=d.delay_s))
-            elif d.kind is Kind.HANDSHAKE or d.endpoint is None:
+            if d.kind is Kind.HANDSHAKE or d.endpoint is None:
                 await self.handshake(peer, d.endpoint)
             elif await self.io.open(self.listen_port, d.endpoint, await self.opener_ttl.get()):
                 self.metrics.opener_sent()
+                self.background(self.say_opened(key))
             else:
                 self.can_open = False  # decide() falls back to handshakes from now on
             return replace(
                 mem, attempt_at=mem.attempt_at or now,
                 attempt_endpoint=mem.attempt_endpoint or d.endpoint,
                 attempts=max(mem.attempts, 1), first_attempt_at=mem.first_attempt_at or now,
-                opened_at=now, opened_endpoint=d.endpoint,
+                opened_at=now, opened_endpoint=d.endpoint, awaiting_opener_since=None,
             )
         probe_to = tunnel_address(peer.allowed_ips)
         if d.kind is Kind.REPOINT and d.endpoint is not None:
@@ -336,12 +338,16 @@ class Agent:
         self.tasks.add(task)  # a reference, so the task is not collected half-way
         task.add_done_callback(self.tasks.discard)
 
-    async def handshake(self, peer: PeerState, endpoint: Endpoint | None,
-                        delay_s: float = 0.0) -> None:
+    async def say_opened(self, peer: Key) -> None:
+        """Our opener toward `peer` is out: its initiation may go (decide.py)."""
+        try:
+            await self.client.opened(peer)
+        except ApiError as error:  # it sends anyway after Timings.opener_wait_s
+            log.debug("telling the registry our NAT is open for %s failed: %s", peer, error)
+
+    async def handshake(self, peer: PeerState, endpoint: Endpoint | None) -> None:
         if endpoint is None:
             return
-        if delay_s:
-            await asyncio.sleep(delay_s)  # see Timings.initiator_delay_s
         keepalive = peer.persistent_keepalive or self.t.keepalive_s
         # A session that looks live by age but was judged dead by silence may be replaced;
         # any handshake newer than the one we judged makes the device layer refuse.

@@ -85,6 +85,9 @@ class RegistryClient:
     async def punch(self, peer: Key) -> None:
         await self._request("POST", f"/v1/punch/{peer.hex()}")
 
+    async def opened(self, peer: Key) -> None:
+        await self._request("POST", f"/v1/punch/{peer.hex()}/opened")
+
     async def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
         """Events until the stream ends; a silent stream counts as dead after the timeout."""
         query = {} if since is None or epoch is None else {"since": since, "epoch": epoch}

@@ -25,7 +25,11 @@ The rules (DESIGN.md §3):
 - The initiator's initiation must not reach the other side's NAT before that side's opener
   has left it: a router that keeps state for unsolicited packets (DESIGN.md §3, the lab's
   `collision` kind) would then give the other side's packets toward us a new outside port,
-  and every retry of ours keeps that state alive (measured: never direct). A punch event
+  and every retry of ours keeps that state alive (measured: never direct). So the other side,
+  once its opener is out, says so through the registry (a second punch event, `opened`), and
+  the initiator sends then; without that word within opener_wait_s (an older peer, a lost
+  request) it sends anyway. A fixed delay was not enough: in the 14-node lab on 2 busy cores
+  a peer's agent took longer than 20 ms to send its opener. A punch event
   reaches the other side only if its agent follows the registry, which we know once it has
   reported itself (its report follows its watch stream, agent.py). So the initiator ignores
   punch events for a peer that has not reported: the peer's own request, when its agent is
@@ -68,12 +72,11 @@ class Timings:
     # WireGuard's own 5 s retry. Doubles per failure up to max_retry_s.
     first_retry_s: float = 0.5
     max_retry_s: float = 30.0
-    # On a punch event the initiator waits this long before its initiation, so that the other
-    # side's opener (sent on the same event; a few ms of its own processing) is out first:
-    # an initiation reaching a NAT not yet opened is dropped and costs a 0.5 s retry. Our
-    # choice, from bench/time_to_direct.py (easy, p95 from both agents up: 0.45 s without
-    # it, 0.084 s with 50 ms, 0.050 s with 20 ms; 20 runs each).
-    initiator_delay_s: float = 0.02
+    # On a punch event the initiator waits for the other side's word that its opener is out
+    # (the module doc), at most this long: a peer's agent answers its punch event within
+    # a registry round trip and its own processing, ~10 ms in the lab and a few hundred on
+    # a machine running 14 agents on 2 cores; an older peer never answers.
+    opener_wait_s: float = 0.5
     # The initiator asks for no punch for a peer whose agent has not reported itself for this
     # long after it first saw it so (see the module doc): both agents started together.
     peer_grace_s: float = 1.0
@@ -124,6 +127,7 @@ class Reason(enum.StrEnum):
     PEER_READY = "the peer's agent reported itself after we ignored a punch event: punching again"
     PEER_NOT_READY = ("punch event, but the peer's agent has not reported itself: it may have "
                       "missed the punch, so an initiation now could reach its NAT unopened")
+    AWAITING_OPENER = "punch event: waiting for the peer to say its NAT is open for us"
     OPENING = "punch event: opening our NAT for the initiator's handshake"
     MAPPED = ("the peer sends to the port we mapped on our NAT: we send nothing toward it "
               "first (node/portmap/rule.py)")
@@ -160,6 +164,8 @@ class Memory:
     repointed: bool = False  # the probe's endpoint has been set on the live session
     # Candidates an attempt got no handshake from, while others are left to try (failover).
     failed: frozenset[Endpoint] = frozenset()
+    # We initiate, a punch event came, and the peer has not yet said its NAT is open.
+    awaiting_opener_since: float | None = None
 
     def observe(self, rx_bytes: int, tx_bytes: int, now: float) -> Memory:
         mem = self
@@ -186,7 +192,6 @@ class Decision:
     endpoint: Endpoint | None = None
     recheck_s: float = 1.0
     live: bool = False  # the peer has a working session (the path is up)
-    delay_s: float = 0.0  # act this much later (without holding up other peers)
     path: PathKind = PathKind.NONE  # what the live session runs over (candidates.py)
 
 
@@ -228,6 +233,7 @@ def decide(
     *,
     initiator: bool,
     punched: bool,
+    opened: bool = False,
     can_open: bool = False,
     peer_ready: bool = True,
     now_wall: float,
@@ -242,7 +248,7 @@ def decide(
     usable = [c for c in candidates if c.endpoint not in mem.failed] or candidates
     chosen = choose(usable, current=peer.endpoint)
     decision = _decide(peer, None if chosen is None else chosen.endpoint, mem,
-                       initiator=initiator, punched=punched, can_open=can_open,
+                       initiator=initiator, punched=punched, opened=opened, can_open=can_open,
                        peer_ready=peer_ready, now_wall=now_wall, now=now, t=t)
     if decision.live:
         return replace(decision, path=path_of(peer.endpoint, candidates))
@@ -256,6 +262,7 @@ def _decide(
     *,
     initiator: bool,
     punched: bool,
+    opened: bool,
     can_open: bool,
     peer_ready: bool,
     now_wall: float,
@@ -264,8 +271,9 @@ def _decide(
 ) -> Decision:
     if not path_is_dead(peer, mem, now_wall, now, t):
         return _decide_live(peer, target, mem, punched, now, t)
-    if (not peer_ready and mem.unready_since is not None
-            and now - mem.unready_since >= t.agentless_after_s):
+    agentless = (not peer_ready and mem.unready_since is not None
+                 and now - mem.unready_since >= t.agentless_after_s)
+    if agentless:
         peer_ready = True
     if target is None:
         return Decision(Kind.LEAVE, Reason.NO_ENDPOINT, recheck_s=t.idle_recheck_s)
@@ -273,9 +281,12 @@ def _decide(
         return Decision(Kind.OPEN, Reason.OPENING, target, t.busy_recheck_s)
     if punched and initiator and not peer_ready:
         return Decision(Kind.LEAVE, Reason.PEER_NOT_READY, target, t.busy_recheck_s)
-    if punched and initiator:
-        return Decision(Kind.HANDSHAKE, Reason.PUNCH, target, t.busy_recheck_s,
-                        delay_s=t.initiator_delay_s)
+    if initiator and (punched or mem.awaiting_opener_since is not None):
+        # A peer without an agent opens nothing and says nothing.
+        if opened or agentless or (mem.awaiting_opener_since is not None
+                                   and now - mem.awaiting_opener_since >= t.opener_wait_s):
+            return Decision(Kind.HANDSHAKE, Reason.PUNCH, target, t.busy_recheck_s)
+        return Decision(Kind.LEAVE, Reason.AWAITING_OPENER, target, t.busy_recheck_s)
     if (initiator and not peer_ready and mem.unready_since is not None
             and now - mem.unready_since < t.peer_grace_s):
         return Decision(Kind.LEAVE, Reason.PEER_STARTING, target, t.busy_recheck_s)

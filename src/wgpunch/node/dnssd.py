@@ -130,6 +130,9 @@ class DnsSdSource:
     async def punch(self, peer: Key) -> None:
         raise ApiError("dns-sd: a DNS registry cannot coordinate punches")
 
+    async def opened(self, peer: Key) -> None:
+        raise ApiError("dns-sd: a DNS registry cannot coordinate punches")
+
     def lookup_failed(self, peer: Key) -> bool:
         return peer in self.failed
 

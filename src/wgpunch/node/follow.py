@@ -70,6 +70,7 @@ class RegistryView:
         self.epoch: str | None = None
         self.revision: int | None = None
         self.punched: set[Key] = set()  # peers with a punch event since their last tick
+        self.opened: set[Key] = set()  # peers that said their NAT is open for our initiation
         # Who initiates, per peer, as the registry's last punch event for it said: the
         # registry decides (protocol/roles.py); before an event, the same rule locally.
         self.roles: dict[Key, bool] = {}
@@ -126,7 +127,7 @@ class RegistryView:
             known = self.peers.get(event.peer)
             if known is not None:
                 self.peers[event.peer] = replace(known, endpoint=event.endpoint)
-            self.punched.add(event.peer)
+            (self.opened if event.opened else self.punched).add(event.peer)
             self.roles[event.peer] = event.initiator
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
@@ -144,6 +145,12 @@ class RegistryView:
         punched = peer in self.punched
         self.punched.discard(peer)
         return punched
+
+    def take_opened(self, peer: Key) -> bool:
+        """Whether `peer` said since the last call that its NAT is open for our initiation."""
+        opened = peer in self.opened
+        self.opened.discard(peer)
+        return opened
 
     def allow_punches(self) -> None:
         """Our report has left (__init__ says why punch requests wait for it): it is sent on

@@ -177,6 +177,9 @@ class NatpunchSource:
     async def punch(self, peer: Key) -> None:
         raise ApiError("natpunch: a rendezvous server cannot coordinate punches")
 
+    async def opened(self, peer: Key) -> None:
+        raise ApiError("natpunch: a rendezvous server cannot coordinate punches")
+
     async def report_self(self, report: Reported) -> None:
         """A rendezvous server takes no reports."""
 

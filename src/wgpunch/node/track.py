@@ -38,7 +38,8 @@ class Track:
             metrics.connected(d.path, took)
             self.path, self.since = d.path, now_wall
             self.memory = replace(self.memory, attempts=0, attempt_at=None,
-                                  attempt_endpoint=None, first_attempt_at=None)
+                                  attempt_endpoint=None, first_attempt_at=None,
+                                  awaiting_opener_since=None)
         elif d.reason in (Reason.LIVE, Reason.ROAMED) and self.memory.attempts:
             self.memory = replace(self.memory, attempts=0, attempt_at=None)
         elif not d.live and self.path is not PathKind.NONE:

@@ -50,8 +50,10 @@ def item_json(item: StreamItem) -> dict[str, Any]:
         return {"type": "removed", "revision": item.revision,
                 "public_key": item.public_key.base64()}
     if isinstance(item, PunchEvent):
-        return {"type": "punch", "revision": item.revision, "peer": item.peer.base64(),
-                "endpoint": str(item.endpoint), "initiator": item.initiator}
+        punch = {"type": "punch", "revision": item.revision, "peer": item.peer.base64(),
+                 "endpoint": str(item.endpoint), "initiator": item.initiator}
+        # Only when true: a node older than the field takes the line as one more punch.
+        return punch | {"opened": True} if item.opened else punch
     if isinstance(item, Snapshot):
         return {"type": "snapshot", "epoch": item.epoch, "revision": item.revision,
                 "peers": peers_json(item.peers)}
@@ -106,8 +108,9 @@ def item_from_json(obj: Any) -> Event:
         if kind == "punch":
             endpoint = _endpoint(obj, "endpoint")
             assert endpoint is not None
+            opened = "opened" in obj and _field(obj, "opened", bool)  # absent: an older registry
             return PunchEvent(revision, Key.from_base64(_field(obj, "peer", str)), endpoint,
-                              _field(obj, "initiator", bool))
+                              _field(obj, "initiator", bool), opened)
         if kind == "heartbeat":
             return Heartbeat(revision)
     except (ValueError, KeyError, TypeError, WgpunchError) as error:

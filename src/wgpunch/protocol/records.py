@@ -50,12 +50,15 @@ class RemovedEvent:
 class PunchEvent:
     """For one side of a punch: `peer` is the other side, `endpoint` its observed endpoint,
     `initiator` whether this side sends the first initiation (the registry decides it with
-    roles.initiator; the node follows it)."""
+    roles.initiator; the node follows it). `opened`: sent again to the initiator alone when
+    the other side says its NAT is open toward it (`POST /v1/punch/{peer}/opened`): the
+    initiation may go now."""
 
     revision: int
     peer: Key
     endpoint: Endpoint
     initiator: bool
+    opened: bool = False
 
 
 @dataclass(frozen=True, slots=True)

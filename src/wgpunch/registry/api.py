@@ -238,6 +238,17 @@ async def post_punch(request: web.Request) -> web.Response:
     return json_response({"peer": target.base64(), "endpoint": str(endpoint)}, status=202)
 
 
+async def post_opened(request: web.Request) -> web.Response:
+    only_params(request.query.items(), ())
+    target = path_key(request.match_info["peer"])
+    _rate_limit(request, PUNCH_RATE, "POST /v1/punch")
+    body = await read_body(request)
+    if body.strip() and decode_object(body):
+        raise MalformedMessage("body: POST /v1/punch/{peer}/opened takes no fields")
+    pushed = request.app[STATE].opened(request[CALLER], target)
+    return json_response({"peer": target.base64(), "pushed": pushed}, status=202)
+
+
 async def watch(request: web.Request) -> web.StreamResponse:
     since, epoch = watch_query(request.query.items())
     app, caller = request.app, request[CALLER]
@@ -385,5 +396,6 @@ def create_app(
     app.router.add_get("/v1/watch", watch, allow_head=False)
     app.router.add_put("/v1/self", put_self)
     app.router.add_post("/v1/punch/{peer}", post_punch)
+    app.router.add_post("/v1/punch/{peer}/opened", post_opened)
     app.router.add_get("/healthz", healthz, allow_head=False)
     return app

@@ -268,6 +268,28 @@ class RegistryState:
                                         "target": str(target)})
         return other.endpoint, True
 
+    def opened(self, caller: Key, target: Key) -> bool:
+        """`caller` opened its NAT toward `target` for a punch: tell `target`, if it is the
+        pair's initiator, that its initiation may go (DESIGN.md §3: an initiation reaching a
+        NAT before that NAT's own opener left it may meet a router that keeps the state of
+        the unsolicited packet, and then never connects). Whether it was pushed."""
+        if caller == target:
+            raise RequestRefused("opened: a node cannot punch itself", 400)
+        me, other = self._records.get(caller), self._records.get(target)
+        if other is None:
+            raise RequestRefused(f"opened: no peer {target}", 404)
+        if me is None:
+            raise RequestRefused(f"peer {caller} is no longer a peer of the registry", 403)
+        if me.endpoint is None:
+            raise RequestRefused(f"opened: the registry observes no endpoint for you ({caller})",
+                                 409)
+        # Only toward the initiator: nobody can make a side initiate that should not.
+        if not initiator(target, caller, side_public=other.public, other_public=me.public,
+                         side_nat=other.nat, other_nat=me.nat):
+            return False
+        return self._push(target, PunchEvent(self.revision, caller, me.endpoint, True,
+                                             opened=True))
+
     def open_stream(
         self, caller: Key, since: int | None, epoch: str | None, *, now: float
     ) -> tuple[Stream, list[bytes]]:
