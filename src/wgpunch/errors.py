@@ -21,6 +21,7 @@ every one of them lives here.
     ├── MalformedPacket (ValueError)    a datagram that is not a message of its protocol
     ├── NoiseError                      a Noise handshake or transport operation failed
     ├── NatpunchError                   a rendezvous server did not answer usefully
+    ├── RelayError                      the relay's kernel path (nft, conntrack) failed
     └── LabError                        the lab could not be built or driven
 """
 
@@ -111,6 +112,11 @@ class NoiseError(WgpunchError):
 
 class NatpunchError(WgpunchError):
     """The rendezvous server did not answer (or not in a way we could read)."""
+
+
+class RelayError(WgpunchError):
+    """The relay's kernel fast path failed (nft or conntrack refused); the relay then
+    forwards in userspace."""
 
 
 class LabError(WgpunchError):

@@ -1,0 +1,233 @@
+"""The relay: UDP sockets for the slots (relayslots.py) and the datagrams between them, plus
+the kernel fast path (relaykernel.py) once a slot's both sides are bound (DESIGN.md §6).
+
+It runs beside the registry in its process (`wgpunch registry --relay`), or alone
+(`wgpunch relay`); who may have a slot, and between whom, is the caller's business (the
+registry's API): this only forwards, and only what relayslots.py lets through.
+
+Userspace forwarding reads each slot port's socket straight from the event loop's reader
+callback, draining up to `BATCH` datagrams per wake-up and sending each on at once out of the
+other port's socket: no task, no future and no queue per datagram, and socket buffers of
+several MiB to ride out the loop's other work. A datagram the kernel cannot take at once
+(a full send buffer) is dropped, as a router would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import RelayError, RequestRefused
+from ..keys import Key
+from .relaykernel import Flow, KernelPath
+from .relayslots import Address, RelayLimits, RelayTimings, Slot, SlotTable, Verdict
+
+log = logging.getLogger(__name__)
+
+# Our choice: enough to drain a burst without holding the loop long (64 x ~2 us).
+BATCH = 64
+# Socket buffers: a few ms at 1 Gbit/s, so a busy loop drops nothing (net.core.rmem_max caps
+# SO_RCVBUF; root gets the size with SO_RCVBUFFORCE).
+BUFFER_BYTES = 4 * 1024 * 1024
+MAX_DATAGRAM = 65535
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A slot as one of its nodes sees it: the relay port it sends to, for `peer`."""
+
+    peer: Key
+    port: int
+    created: bool  # the slot was made by this request
+
+
+class Relay:
+    def __init__(
+        self,
+        observed: Callable[[Key], str | None],
+        *,
+        ports: range,
+        host: str = "0.0.0.0",
+        limits: RelayLimits | None = None,
+        timings: RelayTimings | None = None,
+        kernel: KernelPath | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`observed(node)`: the node's public IP as the registry observes it (text), or None.
+        `kernel`: the fast path to use once both sides are bound; None: userspace only."""
+        self.observed = observed
+        self.host = host
+        self.table = SlotTable(ports, limits)
+        self.t = timings or RelayTimings()
+        self.kernel = kernel
+        self.clock = clock
+        self.counts: dict[str, int] = {}  # datagrams by verdict, for logs and tests
+        self._sockets: dict[int, socket.socket] = {}
+        self._kernel_dirty = asyncio.Event()
+        self._kernel_packets: dict[int, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- life -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.kernel is not None:
+            await self.kernel.reset()
+            self._tasks.append(asyncio.create_task(self._kernel_sync(), name="relay-kernel"))
+        self._tasks.append(asyncio.create_task(self._sweep(), name="relay-sweep"))
+        log.info("relay: ports %d-%d, %s path", self.table.ports.start,
+                 self.table.ports.stop - 1, "kernel" if self.kernel else "userspace",
+                 extra={"event": "relay_serving", "kernel": self.kernel is not None})
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for slot in self.table:
+            self._release(slot)
+        if self.kernel is not None:
+            with contextlib.suppress(RelayError):
+                await self.kernel.close()
+
+    # -- slots (plain def: nothing interleaves) ---------------------------------------------
+
+    def allocate(self, node: Key, peer: Key) -> tuple[Lease, Lease]:
+        """The pair's slot, made with its two sockets if it has none: `node`'s lease, then
+        `peer`'s."""
+        slot, created = self.table.allocate(node, peer, self.clock())
+        if created:
+            try:
+                for port in slot.sides:
+                    self._open(port)
+            except OSError as error:
+                self._release(slot)
+                raise RequestRefused(f"relay: cannot open a relay port: {error.strerror}",
+                                     503) from None
+            log.info("relay slot for %s (port %d) <-> %s (port %d)", slot.a.node, slot.a.port,
+                     slot.b.node, slot.b.port,
+                     extra={"event": "relay_slot", "peer": str(slot.a.node),
+                            "target": str(slot.b.node)})
+        mine, theirs = slot.side_of(node), slot.side_of(peer)
+        return Lease(peer, mine.port, created), Lease(node, theirs.port, created)
+
+    def end(self, slot: Slot, why: str) -> None:
+        log.info("relay slot %d/%d ended: %s (%d and %d datagrams forwarded)", slot.a.port,
+                 slot.b.port, why, slot.a.packets, slot.b.packets,
+                 extra={"event": "relay_slot_ended", "peer": str(slot.a.node),
+                        "target": str(slot.b.node)})
+        self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        for port in slot.sides:
+            sock = self._sockets.pop(port, None)
+            if sock is not None:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+                sock.close()
+        self.table.release(slot)
+        if slot.kernel:
+            self._kernel_dirty.set()
+
+    def _open(self, port: int) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET,
+                             socket.SOCK_DGRAM)
+        try:
+            for option, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+                try:  # SO_RCVBUFFORCE / SO_SNDBUFFORCE: past rmem_max, with CAP_NET_ADMIN
+                    sock.setsockopt(socket.SOL_SOCKET, force, BUFFER_BYTES)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_BYTES)
+            sock.setblocking(False)
+            sock.bind((self.host, port))
+        except OSError:
+            sock.close()
+            raise
+        self._sockets[port] = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, sock, port)
+
+    # -- datagrams --------------------------------------------------------------------------
+
+    def _readable(self, sock: socket.socket, port: int) -> None:
+        slot = self.table.at_port(port)
+        if slot is None:
+            return
+        now = self.clock()
+        for _ in range(BATCH):
+            try:
+                data, source = sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error queued on the socket: nothing to forward
+                continue
+            self._datagram(slot, port, source[:2], data, now)
+
+    def _datagram(self, slot: Slot, port: int, source: Address, data: bytes, now: float) -> None:
+        side = slot.sides[port]
+        verdict, destination = slot.receive(
+            port, source, data, now, self.observed(side.node), self.table.limits, self.t)
+        self.counts[verdict] = self.counts.get(verdict, 0) + 1
+        if verdict in (Verdict.BOUND, Verdict.REBOUND):
+            log.info("relay slot %d: %s %s at %s:%d", port, side.node, verdict, *source,
+                     extra={"event": "relay_bound", "peer": str(side.node)})
+            if slot.bound and self.kernel is not None:
+                self._kernel_dirty.set()
+        if destination is None:
+            return
+        try:
+            self._sockets[slot.other(side).port].sendto(data, destination)
+        except (BlockingIOError, InterruptedError):
+            self.counts["send buffer full"] = self.counts.get("send buffer full", 0) + 1
+        except OSError as error:
+            log.debug("relay slot %d: sending to %s failed: %s", port, destination, error)
+
+    # -- background -------------------------------------------------------------------------
+
+    async def _kernel_sync(self) -> None:
+        """Keep the kernel's table equal to the bound IPv4 slots."""
+        assert self.kernel is not None
+        while True:
+            await self._kernel_dirty.wait()
+            self._kernel_dirty.clear()
+            flows = {}
+            for slot in self.table:
+                a, b = slot.a.bound, slot.b.bound
+                if a is not None and b is not None and ":" not in a[0] + b[0]:
+                    flows[slot.a.port] = Flow(slot.a.port, a, slot.b.port, b)
+            try:
+                await self.kernel.apply(flows)
+            except RelayError as error:
+                log.warning("%s; forwarding in userspace from now on", error,
+                            extra={"event": "relay_kernel_failed"})
+                self.kernel = None
+                for slot in self.table:
+                    slot.kernel = False
+                return
+            for slot in self.table:
+                if slot.kernel != (slot.a.port in flows):
+                    slot.kernel = slot.a.port in flows
+                    log.info("relay slot %d/%d: %s", slot.a.port, slot.b.port,
+                             "the kernel forwards" if slot.kernel else "back in userspace",
+                             extra={"event": "relay_kernel", "kernel": slot.kernel})
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.t.sweep_s)
+            await self.sweep_once()
+
+    async def sweep_once(self) -> None:
+        """End the slots that expired; a slot the kernel forwards counts as active when its
+        rules' counters moved since the last sweep."""
+        before, self._kernel_packets = self._kernel_packets, {}
+        if self.kernel is not None and any(slot.kernel for slot in self.table):
+            with contextlib.suppress(RelayError):
+                self._kernel_packets = await self.kernel.counters()
+        moved = {port for port, packets in self._kernel_packets.items()
+                 if packets != before.get(port)}
+        for slot in self.table.expired(self.clock(), self.t, lambda s: s.a.port in moved):
+            self.end(slot, "idle" if slot.bound else "never bound")

@@ -1,0 +1,224 @@
+"""Relay slots, purely: which ports a pair has, how a side gets bound, what is forwarded,
+when a slot ends. No sockets and no clock (`now` is monotonic seconds, an argument), so the
+rules read as a table (tests/test_registry_relayslots.py); relay.py moves the bytes.
+
+A slot serves one pair (A, B) with two UDP ports: A's device sends to `pA`, B's to `pB`
+(DESIGN.md §6). Side A is *bound* by the first datagram on `pA` that comes from A's public IP
+as the registry observes it (any port: a symmetric NAT picks a new one toward the relay) and
+is shaped like a WireGuard message (relayshape.py); from then on only datagrams from that
+exact address are taken on `pA`, and they go out of `pB` to B's bound address. A datagram
+for a side that is not bound yet is dropped: both nodes send a handshake initiation to their
+port, the first to arrive binds its side and is lost, the second binds its side and is
+delivered, and its answer goes back through both bindings.
+
+A side moves (`rebound`) only to a handshake initiation from the node's observed IP after its
+bound address has been quiet for `rebind_quiet_s`: a NAT that gave the node a new port makes
+WireGuard initiate again from it; a packet from a new port while the bound one is active is
+someone else's (a replay, an injection) and dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from ..errors import RequestRefused
+from ..keys import Key
+from ..protocol import pair_of
+from .relayshape import MessageType, message_type
+
+
+@dataclass(frozen=True, slots=True)
+class RelayLimits:
+    # Our choice: a node relays to a handful of peers at most in a sane mesh (relaying is the
+    # last resort); this bounds what one node can take of the port range.
+    slots_per_node: int = 16
+    # Per side of a slot, in userspace: 1 Gbit/s of 1,400-byte datagrams is ~90,000 per
+    # second; the userspace path reaches far less (bench/relay.py), so this only stops one
+    # slot from starving the others on the relay's core.
+    packets_per_s: float = 100_000.0
+    packets_burst: int = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTimings:
+    # A slot whose sides were not both bound within this long is given back: both nodes
+    # send to it within a second of asking (node/relay.py).
+    bind_timeout_s: float = 30.0
+    # A bound slot with no datagram either way for this long is given back. Above
+    # WireGuard's keepalive (25 s, set by the node agent) with one lost.
+    idle_timeout_s: float = 60.0
+    # A bound address quiet this long may be replaced by an initiation from a new port of
+    # the node's IP (its NAT rebinding). Above the round trip of any sane path, below
+    # WireGuard's 5 s handshake retry, so a rebinding node is back on its next initiation.
+    rebind_quiet_s: float = 2.0
+    # How often slots are checked for expiry (and the kernel path's counters read).
+    sweep_s: float = 5.0
+
+
+# A UDP address as the socket reports it: the relay compares these per datagram, so they stay
+# the socket's own tuples (no parsing on the forwarding path).
+Address = tuple[str, int]
+
+
+class Verdict(enum.StrEnum):
+    FORWARD = "forward"
+    BOUND = "bound"  # the side was bound by this datagram (forwarded if the other is bound)
+    REBOUND = "rebound"  # the side moved to a new address (forwarded likewise)
+    NOT_WIREGUARD = "not shaped like a WireGuard message"
+    WRONG_SOURCE = "not from the node's observed IP"
+    NEW_SOURCE = "from a new address while the bound one is active"
+    PEER_UNBOUND = "the other side is not bound yet"
+    RATE = "over the slot's packet rate"
+
+
+@dataclass(slots=True)
+class Side:
+    node: Key
+    port: int  # the relay port this node sends to
+    bound: Address | None = None
+    last_rx: float | None = None  # from the bound address
+    tokens: float = 0.0
+    tokens_at: float = 0.0
+    packets: int = 0  # forwarded from this side
+    dropped: int = 0
+
+    def take(self, now: float, limits: RelayLimits) -> bool:
+        self.tokens = min(float(limits.packets_burst),
+                          self.tokens + (now - self.tokens_at) * limits.packets_per_s)
+        self.tokens_at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass(slots=True)
+class Slot:
+    a: Side
+    b: Side
+    created: float
+    last_active: float
+    kernel: bool = False  # the kernel forwards this slot's flow (relaykernel.py)
+    sides: dict[int, Side] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sides = {self.a.port: self.a, self.b.port: self.b}
+
+    @property
+    def pair(self) -> tuple[Key, Key]:
+        return self.a.node, self.b.node
+
+    @property
+    def bound(self) -> bool:
+        return self.a.bound is not None and self.b.bound is not None
+
+    def side_of(self, node: Key) -> Side:
+        return self.a if node == self.a.node else self.b
+
+    def other(self, side: Side) -> Side:
+        return self.b if side is self.a else self.a
+
+    def receive(self, port: int, source: Address, data: bytes, now: float,
+                observed: str | None, limits: RelayLimits, t: RelayTimings
+                ) -> tuple[Verdict, Address | None]:
+        """What to do with `data` from `source` on `port`: the verdict, and where to send it
+        (out of the other side's port) when it is forwarded."""
+        side = self.sides[port]
+        kind = message_type(data)
+        if kind is None:
+            return self._drop(side, Verdict.NOT_WIREGUARD)
+        verdict = Verdict.FORWARD
+        if side.bound != source:
+            if observed is None or source[0] != observed:
+                return self._drop(side, Verdict.WRONG_SOURCE)
+            if side.bound is not None and (
+                    kind is not MessageType.INITIATION or side.last_rx is None
+                    or now - side.last_rx < t.rebind_quiet_s):
+                return self._drop(side, Verdict.NEW_SOURCE)
+            verdict = Verdict.BOUND if side.bound is None else Verdict.REBOUND
+            side.bound = source
+        side.last_rx = self.last_active = now
+        if not side.take(now, limits):
+            return self._drop(side, Verdict.RATE)
+        destination = self.other(side).bound
+        if destination is None:
+            side.dropped += 1
+            return (Verdict.PEER_UNBOUND if verdict is Verdict.FORWARD else verdict), None
+        side.packets += 1
+        return verdict, destination
+
+    @staticmethod
+    def _drop(side: Side, verdict: Verdict) -> tuple[Verdict, None]:
+        side.dropped += 1
+        return verdict, None
+
+
+class SlotTable:
+    """Every slot, by pair and by port. `ports` is the range the relay may use."""
+
+    def __init__(self, ports: range, limits: RelayLimits | None = None) -> None:
+        self.ports = ports
+        self.limits = limits or RelayLimits()
+        self._by_pair: dict[tuple[Key, Key], Slot] = {}
+        self._by_port: dict[int, Slot] = {}
+        self._free = list(reversed(ports))  # pop() hands out the lowest first
+
+    def __len__(self) -> int:
+        return len(self._by_pair)
+
+    def __iter__(self) -> Iterator[Slot]:
+        return iter(list(self._by_pair.values()))
+
+    def at_port(self, port: int) -> Slot | None:
+        return self._by_port.get(port)
+
+    def of_pair(self, a: Key, b: Key) -> Slot | None:
+        return self._by_pair.get(pair_of(a, b))
+
+    def allocate(self, a: Key, b: Key, now: float) -> tuple[Slot, bool]:
+        """The pair's slot, made if it has none; True when it was made now."""
+        if a == b:
+            raise RequestRefused("relay: a node cannot relay to itself", 400)
+        slot = self.of_pair(a, b)
+        if slot is not None:
+            return slot, False
+        for node in (a, b):
+            held = sum(1 for s in self._by_pair.values() if node in s.pair)
+            if held >= self.limits.slots_per_node:
+                raise RequestRefused(f"relay: {node} already holds {held} relay slots, the "
+                                     "most a node may", 429)
+        if len(self._free) < 2:
+            raise RequestRefused("relay: no free relay ports", 503)
+        first, second = pair_of(a, b)
+        slot = Slot(Side(first, self._free.pop(), tokens=self.limits.packets_burst,
+                         tokens_at=now),
+                    Side(second, self._free.pop(), tokens=self.limits.packets_burst,
+                         tokens_at=now),
+                    created=now, last_active=now)
+        self._by_pair[slot.pair] = slot
+        for port in slot.sides:
+            self._by_port[port] = slot
+        return slot, True
+
+    def release(self, slot: Slot) -> None:
+        if self._by_pair.pop(slot.pair, None) is None:
+            return
+        for port in slot.sides:
+            self._by_port.pop(port, None)
+            self._free.append(port)
+
+    def expired(self, now: float, t: RelayTimings,
+                active: Callable[[Slot], bool] = lambda slot: False) -> list[Slot]:
+        """Slots to give back: never bound within bind_timeout_s, or idle for idle_timeout_s.
+        `active` says whether a slot moved traffic that the table did not see (the kernel's
+        counters); such a slot is marked active now."""
+        ended = []
+        for slot in self:
+            if active(slot):
+                slot.last_active = now
+            if ((not slot.bound and now - slot.created >= t.bind_timeout_s)
+                    or now - slot.last_active >= t.idle_timeout_s):
+                ended.append(slot)
+        return ended
