@@ -98,7 +98,20 @@ def _port_or_address(value: Any) -> str | int:
     return value
 
 
+def _switch(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Mismatch("must be true or false")
+    return value
+
+
+def _switch_text(text: str) -> bool:
+    if text.lower() not in _TRUE + _FALSE:
+        raise _Mismatch("must be true or false")
+    return text.lower() in _TRUE
+
+
 TEXT = Kind("text", _text, str)
+SWITCH = Kind("true or false", _switch, _switch_text)
 WHOLE = Kind("a whole number", _whole, _whole_text)
 SECONDS = Kind("a number of seconds", _seconds, _seconds_text)
 # Relative to the config file when it comes from one (the loader sees the Path and joins).
@@ -364,7 +377,14 @@ class RegistryConfig(Loaded):
     zone: str | None
     dns_self: tuple[str, ...] | None  # None: no `self` record
     dns_allow: tuple[str, ...]  # networks answered besides the peers' tunnel addresses
+    relay: str | None  # a port range; None: no relay
+    relay_address: str | None  # None: nodes use the registry's endpoint address
+    relay_userspace: bool  # never the kernel fast path
 
+
+# Our choice: 500 slots of 2 ports, below Linux's ephemeral ports (32768-60999), so that no
+# outgoing socket of the registry host ever holds one.
+DEFAULT_RELAY_PORTS = "31000-31999"
 
 REGISTRY = Schema("registry", (
     Option("interface", TEXT, "the WireGuard interface whose peers are the nodes", '"wg0"',
@@ -388,6 +408,13 @@ REGISTRY = Schema("registry", (
     Option("dns_allow", one_or_list(TEXT, "a network or a list of networks", "networks"),
            "also answer DNS-SD queries from these networks (default: peers' tunnel "
            "addresses only)", '["192.0.2.0/24"]', default=()),
+    Option("relay", switch_or(TEXT, on=DEFAULT_RELAY_PORTS),
+           f"relay WireGuard for pairs that cannot reach each other, on UDP ports FIRST-LAST "
+           f"(true: {DEFAULT_RELAY_PORTS})", f'"{DEFAULT_RELAY_PORTS}"'),
+    Option("relay_address", TEXT, "the relay's public IP handed to nodes (default: the "
+           "registry's endpoint as each node has it)", '"192.0.2.1"'),
+    Option("relay_userspace", SWITCH, "forward relayed datagrams in the relay process, never "
+           "through nftables", "false", default=False),
 ), RegistryConfig)
 
 

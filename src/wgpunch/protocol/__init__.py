@@ -20,6 +20,8 @@ from .codec import (
     peer_from_json,
     peer_json,
     peers_json,
+    relay_from_json,
+    relay_json,
     snapshot_from_json,
 )
 from .records import (
@@ -29,6 +31,7 @@ from .records import (
     PeerEvent,
     PeerRecord,
     PunchEvent,
+    RelayEvent,
     RemovedEvent,
     Snapshot,
     StreamItem,
@@ -48,8 +51,10 @@ API_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
 
 __all__ = [
     "API_PORT", "FIELDS", "MAX_BODY_BYTES", "MAX_LOCAL_ADDRESSES", "MAX_VERSION_CHARS",
-    "Change", "Event", "Heartbeat", "PeerEvent", "PeerRecord", "PunchEvent", "RemovedEvent",
+    "Change", "Event", "Heartbeat", "PeerEvent", "PeerRecord", "PunchEvent", "RelayEvent",
+    "RemovedEvent",
     "Reported", "Snapshot", "StreamItem", "decode_object", "dumps", "heartbeat_json",
     "initiator", "item_from_json", "item_json", "ndjson_line", "pair_of", "peer_from_json",
-    "peer_json", "peers_json", "reported_from_json", "snapshot_from_json",
+    "peer_json", "peers_json", "relay_from_json", "relay_json", "reported_from_json",
+    "snapshot_from_json",
 ]

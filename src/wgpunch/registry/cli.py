@@ -10,13 +10,14 @@ import gc
 import ipaddress
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import config, sdnotify
 from ..errors import ConfigError
+from ..keys import Key
 from ..protocol import API_PORT
 from ..wg import open_device
 from ..wg.device import Endpoint, IPAddress, IPNetwork
@@ -33,9 +34,13 @@ from .timings import Timings
 if TYPE_CHECKING:  # the serving parts load aiohttp and dnspython: only when serving
     from .dnssd import Zone
     from .dnsserver import DnsServer, SelfConfig
+    from .relay import Relay
     from .state import RegistryState
 
 log = logging.getLogger(__name__)
+
+# The relay's own nftables table (relaykernel.py); one relay per network namespace.
+RELAY_TABLE = "wgpunch_relay"
 
 EPILOG = f"""\
 The API (docs/api.md) identifies each caller by its tunnel source address: it must lie in
@@ -62,12 +67,20 @@ class DnsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RelaySettings:
+    ports: range
+    address: IPAddress | None  # handed to nodes; None: the registry's endpoint as they have it
+    kernel: bool  # try the nftables fast path
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     interface: str
     listen: tuple[Endpoint, ...]  # empty: the interface's own addresses
     token_file: Path | None
     poll_interval_s: float
     dns: DnsSettings | None = None  # None: no DNS-SD server
+    relay: RelaySettings | None = None  # None: no relay
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -134,6 +147,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "only queries from peers' tunnel addresses are answered: a query from anywhere "
              "else gets no answer over UDP and a closed connection over TCP",
     )
+    parser.add_argument(
+        "--relay", metavar="FIRST-LAST", nargs="?", const=config.DEFAULT_RELAY_PORTS,
+        help="also relay WireGuard between nodes that cannot reach each other (docs/api.md, "
+             "POST /v1/relay), on these UDP ports, two per pair (default "
+             f"{config.DEFAULT_RELAY_PORTS}); ciphertext only, forwarded by nftables once "
+             "both sides are bound",
+    )
+    parser.add_argument(
+        "--relay-address", metavar="IP",
+        help="the relay's public IP, handed to nodes (default: the registry's endpoint as "
+             "each node's device has it)",
+    )
+    parser.add_argument(
+        "--relay-userspace", action="store_true", default=None,
+        help="forward relayed datagrams in this process only, never through nftables",
+    )
     parser.set_defaults(func=run, daemon=True)
 
 
@@ -146,7 +175,27 @@ def settings_from(args: argparse.Namespace,
     listen = tuple(dict.fromkeys(
         options.parsed("listen", parse_listen, text) for text in options.listen))
     return Settings(options.interface, listen, options.token_file, options.poll_interval,
-                    _dns_settings(options))
+                    _dns_settings(options), relay_settings(options))
+
+
+def relay_settings(options: config.RegistryConfig) -> RelaySettings | None:
+    from .relayslots import port_range
+
+    if options.relay is None:
+        if options.relay_address is not None or options.relay_userspace:
+            raise ConfigError("registry: --relay-address and --relay-userspace need --relay")
+        return None
+    address = (None if options.relay_address is None
+               else options.parsed("relay_address", _address, options.relay_address))
+    return RelaySettings(options.parsed("relay", port_range, options.relay), address,
+                         not options.relay_userspace)
+
+
+def _address(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"registry: relay address {text!r} is not an IP address") from None
 
 
 def _dns_settings(options: config.RegistryConfig) -> DnsSettings | None:
@@ -196,6 +245,11 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     state = RegistryState(punch_window_s=timings.punch_coalesce_s)
     observer = Observer(lambda: open_device(settings.interface), state, timings)
     app = create_app(state, timings=timings, observer=observer, token=token)
+    if settings.relay is not None:
+        from . import relayroute
+
+        relayroute.install(app, make_relay(settings.relay, relayroute.observed_ip(state)),
+                           settings.relay.address)
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
                            access_log=None, shutdown_timeout=timings.shutdown_grace_s)
     loop = asyncio.get_running_loop()
@@ -248,6 +302,23 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
                                                      dns_server.counts.items()),
                      extra={"event": "dns_stopped", **dns_server.counts})
         await runner.cleanup()
+
+
+def make_relay(relay: RelaySettings, observed: Callable[[Key], str | None]) -> Relay:
+    """The relay for `relay`, with the kernel path when asked for and possible here."""
+    from .relay import Relay
+    from .relaykernel import KernelPath, unavailable
+
+    kernel = None
+    if relay.kernel:
+        why = unavailable()
+        if why is None:
+            kernel = KernelPath(RELAY_TABLE, relay.ports,
+                                None if relay.address is None else str(relay.address))
+        else:
+            log.warning("relay: forwarding in userspace: %s", why,
+                        extra={"event": "relay_userspace"})
+    return Relay(observed, ports=relay.ports, kernel=kernel)
 
 
 async def _start_dns(interface: str, dns: DnsSettings, state: RegistryState,

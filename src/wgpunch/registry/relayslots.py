@@ -23,7 +23,7 @@ import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ..errors import RequestRefused
+from ..errors import ConfigError, RequestRefused
 from ..keys import Key
 from ..protocol import pair_of
 from .relayshape import MessageType, message_type
@@ -222,3 +222,14 @@ class SlotTable:
                     or now - slot.last_active >= t.idle_timeout_s):
                 ended.append(slot)
         return ended
+
+
+def port_range(text: str) -> range:
+    """`FIRST-LAST` (inclusive): the relay's UDP ports, two per slot."""
+    first, sep, last = text.partition("-")
+    if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+        raise ConfigError(f"relay: port range {text!r}: expected FIRST-LAST, e.g. 31000-31999")
+    ports = range(int(first), int(last) + 1)
+    if not (ports.start >= 1 and ports.stop <= 65536 and len(ports) >= 2):
+        raise ConfigError(f"relay: port range {text!r}: at least two ports, within 1-65535")
+    return ports
