@@ -27,6 +27,7 @@ from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
 from .probe import tunnel_address
 from .punch import OpenerTtl
+from .relay import Relays, RelayTimings
 from .source import Source
 from .track import Track
 
@@ -44,6 +45,7 @@ class Agent:
         state_dir: Path = pathfile.STATE_DIR,
         opener_ttl: int | None = None,
         registry_timings: RegistryTimings | None = None,
+        relay_timings: RelayTimings | None = None,
         clock: Clock | None = None,
         io: Io | None = None,
     ) -> None:
@@ -61,6 +63,7 @@ class Agent:
         self.opener_ttl = OpenerTtl(opener_ttl, hops=self.io.opener_hops)
         self.view = RegistryView()
         self.tracks: dict[Key, Track] = {}
+        self.relays = Relays(client, self.view.relays, self.view.wake.set, relay_timings)
         self.punching: set[Key] = set()  # peers with a punch request under way
         self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
@@ -154,6 +157,8 @@ class Agent:
             self._device_failing = False
         now_wall, now = self.clock.wall(), self.clock.monotonic()
         recheck = self.t.idle_recheck_s
+        registry = None if self.registry_key is None else state.peer(self.registry_key)
+        self.relays.registry = None if registry is None else registry.endpoint
         for peer in state.peers:
             known = self.view.peers.get(peer.public_key)
             if peer.public_key == self.registry_key or known is None:
@@ -167,8 +172,10 @@ class Agent:
                 memory = replace(memory, unready_since=None if ready else now)
             candidates = candidates_of(known, self.view.peers.get(self.me) if self.me else None,
                                        self.view.local)
-            memory = failover(memory, candidates, now=now, t=self.t,
-                              live=not path_is_dead(peer, memory, now_wall, now, self.t))
+            live = not path_is_dead(peer, memory, now_wall, now, self.t)
+            candidates, memory = self.relays.plan(peer.public_key, candidates, memory,
+                                                  live=live, now=now)
+            memory = failover(memory, candidates, now=now, t=self.t, live=live)
             decision = decide(
                 peer, candidates, memory,
                 initiator=self.view.initiates(self.me, known),
@@ -177,6 +184,7 @@ class Agent:
             )
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now)
+            self.relays.annotate(peer.public_key, track)
             recheck = min(recheck, decision.recheck_s)
         self.publish(state, now_wall)
         return recheck

@@ -15,7 +15,15 @@ import aiohttp
 
 from ..errors import ApiError, MalformedMessage
 from ..keys import Key
-from ..protocol import Event, Reported, Snapshot, item_from_json, snapshot_from_json
+from ..protocol import (
+    Event,
+    RelayEvent,
+    Reported,
+    Snapshot,
+    item_from_json,
+    relay_from_json,
+    snapshot_from_json,
+)
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry
 CONNECTIONS_MAX = 32
@@ -90,6 +98,13 @@ class RegistryClient:
 
     async def punch(self, peer: Key) -> None:
         await self._request("POST", f"/v1/punch/{peer.hex()}")
+
+    async def relay(self, peer: Key) -> RelayEvent:
+        obj = await self._request("POST", f"/v1/relay/{peer.hex()}")
+        try:
+            return relay_from_json(obj)
+        except MalformedMessage as error:
+            raise ApiError(f"registry: /v1/relay reply: {error}") from None
 
     async def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
         """Events until the stream ends; a silent stream counts as dead after the timeout."""

@@ -22,6 +22,7 @@ from ..protocol import (
     PeerEvent,
     PeerRecord,
     PunchEvent,
+    RelayEvent,
     RemovedEvent,
     Reported,
     Snapshot,
@@ -78,12 +79,15 @@ class RegistryView:
         self.has_reported = False
         self.health: RegistryHealth | None = None  # None until follow_registry starts
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
+        # Relay slots the registry gave us, by peer: its relay events and answers (relay.py).
+        self.relays: dict[Key, RelayEvent] = {}
 
     def apply(self, event: Event) -> None:
         if isinstance(event, Snapshot):
             if self.epoch is not None and event.epoch != self.epoch:
                 log.info("registry restarted (new epoch): resynced %d peers", len(event.peers))
                 self.reported.set()
+                self.relays.clear()  # its relay's slots are gone with it
             self.epoch = event.epoch
             self.peers = {p.public_key: p for p in event.peers}
         elif isinstance(event, PeerEvent):
@@ -104,6 +108,8 @@ class RegistryView:
                 self.peers[event.peer] = replace(known, endpoint=event.endpoint)
             self.punched.add(event.peer)
             self.roles[event.peer] = event.initiator
+        elif isinstance(event, RelayEvent):
+            self.relays[event.peer] = event
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
         self.wake.set()

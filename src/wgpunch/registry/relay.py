@@ -78,6 +78,7 @@ class Relay:
         if self.kernel is not None:
             await self.kernel.reset()
             self._tasks.append(asyncio.create_task(self._kernel_sync(), name="relay-kernel"))
+            self._tasks.append(asyncio.create_task(self._kernel_poll(), name="relay-counters"))
         self._tasks.append(asyncio.create_task(self._sweep(), name="relay-sweep"))
         log.info("relay: ports %d-%d, %s path", self.table.ports.start,
                  self.table.ports.stop - 1, "kernel" if self.kernel else "userspace",
@@ -95,12 +96,15 @@ class Relay:
         if self.kernel is not None:
             with contextlib.suppress(RelayError):
                 await self.kernel.close()
+        log.info("relay stopped: %s", ", ".join(f"{k} {v}" for k, v in self.counts.items())
+                 or "no datagrams", extra={"event": "relay_stopped", "counts": self.counts})
 
     # -- slots (plain def: nothing interleaves) ---------------------------------------------
 
     def allocate(self, node: Key, peer: Key) -> tuple[Lease, Lease]:
         """The pair's slot, made with its two sockets if it has none: `node`'s lease, then
-        `peer`'s."""
+        `peer`'s. A node that asks for a slot it holds has lost its path through it: its side
+        is unbound, to be bound again by its next datagram."""
         slot, created = self.table.allocate(node, peer, self.clock())
         if created:
             try:
@@ -114,6 +118,12 @@ class Relay:
                      slot.b.node, slot.b.port,
                      extra={"event": "relay_slot", "peer": str(slot.a.node),
                             "target": str(slot.b.node)})
+        elif slot.unbind(node):
+            log.info("relay slot %d: %s asked again; unbound until its next datagram",
+                     slot.side_of(node).port, node,
+                     extra={"event": "relay_unbound", "peer": str(node)})
+            if slot.kernel:
+                self._kernel_dirty.set()
         mine, theirs = slot.side_of(node), slot.side_of(peer)
         return Lease(peer, mine.port, created), Lease(node, theirs.port, created)
 
@@ -218,16 +228,33 @@ class Relay:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self.t.sweep_s)
-            await self.sweep_once()
+            self.sweep_once()
 
-    async def sweep_once(self) -> None:
-        """End the slots that expired; a slot the kernel forwards counts as active when its
-        rules' counters moved since the last sweep."""
-        before, self._kernel_packets = self._kernel_packets, {}
-        if self.kernel is not None and any(slot.kernel for slot in self.table):
-            with contextlib.suppress(RelayError):
-                self._kernel_packets = await self.kernel.counters()
-        moved = {port for port, packets in self._kernel_packets.items()
-                 if packets != before.get(port)}
-        for slot in self.table.expired(self.clock(), self.t, lambda s: s.a.port in moved):
+    def sweep_once(self) -> None:
+        """End the slots that expired."""
+        for slot in self.table.expired(self.clock(), self.t):
             self.end(slot, "idle" if slot.bound else "never bound")
+
+    async def _kernel_poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.t.kernel_poll_s)
+            if self.kernel is not None and any(slot.kernel for slot in self.table):
+                await self.kernel_activity()
+
+    async def kernel_activity(self) -> None:
+        """Take what the kernel forwarded into the slots: a side whose counter moved since
+        the last read sent just now, as if the relay had seen its datagram."""
+        assert self.kernel is not None
+        try:
+            packets = await self.kernel.counters()
+        except RelayError as error:
+            log.debug("%s", error)
+            return
+        now = self.clock()
+        for slot in self.table:
+            for side in (slot.a, slot.b):
+                count = packets.get(side.port)
+                if slot.kernel and count is not None and count != self._kernel_packets.get(
+                        side.port):
+                    side.last_rx = slot.last_active = now
+        self._kernel_packets = packets

@@ -6,6 +6,7 @@ table (nothing else on the host is touched):
 
     prerouting   ip saddr A udp sport A.port udp dport pA  dnat to B        (and B -> A)
     postrouting  ct status dnat, A -> B                     snat to R:pB     (and B -> A)
+    forward      ct status dnat, A -> B                     counter          (and B -> A)
 
 so A's datagram leaves toward B from the relay's port pB, exactly as the userspace path sends
 it, and one conntrack entry carries both directions. NAT rules act on a flow's first packet
@@ -96,17 +97,16 @@ class KernelPath:
         await self.forget(port for flow in changed for port in (flow.a_port, flow.b_port))
 
     async def counters(self) -> dict[int, int]:
-        """Packets each installed flow has carried, by its `a_port`."""
-        out = await _run(["nft", "-j", "list", "table", "ip", self.table])
+        """Datagrams each side of the installed flows has sent through the kernel, by the
+        relay port that side sends to."""
+        out = await _run(["nft", "-j", "list", "chain", "ip", self.table, "forwarded"])
         packets: dict[int, int] = {}
         for item in json.loads(out).get("nftables", []):
-            rule = item.get("rule")
-            if not rule or not str(rule.get("comment", "")).startswith("slot "):
-                continue
-            port = int(str(rule["comment"]).split()[1])
-            for expr in rule.get("expr", []):
+            rule = item.get("rule") or {}
+            comment = str(rule.get("comment", ""))
+            for expr in rule.get("expr", []) if comment.startswith("side ") else []:
                 if "counter" in expr:
-                    packets[port] = packets.get(port, 0) + int(expr["counter"]["packets"])
+                    packets[int(comment.split()[1])] = int(expr["counter"]["packets"])
         return packets
 
     async def forget(self, ports: Iterable[int]) -> None:
@@ -124,25 +124,31 @@ class KernelPath:
 
     def _replace(self, flows: Iterable[Flow]) -> str:
         """One nft transaction: the table made if missing, dropped, and made with `flows`."""
-        pre, post = [], []
+        pre, post, counted = [], [], []
         for flow in flows:
             comment = f'comment "slot {flow.a_port}"'
             for (src, src_port), to_port, (dst, dst_port), from_port in (
                     (flow.a, flow.a_port, flow.b, flow.b_port),
                     (flow.b, flow.b_port, flow.a, flow.a_port)):
                 match = f"ip saddr {src} udp sport {src_port}"
-                pre.append(f"    {match} udp dport {to_port} counter "
-                           f"dnat to {dst}:{dst_port} {comment}\n")
+                pre.append(f"    {match} udp dport {to_port} dnat to {dst}:{dst_port} "
+                           f"{comment}\n")
                 source = (f"snat to {self.address}:{from_port}" if self.address
                           else f"masquerade to :{from_port}")
                 post.append(f"    ct status dnat {match} ip daddr {dst} udp dport {dst_port} "
-                            f"counter {source} {comment}\n")
+                            f"{source} {comment}\n")
+                # NAT chains see a flow's first packet only; this one sees every one, which is
+                # how the relay knows a side is still sending (relay.py).
+                counted.append(f"    ct status dnat {match} ip daddr {dst} udp dport {dst_port} "
+                               f'counter comment "side {to_port}"\n')
         t = self.table
         return (f"table ip {t} {{}}\ndelete table ip {t}\ntable ip {t} {{\n"
                 "  chain pre {\n    type nat hook prerouting priority dstnat; policy accept;\n"
                 + "".join(pre) + "  }\n"
                 "  chain post {\n    type nat hook postrouting priority srcnat; policy accept;\n"
-                + "".join(post) + "  }\n}\n")
+                + "".join(post) + "  }\n"
+                "  chain forwarded {\n    type filter hook forward priority filter; "
+                "policy accept;\n" + "".join(counted) + "  }\n}\n")
 
     async def _conntrack_ports(self) -> list[int]:
         out = await _run(["conntrack", "-L", "-p", "udp"], check=False)

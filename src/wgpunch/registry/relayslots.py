@@ -12,7 +12,8 @@ port, the first to arrive binds its side and is lost, the second binds its side 
 delivered, and its answer goes back through both bindings.
 
 A side moves (`rebound`) only to a handshake initiation from the node's observed IP after its
-bound address has been quiet for `rebind_quiet_s`: a NAT that gave the node a new port makes
+bound address has been quiet for `rebind_quiet_s`, or after the node asked for the slot
+again (`unbind`, through the authenticated API): a NAT that gave the node a new port makes
 WireGuard initiate again from it; a packet from a new port while the bound one is active is
 someone else's (a replay, an injection) and dropped.
 """
@@ -20,7 +21,7 @@ someone else's (a replay, an injection) and dropped.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, RequestRefused
@@ -50,11 +51,19 @@ class RelayTimings:
     # WireGuard's keepalive (25 s, set by the node agent) with one lost.
     idle_timeout_s: float = 60.0
     # A bound address quiet this long may be replaced by an initiation from a new port of
-    # the node's IP (its NAT rebinding). Above the round trip of any sane path, below
-    # WireGuard's 5 s handshake retry, so a rebinding node is back on its next initiation.
-    rebind_quiet_s: float = 2.0
-    # How often slots are checked for expiry (and the kernel path's counters read).
+    # the node's IP (its NAT rebinding). Above WireGuard's keepalive (25 s, which the agent
+    # sets): a bound address that sends not even keepalives is gone. Not shorter, because
+    # the node's public IP may be shared (a carrier NAT), and a neighbour there could
+    # otherwise take over a slot that is merely idle. A node gets its side unbound at once
+    # by asking for the slot again (`Relay.allocate`), which only it can do.
+    rebind_quiet_s: float = 30.0
+    # How often slots are checked for expiry.
     sweep_s: float = 5.0
+    # How often the kernel path's counters are read, while it forwards a slot: what tells
+    # the relay that a side is still sending (for rebind_quiet_s and idle_timeout_s). Half
+    # of rebind_quiet_s, so that a side sending steadily never looks quiet; an nft read
+    # costs a few ms.
+    kernel_poll_s: float = 1.0
 
 
 # A UDP address as the socket reports it: the relay compares these per datagram, so they stay
@@ -116,6 +125,13 @@ class Slot:
 
     def side_of(self, node: Key) -> Side:
         return self.a if node == self.a.node else self.b
+
+    def unbind(self, node: Key) -> bool:
+        """Forget `node`'s bound address (it asked for the slot again: its old address is
+        gone); True when it had one."""
+        side = self.side_of(node)
+        had, side.bound, side.last_rx = side.bound is not None, None, None
+        return had
 
     def other(self, side: Side) -> Side:
         return self.b if side is self.a else self.a
@@ -209,19 +225,11 @@ class SlotTable:
             self._by_port.pop(port, None)
             self._free.append(port)
 
-    def expired(self, now: float, t: RelayTimings,
-                active: Callable[[Slot], bool] = lambda slot: False) -> list[Slot]:
-        """Slots to give back: never bound within bind_timeout_s, or idle for idle_timeout_s.
-        `active` says whether a slot moved traffic that the table did not see (the kernel's
-        counters); such a slot is marked active now."""
-        ended = []
-        for slot in self:
-            if active(slot):
-                slot.last_active = now
-            if ((not slot.bound and now - slot.created >= t.bind_timeout_s)
-                    or now - slot.last_active >= t.idle_timeout_s):
-                ended.append(slot)
-        return ended
+    def expired(self, now: float, t: RelayTimings) -> list[Slot]:
+        """Slots to give back: never bound within bind_timeout_s, or idle for idle_timeout_s."""
+        return [slot for slot in self
+                if (not slot.bound and now - slot.created >= t.bind_timeout_s)
+                or now - slot.last_active >= t.idle_timeout_s]
 
 
 def port_range(text: str) -> range:

@@ -1,0 +1,149 @@
+"""When a peer goes through a relay slot (DESIGN.md §6), and what `status` says about it.
+
+A peer whose punch has produced no handshake within `after_s` gets a relay slot from the
+registry (`POST /v1/relay`); the registry tells the peer's agent at the same time (a `relay`
+event), so both sides hold the slot within a round trip. From then on the slot is one more
+candidate (candidates.py, kind `relay`, ranked below every direct one), and the direct ones
+count as failed, so that decide() moves the pair to the relay at once: a punch through the
+registry, and both sides' handshake-now toward their own relay port. The relay drops what
+reaches it before the other side is bound, so the first initiation binds one side, the
+other's binds the other side and goes through; no initiator rule is needed.
+
+`want_slot` is the pure rule; `Relays` holds the slots and asks for them in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from ..errors import ApiError
+from ..keys import Key
+from ..protocol import RelayEvent
+from ..wg.device import Endpoint
+from .candidates import Candidate, CandidateKind, PathKind
+from .decide import Memory
+from .source import Source
+from .track import Track
+
+log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, whichever module
+
+
+@dataclass(frozen=True, slots=True)
+class RelayTimings:
+    # A punch with no handshake this long after our first attempt: ask for a slot. Above
+    # the first punch's own retry (decide.Timings.first_retry_s, 0.5 s) and every lab round
+    # trip, so a pair that can go direct does (bench/time_to_direct.py: easy p95 0.05 s);
+    # DESIGN.md §3 asks for "about a second".
+    after_s: float = 1.0
+    # A slot request that failed, or a slot that got no handshake, is asked for again after
+    # this long: a registry without --relay answers 404 to every request.
+    retry_s: float = 10.0
+
+
+class Why(enum.StrEnum):
+    NO_HANDSHAKE = "relayed: a punch got no handshake within a second"
+    PEER_ASKED = "relayed: the peer's punch got no handshake, it asked for the slot"
+
+
+def want_slot(mem: Memory, now: float, t: RelayTimings, *, live: bool,
+              asked_at: float | None) -> bool:
+    """Whether to ask for a slot for a peer (without one) now. The rule of both NATs'
+    behaviour (a pair that can never go direct asks at once, DESIGN.md §6) belongs here as
+    one more early `return True` once the protocol carries it; until then the timeout alone
+    decides."""
+    if live or (asked_at is not None and now - asked_at < t.retry_s):
+        return False
+    return mem.first_attempt_at is not None and now - mem.first_attempt_at >= t.after_s
+
+
+def slot_endpoint(event: RelayEvent, registry: Endpoint | None) -> Endpoint | None:
+    """Where our device sends for the peer: the event's address, else the registry's
+    endpoint address as our device has it (the relay runs beside the registry)."""
+    ip = event.address if event.address is not None else (
+        None if registry is None else registry.ip)
+    return None if ip is None else Endpoint(ip, event.port)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    endpoint: Endpoint
+    why: Why
+
+
+class Relays:
+    """The agent's relay slots, by peer. `offers` is where the registry's answers and relay
+    events land (RegistryView.relays); `wake` makes the agent reconcile."""
+
+    def __init__(self, client: Source, offers: dict[Key, RelayEvent], wake: Callable[[], None],
+                 t: RelayTimings | None = None) -> None:
+        self.client = client
+        self.offers = offers
+        self.wake = wake
+        self.t = t or RelayTimings()
+        self.registry: Endpoint | None = None  # the registry's endpoint on our device
+        self.leases: dict[Key, Lease] = {}
+        self._asked: dict[Key, float] = {}
+        self._mine: set[Key] = set()  # offers that answer our own request
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def plan(self, peer: Key, candidates: Sequence[Candidate], mem: Memory, *, live: bool,
+             now: float) -> tuple[tuple[Candidate, ...], Memory]:
+        """The peer's candidates with its slot, and its memory with the direct candidates
+        failed when the slot is new; asks for a slot when `want_slot` says so."""
+        lease = self._lease(peer)
+        if lease is not None and not live and lease.endpoint in mem.failed:
+            # The slot got no handshake (the relay restarted, the slot expired): ask again.
+            self.leases.pop(peer, None)
+            self.offers.pop(peer, None)
+            lease = None
+        if lease is None:
+            if self.client.coordinates_punches and want_slot(
+                    mem, now, self.t, live=live, asked_at=self._asked.get(peer)):
+                self._ask(peer, now)
+            return tuple(candidates), mem
+        relay = Candidate(CandidateKind.RELAY, lease.endpoint)
+        if self.leases.get(peer) != lease:
+            self.leases[peer] = lease
+            if not live:
+                log.info("peer %s: relay slot %s (%s)", peer, lease.endpoint, lease.why,
+                         extra={"event": "relay_slot", "peer": str(peer),
+                                "endpoint": str(lease.endpoint)})
+                mem = replace(mem, failed=frozenset(c.endpoint for c in candidates),
+                              attempt_endpoint=None)
+        return (*candidates, relay), mem
+
+    def annotate(self, peer: Key, track: Track) -> None:
+        """Say why a relayed peer is relayed (status shows it as the reason)."""
+        lease = self.leases.get(peer)
+        if track.path is PathKind.RELAY and lease is not None:
+            track.reason = lease.why.value
+
+    def _lease(self, peer: Key) -> Lease | None:
+        offer = self.offers.get(peer)
+        endpoint = None if offer is None else slot_endpoint(offer, self.registry)
+        if endpoint is None:
+            return None
+        return Lease(endpoint, Why.NO_HANDSHAKE if peer in self._mine else Why.PEER_ASKED)
+
+    def _ask(self, peer: Key, now: float) -> None:
+        self._asked[peer] = now
+        task = asyncio.create_task(self._request(peer))
+        self._tasks.add(task)  # a reference, so the task is not collected half-way
+        task.add_done_callback(self._tasks.discard)
+
+    async def _request(self, peer: Key) -> None:
+        log.info("peer %s: no handshake within %g s of our first attempt; asking for a relay "
+                 "slot", peer, self.t.after_s, extra={"event": "relay_request", "peer": str(peer)})
+        try:
+            offer = await self.client.relay(peer)
+        except ApiError as error:
+            log.warning("peer %s: no relay slot: %s", peer, error,
+                        extra={"event": "relay_refused", "peer": str(peer)})
+            return
+        self._mine.add(peer)
+        self.offers[peer] = offer
+        self.wake()
