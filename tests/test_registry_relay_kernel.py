@@ -213,3 +213,30 @@ def test_nothing_is_left_after_kill_9_and_a_restart(triangle):
     finally:
         assert restarted.stop() == 0
     assert r.run(["nft", "list", "table", "ip", TABLE], check=False).returncode != 0
+
+
+def test_wgpunch_relay_runs_alone_and_leaves_nothing(tmp_path):
+    """`wgpunch relay` in a namespace of its own: kernel path where forwarding is on,
+    userspace (with a warning) where it is off; its table goes when it stops."""
+    ns = Namespace(f"{unique_prefix('wr')}-x")
+    ns.add()
+    try:
+        for forwarding, path in (("1", "kernel path"), ("0", "userspace path")):
+            ns.run(["sysctl", "-qw", f"net.ipv4.ip_forward={forwarding}"])
+            log = tmp_path / f"relay-{forwarding}.log"
+            with log.open("w") as out:
+                proc = ns.popen([sys.executable, "-m", "wgpunch.cli", "relay", "--ports",
+                                 PORTS], env={"PYTHONPATH": SRC}, stdout=out, stderr=out)
+            try:
+                wait_for(lambda log=log, proc=proc: "relay: ports" in log.read_text()
+                         or proc.poll() is not None,
+                         timeout=10, what="the relay to start")
+                assert f"relay: ports 31000-31003, {path}" in log.read_text(), log.read_text()
+                listed = ns.run(["nft", "list", "table", "ip", TABLE], check=False)
+                assert (listed.returncode == 0) == (forwarding == "1")
+            finally:
+                assert stop_process(proc) == 0, log.read_text()
+            assert ns.run(["nft", "list", "table", "ip", TABLE], check=False).returncode != 0
+        assert "forwarding in userspace: IPv4 forwarding is off" in log.read_text()
+    finally:
+        ns.delete()

@@ -9,8 +9,12 @@ from aiohttp import web
 
 from test_registry_api import A, B, C, Registry, next_line, start, table
 from test_registry_relay import free_ports
+from wgpunch.cli import build_parser
+from wgpunch.errors import ConfigError
+from wgpunch.registry import cli as registry_cli
 from wgpunch.registry import relayroute
 from wgpunch.registry.api import create_app
+from wgpunch.registry.cli import RelaySettings
 from wgpunch.registry.relay import Relay
 from wgpunch.registry.site import ApiSite
 from wgpunch.registry.state import RegistryState
@@ -89,3 +93,31 @@ async def test_a_registry_without_relay_has_no_such_path():
         assert resp.status == 404
     finally:
         await reg.close()
+
+
+def registry_settings(*args: str, environ: dict[str, str] | None = None):
+    parsed = build_parser().parse_args(["registry", "--interface", "wg0", *args])
+    return registry_cli.settings_from(parsed, environ=environ or {})
+
+
+def test_relay_options():
+    assert registry_settings().relay is None
+    assert registry_settings("--relay").relay == RelaySettings(range(31000, 32000), None, True)
+    given = registry_settings("--relay", "40000-40001", "--relay-address", "192.0.2.1",
+                              "--relay-userspace").relay
+    assert given == RelaySettings(range(40000, 40002), ipaddress.ip_address("192.0.2.1"), False)
+    from_env = registry_settings(environ={"WGPUNCH_RELAY": "true",
+                                          "WGPUNCH_RELAY_USERSPACE": "yes"}).relay
+    assert from_env == RelaySettings(range(31000, 32000), None, False)
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["--relay-userspace"], "need --relay"),
+    (["--relay", "31000"], "expected FIRST-LAST"),
+    (["--relay", "31000-31000"], "at least two ports"),
+    (["--relay", "65535-65536"], "within 1-65535"),
+    (["--relay", "--relay-address", "relay.example"], "'relay.example' is not an IP address"),
+])
+def test_relay_option_errors(args, error):
+    with pytest.raises(ConfigError, match=error):
+        registry_settings(*args)

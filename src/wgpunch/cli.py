@@ -19,9 +19,10 @@ from .lab import cli as lab_cli
 from .natpunch import cli as rendezvous_cli
 from .node import cli as node_cli
 from .registry import cli as registry_cli
+from .registry import relaycli as relay_cli
 
-SUBCOMMANDS = (registry_cli, rendezvous_cli, node_cli, status_cli, lab_cli, demo, service,
-               completion)
+SUBCOMMANDS = (registry_cli, relay_cli, rendezvous_cli, node_cli, status_cli, lab_cli, demo,
+               service, completion)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -487,4 +487,20 @@ RENDEZVOUS = Schema("rendezvous", (
            default=_LIMITS.peers_max, bounds=Bounds(1)),
 ), RendezvousConfig)
 
-SCHEMAS: tuple[Schema[Any], ...] = (REGISTRY, NODE, RENDEZVOUS)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayConfig(Loaded):
+    ports: str
+    address: str | None
+    userspace: bool
+
+
+RELAY = Schema("relay", (
+    Option("ports", TEXT, "the UDP ports to relay on, FIRST-LAST, two per pair",
+           f'"{DEFAULT_RELAY_PORTS}"', default=DEFAULT_RELAY_PORTS),
+    Option("address", TEXT, "the relay's public IP, for the kernel path's source address "
+           "(default: the route's)", '"192.0.2.1"'),
+    Option("userspace", SWITCH, "forward in this process only, never through nftables",
+           "false", default=False),
+), RelayConfig)
+
+SCHEMAS: tuple[Schema[Any], ...] = (REGISTRY, NODE, RENDEZVOUS, RELAY)

@@ -186,12 +186,12 @@ def relay_settings(options: config.RegistryConfig) -> RelaySettings | None:
             raise ConfigError("registry: --relay-address and --relay-userspace need --relay")
         return None
     address = (None if options.relay_address is None
-               else options.parsed("relay_address", _address, options.relay_address))
+               else options.parsed("relay_address", relay_address, options.relay_address))
     return RelaySettings(options.parsed("relay", port_range, options.relay), address,
                          not options.relay_userspace)
 
 
-def _address(text: str) -> IPAddress:
+def relay_address(text: str) -> IPAddress:
     try:
         return ipaddress.ip_address(text)
     except ValueError:
