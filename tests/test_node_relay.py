@@ -69,15 +69,16 @@ async def test_a_slot_becomes_the_only_candidate_left_and_both_sides_handshake()
     relays = Relays(registry, offers, lambda: woken.append(1))  # type: ignore[arg-type]
     relays.registry = REGISTRY
     mem = Memory(attempts=2, attempt_at=4.5, attempt_endpoint=PUBLIC, first_attempt_at=4.0)
-    candidates, same = relays.plan(PEER, DIRECT, mem, live=False, now=5.0)
+    candidates, same = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=5.0)
     assert (candidates, same) == (DIRECT, mem)
     await settle(relays)
     assert registry.asked == [PEER] and woken and PEER in offers
-    candidates, mem = relays.plan(PEER, DIRECT, mem, live=False, now=5.1)
+    candidates, mem = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=5.1)
     relay = Endpoint.parse("192.0.2.2:31001")
     assert candidates == (*DIRECT, Candidate(CandidateKind.RELAY, relay))
     assert mem.failed == {PUBLIC} and mem.attempt_endpoint is None
-    assert relays.plan(PEER, DIRECT, mem, live=False, now=5.2)[1] == mem  # only once
+    again = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=5.2)
+    assert again[1] == mem  # only once
 
     dead = PeerState(PEER, PUBLIC, (), None, 0, 0, 25, False)
     now = dict(now_wall=1.8e9, now=5.2, t=Timings())
@@ -99,14 +100,37 @@ async def test_a_slot_that_got_no_handshake_is_asked_for_again_later():
     relays = Relays(registry, offers, lambda: None)  # type: ignore[arg-type]
     relays.registry = REGISTRY
     mem = Memory(first_attempt_at=0.0)
-    _candidates, mem = relays.plan(PEER, DIRECT, mem, live=False, now=1.0)
+    _candidates, mem = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=1.0)
     assert relays.leases[PEER].why is Why.PEER_ASKED
     relay = relays.leases[PEER].endpoint
     failed = Memory(first_attempt_at=0.0, failed=frozenset({PUBLIC, relay}))
-    candidates, _ = relays.plan(PEER, DIRECT, failed, live=False, now=2.0)
+    candidates, _ = relays.plan(PEER, DIRECT, failed, live=False, current=PUBLIC, now=2.0)
     assert candidates == DIRECT and PEER not in offers and PEER not in relays.leases
     await settle(relays)
     assert registry.asked == [PEER]  # asked (and refused); not again within retry_s
-    relays.plan(PEER, DIRECT, failed, live=False, now=3.0)
+    relays.plan(PEER, DIRECT, failed, live=False, current=PUBLIC, now=3.0)
     await settle(relays)
     assert registry.asked == [PEER]
+
+
+async def test_a_slot_gone_under_a_live_session_is_asked_for_at_once_and_moved_to():
+    """The registry restarted (its relay's slots are gone: RegistryView clears the offers on
+    a new epoch) while our device sends to the slot: ask at once, though the session still
+    looks live, and while the new slot differs, offer only it (decide() probes the dead old
+    path and repoints there, rather than to a direct path that failed)."""
+    old, new = RelayEvent(3, PEER, 31001, None), RelayEvent(1, PEER, 31003, None)
+    offers = {PEER: old}
+    registry = FakeRegistry(new)
+    relays = Relays(registry, offers, lambda: None)  # type: ignore[arg-type]
+    relays.registry = REGISTRY
+    on_old = Endpoint.parse("192.0.2.2:31001")
+    relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=1.0)
+    offers.clear()
+    assert relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=100.0)[0] == DIRECT
+    await settle(relays)
+    assert registry.asked == [PEER]
+    candidates, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=100.1)
+    assert candidates == (Candidate(CandidateKind.RELAY, Endpoint.parse("192.0.2.2:31003")),)
+    moved = Endpoint.parse("192.0.2.2:31003")
+    candidates, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=moved, now=101.0)
+    assert candidates == (*DIRECT, Candidate(CandidateKind.RELAY, moved))

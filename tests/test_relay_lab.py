@@ -92,6 +92,28 @@ def test_an_impossible_pair_is_relayed(lab_prefix, first, second, path):
         assert not re.search(r"port=310\d\d ", left), left
 
 
+def test_a_relayed_pair_recovers_after_a_registry_restart(lab_prefix):
+    """The registry (and its relay, kernel path) restarts: the slot is gone, the nodes see the
+    new epoch, ask for a slot at once and ping again within a few seconds."""
+    with Lab(catalog.matrix_pair("symmetric", "symmetric"), prefix=lab_prefix) as lab:
+        lab.ns("registry").run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        with Agents(lab, registry_args=["--relay", "31000-31099"]) as agents:
+            agents.start_registry()
+            agents.start_nodes()
+            wait_for(lambda: pings(lab, "a", "b"), timeout=DEADLINE_S, interval=0.2,
+                     what="a ping through the relay")
+            assert agents.stop("registry") == 0
+            assert not pings(lab, "a", "b")
+            agents.start_registry()
+            serving = time.monotonic()
+            wait_for(lambda: pings(lab, "a", "b"), timeout=DEADLINE_S, interval=0.2,
+                     what="a ping through the relay after the restart")
+            took = time.monotonic() - serving
+            print(f"relayed again {took:.2f} s after the registry served again")
+            assert took < 5.0
+            assert status_of(lab, "a", "b")["path"] == "relay"
+
+
 # Sends each shape to each port from one socket until its time is up; prints how many.
 FLOOD = r"""
 import socket, sys, time

@@ -174,7 +174,7 @@ class Agent:
                                        self.view.local)
             live = not path_is_dead(peer, memory, now_wall, now, self.t)
             candidates, memory = self.relays.plan(peer.public_key, candidates, memory,
-                                                  live=live, now=now)
+                                                  live=live, current=peer.endpoint, now=now)
             memory = failover(memory, candidates, now=now, t=self.t, live=live)
             decision = decide(
                 peer, candidates, memory,

@@ -87,22 +87,32 @@ class Relays:
         self.registry: Endpoint | None = None  # the registry's endpoint on our device
         self.leases: dict[Key, Lease] = {}
         self._asked: dict[Key, float] = {}
+        # Slots that went away while our device sent to them (a registry restart).
+        self._stale: dict[Key, Endpoint] = {}
         self._mine: set[Key] = set()  # offers that answer our own request
         self._tasks: set[asyncio.Task[None]] = set()
 
     def plan(self, peer: Key, candidates: Sequence[Candidate], mem: Memory, *, live: bool,
-             now: float) -> tuple[tuple[Candidate, ...], Memory]:
+             current: Endpoint | None, now: float) -> tuple[tuple[Candidate, ...], Memory]:
         """The peer's candidates with its slot, and its memory with the direct candidates
-        failed when the slot is new; asks for a slot when `want_slot` says so."""
-        lease = self._lease(peer)
+        failed when the slot is new; asks for a slot when `want_slot` says so, or at once
+        when the slot our device sends to (`current`) is gone (the registry restarted)."""
+        lease, old = self._lease(peer), self.leases.get(peer)
+        if old is not None and lease != old:
+            del self.leases[peer]
+            if current == old.endpoint:
+                self._stale[peer] = old.endpoint
+                self._asked.pop(peer, None)  # ask at once
         if lease is not None and not live and lease.endpoint in mem.failed:
             # The slot got no handshake (the relay restarted, the slot expired): ask again.
-            self.leases.pop(peer, None)
             self.offers.pop(peer, None)
+            self.leases.pop(peer, None)
             lease = None
         if lease is None:
-            if self.client.coordinates_punches and want_slot(
-                    mem, now, self.t, live=live, asked_at=self._asked.get(peer)):
+            asked = self._asked.get(peer)
+            if self.client.coordinates_punches and (
+                    want_slot(mem, now, self.t, live=live, asked_at=asked)
+                    or (peer in self._stale and (asked is None or now - asked >= self.t.retry_s))):
                 self._ask(peer, now)
             return tuple(candidates), mem
         relay = Candidate(CandidateKind.RELAY, lease.endpoint)
@@ -114,6 +124,12 @@ class Relays:
                                 "endpoint": str(lease.endpoint)})
                 mem = replace(mem, failed=frozenset(c.endpoint for c in candidates),
                               attempt_endpoint=None)
+        stale = self._stale.get(peer)
+        if stale is not None and stale == current != lease.endpoint:
+            # A live session on a slot that is gone: moved to the new one (decide() probes
+            # the old path, finds it dead, and repoints), not to a direct path that failed.
+            return (relay,), mem
+        self._stale.pop(peer, None)
         return (*candidates, relay), mem
 
     def annotate(self, peer: Key, track: Track) -> None:
