@@ -13,6 +13,7 @@ from wgpunch.protocol import (
     PeerEvent,
     PeerRecord,
     PunchEvent,
+    RelayEvent,
     RemovedEvent,
     Reported,
     Snapshot,
@@ -36,6 +37,8 @@ BARE = PeerRecord(K2, (), None, None, None, 3)
     PeerEvent(4, BARE),
     RemovedEvent(9, K2),
     PunchEvent(9, K2, Endpoint.parse("[2001:db8::2]:4500"), True),
+    RelayEvent(9, K1, 31000, None),
+    RelayEvent(9, K1, 65535, ipaddress.ip_address("2001:db8::1")),
 ])
 def test_round_trip_through_json_text(item):
     assert item_from_json(json.loads(json.dumps(item_json(item)))) == item
@@ -51,6 +54,12 @@ def test_heartbeat_round_trip():
     ({"type": "removed", "revision": 1, "public_key": "short"}, "malformed"),
     ({"type": "punch", "revision": 1, "peer": K1.base64(), "endpoint": "nowhere",
       "initiator": True}, "malformed"),
+    ({"type": "relay", "revision": 1, "peer": K1.base64(), "port": 0, "address": None},
+     "port: 0 is not in 1-65535"),
+    ({"type": "relay", "revision": 1, "peer": K1.base64(), "port": True, "address": None},
+     "port: expected int"),
+    ({"type": "relay", "revision": 1, "peer": K1.base64(), "port": 9, "address": "x"},
+     "malformed relay"),
     ([], "malformed"),
     ({"type": "peer", "revision": 1, "peer": {**item_json(PeerEvent(1, RECORD))["peer"],
                                              "reported": {"listen_port": 0,
