@@ -47,6 +47,7 @@ def relay_endpoint(lab: Lab, host: str) -> str:
     ("symmetric", "symmetric", "kernel"),
     ("symmetric", "symmetric", "userspace"),
     ("eim", "symmetric", "kernel"),
+    ("eim-port", "symmetric", "userspace"),
 ])
 def test_an_impossible_pair_is_relayed(lab_prefix, first, second, path):
     with Lab(catalog.matrix_pair(first, second), prefix=lab_prefix) as lab:
