@@ -37,13 +37,15 @@ import asyncio, json, sys
 from wgpunch.keys import generate_keypair
 from wgpunch.registry.relay import Relay
 from wgpunch.registry.relaykernel import KernelPath
-from wgpunch.registry.relayslots import port_range
+from wgpunch.registry.relayslots import RelayLimits, port_range
 
-async def main(ports, a_ip, b_ip, kernel):
+async def main(ports, a_ip, b_ip, kernel, rate):
     a, b = generate_keypair()[1], generate_keypair()[1]
     ports = port_range(ports)
-    relay = Relay({a: a_ip, b: b_ip}.get, ports=ports,
-                  kernel=KernelPath("wgpunch_relay", ports) if kernel == "kernel" else None)
+    limits = RelayLimits(packets_per_s=float(rate), packets_burst=min(int(rate), 20000))
+    relay = Relay({a: a_ip, b: b_ip}.get, ports=ports, limits=limits,
+                  kernel=KernelPath("wgpunch_relay", ports, limits=limits)
+                  if kernel == "kernel" else None)
     await relay.start()
     mine, theirs = relay.allocate(a, b)
     print(json.dumps({"a_port": mine.port, "b_port": theirs.port}), flush=True)
@@ -63,8 +65,8 @@ asyncio.run(main(*sys.argv[1:]))
 
 
 class Driver:
-    def __init__(self, ns: Namespace, mode: str) -> None:
-        self.proc = ns.popen([sys.executable, "-c", DRIVER, PORTS, A_IP, B_IP, mode],
+    def __init__(self, ns: Namespace, mode: str, rate: int = 100_000) -> None:
+        self.proc = ns.popen([sys.executable, "-c", DRIVER, PORTS, A_IP, B_IP, mode, str(rate)],
                              env={"PYTHONPATH": SRC}, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
         self.ports = json.loads(read_line(self.proc, timeout=10, what="the relay"))
@@ -145,7 +147,7 @@ def test_a_pair_pings_through_a_slot(triangle, mode):
         if mode == "kernel":
             wait_for(lambda: driver.ask()["kernel"] == [True], timeout=5,
                      what="the kernel to take the slot")
-            assert len(nft_rules(r)) == 4
+            assert len(nft_rules(r)) == 6  # per side: dnat, snat, rate limit
         before = driver.ask()["counts"].get("forward", 0)
         ping(a, b)
         moved = driver.ask()["counts"].get("forward", 0) - before
@@ -163,6 +165,25 @@ def test_a_pair_pings_through_a_slot(triangle, mode):
         out = a.ns.run(["ping", "-c", "2", "-i", "0.2", "-W", "1", b.tunnel_ip],
                        check=False).stdout
         assert " 0 received" in out, "the slot ended, but datagrams still pass"
+    finally:
+        assert driver.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["userspace", "kernel"])
+def test_a_side_over_the_slots_packet_rate_loses_the_excess(triangle, mode):
+    """At most 20 datagrams a second per side (burst 20): of 100 pings at 200 a second,
+    about 40 get through, on either path."""
+    a, b, r = triangle
+    driver = Driver(r, mode, rate=20)
+    try:
+        connect(a, b, driver)
+        if mode == "kernel":
+            wait_for(lambda: driver.ask()["kernel"] == [True], timeout=5,
+                     what="the kernel to take the slot")
+        out = a.ns.run(["ping", "-c", "100", "-i", "0.005", "-W", "1", b.tunnel_ip],
+                       check=False).stdout
+        received = int(re.search(r"(\d+) received", out).group(1))
+        assert 10 <= received <= 70, out
     finally:
         assert driver.stop() == 0
 
@@ -204,7 +225,7 @@ def test_nothing_is_left_after_kill_9_and_a_restart(triangle):
     ping(a, b, count=5)
     driver.proc.kill()
     driver.proc.wait(timeout=5)
-    assert len(nft_rules(r)) == 4 and conntrack_on_ports(r)  # what a crash leaves
+    assert len(nft_rules(r)) == 6 and conntrack_on_ports(r)  # what a crash leaves
     restarted = Driver(r, "kernel")
     try:
         state = restarted.ask()

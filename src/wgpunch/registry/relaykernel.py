@@ -6,7 +6,7 @@ table (nothing else on the host is touched):
 
     prerouting   ip saddr A udp sport A.port udp dport pA  dnat to B        (and B -> A)
     postrouting  ct status dnat, A -> B                     snat to R:pB     (and B -> A)
-    forward      ct status dnat, A -> B                     counter          (and B -> A)
+    forward      ct status dnat, A -> B   over the slot's rate: drop; else counter (and B -> A)
 
 so A's datagram leaves toward B from the relay's port pB, exactly as the userspace path sends
 it, and one conntrack entry carries both directions. NAT rules act on a flow's first packet
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, RelayError
-from .relayslots import Address
+from .relayslots import Address, RelayLimits
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,14 @@ def unavailable() -> str | None:
 
 
 class KernelPath:
-    def __init__(self, table: str, ports: range, address: str | None = None) -> None:
+    def __init__(self, table: str, ports: range, address: str | None = None,
+                 limits: RelayLimits | None = None) -> None:
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", table):
             raise ConfigError(f"relay: nftables table name {table!r}: letters, digits and _")
         self.table = table
         self.ports = ports
         self.address = address  # the relay's own address for SNAT; None: the route's
+        self.limits = limits or RelayLimits()
         self._installed: dict[int, Flow] = {}  # by a_port
 
     async def reset(self) -> None:
@@ -125,6 +127,7 @@ class KernelPath:
     def _replace(self, flows: Iterable[Flow]) -> str:
         """One nft transaction: the table made if missing, dropped, and made with `flows`."""
         pre, post, counted = [], [], []
+        rate, burst = round(self.limits.packets_per_s), self.limits.packets_burst
         for flow in flows:
             comment = f'comment "slot {flow.a_port}"'
             for (src, src_port), to_port, (dst, dst_port), from_port in (
@@ -137,10 +140,13 @@ class KernelPath:
                           else f"masquerade to :{from_port}")
                 post.append(f"    ct status dnat {match} ip daddr {dst} udp dport {dst_port} "
                             f"{source} {comment}\n")
-                # NAT chains see a flow's first packet only; this one sees every one, which is
-                # how the relay knows a side is still sending (relay.py).
-                counted.append(f"    ct status dnat {match} ip daddr {dst} udp dport {dst_port} "
-                               f'counter comment "side {to_port}"\n')
+                # NAT chains see a flow's first packet only; this one sees every one: the
+                # slot's packet rate per side, as in userspace, and the counter that tells the
+                # relay a side is still sending (relay.py).
+                flow_match = f"ct status dnat {match} ip daddr {dst} udp dport {dst_port}"
+                counted.append(f"    {flow_match} limit rate over {rate}/second burst {burst} "
+                               f'packets drop comment "slot {flow.a_port}"\n'
+                               f'    {flow_match} counter comment "side {to_port}"\n')
         t = self.table
         return (f"table ip {t} {{}}\ndelete table ip {t}\ntable ip {t} {{\n"
                 "  chain pre {\n    type nat hook prerouting priority dstnat; policy accept;\n"

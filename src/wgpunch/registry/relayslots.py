@@ -35,9 +35,9 @@ class RelayLimits:
     # Our choice: a node relays to a handful of peers at most in a sane mesh (relaying is the
     # last resort); this bounds what one node can take of the port range.
     slots_per_node: int = 16
-    # Per side of a slot, in userspace: 1 Gbit/s of 1,400-byte datagrams is ~90,000 per
-    # second; the userspace path reaches far less (bench/relay.py), so this only stops one
-    # slot from starving the others on the relay's core.
+    # Per side of a slot, on either path: 1 Gbit/s of 1,400-byte datagrams is ~90,000 per
+    # second, so a pair may use a gigabit; the userspace path reaches less (bench/relay.py),
+    # and there this stops one slot from starving the others on the relay's core.
     packets_per_s: float = 100_000.0
     packets_burst: int = 20_000
 
