@@ -13,10 +13,12 @@ from wgpunch import config
 from wgpunch.cli import build_parser
 from wgpunch.config import NODE, REGISTRY, RELAY, RENDEZVOUS, SCHEMAS, read_token
 from wgpunch.errors import ConfigError
+from wgpunch.keys import Key
 from wgpunch.natpunch import cli as rendezvous_cli
 from wgpunch.node import cli as node_cli
 from wgpunch.registry import cli as registry_cli
 from wgpunch.registry import relaycli
+from wgpunch.wg.device import DeviceState, PeerState
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 KEY = "Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="  # 32 bytes of text: a well-formed key
@@ -353,6 +355,14 @@ def test_read_token_warns_when_others_may_read_it(tmp_path, caplog, intent, mode
      r"registry key .*length 5.* \(from config .*node.toml: key 'registry'\)"),
     ("a bad DNS-SD server from a flag", "", ["--dns-sd", "dns.example:53", "--zone", "m."],
      r"^node: DNS-SD server: .*'dns.example:53'.*\(from --dns-sd\)$"),
+    ("mesh without the registry's API", 'dns_sd = "10.0.0.1:53"\nzone = "m."\nmesh = true\n',
+     [], "--mesh needs --registry"),
+    ("mesh given a word", f'registry = "{KEY}"\nmesh = "yes"\n', [],
+     "key 'mesh' must be true or false"),
+    ("an exclusion without mesh", f'registry = "{KEY}"\n', ["--mesh-exclude", KEY],
+     "--mesh-exclude goes with --mesh"),
+    ("a bad excluded key says where it came from", f'registry = "{KEY}"\nmesh = true\n',
+     ["--mesh-exclude", "short"], r"--mesh-exclude key .*length 5.* \(from --mesh-exclude\)"),
 ])
 def test_node_settings_errors(tmp_path, intent, toml, argv, match):
     path = tmp_path / "node.toml"
@@ -369,6 +379,33 @@ def test_node_settings_from_environment(monkeypatch):
     got = node_cli.settings_from(build_parser().parse_args(["node", "--interval", "0.5"]))
     assert (got.interface, str(got.dns_sd), got.zone, got.interval_s, got.keepalive_s,
             got.registry) == ("wg7", "[fd00::1]:5353", "mesh.internal.", 0.5, 25, None)
+
+
+def test_node_mesh_and_several_registries(tmp_path, monkeypatch):
+    other = Key(bytes([9]) * 32)
+    monkeypatch.setenv("WGPUNCH_MESH", "true")
+    monkeypatch.setenv("WGPUNCH_MESH_EXCLUDE", f"{other.base64()}, {other.hex()}")
+    got = node_cli.settings_from(build_parser().parse_args(
+        ["node", "--registry", KEY, "--registry", other.base64()]))
+    assert (got.interface, got.registry, got.registries, got.mesh, got.mesh_exclude) == (
+        None, None, (Key.parse(KEY), other), True, frozenset({other}))
+    one = node_cli.settings_from(build_parser().parse_args(["node", "--registry", KEY]))
+    assert (one.registry, one.registries) == (Key.parse(KEY), (Key.parse(KEY),))
+    with pytest.raises(ConfigError, match="--metrics-listen needs --interface IF"):
+        node_cli.settings_from(build_parser().parse_args(
+            ["node", "--registry", KEY, "--metrics-listen", "127.0.0.1:9588"]), environ={})
+
+
+def test_which_registry_an_interface_follows():
+    mine, other, stranger = (Key(bytes([n]) * 32) for n in (1, 2, 3))
+    peers = (PeerState(mine, None, (), None, 0, 0, 0, False),
+             PeerState(other, None, (), None, 0, 0, 0, False))
+    assert node_cli.registry_of(DeviceState("wg0", None, 0, 0, peers[:1]),
+                                (stranger, mine)) == mine
+    with pytest.raises(ConfigError, match=r"^node: wg0 has none of the registries given"):
+        node_cli.registry_of(DeviceState("wg0", None, 0, 0, peers[:1]), (stranger,))
+    with pytest.raises(ConfigError, match=r"^node: wg0 has several of the registries given"):
+        node_cli.registry_of(DeviceState("wg0", None, 0, 0, peers), (mine, other))
 
 
 def test_registry_parse_errors_say_where_the_value_came_from(tmp_path, monkeypatch):

@@ -106,6 +106,24 @@ def test_matrix_pairs_cover_every_pair_of_kinds_once():
         "eim-full-cone", "eim-port"]
 
 
+def test_double_nat_takes_any_home_kind_inside_any_carrier():
+    lab = catalog.resolve("double-eim-full-cone-symmetric")
+    nats = [(node.name, node.kind, parent.name if parent else None)
+            for node, parent in lab.walk() if isinstance(node, Nat)]
+    assert nats == [("cgn", "symmetric", None), ("na", "eim-full-cone", "cgn"),
+                    ("nc", "eim-full-cone", "cgn"), ("nb", "eim", None)]
+    assert catalog.resolve("double-nat") == catalog.double("eim", "eim-port",
+                                                          name="double-nat")
+
+
+def test_two_lans_share_a_nat_that_does_not_hairpin():
+    [office] = [node for node, parent in catalog.resolve("two-lans").walk()
+                if isinstance(node, Nat) and parent is None and node.name == "office"]
+    assert not office.hairpin
+    assert [n.name for n, _ in Scenario("x", (office,)).walk() if isinstance(n, Host)] == [
+        "a", "c"]
+
+
 def test_the_big_matrix_has_two_hosts_per_kind():
     kinds = {}
     for node, parent in catalog.matrix().walk():
@@ -115,7 +133,8 @@ def test_the_big_matrix_has_two_hosts_per_kind():
     assert kinds == dict.fromkeys(["public", *NAT_KINDS], 2)
 
 
-@pytest.mark.parametrize("spec", ["mixed-1", "mixed-61", "matrix-eim", "nope", "matrix-eim-x"])
+@pytest.mark.parametrize("spec", ["mixed-1", "mixed-61", "matrix-eim", "nope", "matrix-eim-x",
+                                  "double-public-eim", "double-eim"])
 def test_unknown_scenarios_are_refused(spec):
     with pytest.raises(LabError):
         catalog.resolve(spec)

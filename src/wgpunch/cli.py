@@ -18,11 +18,12 @@ from .errors import WgpunchError
 from .lab import cli as lab_cli
 from .natpunch import cli as rendezvous_cli
 from .node import cli as node_cli
+from .onboard import cli as onboard_cli
 from .registry import cli as registry_cli
 from .registry import relaycli as relay_cli
 
-SUBCOMMANDS = (registry_cli, relay_cli, rendezvous_cli, node_cli, status_cli, lab_cli, demo,
-               service, completion)
+SUBCOMMANDS = (registry_cli, relay_cli, rendezvous_cli, node_cli, onboard_cli, status_cli,
+               lab_cli, demo, service, completion)
 
 
 def build_parser() -> argparse.ArgumentParser:

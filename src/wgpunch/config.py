@@ -380,6 +380,7 @@ class RegistryConfig(Loaded):
     relay: str | None  # a port range; None: no relay
     relay_address: str | None  # None: nodes use the registry's endpoint address
     relay_userspace: bool  # never the kernel fast path
+    metrics_listen: str | None  # None: no metrics
 
 
 # Our choice: 500 slots of 2 ports, below Linux's ephemeral ports (32768-60999), so that no
@@ -415,13 +416,15 @@ REGISTRY = Schema("registry", (
            "registry's endpoint as each node has it)", '"192.0.2.1"'),
     Option("relay_userspace", SWITCH, "forward relayed datagrams in the relay process, never "
            "through nftables", "false", default=False),
+    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
+           "(default: off)", '"127.0.0.1:9587"'),
 ), RegistryConfig)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig(Loaded):
-    interface: str
-    registry: str | None
+    interface: str | None  # None: every WireGuard interface (node/fleet.py)
+    registry: tuple[str, ...]  # several: each interface follows the one it has as a peer
     api: str | None
     token_file: Path | None
     keepalive: int
@@ -432,12 +435,17 @@ class NodeConfig(Loaded):
     natpunch: str | None
     natpunch_server_key: str | None
     natpunch_legacy: str | None
+    mesh: bool
+    mesh_exclude: tuple[str, ...]
+    metrics_listen: str | None  # None: no metrics
 
 
 NODE = Schema("node", (
-    Option("interface", TEXT, "the WireGuard interface to steer", '"wg0"', required=True),
-    Option("registry", TEXT, "the registry's public key (a peer of IF)",
-           '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="'),
+    Option("interface", TEXT, "the WireGuard interface to steer (default: every one that has "
+           "the registry's peer)", '"wg0"'),
+    Option("registry", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
+           "the registry's public key (a peer of IF); a list: each interface follows the one "
+           "it has", '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="', default=()),
     Option("api", TEXT, f"the registry API's URL (default: its tunnel address, port {API_PORT})",
            f'"http://10.99.0.254:{API_PORT}"'),
     Option("token_file", PATH, "bearer token for the registry", '"/etc/wgpunch/token"'),
@@ -456,6 +464,13 @@ NODE = Schema("node", (
            '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="'),
     Option("natpunch_legacy", TEXT, f"follow this wireguard-tools server (port {LEGACY_PORT} "
            "if none)", '"rendezvous.example"'),
+    Option("mesh", SWITCH, "add the registry's peers to IF and remove those it drops (only "
+           "peers the mesh added)", "true", default=False),
+    Option("mesh_exclude", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
+           "with mesh: never add these peers", '["Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="]',
+           default=()),
+    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
+           "(default: off)", '"127.0.0.1:9588"'),
 ), NodeConfig)
 
 

@@ -83,13 +83,16 @@ class Agents:
         out = self.registry.ns.run(["ss", ss_flags, f"sport = :{port}"], check=False).stdout
         return bool(out.strip())
 
-    def start_node(self, host: str, *, registry_key: bool = True) -> None:
+    def start_node(self, host: str, *, registry_key: bool = True,
+                   interface: bool = True) -> None:
         """`wgpunch node` in `host`, told the registry's key unless `registry_key` is False
-        (a node following a DNS-SD server needs none)."""
+        (a node following a DNS-SD server needs none), and its interface unless `interface`
+        is False (the node then finds it)."""
         node = self.lab.host(host)
         assert node.ifname is not None
         key = ["--registry", self.registry.public_key.base64()] if registry_key else []
-        self._launch(host, ["node", "--interface", node.ifname, *key, *self.node_args])
+        where = ["--interface", node.ifname] if interface else []
+        self._launch(host, ["node", *where, *key, *self.node_args])
 
     def start_nodes(self, hosts: Sequence[str] | None = None) -> None:
         for host in self.nodes if hosts is None else hosts:

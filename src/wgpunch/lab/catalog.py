@@ -17,13 +17,17 @@
   Every unordered pair of kinds, including a kind with itself, is then some pair of hosts.
 - `matrix-K1-K2`: one small lab per pair of kinds, `a` behind K1 and `b` behind K2;
   `matrix_pairs()` lists them all.
+- `double-HOME-CARRIER`: `double-nat` with any NAT kinds: `a` and `c` behind HOME routers
+  behind one CARRIER NAT (hairpinning), `b` behind an `eim` router.
+- `two-lans`: `a` and `c` on two LANs (their own `eim` routers) behind one `eim` NAT that
+  does not hairpin: they share a public address but reach each other by no path through it.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 
 from ..errors import LabError
@@ -67,9 +71,21 @@ def _collision() -> Scenario:
 
 
 def _double_nat() -> Scenario:
-    cgn = Nat("cgn", "eim-port", (site("a", "eim"), site("c", "eim")), hairpin=True)
-    return Scenario("double-nat", (cgn, site("b", "eim")),
-                    description="a and c behind home routers behind one carrier NAT; b at home")
+    return double("eim", "eim-port", name="double-nat")
+
+
+def double(home: str, carrier: str, *, name: str | None = None) -> Scenario:
+    cgn = Nat("cgn", carrier, (site("a", home), site("c", home)), hairpin=True)
+    return Scenario(name or f"double-{home}-{carrier}", (cgn, site("b", "eim")),
+                    description=f"a and c behind {home} home routers behind one {carrier} "
+                    "carrier NAT; b at home")
+
+
+def _two_lans() -> Scenario:
+    office = Nat("office", "eim", (site("a", "eim"), site("c", "eim")), hairpin=False)
+    return Scenario("two-lans", (office, site("b", "eim")),
+                    description="a and c on two LANs behind one NAT without hairpinning; "
+                    "b at home")
 
 
 def host_names(count: int) -> Iterator[str]:
@@ -121,9 +137,20 @@ NAMED: dict[str, Callable[[], Scenario]] = {
     "symmetric": _symmetric,
     "collision": _collision,
     "double-nat": _double_nat,
+    "two-lans": _two_lans,
     "matrix": matrix,
 }
-PATTERNS = ("mixed-N", "matrix-KIND1-KIND2")
+PATTERNS = ("mixed-N", "matrix-KIND1-KIND2", "double-HOME-CARRIER")
+
+
+def _two_kinds(text: str, known: Container[str]) -> tuple[str, str] | None:
+    """`K1-K2` split at the dash that leaves a known kind on both sides (kinds contain dashes
+    themselves)."""
+    for cut in range(1, len(text)):
+        first, second = text[:cut], text[cut + 1:]
+        if text[cut] == "-" and first in known and second in known:
+            return first, second
+    return None
 
 
 def resolve(spec: str) -> Scenario:
@@ -132,13 +159,12 @@ def resolve(spec: str) -> Scenario:
         return NAMED[spec]()
     if match := re.fullmatch(r"mixed-(\d{1,3})", spec):
         return mixed(int(match.group(1)))
-    if spec.startswith("matrix-"):
-        # Kinds contain dashes themselves: try every split point.
-        rest = spec.removeprefix("matrix-")
-        for cut in range(1, len(rest)):
-            first, second = rest[:cut], rest[cut + 1:]
-            if rest[cut] == "-" and first in KIND_LETTERS and second in KIND_LETTERS:
-                return matrix_pair(first, second)
+    if spec.startswith("matrix-") and (kinds := _two_kinds(spec.removeprefix("matrix-"),
+                                                            KIND_LETTERS)):
+        return matrix_pair(*kinds)
+    if spec.startswith("double-") and (kinds := _two_kinds(spec.removeprefix("double-"),
+                                                            NAT_KINDS)):
+        return double(*kinds)
     if spec.endswith(".toml") or "/" in spec:
         return load_toml(Path(spec))
     raise LabError(

@@ -11,6 +11,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -175,6 +176,17 @@ def uapi_socket(ifname: str) -> Path:
     return UAPI_DIR / f"{ifname}.sock"
 
 
+def _accepts(path: Path) -> bool:
+    """Whether a unix socket takes connections. Its file appears at bind(), before listen():
+    a `wg set` in between fails ("Protocol not supported": wg then asks the kernel)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class WireguardGo:
     """A wireguard-go process serving one interface inside a namespace.
 
@@ -213,7 +225,7 @@ class WireguardGo:
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
                 raise LabError(f"lab: wireguard-go {self.ifname} exited: {self._output()}")
-            return uapi_socket(self.ifname).exists()
+            return _accepts(uapi_socket(self.ifname))
 
         wait_for(ready, timeout=timeout, what=f"wireguard-go {self.ifname} to listen")
 

@@ -3,8 +3,9 @@ peer, apply, repeat; wake at once when the registry's watch stream says somethin
 (follow.py follows it and reports this node).
 
 Peers the registry does not know, and the registry peer itself, are never touched; no peer is
-added or removed. The clock and every packet the agent sends itself (openers, probes) go
-through `Clock` and `Io` (edges.py), so tests run the real agent in process.
+added or removed, except by the managed mesh (mesh.py) when the agent is given one. The clock
+and every packet the agent sends itself (openers, probes) go through `Clock` and `Io`
+(edges.py), so tests run the real agent in process.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
+from .mesh import Mesh
+from .metrics import NodeMetrics
 from .probe import tunnel_address
 from .punch import OpenerTtl
 from .relay import Relays, RelayTimings
@@ -48,6 +51,8 @@ class Agent:
         relay_timings: RelayTimings | None = None,
         clock: Clock | None = None,
         io: Io | None = None,
+        mesh: Mesh | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -57,6 +62,8 @@ class Agent:
         self.state_dir = state_dir
         self.clock: Clock = clock or SystemClock()
         self.io: Io = io or SystemIo()
+        self.mesh = mesh
+        self.metrics = metrics or NodeMetrics()
         self.me: Key | None = None
         self.listen_port = 0
         self.can_open = False  # whether raw openers work here: asked in run()
@@ -107,11 +114,18 @@ class Agent:
             async with asyncio.TaskGroup() as group:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
                                                   self.probe_live_peers, self.clock))
-                group.create_task(report_self(self.client, self.view, self.device, self.io,
-                                              self.registry_t))
+                group.create_task(self.report())
                 group.create_task(self.reconcile_forever())
         finally:
             pathfile.remove(self.device.name, self.state_dir)
+
+    async def report(self) -> None:
+        # A peer takes our report as "follows punch events for me": with a mesh, only true
+        # once the mesh has put the registry's peers on the device (a collision NAT then
+        # never connected: the peer's initiation came before our opener).
+        if self.mesh is not None:
+            await self.mesh.synced.wait()
+        await report_self(self.client, self.view, self.device, self.io, self.registry_t)
 
     async def run_once(self) -> int:
         """One pass, for cron: every peer without a live session whose endpoint the registry
@@ -119,6 +133,7 @@ class Agent:
         device); a live session is left alone, as always."""
         state = await self.device.state()
         self.view.apply(await self.client.snapshot())
+        state = await self.sync_mesh(state)
         failures = 0
         now = self.clock.wall()
         for peer in state.peers:
@@ -155,6 +170,7 @@ class Agent:
         if self._device_failing:
             log.info("reading %s works again", self.device.name)
             self._device_failing = False
+        state = await self.sync_mesh(state)
         now_wall, now = self.clock.wall(), self.clock.monotonic()
         recheck = self.t.idle_recheck_s
         registry = None if self.registry_key is None else state.peer(self.registry_key)
@@ -183,11 +199,19 @@ class Agent:
                 now_wall=now_wall, now=now, t=self.t,
             )
             track.memory = await self.act(peer, decision, memory, now)
-            track.note(peer, decision, now_wall, now)
+            track.note(peer, decision, now_wall, now, self.metrics)
             self.relays.annotate(peer.public_key, track)
             recheck = min(recheck, decision.recheck_s)
         self.publish(state, now_wall)
         return recheck
+
+    async def sync_mesh(self, state: DeviceState) -> DeviceState:
+        if self.mesh is None or self.view.revision is None:  # never before a snapshot
+            return state
+        state = await self.mesh.sync(self.device, state, {
+            key: record.allowed_ips for key, record in self.view.peers.items()})
+        self.tracks = {k: t for k, t in self.tracks.items() if state.peer(k) is not None}
+        return state
 
     async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         key = peer.public_key
@@ -208,8 +232,9 @@ class Agent:
                 self.background(self.handshake(peer, d.endpoint, delay_s=d.delay_s))
             elif d.kind is Kind.HANDSHAKE or d.endpoint is None:
                 await self.handshake(peer, d.endpoint)
-            elif not await self.io.open(self.listen_port, d.endpoint,
-                                        await self.opener_ttl.get()):
+            elif await self.io.open(self.listen_port, d.endpoint, await self.opener_ttl.get()):
+                self.metrics.opener_sent()
+            else:
                 self.can_open = False  # decide() falls back to handshakes from now on
             return replace(
                 mem, attempt_at=mem.attempt_at or now,
@@ -235,6 +260,7 @@ class Agent:
         mem = replace(mem, attempt_at=now, attempt_endpoint=d.endpoint, attempts=mem.attempts + 1,
                       skipped=False,
                       first_attempt_at=mem.first_attempt_at or now)
+        self.metrics.punch_attempt(mem.attempts)
         if d.live:
             log.info("peer %s: we send but hear nothing, and a probe went unanswered; "
                      "asking the peer to send too (punch)", peer.public_key,
@@ -253,7 +279,9 @@ class Agent:
     async def punch_or_go_alone(self, peer: PeerState, endpoint: Endpoint | None) -> None:
         try:
             await self.client.punch(peer.public_key)
+            self.metrics.punch_requested(ok=True)
         except ApiError as error:
+            self.metrics.punch_requested(ok=False)
             # Without the registry's help, at least our side opens its NAT and tries.
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
             await self.handshake(peer, endpoint)

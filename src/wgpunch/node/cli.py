@@ -8,10 +8,10 @@ import errno
 import logging
 import signal
 import textwrap
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .. import config, sdnotify
@@ -20,11 +20,14 @@ from ..keys import Key
 from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
 from ..protocol import API_PORT
 from ..wg import open_device
-from ..wg.device import Endpoint
+from ..wg.device import DeviceState, Endpoint
 from . import pathfile
 from .lock import agent_lock
 
 if TYPE_CHECKING:
+    from ..exposition import MetricsServer
+    from .agent import Agent
+    from .exporter import NodeExporter
     from .source import Source
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,8 @@ class Settings:
     """What the node runs with; exactly one of `registry`, `dns_sd`, `natpunch` and
     `natpunch_legacy` says which kind of registry it follows."""
 
-    interface: str
-    registry: Key | None
+    interface: str | None  # None: every WireGuard interface that qualifies (fleet.py)
+    registry: Key | None  # None with several `registries`: the one IF has, found at start
     api: str | None  # None: http://<the registry peer's tunnel address>:API_PORT
     token_file: Path | None
     dns_sd: Endpoint | None
@@ -49,6 +52,10 @@ class Settings:
     keepalive_s: int
     opener_ttl: int | None  # None: measured (node/punch.py)
     interval_s: float
+    mesh: bool = False
+    mesh_exclude: frozenset[Key] = frozenset()
+    registries: tuple[Key, ...] = ()  # every --registry given
+    metrics_listen: Endpoint | None = None  # None: no metrics
 
 
 def settings_from(args: argparse.Namespace,
@@ -69,9 +76,21 @@ def settings_from(args: argparse.Namespace,
         raise ConfigError("node: --natpunch-server-key goes with --natpunch")
     if options.dns_sd and not options.zone:
         raise ConfigError("node: --dns-sd needs --zone ZONE (e.g. mesh.internal.)")
+    if options.mesh and not options.registry:
+        raise ConfigError("node: --mesh needs --registry PUBKEY: only the registry's API lists "
+                          "every peer with its allowed IPs")
+    if options.mesh_exclude and not options.mesh:
+        raise ConfigError("node: --mesh-exclude goes with --mesh")
+    if options.metrics_listen and not options.interface:
+        raise ConfigError("node: --metrics-listen needs --interface IF (without it each "
+                          "interface's agent would serve on the one address)")
+    registries = tuple(dict.fromkeys(
+        options.parsed("registry", lambda t: Key.parse(t, what="registry key"), text)
+        for text in options.registry))
     return Settings(
         interface=options.interface,
-        registry=_key(options, "registry"),
+        registry=registries[0] if len(registries) == 1 else None,
+        registries=registries,
         api=options.parsed("api", _api_url, options.api) if options.api else None,
         token_file=options.token_file,
         dns_sd=(options.parsed("dns_sd", _dns_sd_server, options.dns_sd)
@@ -83,6 +102,11 @@ def settings_from(args: argparse.Namespace,
         keepalive_s=options.keepalive,
         opener_ttl=options.opener_ttl,
         interval_s=options.interval,
+        mesh=options.mesh,
+        mesh_exclude=frozenset(
+            options.parsed("mesh_exclude", lambda t: Key.parse(t, what="--mesh-exclude key"), text)
+            for text in options.mesh_exclude),
+        metrics_listen=_metrics_listen(options),
     )
 
 
@@ -92,6 +116,25 @@ def _key(options: config.NodeConfig, name: str) -> Key | None:
         return None
     what = name.replace("_", " ") + " key"
     return options.parsed(name, lambda t: Key.parse(t, what=what), text)
+
+
+def registry_of(state: DeviceState, registries: tuple[Key, ...]) -> Key:
+    """Which of several registries' keys this device follows: the one that is its peer."""
+    found = [key for key in registries if state.peer(key) is not None]
+    if len(found) != 1:
+        raise ConfigError(f"node: {state.name} has {'none' if not found else 'several'} of the "
+                          f"registries given ({', '.join(map(str, registries))}) as a peer; "
+                          "it must have exactly one")
+    return found[0]
+
+
+def _metrics_listen(options: config.NodeConfig) -> Endpoint | None:
+    if not options.metrics_listen:
+        return None
+    from ..exposition import parse_address  # prometheus_client: only when asked for
+
+    return options.parsed("metrics_listen", lambda text: parse_address(text, "node"),
+                          options.metrics_listen)
 
 
 def _api_url(text: str) -> str:
@@ -118,19 +161,67 @@ def _dns_sd_server(text: str) -> Endpoint:
 async def serve(settings: Settings, *, once: bool = False,
                 state_dir: Path = pathfile.STATE_DIR) -> int:
     """Run the agent (one pass with `once`) while holding the interface's lock
-    (node/lock.py), taken before the device is opened: a second agent on IF exits at once."""
+    (node/lock.py), taken before the device is opened: a second agent on IF exits at once.
+    Without an interface, one agent per interface that qualifies (fleet.py), until a
+    signal."""
+    if settings.interface is None:
+        if once:
+            raise ConfigError("node: --once steers one interface: give --interface IF")
+        return await _until_signal(_fleet(settings, state_dir), "every interface", (
+            "every WireGuard interface" + (" with a registry's peer" if settings.registries
+                                           else "")))
     with agent_lock(settings.interface, state_dir):
         return await _serve(settings, once=once, state_dir=state_dir)
 
 
-async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
+async def _fleet(settings: Settings, state_dir: Path) -> None:
+    from .fleet import Fleet
+
+    def wanted(state: DeviceState) -> bool:
+        if settings.registries:
+            return any(state.peer(key) is not None for key in settings.registries)
+        return state.public_key is not None
+
+    async def steer(interface: str) -> None:
+        one = replace(settings, interface=interface)
+        with agent_lock(interface, state_dir):
+            await _serve(one, once=False, state_dir=state_dir, supervised=True)
+
+    await Fleet(steer, wanted).run()
+
+
+async def _until_signal(work: Coroutine[Any, Any, object], name: str, what: str) -> int:
+    """Run `work` until SIGTERM or SIGINT (exit status 0), telling systemd when it starts
+    and stops."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop() -> None:
+        sdnotify.notify("STOPPING=1")
+        task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    sdnotify.notify("READY=1", f"STATUS=steering {what}")
+    try:
+        await work
+    except asyncio.CancelledError:
+        log.info("node on %s: stopped", name)
+    return 0
+
+
+async def _serve(settings: Settings, *, once: bool, state_dir: Path,
+                 supervised: bool = False) -> int:
     # Imported here, and each source only in its own mode: `--help` and a mistaken flag
     # answer without loading aiohttp, dnspython or pyroute2 (most of a second on a busy
     # 2-core machine), and each mode loads only its own client.
     from .agent import Agent
     from .decide import Timings
+    from .mesh import Mesh
 
     interface = settings.interface
+    assert interface is not None
     device = open_device(interface)
     try:
         state = await device.state()
@@ -139,6 +230,8 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
             raise ConfigError(f"node: cannot control {interface}: {error}; the node needs "
                               "root (CAP_NET_ADMIN)") from None
         raise
+    if settings.registry is None and settings.registries:
+        settings = replace(settings, registry=registry_of(state, settings.registries))
     source: Source
     server_key = settings.natpunch_server_key
     natpunch = settings.natpunch or settings.natpunch_legacy
@@ -167,34 +260,45 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path) -> int:
         api = settings.api or registry_api_url(state, settings.registry)
         source = RegistryClient(api, token=token)
         where = f"registry {settings.registry}, API {api}"
+    mesh = (Mesh(interface, state_dir, settings.registry, settings.mesh_exclude)
+            if settings.mesh else None)
+    exporter = None if once or settings.metrics_listen is None else _exporter()
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
-                  opener_ttl=settings.opener_ttl, state_dir=state_dir)
+                  opener_ttl=settings.opener_ttl, state_dir=state_dir, mesh=mesh,
+                  metrics=exporter)
+    metrics_server: MetricsServer | None = None
     try:
         if once:
             failures = await agent.run_once()
             return 1 if failures else 0
-        log.info("node on %s: %s", interface, where,
+        if exporter is not None and settings.metrics_listen is not None:
+            metrics_server = await _serve_metrics(exporter, agent, settings.metrics_listen)
+        log.info("node on %s: %s%s", interface, where, ", managed mesh" if mesh else "",
                  extra={"event": "started", "interface": interface})
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-
-        def stop() -> None:
-            sdnotify.notify("STOPPING=1")
-            task.cancel()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
-        sdnotify.notify("READY=1", f"STATUS=steering {interface}: {where}")
-        try:
+        if supervised:
             await agent.run()
-        except asyncio.CancelledError:
-            log.info("node on %s: stopped", interface)
-        return 0
+            return 0
+        return await _until_signal(agent.run(), interface, f"{interface}: {where}")
     finally:
+        if metrics_server is not None:
+            await metrics_server.close()
         await source.close()
         await device.close()
+
+
+def _exporter() -> NodeExporter:
+    from .exporter import NodeExporter  # prometheus_client: only with --metrics-listen
+
+    return NodeExporter()
+
+
+async def _serve_metrics(exporter: NodeExporter, agent: Agent, endpoint: Endpoint
+                         ) -> MetricsServer:
+    from ..exposition import serve as serve_metrics
+
+    exporter.watch_agent(agent)
+    return await serve_metrics(exporter.registry, endpoint, "node")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,7 +319,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "that endpoint and makes WireGuard handshake at once, at the same moment as the "
             "peer does (the registry coordinates the punch). A peer with a live session is "
             "never changed. Peers the registry does not know, and the registry peer itself, "
-            "are never touched; no peer is added or removed. The registry is one of: a "
+            "are never touched; no peer is added or removed, unless --mesh is given. Without "
+            "--interface it steers every WireGuard interface that has the registry's peer "
+            "(with --dns-sd or --natpunch: every one), taking up interfaces that appear and "
+            "letting go of those that vanish. The registry is one of: a "
             "wgpunch registry that is a WireGuard peer (--registry), a wgsd-compatible DNS-SD "
             "server (--dns-sd), or a natpunch rendezvous server (--natpunch, "
             "--natpunch-legacy); the last two can only be asked, so each side tries alone.",
@@ -226,11 +333,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "exits at once, naming the first one's pid.", 88) + "\n\n" + config.epilog(config.NODE),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-i", "--interface", metavar="IF", help="the WireGuard interface to steer")
     parser.add_argument(
-        "--registry", metavar="PUBKEY",
+        "-i", "--interface", metavar="IF",
+        help="the WireGuard interface to steer (default: every one that has the registry's "
+        "peer, looked for every 2 s)")
+    parser.add_argument(
+        "--registry", metavar="PUBKEY", action="append",
         help="the registry's public key (base64 as wg prints it, hex or base32); the registry "
-        "must be a peer of IF. Its peer entry is never touched",
+        "must be a peer of IF. Its peer entry is never touched. Repeatable: each interface "
+        "follows the registry it has as a peer (one agent, several networks)",
     )
     parser.add_argument(
         "--dns-sd", metavar="ADDR:PORT",
@@ -285,6 +396,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(up to the first router answering from a public address) but not the peer's, as a "
         "router that keeps state for unsolicited packets (a Linux router without an input "
         "drop rule) needs; 64 when nothing answers",
+    )
+    parser.add_argument(
+        "--mesh", action="store_true", default=None,
+        help="managed mesh: add to IF every peer the registry lists (public key and allowed "
+        "IPs; the endpoint follows), and remove those it drops, recorded in "
+        "/run/wgpunch/IF.mesh.json. Only peers the mesh added are ever changed: never your "
+        "own peers, the registry's, or a preshared key; a listed network that overlaps one "
+        "of your peers' is refused with a log line",
+    )
+    parser.add_argument(
+        "--mesh-exclude", action="append", metavar="KEY",
+        help="with --mesh: never add this peer (removed if the mesh added it); repeatable",
+    )
+    parser.add_argument(
+        "--metrics-listen", metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (docs/metrics.md): each "
+        "peer's path, time to direct, punches, the registry link; off by default, and not "
+        "served with --once. No authentication: give 127.0.0.1 or the tunnel address (a "
+        "wildcard or public address logs a warning)",
     )
     parser.add_argument(
         "--config", metavar="FILE", type=Path,

@@ -78,6 +78,7 @@ class RegistryView:
         self.stream_open = asyncio.Event()
         self.has_reported = False
         self.health: RegistryHealth | None = None  # None until follow_registry starts
+        self.connections = 0  # watch streams that delivered, since start
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
         # Relay slots the registry gave us, by peer: its relay events and answers (relay.py).
         self.relays: dict[Key, RelayEvent] = {}
@@ -163,6 +164,7 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
         try:
             async for event in client.watch(view.revision, view.epoch):
                 if not heard:
+                    view.connections += 1
                     log.info("%s", client.following, extra={"event": "registry_connected"})
                     view.set_health(client.following, "following", clock.wall())
                 delay, heard, warned = t.reconnect_first_s, True, None

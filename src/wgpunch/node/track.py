@@ -11,6 +11,7 @@ from ..wg.device import PeerState
 from . import pathfile
 from .candidates import PathKind
 from .decide import Decision, Memory, Reason
+from .metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ class Track:
     since: float | None = None  # wall time of the last path change
     reason: str = ""
 
-    def note(self, peer: PeerState, d: Decision, now_wall: float, now: float) -> None:
+    def note(self, peer: PeerState, d: Decision, now_wall: float, now: float,
+             metrics: NodeMetrics) -> None:
         """Take this tick's decision into the path (and the attempt counters it resets)."""
         if d.live and self.path is PathKind.NONE:
             took = None if self.memory.first_attempt_at is None else (
@@ -33,6 +35,7 @@ class Track:
                 extra={"event": "connected", "peer": str(peer.public_key), "path": str(d.path),
                        "endpoint": str(peer.endpoint), "time_to_direct_s": took},
             )
+            metrics.connected(d.path, took)
             self.path, self.since = d.path, now_wall
             self.memory = replace(self.memory, attempts=0, attempt_at=None,
                                   attempt_endpoint=None, first_attempt_at=None)

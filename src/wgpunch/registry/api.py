@@ -44,6 +44,7 @@ from .auth import Identities, bearer_matches, source_ip
 from .clientlog import ClientLog, quiet_malformed_http
 from .connlimit import Client, ConnectionTable, Guard, Kind
 from .limits import Limits
+from .metrics import RegistryMetrics
 from .observer import Observer
 from .ratelimit import RateLimiter
 from .state import RegistryState, Stream
@@ -64,6 +65,7 @@ PACE = web.AppKey("pace", RateLimiter)
 REPORT_RATE = web.AppKey("report_rate", RateLimiter)
 PUNCH_RATE = web.AppKey("punch_rate", RateLimiter)
 STREAMS = web.AppKey("streams", dict[Key, list[Stream]])  # each caller's, oldest first
+METRICS = web.AppKey("metrics", RegistryMetrics)
 CALLER = web.RequestKey("caller", Key)
 
 # Needs no identity: it tells only counts, so the registry host can monitor itself.
@@ -232,8 +234,9 @@ async def post_punch(request: web.Request) -> web.Response:
     # The contract has no body; an empty JSON object (what many clients send) is the same.
     if body.strip() and decode_object(body):
         raise MalformedMessage("body: POST /v1/punch takes no fields")
-    endpoint, _pushed = request.app[STATE].request_punch(
+    endpoint, pushed = request.app[STATE].request_punch(
         request[CALLER], target, time.monotonic())
+    request.app[METRICS].punch(pushed)
     return json_response({"peer": target.base64(), "endpoint": str(endpoint)}, status=202)
 
 
@@ -340,6 +343,12 @@ async def _end_streams(app: web.Application) -> None:
     app[STATE].close_streams()
 
 
+async def _count_response(request: web.Request, response: web.StreamResponse) -> None:
+    resource = request.match_info.route.resource  # None: no route matched
+    request.app[METRICS].api_response("other" if resource is None else resource.canonical,
+                                      response.status)
+
+
 def handler_kwargs(timings: Timings, limits: Limits) -> dict[str, Any]:
     """aiohttp's per-connection settings (RequestHandler): head sizes, idle timeout."""
     return {
@@ -362,10 +371,11 @@ def create_app(
     limits: Limits | None = None,
     observer: Observer | None = None,
     token: str | None = None,
+    metrics: RegistryMetrics | None = None,
 ) -> web.Application:
     """The API over `state`; with `observer`, the application also runs it (started before
     the first request, stopped after the last). Serve it with site.ApiSite, which applies
-    the connection limits."""
+    the connection limits. `metrics` counts requests, refusals and punches."""
     timings = timings or Timings()
     limits = limits or Limits()
     app = web.Application(client_max_size=MAX_BODY_BYTES,
@@ -375,7 +385,9 @@ def create_app(
     app[TIMINGS] = timings
     app[LIMITS] = limits
     app[IDENTITIES] = Identities(state)
-    app[CLIENT_LOG] = ClientLog(log, timings.forbidden_log_s, limits.log_lines_per_kind)
+    app[METRICS] = metrics = metrics or RegistryMetrics()
+    app[CLIENT_LOG] = ClientLog(log, timings.forbidden_log_s, limits.log_lines_per_kind,
+                                count=metrics.client_event)
     app[CONNECTIONS] = ConnectionTable(limits)
     app[PACE] = RateLimiter(limits.requests_burst, limits.requests_per_s)
     app[REPORT_RATE] = RateLimiter(limits.report_burst, limits.report_per_s)
@@ -388,6 +400,7 @@ def create_app(
         app[OBSERVER] = observer
         app.cleanup_ctx.append(_observer_ctx(observer))
     app.on_shutdown.append(_end_streams)
+    app.on_response_prepare.append(_count_response)
     # No HEAD: docs/api.md defines none, and a HEAD watch would stream nothing, forever.
     app.router.add_get("/v1/peers", get_peers, allow_head=False)
     app.router.add_get("/v1/watch", watch, allow_head=False)

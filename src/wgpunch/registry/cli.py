@@ -32,8 +32,10 @@ from .listen import (
 from .timings import Timings
 
 if TYPE_CHECKING:  # the serving parts load aiohttp and dnspython: only when serving
+    from ..exposition import MetricsServer
     from .dnssd import Zone
     from .dnsserver import DnsServer, SelfConfig
+    from .exporter import RegistryExporter
     from .relay import Relay
     from .state import RegistryState
 
@@ -81,6 +83,7 @@ class Settings:
     poll_interval_s: float
     dns: DnsSettings | None = None  # None: no DNS-SD server
     relay: RelaySettings | None = None  # None: no relay
+    metrics_listen: Endpoint | None = None  # None: no metrics
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -163,6 +166,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--relay-userspace", action="store_true", default=None,
         help="forward relayed datagrams in this process only, never through nftables",
     )
+    parser.add_argument(
+        "--metrics-listen", metavar="ADDR:PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (docs/metrics.md); off by "
+             "default. No authentication: give 127.0.0.1 or a tunnel address (a wildcard or "
+             "public address logs a warning)",
+    )
     parser.set_defaults(func=run, daemon=True)
 
 
@@ -175,7 +184,8 @@ def settings_from(args: argparse.Namespace,
     listen = tuple(dict.fromkeys(
         options.parsed("listen", parse_listen, text) for text in options.listen))
     return Settings(options.interface, listen, options.token_file, options.poll_interval,
-                    _dns_settings(options), relay_settings(options))
+                    _dns_settings(options), relay=relay_settings(options),
+                    metrics_listen=_metrics_listen(options))
 
 
 def relay_settings(options: config.RegistryConfig) -> RelaySettings | None:
@@ -196,6 +206,15 @@ def relay_address(text: str) -> IPAddress:
         return ipaddress.ip_address(text)
     except ValueError:
         raise ConfigError(f"registry: relay address {text!r} is not an IP address") from None
+
+
+def _metrics_listen(options: config.RegistryConfig) -> Endpoint | None:
+    if not options.metrics_listen:
+        return None
+    from ..exposition import parse_address  # prometheus_client: only when asked for
+
+    return options.parsed("metrics_listen", lambda text: parse_address(text, "registry"),
+                          options.metrics_listen)
 
 
 def _dns_settings(options: config.RegistryConfig) -> DnsSettings | None:
@@ -234,6 +253,7 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     from aiohttp import web
 
     from .api import create_app
+    from .metrics import RegistryMetrics
     from .observer import Observer
     from .site import ApiSite
     from .state import RegistryState
@@ -243,8 +263,11 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
              else config.read_token(settings.token_file, "registry"))
     listen = list(settings.listen) or await default_listen(settings.interface)
     state = RegistryState(punch_window_s=timings.punch_coalesce_s)
-    observer = Observer(lambda: open_device(settings.interface), state, timings)
-    app = create_app(state, timings=timings, observer=observer, token=token)
+    exporter = None if settings.metrics_listen is None else _exporter(state)
+    metrics = exporter or RegistryMetrics()
+    observer = Observer(lambda: open_device(settings.interface), state, timings,
+                        metrics=metrics)
+    app = create_app(state, timings=timings, observer=observer, token=token, metrics=metrics)
     if settings.relay is not None:
         from . import relayroute
 
@@ -256,6 +279,7 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     stop = asyncio.Event()
     caught: list[str] = []
     dns_server: DnsServer | None = None
+    metrics_server: MetricsServer | None = None
 
     def on_signal(sig: signal.Signals) -> None:
         sdnotify.notify("STOPPING=1")
@@ -275,6 +299,12 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
         # DNS before the API, so that an API that answers means DNS-SD answers too.
         if settings.dns is not None:
             dns_server = await _start_dns(settings.interface, settings.dns, state, timings)
+            metrics.watch_dns(dns_server)
+        if exporter is not None and settings.metrics_listen is not None:
+            from ..exposition import serve as serve_metrics
+
+            metrics_server = await serve_metrics(exporter.registry, settings.metrics_listen,
+                                                 "registry")
         for endpoint in listen:
             if is_wildcard(endpoint):
                 log.warning("listening on every address (%s): the API is reachable from "
@@ -302,6 +332,14 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
                                                      dns_server.counts.items()),
                      extra={"event": "dns_stopped", **dns_server.counts})
         await runner.cleanup()
+        if metrics_server is not None:
+            await metrics_server.close()
+
+
+def _exporter(state: RegistryState) -> RegistryExporter:
+    from .exporter import RegistryExporter  # prometheus_client: only with --metrics-listen
+
+    return RegistryExporter(state)
 
 
 def make_relay(relay: RelaySettings, observed: Callable[[Key], str | None]) -> Relay:

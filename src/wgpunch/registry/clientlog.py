@@ -21,8 +21,10 @@ from ..throttle import Throttle
 
 class ClientLog:
     def __init__(self, logger: logging.Logger, period_s: float, lines_per_kind: int, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 count: Callable[[str], None] = lambda event: None) -> None:
         self._logger = logger
+        self._count = count  # every occurrence, logged or held back (metrics.py)
         self._period_s = period_s
         self._lines_per_kind = lines_per_kind
         self._clock = clock
@@ -31,6 +33,7 @@ class ClientLog:
     def log(self, client: Hashable, message: str, *args: object, event: str,
             level: int = logging.WARNING) -> bool:
         """Log `message % args` as `event` (the kind), unless held back; True if logged."""
+        self._count(event)
         throttle = self._throttles.get(event)
         if throttle is None:
             throttle = self._throttles[event] = Throttle(self._period_s,

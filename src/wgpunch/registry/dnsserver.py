@@ -163,6 +163,7 @@ class DnsServer:
         self.counts = {"queries": 0, "answered": 0, "malformed": 0, "ignored": 0,
                        "errors": 0, "dropped": 0, "refused": 0, "tcp_refused": 0,
                        "tcp_client_full": 0}
+        self.rcodes: Counter[str] = Counter()  # answers sent, by rcode name
 
     @property
     def connections(self) -> int:
@@ -195,8 +196,10 @@ class DnsServer:
             reply = to_wire(response, limit)
         except Exception:
             self._error(source)
+            self.rcodes["SERVFAIL"] += 1
             return to_wire(servfail(query), limit)
         self.counts["answered"] += 1
+        self.rcodes[response.rcode().name] += 1
         return reply
 
     def _refused(self, source: str | None, what: str) -> None:

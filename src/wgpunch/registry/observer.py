@@ -22,6 +22,7 @@ from collections.abc import Callable
 from ..errors import WgpunchError
 from ..throttle import Throttle
 from ..wg import Device
+from .metrics import RegistryMetrics
 from .state import RegistryState
 from .timings import Timings
 
@@ -39,8 +40,10 @@ class Observer:
         timings: Timings,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: RegistryMetrics | None = None,
     ) -> None:
         self._opener = opener
+        self._metrics = metrics or RegistryMetrics()
         self._state = state
         self._timings = timings
         self._clock = clock
@@ -86,8 +89,9 @@ class Observer:
         interval = self._timings.poll_interval_s
         while True:
             started = self._clock()
-            await self.poll_once()
+            ok = await self.poll_once()
             took = self._clock() - started
+            self._metrics.observer_poll(took, ok)
             await asyncio.sleep(max(interval - took, min(took, 10 * interval)))
 
     async def close(self) -> None:
