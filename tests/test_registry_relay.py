@@ -178,6 +178,12 @@ async def test_relay_forwards_between_bound_sides_only():
         assert relay.counts[Verdict.WRONG_SOURCE] == 4
         assert relay.counts[Verdict.NEW_SOURCE] == 1
         assert relay.counts[Verdict.NOT_WIREGUARD] == 1
+        metrics = relay.metrics_counts()
+        assert (metrics.slots, metrics.kernel_slots) == (1, 0)
+        assert metrics.packets == {"userspace": 3, "kernel": 0}
+        assert metrics.bytes["userspace"] == 148 + 92 + 96
+        # Unbound: a's first initiation, which bound a's side while b's was not.
+        assert metrics.dropped == {"source": 4, "new_source": 1, "shape": 1, "unbound": 1}
         # A burst (within the receiver's buffer) all arrives, in order.
         b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
         burst = [bytes([4, 0, 0, 0]) + i.to_bytes(4, "big") + bytes(1400 - 8 + 8)

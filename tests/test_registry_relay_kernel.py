@@ -56,8 +56,11 @@ async def main(ports, a_ip, b_ip, kernel, rate):
                 relay.end(slot, "test")
             await asyncio.sleep(0.3)  # the kernel sync runs in its own task
         slots = list(relay.table)
+        if line == "metrics":
+            await relay.kernel_activity()
         print(json.dumps({"counts": relay.counts, "kernel": [s.kernel for s in slots],
-                          "slots": len(slots)}), flush=True)
+                          "slots": len(slots), "packets": relay.metrics_counts().packets}),
+              flush=True)
     await relay.close()
 
 asyncio.run(main(*sys.argv[1:]))
@@ -158,6 +161,7 @@ def test_a_pair_pings_through_a_slot(triangle, mode):
             counters = r.run(["nft", "list", "chain", "ip", TABLE, "forwarded"]).stdout
             sides = [int(n) for n in re.findall(r"packets (\d+) .*comment \"side", counters)]
             assert len(sides) == 2 and min(sides) >= 20, counters
+            assert driver.ask("metrics")["packets"]["kernel"] >= 40  # what the metrics show
         else:
             assert moved >= 40  # 20 pings and 20 replies
         state = driver.ask("end")

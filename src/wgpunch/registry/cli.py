@@ -271,8 +271,9 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     if settings.relay is not None:
         from . import relayroute
 
-        relayroute.install(app, make_relay(settings.relay, relayroute.observed_ip(state)),
-                           settings.relay.address)
+        relay = make_relay(settings.relay, relayroute.observed_ip(state))
+        metrics.watch_relay(relay.metrics_counts)
+        relayroute.install(app, relay, settings.relay.address)
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
                            access_log=None, shutdown_timeout=timings.shutdown_grace_s)
     loop = asyncio.get_running_loop()

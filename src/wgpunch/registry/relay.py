@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from ..errors import RelayError, RequestRefused
 from ..keys import Key
+from .metrics import RelayCounts
 from .relaykernel import Flow, KernelPath
 from .relayslots import Address, RelayLimits, RelayTimings, Slot, SlotTable, Verdict
 
@@ -35,6 +36,10 @@ BATCH = 64
 # SO_RCVBUF; root gets the size with SO_RCVBUFFORCE).
 BUFFER_BYTES = 4 * 1024 * 1024
 MAX_DATAGRAM = 65535
+# Why a datagram was not forwarded, as the metrics name it (docs/metrics.md).
+DROPPED = {Verdict.NOT_WIREGUARD: "shape", Verdict.WRONG_SOURCE: "source",
+           Verdict.NEW_SOURCE: "new_source", Verdict.PEER_UNBOUND: "unbound",
+           Verdict.RATE: "rate", "send buffer full": "send_buffer"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +74,11 @@ class Relay:
         self.counts: dict[str, int] = {}  # datagrams by verdict, for logs and tests
         self._sockets: dict[int, socket.socket] = {}
         self._kernel_dirty = asyncio.Event()
-        self._kernel_packets: dict[int, int] = {}
+        self._kernel_packets: dict[int, tuple[int, int]] = {}  # by side port, as last read
+        self._kernel_generation = 0  # the table's, at that read
+        # Forwarded since start, by path: [datagrams, bytes].
+        self._forwarded = {"userspace": [0, 0], "kernel": [0, 0]}
+        self._bound_unsent = 0  # datagrams that bound a side while the other was unbound
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- life -------------------------------------------------------------------------------
@@ -188,9 +197,14 @@ class Relay:
             if slot.bound and self.kernel is not None:
                 self._kernel_dirty.set()
         if destination is None:
+            if verdict in (Verdict.BOUND, Verdict.REBOUND):  # bound its side, goes nowhere
+                self._bound_unsent += 1
             return
         try:
             self._sockets[slot.other(side).port].sendto(data, destination)
+            total = self._forwarded["userspace"]
+            total[0] += 1
+            total[1] += len(data)
         except (BlockingIOError, InterruptedError):
             self.counts["send buffer full"] = self.counts.get("send buffer full", 0) + 1
         except OSError as error:
@@ -246,15 +260,37 @@ class Relay:
         the last read sent just now, as if the relay had seen its datagram."""
         assert self.kernel is not None
         try:
-            packets = await self.kernel.counters()
+            counters = await self.kernel.counters()
         except RelayError as error:
             log.debug("%s", error)
             return
-        now = self.clock()
+        if self.kernel.generation != self._kernel_generation:  # rewritten: counters from 0
+            self._kernel_packets, self._kernel_generation = {}, self.kernel.generation
+        now, total = self.clock(), self._forwarded["kernel"]
         for slot in self.table:
             for side in (slot.a, slot.b):
-                count = packets.get(side.port)
-                if slot.kernel and count is not None and count != self._kernel_packets.get(
+                count = counters.get(side.port)
+                if not slot.kernel or count is None or count == self._kernel_packets.get(
                         side.port):
-                    side.last_rx = slot.last_active = now
-        self._kernel_packets = packets
+                    continue
+                side.last_rx = slot.last_active = now
+                before = self._kernel_packets.get(side.port, (0, 0))
+                # max: a read that raced a rewrite may see the old table's counts.
+                total[0] += max(0, count[0] - before[0])
+                total[1] += max(0, count[1] - before[1])
+        self._kernel_packets = counters
+
+    def metrics_counts(self) -> RelayCounts:
+        """What a metrics scrape shows (registry/metrics.py); the kernel's share as of the
+        last counter read (every kernel_poll_s)."""
+        dropped: dict[str, int] = {}
+        for verdict, count in self.counts.items():
+            if verdict in DROPPED:
+                dropped[DROPPED[verdict]] = count
+        if self._bound_unsent:
+            dropped["unbound"] = dropped.get("unbound", 0) + self._bound_unsent
+        return RelayCounts(
+            slots=len(self.table), kernel_slots=sum(slot.kernel for slot in self.table),
+            packets={path: total[0] for path, total in self._forwarded.items()},
+            bytes={path: total[1] for path, total in self._forwarded.items()},
+            dropped=dropped)

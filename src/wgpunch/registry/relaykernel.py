@@ -75,6 +75,7 @@ class KernelPath:
         self.address = address  # the relay's own address for SNAT; None: the route's
         self.limits = limits or RelayLimits()
         self._installed: dict[int, Flow] = {}  # by a_port
+        self.generation = 0  # how often the table was written: each write zeroes its counters
 
     async def reset(self) -> None:
         """Remove what an earlier relay process left: its table, and the conntrack entries of
@@ -94,22 +95,25 @@ class KernelPath:
                    for flow in (flows.get(p), old.get(p)) if flow is not None]
         if not changed:
             return
+        self.generation += 1
         await _run(["nft", "-f", "-"], self._replace(flows.values()))
         self._installed = dict(flows)
         await self.forget(port for flow in changed for port in (flow.a_port, flow.b_port))
 
-    async def counters(self) -> dict[int, int]:
-        """Datagrams each side of the installed flows has sent through the kernel, by the
-        relay port that side sends to."""
+    async def counters(self) -> dict[int, tuple[int, int]]:
+        """Datagrams and bytes each side of the installed flows has sent through the kernel
+        since the table was last written, by the relay port that side sends to."""
         out = await _run(["nft", "-j", "list", "chain", "ip", self.table, "forwarded"])
-        packets: dict[int, int] = {}
+        counts: dict[int, tuple[int, int]] = {}
         for item in json.loads(out).get("nftables", []):
             rule = item.get("rule") or {}
             comment = str(rule.get("comment", ""))
             for expr in rule.get("expr", []) if comment.startswith("side ") else []:
                 if "counter" in expr:
-                    packets[int(comment.split()[1])] = int(expr["counter"]["packets"])
-        return packets
+                    counter = expr["counter"]
+                    counts[int(comment.split()[1])] = (int(counter["packets"]),
+                                                       int(counter["bytes"]))
+        return counts
 
     async def forget(self, ports: Iterable[int]) -> None:
         """Delete the conntrack entries of UDP flows to or from these relay ports."""
