@@ -9,7 +9,14 @@ from wgpunch.errors import ApiError
 from wgpunch.keys import Key
 from wgpunch.node.candidates import Candidate, CandidateKind, PathKind
 from wgpunch.node.decide import Kind, Memory, Timings, decide
-from wgpunch.node.relay import Relays, RelayTimings, Why, slot_endpoint, want_slot
+from wgpunch.node.relay import (
+    Relays,
+    RelayTimings,
+    Why,
+    retry_after,
+    slot_endpoint,
+    want_slot,
+)
 from wgpunch.node.track import Track
 from wgpunch.protocol import RelayEvent
 from wgpunch.wg.device import Endpoint, PeerState
@@ -19,6 +26,11 @@ PEER = Key(bytes(range(32)))
 PUBLIC = Endpoint.parse("198.51.100.2:51820")
 REGISTRY = Endpoint.parse("192.0.2.2:51820")
 DIRECT = (Candidate(CandidateKind.PUBLIC, PUBLIC),)
+
+
+@pytest.mark.parametrize(("asks", "after"), [(1, 10.0), (2, 20.0), (3, 40.0), (9, 300.0)])
+def test_slot_requests_back_off(asks, after):
+    assert retry_after(asks, T) == after
 
 
 @pytest.mark.parametrize(("mem", "live", "asked_at", "now", "want", "intent"), [

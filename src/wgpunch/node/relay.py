@@ -40,8 +40,17 @@ class RelayTimings:
     # DESIGN.md §3 asks for "about a second".
     after_s: float = 1.0
     # A slot request that failed, or a slot that got no handshake, is asked for again after
-    # this long: a registry without --relay answers 404 to every request.
+    # this long, doubled per ask without a live session since, up to max_retry_s: a registry
+    # without --relay answers 404 to every request, and a peer that is offline (its endpoint
+    # still known) never binds its side.
     retry_s: float = 10.0
+    max_retry_s: float = 300.0
+
+
+def retry_after(asks: int, t: RelayTimings) -> float:
+    """How long after the last of `asks` slot requests (without a live session since) the
+    next may go."""
+    return min(t.retry_s * 2.0 ** max(0, asks - 1), t.max_retry_s)
 
 
 class Why(enum.StrEnum):
@@ -50,12 +59,12 @@ class Why(enum.StrEnum):
 
 
 def want_slot(mem: Memory, now: float, t: RelayTimings, *, live: bool,
-              asked_at: float | None) -> bool:
+              asked_at: float | None, asks: int = 1) -> bool:
     """Whether to ask for a slot for a peer (without one) now. The rule of both NATs'
     behaviour (a pair that can never go direct asks at once, DESIGN.md §6) belongs here as
     one more early `return True` once the protocol carries it; until then the timeout alone
     decides."""
-    if live or (asked_at is not None and now - asked_at < t.retry_s):
+    if live or (asked_at is not None and now - asked_at < retry_after(asks, t)):
         return False
     return mem.first_attempt_at is not None and now - mem.first_attempt_at >= t.after_s
 
@@ -87,6 +96,7 @@ class Relays:
         self.registry: Endpoint | None = None  # the registry's endpoint on our device
         self.leases: dict[Key, Lease] = {}
         self._asked: dict[Key, float] = {}
+        self._asks: dict[Key, int] = {}  # requests since the peer was last live
         # Slots that went away while our device sent to them (a registry restart).
         self._stale: dict[Key, Endpoint] = {}
         self._mine: set[Key] = set()  # offers that answer our own request
@@ -98,6 +108,8 @@ class Relays:
         failed when the slot is new; asks for a slot when `want_slot` says so, or at once
         when the slot our device sends to (`current`) is gone (the registry restarted)."""
         lease, old = self._lease(peer), self.leases.get(peer)
+        if live and peer not in self._stale:
+            self._asks.pop(peer, None)  # back-off starts over once a path works
         if old is not None and lease != old:
             del self.leases[peer]
             if current == old.endpoint:
@@ -109,10 +121,11 @@ class Relays:
             self.leases.pop(peer, None)
             lease = None
         if lease is None:
-            asked = self._asked.get(peer)
+            asked, asks = self._asked.get(peer), self._asks.get(peer, 0)
             if self.client.coordinates_punches and (
-                    want_slot(mem, now, self.t, live=live, asked_at=asked)
-                    or (peer in self._stale and (asked is None or now - asked >= self.t.retry_s))):
+                    want_slot(mem, now, self.t, live=live, asked_at=asked, asks=asks)
+                    or (peer in self._stale and (
+                        asked is None or now - asked >= retry_after(asks, self.t)))):
                 self._ask(peer, now)
             return tuple(candidates), mem
         relay = Candidate(CandidateKind.RELAY, lease.endpoint)
@@ -147,6 +160,7 @@ class Relays:
 
     def _ask(self, peer: Key, now: float) -> None:
         self._asked[peer] = now
+        self._asks[peer] = self._asks.get(peer, 0) + 1
         task = asyncio.create_task(self._request(peer))
         self._tasks.add(task)  # a reference, so the task is not collected half-way
         task.add_done_callback(self._tasks.discard)
