@@ -209,14 +209,18 @@ def test_the_relay_sees_ciphertext_only(triangle, tmp_path):
             while "listening on" not in read_line(tcpdump, timeout=5, what="tcpdump"):
                 pass
         connect(a, b, driver)
-        ping(a, b, count=10, pattern=pattern.hex())
+        # What the relay carries is the point here, not that every ping arrives (under load
+        # a few may not): half of them is plenty of plaintext to look for.
+        out = a.ns.run(["ping", "-c", "10", "-i", "0.02", "-W", "2", "-p", pattern.hex(),
+                        b.tunnel_ip], check=False).stdout
+        assert int(re.search(r"(\d+) received", out).group(1)) >= 5, out
     finally:
         for tcpdump in running:
             stop_process(tcpdump, timeout=5)
         driver.stop()
     relay, tunnel = (path.read_bytes() for _ns, _if, path in captures.values())
     assert pattern in tunnel
-    assert len(relay) > 10 * 2 * 100, "the relay's capture missed the pings"
+    assert len(relay) > 5 * 2 * 100, "the relay's capture missed the pings"
     assert pattern not in relay
 
 
