@@ -36,6 +36,7 @@ BATCH = 64
 # SO_RCVBUF; root gets the size with SO_RCVBUFFORCE).
 BUFFER_BYTES = 4 * 1024 * 1024
 MAX_DATAGRAM = 65535
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux <asm-generic/socket.h>; not in `socket`
 # Why a datagram was not forwarded, as the metrics name it (docs/metrics.md).
 DROPPED = {Verdict.NOT_WIREGUARD: "shape", Verdict.WRONG_SOURCE: "source",
            Verdict.NEW_SOURCE: "new_source", Verdict.PEER_UNBOUND: "unbound",
@@ -157,8 +158,9 @@ class Relay:
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET,
                              socket.SOCK_DGRAM)
         try:
-            for option, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
-                try:  # SO_RCVBUFFORCE / SO_SNDBUFFORCE: past rmem_max, with CAP_NET_ADMIN
+            for option, force in ((socket.SO_RCVBUF, SO_RCVBUFFORCE),
+                                  (socket.SO_SNDBUF, SO_SNDBUFFORCE)):
+                try:  # the FORCE variants: past net.core.rmem_max, with CAP_NET_ADMIN
                     sock.setsockopt(socket.SOL_SOCKET, force, BUFFER_BYTES)
                 except OSError:
                     sock.setsockopt(socket.SOL_SOCKET, option, BUFFER_BYTES)
@@ -228,7 +230,9 @@ class Relay:
             except RelayError as error:
                 log.warning("%s; forwarding in userspace from now on", error,
                             extra={"event": "relay_kernel_failed"})
-                self.kernel = None
+                kernel, self.kernel = self.kernel, None
+                with contextlib.suppress(RelayError):  # no rule of ours may outlive this
+                    await kernel.close()
                 for slot in self.table:
                     slot.kernel = False
                 return
