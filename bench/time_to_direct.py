@@ -3,7 +3,8 @@
     python3 bench/time_to_direct.py [--runs 20] [--recovery-runs 5] [--out FILE]
 
 Per scenario (`easy`; `easy` with 30 ms one-way delay on each site's uplink; `easy` with 5 %
-loss on each site's uplink), each run builds a fresh lab, starts `wgpunch registry`, then both
+loss on each site's uplink; `symmetric-upnp`, a symmetric NAT with port mapping against
+`eim`; `--scenarios` picks some), each run builds a fresh lab, starts `wgpunch registry`, then both
 `wgpunch node`s, and polls both devices until the pair is direct by what `wg` shows
 (lab/evidence.py). Times are counted from "both nodes up" (the later of the two agents'
 `started` log events: process started, options read, device read) and, for comparison, from
@@ -60,6 +61,7 @@ def scenarios() -> dict[str, Scenario]:
         "easy": easy,
         "easy+30ms": impaired(easy, "easy30ms", Impairment(delay_ms=30)),
         "easy+5%loss": impaired(easy, "easyloss", Impairment(loss_pct=5)),
+        "symmetric-upnp": catalog.resolve("symmetric-upnp"),
     }
 
 
@@ -203,13 +205,22 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20, help="runs per scenario (default 20)")
     parser.add_argument("--recovery-runs", type=int, default=5,
                         help="runs of each recovery case (default 5)")
+    parser.add_argument("--scenarios", default=",".join(scenarios()),
+                        help=f"comma-separated (default: all: {','.join(scenarios())})")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "time_to_direct.json"))
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in scenarios()]
+    if unknown or not chosen:
+        parser.error(f"unknown scenario(s) {', '.join(unknown) or '(none)'}; "
+                     f"known: {', '.join(scenarios())}")
     require_root()
     report: dict[str, Any] = {"runs": args.runs, "scenarios": {}, "recovery": {}}
     rows = []
     for name, scenario in scenarios().items():
+        if name not in chosen:
+            continue
         runs = [one_run(scenario) for _ in range(args.runs)]
         ok = [r for r in runs if r["direct"]]
         up = summary([r["from_up_s"] for r in ok])

@@ -78,6 +78,7 @@ def load(command: str, toml: str | None = None, *argv: str, env: dict | None = N
      "key 'dns_self' must be true, false or a list of texts, got 1"),
     ("legacy given a number", "rendezvous", "legacy = 5",
      "key 'legacy' must be true, false or text, got 5"),
+    ("a switch given text", "node", 'portmap = "no"', "key 'portmap' must be true or false"),
 ])
 def test_wrong_types_name_the_key_and_the_file(tmp_path, intent, command, toml, match):
     needs = "" if "interface" in toml else NEEDS[command]
@@ -246,6 +247,22 @@ def test_a_bad_value_below_a_good_one_is_not_read(tmp_path):
     got = load("node", 'interface = "wg0"\nkeepalive = 0\n', "--keepalive", "9",
                env={"WGPUNCH_KEEPALIVE": "x"}, tmp=tmp_path)
     assert got.keepalive == 9
+
+
+@pytest.mark.parametrize(("intent", "toml", "argv", "env", "want"), [
+    ("port mapping is on by default", "", [], {}, True),
+    ("--no-portmap switches it off", "", ["--no-portmap"], {}, False),
+    ("so does the file", "portmap = false\n", [], {}, False),
+    ("and the environment, over the file", "portmap = true\n", [], {"WGPUNCH_PORTMAP": "off"},
+     False),
+    ("--portmap wins over both", "portmap = false\n", ["--portmap"],
+     {"WGPUNCH_PORTMAP": "no"}, True),
+])
+def test_the_portmap_switch(tmp_path, intent, toml, argv, env, want):
+    got = load("node", NEEDS["node"] + toml, *argv, env=env, tmp=tmp_path)
+    assert got.portmap is want, intent
+    with pytest.raises(ConfigError, match="WGPUNCH_PORTMAP must be true or false"):
+        load("node", NEEDS["node"], env={"WGPUNCH_PORTMAP": "maybe"}, tmp=tmp_path)
 
 
 def test_the_environment_can_switch_off_what_the_file_switches_on(tmp_path):

@@ -40,6 +40,16 @@ def test_the_reason_names_the_behaviour():
     assert "symmetric initiates" in matrix.expectation("eim-addr", "symmetric").why
 
 
+def test_a_side_with_port_mapping_is_reached_by_every_kind():
+    for kind in matrix.KINDS:
+        expected = matrix.expectation(kind, "symmetric+upnp")
+        assert expected.path == "direct", (kind, expected)
+    assert matrix.expectation("eim", "symmetric+upnp").why == (
+        "eim sends to the port symmetric+upnp maps on its NAT")
+    assert "symmetric+upnp" in matrix.KINDS
+    assert matrix.parse_kinds("eim,collision+upnp") == ("eim", "collision+upnp")
+
+
 def test_kinds_are_checked():
     assert matrix.parse_kinds("eim, symmetric,eim") == ("eim", "symmetric")
     with pytest.raises(LabError, match=r"unknown kind.*cone"):

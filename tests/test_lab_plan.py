@@ -70,6 +70,9 @@ def test_documented_toml_example_loads(tmp_path, source):
     ({"site": [{"host": "a", "link": {"loss_pct": 101}}]}, "loss_pct must be"),
     ({"sites": []}, "unknown key"),
     ({"site": []}, "no sites"),
+    ({"site": [{"host": "a", "portmap": True}]}, "cannot have"),
+    ({"site": [{"nat": "eim", "inside": [{"nat": "symmetric", "portmap": True,
+                                          "hosts": ["a"]}]}]}, "directly on the core"),
 ])
 def test_bad_scenarios_are_refused_with_the_reason(table, message):
     with pytest.raises(LabError, match=message):
@@ -82,6 +85,17 @@ def test_nat_names_default_in_file_order():
         {"nat": "eim-port", "inside": [{"nat": "eim", "hosts": ["b"]}]},
     ]}, default_name="x")
     assert [node.name for node, _ in loaded.walk()] == ["nat1", "a", "nat2", "nat3", "b"]
+
+
+def test_port_mapping_is_a_flag_of_a_nat_and_of_its_plan():
+    loaded = scenario.from_dict({"site": [{"nat": "symmetric", "name": "nm", "portmap": True,
+                                           "hosts": ["a"]},
+                                          {"nat": "eim", "hosts": ["b"]}]}, default_name="x")
+    lab = plan(loaded, "t1")
+    assert (lab.node("nm").portmap, lab.node("nat1").portmap) == (True, False)
+    [pair] = [n for n, _ in catalog.resolve("matrix-eim-symmetric+upnp").walk() if n.name == "nb"]
+    assert isinstance(pair, Nat) and (pair.kind, pair.portmap) == ("symmetric", True)
+    assert catalog.resolve("symmetric-upnp").sites[0].portmap
 
 
 # -- the catalog -------------------------------------------------------------------------------
@@ -134,7 +148,8 @@ def test_the_big_matrix_has_two_hosts_per_kind():
 
 
 @pytest.mark.parametrize("spec", ["mixed-1", "mixed-61", "matrix-eim", "nope", "matrix-eim-x",
-                                  "double-public-eim", "double-eim"])
+                                  "double-public-eim", "double-eim", "matrix-eim-public+upnp",
+                                  "double-eim+upnp-eim"])
 def test_unknown_scenarios_are_refused(spec):
     with pytest.raises(LabError):
         catalog.resolve(spec)

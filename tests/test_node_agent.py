@@ -38,6 +38,7 @@ from wgpunch.node import pathfile
 from wgpunch.node.agent import Agent
 from wgpunch.node.decide import Timings
 from wgpunch.node.follow import RegistryTimings
+from wgpunch.node.portmap.rule import HOLD_BACK_ATTEMPTS
 from wgpunch.protocol import (
     Event,
     Heartbeat,
@@ -466,6 +467,52 @@ async def test_the_punch_events_initiator_field_wins_over_the_key_order(pair, re
         else:
             await run.until(lambda: io.opened, what="an opener")
             assert await _no_endpoint(pair)
+
+
+async def test_a_peer_with_a_port_mapping_is_initiated_toward_it_whatever_the_registry_says(
+        pair, registry, io):
+    """b reported a mapping (where its wireguard-go is; its observed endpoint leads nowhere):
+    a sends the initiation there although the punch events call b the initiator, and opens
+    nothing (node/portmap/rule.py)."""
+    registry.answer_punches = False
+    unreachable = Endpoint.parse(f"198.51.100.99:{PORT}")
+    mapped_b = PeerRecord(pair.b.public, (), unreachable, None,
+                          Reported(PORT, (LAN_ADDRESS,), "test", pair.b_endpoint), 0)
+    a, _, reg = pair.records()
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(a, mapped_b, reg)
+        await run.until(lambda: handshaked(pair, pair.b_endpoint),
+                        what="a handshake with b at its mapping")
+        assert io.opened == []
+
+
+@pytest.mark.parametrize("raw", [True, False])
+async def test_with_a_mapping_of_its_own_it_sends_nothing_toward_a_peer_without_one(
+        pair, registry, raw):
+    """a has a mapping, b has none: b sends to a's mapping, so a reports it and sends
+    neither an opener nor an initiation toward b, even on punch events naming a the
+    initiator; it still asks for punches (b needs them to send). Only after
+    HOLD_BACK_ATTEMPTS punch requests without a session (a mapping may lead nowhere) does it
+    punch as the side b initiates toward: an opener, or without raw sockets a handshake."""
+    io = FakeIo(raw=raw)
+    registry.answer_punches = True
+    ours = Endpoint.parse(f"198.51.100.1:{PORT}")
+    rounds = replace(FAST, first_retry_s=0.4, max_retry_s=0.4)  # a round every 0.4 s
+    agent = agent_for(pair, registry, io, timings=rounds)
+    agent.view.set_mapped(ours)  # what the port-mapping task does once the NAT mapped
+
+    def sent() -> Any:
+        return io.opened if raw else handshaked(pair, pair.b_endpoint)
+
+    async with Running(agent) as run:
+        registry.publish(*pair.records())
+        await run.until(lambda: len(registry.of("punch")) >= HOLD_BACK_ATTEMPTS - 1,
+                        what="punch requests")
+        assert await _no_endpoint(pair) and io.opened == []
+        await run.until(sent, what="our side punching after the rounds held back")
+        assert len(registry.of("punch")) >= HOLD_BACK_ATTEMPTS
+        [(report, _)] = registry.of("report")
+        assert report.mapped == ours
 
 
 async def test_the_initiator_leaves_a_punch_alone_until_the_peer_has_reported(

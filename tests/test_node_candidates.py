@@ -63,6 +63,10 @@ def test_better(intent, a, b, expected):
      [c(PUBLIC, NAT, 10), c(MAPPED, UPNP, 9.5)], NAT, c(PUBLIC, NAT, 10)),
     ("a relayed peer moves to a direct candidate as soon as there is one",
      [c(RELAY, SLOT, 5), c(PUBLIC, NAT, 50)], SLOT, c(PUBLIC, NAT, 50)),
+    ("a mapping before the observed endpoint: it lets anyone in, whatever the peer's NAT",
+     [c(PUBLIC, NAT), c(MAPPED, UPNP)], None, c(MAPPED, UPNP)),
+    ("but after the LAN: same NAT, and most NATs do not hairpin",
+     [c(MAPPED, UPNP), c(LAN, HOME)], None, c(LAN, HOME)),
 ])
 def test_choose(intent, candidates, current, expected):
     assert choose(candidates, current) == expected, intent
@@ -80,6 +84,15 @@ def test_the_registry_record_gives_its_observed_endpoint_as_the_public_candidate
     record = PeerRecord(Key(bytes(32)), (), NAT, None, None, 1)
     assert candidates_of(record) == (c(PUBLIC, NAT),)
     assert candidates_of(PeerRecord(Key(bytes(32)), (), None, None, None, 1)) == ()
+
+
+def test_a_reported_mapping_is_the_mapped_candidate():
+    reported = Reported(51820, (), "0.1.0", UPNP)
+    record = PeerRecord(Key(bytes(32)), (), NAT, None, reported, 1)
+    assert candidates_of(record) == (c(MAPPED, UPNP), c(PUBLIC, NAT))
+    # A mapping the registry also observes (a port-preserving NAT) is one candidate.
+    same = PeerRecord(Key(bytes(32)), (), UPNP, None, reported, 1)
+    assert candidates_of(same) == (c(MAPPED, UPNP),)
 
 
 ME_KEY, PEER_KEY = Key(bytes([1]) * 32), Key(bytes([2]) * 32)

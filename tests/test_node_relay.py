@@ -101,6 +101,7 @@ async def test_a_slot_becomes_the_only_candidate_left_and_both_sides_handshake()
     passive = decide(dead, candidates, mem, initiator=False, punched=True, can_open=True, **now)
     assert (passive.kind, passive.endpoint) == (Kind.HANDSHAKE, relay)
 
+    assert relays.is_slot(PEER, relay) and not relays.is_slot(PEER, PUBLIC)
     track = Track(path=PathKind.RELAY)
     relays.annotate(PEER, track)
     assert track.reason == Why.NO_HANDSHAKE.value

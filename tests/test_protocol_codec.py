@@ -29,12 +29,15 @@ REPORTED = Reported(51820, (ipaddress.ip_address("192.168.1.10"),
 RECORD = PeerRecord(K1, (ipaddress.ip_network("10.99.0.1/32"),),
                     Endpoint.parse("198.51.100.2:51820"), 1795000000.25, REPORTED, 7)
 BARE = PeerRecord(K2, (), None, None, None, 3)
+MAPPED = PeerRecord(K2, (), Endpoint.parse("198.51.100.6:31000"), None,
+                    Reported(51820, (), "0.1.0", Endpoint.parse("198.51.100.6:51820")), 4)
 
 
 @pytest.mark.parametrize("item", [
     Snapshot("ab12", 9, (RECORD, BARE)),
     PeerEvent(8, RECORD),
     PeerEvent(4, BARE),
+    PeerEvent(5, MAPPED),
     RemovedEvent(9, K2),
     PunchEvent(9, K2, Endpoint.parse("[2001:db8::2]:4500"), True),
     RelayEvent(9, K1, 31000, None),
@@ -46,6 +49,16 @@ def test_round_trip_through_json_text(item):
 
 def test_heartbeat_round_trip():
     assert item_from_json(heartbeat_json(5)) == Heartbeat(5)
+
+
+def test_a_mapping_is_in_the_peer_object_only_when_there_is_one():
+    assert item_json(PeerEvent(5, MAPPED))["peer"]["reported"]["mapped_endpoint"] == \
+        "198.51.100.6:51820"
+    assert "mapped_endpoint" not in item_json(PeerEvent(8, RECORD))["peer"]["reported"]
+    bad = item_json(PeerEvent(5, MAPPED))
+    bad["peer"]["reported"]["mapped_endpoint"] = "198.51.100.6"
+    with pytest.raises(MalformedMessage, match="mapped_endpoint"):
+        item_from_json(bad)
 
 
 @pytest.mark.parametrize(("obj", "message"), [

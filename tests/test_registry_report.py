@@ -78,6 +78,36 @@ def test_malformed_bodies(intent, raw, match):
         reported_from_json(raw)
 
 
+def test_a_mapped_endpoint_is_optional_and_kept():
+    got = reported_from_json(body(mapped_endpoint="198.51.100.2:40000"))
+    assert str(got.mapped) == "198.51.100.2:40000"
+    assert got.to_json() == {**GOOD, "mapped_endpoint": "198.51.100.2:40000"}
+    assert str(reported_from_json(body(mapped_endpoint="[2001:db8::1]:1")).mapped) == \
+        "[2001:db8::1]:1"
+    for absent in (body(), body(mapped_endpoint=None)):
+        assert reported_from_json(absent).mapped is None
+        assert "mapped_endpoint" not in reported_from_json(absent).to_json()
+
+
+@pytest.mark.parametrize(("intent", "value", "match"), [
+    ("a number", 51820, "expected text, got an integer"),
+    ("a list", ["198.51.100.2", 1], "expected text, got a list"),
+    ("no port", "198.51.100.2", "is not IP:PORT"),
+    ("port zero", "198.51.100.2:0", "is not IP:PORT"),
+    ("port too big", "198.51.100.2:65536", "is not IP:PORT"),
+    ("a host name", "router.lan:51820", "is not IP:PORT"),
+    ("IPv6 without brackets", "2001:db8::1:51820", "is not IP:PORT"),
+    ("a scoped address", "[fe80::1%eth0]:1", "is not IP:PORT"),
+    ("very long", "1" * 3000 + ":1", "is not IP:PORT"),
+    ("unspecified", "0.0.0.0:51820", "cannot be reached"),
+    ("loopback", "127.0.0.1:51820", "cannot be reached"),
+    ("multicast", "[ff02::1]:51820", "cannot be reached"),
+])
+def test_malformed_mapped_endpoints(intent, value, match):
+    with pytest.raises(MalformedMessage, match=f"mapped_endpoint: .*{match}"):
+        reported_from_json(body(mapped_endpoint=value))
+
+
 def test_reported_checks_fields_when_built_in_code_too():
     with pytest.raises(MalformedMessage, match="not an IP address"):
         Reported(1, ("192.168.1.2",), "x")  # type: ignore[arg-type]
@@ -138,10 +168,12 @@ JSON = st.recursive(
 BODIES = st.one_of(
     st.binary(max_size=512),
     JSON.map(lambda v: json.dumps(v).encode()),
-    st.fixed_dictionaries({}, optional={name: JSON for name in (*FIELDS, "extra")}).map(
+    st.fixed_dictionaries({}, optional={name: JSON for name in (*FIELDS, "mapped_endpoint",
+                                                                "extra")}).map(
         lambda d: json.dumps(d).encode()),
     st.lists(st.text(max_size=50), max_size=40).map(
         lambda addrs: body(local_addresses=addrs)),
+    st.text(max_size=60).map(lambda text: body(mapped_endpoint=text)),
 )
 
 

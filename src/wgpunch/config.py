@@ -438,6 +438,7 @@ class NodeConfig(Loaded):
     mesh: bool
     mesh_exclude: tuple[str, ...]
     metrics_listen: str | None  # None: no metrics
+    portmap: bool
 
 
 NODE = Schema("node", (
@@ -471,6 +472,8 @@ NODE = Schema("node", (
            default=()),
     Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
            "(default: off)", '"127.0.0.1:9588"'),
+    Option("portmap", SWITCH, "map the listen port on our NAT (PCP, NAT-PMP, UPnP-IGD)",
+           "true", default=True),
 ), NodeConfig)
 
 

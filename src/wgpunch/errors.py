@@ -21,6 +21,7 @@ every one of them lives here.
     ├── MalformedPacket (ValueError)    a datagram that is not a message of its protocol
     ├── NoiseError                      a Noise handshake or transport operation failed
     ├── NatpunchError                   a rendezvous server did not answer usefully
+    ├── PortMapError                    a gateway did not map a port (no answer, refused)
     ├── RelayError                      the relay's kernel path (nft, conntrack) failed
     └── LabError                        the lab could not be built or driven
 """
@@ -117,6 +118,17 @@ class NatpunchError(WgpunchError):
 class RelayError(WgpunchError):
     """The relay's kernel fast path failed (nft or conntrack refused); the relay then
     forwards in userspace."""
+
+
+class PortMapError(WgpunchError):
+    """A gateway did not map a port: no answer, a refusal, or no gateway at all.
+
+    `code` is the protocol's result code of a refusal (NAT-PMP, PCP), 0 when there is none.
+    """
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class LabError(WgpunchError):

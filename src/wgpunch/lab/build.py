@@ -91,5 +91,6 @@ def apply_topology(plan: Plan) -> None:
         Namespace(name).ip_batch(commands)
     for node in plan.nodes:
         if node.role == "nat":
-            script = ruleset(node.kind or "", plan.nat_interfaces(node), hairpin=node.hairpin)
+            script = ruleset(node.kind or "", plan.nat_interfaces(node), hairpin=node.hairpin,
+                             portmap=node.portmap)
             Namespace(node.ns).run(["nft", "-f", "-"], input=script)

@@ -21,6 +21,11 @@
   behind one CARRIER NAT (hairpinning), `b` behind an `eim` router.
 - `two-lans`: `a` and `c` on two LANs (their own `eim` routers) behind one `eim` NAT that
   does not hairpin: they share a public address but reach each other by no path through it.
+- `symmetric-upnp`: `a` behind a `symmetric` NAT that offers port mapping (miniupnpd:
+  NAT-PMP, PCP, UPnP-IGD), `b` behind `eim`: `b` goes direct to `a`'s mapped port.
+
+Where a scenario takes kinds (`matrix-K1-K2`, `lab matrix --kinds`), `K+upnp` is NAT kind K
+whose router also offers port mapping (`Nat(portmap=True)`), e.g. `symmetric+upnp`.
 """
 
 from __future__ import annotations
@@ -39,13 +44,19 @@ KIND_LETTERS = {PUBLIC: "u", "eim": "e", "eim-port": "p", "eim-addr": "r",
                 "eim-full-cone": "f", "symmetric": "s", "collision": "c"}
 MIXED_CYCLE = ("eim", PUBLIC, "symmetric", "eim-port", "eim-full-cone", "collision", "eim-addr")
 MIXED_MAX = 60
+PORTMAP_SUFFIX = "+upnp"  # `K+upnp`: a NAT of kind K that offers port mapping (miniupnpd)
+MAPPED_LETTERS = {"symmetric+upnp": "m"}  # the port-mapping kinds of the matrix grid
+# Every kind a matrix scenario takes: public, each NAT kind, each with port mapping.
+MATRIX_KINDS = frozenset({*KIND_LETTERS, *(kind + PORTMAP_SUFFIX for kind in NAT_KINDS)})
 
 
 def site(host: str, kind: str, *, nat_name: str | None = None) -> Site:
-    """`host` alone (kind `public`) or behind its own NAT of `kind`, named `n<host>`."""
+    """`host` alone (kind `public`) or behind its own NAT of `kind`, named `n<host>`
+    (`K+upnp`: of kind K, with port mapping)."""
     if kind == PUBLIC:
         return Host(host)
-    return Nat(nat_name or f"n{host}", kind, (Host(host),))
+    base = kind.removesuffix(PORTMAP_SUFFIX)
+    return Nat(nat_name or f"n{host}", base, (Host(host),), portmap=base != kind)
 
 
 def _easy() -> Scenario:
@@ -88,6 +99,12 @@ def _two_lans() -> Scenario:
                     "b at home")
 
 
+def _symmetric_upnp() -> Scenario:
+    return Scenario("symmetric-upnp", (site("a", "symmetric+upnp"), site("b", "eim")),
+                    description="a behind a symmetric NAT with port mapping (miniupnpd), "
+                    "b behind eim")
+
+
 def host_names(count: int) -> Iterator[str]:
     """a, b, ..., z, aa, ab, ..."""
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -118,8 +135,9 @@ def matrix() -> Scenario:
 
 def matrix_pair(first: str, second: str) -> Scenario:
     for kind in (first, second):
-        if kind not in KIND_LETTERS:
-            raise LabError(f"lab: matrix: unknown kind {kind!r} (known: {', '.join(KIND_LETTERS)})")
+        if kind not in MATRIX_KINDS:
+            raise LabError(f"lab: matrix: unknown kind {kind!r} (known: "
+                           f"{', '.join(KIND_LETTERS)}; K{PORTMAP_SUFFIX} for port mapping)")
     return Scenario(f"matrix-{first}-{second}", (site("a", first), site("b", second)),
                     description=f"a behind {first}, b behind {second}")
 
@@ -138,6 +156,7 @@ NAMED: dict[str, Callable[[], Scenario]] = {
     "collision": _collision,
     "double-nat": _double_nat,
     "two-lans": _two_lans,
+    "symmetric-upnp": _symmetric_upnp,
     "matrix": matrix,
 }
 PATTERNS = ("mixed-N", "matrix-KIND1-KIND2", "double-HOME-CARRIER")
@@ -160,7 +179,7 @@ def resolve(spec: str) -> Scenario:
     if match := re.fullmatch(r"mixed-(\d{1,3})", spec):
         return mixed(int(match.group(1)))
     if spec.startswith("matrix-") and (kinds := _two_kinds(spec.removeprefix("matrix-"),
-                                                            KIND_LETTERS)):
+                                                            MATRIX_KINDS)):
         return matrix_pair(*kinds)
     if spec.startswith("double-") and (kinds := _two_kinds(spec.removeprefix("double-"),
                                                             NAT_KINDS)):

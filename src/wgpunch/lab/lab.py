@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import LabError
 from ..keys import Key, generate_keypair
-from . import state
+from . import portmap, state
 from .build import apply_topology, wire_namespaces
 from .netns import Namespace, WireguardGo, python_module, read_line, require_root
 from .scenario import Scenario
@@ -59,6 +59,7 @@ class Lab:
         self.hosts: dict[str, LabHost] = {}
         self._daemons: list[WireguardGo] = []
         self._wires: list[subprocess.Popen] = []
+        self._helpers: list[subprocess.Popen] = []  # STUN responder, miniupnpd
         self._dir: Path | None = None
         self._built = False
 
@@ -82,6 +83,7 @@ class Lab:
             self._write_description({"prefix": self.prefix, "scenario": self.scenario.name})
             apply_topology(self.plan)
             self._start_wires()
+            self._start_portmap()
             self._start_wireguard()
             self._write_description(self.describe())
         except BaseException:
@@ -95,15 +97,15 @@ class Lab:
             return
         for daemon in self._daemons:
             daemon.stop()
-        for wire in self._wires:
+        for wire in self._wires + self._helpers:
             if wire.poll() is None:
                 wire.terminate()
         state.remove(self.prefix)
-        for wire in self._wires:  # reap them; their namespace is gone, so they are too
+        for wire in self._wires + self._helpers:  # reap them; their namespace is gone too
             if wire.stdout:
                 wire.stdout.close()
             wire.wait(timeout=5)
-        self._daemons, self._wires = [], []
+        self._daemons, self._wires, self._helpers = [], [], []
         self._built = False
 
     # -- use -------------------------------------------------------------------------------
@@ -166,6 +168,28 @@ class Lab:
             if line != "ready":
                 raise LabError(f"lab: the wire of {node.name} said {line!r}")
 
+    def _start_portmap(self) -> None:
+        """The STUN responder on the registry host, then miniupnpd in each NAT that maps."""
+        routers = [node for node in self.plan.nodes if node.role == "nat" and node.portmap]
+        if not routers:
+            return
+        assert self._dir is not None
+        registry = self.plan.node("registry")
+        assert registry.public_ip is not None
+        argv, env = python_module("wgpunch.lab.stun", str(registry.public_ip),
+                                  str(portmap.STUN_PORT))
+        stun = Namespace(registry.ns).popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        self._helpers.append(stun)
+        line = read_line(stun, timeout=DAEMON_START_S, what="the STUN responder")
+        if line != "ready":
+            raise LabError(f"lab: the STUN responder said {line!r}")
+        for router in routers:
+            self._helpers.append(portmap.start(
+                Namespace(router.ns), self.prefix, router.name,
+                self.plan.nat_interfaces(router), registry.public_ip, self._dir))
+
     def _start_wireguard(self) -> None:
         assert self._dir is not None
         nodes = self.plan.wireguard_hosts
@@ -224,6 +248,7 @@ def describe(lab_plan: Plan, hosts: dict[str, LabHost]) -> dict[str, Any]:
         })
     nat_rows = [{
         "name": node.name, "namespace": node.ns, "kind": node.kind, "hairpin": node.hairpin,
+        "portmap": node.portmap,
         "public_ip": text(node.address.ip if node.address else None),
         "lan": text(node.lan.network if node.lan else None),
         "behind": node.parent if node.parent != "core" else None,

@@ -6,7 +6,9 @@ path judged by what `wg` shows). Every lab has new keys, so runs fall on both ke
 What a cell should give follows from the kinds alone (`expectation`): one WireGuard socket
 can punch unless one side maps per destination (its port toward the peer cannot be known in
 advance) and the other filters per port (so it cannot let that unknown port in), or both map
-per destination. Those cells need the relay; every other cell must be direct (or `lan`).
+per destination. Those cells need the relay; every other cell must be direct (or `lan`). A
+side whose NAT offers port mapping (`K+upnp`) is reachable at its mapped port from anyone,
+so every cell with one is direct.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LabError
-from .catalog import KIND_LETTERS, PUBLIC
+from .catalog import KIND_LETTERS, MAPPED_LETTERS, MATRIX_KINDS, PORTMAP_SUFFIX, PUBLIC
 from .nat import NAT_KINDS
 
-KINDS = tuple(KIND_LETTERS)
+KINDS = (*KIND_LETTERS, *MAPPED_LETTERS)  # the default grid
 _PER_DESTINATION = "address-and-port-dependent"
 
 
@@ -33,6 +35,13 @@ class Expectation:
 
 
 def expectation(first: str, second: str) -> Expectation:
+    mapped = [kind for kind in (first, second) if kind.endswith(PORTMAP_SUFFIX)]
+    if len(mapped) == 2:
+        return Expectation("direct", "both map a port on their NAT: either reaches the other")
+    if mapped:
+        other = second if mapped[0] == first else first
+        return Expectation("direct", f"{other} sends to the port {mapped[0]} maps on its NAT")
+
     def maps_per_destination(kind: str) -> bool:
         return kind != PUBLIC and NAT_KINDS[kind].mapping == _PER_DESTINATION
 
@@ -102,10 +111,11 @@ class Cell:
 
 def parse_kinds(text: str) -> tuple[str, ...]:
     kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
-    unknown = [k for k in kinds if k not in KIND_LETTERS]
+    unknown = [k for k in kinds if k not in MATRIX_KINDS]
     if unknown or not kinds:
         raise LabError(f"lab matrix: unknown kind(s) {', '.join(unknown) or '(none given)'} "
-                       f"(known: {', '.join(KINDS)})")
+                       f"(known: {', '.join(KIND_LETTERS)}, and K{PORTMAP_SUFFIX} for a NAT "
+                       "kind K with port mapping)")
     return kinds
 
 

@@ -38,7 +38,9 @@ How mappings are known: Linux NAT has no mapping table of its own, only conntrac
 postrouting *after* source NAT (priority 300) sees each outbound UDP flow's translation and
 stores `outside port -> inside ip . port` in the dynamic map `inbound` (timeout 120 s, as
 conntrack's assured-UDP timeout, refreshed by every outbound packet). Filtering kinds that let
-unsolicited packets in, and hairpinning, DNAT through that map.
+unsolicited packets in, and hairpinning, DNAT through that map; those DNATs mark their flow
+(`LAB_DNAT`), so that with port mapping (`portmap`, portmap.py) the forward filter can let
+in what miniupnpd DNATs without letting in more than the kind does.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from ..errors import LabError
 
 MAPPING_TIMEOUT_S = 120  # nf_conntrack_udp_timeout_stream: how long Linux keeps a live flow
 EIM_PORT_RANGE = (20000, 29999)  # outside ports of `eim-port`; disjoint from the lab's own
+LAB_DNAT = 0x1  # ct mark of a flow the lab's own rules DNAT (the rest: miniupnpd's)
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,14 @@ class NatInterfaces:
     lan_net: ipaddress.IPv4Network
 
 
-def ruleset(kind: str, where: NatInterfaces, *, hairpin: bool) -> str:
-    """The nft script (for `nft -f -` inside the router's namespace) for one NAT."""
+def ruleset(kind: str, where: NatInterfaces, *, hairpin: bool, portmap: bool = False) -> str:
+    """The nft script (for `nft -f -` inside the router's namespace) for one NAT; with
+    `portmap`, what miniupnpd maps passes its forward filter too."""
     nat = check_kind(kind)
     wan, lan = f'"{where.wan}"', f'"{where.lan}"'
     a, n = where.wan_ip, where.lan_net
     dynamic = f"flags dynamic,timeout; timeout {MAPPING_TIMEOUT_S}s;"
-    to_map = "dnat ip addr . port to udp dport map @inbound"
+    to_map = f"ct mark set {LAB_DNAT:#x} dnat ip addr . port to udp dport map @inbound"
 
     sets = [f"map inbound {{ typeof udp dport : ip daddr . udp dport; {dynamic} }}"]
     record = [
@@ -150,6 +154,10 @@ def ruleset(kind: str, where: NatInterfaces, *, hairpin: bool) -> str:
     else:
         out_wan, out_hairpin = ["masquerade"], [f"snat ip to {a}"]
     post = [f"oifname {wan} {rule}" for rule in out_wan]
+    if portmap:
+        # The router's own packets keep their port, as on a real router: miniupnpd's STUN
+        # check (portmap.py) wants to see its own address and port from outside.
+        post.insert(0, f"oifname {wan} ip saddr {a} accept")
     if hairpin:
         post += [f"oifname {lan} ip saddr {n} ct status dnat {rule}" for rule in out_hairpin]
 
@@ -159,6 +167,8 @@ def ruleset(kind: str, where: NatInterfaces, *, hairpin: bool) -> str:
     if kind == "eim-addr":
         forward.append(
             f"iifname {wan} ct status dnat ip daddr . udp dport . ip saddr @talked accept")
+    if portmap:
+        forward.append(f"iifname {wan} ct status dnat ct mark != {LAB_DNAT:#x} accept")
     # `collision` has no input filter at all: that is the whole point of the kind.
     input_policy = "accept" if nat.unsolicited_state else "drop"
     inp = [] if nat.unsolicited_state else [

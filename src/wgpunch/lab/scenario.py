@@ -24,6 +24,8 @@ TOML schema (`wgpunch lab up ./my.toml`; every key but the site kinds is optiona
     nat = "eim"                   # kind: see wgpunch.lab.nat.NAT_KINDS
     name = "home"                 # default: nat1, nat2, ... in file order
     hairpin = false
+    portmap = false               # true: the router runs miniupnpd (NAT-PMP, PCP, UPnP-IGD);
+                                  # only for a NAT directly on the core (lab/portmap.py)
     hosts = ["b", "c"]            # hosts on its LAN (shorthand for [[site.inside]] host = ...)
 
     [[site]]
@@ -88,11 +90,16 @@ class Nat:
     inside: tuple[Host | Nat, ...]
     hairpin: bool = False
     link: Impairment = NO_IMPAIRMENT
+    portmap: bool = False  # runs miniupnpd (lab/portmap.py)
 
     def __post_init__(self) -> None:
         check_kind(self.kind)
         if not self.inside:
             raise LabError(f"lab: NAT {self.name!r} has nothing behind it")
+        for child in self.inside:
+            if isinstance(child, Nat) and child.portmap:
+                raise LabError(f"lab: NAT {child.name!r}: port mapping needs a NAT directly "
+                               "on the core (miniupnpd's STUN check sees the NAT in front)")
 
 
 Site = Host | Nat
@@ -134,7 +141,8 @@ class Scenario:
 
 # -- TOML ---------------------------------------------------------------------------------------
 
-_SITE_KEYS = {"host", "wireguard", "nat", "name", "hairpin", "hosts", "inside", "link"}
+_SITE_KEYS = {"host", "wireguard", "nat", "name", "hairpin", "portmap", "hosts", "inside",
+              "link"}
 
 
 def load_toml(path: Path) -> Scenario:
@@ -173,14 +181,15 @@ def _site(table: Any, counter: Iterator[int]) -> Site:
     if ("host" in table) == ("nat" in table):
         raise LabError(f"lab: scenario: a site has exactly one of `host` or `nat`: {table!r}")
     if "host" in table:
-        extra = set(table) & {"nat", "name", "hairpin", "hosts", "inside"}
+        extra = set(table) & {"nat", "name", "hairpin", "portmap", "hosts", "inside"}
         if extra:
             raise LabError(f"lab: scenario: host {table['host']!r} cannot have {sorted(extra)}")
         return Host(str(table["host"]), link, bool(table.get("wireguard", True)))
     name = str(table["name"]) if "name" in table else f"nat{next(counter)}"
     hosts = tuple(Host(str(h)) for h in table.get("hosts", []))
     inside = tuple(_site(child, counter) for child in table.get("inside", []))
-    return Nat(name, str(table["nat"]), hosts + inside, bool(table.get("hairpin", False)), link)
+    return Nat(name, str(table["nat"]), hosts + inside, bool(table.get("hairpin", False)), link,
+               bool(table.get("portmap", False)))
 
 
 def _impairment(table: Any, what: str) -> Impairment:

@@ -28,6 +28,8 @@ from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, report_self
 from .mesh import Mesh
 from .metrics import NodeMetrics
+from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
+from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
 from .relay import Relays, RelayTimings
@@ -53,6 +55,8 @@ class Agent:
         io: Io | None = None,
         mesh: Mesh | None = None,
         metrics: NodeMetrics | None = None,
+        portmap: bool = False,
+        portmap_timings: PortmapTimings | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -75,6 +79,8 @@ class Agent:
         self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
         self._device_failing = False
+        self.portmap = portmap  # keep our listen port mapped on our NAT (node/portmap/)
+        self.portmap_t = portmap_timings or PortmapTimings()
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -116,6 +122,9 @@ class Agent:
                                                   self.probe_live_peers, self.clock))
                 group.create_task(self.report())
                 group.create_task(self.reconcile_forever())
+                if self.portmap:
+                    group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
+                                                  self.portmap_t))
         finally:
             pathfile.remove(self.device.name, self.state_dir)
 
@@ -126,6 +135,9 @@ class Agent:
         if self.mesh is not None:
             await self.mesh.synced.wait()
         await report_self(self.client, self.view, self.device, self.io, self.registry_t)
+
+    def mapping_changed(self, mapping: Mapping | None) -> None:
+        self.view.set_mapped(None if mapping is None else mapping.external)
 
     async def run_once(self) -> int:
         """One pass, for cron: every peer without a live session whose endpoint the registry
@@ -198,6 +210,10 @@ class Agent:
                 punched=punched, can_open=self.can_open, peer_ready=ready,
                 now_wall=now_wall, now=now, t=self.t,
             )
+            if (decision.kind in (Kind.OPEN, Kind.HANDSHAKE)
+                    and not self.relays.is_slot(peer.public_key, decision.endpoint)
+                    and holds_back(self.view.mapped is not None, known, memory.attempts)):
+                decision = replace(decision, kind=Kind.LEAVE, reason=Reason.MAPPED)
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now, self.metrics)
             self.relays.annotate(peer.public_key, track)
@@ -218,6 +234,8 @@ class Agent:
         if d.kind is Kind.LEAVE:
             if d.reason is Reason.PEER_PUNCHING:
                 return replace(mem, attempt_at=now)
+            # Reason.MAPPED leaves the backoff clock alone: our own punch requests go on,
+            # and count the rounds we hold back (portmap/rule.py).
             if d.reason is Reason.PEER_NOT_READY:
                 return replace(mem, skipped=True)
             if d.reason is Reason.PROBE_ANSWERED:
@@ -282,8 +300,14 @@ class Agent:
             self.metrics.punch_requested(ok=True)
         except ApiError as error:
             self.metrics.punch_requested(ok=False)
-            # Without the registry's help, at least our side opens its NAT and tries.
+            # Without the registry's help, at least our side opens its NAT and tries (unless
+            # the peer comes in through our mapping: then our sending would block it).
             log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
+            known = self.view.peers.get(peer.public_key)
+            track = self.tracks.get(peer.public_key)
+            attempts = track.memory.attempts if track is not None else 0
+            if known is not None and holds_back(self.view.mapped is not None, known, attempts):
+                return
             await self.handshake(peer, endpoint)
             track = self.tracks.get(peer.public_key)
             if track is not None:

@@ -44,8 +44,11 @@ class CandidateKind(enum.StrEnum):
                 CandidateKind.RELAY: PathKind.RELAY}.get(self, PathKind.DIRECT)
 
 
-# The order in which kinds are tried when nothing else tells them apart (DESIGN.md §3).
-TRY_ORDER = (CandidateKind.LAN, CandidateKind.PUBLIC, CandidateKind.MAPPED, CandidateKind.RELAY)
+# The order in which kinds are tried when nothing else tells them apart (DESIGN.md §3), but
+# a mapping before the observed endpoint: the peer's NAT forwards its mapped port from
+# anyone, while its observed endpoint takes us in only if that NAT maps independently of
+# the destination (behind a symmetric NAT, the usual reason for a mapping, it never does).
+TRY_ORDER = (CandidateKind.LAN, CandidateKind.MAPPED, CandidateKind.PUBLIC, CandidateKind.RELAY)
 
 # Our choice, as Tailscale's betterAddr: a path must be this much faster (relative round
 # trip) before we leave the one in use, so measurement noise never moves a peer.
@@ -107,8 +110,9 @@ def path_of(endpoint: Endpoint | None, candidates: Iterable[Candidate]) -> PathK
 
 def candidates_of(record: PeerRecord, mine: PeerRecord | None = None,
                   local: Sequence[IPInterface] = ()) -> tuple[Candidate, ...]:
-    """The candidates the registry's record of a peer gives: its observed endpoint, and its
-    LAN addresses (with its listen port) when it is behind our own NAT.
+    """The candidates the registry's record of a peer gives: its observed endpoint, the port
+    it mapped on its NAT (when it reported one), and its LAN addresses (with its listen port)
+    when it is behind our own NAT.
 
     Behind our NAT means: the registry sees both of us at one public address (`mine` is our
     own record), and the peer reported an address inside one of our on-link networks
@@ -125,6 +129,9 @@ def candidates_of(record: PeerRecord, mine: PeerRecord | None = None,
             if address not in own and any(address in i.network for i in local):
                 found.append(Candidate(CandidateKind.LAN,
                                        Endpoint(address, reported.listen_port)))
-    if record.endpoint is not None:
+    mapped = reported.mapped if reported is not None else None
+    if mapped is not None:
+        found.append(Candidate(CandidateKind.MAPPED, mapped))
+    if record.endpoint is not None and record.endpoint != mapped:
         found.append(Candidate(CandidateKind.PUBLIC, record.endpoint))
     return tuple(found)

@@ -52,6 +52,7 @@ class Settings:
     keepalive_s: int
     opener_ttl: int | None  # None: measured (node/punch.py)
     interval_s: float
+    portmap: bool  # map the listen port on our NAT (node/portmap/)
     mesh: bool = False
     mesh_exclude: frozenset[Key] = frozenset()
     registries: tuple[Key, ...] = ()  # every --registry given
@@ -107,6 +108,7 @@ def settings_from(args: argparse.Namespace,
             options.parsed("mesh_exclude", lambda t: Key.parse(t, what="--mesh-exclude key"), text)
             for text in options.mesh_exclude),
         metrics_listen=_metrics_listen(options),
+        portmap=options.portmap,
     )
 
 
@@ -266,7 +268,7 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
                   opener_ttl=settings.opener_ttl, state_dir=state_dir, mesh=mesh,
-                  metrics=exporter)
+                  metrics=exporter, portmap=settings.portmap and not once)
     metrics_server: MetricsServer | None = None
     try:
         if once:
@@ -408,6 +410,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--mesh-exclude", action="append", metavar="KEY",
         help="with --mesh: never add this peer (removed if the mesh added it); repeatable",
+    )
+    parser.add_argument(
+        "--portmap", action=argparse.BooleanOptionalAction, default=None,
+        help="map the WireGuard listen port on the NAT in front of us by PCP, NAT-PMP or "
+        "UPnP-IGD, renewed while running and deleted on exit, and report it to the registry "
+        "as a candidate for peers (default: on; --no-portmap: off)",
     )
     parser.add_argument(
         "--metrics-listen", metavar="ADDR:PORT",

@@ -123,6 +123,8 @@ class Reason(enum.StrEnum):
     PEER_NOT_READY = ("punch event, but the peer's agent has not reported itself: it may have "
                       "missed the punch, so an initiation now could reach its NAT unopened")
     OPENING = "punch event: opening our NAT for the initiator's handshake"
+    MAPPED = ("the peer sends to the port we mapped on our NAT: we send nothing toward it "
+              "first (node/portmap/rule.py)")
     SUSPECT = "the registry reports a new endpoint while the session looks live"
     PROBE_PENDING = "waiting for an answer to the path probe"
     PROBE_ANSWERED = "path probe answered: the current path works"

@@ -28,9 +28,10 @@ from ..protocol import (
     Snapshot,
     initiator,
 )
-from ..wg.device import Device, IPInterface
+from ..wg.device import Device, Endpoint, IPInterface
 from .edges import Clock, Io
 from .pathfile import RegistryHealth
+from .portmap.rule import initiates_by_mapping
 from .source import Source
 
 log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, whichever module
@@ -82,6 +83,7 @@ class RegistryView:
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
         # Relay slots the registry gave us, by peer: its relay events and answers (relay.py).
         self.relays: dict[Key, RelayEvent] = {}
+        self.mapped: Endpoint | None = None  # our port mapping on our NAT (node/portmap/)
 
     def apply(self, event: Event) -> None:
         if isinstance(event, Snapshot):
@@ -137,10 +139,20 @@ class RegistryView:
             self.has_reported = True
             self.wake.set()  # punch requests held back until now may go
 
+    def set_mapped(self, mapped: Endpoint | None) -> None:
+        """Our port mapping changed: the registry needs our report again."""
+        if mapped != self.mapped:
+            self.mapped = mapped
+            self.reported.set()
+
     def initiates(self, me: Key | None, peer: PeerRecord) -> bool:
-        """Whether we (`me`) send the first initiation to `peer`: what the registry's last
-        punch event for it said; before any (and without a registry that coordinates), the
-        protocol's rule applied to the records we have (ours is among them)."""
+        """Whether we (`me`) send the first initiation to `peer`: the side that reaches the
+        other's port mapping (portmap/rule.py); else what the registry's last punch event for
+        it said; before any (and without a registry that coordinates), the protocol's rule
+        applied to the records we have (ours is among them)."""
+        by_mapping = initiates_by_mapping(self.mapped is not None, peer)
+        if by_mapping is not None:
+            return by_mapping
         role = self.roles.get(peer.public_key)
         if role is not None:
             return role
@@ -194,9 +206,11 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
 
 async def report_self(client: Source, view: RegistryView, device: Device, io: Io,
                       t: RegistryTimings) -> None:
-    """Report this node (listen port, addresses, version) once the watch stream is open, then
-    every report_every_s, and at once when the registry needs it again (a new epoch)."""
+    """Report this node (listen port, addresses, version, port mapping) once the watch stream
+    is open, then every report_every_s, and at once when the registry needs it again (a new
+    epoch, a new port mapping)."""
     while True:
+        sent = view.mapped
         try:
             state = await device.state()
             interfaces = await io.local_addresses(device.name)
@@ -205,8 +219,10 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
             # it waits): the reads would otherwise delay every first punch (bench easy p50
             # 0.054-0.055 s with them after the stream, 0.049 s before it).
             await view.stream_open.wait()
+            sent = view.mapped  # made meanwhile, most often: PCP answers within ms
             report = asyncio.ensure_future(client.report_self(
-                Reported(state.listen_port, tuple(i.ip for i in interfaces), __version__)
+                Reported(state.listen_port, tuple(i.ip for i in interfaces), __version__,
+                         sent)
             ))
             await asyncio.sleep(0)  # the report is on its way before any punch request
             view.allow_punches()
@@ -219,6 +235,8 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
             wait = t.report_retry_s
         view.allow_punches()  # a report that fails must not stop our punches
         view.reported.clear()
+        if view.mapped != sent:  # a mapping that changed meanwhile is reported at once
+            view.reported.set()
         with contextlib.suppress(TimeoutError):  # asyncio.timeout: see reconcile_forever
             async with asyncio.timeout(wait):
                 await view.reported.wait()

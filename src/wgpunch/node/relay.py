@@ -145,6 +145,13 @@ class Relays:
         self._stale.pop(peer, None)
         return (*candidates, relay), mem
 
+    def is_slot(self, peer: Key, endpoint: Endpoint | None) -> bool:
+        """Whether `endpoint` is the peer's relay slot: sending there opens no NAT toward
+        the peer, so a port mapping's rule of who sends first (portmap/rule.py) does not
+        apply."""
+        lease = self.leases.get(peer)
+        return lease is not None and lease.endpoint == endpoint
+
     def annotate(self, peer: Key, track: Track) -> None:
         """Say why a relayed peer is relayed (status shows it as the reason)."""
         lease = self.leases.get(peer)

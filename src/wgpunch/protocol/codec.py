@@ -24,7 +24,7 @@ from .records import (
     Snapshot,
     StreamItem,
 )
-from .report import Reported
+from .report import Reported, mapped_endpoint
 
 
 def peer_json(record: PeerRecord) -> dict[str, Any]:
@@ -95,6 +95,7 @@ def peer_from_json(obj: Any) -> PeerRecord:
             tuple(ipaddress.ip_address(_item(a, "local_addresses", str))
                   for a in _field(reported, "local_addresses", list)),
             _field(reported, "version", str),
+            mapped_endpoint(reported.get("mapped_endpoint")),
         ),
         revision=_revision(obj, "revision"),
     )

@@ -1,4 +1,5 @@
-"""What a node reports about itself (`PUT /v1/self`): its listen port, LAN addresses, version.
+"""What a node reports about itself (`PUT /v1/self`): its listen port, LAN addresses, version,
+and the endpoint it mapped on its NAT (optional; UPnP-IGD, NAT-PMP or PCP).
 
 `Reported` checks every field on construction, so an invalid report cannot exist; the JSON
 decoder in front of it is strict too (UTF-8 only, one object, no duplicate or unknown keys, no
@@ -12,15 +13,17 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import MalformedMessage
-from ..wg.device import IPAddress
+from ..errors import ChangeRefused, MalformedMessage
+from ..wg.device import Endpoint, IPAddress
 
 MAX_BODY_BYTES = 4096  # docs/api.md
 MAX_LOCAL_ADDRESSES = 32  # docs/api.md; more LAN addresses than candidates worth trying
 MAX_VERSION_CHARS = 64  # docs/api.md
 _MAX_ADDRESS_CHARS = 45  # the longest IPv6 text form (IPv4-mapped, fully written out)
 _PRINTABLE = frozenset(chr(c) for c in range(0x20, 0x7F))
-FIELDS = ("listen_port", "local_addresses", "version")
+FIELDS = ("listen_port", "local_addresses", "version")  # required
+OPTIONAL_FIELDS = ("mapped_endpoint",)
+_MAX_ENDPOINT_CHARS = _MAX_ADDRESS_CHARS + 8  # brackets, colon, port
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,9 @@ class Reported:
     listen_port: int
     local_addresses: tuple[IPAddress, ...]
     version: str
+    # A port the node mapped on its NAT for its listen port: a peer sending there reaches it
+    # whatever its NAT's kind (DESIGN.md §3, candidate "mapped"). None: no mapping.
+    mapped: Endpoint | None = None
 
     def __post_init__(self) -> None:
         port = self.listen_port
@@ -59,13 +65,23 @@ class Reported:
             )
         if not set(self.version) <= _PRINTABLE:
             raise MalformedMessage("version: only printable ASCII characters are allowed")
+        if self.mapped is not None:
+            if not isinstance(self.mapped, Endpoint):
+                raise MalformedMessage(f"mapped_endpoint: {self.mapped!r} is not an endpoint")
+            judged = _as_ipv4(self.mapped.ip)
+            if judged.is_unspecified or judged.is_loopback or judged.is_multicast:
+                raise MalformedMessage(
+                    f"mapped_endpoint: {self.mapped} cannot be reached from another host")
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "listen_port": self.listen_port,
             "local_addresses": [str(a) for a in self.local_addresses],
             "version": self.version,
         }
+        if self.mapped is not None:  # absent, not null: what nodes before it send
+            body["mapped_endpoint"] = str(self.mapped)
+        return body
 
 
 def _as_ipv4(address: IPAddress) -> IPAddress:
@@ -127,13 +143,29 @@ def _address(value: object) -> IPAddress:
         raise MalformedMessage(f"local_addresses: {value[:60]!r} is not an IP address") from None
 
 
+def mapped_endpoint(value: object) -> Endpoint | None:
+    """`mapped_endpoint` of a report: `ip:port` (`[ip]:port` for IPv6) or null."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MalformedMessage(f"mapped_endpoint: expected text, got {_kind(value)}")
+    if len(value) > _MAX_ENDPOINT_CHARS or "%" in value:
+        raise MalformedMessage(f"mapped_endpoint: {value[:60]!r} is not IP:PORT")
+    try:
+        return Endpoint.parse(value)
+    except (ChangeRefused, ValueError):
+        raise MalformedMessage(f"mapped_endpoint: {value[:60]!r} is not IP:PORT") from None
+
+
 def reported_from_json(body: bytes) -> Reported:
-    """The body of `PUT /v1/self`; every field is required, no other is allowed."""
+    """The body of `PUT /v1/self`; every field of FIELDS is required, those of
+    OPTIONAL_FIELDS may be left out, no other is allowed."""
     obj = decode_object(body)
-    unknown = sorted(set(obj) - set(FIELDS))
+    unknown = sorted(set(obj) - set(FIELDS) - set(OPTIONAL_FIELDS))
     if unknown:
         raise MalformedMessage(
-            f"body: unknown field {unknown[0][:40]!r}; allowed: {', '.join(FIELDS)}")
+            f"body: unknown field {unknown[0][:40]!r}; allowed: "
+            f"{', '.join(FIELDS + OPTIONAL_FIELDS)}")
     missing = [name for name in FIELDS if name not in obj]
     if missing:
         raise MalformedMessage(f"body: missing field {missing[0]!r}")
@@ -148,4 +180,5 @@ def reported_from_json(body: bytes) -> Reported:
         listen_port=obj["listen_port"],
         local_addresses=tuple(_address(a) for a in addresses),
         version=obj["version"],
+        mapped=mapped_endpoint(obj.get("mapped_endpoint")),
     )
