@@ -2,6 +2,7 @@
 
 import asyncio
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
@@ -89,6 +90,7 @@ async def test_a_slot_becomes_the_only_candidate_left_and_both_sides_handshake()
     relay = Endpoint.parse("192.0.2.2:31001")
     assert candidates == (*DIRECT, Candidate(CandidateKind.RELAY, relay))
     assert mem.failed == {PUBLIC} and mem.attempt_endpoint is None
+    assert (mem.attempts, mem.attempt_at, mem.first_attempt_at) == (0, None, 4.0)
     again = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=5.2)
     assert again[1] == mem  # only once
 
@@ -116,7 +118,10 @@ async def test_a_slot_that_got_no_handshake_is_asked_for_again_later():
     _candidates, mem = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=1.0)
     assert relays.leases[PEER].why is Why.PEER_ASKED
     relay = relays.leases[PEER].endpoint
-    failed = Memory(first_attempt_at=0.0, failed=frozenset({PUBLIC, relay}))
+    trying = Memory(first_attempt_at=0.0, attempt_endpoint=relay, attempts=2)
+    candidates, mem = relays.plan(PEER, DIRECT, trying, live=False, current=PUBLIC, now=1.5)
+    assert relay in {c.endpoint for c in candidates} and mem.failed == {PUBLIC}  # stays
+    failed = replace(trying, attempts=4)
     candidates, _ = relays.plan(PEER, DIRECT, failed, live=False, current=PUBLIC, now=2.0)
     assert candidates == DIRECT and PEER not in offers and PEER not in relays.leases
     await settle(relays)

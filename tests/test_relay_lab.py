@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from wgpunch.errors import LabError
 from wgpunch.lab import catalog
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
@@ -42,6 +43,16 @@ def pings(lab: Lab, host: str, peer: str, count: int = 1, pattern: str = "00",
     return match is not None and int(match.group(1)) >= count - lost
 
 
+def wait_relayed(lab: Lab, agents: Agents, what: str = "a ping through the relay") -> None:
+    """Poll pings from a to b until one is answered; on timeout, fail with the agents' logs."""
+    try:
+        wait_for(lambda: pings(lab, "a", "b"), timeout=DEADLINE_S, interval=0.2, what=what)
+    except LabError as error:
+        logs = "\n".join(f"{host}: {e['ts']:.3f} {e['msg'][:160]}" for host in
+                         ("a", "b", "registry") for e in agents.events(host))
+        raise AssertionError(f"{error}\n{logs}") from None
+
+
 def relay_endpoint(lab: Lab, host: str) -> str:
     return str(status_of(lab, host, "b" if host == "a" else "a")["endpoint"])
 
@@ -63,8 +74,7 @@ def test_an_impossible_pair_is_relayed(lab_prefix, first, second, path):
             agents.start_registry()
             started = time.monotonic()
             agents.start_nodes()
-            wait_for(lambda: pings(lab, "a", "b"), timeout=DEADLINE_S, interval=0.2,
-                     what="a ping through the relay")
+            wait_relayed(lab, agents)
             took = time.monotonic() - started
             for host, peer in (("a", "b"), ("b", "a")):
                 shown = wait_for(lambda h=host, p=peer: (s := status_of(lab, h, p))["path"]
@@ -87,6 +97,9 @@ def test_an_impossible_pair_is_relayed(lab_prefix, first, second, path):
                 assert connected["path"] == "relay"
                 print(f"{host}: relayed {connected['time_to_direct_s']:.3f} s after its "
                       "first attempt")
+                assert connected["time_to_direct_s"] < 3.0, "\n".join(
+                    f"{h}: {e['ts']:.3f} {e['msg'][:160]}" for h in ("a", "b", "registry")
+                    for e in agents.events(h))
             agents.stop("registry")
             assert "Traceback" not in agents.log_tail("registry", 1000)
         # The registry stopped: its table and conntrack entries went with it.
@@ -104,14 +117,12 @@ def test_a_relayed_pair_recovers_after_a_registry_restart(lab_prefix):
         with Agents(lab, registry_args=["--relay", "31000-31099"]) as agents:
             agents.start_registry()
             agents.start_nodes()
-            wait_for(lambda: pings(lab, "a", "b"), timeout=DEADLINE_S, interval=0.2,
-                     what="a ping through the relay")
+            wait_relayed(lab, agents)
             assert agents.stop("registry") == 0
             assert not pings(lab, "a", "b")
             agents.start_registry()
             serving = time.monotonic()
-            wait_for(lambda: pings(lab, "a", "b"), timeout=DEADLINE_S, interval=0.2,
-                     what="a ping through the relay after the restart")
+            wait_relayed(lab, agents, "a ping through the relay after the restart")
             took = time.monotonic() - serving
             print(f"relayed again {took:.2f} s after the registry served again")
             assert took < 5.0
@@ -147,8 +158,7 @@ def test_a_third_node_cannot_use_or_disturb_a_slot(lab_prefix):
         lab.ns("registry").run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         agents.start_registry()
         agents.start_nodes(["a", "b"])
-        wait_for(lambda: pings(lab, "a", "b"), timeout=DEADLINE_S, interval=0.2,
-                 what="a ping through the relay")
+        wait_relayed(lab, agents)
         ports = ",".join(relay_endpoint(lab, h).rsplit(":", 1)[1] for h in "ab")
         relay_ip = str(lab.host("registry").public_ip)
         floods = [lab.ns(ns).popen([sys.executable, "-c", FLOOD, relay_ip, ports, "1.5"],
