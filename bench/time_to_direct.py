@@ -1,6 +1,7 @@
 """Time-to-direct and recovery, measured on the lab with the real agents.
 
-    python3 bench/time_to_direct.py [--runs 20] [--recovery-runs 5] [--out FILE]
+    python3 bench/time_to_direct.py [--runs 20] [--recovery-runs 5] [--cases NAME,...]
+                                    [--scenarios NAME,...] [--out FILE]
 
 Per scenario (`easy`; `easy` with 30 ms one-way delay on each site's uplink; `easy` with 5 %
 loss on each site's uplink; `symmetric-upnp`, a symmetric NAT with port mapping against
@@ -10,15 +11,33 @@ loss on each site's uplink; `symmetric-upnp`, a symmetric NAT with port mapping 
 `started` log events: process started, options read, device read) and, for comparison, from
 launching the node processes (Python start-up included), and from both agents following the
 registry's watch stream (their `registry_connected` events): the part that the physical limit
-(a registry round trip plus a handshake round trip) speaks of.
+(a registry round trip plus a handshake round trip) speaks of. `launch` is the cold start of
+both agents.
 
 Recovery: after the pair is direct, (1) `rebind`: the NAT in front of b (an `eim-port`
 carrier NAT) forgets its mappings and conntrack state, so b's next packet leaves from a new
 outside port; measured until the pair is direct again on the new endpoint; (2) `flush`: both
-home NATs of `easy` lose their conntrack state while a ping runs from a to b every 0.2 s;
-measured until that ping gets answers again. The side that sends notices the silence and
-probes (unanswered) and asks for a punch; the other side's watch stream has gone silent too
-(its NAT drops the registry's packets as well), and it probes its peers when it notices.
+home NATs of `easy` lose their conntrack state while a ping runs from a to b every 0.2 s
+(ten replies in before the flush); measured until that ping gets answers again (0 when
+every ping is answered in turn for 5 s after the flush: nothing was lost). Each side's
+heartbeats (node/registrylink.py) map it again on its NAT toward the registry, and toward a
+peer with traffic; before them, the side that sends noticed the silence, probed (unanswered)
+and asked for a punch, and the other side's watch stream went silent too (its NAT dropped the
+registry's packets as well), so it probed its peers when it noticed;
+(3) `forget`: both NATs of a pair behind `eim-port` carrier NATs, with 5 % loss on each
+uplink, forget their mappings: both sides get new outside ports; measured until the pair is
+direct again on both new endpoints; (4) `registry-restart`: the registry process is killed
+(SIGKILL) while the pair is direct and started again `--restart-after` seconds later; measured
+from the new registry's `serving` event until both agents follow it again (their next
+`registry_connected` events).
+
+`late-registry`: the registry learns of the nodes only after their first initiations (a node
+set up before the registry's configuration lists it): the registry's device has the nodes'
+peers removed, each node's registry peer is added again (so its device initiates at once, in
+vain), the registry and both agents start, and 1 s after both agents are up the nodes' peers
+go back into the registry's device. Measured from that moment until both nodes have a
+handshake with the registry, and until the pair is direct. WireGuard alone retries 5 s after
+its previous attempt.
 
 Prints a table and writes JSON (default bench/results/time_to_direct.json). Needs root.
 """
@@ -30,6 +49,7 @@ import asyncio
 import json
 import secrets
 import select
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,12 +62,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from wgpunch.errors import LabError
 from wgpunch.lab import Lab, catalog, evidence
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.netns import require_root, wait_for
 from wgpunch.lab.scenario import Impairment, Nat, Scenario
 
 TIMEOUT_S = 30.0
+NO_LOSS_S = 5.0  # flush: replies in sequence for this long after it mean nothing was lost
+RECOVERY_CASES = ("rebind", "flush", "forget", "registry-restart", "late-registry")
 
 
 def impaired(base: Scenario, name: str, link: Impairment) -> Scenario:
@@ -107,8 +130,9 @@ def one_run(scenario: Scenario) -> dict[str, Any]:
         }
 
 
-async def _until(predicate, timeout_s: float) -> float | None:
-    start = time.monotonic()
+async def _until(predicate, timeout_s: float, start: float | None = None) -> float | None:
+    """Seconds from `start` (default: now) until `predicate()` holds; None after timeout_s."""
+    start = time.monotonic() if start is None else start
     while time.monotonic() - start < timeout_s:
         if await predicate():
             return time.monotonic() - start
@@ -117,19 +141,22 @@ async def _until(predicate, timeout_s: float) -> float | None:
 
 
 @contextmanager
-def direct_pair(scenario: str) -> Iterator[tuple[Lab, evidence.Pair | None]]:
+def direct_pair(scenario: str | Scenario
+                ) -> Iterator[tuple[Lab, Agents, evidence.Pair | None]]:
     """A lab with its agents running and its one pair direct (None: it did not get there)."""
-    with Lab(catalog.resolve(scenario), prefix=prefix()) as lab, Agents(lab) as agents:
+    if isinstance(scenario, str):
+        scenario = catalog.resolve(scenario)
+    with Lab(scenario, prefix=prefix()) as lab, Agents(lab) as agents:
         agents.start_registry()
         agents.start_nodes()
         (pair, took), = asyncio.run(
             evidence.wait_direct(lab, TIMEOUT_S, check=agents.check_alive)).values()
-        yield lab, None if took is None else pair
+        yield lab, agents, None if took is None else pair
 
 
 def rebind_run() -> dict[str, Any]:
     """b behind an eim-port NAT that loses its mappings: a new outside port for b."""
-    with direct_pair("matrix-eim-eim-port") as (lab, pair):
+    with direct_pair("matrix-eim-eim-port") as (lab, _agents, pair):
         if pair is None:
             return {"recovered": False, "setup_failed": True}
         old = pair.a.endpoint
@@ -153,7 +180,7 @@ def rebind_run() -> dict[str, Any]:
 
 def flush_run() -> dict[str, Any]:
     """Both home NATs of `easy` lose their conntrack state while a pings b."""
-    with direct_pair("easy") as (lab, pair):
+    with direct_pair("easy") as (lab, _agents, pair):
         if pair is None:
             return {"recovered": False, "setup_failed": True}
         target = str(lab.host("b").tunnel_ip)
@@ -163,8 +190,11 @@ def flush_run() -> dict[str, Any]:
             return int(line.split("icmp_seq=")[1].split()[0]) if "time=" in line else None
 
         try:
-            last_seq = wait_for(lambda: seq_of(ping.stdout.readline()), timeout=5,
-                                what="ping replies")
+            # Traffic for a while (ten replies, 2 s) before the NATs forget, as on a path
+            # in use: an agent tells a peer with traffic from one that only keeps alive.
+            replies = [wait_for(lambda: seq_of(ping.stdout.readline()), timeout=5,
+                                what="ping replies") for _ in range(10)]
+            last_seq = replies[-1]
             start = time.monotonic()
             for nat in ("na", "nb"):
                 lab.flush_conntrack(nat)
@@ -179,10 +209,110 @@ def flush_run() -> dict[str, Any]:
                     return {"recovered": True, "recovery_s": time.monotonic() - start,
                             "lost_pings": seq - last_seq - 1}
                 last_seq = seq
+                if time.monotonic() - start > NO_LOSS_S:
+                    # Every ping answered in turn: the path never broke (the nodes' own
+                    # packets mapped them again between two pings).
+                    return {"recovered": True, "recovery_s": 0.0, "lost_pings": 0}
             return {"recovered": False}
         finally:
             ping.terminate()
             ping.wait(timeout=5)
+
+
+def forget_run() -> dict[str, Any]:
+    """Both sides behind eim-port NATs (5 % loss on each uplink) that lose their mappings."""
+    base = catalog.resolve("matrix-eim-port-eim-port")
+    with direct_pair(impaired(base, "forget", Impairment(loss_pct=5))) as (lab, _agents, pair):
+        if pair is None:
+            return {"recovered": False, "setup_failed": True}
+        old = (pair.a.endpoint, pair.b.endpoint)
+        start = time.monotonic()
+        for host in (pair.a.host, pair.b.host):
+            lab.forget_mappings(lab.host(host).nat_chain[0])
+
+        async def recovered() -> bool:
+            now, = evidence.pairs(lab, await evidence.read_devices(lab))
+            return now.direct and now.a.endpoint != old[0] and now.b.endpoint != old[1]
+
+        took = asyncio.run(_until(recovered, 60.0, start))
+        return {"recovered": took is not None, "recovery_s": took}
+
+
+def registry_restart_run(after_s: float) -> dict[str, Any]:
+    """The registry killed with SIGKILL, started again `after_s` later."""
+    with direct_pair("easy") as (_lab, agents, pair):
+        if pair is None:
+            return {"recovered": False, "setup_failed": True}
+        before = {h: _count(agents, h, "registry_connected") for h in ("a", "b")}
+        agents.stop("registry", signal.SIGKILL)
+        time.sleep(after_s)  # the outage itself, not a synchronisation
+        serving_before = _count(agents, "registry", "serving")
+        agents.start_registry(wait=False)
+        try:
+            serving = wait_for(lambda: _nth(agents, "registry", "serving", serving_before),
+                               timeout=10, what="the registry to serve again")
+            followed = [wait_for(lambda h=h: _nth(agents, h, "registry_connected", before[h]),
+                                 timeout=60, what=f"{h} to follow the registry again")
+                        for h in ("a", "b")]
+        except LabError as error:  # a run that fails is a result
+            return {"recovered": False, "error": str(error)}
+        return {"recovered": True, "recovery_s": max(followed) - serving,
+                "per_node_s": [t - serving for t in followed]}
+
+
+def _count(agents: Agents, host: str, name: str) -> int:
+    return sum(1 for e in agents.events(host) if e.get("event") == name)
+
+
+def _nth(agents: Agents, host: str, name: str, n: int) -> float | None:
+    """The time of the (n+1)-th `name` event in `host`'s log, if there is one yet."""
+    found = [float(e["ts"]) for e in agents.events(host) if e.get("event") == name]
+    return found[n] if len(found) > n else None
+
+
+def late_registry_run() -> dict[str, Any]:
+    """The registry learns of the nodes after their first initiations."""
+    with Lab(catalog.resolve("easy"), prefix=prefix()) as lab, Agents(lab) as agents:
+        registry = lab.host("registry")
+        assert registry.ifname is not None and registry.public_key is not None
+        nodes = [lab.host(h) for h in ("a", "b")]
+        for node in nodes:
+            assert node.public_key is not None and node.ifname is not None
+            registry.ns.run(["wg", "set", registry.ifname, "peer", node.public_key.base64(),
+                             "remove"])
+            node.ns.run(["wg", "set", node.ifname, "peer", registry.public_key.base64(),
+                         "remove"])
+            node.ns.run(["wg", "set", node.ifname, "peer", registry.public_key.base64(),
+                         "endpoint", f"{registry.public_ip}:{registry.listen_port}",
+                         "allowed-ips", f"{registry.tunnel_ip}/32",
+                         "persistent-keepalive", "25"])
+        agents.start_registry()
+        agents.start_nodes()
+        up = max(event_at(agents, h, "started") for h in ("a", "b"))
+        time.sleep(max(0.0, up + 1.0 - time.time()))  # the scenario's delay, not a sync
+        added, added_wall = time.monotonic(), time.time()
+        for node in nodes:
+            assert node.public_key is not None
+            registry.ns.run(["wg", "set", registry.ifname, "peer", node.public_key.base64(),
+                             "allowed-ips", f"{node.tunnel_ip}/32"])
+        seen: dict[str, float] = {}
+
+        async def direct() -> bool:
+            states = await evidence.read_devices(lab)
+            now = time.monotonic() - added
+            for node in nodes:
+                mine = states[node.name].peer(registry.public_key)
+                if (node.name not in seen and mine is not None
+                        and mine.latest_handshake is not None
+                        and mine.latest_handshake >= added_wall - 0.001):
+                    seen[node.name] = now
+            pair, = evidence.pairs(lab, states)
+            return pair.direct and len(seen) == 2
+
+        took = asyncio.run(_until(direct, TIMEOUT_S))
+        return {"recovered": took is not None, "recovery_s": max(seen.values(), default=None)
+                if len(seen) == 2 else None, "direct_s": took,
+                "registry_handshake_s": seen}
 
 
 def fmt(value: float | None) -> str:
@@ -206,15 +336,23 @@ def main() -> int:
     parser.add_argument("--recovery-runs", type=int, default=5,
                         help="runs of each recovery case (default 5)")
     parser.add_argument("--scenarios", default=",".join(scenarios()),
-                        help=f"comma-separated (default: all: {','.join(scenarios())})")
+                        help=f"comma-separated (default: all: {','.join(scenarios())}; "
+                        "'' for none)")
+    parser.add_argument("--cases", default=",".join(RECOVERY_CASES),
+                        help="recovery cases to run, comma-separated (default all: "
+                        f"{', '.join(RECOVERY_CASES)}; '' for none)")
+    parser.add_argument("--restart-after", type=float, default=15.0, metavar="SECONDS",
+                        help="registry-restart: how long the registry stays away (default 15)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "time_to_direct.json"))
     args = parser.parse_args()
     chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    cases = [name.strip() for name in args.cases.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in scenarios()]
-    if unknown or not chosen:
-        parser.error(f"unknown scenario(s) {', '.join(unknown) or '(none)'}; "
-                     f"known: {', '.join(scenarios())}")
+    unknown += [name for name in cases if name not in RECOVERY_CASES]
+    if unknown or not chosen + cases:
+        parser.error(f"unknown scenario(s) or case(s) {', '.join(unknown) or '(none)'}; "
+                     f"known: {', '.join([*scenarios(), *RECOVERY_CASES])}")
     require_root()
     report: dict[str, Any] = {"runs": args.runs, "scenarios": {}, "recovery": {}}
     rows = []
@@ -230,12 +368,18 @@ def main() -> int:
                                      "from_launch": launch}
         rows.append((name, f"{len(ok)}/{len(runs)}",
                      *(fmt(up[k]) for k in ("p50", "p95", "max")),
-                     fmt(connected["p50"]), fmt(connected["p95"]), fmt(launch["p50"])))
+                     fmt(connected["p50"]), fmt(connected["p95"]), fmt(launch["p50"]),
+                     fmt(launch["p95"])))
         print(f"{name}: {len(ok)}/{len(runs)} direct", file=sys.stderr)
-    for name, fn in (("rebind", rebind_run), ("flush", flush_run)):
-        runs = [fn() for _ in range(args.recovery_runs)]
-        times = [r["recovery_s"] for r in runs if r.get("recovered")]
+    run_case = {"rebind": rebind_run, "flush": flush_run, "forget": forget_run,
+                "registry-restart": lambda: registry_restart_run(args.restart_after),
+                "late-registry": late_registry_run}
+    for name in cases:
+        runs = [run_case[name]() for _ in range(args.recovery_runs)]
+        times = [r["recovery_s"] for r in runs
+                 if r.get("recovered") and r["recovery_s"] is not None]
         report["recovery"][name] = {"runs": runs, **summary(times)}
+        print(f"{name}: {len(times)}/{len(runs)} recovered", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -243,17 +387,23 @@ def main() -> int:
     print("time to direct (s), from both node agents up; from both following the registry "
           "(connected); from launching the processes (launch)")
     header = ("scenario", "direct", "p50", "p95", "max", "connected p50", "connected p95",
-              "launch p50")
+              "launch p50", "launch p95")
     table = [header, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
-    print("\nrecovery (s)")
+    print("\nrecovery (s; late-registry: until both nodes have a registry handshake)")
     for name, rec in report["recovery"].items():
         ok = sum(1 for r in rec["runs"] if r.get("recovered"))
         vals = " ".join(f"{k} {rec[k]:.3f}" for k in ("p50", "p95", "max") if rec[k] is not None)
-        print(f"  {name:7} {ok}/{len(rec['runs'])} recovered  {vals}")
-    if report["recovery"]["rebind"]["runs"]:
+        print(f"  {name:16} {ok}/{len(rec['runs'])} recovered  {vals}")
+    late = [r["direct_s"] for r in report["recovery"].get("late-registry", {}).get("runs", [])
+            if r.get("direct_s") is not None]
+    if late:
+        until = summary(late)
+        print("  late-registry: until direct: " +
+              " ".join(f"{k} {fmt(until[k])}" for k in ("p50", "p95", "max")))
+    if report["recovery"].get("rebind", {}).get("runs"):
         after = [r["after_registry_s"] for r in report["recovery"]["rebind"]["runs"]
                  if r.get("after_registry_s") is not None]
         if after:

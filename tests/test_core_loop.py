@@ -475,8 +475,15 @@ def test_the_api_answers_only_tunnel_callers_each_about_itself(lab_prefix):
         agents.start_nodes()
         wait_direct(lab, agents, time.monotonic())
         a, b = key(lab, "a"), key(lab, "b")
-        wait_until(agents, lambda: len(events(agents, "registry", "node_reported")) >= 2,
-                   timeout=5, what="both nodes to report themselves")
+        # Each node reports at once, and again when its NAT is measured (node/natprobe.py):
+        # after that, only our PUT below changes a record.
+        def reported_with_nat() -> bool:
+            records = peers_by_key(http(lab, "b", PEERS)[0]).values()
+            return all(r["reported"] is not None and "nat" in r["reported"]
+                       for r in records)
+
+        wait_until(agents, reported_with_nat, timeout=5,
+                   what="both nodes to report themselves and their NAT")
         public = f"http://{lab.host('registry').public_ip}:{API_PORT}"
 
         # Identity is the tunnel source address, nothing else.

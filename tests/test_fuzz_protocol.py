@@ -20,8 +20,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from fuzzing import FUZZ, fuzz_input, mutated_json
-from test_protocol_codec import BARE, MAPPED, RECORD
-from test_registry_report import GOOD
+from test_protocol_codec import BARE, MAPPED, MEASURED, RECORD
+from test_registry_report import GOOD, NAT
 from wgpunch.errors import ApiError, MalformedMessage
 from wgpunch.keys import Key
 from wgpunch.node.client import parse_event
@@ -41,14 +41,14 @@ from wgpunch.protocol import (
 from wgpunch.wg.device import Endpoint
 
 EVENTS = [item_json(item) for item in (
-    Snapshot("ab12", 9, (RECORD, BARE)), PeerEvent(8, RECORD), PeerEvent(4, BARE),
+    Snapshot("ab12", 9, (RECORD, BARE, MEASURED)), PeerEvent(8, RECORD), PeerEvent(4, BARE),
     PeerEvent(5, MAPPED),
     RemovedEvent(9, Key(bytes([2]) * 32)),
     PunchEvent(9, Key(bytes([2]) * 32), Endpoint.parse("[2001:db8::2]:4500"), True),
 )] + [heartbeat_json(5)]
 SNAPSHOT = {k: v for k, v in EVENTS[0].items() if k != "type"}  # the GET /v1/peers body
 REPORTS = [GOOD, {**GOOD, "local_addresses": [], "version": ""},
-           {**GOOD, "mapped_endpoint": "198.51.100.2:40000"}]
+           {**GOOD, "mapped_endpoint": "198.51.100.2:40000"}, {**GOOD, "nat": NAT}]
 
 
 def encoded(values: list) -> list[bytes]:

@@ -234,8 +234,10 @@ def test_cli_help_names_every_option(capsys):
 @pytest.mark.parametrize("argv", [["up", "easy"], ["down", "--prefix", "x1"],
                                   ["exec", "x1", "a", "--", "true"]])
 def test_cli_refuses_without_root(argv):
-    # Drop to an unprivileged effective uid after start-up, so this also runs as root.
-    code = ("import os, sys; from wgpunch.cli import main\n"
+    # Drop to an unprivileged effective uid after start-up (every module loaded: main()
+    # imports the subcommand's lazily, and this Python's files are root's), so this also runs
+    # as root.
+    code = ("import os, sys; from wgpunch.cli import build_parser, main; build_parser()\n"
             "os.geteuid() == 0 and os.seteuid(65534)\n"
             f"sys.exit(main(['lab', *{argv!r}]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

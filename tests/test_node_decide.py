@@ -170,7 +170,7 @@ def test_probe_sequence_for_a_rebound_peer():
     first = run(LIVE, NEW)
     assert first.kind is Kind.PROBE
     probing = replace(FRESH_RX, probe_at=NOW, probe_rx_bytes=500, probe_endpoint=NEW)
-    assert run(LIVE, NEW, probing, now=NOW + 0.5).reason is Reason.PROBE_PENDING
+    assert run(LIVE, NEW, probing, now=NOW + T.probe_timeout_s / 2).reason is Reason.PROBE_PENDING
     moved = run(LIVE, NEW, probing, now=NOW + T.probe_timeout_s)
     assert (moved.kind, moved.endpoint) == (Kind.REPOINT, NEW)
     repointed = replace(probing, repointed=True, probe_at=NOW + 1)
@@ -206,7 +206,7 @@ def test_a_stalled_live_path_is_probed_then_punched():
     assert run(LIVE, OLD, replace(quiet, rx_changed_at=NOW - 1)).reason is Reason.ROAMED
     idle = replace(quiet, tx_changed_at=NOW - 4)  # nothing sent since the last byte heard
     assert run(LIVE, OLD, idle).reason is Reason.ROAMED
-    probed = replace(quiet, probe_at=NOW - 0.5)
+    probed = replace(quiet, probe_at=NOW - T.probe_timeout_s / 2)
     assert run(LIVE, OLD, probed).reason is Reason.PROBE_PENDING
     unanswered = replace(quiet, probe_at=NOW - T.probe_timeout_s)
     decision = run(LIVE, OLD, unanswered)

@@ -46,6 +46,12 @@ def test_want_slot(mem, live, asked_at, now, want, intent):
     assert want_slot(mem, now, T, live=live, asked_at=asked_at) is want, intent
 
 
+def test_a_pair_that_can_never_go_direct_asks_at_once():
+    assert want_slot(Memory(), 5.0, T, live=False, asked_at=None, impossible=True)
+    assert not want_slot(Memory(), 5.0, T, live=True, asked_at=None, impossible=True)
+    assert not want_slot(Memory(), 5.0, T, live=False, asked_at=1.0, impossible=True)
+
+
 def test_slot_endpoint():
     event = RelayEvent(1, PEER, 31000, None)
     assert slot_endpoint(event, REGISTRY) == Endpoint.parse("192.0.2.2:31000")
@@ -88,8 +94,8 @@ async def test_a_slot_becomes_the_only_candidate_left_and_both_sides_handshake()
     assert registry.asked == [PEER] and woken and PEER in offers
     candidates, mem = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=5.1)
     relay = Endpoint.parse("192.0.2.2:31001")
-    assert candidates == (*DIRECT, Candidate(CandidateKind.RELAY, relay))
-    assert mem.failed == {PUBLIC} and mem.attempt_endpoint is None
+    assert candidates == (Candidate(CandidateKind.RELAY, relay),)  # only the slot, for now
+    assert mem.attempt_endpoint is None
     assert (mem.attempts, mem.attempt_at, mem.first_attempt_at) == (0, None, 4.0)
     again = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=5.2)
     assert again[1] == mem  # only once
@@ -116,11 +122,11 @@ async def test_a_slot_that_got_no_handshake_is_asked_for_again_later():
     relays.registry = REGISTRY
     mem = Memory(first_attempt_at=0.0)
     _candidates, mem = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=1.0)
-    assert relays.leases[PEER].why is Why.PEER_ASKED
+    assert relays.leases[PEER].why == Why.PEER_ASKED.value
     relay = relays.leases[PEER].endpoint
     trying = Memory(first_attempt_at=0.0, attempt_endpoint=relay, attempts=2)
     candidates, mem = relays.plan(PEER, DIRECT, trying, live=False, current=PUBLIC, now=1.5)
-    assert relay in {c.endpoint for c in candidates} and mem.failed == {PUBLIC}  # stays
+    assert candidates == (Candidate(CandidateKind.RELAY, relay),)  # stays on the slot
     failed = replace(trying, attempts=4)
     candidates, _ = relays.plan(PEER, DIRECT, failed, live=False, current=PUBLIC, now=2.0)
     assert candidates == DIRECT and PEER not in offers and PEER not in relays.leases

@@ -10,6 +10,7 @@ from wgpunch.errors import MalformedMessage
 from wgpunch.keys import Key
 from wgpunch.protocol import (
     Heartbeat,
+    NatBehaviour,
     PeerEvent,
     PeerRecord,
     PunchEvent,
@@ -29,6 +30,9 @@ REPORTED = Reported(51820, (ipaddress.ip_address("192.168.1.10"),
 RECORD = PeerRecord(K1, (ipaddress.ip_network("10.99.0.1/32"),),
                     Endpoint.parse("198.51.100.2:51820"), 1795000000.25, REPORTED, 7)
 BARE = PeerRecord(K2, (), None, None, None, 3)
+MEASURED = PeerRecord(K2, (), Endpoint.parse("203.0.113.9:40001"), None, Reported(
+    51820, (), "0.1.0", nat=NatBehaviour("address-and-port-dependent",
+                                         "address-and-port-dependent", False)), 4)
 MAPPED = PeerRecord(K2, (), Endpoint.parse("198.51.100.6:31000"), None,
                     Reported(51820, (), "0.1.0", Endpoint.parse("198.51.100.6:51820")), 4)
 
@@ -37,7 +41,8 @@ MAPPED = PeerRecord(K2, (), Endpoint.parse("198.51.100.6:31000"), None,
     Snapshot("ab12", 9, (RECORD, BARE)),
     PeerEvent(8, RECORD),
     PeerEvent(4, BARE),
-    PeerEvent(5, MAPPED),
+    PeerEvent(5, MEASURED),
+    PeerEvent(6, MAPPED),
     RemovedEvent(9, K2),
     PunchEvent(9, K2, Endpoint.parse("[2001:db8::2]:4500"), True),
     RelayEvent(9, K1, 31000, None),
@@ -45,6 +50,13 @@ MAPPED = PeerRecord(K2, (), Endpoint.parse("198.51.100.6:31000"), None,
 ])
 def test_round_trip_through_json_text(item):
     assert item_from_json(json.loads(json.dumps(item_json(item)))) == item
+
+
+def test_a_null_nat_is_not_reported():
+    line = item_json(PeerEvent(8, RECORD))
+    assert "nat" not in line["peer"]["reported"]  # absent, as from a registry before it
+    line["peer"]["reported"]["nat"] = None
+    assert item_from_json(line) == PeerEvent(8, RECORD)
 
 
 def test_heartbeat_round_trip():
@@ -78,6 +90,10 @@ def test_a_mapping_is_in_the_peer_object_only_when_there_is_one():
                                              "reported": {"listen_port": 0,
                                                           "local_addresses": [],
                                                           "version": ""}}}, "listen_port"),
+    ({"type": "peer", "revision": 1, "peer": {**item_json(PeerEvent(1, RECORD))["peer"],
+                                             "reported": {**REPORTED.to_json(),
+                                                          "nat": {"mapping": "cone"}}}},
+     "nat"),
 ])
 def test_malformed_items_are_one_error(obj, message):
     with pytest.raises(MalformedMessage, match=message):

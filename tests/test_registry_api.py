@@ -21,11 +21,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from wgpunch.keys import Key
-from wgpunch.registry.api import create_app, send_line
+from wgpunch.registry.api import create_app
 from wgpunch.registry.limits import Limits
 from wgpunch.registry.site import ApiSite
-from wgpunch.registry.state import RegistryState
+from wgpunch.registry.state import RegistryState, Stream
 from wgpunch.registry.timings import Timings
+from wgpunch.registry.watch import Pump
 from wgpunch.wg.device import Endpoint, PeerState
 
 A = Key(bytes([1]) * 32)
@@ -163,7 +164,14 @@ async def test_put_self_records_the_report(registry):
     resp = await a.put("/v1/self", json=report)
     assert (resp.status, await resp.json()) == (200, {"revision": 4})
     peers = (await (await a.get("/v1/peers")).json())["peers"]
+    # A report from a node older than `nat` is taken, and shown as it came.
     assert peers[0]["reported"] == report and peers[0]["revision"] == 4
+    nat = {"mapping": "address-and-port-dependent", "filtering": "address-and-port-dependent",
+           "port_preserved": False}
+    resp = await a.put("/v1/self", json={**report, "nat": nat})
+    assert (resp.status, await resp.json()) == (200, {"revision": 5})
+    peers = (await (await a.get("/v1/peers")).json())["peers"]
+    assert peers[0]["reported"]["nat"] == nat
 
 
 GZIP_NOT = {"data": b"this is not gzip" * 8, "headers": {"Content-Encoding": "gzip"}}
@@ -491,11 +499,42 @@ class StuckResponse:
         await asyncio.Event().wait()
 
 
+class Recorder:
+    """A stream response whose client takes everything at once; `done` after `count` writes."""
+
+    def __init__(self, count: int) -> None:
+        self.writes: list[bytes] = []
+        self.count = count
+        self.done = asyncio.Event()
+
+    async def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        if len(self.writes) == self.count:
+            self.done.set()
+
+
+async def test_lines_queued_while_a_stream_waits_go_in_one_write_in_order():
+    stream, response = Stream(A, 8), Recorder(2)
+    for n in range(3):
+        stream.offer(b"%d\n" % n)
+    stream.offer(b"3\n")
+    task = asyncio.create_task(Pump(response, stream, lambda: b"h\n", QUIET,
+                                    lambda: None).run(b"first\n"))
+    async with asyncio.timeout(READ_S):
+        await response.done.wait()
+    stream.close()
+    assert await task is True
+    assert response.writes == [b"first\n", b"0\n1\n2\n3\n"]
+
+
 async def test_a_stream_line_not_taken_in_time_ends_the_stream():
     timings = Timings(stream_write_timeout_s=0.05)
+    aborted = []
+    pump = Pump(StuckResponse(), Stream(A, 4), lambda: b"", timings,
+                lambda: aborted.append(True))
     started = asyncio.get_running_loop().time()
-    assert await send_line(StuckResponse(), {"type": "heartbeat", "revision": 1}, timings) is False
-    assert asyncio.get_running_loop().time() - started < 1.0
+    assert await pump.run(b'{"type":"heartbeat","revision":1}\n') is False
+    assert aborted and asyncio.get_running_loop().time() - started < 1.0
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/v1/peers", "/v1/self"])

@@ -203,6 +203,12 @@ def test_help_explains_every_option():
     (["registry", "-i", "nosuchwg0"], "no interface 'nosuchwg0' in this network namespace"),
     (["registry", "-i", "wg0", "--listen", "127.0.0.1:1", "--token-file", "/nonexistent"],
      "cannot read token file"),
+    (["registry", "-i", "wg0", "--natprobe-port", "0", "--natprobe-alt-address", "192.0.2.66"],
+     "need the probe port"),
+    (["registry", "-i", "wg0", "--natprobe-alt-port", "51823"], "second port is its first"),
+    (["registry", "-i", "wg0", "--natprobe-alt-address", "nowhere"],
+     "NAT probe address 'nowhere' is not an IP address"),
+    (["registry", "-i", "wg0", "--natprobe-port", "70000"], "70000 is not in 0-65535"),
 ])
 def test_errors_are_one_line_and_exit_1(argv, message):
     done = run_cli(*argv)
@@ -275,6 +281,7 @@ def test_serves_dns_and_releases_its_ports_on_signal(sig):
     port, dns_port = free_ports(2)
     proc = subprocess.Popen(
         wgpunch_cli("registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{port}",
+                    "--natprobe-port", "0",  # no UDP on every address of this namespace
                     "--dns", f"127.0.0.1:{dns_port}", "--zone", "mesh.internal",
                     "--dns-self", "192.0.2.1:51820",
                     # Queries from outside the tunnel are answered only where allowed.
@@ -310,7 +317,7 @@ def test_dns_bind_failure_is_one_line():
         taken.bind(("127.0.0.1", 0))
         busy = taken.getsockname()[1]
         done = run_cli("registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{free_port()}",
-                       "--dns", f"127.0.0.1:{busy}", "--zone", "m.")
+                       "--natprobe-port", "0", "--dns", f"127.0.0.1:{busy}", "--zone", "m.")
     # The observer has logged its device warning by then; the error is the last line.
     last = done.stderr.splitlines()[-1]
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
@@ -323,7 +330,7 @@ def test_serves_without_a_device_and_exits_0_on_signal(sig):
     port = free_port()
     proc = subprocess.Popen(
         wgpunch_cli("registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{port}",
-                    "--poll-interval", "0.01"),
+                    "--poll-interval", "0.01", "--natprobe-port", "0"),
         env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:

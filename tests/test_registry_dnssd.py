@@ -944,7 +944,8 @@ def test_a_dns_flood_does_not_slow_the_api():
     api, dns_port = free_ports(2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "wgpunch.cli", "registry", "-i", "nosuchwg0", "--listen",
-         f"127.0.0.1:{api}", "--dns", f"127.0.0.1:{dns_port}", "--zone", "mesh.internal"],
+         f"127.0.0.1:{api}", "--dns", f"127.0.0.1:{dns_port}", "--zone", "mesh.internal",
+         "--natprobe-port", "0"],
         env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     floods = []

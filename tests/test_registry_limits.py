@@ -103,7 +103,7 @@ def test_classify(intent, source, local, want):
 
 class Table:
     def __init__(self) -> None:
-        self.revision = 1
+        self.roster_revision = 1
         self.peers: dict = {}
         self.scans = 0
 
@@ -112,18 +112,18 @@ class Table:
             public_key = key
             allowed_ips = (ipaddress.ip_network(net),)
         self.peers[key] = Row()
-        self.revision += 1
+        self.roster_revision += 1
 
 
-def test_identities_are_cached_until_the_revision_moves():
+def test_identities_are_cached_until_the_roster_revision_moves():
     table = Table()
     table.add(A, "10.0.0.1/32")
     identities = Identities(table)
     assert identities(ip("10.0.0.1")) == A
-    table.peers.clear()  # a change without a revision: the cache still answers
+    table.peers.clear()  # a change without a roster revision: the cache still answers
     assert identities(ip("10.0.0.1")) == A
     table.add(B, "10.0.0.0/24")
-    assert identities(ip("10.0.0.1")) == B  # the revision moved: asked again
+    assert identities(ip("10.0.0.1")) == B  # the roster revision moved: asked again
     assert identities(ip("10.0.1.1")) is None
 
 

@@ -353,7 +353,8 @@ def test_the_registry_command_serves_metrics_and_releases_the_port_on_sigterm():
     api, metrics = free_ports(2)
     proc = subprocess.Popen(
         wgpunch_cli("registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{api}",
-                    "--poll-interval", "0.01", "--metrics-listen", f"127.0.0.1:{metrics}"),
+                    "--poll-interval", "0.01", "--metrics-listen", f"127.0.0.1:{metrics}",
+                    "--natprobe-port", "0"),
         env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{metrics}/metrics"

@@ -5,10 +5,12 @@ fails on demand, which the real wireguard-go will not do; reading a real device 
 test_registry_lab.py."""
 
 import ipaddress
+import json
 import logging
 
 from wgpunch.errors import DeviceError, DeviceNotFound
 from wgpunch.keys import Key
+from wgpunch.protocol import item_from_json
 from wgpunch.registry.observer import APPLY_SLICE, Observer
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
@@ -126,10 +128,11 @@ async def test_many_changes_of_one_read_are_all_applied_in_slices():
     state = RegistryState(stream_queue_max=4 * len(keys))
     observer = Observer(lambda: ScriptedDevice(script), state, Timings())
     assert await observer.poll_once()
-    stream, _ = state.open_stream(keys[0], state.revision, state.epoch)
+    stream, _ = state.open_stream(keys[0], state.revision, state.epoch, now=0.0)
     assert await observer.poll_once()
     assert set(state.peers) == set(keys[1:])
     assert {str(record.endpoint) for record in state.peers.values()} == {"192.0.2.1:2"}
-    events = [stream.queue.get_nowait() for _ in range(stream.queue.qsize())]
+    events = [item_from_json(json.loads(stream.queue.get_nowait()))
+              for _ in range(stream.queue.qsize())]
     assert [event.revision for event in events] == list(
         range(len(keys) + 1, 2 * len(keys) + 1))  # one removal and len(keys) - 1 moves

@@ -10,11 +10,12 @@ from hypothesis import strategies as st
 
 from wgpunch.errors import MalformedMessage
 from wgpunch.keys import Key
-from wgpunch.protocol import FIELDS, Reported, reported_from_json
+from wgpunch.protocol import FIELDS, NatBehaviour, Reported, reported_from_json
 from wgpunch.registry.wire import path_key, watch_query
 
 GOOD = {"listen_port": 51820, "local_addresses": ["192.168.1.2", "fd00::2"],
         "version": "0.1.0"}
+NAT = {"mapping": "address-and-port-dependent", "filtering": "unknown", "port_preserved": False}
 
 
 def body(**changes) -> bytes:
@@ -26,8 +27,16 @@ def test_a_good_body():
     got = reported_from_json(body())
     assert got.listen_port == 51820 and [str(a) for a in got.local_addresses] == [
         "192.168.1.2", "fd00::2"]
-    assert got.to_json() == GOOD
+    assert got.to_json() == GOOD  # without `nat`: what a node before it sends
     assert reported_from_json(body(local_addresses=[], version="")).local_addresses == ()
+
+
+def test_a_body_with_the_nat_behaviour_and_one_from_an_older_node():
+    got = reported_from_json(body(nat=NAT))
+    assert got.nat == NatBehaviour("address-and-port-dependent", "unknown", False)
+    assert got.to_json() == {**GOOD, "nat": NAT}
+    assert reported_from_json(body(nat=None)).nat is None  # null: not measured
+    assert reported_from_json(body()).nat is None  # a node from before the field
 
 
 @pytest.mark.parametrize(("intent", "raw", "match"), [
@@ -43,7 +52,18 @@ def test_a_good_body():
     ("Infinity", body().replace(b"51820", b"Infinity"), "Infinity"),
     ("nested too deeply", b"[" * 3000 + b"]" * 3000, "nested too deeply"),
     ("a key twice", b'{"version": "a", "version": "b"}', "appears twice"),
-    ("unknown field", body(nat="easy"), "unknown field 'nat'"),
+    ("unknown field", body(nat_type="easy"), "unknown field 'nat_type'"),
+    ("nat as text", body(nat="easy"), "nat: expected an object"),
+    ("nat with an unknown mapping", body(nat={**NAT, "mapping": "cone"}),
+     "nat.mapping: 'cone' is not one of"),
+    ("nat with an unknown filtering", body(nat={**NAT, "filtering": 3}),
+     "nat.filtering: expected text"),
+    ("nat missing a field", body(nat={"mapping": "none", "filtering": "unknown"}),
+     "nat: missing field 'port_preserved'"),
+    ("nat with an unknown field", body(nat={**NAT, "hairpin": True}),
+     "nat: unknown field 'hairpin'"),
+    ("nat port_preserved as text", body(nat={**NAT, "port_preserved": "yes"}),
+     "nat.port_preserved: expected a boolean or null"),
     ("a field missing", body(version=...), "missing field 'version'"),
     ("port as text", body(listen_port="51820"), "listen_port: expected an integer, got text"),
     ("port as float", body(listen_port=51820.0), "got a number"),

@@ -2,6 +2,7 @@
 and punch coordination, all without a clock or a socket (time is passed in)."""
 
 import ipaddress
+import json
 
 import pytest
 
@@ -14,6 +15,7 @@ from wgpunch.protocol import (
     Reported,
     Snapshot,
     initiator,
+    item_from_json,
     pair_of,
 )
 from wgpunch.registry.punch import Coalescer
@@ -45,10 +47,15 @@ def two_peers() -> RegistryState:
     return state
 
 
+def decode(line: bytes | None):
+    """A stream line as the node reads it (None: the end marker)."""
+    return None if line is None else item_from_json(json.loads(line))
+
+
 def drain(stream) -> list:
     items = []
     while not stream.queue.empty():
-        items.append(stream.queue.get_nowait())
+        items.append(decode(stream.queue.get_nowait()))
     return items
 
 
@@ -175,40 +182,86 @@ def test_epoch_is_random_hex_per_state():
 
 def test_open_stream_starts_with_snapshot_or_backlog_then_gets_live_changes():
     state = two_peers()
-    stream, first = state.open_stream(K1, None, None)
-    assert first == [Snapshot("e1", 2, state.sorted_peers())]
-    resumed, backlog = state.open_stream(K2, 1, "e1")
-    assert [type(c) for c in backlog] == [PeerEvent] and backlog[0].peer.public_key == K2
+    stream, first = state.open_stream(K1, None, None, now=0.0)
+    assert [decode(line) for line in first] == [Snapshot("e1", 2, state.sorted_peers())]
+    resumed, backlog = state.open_stream(K2, 1, "e1", now=0.0)
+    [change] = [decode(line) for line in backlog]
+    assert isinstance(change, PeerEvent) and change.peer.public_key == K2
     state.observe([peer(K1, "198.51.100.1:51820", "10.0.0.1/32")])
     assert drain(stream) == drain(resumed) == [RemovedEvent(3, K2)]
 
 
+def test_each_change_is_encoded_once_for_every_stream_and_the_history():
+    state = two_peers()
+    streams = [state.open_stream(key, 2, "e1", now=0.0)[0] for key in (K1, K2, K3)]
+    state.report(K1, report())
+    lines = [s.queue.get_nowait() for s in streams]
+    _, backlog = state.open_stream(K3, 2, "e1", now=0.0)
+    assert all(line is lines[0] for line in lines + backlog)  # one bytes object, shared
+    assert decode(lines[0]).peer.reported == report()
+
+
+@pytest.mark.parametrize(("intent", "now", "change", "reused"), [
+    ("another stream at once, nothing changed", 0.5, None, True),
+    ("a second later: handshake times may have moved", 1.0, None, False),
+    ("a change in between", 0.5, "198.51.100.1:4", False),
+])
+def test_a_snapshot_is_encoded_once_per_revision_and_second(intent, now, change, reused):
+    state = two_peers()
+    _, [first] = state.open_stream(K1, None, None, now=0.0)
+    if change is not None:
+        state.observe([peer(K1, change, "10.0.0.1/32"), peer(K2, "203.0.113.2:4000",
+                                                             "10.0.0.2/32")])
+    _, [second] = state.open_stream(K2, None, None, now=now)
+    assert (second is first) == reused, intent
+    assert decode(second) == Snapshot("e1", state.revision, state.sorted_peers()), intent
+
+
+@pytest.mark.parametrize(("intent", "after", "moves"), [
+    ("an endpoint change leaves who an address is", [
+        peer(K1, "198.51.100.1:9", "10.0.0.1/32"), peer(K2, "203.0.113.2:4000", "10.0.0.2/32")
+    ], False),
+    ("new allowed IPs", [peer(K1, "198.51.100.1:51820", "10.0.0.9/32"),
+                         peer(K2, "203.0.113.2:4000", "10.0.0.2/32")], True),
+    ("a peer gone", [peer(K1, "198.51.100.1:51820", "10.0.0.1/32")], True),
+    ("a peer new", [peer(K1, "198.51.100.1:51820", "10.0.0.1/32"),
+                    peer(K2, "203.0.113.2:4000", "10.0.0.2/32"), peer(K3)], True),
+])
+def test_the_roster_revision_moves_only_when_who_an_address_is_can_change(intent, after,
+                                                                          moves):
+    state = two_peers()
+    roster = state.roster_revision
+    state.report(K2, report())  # a report never moves it
+    state.observe(after)
+    assert (state.roster_revision != roster) == moves, intent
+
+
 def test_a_stream_that_cannot_keep_up_is_closed_and_others_get_everything():
     state = RegistryState(stream_queue_max=2)
-    slow, _ = state.open_stream(K1, None, None)
+    slow, _ = state.open_stream(K1, None, None, now=0.0)
     for n in range(1, 4):  # three changes into a queue of two
         state.observe([peer(K1, f"192.0.2.1:{n}", "10.0.0.1/32")])
     assert slow.closed and slow.overflowed
     assert drain(slow) == [None]  # the end marker alone: the client resumes from history
     assert state.stream_count == 0
-    fast, _ = state.open_stream(K1, None, None)
+    fast, _ = state.open_stream(K1, None, None, now=0.0)
     state.observe([peer(K1, "192.0.2.1:9", "10.0.0.1/32")])
     assert [c.revision for c in drain(fast)] == [4]
 
 
 def test_one_overflowing_stream_does_not_affect_another():
     state = RegistryState(stream_queue_max=2)
-    slow, _ = state.open_stream(K1, None, None)
+    slow, _ = state.open_stream(K1, None, None, now=0.0)
     state.observe([peer(K1, "192.0.2.1:1", "10.0.0.1/32")])
     state.observe([peer(K1, "192.0.2.1:2", "10.0.0.1/32")])
-    other, _ = state.open_stream(K2, None, None)
+    other, _ = state.open_stream(K2, None, None, now=0.0)
     state.observe([peer(K1, "192.0.2.1:3", "10.0.0.1/32")])  # slow overflows here
     assert slow.closed and [c.revision for c in drain(other)] == [3]
 
 
 def test_close_streams_ends_every_stream():
     state = two_peers()
-    streams = [state.open_stream(K1, None, None)[0] for _ in range(3)]
+    streams = [state.open_stream(K1, None, None, now=0.0)[0] for _ in range(3)]
     state.close_streams()
     assert all(drain(s) == [None] for s in streams) and state.stream_count == 0
 
@@ -217,9 +270,9 @@ def test_close_streams_ends_every_stream():
 
 def test_punch_reaches_both_sides_at_once_with_each_others_endpoint():
     state = two_peers()
-    s1, _ = state.open_stream(K1, None, None)
-    s2, _ = state.open_stream(K2, None, None)
-    s3, _ = state.open_stream(K3, None, None)  # a bystander hears nothing
+    s1, _ = state.open_stream(K1, None, None, now=0.0)
+    s2, _ = state.open_stream(K2, None, None, now=0.0)
+    s3, _ = state.open_stream(K3, None, None, now=0.0)  # a bystander hears nothing
     endpoint, pushed = state.request_punch(K2, K1, now=100.0)
     assert (str(endpoint), pushed) == ("198.51.100.1:51820", True)
     assert drain(s1) == [PunchEvent(2, K2, Endpoint.parse("203.0.113.2:4000"), True)]
@@ -232,8 +285,8 @@ def test_between_a_public_node_and_a_natted_one_the_natted_one_initiates():
     """K1 (lower key) reports the address we observe: it has no NAT, so K2 behind its NAT
     sends first (registry/punch.py `initiator`); K2's report does not make it public."""
     state = two_peers()
-    s1, _ = state.open_stream(K1, None, None)
-    s2, _ = state.open_stream(K2, None, None)
+    s1, _ = state.open_stream(K1, None, None, now=0.0)
+    s2, _ = state.open_stream(K2, None, None, now=0.0)
     state.report(K1, Reported(51820, (ipaddress.ip_address("198.51.100.1"),), "0.1.0"))
     state.report(K2, report())
     records = {r.public_key: r for r in state.sorted_peers()}
@@ -247,8 +300,8 @@ def test_between_a_public_node_and_a_natted_one_the_natted_one_initiates():
 
 def test_punch_repeats_within_the_window_are_coalesced_for_the_pair():
     state = two_peers()
-    s1, _ = state.open_stream(K1, None, None)
-    s2, _ = state.open_stream(K2, None, None)
+    s1, _ = state.open_stream(K1, None, None, now=0.0)
+    s2, _ = state.open_stream(K2, None, None, now=0.0)
     assert state.request_punch(K1, K2, now=10.0)[1]
     assert not state.request_punch(K2, K1, now=10.2)[1]  # the same pair, other direction
     assert state.request_punch(K1, K2, now=10.25)[1]
@@ -258,9 +311,9 @@ def test_punch_repeats_within_the_window_are_coalesced_for_the_pair():
 def test_a_punch_that_missed_a_side_is_not_coalesced():
     """K2 was not listening yet (a node starting): its own request must reach both."""
     state = two_peers()
-    s1, _ = state.open_stream(K1, None, None)
+    s1, _ = state.open_stream(K1, None, None, now=0.0)
     assert state.request_punch(K1, K2, now=10.0)[1]
-    s2, _ = state.open_stream(K2, None, None)
+    s2, _ = state.open_stream(K2, None, None, now=0.0)
     assert state.request_punch(K2, K1, now=10.05)[1]
     assert len(drain(s1)) == 2 and len(drain(s2)) == 1
     assert not state.request_punch(K1, K2, now=10.1)[1]  # both heard that one

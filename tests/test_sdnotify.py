@@ -81,7 +81,7 @@ def daemon_argv(command: str, tmp_path: Path) -> list[str]:
     if command == "rendezvous":  # a throwaway key, made at start
         return ["rendezvous", "--listen", f"127.0.0.1:{port}", "--key", str(tmp_path / "key")]
     # The registry serves with no device at all (it logs that it cannot read it).
-    return ["registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{port}"]
+    return ["registry", "-i", "nosuchwg0", "--listen", f"127.0.0.1:{port}", "--natprobe-port", "0"]
 
 
 @pytest.mark.parametrize("command", ["rendezvous", "registry"])

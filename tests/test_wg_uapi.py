@@ -496,3 +496,19 @@ async def test_changes_made_from_counters_equal_a_full_parse(sockdir):
             assert set(read.removed) == before.keys() - after.keys()
             before = after
     assert not sent
+
+
+def test_a_full_parse_reuses_what_it_made_of_unchanged_blocks():
+    one, two = peer_block(PEER1, "192.0.2.1:1"), peer_block(PEER2, "192.0.2.2:2")
+    parsed: dict = {}
+    first, _ = parse_get(get_reply(one, two), "wgt0", parsed)
+    again, _ = parse_get(get_reply(two.replace("rx_bytes=0", "rx_bytes=7"), one), "wgt0",
+                         parsed)
+    assert again.peers[1] is first.peers[0]  # PEER1's block is as it was: the same value
+    assert again.peers[0].rx_bytes == 7 and first.peers[1].rx_bytes == 0
+    assert again == parse_get(get_reply(two.replace("rx_bytes=0", "rx_bytes=7"), one),
+                              "wgt0")[0]
+    assert len(parsed) == 2  # this reply's blocks only: the memory does not grow
+    # A block parsed before keeps the numbering of the lines after it right.
+    with pytest.raises(MalformedReply, match=r"line 10: rx_bytes='1e3'"):
+        parse_get(get_reply(one, two.replace("rx_bytes=0", "rx_bytes=1e3")), "wgt0", parsed)

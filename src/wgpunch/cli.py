@@ -1,32 +1,31 @@
 """`wgpunch` command line: one parser, one module per subcommand.
 
-Each subcommand module exposes `add_parser(subparsers)`, which registers its parser and sets
-`func` to a callable taking the parsed arguments and returning the exit code; long-running
-commands also set `daemon=True`, which makes INFO (one line per event) the default log level.
-Errors that a user can cause are `WgpunchError`s: printed as one line on stderr, exit code 1.
+Each subcommand module (commands.py lists them) exposes `add_parser(subparsers)`, which
+registers its parser and sets `func` to a callable taking the parsed arguments and returning
+the exit code; long-running commands also set `daemon=True`, which makes INFO (one line per
+event) the default log level. Errors that a user can cause are `WgpunchError`s: printed as one
+line on stderr, exit code 1.
+
+`main` imports only the module of the subcommand named on the command line; the others are
+listed from commands.py alone, so `wgpunch --help` and a daemon's start load nothing they do
+not use (bench/startup.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
-from . import __version__, completion, demo, logs, service
-from . import status as status_cli
+from . import __version__, logs
+from .commands import COMMANDS
 from .errors import WgpunchError
-from .lab import cli as lab_cli
-from .natpunch import cli as rendezvous_cli
-from .node import cli as node_cli
-from .onboard import cli as onboard_cli
-from .registry import cli as registry_cli
-from .registry import relaycli as relay_cli
-
-SUBCOMMANDS = (registry_cli, relay_cli, rendezvous_cli, node_cli, onboard_cli, status_cli,
-               lab_cli, demo, service, completion)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `full`, only the subcommands named there have their own
+    options, and the others only their name and help (enough to list them)."""
     parser = argparse.ArgumentParser(
         prog="wgpunch",
         description=(
@@ -38,8 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wgpunch {__version__}")
     add_log_options(parser, defaults=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in SUBCOMMANDS:
-        module.add_parser(subparsers)
+    wanted = None if full is None else {COMMANDS[name][0] for name in full}
+    loaded: set[str] = set()
+    for name, (module, help_text) in COMMANDS.items():
+        if wanted is not None and module not in wanted:
+            subparsers.add_parser(name, help=help_text)
+        elif module not in loaded:  # one module may add several subcommands (onboard)
+            importlib.import_module(module).add_parser(subparsers)
+            loaded.add(module)
     for subparser in subparsers.choices.values():
         add_log_options(subparser, defaults=False)
     return parser
@@ -69,7 +74,11 @@ def add_log_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The first word that names a subcommand is the subcommand: the options before it take
+    # no such word as their value (--log-format text|json).
+    named = next((word for word in argv if word in COMMANDS), None)
+    args = build_parser(full=() if named is None else (named,)).parse_args(argv)
     logs.setup(args.verbose + getattr(args, "verbose_after", 0), args.log_format,
                daemon=getattr(args, "daemon", False), debug_libraries=args.debug_libraries)
     try:

@@ -12,6 +12,8 @@ import argparse
 import textwrap
 from collections.abc import Iterator
 
+from .commands import help_of
+
 SHELLS = ("bash", "zsh")
 
 _BASH_INTERFACES = """\
@@ -25,7 +27,7 @@ _shtab_wgpunch_interfaces() {
 def script(shell: str) -> str:
     import shtab  # only this command needs it
 
-    from .cli import build_parser  # cli imports this module
+    from .cli import build_parser  # cli imports this module when asked for completion
 
     parser = build_parser()
     interfaces = {"bash": "_shtab_wgpunch_interfaces", "zsh": "_net_interfaces"}
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "completion",
-        help="print a shell completion script (bash or zsh)",
+        help=help_of("completion"),
         description=textwrap.fill(
             "Print a completion script for SHELL on stdout, made from wgpunch's own "
             "options, so it always matches this version.", 88),

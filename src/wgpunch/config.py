@@ -32,6 +32,9 @@ from .errors import ConfigError, WgpunchError
 from .natpunch.limits import Limits
 from .natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
 from .protocol import API_PORT
+from .protocol.probewire import PORT
+
+NATPROBE_PORT = PORT  # the registry's NAT probe port (docs/api.md)
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +383,9 @@ class RegistryConfig(Loaded):
     relay: str | None  # a port range; None: no relay
     relay_address: str | None  # None: nodes use the registry's endpoint address
     relay_userspace: bool  # never the kernel fast path
+    natprobe_port: int  # 0: no NAT probe port
+    natprobe_alt_port: int | None  # None: natprobe_port + 1; 0: none
+    natprobe_alt_address: str | None
     metrics_listen: str | None  # None: no metrics
 
 
@@ -416,6 +422,13 @@ REGISTRY = Schema("registry", (
            "registry's endpoint as each node has it)", '"192.0.2.1"'),
     Option("relay_userspace", SWITCH, "forward relayed datagrams in the relay process, never "
            "through nftables", "false", default=False),
+    Option("natprobe_port", WHOLE, "UDP port of the NAT probe on every address (0: off)",
+           str(NATPROBE_PORT), default=NATPROBE_PORT, bounds=Bounds(0, 65535)),
+    Option("natprobe_alt_port", WHOLE, "the NAT probe's second port, for filtering "
+           "(default: natprobe_port + 1; 0: none)", str(NATPROBE_PORT + 1),
+           bounds=Bounds(0, 65535)),
+    Option("natprobe_alt_address", TEXT, "a second public address of this host, for the NAT "
+           "probe's filtering test", '"192.0.2.66"'),
     Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
            "(default: off)", '"127.0.0.1:9587"'),
 ), RegistryConfig)
@@ -437,6 +450,7 @@ class NodeConfig(Loaded):
     natpunch_legacy: str | None
     mesh: bool
     mesh_exclude: tuple[str, ...]
+    natprobe_port: int  # 0: do not measure the NAT
     metrics_listen: str | None  # None: no metrics
     portmap: bool
 
@@ -470,6 +484,9 @@ NODE = Schema("node", (
     Option("mesh_exclude", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
            "with mesh: never add these peers", '["Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="]',
            default=()),
+    Option("natprobe_port", WHOLE, "the registry's NAT probe port (UDP, at its public "
+           "address; 0: do not measure the NAT)", str(NATPROBE_PORT), default=NATPROBE_PORT,
+           bounds=Bounds(0, 65535)),
     Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
            "(default: off)", '"127.0.0.1:9588"'),
     Option("portmap", SWITCH, "map the listen port on our NAT (PCP, NAT-PMP, UPnP-IGD)",

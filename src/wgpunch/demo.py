@@ -16,8 +16,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .commands import help_of
+from .errors import MalformedMessage
 from .lab import catalog
 from .lab.netns import require_root
+from .protocol import NatBehaviour, nat_from_json, relay_reason
+from .protocol.natinfo import NAT_FIELDS
 
 
 @dataclass
@@ -33,6 +37,7 @@ class PairResult:
     a_public_ip: str
     handshake_age_s: float | None
     ping_ms: float | None
+    why: str | None = None  # a pair that cannot go direct: why, from both nodes' NATs
 
 
 def _ping_ms(lab: Any, a: str, b: str) -> float | None:
@@ -49,6 +54,7 @@ def run_demo(scenario: str, timeout_s: float, prefix: str | None,
              registry_peer=natpunch is None) as lab, _agents(lab, natpunch) as agents:
         found = asyncio.run(evidence.wait_direct(lab, timeout_s, check=agents.check_alive,
                                                  lan_ok=True, relay_ok=natpunch is None))
+        nats = {host: _nat(agents, host) for host in agents.nodes}
         results = []
         for (a, b), (pair, took) in found.items():
             results.append(PairResult(
@@ -58,8 +64,20 @@ def run_demo(scenario: str, timeout_s: float, prefix: str | None,
                 b_public_ip=pair.a.peer_public_ip, a_public_ip=pair.b.peer_public_ip,
                 handshake_age_s=pair.a.handshake_age_s,
                 ping_ms=_ping_ms(lab, a, b) if pair.path != "none" else None,
+                why=None if pair.path != "none" else relay_reason(nats.get(a), nats.get(b)),
             ))
         return results
+
+
+def _nat(agents: Any, host: str) -> NatBehaviour | None:
+    """What the node on `host` measured of its NAT (its log's last `nat_measured` event)."""
+    measured = [e for e in agents.events(host) if e.get("event") == "nat_measured"]
+    if not measured:
+        return None
+    try:
+        return nat_from_json({k: measured[-1].get(k) for k in NAT_FIELDS})
+    except MalformedMessage:
+        return None
 
 
 def _agents(lab: Any, natpunch: str | None) -> Any:
@@ -101,8 +119,9 @@ def render(results: list[PairResult]) -> str:
         "-" if r.ping_ms is None else f"{r.ping_ms:.2f} ms",
     ) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return "\n".join(lines + [f"{r.a}-{r.b}: {r.why}" for r in results if r.why])
 
 
 def _seconds(text: str) -> float:
@@ -135,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run registry and NATed nodes in the lab and show a direct tunnel",
+        help=help_of("demo"),
         description=(
             "Build a lab (default scenario: easy, two hosts behind home-router NATs), start "
             "`wgpunch registry` and `wgpunch node` in it, wait until every pair of nodes has "

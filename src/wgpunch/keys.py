@@ -18,9 +18,6 @@ import string
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
 from .errors import KeyFormatError
 
 KEY_LEN = 32
@@ -128,7 +125,14 @@ class Key:
         return "Key(<secret>)" if self.secret else f"Key({self.base64()!r})"
 
 
+# cryptography is imported by the two functions that use it: most commands (and `--help`)
+# parse and print keys but never derive one, and the import costs 20-50 ms.
+
+
 def generate_private_key() -> Key:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     raw = X25519PrivateKey.generate().private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
@@ -137,6 +141,9 @@ def generate_private_key() -> Key:
 
 def public_key(private: Key) -> Key:
     """Derive the public key (X25519 base-point multiplication, with WireGuard's clamping)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     pub = X25519PrivateKey.from_private_bytes(private.raw).public_key()
     return Key(pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 

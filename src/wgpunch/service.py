@@ -17,6 +17,7 @@ import textwrap
 from importlib import resources
 from pathlib import Path
 
+from .commands import help_of
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "systemd",
-        help="install systemd units for the registry, the node and the rendezvous server",
+        help=help_of("systemd"),
         description=textwrap.fill(
             "systemd units for the three daemons: wgpunch-registry@IF and wgpunch-node@IF "
             "(the instance is the WireGuard interface) and wgpunch-rendezvous. Each is "

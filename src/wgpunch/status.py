@@ -13,18 +13,26 @@ import json
 import time
 from typing import Any
 
+from .commands import help_of
+from .errors import MalformedMessage
 from .node import pathfile
 from .node.candidates import PathKind
 from .node.pathfile import PeerPath, RegistryHealth
+from .protocol import NatBehaviour, nat_from_json, relay_reason
 from .wg import Device, DeviceState, PeerState, list_devices, open_device
 
 JSON_VERSION = 1
 
 
-def peer_json(peer: PeerState, now: float, agent: PeerPath | None = None) -> dict[str, Any]:
+def peer_json(peer: PeerState, now: float, agent: PeerPath | None = None,
+              own_nat: dict[str, Any] | None = None) -> dict[str, Any]:
     age = peer.handshake_age(now)
+    relay = None
     if agent is not None:
         path, since, reason = agent.path, agent.since, agent.reason
+        relay = relay_reason(_nat(own_nat), _nat(agent.nat))
+        if relay is not None and path == PathKind.NONE:
+            reason = relay  # the root cause, rather than the attempt that failed
     else:  # no agent runs here: the device alone says whether a session is up
         path = PathKind.DIRECT if peer.has_live_session(now) else PathKind.NONE
         since, reason = None, device_reason(peer, now)
@@ -41,7 +49,19 @@ def peer_json(peer: PeerState, now: float, agent: PeerPath | None = None) -> dic
         "path": str(path),
         "path_since": since,
         "reason": reason,
+        "nat": None if agent is None else agent.nat,  # the peer's NAT as it reported it
+        "needs_relay": relay,  # why no direct path can exist (protocol/roles.py), or null
     }
+
+
+def _nat(value: dict[str, Any] | None) -> NatBehaviour | None:
+    """A NAT behaviour from the agent's file; None for one this version cannot read."""
+    if value is None:
+        return None
+    try:
+        return nat_from_json(value)
+    except MalformedMessage:
+        return None
 
 
 def device_reason(peer: PeerState, now: float) -> str:
@@ -64,8 +84,11 @@ def device_json(state: DeviceState, backend: str, now: float) -> dict[str, Any]:
         "public_key": None if state.public_key is None else state.public_key.base64(),
         "listen_port": state.listen_port,
         "fwmark": state.fwmark,
-        "agent": None if published is None else {"registry": registry_json(published.registry)},
-        "peers": [peer_json(p, now, agent.get(p.public_key.base64())) for p in state.peers],
+        "agent": None if published is None else {"registry": registry_json(published.registry),
+                                                 "nat": published.nat},
+        "peers": [peer_json(p, now, agent.get(p.public_key.base64()),
+                            None if published is None else published.nat)
+                  for p in state.peers],
     }
 
 
@@ -127,8 +150,12 @@ def render_table(devices: list[dict[str, Any]], now: float) -> str:
         agent = device["agent"]
         if agent is None:
             out.append("  agent: none (`wgpunch node` is not running on this interface)")
-        elif agent["registry"] is not None:
-            out.append(f"  registry: {registry_line(agent['registry'], now)}")
+        else:
+            if agent["registry"] is not None:
+                out.append(f"  registry: {registry_line(agent['registry'], now)}")
+            nat = _nat(agent.get("nat"))
+            if nat is not None:
+                out.append(f"  NAT: {nat.words()}")
         rows = [
             (
                 peer["public_key"],
@@ -179,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "status",
-        help="show WireGuard interfaces and their peers",
+        help=help_of("status"),
         description=(
             "Show every WireGuard interface in this network namespace (kernel or userspace), "
             "and per peer: public key, path (direct: a live session on the peer's own "

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..commands import help_of
 from ..errors import LabError
 from . import catalog, matrix, state
 from .nat import NAT_KINDS
@@ -26,7 +27,7 @@ from .netns import Namespace, require_root
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "lab", help="build and drive the network-namespace NAT lab",
+        "lab", help=help_of("lab"),
         description="A small internet in network namespaces: a core router, a registry with a "
         "public address, hosts behind NAT routers of several kinds, each running "
         "wireguard-go. Needs root; nothing outside the lab's own namespaces is touched.",

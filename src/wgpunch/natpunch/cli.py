@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config, sdnotify
+from ..commands import help_of
 from ..errors import ConfigError
 from ..keys import Key, public_key
 from ..wg.device import Endpoint
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "rendezvous",
-        help="a natpunch server: nodes behind NATs find each other without a registry peer",
+        help=help_of("rendezvous"),
         description=textwrap.fill(
             "Serve endpoint discovery over UDP for nodes that cannot have the registry as a "
             "WireGuard peer (a shared rendezvous host, or one without WireGuard). It speaks "

@@ -20,18 +20,21 @@ from typing import Any
 
 from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key
+from ..protocol import relay_reason
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
-from .follow import RegistryTimings, RegistryView, follow_registry, report_self
+from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
 from .mesh import Mesh
 from .metrics import NodeMetrics
+from .natprobe import Channel, NatWatch, RawChannel
 from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
 from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
+from .registrylink import LinkTimings, keep_link
 from .relay import Relays, RelayTimings
 from .source import Source
 from .track import Track
@@ -54,9 +57,12 @@ class Agent:
         clock: Clock | None = None,
         io: Io | None = None,
         mesh: Mesh | None = None,
+        natprobe_port: int | None = None,
+        nat_channel: Channel | None = None,
         metrics: NodeMetrics | None = None,
         portmap: bool = False,
         portmap_timings: PortmapTimings | None = None,
+        registry_link: LinkTimings | None = None,  # None: no heartbeats (registrylink.py)
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -64,6 +70,7 @@ class Agent:
         self.t = timings or Timings()
         self.registry_t = registry_timings or RegistryTimings()
         self.state_dir = state_dir
+        self.link_t = registry_link
         self.clock: Clock = clock or SystemClock()
         self.io: Io = io or SystemIo()
         self.mesh = mesh
@@ -81,6 +88,9 @@ class Agent:
         self._device_failing = False
         self.portmap = portmap  # keep our listen port mapped on our NAT (node/portmap/)
         self.portmap_t = portmap_timings or PortmapTimings()
+        self.natprobe_port = natprobe_port  # the registry's NAT probe port; None: no probing
+        self.nat_channel = nat_channel
+        self.nat: NatWatch | None = None
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -94,6 +104,10 @@ class Agent:
             address = tunnel_address(peer.allowed_ips)
             if peer.has_live_session(now, self.t.session_live_s) and address is not None:
                 await self.io.probe(self.device.name, address)
+
+    async def open_nat(self, endpoint: Endpoint) -> None:
+        if self.can_open:
+            await self.io.open(self.listen_port, endpoint, await self.opener_ttl.get())
 
     async def reconcile_forever(self) -> None:
         while True:
@@ -110,21 +124,31 @@ class Agent:
         state = await self.device.state()
         if state.public_key is None:
             raise ConfigError(f"node: {state.name} has no private key configured")
-        self.me = state.public_key
+        self.me = self.view.me = state.public_key
         self.listen_port = state.listen_port
         self.can_open = self.io.can_send_raw()
         registry = None if self.registry_key is None else state.peer(self.registry_key)
         if self.can_open and registry is not None and registry.endpoint is not None:
             self.opener_ttl.measure(registry.endpoint.ip)
+        if (self.natprobe_port and self.client.coordinates_punches and registry is not None
+                and registry.endpoint is not None):
+            self.nat = NatWatch(self.nat_channel or RawChannel(),
+                                Endpoint(registry.endpoint.ip, self.natprobe_port))
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
                                                   self.probe_live_peers, self.clock))
                 group.create_task(self.report())
+                if self.nat is not None:
+                    group.create_task(measure_nat(self.view, self.nat, self.device, self.io))
                 group.create_task(self.reconcile_forever())
                 if self.portmap:
                     group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
                                                   self.portmap_t))
+                if self.link_t is not None and self.registry_key is not None:
+                    group.create_task(keep_link(self.device, self.registry_key, self.io,
+                                                self.clock, self.probe_live_peers,
+                                                self.view.relink.set, self.open_nat, self.link_t))
         finally:
             pathfile.remove(self.device.name, self.state_dir)
 
@@ -134,7 +158,8 @@ class Agent:
         # never connected: the peer's initiation came before our opener).
         if self.mesh is not None:
             await self.mesh.synced.wait()
-        await report_self(self.client, self.view, self.device, self.io, self.registry_t)
+        await report_self(self.client, self.view, self.device, self.io, self.registry_t,
+                          self.nat)
 
     def mapping_changed(self, mapping: Mapping | None) -> None:
         self.view.set_mapped(None if mapping is None else mapping.external)
@@ -201,8 +226,10 @@ class Agent:
             candidates = candidates_of(known, self.view.peers.get(self.me) if self.me else None,
                                        self.view.local)
             live = not path_is_dead(peer, memory, now_wall, now, self.t)
-            candidates, memory = self.relays.plan(peer.public_key, candidates, memory,
-                                                  live=live, current=peer.endpoint, now=now)
+            mine = self.view.peers.get(self.me) if self.me else None
+            candidates, memory = self.relays.plan(
+                peer.public_key, candidates, memory, live=live, current=peer.endpoint, now=now,
+                impossible=relay_reason(None if mine is None else mine.nat, known.nat))
             memory = failover(memory, candidates, now=now, t=self.t, live=live)
             decision = decide(
                 peer, candidates, memory,
@@ -348,11 +375,13 @@ class Agent:
     def publish(self, state: DeviceState, now_wall: float) -> None:
         published = pathfile.Published(
             {key.base64(): track.published(self.view.peers.get(key))
-             for key, track in self.tracks.items()}, self.view.health)
+             for key, track in self.tracks.items()}, self.view.health,
+            None if self.nat is None or self.nat.measured is None
+            else self.nat.measured.behaviour.to_json())
         if published != self._published:
             try:
                 pathfile.write(state.name, published.peers, self.state_dir,
-                               published.registry)
+                               published.registry, published.nat)
                 self._published = published
             except OSError as error:
                 log.warning("cannot write %s: %s", pathfile.path_file(state.name), error)

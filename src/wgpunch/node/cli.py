@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import logging
 import signal
@@ -15,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .. import config, sdnotify
+from ..commands import help_of
 from ..errors import ChangeRefused, ConfigError, DeviceError, WgpunchError
 from ..keys import Key
 from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
 from ..protocol import API_PORT
-from ..wg import open_device
 from ..wg.device import DeviceState, Endpoint
 from . import pathfile
 from .lock import agent_lock
@@ -56,6 +55,7 @@ class Settings:
     mesh: bool = False
     mesh_exclude: frozenset[Key] = frozenset()
     registries: tuple[Key, ...] = ()  # every --registry given
+    natprobe_port: int = 0  # the registry's NAT probe port; 0: the NAT is not measured
     metrics_listen: Endpoint | None = None  # None: no metrics
 
 
@@ -107,6 +107,7 @@ def settings_from(args: argparse.Namespace,
         mesh_exclude=frozenset(
             options.parsed("mesh_exclude", lambda t: Key.parse(t, what="--mesh-exclude key"), text)
             for text in options.mesh_exclude),
+        natprobe_port=options.natprobe_port,
         metrics_listen=_metrics_listen(options),
         portmap=options.portmap,
     )
@@ -195,6 +196,8 @@ async def _fleet(settings: Settings, state_dir: Path) -> None:
 async def _until_signal(work: Coroutine[Any, Any, object], name: str, what: str) -> int:
     """Run `work` until SIGTERM or SIGINT (exit status 0), telling systemd when it starts
     and stops."""
+    import asyncio  # here, as _serve's imports: `node --help` needs none of it
+
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -216,11 +219,13 @@ async def _until_signal(work: Coroutine[Any, Any, object], name: str, what: str)
 async def _serve(settings: Settings, *, once: bool, state_dir: Path,
                  supervised: bool = False) -> int:
     # Imported here, and each source only in its own mode: `--help` and a mistaken flag
-    # answer without loading aiohttp, dnspython or pyroute2 (most of a second on a busy
-    # 2-core machine), and each mode loads only its own client.
+    # answer without loading asyncio, the device backends or any client, and each mode
+    # loads only its own client (bench/startup.py).
+    from ..wg import open_device
     from .agent import Agent
     from .decide import Timings
     from .mesh import Mesh
+    from .registrylink import LinkTimings
 
     interface = settings.interface
     assert interface is not None
@@ -268,7 +273,9 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
                   opener_ttl=settings.opener_ttl, state_dir=state_dir, mesh=mesh,
-                  metrics=exporter, portmap=settings.portmap and not once)
+                  metrics=exporter, portmap=settings.portmap and not once,
+                  natprobe_port=settings.natprobe_port or None,
+                  registry_link=LinkTimings() if settings.registry is not None else None)
     metrics_server: MetricsServer | None = None
     try:
         if once:
@@ -304,6 +311,8 @@ async def _serve_metrics(exporter: NodeExporter, agent: Agent, endpoint: Endpoin
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio  # here, as _serve's imports: `node --help` needs none of it
+
     settings = settings_from(args)
     try:
         return asyncio.run(serve(settings, once=args.once))
@@ -314,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "node",
-        help="keep this host's WireGuard peers on direct paths, with a registry's help",
+        help=help_of("node"),
         description=textwrap.fill(
             "Run the node agent. It follows the registry's view of every peer's public "
             "endpoint and, for each peer of the interface that has no live session, sets "
@@ -390,6 +399,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--keepalive", type=int, metavar="SECONDS",
         help="persistent keepalive set on peers that have none, to keep NAT mappings open "
         "(default 25)",
+    )
+    parser.add_argument(
+        "--natprobe-port", type=int, metavar="PORT",
+        help="the registry's NAT probe port (UDP, at the registry peer's endpoint address): "
+        "the node measures how its NAT maps and filters there and reports it, so that the "
+        f"registry can tell who initiates (default {config.NATPROBE_PORT}; 0: do not "
+        "measure)",
     )
     parser.add_argument(
         "--opener-ttl", type=int, metavar="HOPS",

@@ -1,8 +1,8 @@
 """The node's side of the registry API (docs/api.md): requests, and the watch stream parsed
 into the protocol's event types (protocol/codec.py decodes what the registry
-encodes). Everything the
-registry sends is validated here, at the edge; a reply that does not fit is a
-`ApiError`, like a refused or lost connection."""
+encodes), over the node's own HTTP client (http.py). Everything the registry sends is
+validated here, at the edge; a reply that does not fit is an `ApiError`, like a refused or
+lost connection."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlencode
-
-import aiohttp
 
 from ..errors import ApiError, MalformedMessage
 from ..keys import Key
@@ -24,6 +22,7 @@ from ..protocol import (
     relay_from_json,
     snapshot_from_json,
 )
+from .http import HttpClient
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry
 CONNECTIONS_MAX = 32
@@ -54,31 +53,26 @@ class RegistryClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # Below the registry's 64 connections per caller (registry/limits.py): a node asking
         # for many peers' punches at once waits for a connection instead of being reset.
-        self._session = aiohttp.ClientSession(
-            headers=headers, connector=aiohttp.TCPConnector(limit=CONNECTIONS_MAX))
+        self._http = HttpClient(self.base_url, headers=headers, limit=CONNECTIONS_MAX)
 
     @property
     def following(self) -> str:
         return f"registry {self.base_url}: following its watch stream"
 
     async def close(self) -> None:
-        await self._session.close()
+        await self._http.close()
 
     async def _request(self, method: str, path: str, body: Any = None) -> Any:
-        url = self.base_url + path
+        data = None if body is None else json.dumps(body).encode()
+        response = await self._http.request(method, path, data, timeout_s=self.timeout_s)
+        text = response.body.decode("utf-8", errors="replace")
+        if response.status >= 400:
+            raise ApiError(f"registry: {method} {path}: {response.status} {_error_text(text)}",
+                           response.status)
         try:
-            async with self._session.request(
-                method, url, json=body, timeout=aiohttp.ClientTimeout(total=self.timeout_s)
-            ) as response:
-                text = await response.text()
-                if response.status >= 400:
-                    raise ApiError(
-                        f"registry: {method} {path}: {response.status} {_error_text(text)}",
-                        response.status,
-                    )
-                return json.loads(text) if text else None
-        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as error:
-            raise ApiError(f"registry: {method} {url}: {_describe(error)}") from None
+            return json.loads(text) if text else None
+        except (ValueError, RecursionError) as error:
+            raise ApiError(f"registry: {method} {self.base_url + path}: {error}") from None
 
     async def peers(self) -> Snapshot:
         obj = await self._request("GET", "/v1/peers")
@@ -109,38 +103,22 @@ class RegistryClient:
     async def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
         """Events until the stream ends; a silent stream counts as dead after the timeout."""
         query = {} if since is None or epoch is None else {"since": since, "epoch": epoch}
-        url = f"{self.base_url}/v1/watch"
-        if query:
-            url += "?" + urlencode(query)
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.timeout_s, sock_read=self.heartbeat_timeout_s
-        )
-        try:
-            async with self._session.get(url, timeout=timeout) as response:
-                if response.status >= 400:
-                    text = await response.text()
-                    raise ApiError(
-                        f"registry: watch: {response.status} {_error_text(text)}", response.status
-                    )
-                # Lines are split here rather than with readline(), whose 64 KiB cap a
-                # large registry's snapshot line exceeds.
-                buffer = bytearray()
-                async for chunk in response.content.iter_any():
-                    buffer += chunk
-                    while (end := buffer.find(b"\n")) >= 0:
-                        line = bytes(buffer[:end])
-                        del buffer[: end + 1]
-                        if line.strip():
-                            yield parse_event(line)
-                    if len(buffer) > MAX_LINE_BYTES:
-                        raise ApiError("registry: watch event too large")
-                raise ApiError("registry: watch stream ended")
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            raise ApiError(f"registry: watch {url}: {_describe(error)}") from None
-
-
-def _describe(error: Exception) -> str:
-    return str(error) or type(error).__name__
+        path = "/v1/watch" + ("?" + urlencode(query) if query else "")
+        buffer = bytearray()
+        async for status, chunk in self._http.stream(
+                path, connect_timeout_s=self.timeout_s, read_timeout_s=self.heartbeat_timeout_s):
+            if status >= 400:
+                raise ApiError(f"registry: watch: {status} "
+                               f"{_error_text(chunk.decode('utf-8', errors='replace'))}", status)
+            buffer += chunk
+            while (end := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:end])
+                del buffer[: end + 1]
+                if line.strip():
+                    yield parse_event(line)
+            if len(buffer) > MAX_LINE_BYTES:
+                raise ApiError("registry: watch event too large")
+        raise ApiError("registry: watch stream ended")
 
 
 def _error_text(text: str) -> str:

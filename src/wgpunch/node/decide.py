@@ -88,8 +88,10 @@ class Timings:
     # A non-initiator that cannot send raw openers sends its own initiation at most this
     # often (WireGuard's REKEY_TIMEOUT): quicker ones would cross the initiator's.
     passive_retry_s: float = 5.0
-    # A path probe without any byte back within this long: the path is dead.
-    probe_timeout_s: float = 1.0
+    # A path probe without any byte back within this long: the path is dead. Four times the
+    # worst round trip of the lab benches (easy+30ms, ~120 ms); on the recovery path after a
+    # NAT rebinding (bench/time_to_direct.py rebind, forget: 1 s here made p95 above 2 s).
+    probe_timeout_s: float = 0.5
     # We sent, and heard nothing from the peer for this long: probe the path. Above the lab's
     # worst round trip by far; one probe per stall, so one-way traffic (answered only by
     # WireGuard's 10 s passive keepalive) costs a packet each way every few seconds.

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from .. import __version__
@@ -30,6 +30,7 @@ from ..protocol import (
 )
 from ..wg.device import Device, Endpoint, IPInterface
 from .edges import Clock, Io
+from .natprobe import NatWatch, own_addresses
 from .pathfile import RegistryHealth
 from .portmap.rule import initiates_by_mapping
 from .source import Source
@@ -46,9 +47,11 @@ class RegistryTimings:
     # crash under systemd's Restart=) has its nodes back within about a second; then up to
     # reconnect_max_s, so that a registry gone for good is not asked every second by every
     # node. Our choices (before: up to 30 s at once, nodes followed a registry restarted
-    # after 15 s 11.7-12.3 s after it served again).
-    reconnect_first_s: float = 0.25
-    reconnect_fast_max_s: float = 1.0
+    # after 15 s 11.7-12.3 s after it served again; with 1 s here, p50 0.80 p95 0.98 s,
+    # bench/time_to_direct.py registry-restart; goal 1 s). A node then connects twice a
+    # second at most: a refused SYN, to a registry that is away.
+    reconnect_first_s: float = 0.1
+    reconnect_fast_max_s: float = 0.5
     fast_for_s: float = 60.0
     reconnect_max_s: float = 30.0
     # A registry away for less than this is a blip, logged at DEBUG; past it, each distinct
@@ -77,6 +80,9 @@ class RegistryView:
         # for punches only after our report: so a peer that sees us reported knows that we
         # follow punch events (decide(peer_ready=...)).
         self.stream_open = asyncio.Event()
+        # The tunnel to the registry answers again after it was dead (registrylink.py): the
+        # watch stream is opened anew at once, not after TCP's retransmission back-off.
+        self.relink = asyncio.Event()
         self.has_reported = False
         self.health: RegistryHealth | None = None  # None until follow_registry starts
         self.connections = 0  # watch streams that delivered, since start
@@ -84,8 +90,23 @@ class RegistryView:
         # Relay slots the registry gave us, by peer: its relay events and answers (relay.py).
         self.relays: dict[Key, RelayEvent] = {}
         self.mapped: Endpoint | None = None  # our port mapping on our NAT (node/portmap/)
+        self.me: Key | None = None  # our key, once the device is read
+        # Set when the endpoint the registry observes for us changes (measure_nat).
+        self.observed_changed = asyncio.Event()
+
+    def own_endpoint(self) -> Endpoint | None:
+        """Our WireGuard endpoint as the registry's interface observes it."""
+        mine = None if self.me is None else self.peers.get(self.me)
+        return None if mine is None else mine.endpoint
 
     def apply(self, event: Event) -> None:
+        observed = self.own_endpoint()
+        self._apply(event)
+        if self.own_endpoint() != observed:
+            self.observed_changed.set()  # a new mapping: our NAT is measured again
+        self.wake.set()
+
+    def _apply(self, event: Event) -> None:
         if isinstance(event, Snapshot):
             if self.epoch is not None and event.epoch != self.epoch:
                 log.info("registry restarted (new epoch): resynced %d peers", len(event.peers))
@@ -115,7 +136,6 @@ class RegistryView:
             self.relays[event.peer] = event
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
-        self.wake.set()
 
     def set_health(self, following: str, state: str, now_wall: float,
                    error: str | None = None) -> None:
@@ -160,7 +180,8 @@ class RegistryView:
             return False
         mine = self.peers.get(me)
         return initiator(me, peer.public_key, side_public=mine is not None and mine.public,
-                         other_public=peer.public)
+                         other_public=peer.public, side_nat=None if mine is None else mine.nat,
+                         other_nat=peer.nat)
 
 
 async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings,
@@ -173,8 +194,10 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
     warned: str | None = None  # the failure last logged as a warning, until it works again
     while True:
         heard = False
+        view.relink.clear()
         try:
-            async for event in client.watch(view.revision, view.epoch):
+            async for event in until_set(client.watch(view.revision, view.epoch),
+                                          view.relink):
                 if not heard:
                     view.connections += 1
                     log.info("%s", client.following, extra={"event": "registry_connected"})
@@ -198,19 +221,81 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
             # (reboot, flush), which blocks every peer's packets to us as well. Sending
             # is what reopens it.
             await on_silence()
+        if view.relink.is_set():
+            delay = t.reconnect_first_s
+            continue
         await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # backoff, not sync
         away_s = clock.monotonic() - lost_at
         delay = min(delay * 2, t.reconnect_fast_max_s if away_s < t.fast_for_s
                     else t.reconnect_max_s)
 
 
+async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io) -> None:
+    """Measure our NAT (node/natprobe.py) whenever the registry observes a new endpoint for
+    us, and have the report carry the result. Beside the report, not before it: the filtering
+    test waits for replies that may never come (0.6 s behind most NATs), and the registry
+    observes our endpoint only after our first handshake with it (about a second into a lab
+    run), so waiting for both would delay every first punch by a second or more (bench
+    easy: p50 1.46 s, against 0.05 s). Until the measurement is in, the registry decides who
+    initiates without it, as for a node older than the measurement."""
+    while True:
+        await view.observed_changed.wait()
+        view.observed_changed.clear()
+        observed = view.own_endpoint()
+        if observed is None:
+            continue
+        try:
+            state = await device.state()
+            interfaces = await io.local_addresses(device.name)
+        except DeviceError as error:
+            log.debug("NAT measurement skipped: %s", error)
+            continue
+        before = nat.measured
+        await nat.current(state.listen_port, observed, own_addresses(i.ip for i in interfaces))
+        if nat.measured is not before:
+            view.reported.set()
+
+
+async def until_set(stream: AsyncIterator[Event], stop: asyncio.Event
+                    ) -> AsyncIterator[Event]:
+    """`stream`'s events until it ends or `stop` is set; then an ApiError, as for a stream
+    that broke (the caller opens a new one)."""
+    stopped = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[Event] | None = None
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(stream))
+            await asyncio.wait((following, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                raise ApiError("registry: the tunnel to it works again: watching anew")
+            try:
+                event = following.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        stopped.cancel()
+        if following is not None and not following.done():
+            following.cancel()
+            # asyncio.wait, not `await following`: a cancellation of our own that arrives
+            # meanwhile must propagate, not be taken for the stream's.
+            await asyncio.wait((following,))
+        if following is not None and not following.cancelled():
+            following.exception()  # retrieved: the stream is dropped either way
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            await close()
+
+
 async def report_self(client: Source, view: RegistryView, device: Device, io: Io,
-                      t: RegistryTimings) -> None:
-    """Report this node (listen port, addresses, version, port mapping) once the watch stream
-    is open, then every report_every_s, and at once when the registry needs it again (a new
-    epoch, a new port mapping)."""
+                      t: RegistryTimings, nat: NatWatch | None = None) -> None:
+    """Report this node (listen port, addresses, version, port mapping, and the NAT behaviour
+    `nat` measured last) once the watch stream is open, then every report_every_s, and at once
+    when the registry needs it again (a new epoch, a new port mapping, a new NAT
+    measurement)."""
     while True:
         sent = view.mapped
+        sent_nat = None if nat is None else nat.measured
         try:
             state = await device.state()
             interfaces = await io.local_addresses(device.name)
@@ -220,9 +305,10 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
             # 0.054-0.055 s with them after the stream, 0.049 s before it).
             await view.stream_open.wait()
             sent = view.mapped  # made meanwhile, most often: PCP answers within ms
+            sent_nat = None if nat is None else nat.measured
             report = asyncio.ensure_future(client.report_self(
                 Reported(state.listen_port, tuple(i.ip for i in interfaces), __version__,
-                         sent)
+                         sent, nat=None if sent_nat is None else sent_nat.behaviour)
             ))
             await asyncio.sleep(0)  # the report is on its way before any punch request
             view.allow_punches()
@@ -235,7 +321,8 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
             wait = t.report_retry_s
         view.allow_punches()  # a report that fails must not stop our punches
         view.reported.clear()
-        if view.mapped != sent:  # a mapping that changed meanwhile is reported at once
+        # A mapping or a NAT measurement that changed meanwhile is reported at once.
+        if view.mapped != sent or (nat is not None and nat.measured is not sent_nat):
             view.reported.set()
         with contextlib.suppress(TimeoutError):  # asyncio.timeout: see reconcile_forever
             async with asyncio.timeout(wait):

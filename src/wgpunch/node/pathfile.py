@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 STATE_DIR = Path("/run/wgpunch")
 
@@ -22,6 +23,7 @@ class PeerPath:
     since: float | None  # Unix time the current path was established (or lost)
     reason: str
     endpoint: str | None  # what the registry reports for the peer
+    nat: dict[str, Any] | None = None  # the peer's NAT as it reported it (NatBehaviour JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,7 @@ class RegistryHealth:
 class Published:
     peers: dict[str, PeerPath]
     registry: RegistryHealth | None
+    nat: dict[str, Any] | None = None  # our own NAT as measured (NatBehaviour JSON)
 
 
 def path_file(ifname: str, directory: Path = STATE_DIR) -> Path:
@@ -45,12 +48,12 @@ def path_file(ifname: str, directory: Path = STATE_DIR) -> Path:
 
 
 def write(ifname: str, peers: dict[str, PeerPath], directory: Path = STATE_DIR,
-          registry: RegistryHealth | None = None) -> None:
+          registry: RegistryHealth | None = None, nat: dict[str, Any] | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     target = path_file(ifname, directory)
     tmp = target.with_suffix(".tmp")
     body = {"pid": os.getpid(), "peers": {k: asdict(v) for k, v in sorted(peers.items())},
-            "registry": None if registry is None else asdict(registry)}
+            "registry": None if registry is None else asdict(registry), "nat": nat}
     tmp.write_text(json.dumps(body, indent=1))
     tmp.replace(target)
 
@@ -73,7 +76,7 @@ def read_published(ifname: str, directory: Path = STATE_DIR) -> Published | None
         registry = body.get("registry")
         return Published(
             {key: PeerPath(**value) for key, value in body["peers"].items()},
-            None if registry is None else RegistryHealth(**registry))
+            None if registry is None else RegistryHealth(**registry), body.get("nat"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -1,11 +1,13 @@
 """When a peer goes through a relay slot (DESIGN.md §6), and what `status` says about it.
 
-A peer whose punch has produced no handshake within `after_s` gets a relay slot from the
-registry (`POST /v1/relay`); the registry tells the peer's agent at the same time (a `relay`
-event), so both sides hold the slot within a round trip. From then on the slot is one more
-candidate (candidates.py, kind `relay`, ranked below every direct one), and the direct ones
-count as failed, so that decide() moves the pair to the relay at once: a punch through the
-registry, and both sides' handshake-now toward their own relay port. The relay drops what
+A peer whose punch has produced no handshake within `after_s`, or whose NAT and ours leave
+no direct path at all (protocol.relay_reason), gets a relay slot from the registry
+(`POST /v1/relay`); the registry tells the peer's agent at the same time (a `relay` event),
+so both sides hold the slot within a round trip. While no session is up, the slot is the
+peer's only candidate (candidates.py, kind `relay`), so that decide() moves the pair there
+at once and both sides stay there in step: a punch through the registry, and both sides'
+handshake-now toward their own relay port. Once a session is up it is one more candidate,
+ranked below every direct one. The relay drops what
 reaches it before the other side is bound, so the first initiation binds one side, the
 other's binds the other side and goes through; no initiator rule is needed.
 
@@ -60,16 +62,18 @@ def retry_after(asks: int, t: RelayTimings) -> float:
 class Why(enum.StrEnum):
     NO_HANDSHAKE = "relayed: a punch got no handshake within a second"
     PEER_ASKED = "relayed: the peer's punch got no handshake, it asked for the slot"
+    IMPOSSIBLE = "relayed"  # followed by the protocol's relay_reason
 
 
 def want_slot(mem: Memory, now: float, t: RelayTimings, *, live: bool,
-              asked_at: float | None, asks: int = 1) -> bool:
-    """Whether to ask for a slot for a peer (without one) now. The rule of both NATs'
-    behaviour (a pair that can never go direct asks at once, DESIGN.md §6) belongs here as
-    one more early `return True` once the protocol carries it; until then the timeout alone
-    decides."""
+              asked_at: float | None, asks: int = 1, impossible: bool = False) -> bool:
+    """Whether to ask for a slot for a peer (without one) now: at once when both NATs'
+    behaviour says no direct path can exist (`impossible`: protocol.relay_reason, from what
+    both nodes reported), else once a punch has had `after_s` without a handshake."""
     if live or (asked_at is not None and now - asked_at < retry_after(asks, t)):
         return False
+    if impossible:
+        return True
     return mem.first_attempt_at is not None and now - mem.first_attempt_at >= t.after_s
 
 
@@ -84,7 +88,7 @@ def slot_endpoint(event: RelayEvent, registry: Endpoint | None) -> Endpoint | No
 @dataclass(frozen=True, slots=True)
 class Lease:
     endpoint: Endpoint
-    why: Why
+    why: str  # what status shows as the reason
 
 
 class Relays:
@@ -104,13 +108,16 @@ class Relays:
         # Slots that went away while our device sent to them (a registry restart).
         self._stale: dict[Key, Endpoint] = {}
         self._mine: set[Key] = set()  # offers that answer our own request
+        self._why: dict[Key, str] = {}  # why we asked, by peer
         self._tasks: set[asyncio.Task[None]] = set()
 
     def plan(self, peer: Key, candidates: Sequence[Candidate], mem: Memory, *, live: bool,
-             current: Endpoint | None, now: float) -> tuple[tuple[Candidate, ...], Memory]:
+             current: Endpoint | None, now: float, impossible: str | None = None
+             ) -> tuple[tuple[Candidate, ...], Memory]:
         """The peer's candidates with its slot, and its memory with the direct candidates
-        failed when the slot is new; asks for a slot when `want_slot` says so, or at once
-        when the slot our device sends to (`current`) is gone (the registry restarted)."""
+        failed when the slot is new; asks for a slot when `want_slot` says so (`impossible`:
+        why no direct path can exist, protocol.relay_reason), or at once when the slot our
+        device sends to (`current`) is gone (the registry restarted)."""
         lease, old = self._lease(peer), self.leases.get(peer)
         if live and peer not in self._stale:
             self._asks.pop(peer, None)  # back-off starts over once a path works
@@ -128,9 +135,12 @@ class Relays:
         if lease is None:
             asked, asks = self._asked.get(peer), self._asks.get(peer, 0)
             if self.client.coordinates_punches and (
-                    want_slot(mem, now, self.t, live=live, asked_at=asked, asks=asks)
+                    want_slot(mem, now, self.t, live=live, asked_at=asked, asks=asks,
+                              impossible=impossible is not None)
                     or (peer in self._stale and (
                         asked is None or now - asked >= retry_after(asks, self.t)))):
+                self._why[peer] = (Why.NO_HANDSHAKE.value if impossible is None
+                                   else f"{Why.IMPOSSIBLE.value}: {impossible}")
                 self._ask(peer, now)
             return tuple(candidates), mem
         relay = Candidate(CandidateKind.RELAY, lease.endpoint)
@@ -143,14 +153,15 @@ class Relays:
                 # A fresh start of the attempts: the first punch toward the slot goes now,
                 # and its retry after first_retry_s, not after the direct attempts' backoff
                 # (a punch the registry coalesced with the last direct one pushes nothing).
-                mem = replace(mem, failed=frozenset(c.endpoint for c in candidates),
-                              attempt_endpoint=None, attempt_at=None, attempts=0)
-        elif not live:
-            # Stay on the slot while it is tried: failover would otherwise go back to the
-            # direct candidates once the slot's first attempt fails too, and the two sides,
-            # each alternating on its own clock, could stay out of step for many rounds
-            # (lab: 11.5 s to a relayed path in 1 of 12 runs, against 1.1 s).
-            mem = replace(mem, failed=mem.failed | {c.endpoint for c in candidates})
+                mem = replace(mem, failed=frozenset(), attempt_endpoint=None, attempt_at=None,
+                              attempts=0,
+                              first_attempt_at=mem.first_attempt_at or self._asked.get(peer, now))
+        if not live:
+            # Only the slot while it is tried: failover would otherwise go back to the direct
+            # candidates once the slot's first attempt fails too, and the two sides, each
+            # alternating on its own clock, could stay out of step for many rounds (lab:
+            # 11.5 s to a relayed path in 1 of 12 runs, against 1.1 s).
+            return (relay,), mem
         stale = self._stale.get(peer)
         if stale is not None and stale == current != lease.endpoint:
             # A live session on a slot that is gone: moved to the new one (decide() probes
@@ -170,14 +181,16 @@ class Relays:
         """Say why a relayed peer is relayed (status shows it as the reason)."""
         lease = self.leases.get(peer)
         if track.path is PathKind.RELAY and lease is not None:
-            track.reason = lease.why.value
+            track.reason = lease.why
 
     def _lease(self, peer: Key) -> Lease | None:
         offer = self.offers.get(peer)
         endpoint = None if offer is None else slot_endpoint(offer, self.registry)
         if endpoint is None:
             return None
-        return Lease(endpoint, Why.NO_HANDSHAKE if peer in self._mine else Why.PEER_ASKED)
+        why = self._why.get(peer, Why.NO_HANDSHAKE.value) if peer in self._mine else (
+            Why.PEER_ASKED.value)
+        return Lease(endpoint, why)
 
     def _ask(self, peer: Key, now: float) -> None:
         self._asked[peer] = now
@@ -187,8 +200,8 @@ class Relays:
         task.add_done_callback(self._tasks.discard)
 
     async def _request(self, peer: Key) -> None:
-        log.info("peer %s: no handshake within %g s of our first attempt; asking for a relay "
-                 "slot", peer, self.t.after_s, extra={"event": "relay_request", "peer": str(peer)})
+        log.info("peer %s: asking for a relay slot (%s)", peer, self._why.get(peer),
+                 extra={"event": "relay_request", "peer": str(peer)})
         try:
             offer = await self.client.relay(peer)
         except ApiError as error:

@@ -59,4 +59,5 @@ class Track:
             path=self.path,
             since=self.since, reason=self.reason,
             endpoint=None if known is None or known.endpoint is None else str(known.endpoint),
+            nat=None if known is None or known.nat is None else known.nat.to_json(),
         )

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ..commands import help_of
 from ..errors import ConfigError, DeviceNotFound
 from ..keys import generate_keypair
 from ..protocol import API_PORT
@@ -144,7 +145,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     init = subparsers.add_parser(
-        "init", help="set up a registry host: its key and wg-quick config",
+        "init", help=help_of("init"),
         description="Write the registry's private key (IF.key, mode 0600) and a wg-quick "
         "config (IF.conf: Address, ListenPort, the key file) in --dir, and print what to "
         "open in the firewall and what to run next. Existing files are never replaced.")
@@ -162,7 +163,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     init.set_defaults(func=_init)
 
     inv = subparsers.add_parser(
-        "invite", help="add a node to the registry and write its wg-quick config",
+        "invite", help=help_of("invite"),
         description="On the registry host: generate the node's key pair, pick a free tunnel "
         "address, add the node as a peer of the running interface and to its config file "
         "(both or neither), and write the node's wg-quick config (its key, address, a listen "
@@ -181,7 +182,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     inv.set_defaults(func=_invite)
 
     rev = subparsers.add_parser(
-        "revoke", help="remove an invited node from the registry",
+        "revoke", help=help_of("revoke"),
         description="Remove node NAME from the registry's running interface and its config "
         "file (both or neither). Nodes running `wgpunch node --mesh` remove it too.")
     rev.add_argument("name", metavar="NAME")

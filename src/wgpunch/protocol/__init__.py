@@ -5,7 +5,10 @@ magicsock and the relay server. No sockets, no clocks, no state:
 - `report.py`  what a node says about itself (`PUT /v1/self`), validated on construction;
 - `records.py` peer records, watch-stream events and snapshots;
 - `codec.py`   their JSON forms, both ways;
-- `roles.py`   who initiates a punch: decided by the registry, carried in the punch event.
+- `natinfo.py` what a node knows of its own NAT (part of its report);
+- `probewire.py` the NAT probe's datagrams (registry/natprobe.py, node/natprobe.py);
+- `roles.py`   who initiates a punch (decided by the registry, carried in the punch event)
+  and which pairs need a relay.
 Errors are `MalformedMessage` and `RequestRefused` in errors.py.
 """
 
@@ -24,6 +27,7 @@ from .codec import (
     relay_json,
     snapshot_from_json,
 )
+from .natinfo import NatBehaviour, nat_from_json
 from .records import (
     Change,
     Event,
@@ -45,16 +49,44 @@ from .report import (
     decode_object,
     reported_from_json,
 )
-from .roles import initiator, pair_of
+from .roles import initiator, needs_relay, pair_of, relay_reason
 
 API_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
 
 __all__ = [
-    "API_PORT", "FIELDS", "MAX_BODY_BYTES", "MAX_LOCAL_ADDRESSES", "MAX_VERSION_CHARS",
-    "Change", "Event", "Heartbeat", "PeerEvent", "PeerRecord", "PunchEvent", "RelayEvent",
+    "API_PORT",
+    "FIELDS",
+    "MAX_BODY_BYTES",
+    "MAX_LOCAL_ADDRESSES",
+    "MAX_VERSION_CHARS",
+    "Change",
+    "Event",
+    "Heartbeat",
+    "NatBehaviour",
+    "PeerEvent",
+    "PeerRecord",
+    "PunchEvent",
+    "RelayEvent",
     "RemovedEvent",
-    "Reported", "Snapshot", "StreamItem", "decode_object", "dumps", "heartbeat_json",
-    "initiator", "item_from_json", "item_json", "ndjson_line", "pair_of", "peer_from_json",
-    "peer_json", "peers_json", "relay_from_json", "relay_json", "reported_from_json",
+    "Reported",
+    "Snapshot",
+    "StreamItem",
+    "decode_object",
+    "dumps",
+    "heartbeat_json",
+    "initiator",
+    "item_from_json",
+    "item_json",
+    "nat_from_json",
+    "ndjson_line",
+    "needs_relay",
+    "pair_of",
+    "peer_from_json",
+    "peer_json",
+    "peers_json",
+    "relay_from_json",
+    "relay_json",
+    "relay_reason",
+    "reported_from_json",
     "snapshot_from_json",
 ]

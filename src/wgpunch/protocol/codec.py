@@ -13,6 +13,7 @@ from typing import Any
 from ..errors import MalformedMessage, WgpunchError
 from ..keys import Key
 from ..wg.device import Endpoint
+from .natinfo import nat_from_json
 from .records import (
     Event,
     Heartbeat,
@@ -96,6 +97,8 @@ def peer_from_json(obj: Any) -> PeerRecord:
                   for a in _field(reported, "local_addresses", list)),
             _field(reported, "version", str),
             mapped_endpoint(reported.get("mapped_endpoint")),
+            # Absent from an older registry's records: not reported.
+            nat=None if reported.get("nat") is None else nat_from_json(reported["nat"]),
         ),
         revision=_revision(obj, "revision"),
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ..keys import Key
 from ..wg.device import Endpoint, IPAddress, IPNetwork
+from .natinfo import NatBehaviour
 from .report import Reported
 
 
@@ -26,6 +27,11 @@ class PeerRecord:
         own (roles.py `initiator` says why that matters)."""
         return (self.reported is not None and self.endpoint is not None
                 and self.endpoint.ip in self.reported.local_addresses)
+
+    @property
+    def nat(self) -> NatBehaviour | None:
+        """The node's NAT behaviour as it reported it; None: not reported."""
+        return None if self.reported is None else self.reported.nat
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
 """What a node reports about itself (`PUT /v1/self`): its listen port, LAN addresses, version,
-and the endpoint it mapped on its NAT (optional; UPnP-IGD, NAT-PMP or PCP).
+and (optional: older nodes send neither) the endpoint it mapped on its NAT (UPnP-IGD,
+NAT-PMP or PCP) and its NAT's behaviour (natinfo.py).
 
 `Reported` checks every field on construction, so an invalid report cannot exist; the JSON
 decoder in front of it is strict too (UTF-8 only, one object, no duplicate or unknown keys, no
@@ -15,6 +16,7 @@ from typing import Any
 
 from ..errors import ChangeRefused, MalformedMessage
 from ..wg.device import Endpoint, IPAddress
+from .natinfo import NatBehaviour, nat_from_json
 
 MAX_BODY_BYTES = 4096  # docs/api.md
 MAX_LOCAL_ADDRESSES = 32  # docs/api.md; more LAN addresses than candidates worth trying
@@ -22,7 +24,7 @@ MAX_VERSION_CHARS = 64  # docs/api.md
 _MAX_ADDRESS_CHARS = 45  # the longest IPv6 text form (IPv4-mapped, fully written out)
 _PRINTABLE = frozenset(chr(c) for c in range(0x20, 0x7F))
 FIELDS = ("listen_port", "local_addresses", "version")  # required
-OPTIONAL_FIELDS = ("mapped_endpoint",)
+OPTIONAL_FIELDS = ("mapped_endpoint", "nat")
 _MAX_ENDPOINT_CHARS = _MAX_ADDRESS_CHARS + 8  # brackets, colon, port
 
 
@@ -34,6 +36,7 @@ class Reported:
     # A port the node mapped on its NAT for its listen port: a peer sending there reaches it
     # whatever its NAT's kind (DESIGN.md §3, candidate "mapped"). None: no mapping.
     mapped: Endpoint | None = None
+    nat: NatBehaviour | None = None  # None: not reported (an older node, or not measured yet)
 
     def __post_init__(self) -> None:
         port = self.listen_port
@@ -73,14 +76,20 @@ class Reported:
                 raise MalformedMessage(
                     f"mapped_endpoint: {self.mapped} cannot be reached from another host")
 
+        if self.nat is not None and not isinstance(self.nat, NatBehaviour):
+            raise MalformedMessage("nat: expected an object")
+
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "listen_port": self.listen_port,
             "local_addresses": [str(a) for a in self.local_addresses],
             "version": self.version,
         }
-        if self.mapped is not None:  # absent, not null: what nodes before it send
+        # Optional fields are absent, not null, when unset: what nodes before them send.
+        if self.mapped is not None:
             body["mapped_endpoint"] = str(self.mapped)
+        if self.nat is not None:
+            body["nat"] = self.nat.to_json()
         return body
 
 
@@ -181,4 +190,5 @@ def reported_from_json(body: bytes) -> Reported:
         local_addresses=tuple(_address(a) for a in addresses),
         version=obj["version"],
         mapped=mapped_endpoint(obj.get("mapped_endpoint")),
+        nat=None if obj.get("nat") is None else nat_from_json(obj["nat"]),
     )

@@ -1,31 +1,67 @@
-"""Who initiates a punch: the one rule, decided by the registry and carried in its punch events
-(`PunchEvent.initiator`); modes without a registry that coordinates (DNS-SD, natpunch) and a
-node that has had no punch event for a peer yet call the same function.
+"""Who initiates a punch, and which pairs cannot punch at all: the rules, decided by the
+registry and carried in its punch events (`PunchEvent.initiator`); modes without a registry
+that coordinates (DNS-SD, natpunch) and a node that has had no punch event for a peer yet call
+the same functions.
 
 WireGuard breaks no tie between two initiations that cross in flight: each side's incoming
 initiation replaces its own pending one and neither response matches, so the pair waits out
 the 5 s retry (tests/test_wg_device.py measured 5.07 s). One side must go first; both agree on
-which by comparing the raw public key bytes.
+which from what both know: whether a side has a NAT, how its NAT maps (natinfo.py, as each
+node measured and reported it), and last the raw public key bytes.
 """
 
 from __future__ import annotations
 
 from ..keys import Key
+from .natinfo import NatBehaviour
 
 
 def initiator(side: Key, other: Key, *, side_public: bool = False,
-              other_public: bool = False) -> bool:
+              other_public: bool = False, side_nat: NatBehaviour | None = None,
+              other_nat: NatBehaviour | None = None) -> bool:
     """True when `side` is the one that sends the first initiation. `*_public`: the side has
-    no NAT of its own (PeerRecord.public). Between a side without NAT and one behind a NAT,
-    the NATed side sends: behind an endpoint-dependent ("symmetric") NAT, the mapping toward
-    the peer is a new port that nobody can know beforehand, so an initiation *toward* that
-    side never arrives, and only its own initiation (which the public side answers, roaming
-    to its source) makes a path (measured in the lab's mixed-4, public b vs symmetric c, by
-    the lower key alone: direct in 0 of 9 runs with b initiating, 17 of 17 with c). A side
-    without NAT has nothing to open. Otherwise the lower key (bytes)."""
+    no NAT of its own (PeerRecord.public); `*_nat`: its NAT's behaviour as reported (None:
+    not reported).
+
+    WireGuard answers from the socket the initiation reached, so the initiation must come
+    from the side whose mapping toward the peer nobody can know beforehand: behind an
+    endpoint-dependent ("symmetric") NAT, an initiation *toward* that side never arrives,
+    and only its own initiation (which the other side answers, roaming to its source) makes
+    a path; the other side opens its filter with an opener first (DESIGN.md §3). Measured in
+    the lab's mixed-4, public b vs symmetric c, by the lower key alone: direct in 0 of 9 runs
+    with b initiating, 17 of 17 with c; full-cone x symmetric and eim-addr x symmetric were
+    direct only when the key order happened to make the symmetric side initiate (issue 13).
+    So: between a side without NAT and one behind a NAT, the NATed side; else the side whose
+    NAT maps per destination, if only one does; else the lower key (bytes)."""
     if side_public != other_public:
         return other_public
+    side_dependent = side_nat is not None and side_nat.endpoint_dependent
+    other_dependent = other_nat is not None and other_nat.endpoint_dependent
+    if side_dependent != other_dependent:
+        return side_dependent
     return side.raw < other.raw
+
+
+def relay_reason(a: NatBehaviour | None, b: NatBehaviour | None) -> str | None:
+    """Why no direct path can exist between two nodes behind these NATs, in words; None when
+    one may (or when either is not known: then the pair tries). DESIGN.md §6: both NATs map
+    per destination (neither side can learn the port the other's NAT will use toward it), or
+    one maps per destination and the other lets in only the exact endpoint it sent to (which
+    is not the port the first one's NAT will pick)."""
+    if a is None or b is None:
+        return None
+    if a.endpoint_dependent and b.endpoint_dependent:
+        return "both NATs map per destination: needs a relay"
+    if (a.endpoint_dependent and b.filters_per_port) or (
+            b.endpoint_dependent and a.filters_per_port):
+        return ("one NAT maps per destination and the other filters per port: needs a "
+                "relay")
+    return None
+
+
+def needs_relay(a: NatBehaviour | None, b: NatBehaviour | None) -> bool:
+    """Whether a pair behind these NATs needs a relay (relay_reason says why)."""
+    return relay_reason(a, b) is not None
 
 
 def pair_of(a: Key, b: Key) -> tuple[Key, Key]:

@@ -34,9 +34,6 @@ from ..protocol import (
     MAX_BODY_BYTES,
     decode_object,
     dumps,
-    heartbeat_json,
-    item_json,
-    ndjson_line,
     peers_json,
     reported_from_json,
 )
@@ -49,6 +46,7 @@ from .observer import Observer
 from .ratelimit import RateLimiter
 from .state import RegistryState, Stream
 from .timings import Timings
+from .watch import Pump
 from .wire import only_params, path_key, watch_query
 
 log = logging.getLogger(__name__)
@@ -244,46 +242,27 @@ async def watch(request: web.Request) -> web.StreamResponse:
     since, epoch = watch_query(request.query.items())
     app, caller = request.app, request[CALLER]
     state, timings = app[STATE], app[TIMINGS]
-    stream, first = state.open_stream(caller, since, epoch)
+    stream, first = state.open_stream(caller, since, epoch, now=time.monotonic())
     _hold(app, stream)
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+
+    def abort() -> None:
+        if request.transport is not None:
+            request.transport.abort()
+
     try:
         await response.prepare(request)
-        sent = True
-        for item in first:
-            sent = sent and await send_line(response, item_json(item), timings)
-        while sent:
-            try:
-                async with asyncio.timeout(timings.heartbeat_s):
-                    next_item = await stream.queue.get()
-            except TimeoutError:
-                sent = await send_line(response, heartbeat_json(state.revision), timings)
-                continue
-            if next_item is None:  # closed: overflow, replaced or shutdown; the client resumes
-                break
-            sent = await send_line(response, item_json(next_item), timings)
-        if not sent:
+        pump = Pump(response, stream, state.heartbeat_line, timings, abort)
+        if not await pump.run(b"".join(first)):
             app[CLIENT_LOG].log(
                 caller, "ended the watch stream of %s: it took no line for %g s", caller,
                 timings.stream_write_timeout_s, event="stream_stalled")
-            if request.transport is not None:
-                request.transport.abort()  # mid-line: the connection cannot be reused
     except ConnectionResetError:
         log.debug("watch stream of %s: client went away", caller)
     finally:
         state.close_stream(stream)
         _release(app, stream)
     return response
-
-
-async def send_line(response: web.StreamResponse, line: dict[str, Any], timings: Timings) -> bool:
-    """Write one stream line; False if the client did not take it in time."""
-    try:
-        async with asyncio.timeout(timings.stream_write_timeout_s):
-            await response.write(ndjson_line(line))
-    except TimeoutError:
-        return False
-    return True
 
 
 def _hold(app: web.Application, stream: Stream) -> None:

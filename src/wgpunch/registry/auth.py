@@ -38,11 +38,12 @@ def identify(ip: IPAddress, peers: Iterable[HasAllowedIPs]) -> Key | None:
 
 
 class PeerTable(Protocol):
-    """What `Identities` reads of the registry's state: its peers and its revision, which
-    moves whenever a peer appears, goes or changes its allowed IPs (state.py)."""
+    """What `Identities` reads of the registry's state: its peers and its roster revision,
+    which moves whenever a peer appears, goes or changes its allowed IPs (state.py); a
+    report or a new endpoint leaves it."""
 
     @property
-    def revision(self) -> int: ...
+    def roster_revision(self) -> int: ...
 
     @property
     def peers(self) -> Mapping[Key, HasAllowedIPs]: ...
@@ -85,8 +86,9 @@ class SourceIndex:
 
 class Identities:
     """`identify` over the registry's table as it is now: through a `SourceIndex`, rebuilt
-    when the table's revision moves, on the first question after (12-18 ms at 10,000 peers,
-    once per revision at most). The API and DNS-SD both ask it."""
+    when the table's roster revision moves, on the first question after (12-18 ms at 10,000
+    peers, once per roster revision at most: not after reports or endpoint changes). The
+    API and DNS-SD both ask it."""
 
     def __init__(self, table: PeerTable) -> None:
         self._table = table
@@ -94,9 +96,9 @@ class Identities:
         self._index = SourceIndex(())
 
     def __call__(self, ip: IPAddress) -> Key | None:
-        if self._revision != self._table.revision:
+        if self._revision != self._table.roster_revision:
             self._index = SourceIndex(self._table.peers.values())
-            self._revision = self._table.revision
+            self._revision = self._table.roster_revision
         return self._index.identify(ip)
 
 

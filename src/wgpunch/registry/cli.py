@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import config, sdnotify
+from ..commands import help_of
 from ..errors import ConfigError
 from ..keys import Key
 from ..protocol import API_PORT
@@ -29,6 +30,7 @@ from .listen import (
     parse_dns_listen,
     parse_listen,
 )
+from .natprobe import ProbeSettings
 from .timings import Timings
 
 if TYPE_CHECKING:  # the serving parts load aiohttp and dnspython: only when serving
@@ -83,13 +85,14 @@ class Settings:
     poll_interval_s: float
     dns: DnsSettings | None = None  # None: no DNS-SD server
     relay: RelaySettings | None = None  # None: no relay
+    natprobe: ProbeSettings | None = None  # None: no NAT probe port
     metrics_listen: Endpoint | None = None  # None: no metrics
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "registry",
-        help="run the registry: publish peers' observed endpoints to nodes",
+        help=help_of("registry"),
         description=(
             "Serve the wgpunch registry API for WireGuard interface IF. Every node is an\n"
             "ordinary peer of IF; the registry publishes the endpoint IF observes for each\n"
@@ -167,6 +170,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="forward relayed datagrams in this process only, never through nftables",
     )
     parser.add_argument(
+        "--natprobe-port", metavar="PORT", type=int,
+        help="answer NAT probes (docs/api.md) on this UDP port of every address: nodes learn "
+             f"how their NAT maps and filters (default {config.NATPROBE_PORT}; 0: off). "
+             "Must be reachable from the internet, like the WireGuard port",
+    )
+    parser.add_argument(
+        "--natprobe-alt-port", metavar="PORT", type=int,
+        help="the NAT probe's second port, which answers from elsewhere so that a node can "
+             "tell its NAT's filtering (default: the probe port + 1; 0: none)",
+    )
+    parser.add_argument(
+        "--natprobe-alt-address", metavar="ADDR",
+        help="a second public address of this host: the probe also answers from it (from "
+             "the second port), so that nodes can tell address-dependent from "
+             "endpoint-independent filtering",
+    )
+    parser.add_argument(
         "--metrics-listen", metavar="ADDR:PORT",
         help="serve Prometheus metrics at http://ADDR:PORT/metrics (docs/metrics.md); off by "
              "default. No authentication: give 127.0.0.1 or a tunnel address (a wildcard or "
@@ -185,6 +205,7 @@ def settings_from(args: argparse.Namespace,
         options.parsed("listen", parse_listen, text) for text in options.listen))
     return Settings(options.interface, listen, options.token_file, options.poll_interval,
                     _dns_settings(options), relay=relay_settings(options),
+                    natprobe=_natprobe_settings(options),
                     metrics_listen=_metrics_listen(options))
 
 
@@ -206,6 +227,33 @@ def relay_address(text: str) -> IPAddress:
         return ipaddress.ip_address(text)
     except ValueError:
         raise ConfigError(f"registry: relay address {text!r} is not an IP address") from None
+
+
+def _natprobe_settings(options: config.RegistryConfig) -> ProbeSettings | None:
+    port = options.natprobe_port
+    if not port:
+        if options.natprobe_alt_address or options.natprobe_alt_port:
+            raise ConfigError("registry: --natprobe-alt-port and --natprobe-alt-address need "
+                              "the probe port (--natprobe-port is 0)")
+        return None
+    alt_port = options.natprobe_alt_port
+    if alt_port is None:
+        alt_port = port + 1 if port < 65535 else 0
+    if alt_port == port:
+        raise ConfigError(f"registry: the NAT probe's second port is its first ({port})")
+    alt_address = None
+    if options.natprobe_alt_address:
+        alt_address = options.parsed("natprobe_alt_address", _address,
+                                     options.natprobe_alt_address)
+    return ProbeSettings(port, alt_port or None, alt_address)
+
+
+def _address(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"registry: NAT probe address {text!r} is not an IP address") \
+            from None
 
 
 def _metrics_listen(options: config.RegistryConfig) -> Endpoint | None:
@@ -254,6 +302,7 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
 
     from .api import create_app
     from .metrics import RegistryMetrics
+    from .natprobe import ProbeServer
     from .observer import Observer
     from .site import ApiSite
     from .state import RegistryState
@@ -280,6 +329,7 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     stop = asyncio.Event()
     caught: list[str] = []
     dns_server: DnsServer | None = None
+    probe_server: ProbeServer | None = None
     metrics_server: MetricsServer | None = None
 
     def on_signal(sig: signal.Signals) -> None:
@@ -306,6 +356,15 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
 
             metrics_server = await serve_metrics(exporter.registry, settings.metrics_listen,
                                                  "registry")
+        if settings.natprobe is not None:
+            probe_server = ProbeServer(settings.natprobe)
+            await probe_server.start()
+            log.info("NAT probe on UDP port %d%s%s", settings.natprobe.port,
+                     "" if settings.natprobe.alt_port is None
+                     else f", second port {settings.natprobe.alt_port}",
+                     "" if settings.natprobe.alt_address is None
+                     else f", second address {settings.natprobe.alt_address}",
+                     extra={"event": "natprobe_serving"})
         for endpoint in listen:
             if is_wildcard(endpoint):
                 log.warning("listening on every address (%s): the API is reachable from "
@@ -326,6 +385,11 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if probe_server is not None:
+            await probe_server.close()
+            log.info("NAT probe stopped: %s", ", ".join(
+                f"{k} {v}" for k, v in probe_server.counts.items()) or "nothing received",
+                extra={"event": "natprobe_stopped", **probe_server.counts})
         # DNS first: it answers from the table that the application's observer keeps.
         if dns_server is not None:
             await dns_server.close()

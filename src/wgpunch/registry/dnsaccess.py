@@ -8,7 +8,7 @@ in a network the operator allowed. Anything else is dropped before it is parsed:
 without a reply (a spoofed source gets nothing reflected), over TCP by closing the connection.
 
 Finding the peer is `auth.Identities`, the API's own lookup (an index by allowed network,
-rebuilt once per revision): a refused query costs ~10 us.
+rebuilt once per roster revision): a refused query costs ~10 us.
 
 Refusals are logged at most once per source per period, and at most once per
 `interval_s` for all sources together: spoofed source addresses are free, and one line for

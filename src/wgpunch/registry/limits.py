@@ -28,8 +28,9 @@ class Limits:
     fd_reserve: int = 256
     # Connections of one caller (all its source addresses together). A node agent holds one
     # watch stream and makes its requests on one keep-alive connection, but asks for punches
-    # in parallel: at its start in a 50-node mesh, up to ~50 at once (aiohttp opens a
-    # connection per concurrent request). Beyond this, new connections are closed at accept.
+    # in parallel: at its start in a 50-node mesh, up to ~50 at once (its client opens a
+    # connection per concurrent request, node/http.py, at most 32). Beyond this, new
+    # connections are closed at accept.
     caller_connections: int = 64
     # Connections of one source address that is no peer's (this host, a stranger).
     # Our choice: a monitor polling /healthz needs one.

@@ -11,6 +11,7 @@ import asyncio
 import signal
 
 from .. import config, sdnotify
+from ..commands import help_of
 from .cli import RelaySettings, make_relay, relay_address
 
 EPILOG = config.epilog(config.RELAY)
@@ -19,7 +20,7 @@ EPILOG = config.epilog(config.RELAY)
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "relay",
-        help="run a relay alone (slots come from a registry; remote slots are not built yet)",
+        help=help_of("relay"),
         description=(
             "Run the wgpunch relay on its own: UDP ports FIRST-LAST, two per relayed pair,\n"
             "forwarded by nftables once both sides are bound (else in this process). Stop\n"

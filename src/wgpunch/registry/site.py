@@ -186,14 +186,15 @@ class Listener:
 
     def _classify(self, conn: socket.socket, source_text: str) -> Client | None:
         """Who connected, from the addresses alone; answers are kept while the table's
-        revision stands (a flood of connections from one source costs a dict lookup each)."""
+        roster revision stands (a flood of connections from one source costs a dict lookup
+        each)."""
         local_text = self._local_text
         if local_text is None:  # a wildcard address: which one was reached?
             try:
                 local_text = conn.getsockname()[0]
             except OSError:
                 return None
-        revision = self._state.revision
+        revision = self._state.roster_revision
         if revision != self._classified_at or len(self._classified) >= CLASSIFIED_MAX:
             self._classified.clear()
             self._classified_at = revision

@@ -35,9 +35,9 @@ class Timings:
     # segment: 5 s leaves room for two TCP retransmissions (RFC 6298: 1 s, then 2 s) on a
     # lossy path. Until then a connection holds a file descriptor and has told us nothing.
     head_timeout_s: float = 5.0
-    # A keep-alive connection with no request for this long is closed. Above aiohttp's client
-    # default of 15 s (what the node agent uses), so that the client, not the registry, closes
-    # an idle connection, and never one it is about to send on.
+    # A keep-alive connection with no request for this long is closed. Above the 15 s the
+    # node agent keeps one (node/http.py IDLE_S, as aiohttp's client does), so that the
+    # client, not the registry, closes an idle connection, and never one it is about to send on.
     idle_timeout_s: float = 20.0
     # A request body (at most 4 KiB, docs/api.md) must be complete within this long of the
     # head: as head_timeout_s.

@@ -3,16 +3,15 @@
 `open_device` and `list_devices` are the only places that know the backends; everything else
 speaks `Device`. A userspace implementation is recognised by its UAPI socket (for an interface
 that exists in this namespace); anything else is asked of the kernel over netlink.
+
+The backends (and asyncio with them) are imported when a device is opened or listed, so that
+the types in device.py cost a command that only parses options nothing more.
 """
 
 from __future__ import annotations
 
-import asyncio
-
 from ..errors import DeviceNotFound
 from .device import Device, DeviceState, Endpoint, PeerConfig, PeerState
-from .uapi import UapiDevice, interface_here, socket_path
-from .uapi import list_devices as list_uapi_devices
 
 __all__ = [
     "Device",
@@ -27,7 +26,10 @@ __all__ = [
 
 async def list_devices() -> list[str]:
     """Every WireGuard interface in this network namespace, sorted by name."""
+    import asyncio
+
     from .netlink import list_kernel_devices
+    from .uapi import list_devices as list_uapi_devices
 
     # pyroute2's synchronous sockets run an event loop of their own: keep them off ours.
     kernel = await asyncio.to_thread(list_kernel_devices)
@@ -42,6 +44,9 @@ def open_device(name: str) -> Device:
     it has no WireGuard module, which on a wireguard-go host is true and beside the point.
     Otherwise no I/O happens until the first operation.
     """
+    from .uapi import UapiDevice, interface_here, socket_path
+    from .uapi import list_devices as list_uapi_devices
+
     if socket_path(name).exists():
         return UapiDevice(name)
     if not interface_here(name):

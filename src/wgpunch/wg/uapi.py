@@ -39,6 +39,7 @@ from ..keys import Key
 from .device import Device, DeviceChanges, DeviceState, PeerConfig, PeerState
 from .uapiget import (
     GetCutter,
+    Parsed,
     device_error,
     parse_device_lines,
     parse_errno,
@@ -160,6 +161,9 @@ class UapiDevice(Device):
         # Those blocks by their first line (the key in hex), and what `changes` made of each.
         self._texts: dict[str, str] = {}
         self._peers: dict[str, PeerState] = {}
+        # The blocks `state` read last, parsed: a block's text alone decides what it parses
+        # to, so two reads at once (one in a thread) can only cost each other a reparse.
+        self._parsed: Parsed = {}
 
     async def _exchange(self, request: str, operation: str) -> str:
         pieces: list[str] = []
@@ -224,8 +228,8 @@ class UapiDevice(Device):
         if len(reply) > PARSE_INLINE_MAX:
             # Parsing a large device takes long (10,000 peers: ~0.25 s); in a thread the event
             # loop keeps answering meanwhile (the GIL is handed over every few ms).
-            return await asyncio.to_thread(parse_get, reply, self.name)
-        return parse_get(reply, self.name)
+            return await asyncio.to_thread(parse_get, reply, self.name, self._parsed)
+        return parse_get(reply, self.name, self._parsed)
 
     async def changes(self) -> DeviceChanges:
         """As `Device.changes`, but only the peer blocks whose text is not in the previous

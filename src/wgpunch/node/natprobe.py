@@ -1,0 +1,221 @@
+"""What this node's NAT does, measured with the registry's help (DESIGN.md §3, "Who
+initiates"; the registry's side is registry/natprobe.py, the datagrams protocol/probewire.py).
+
+From the WireGuard port, on the raw socket the openers use (natpunch/rawudp.py: the datagram
+is built by hand because WireGuard owns the port; the replies are caught BPF-filtered), so the
+NAT maps each probe exactly as it maps WireGuard's packets:
+1. a request to the registry's probe port: the reply says which `ip:port` it saw. Compared
+   with the endpoint the registry's WireGuard interface observes for us (same address, other
+   port), it tells the *mapping*: the same outside port toward both ports is
+   endpoint-independent, another one endpoint-dependent; an address of our own is no NAT.
+2. a request asking for replies from the registry's second port and second address, which
+   we never send to: the *filtering*. The one from the second port arriving means our NAT
+   does not filter per port; the one from the second address, not per address either.
+
+Address-dependent *mapping* (another outside port only toward another address; rare) is not
+told apart from endpoint-independent: that needs a request to the second address, and a NAT
+that filters per address then lets the second address in for minutes (conntrack's 120 s), so
+the next measurement (a new endpoint, `netcheck` beside a running agent) would call it
+endpoint-independent filtering. Repeatable beats complete here: filtering decides who needs
+a relay (protocol/roles.py), and address-dependent mapping is endpoint-dependent anyway
+toward every peer but the registry.
+
+`Channel` is the one edge (send from the WireGuard port, collect replies), so the logic runs
+in process against any fake; `classify` is pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import MalformedPacket, WgpunchError
+from ..natpunch.rawudp import RawUdp
+from ..protocol.natinfo import UNKNOWN, NatBehaviour
+from ..protocol.probewire import TXID_SIZE, Ask, Reply, Request, parse_reply
+from ..wg.device import Endpoint, IPAddress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTimings:
+    # A reply on a working path takes a round trip to the registry; our choice, several
+    # times a long one. A probe port that never answers costs tries * wait_s.
+    wait_s: float = 0.3
+    tries: int = 3
+    # Waiting for replies that may never come (filtering): the same reasoning.
+    alt_wait_s: float = 0.3
+    alt_tries: int = 2
+
+
+class Channel(Protocol):
+    async def exchange(self, listen_port: int, to: Endpoint, payload: bytes,
+                       sources: Sequence[Endpoint], accept: Callable[[bytes], bool],
+                       wait_s: float) -> dict[Endpoint, bytes]:
+        """Send `payload` from our `listen_port` to `to`; within `wait_s`, the first datagram
+        from each of `sources` that `accept`s. Raises WgpunchError when it cannot send."""
+        ...
+
+
+class RawChannel:
+    """The real channel: raw IPv4 sockets (CAP_NET_RAW), one BPF-filtered reader per source."""
+
+    async def exchange(self, listen_port: int, to: Endpoint, payload: bytes,
+                       sources: Sequence[Endpoint], accept: Callable[[bytes], bool],
+                       wait_s: float) -> dict[Endpoint, bytes]:
+        with contextlib.ExitStack() as stack:
+            readers = {source: stack.enter_context(RawUdp(listen_port, source))
+                       for source in sources}
+            sender = readers.get(to) or stack.enter_context(RawUdp(listen_port, to))
+            sender.send(payload)
+            heard: dict[Endpoint, bytes] = {}
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait_s
+
+            async def listen(source: Endpoint, reader: RawUdp) -> None:
+                while (left := deadline - loop.time()) > 0:
+                    data = await reader.recv(left)
+                    if data is not None and accept(data):
+                        heard[source] = data
+                        return
+
+            await asyncio.gather(*(listen(s, r) for s, r in readers.items()))
+            return heard
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """What one probe found, for `netcheck`; `behaviour` is what the node reports."""
+
+    behaviour: NatBehaviour
+    seen: Endpoint | None  # our WireGuard port as the probe port saw it
+    wg_observed: Endpoint | None  # ... and as the registry's WireGuard interface saw it
+    alt_port_heard: bool | None  # None: the registry has no second port
+    alt_address_heard: bool | None  # None: the registry has no second address
+
+
+def classify(listen_port: int, own: Collection[IPAddress], wg_observed: Endpoint | None,
+             seen: Endpoint | None, alt_port_heard: bool | None,
+             alt_address_heard: bool | None) -> NatBehaviour:
+    """RFC 4787 terms from what the probes saw (the module docstring says which is which)."""
+    if seen is None:
+        return UNKNOWN
+    if seen.ip in own:
+        mapping = "none"
+    elif wg_observed is None:
+        mapping = "unknown"
+    elif wg_observed != seen:
+        mapping = "address-and-port-dependent"  # same registry address, another port
+    else:
+        mapping = "endpoint-independent"
+    if alt_address_heard:
+        filtering = "endpoint-independent"
+    elif alt_port_heard:
+        filtering = "not-port-dependent" if alt_address_heard is None else "address-dependent"
+    elif alt_port_heard is False or alt_address_heard is False:
+        filtering = "address-and-port-dependent"
+    else:
+        filtering = "unknown"
+    preserved = seen.port == listen_port and (wg_observed is None
+                                              or wg_observed.port == listen_port)
+    return NatBehaviour(mapping, filtering, preserved)
+
+
+async def _ask(channel: Channel, listen_port: int, to: Endpoint, ask: Ask,
+               sources: Sequence[Endpoint], wait_s: float, tries: int) -> dict[Endpoint, Reply]:
+    """One request (retried `tries` times, each with its own transaction id, until every
+    source answered): the replies heard, per source."""
+    heard: dict[Endpoint, Reply] = {}
+    ours: set[bytes] = set()
+
+    def accept(data: bytes) -> bool:
+        try:
+            return parse_reply(data).txid in ours
+        except MalformedPacket:
+            return False
+
+    for _ in range(tries):
+        request = Request(os.urandom(TXID_SIZE), ask)
+        ours.add(request.txid)
+        missing = [s for s in sources if s not in heard]
+        got = await channel.exchange(listen_port, to, request.encode(), missing, accept, wait_s)
+        heard.update({source: parse_reply(data) for source, data in got.items()})
+        if len(heard) == len(sources):
+            break
+    return heard
+
+
+async def measure(channel: Channel, listen_port: int, server: Endpoint,
+                  wg_observed: Endpoint | None, own: Collection[IPAddress],
+                  t: ProbeTimings | None = None) -> Measurement:
+    """Probe the registry's probe port `server` from our WireGuard `listen_port`; `own`: our
+    addresses. A probe that cannot be sent (no CAP_NET_RAW, IPv6) measures nothing."""
+    t = t or ProbeTimings()
+    try:
+        first = (await _ask(channel, listen_port, server, Ask.NONE, [server], t.wait_s,
+                            t.tries)).get(server)
+        if first is None:
+            log.debug("NAT probe: no answer from %s", server)
+            return Measurement(UNKNOWN, None, wg_observed, None, None)
+        alternates: dict[Ask, Endpoint] = {}
+        if first.alt_port is not None:
+            alternates[Ask.ALT_PORT] = Endpoint(server.ip, first.alt_port)
+        if first.alt_address is not None:
+            alternates[Ask.ALT_ADDRESS] = Endpoint(first.alt_address,
+                                                   first.alt_port or server.port + 1)
+        heard: dict[Endpoint, Reply] = {}
+        if alternates:
+            ask = Ask.NONE
+            for flag in alternates:
+                ask |= flag
+            heard = await _ask(channel, listen_port, server, ask, list(alternates.values()),
+                               t.alt_wait_s, t.alt_tries)
+    except WgpunchError as error:
+        log.debug("NAT probe toward %s: %s", server, error)
+        return Measurement(UNKNOWN, None, wg_observed, None, None)
+
+    def was_heard(flag: Ask) -> bool | None:
+        where = alternates.get(flag)
+        return None if where is None else where in heard
+
+    alt_port_heard, alt_address_heard = was_heard(Ask.ALT_PORT), was_heard(Ask.ALT_ADDRESS)
+    behaviour = classify(listen_port, own, wg_observed, first.observed, alt_port_heard,
+                         alt_address_heard)
+    return Measurement(behaviour, first.observed, wg_observed, alt_port_heard,
+                       alt_address_heard)
+
+
+class NatWatch:
+    """The agent's NAT behaviour, measured again whenever the endpoint the registry observes
+    for us changes (a new mapping may behave otherwise: roaming, a NAT that rebooted)."""
+
+    def __init__(self, channel: Channel, server: Endpoint, t: ProbeTimings | None = None
+                 ) -> None:
+        self.channel = channel
+        self.server = server
+        self.t = t or ProbeTimings()
+        self.measured: Measurement | None = None
+
+    async def current(self, listen_port: int, wg_observed: Endpoint | None,
+                      own: Collection[IPAddress]) -> NatBehaviour:
+        last = self.measured
+        if last is None or last.wg_observed != wg_observed:
+            last = self.measured = await measure(self.channel, listen_port, self.server,
+                                                 wg_observed, own, self.t)
+            log.info("NAT: %s (probe port %s saw %s; the registry's WireGuard port %s)",
+                     last.behaviour.words(), self.server, last.seen, wg_observed,
+                     extra={"event": "nat_measured", **last.behaviour.to_json()})
+        return last.behaviour
+
+
+def own_addresses(addresses: Iterable[IPAddress]) -> frozenset[IPAddress]:
+    """Our addresses as the probe compares them (an IPv4-mapped one is its IPv4 address)."""
+    return frozenset(a.ipv4_mapped if isinstance(a, ipaddress.IPv6Address)
+                     and a.ipv4_mapped is not None else a for a in addresses)

@@ -1,0 +1,47 @@
+"""`status` and NAT behaviour, in process (the lab test test_natcheck_lab.py reads the real
+agent's): each node's NAT shown, and a pair that cannot go direct says why."""
+
+import ipaddress
+
+from test_protocol_roles import KINDS
+from wgpunch.keys import Key
+from wgpunch.node.pathfile import PeerPath
+from wgpunch.status import peer_json, render_table
+from wgpunch.wg.device import PeerState
+
+PEER = PeerState(Key(bytes([7]) * 32), None, (ipaddress.ip_network("10.99.0.2/32"),), None,
+                 0, 0, 25, False)
+SYMMETRIC, CONE = KINDS["symmetric"].to_json(), KINDS["eim-full-cone"].to_json()
+
+
+def agent(nat):
+    return PeerPath("none", 1795000000.0, "no handshake with 198.51.100.2:40000 yet", None, nat)
+
+
+def test_a_pair_that_needs_a_relay_says_why():
+    got = peer_json(PEER, 1795000010.0, agent(SYMMETRIC), own_nat=SYMMETRIC)
+    assert got["needs_relay"] == got["reason"] == "both NATs map per destination: needs a relay"
+    assert got["nat"] == SYMMETRIC
+
+
+def test_a_pair_that_can_go_direct_keeps_the_agents_reason():
+    got = peer_json(PEER, 1795000010.0, agent(CONE), own_nat=SYMMETRIC)
+    assert got["needs_relay"] is None
+    assert got["reason"] == "no handshake with 198.51.100.2:40000 yet"
+
+
+def test_unknown_or_unreadable_nat_changes_nothing():
+    for own, peer in ((None, SYMMETRIC), (SYMMETRIC, None),
+                      (SYMMETRIC, {"mapping": "from a later version"})):
+        got = peer_json(PEER, 1795000010.0, agent(peer), own_nat=own)
+        assert got["needs_relay"] is None and got["reason"].startswith("no handshake")
+
+
+def test_the_table_shows_the_agents_nat():
+    device = {"name": "wg0", "backend": "uapi", "public_key": "k", "listen_port": 51820,
+              "agent": {"registry": None, "nat": SYMMETRIC},
+              "peers": [peer_json(PEER, 1795000010.0, agent(SYMMETRIC), own_nat=SYMMETRIC)]}
+    text = render_table([device], 1795000010.0)
+    assert "NAT: NAT maps per destination (symmetric), port changed, filtering " \
+        "address-and-port-dependent" in text
+    assert "both NATs map per destination: needs a relay" in text
