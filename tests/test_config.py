@@ -361,7 +361,6 @@ def test_read_token_warns_when_others_may_read_it(tmp_path, caplog, intent, mode
 # -- the commands: settings_from, --help, the examples ----------------------------------------
 
 @pytest.mark.parametrize(("intent", "toml", "argv", "match"), [
-    ("no registry of any kind", "", [], "give one of --registry"),
     ("two kinds", f'registry = "{KEY}"\n', ["--dns-sd", "10.0.0.1:53", "--zone", "m."],
      "got --registry and --dns-sd"),
     ("natpunch without its key", 'natpunch = "r.example"\n', [], "needs --natpunch-server"),
@@ -373,7 +372,7 @@ def test_read_token_warns_when_others_may_read_it(tmp_path, caplog, intent, mode
     ("a bad DNS-SD server from a flag", "", ["--dns-sd", "dns.example:53", "--zone", "m."],
      r"^node: DNS-SD server: .*'dns.example:53'.*\(from --dns-sd\)$"),
     ("mesh without the registry's API", 'dns_sd = "10.0.0.1:53"\nzone = "m."\nmesh = true\n',
-     [], "--mesh needs --registry"),
+     [], "--mesh goes with a registry"),
     ("mesh given a word", f'registry = "{KEY}"\nmesh = "yes"\n', [],
      "key 'mesh' must be true or false"),
     ("an exclusion without mesh", f'registry = "{KEY}"\n', ["--mesh-exclude", KEY],

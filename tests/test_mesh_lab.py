@@ -5,7 +5,8 @@ README "Not yet"; every pair here is punchable.)
 
 Every node starts with nothing of the lab's: `wgpunch invite` on the registry host makes its
 key and config (applied with `wg-quick strip` + `wg setconf`, as `wg-quick up` would), none
-lists another node, and each runs `wgpunch node --registry KEY --mesh` without --interface.
+lists another node, and each runs `wgpunch node --mesh` without --interface (b also gives
+--registry KEY; the others find the registry as the peer serving its API).
 They must reach a full mesh, every pair direct as `wg` shows it; an agent restart must change
 no peer; `revoke` must take a node off every device within seconds; and a user's own peer
 with a preshared key must survive all of it unchanged.
@@ -30,7 +31,7 @@ from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import holds_for, python_module, wait_for
 from wgpunch.lab.scenario import Scenario
-from wgpunch.node.pathfile import STATE_DIR
+from wgpunch.node.mesh import MESH_DIR
 from wgpunch.wg.device import DeviceState
 from wgpunch.wg.uapi import UapiDevice
 
@@ -99,7 +100,7 @@ def mesh_state(lab_prefix: str) -> Iterator[None]:
     try:
         yield
     finally:
-        for path in STATE_DIR.glob(f"{lab_prefix}-*.mesh.json"):
+        for path in MESH_DIR.glob(f"{lab_prefix}-*.mesh.json"):
             path.unlink(missing_ok=True)
 
 
@@ -128,7 +129,7 @@ def test_invited_nodes_reach_a_full_mesh_restart_changes_nothing_revoke_removes(
         agents.start_registry()
         started = time.monotonic()
         for host in keys:
-            agents.start_node(host, interface=False)
+            agents.start_node(host, interface=False, registry_key=host == "b")
         missing: list[str] = []
 
         def full_mesh() -> bool:
@@ -145,6 +146,7 @@ def test_invited_nodes_reach_a_full_mesh_restart_changes_nothing_revoke_removes(
         took = time.monotonic() - started
         for host in keys:
             assert "interface_found" in events(agents, host)
+            assert ("registry_found" in events(agents, host)) is (host != "b")
             config = peers_config(lab, host)
             assert {k for k in config} >= {keys[o].base64() for o in keys if o != host}
             for other in keys:  # no preshared key was ever given a managed peer

@@ -154,12 +154,15 @@ async def test_a_connection_the_server_closed_meanwhile_is_replaced():
 
 
 @pytest.mark.parametrize(("intent", "answer", "message"), [
-    ("not HTTP", b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.x reply"),
+    ("not HTTP", b"SSH-2.0-OpenSSH\r\n\r\n", "bad reply: illegal status line"),
     ("cut in the body", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
-     "closed in the reply's body"),
+     r"bad reply: .*without sending complete message body \(received 3 bytes, expected 10\)"),
     ("a bad chunk size", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-     "bad chunk size"),
-    ("a header without a colon", b"HTTP/1.1 200 OK\r\nnonsense\r\n\r\n", "bad header line"),
+     "bad reply: illegal chunk header"),
+    ("a header without a colon", b"HTTP/1.1 200 OK\r\nnonsense\r\n\r\n",
+     "bad reply: illegal header line"),
+    ("a head without end", b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20_000,
+     "bad reply: Receive buffer too long"),
     ("nothing at all", b"", "closed before a reply"),
 ])
 async def test_a_reply_that_is_not_http_is_an_api_error(intent, answer, message):
@@ -210,5 +213,65 @@ async def test_a_chunked_reply_is_read_whole():
         http = HttpClient(url)
         try:
             assert (await http.request("GET", "/x")).body == b"abcde"
+        finally:
+            await http.close()
+
+
+@pytest.mark.parametrize(("intent", "answer"), [
+    ("Connection: close", b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"),
+    ("HTTP/1.0 without keep-alive", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    ("bytes past the reply", reply(b"ok") + b"HTTP/1.1 200 OK\r\n"),
+])
+async def test_a_connection_the_reply_leaves_unfit_for_another_is_not_reused(intent, answer):
+    async def handler(reader, writer):  # would answer a second request on the connection
+        while True:
+            try:
+                await head(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(answer)
+
+    server = Server(handler)
+    async with server as url:
+        http = HttpClient(url)
+        try:
+            for _ in range(2):
+                assert (await http.request("GET", "/x")).body == b"ok", intent
+        finally:
+            await http.close()
+    assert server.connections == 2, intent
+
+
+@pytest.mark.parametrize(("intent", "answer"), [
+    ("framed by the end of the connection", b"HTTP/1.1 200 OK\r\n\r\nwhole body"),
+    ("after a 100 Continue", b"HTTP/1.1 100 Continue\r\n\r\n" + reply(b"whole body")),
+])
+async def test_a_reply_is_read_whole_and_streamed_whole(intent, answer):
+    async def handler(reader, writer):
+        await head(reader)
+        writer.write(answer)
+        await writer.drain()
+
+    async with Server(handler) as url:
+        http = HttpClient(url)
+        try:
+            assert (await http.request("GET", "/x")).body == b"whole body", intent
+            pieces = [data async for _status, data in http.stream(
+                "/x", connect_timeout_s=DEADLINE_S, read_timeout_s=DEADLINE_S)]
+            assert b"".join(pieces) == b"whole body", intent
+        finally:
+            await http.close()
+
+
+async def test_a_header_that_is_not_http_is_refused_without_quoting_it():
+    async def handler(reader, writer):
+        await reader.read()
+
+    async with Server(handler) as url:
+        http = HttpClient(url, headers={"Authorization": "Bearer s3cret\r\nX-Injected: 1"})
+        try:
+            with pytest.raises(ApiError, match=r"GET \S+/x: the request is not valid") as caught:
+                await http.request("GET", "/x")
+            assert "s3cret" not in str(caught.value)
         finally:
             await http.close()

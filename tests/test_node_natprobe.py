@@ -156,6 +156,23 @@ async def test_the_watch_measures_again_only_when_the_observed_endpoint_changes(
     assert len(channel.sent) > sent
 
 
+async def test_a_probe_port_that_did_not_answer_is_asked_again_later_and_less_often():
+    silent = Silent()
+    watch = NatWatch(silent, Endpoint(REGISTRY, PROBE), FAST)
+    first = Endpoint(OUTSIDE, 51820)
+    assert (await watch.current(51820, first, {INSIDE})).mapping == "unknown"
+    delays = [watch.again_in()]
+    for _ in range(8):
+        await watch.current(51820, first, {INSIDE}, again=True)
+        delays.append(watch.again_in())
+    assert delays[0] == FAST.again_first_s and delays == sorted(delays)
+    assert delays[-1] == FAST.again_max_s
+    # Once it answers, no more tries: the behaviour holds until the mapping changes.
+    answered = NatWatch(ModelChannel(ModelNat("eim")), Endpoint(REGISTRY, PROBE), FAST)
+    assert (await answered.current(51820, first, {INSIDE})) == KINDS["eim"]
+    assert answered.again_in() is None
+
+
 def _record(key, endpoint, revision):
     return PeerRecord(key, (), None if endpoint is None else Endpoint.parse(endpoint), None,
                       None, revision)

@@ -1,5 +1,7 @@
 """Raw NAT openers: the datagram's layout and checksums, and a real kernel accepting it."""
 
+import asyncio
+import ipaddress
 import shutil
 import socket
 import struct
@@ -10,6 +12,7 @@ import pytest
 
 from wgpair import PORT, wg_pair
 from wgpunch.natpunch.rawudp import checksum, udp_datagram
+from wgpunch.node.punch import DEFAULT_TTL, UNMEASURED_TTL, OpenerTtl
 
 
 def test_rfc1071_example():
@@ -74,3 +77,26 @@ def test_inside_addresses_are_where_nats_number_their_inside():
     # The lab's "public" addresses are documentation ranges: outside, as real public ones.
     for address in ("198.51.100.1", "203.0.113.5", "192.0.2.2", "8.8.8.8", "100.128.0.1"):
         assert not inside_address(ip_address(address)), address
+
+
+async def test_an_opener_sent_while_the_ttl_is_measured_stops_after_one_nat():
+    done = asyncio.Event()
+
+    async def slow_hops(toward):
+        await done.wait()
+        return 3
+
+    ttl = OpenerTtl(hops=slow_hops)
+    assert await ttl.get() == DEFAULT_TTL  # nothing to measure toward
+    ttl.measure(ipaddress.IPv4Address("192.0.2.2"))
+    assert await ttl.get() == UNMEASURED_TTL  # still measuring: no further than one NAT
+    done.set()
+    assert await ttl.get() == 3
+    assert await OpenerTtl(fixed=7).get() == 7
+
+    async def nobody(toward):
+        return None
+
+    silent = OpenerTtl(hops=nobody)
+    silent.measure(ipaddress.IPv4Address("192.0.2.2"))
+    assert await silent.get() == DEFAULT_TTL  # nothing answered: reach everything

@@ -76,7 +76,9 @@ def test_directories_only_where_a_daemon_writes():
     # state directory lives under /var/lib/private, which a root unit naming the same
     # directory would move back.
     assert rendezvous["StateDirectory"] == ["wgpunch"]
-    assert "StateDirectory" not in node and "StateDirectory" not in registry
+    assert "StateDirectory" not in registry
+    # /var/lib/wgpunch-node: the node's --mesh state, which must outlive a reboot.
+    assert node["StateDirectory"] == ["wgpunch-node"]
     assert "RuntimeDirectory" not in registry and "RuntimeDirectory" not in rendezvous
 
 

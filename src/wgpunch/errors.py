@@ -99,11 +99,6 @@ class ApiError(WgpunchError):
         self.status = status
 
 
-class HttpError(ApiError):
-    """No HTTP answer from the registry: the connection failed (refused, reset, cut off, too
-    slow) or what came back is not HTTP/1.1 (node/http.py)."""
-
-
 class NoRecord(WgpunchError):
     """A DNS-SD server has no record for this key (NXDOMAIN, or no answer)."""
 

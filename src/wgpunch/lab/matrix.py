@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import LabError
+from ..protocol import roles
+from ..protocol.natinfo import NatBehaviour
 from .catalog import KIND_LETTERS, MAPPED_LETTERS, MATRIX_KINDS, PORTMAP_SUFFIX, PUBLIC
 from .nat import NAT_KINDS
 
 KINDS = (*KIND_LETTERS, *MAPPED_LETTERS)  # the default grid
-_PER_DESTINATION = "address-and-port-dependent"
 
 
 @dataclass(frozen=True)
@@ -42,23 +43,23 @@ def expectation(first: str, second: str) -> Expectation:
         other = second if mapped[0] == first else first
         return Expectation("direct", f"{other} sends to the port {mapped[0]} maps on its NAT")
 
-    def maps_per_destination(kind: str) -> bool:
-        return kind != PUBLIC and NAT_KINDS[kind].mapping == _PER_DESTINATION
-
-    def filters_per_port(kind: str) -> bool:
-        return kind != PUBLIC and NAT_KINDS[kind].filtering == _PER_DESTINATION
-
-    if maps_per_destination(first) and maps_per_destination(second):
-        return Expectation("relay", "both NATs map per destination: needs a relay")
-    for mapper, filterer in ((first, second), (second, first)):
-        if maps_per_destination(mapper) and filters_per_port(filterer):
-            return Expectation(
-                "relay", f"{mapper} maps per destination and {filterer} filters per port: "
-                "needs a relay")
-    for mapper, other in ((first, second), (second, first)):
-        if maps_per_destination(mapper):
-            return Expectation("direct", f"{mapper} initiates; {other} lets it in")
+    reason = roles.relay_reason(behaviour(first), behaviour(second))
+    if reason is not None:
+        return Expectation("relay", reason)
+    for initiator, other in ((first, second), (second, first)):
+        nat = behaviour(initiator)
+        if nat is not None and nat.endpoint_dependent:
+            return Expectation("direct", f"{initiator} initiates; {other} lets it in")
     return Expectation("direct", "both map endpoint-independently")
+
+
+def behaviour(kind: str) -> NatBehaviour | None:
+    """A lab kind's NAT behaviour as a node measures and reports it (protocol/natinfo.py),
+    so the grid's verdict is the agents' own rule (protocol/roles.py)."""
+    if kind == PUBLIC:
+        return NatBehaviour("none", "endpoint-independent", True)
+    nat = NAT_KINDS[kind]
+    return NatBehaviour(nat.mapping, nat.filtering, nat.port == "preserved")
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,13 @@ MODES = ("registry", "dns_sd", "natpunch", "natpunch_legacy")
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What the node runs with; exactly one of `registry`, `dns_sd`, `natpunch` and
-    `natpunch_legacy` says which kind of registry it follows."""
+    """What the node runs with; `dns_sd`, `natpunch` or `natpunch_legacy` says which kind of
+    registry it follows, else it follows a registry's API (`registry_mode`)."""
 
     interface: str | None  # None: every WireGuard interface that qualifies (fleet.py)
-    registry: Key | None  # None with several `registries`: the one IF has, found at start
+    # None: with several `registries`, the one IF has; with none, the peer that serves the
+    # registry API (node/discover.py); both found at start
+    registry: Key | None
     api: str | None  # None: http://<the registry peer's tunnel address>:API_PORT
     token_file: Path | None
     dns_sd: Endpoint | None
@@ -58,17 +60,21 @@ class Settings:
     natprobe_port: int = 0  # the registry's NAT probe port; 0: the NAT is not measured
     metrics_listen: Endpoint | None = None  # None: no metrics
 
+    @property
+    def registry_mode(self) -> bool:
+        return self.dns_sd is None and not self.natpunch and not self.natpunch_legacy
+
 
 def settings_from(args: argparse.Namespace,
                   environ: Mapping[str, str] | None = None) -> Settings:
     options = config.load(config.NODE, vars(args), config=args.config, environ=environ)
     modes = [m for m in MODES if getattr(options, m)]
-    if len(modes) != 1:
+    if len(modes) > 1:
         raise ConfigError(
-            "node: give one of --registry PUBKEY (HTTP API), --dns-sd ADDR:PORT --zone ZONE, "
-            "--natpunch HOST:PORT --natpunch-server-key KEY or --natpunch-legacy HOST[:PORT]"
-            + (f" (got {' and '.join('--' + m.replace('_', '-') for m in modes)})"
-               if modes else "")
+            "node: give one of --registry PUBKEY (HTTP API; without any, the peer that serves "
+            "the registry API), --dns-sd ADDR:PORT --zone ZONE, --natpunch HOST:PORT "
+            "--natpunch-server-key KEY or --natpunch-legacy HOST[:PORT] (got "
+            f"{' and '.join('--' + m.replace('_', '-') for m in modes)})"
         )
     if options.natpunch and not options.natpunch_server_key:
         raise ConfigError("node: --natpunch needs --natpunch-server-key KEY (the public key "
@@ -77,9 +83,9 @@ def settings_from(args: argparse.Namespace,
         raise ConfigError("node: --natpunch-server-key goes with --natpunch")
     if options.dns_sd and not options.zone:
         raise ConfigError("node: --dns-sd needs --zone ZONE (e.g. mesh.internal.)")
-    if options.mesh and not options.registry:
-        raise ConfigError("node: --mesh needs --registry PUBKEY: only the registry's API lists "
-                          "every peer with its allowed IPs")
+    if options.mesh and modes not in ([], ["registry"]):
+        raise ConfigError("node: --mesh goes with a registry (--registry, or none given): only "
+                          "the registry's API lists every peer with its allowed IPs")
     if options.mesh_exclude and not options.mesh:
         raise ConfigError("node: --mesh-exclude goes with --mesh")
     if options.metrics_listen and not options.interface:
@@ -183,6 +189,10 @@ async def _fleet(settings: Settings, state_dir: Path) -> None:
     def wanted(state: DeviceState) -> bool:
         if settings.registries:
             return any(state.peer(key) is not None for key in settings.registries)
+        if settings.registry_mode:  # a peer that may be the registry (node/discover.py)
+            from .discover import candidates
+
+            return state.public_key is not None and bool(candidates(state))
         return state.public_key is not None
 
     async def steer(interface: str) -> None:
@@ -224,7 +234,7 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
     from ..wg import open_device
     from .agent import Agent
     from .decide import Timings
-    from .mesh import Mesh
+    from .mesh import MESH_DIR, Mesh
     from .registrylink import LinkTimings
 
     interface = settings.interface
@@ -239,6 +249,10 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
         raise
     if settings.registry is None and settings.registries:
         settings = replace(settings, registry=registry_of(state, settings.registries))
+    elif settings.registry is None and settings.registry_mode:
+        from .discover import find_registry
+
+        settings = replace(settings, registry=await find_registry(state))
     source: Source
     server_key = settings.natpunch_server_key
     natpunch = settings.natpunch or settings.natpunch_legacy
@@ -267,7 +281,9 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
         api = settings.api or registry_api_url(state, settings.registry)
         source = RegistryClient(api, token=token)
         where = f"registry {settings.registry}, API {api}"
-    mesh = (Mesh(interface, state_dir, settings.registry, settings.mesh_exclude)
+    # Beside the path files when a caller (a test) moves them, else persistent (mesh.py).
+    mesh_dir = MESH_DIR if state_dir == pathfile.STATE_DIR else state_dir
+    mesh = (Mesh(interface, mesh_dir, settings.registry, settings.mesh_exclude)
             if settings.mesh else None)
     exporter = None if once or settings.metrics_listen is None else _exporter()
     agent = Agent(device, settings.registry, source,
@@ -352,7 +368,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--registry", metavar="PUBKEY", action="append",
         help="the registry's public key (base64 as wg prints it, hex or base32); the registry "
         "must be a peer of IF. Its peer entry is never touched. Repeatable: each interface "
-        "follows the registry it has as a peer (one agent, several networks)",
+        "follows the registry it has as a peer (one agent, several networks). Without "
+        "--registry (and no --dns-sd or --natpunch), the registry is the peer with an "
+        "endpoint whose tunnel address serves the registry API, asked at start",
     )
     parser.add_argument(
         "--dns-sd", metavar="ADDR:PORT",
@@ -419,8 +437,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--mesh", action="store_true", default=None,
         help="managed mesh: add to IF every peer the registry lists (public key and allowed "
         "IPs; the endpoint follows), and remove those it drops, recorded in "
-        "/run/wgpunch/IF.mesh.json. Only peers the mesh added are ever changed: never your "
-        "own peers, the registry's, or a preshared key; a listed network that overlaps one "
+        "/var/lib/wgpunch-node/IF.mesh.json. Only peers the mesh added are ever changed: "
+        "never your own peers, the registry's, or a preshared key; a listed network that "
+        "overlaps one "
         "of your peers' is refused with a log line",
     )
     parser.add_argument(

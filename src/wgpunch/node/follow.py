@@ -239,7 +239,11 @@ async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io)
     easy: p50 1.46 s, against 0.05 s). Until the measurement is in, the registry decides who
     initiates without it, as for a node older than the measurement."""
     while True:
-        await view.observed_changed.wait()
+        again_in = nat.again_in()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(again_in):
+                await view.observed_changed.wait()
+        again = not view.observed_changed.is_set()
         view.observed_changed.clear()
         observed = view.own_endpoint()
         if observed is None:
@@ -251,7 +255,8 @@ async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io)
             log.debug("NAT measurement skipped: %s", error)
             continue
         before = nat.measured
-        await nat.current(state.listen_port, observed, own_addresses(i.ip for i in interfaces))
+        await nat.current(state.listen_port, observed, own_addresses(i.ip for i in interfaces),
+                          again=again)
         if nat.measured is not before:
             view.reported.set()
 

@@ -1,14 +1,17 @@
-"""The node's HTTP/1.1 client: just what the registry API needs (docs/api.md), on asyncio
-streams.
+"""The node's HTTP/1.1 client: just what the registry API needs (docs/api.md), with h11
+speaking the protocol and asyncio streams doing the I/O.
 
 A node's first punch request is on the time-to-direct path, and importing aiohttp's client
 took 0.3 s of the agent's 0.5 s start-up on a busy 2-core machine (bench/startup.py); the
 node needs JSON requests on kept-alive connections and one streamed response, no more.
+h11 (sans-IO) writes the requests and reads the replies: the head, bodies framed by
+`Content-Length`, chunked encoding or the end of the connection, and whether a connection
+may carry the next request. This module reads and writes the bytes, bounds them and keeps
+the connections.
 
-- Requests: `Content-Length` bodies, replies framed by `Content-Length`, chunked encoding, or
-  the end of the connection. Connections are kept alive and reused, at most `limit` open at
-  once (below the registry's per-caller cap), and one idle for `idle_s` is closed by us, before
-  the registry's own idle timeout closes it under a request (registry/timings.py).
+- Connections are kept alive and reused, at most `limit` open at once (below the
+  registry's per-caller cap), and one idle for `idle_s` is closed by us, before the
+  registry's own idle timeout closes it under a request (registry/timings.py).
 - A request that fails on a reused connection before any byte of the reply came is sent
   again once on a new one: the server may have closed the connection as we picked it.
 - `stream()`: a GET whose reply body is handed over as it arrives, each read bounded by a
@@ -25,12 +28,17 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import h11
+
 from .. import __version__
 from ..errors import ApiError
 
-MAX_HEAD_BYTES = 64 * 1024  # status line and headers
+# Status line and headers; h11 bounds every piece it waits for whole by this (a chunk's
+# size line, the trailers too).
+MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a /v1/peers reply of a very large registry
 READ_BYTES = 64 * 1024
+ERROR_TEXT_MAX = 200  # of h11's words on a bad reply, which quote the reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,32 +48,46 @@ class Response:
 
 
 class _Conn:
+    """One connection and h11's state of it."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.idle_since = time.monotonic()
         self.reused = False
+        self.replied = False  # a byte of the current reply came
 
     def usable(self, idle_s: float) -> bool:
         return (not self.reader.at_eof() and not self.writer.is_closing()
                 and time.monotonic() - self.idle_since < idle_s)
 
+    def send(self, *events: h11.Event) -> None:
+        self.writer.write(b"".join(self.http.send(event) or b"" for event in events))
+
+    async def receive(self) -> h11.Event:
+        """The reply's next event; `_Stale` when the connection ends before its first byte.
+        Called until the reply's `EndOfMessage`, never after (where h11 would pause)."""
+        while not isinstance(event := self.http.next_event(), h11.Event):
+            data = await self.reader.read(READ_BYTES)
+            if not data and not self.replied:
+                raise _Stale("connection closed before a reply")
+            self.replied = True
+            self.http.receive_data(data)  # b"": the end, which h11 judges
+        return event
+
+    def next_cycle(self) -> bool:
+        """Ready for the next request, if h11 says both sides may go on (no `Connection:
+        close`, no body framed by the close) and the server sent nothing past the reply."""
+        if (self.http.our_state is not h11.DONE or self.http.their_state is not h11.DONE
+                or self.http.trailing_data[0]):
+            return False
+        self.http.start_next_cycle()
+        self.idle_since, self.reused, self.replied = time.monotonic(), False, False
+        return True
+
     def close(self) -> None:
         self.writer.close()
-
-
-class _Head:
-    def __init__(self, status: int, headers: dict[str, str]) -> None:
-        self.status = status
-        self.headers = headers
-
-    @property
-    def chunked(self) -> bool:
-        return "chunked" in self.headers.get("transfer-encoding", "").lower()
-
-    @property
-    def keep_alive(self) -> bool:
-        return "close" not in self.headers.get("connection", "").lower()
 
 
 class HttpClient:
@@ -105,14 +127,13 @@ class HttpClient:
                     conn = await self._connection()
                     try:
                         return await self._exchange(conn, method, path, body, content_type)
-                    except _Stale:
-                        continue  # the server closed it as we picked it: a new one
+                    except _Stale:  # a reused one the server closed as we picked it
+                        if not conn.reused:
+                            raise
         except TimeoutError:
             raise ApiError(f"registry: {method} {url}: no answer within {timeout_s:g} s") from None
-        except OSError as error:
+        except (OSError, _Stale, h11.ProtocolError) as error:
             raise ApiError(f"registry: {method} {url}: {_describe(error)}") from None
-        except _Malformed as error:
-            raise ApiError(f"registry: {method} {url}: {error}") from None
 
     async def stream(self, path: str, *, connect_timeout_s: float,
                      read_timeout_s: float) -> AsyncIterator[tuple[int, bytes]]:
@@ -125,29 +146,26 @@ class HttpClient:
             async with asyncio.timeout(connect_timeout_s):
                 conn = await self._open()
                 self._streams.add(conn)
-                conn.writer.write(self._head("GET", path, None, ""))
-                head = await _read_head(conn.reader)
-            if head.status >= 400 or "content-length" in head.headers:
+                conn.send(self._request("GET", path, None, ""), h11.EndOfMessage())
+                head = await _read_head(conn)
+            if head.status_code >= 400 or _declared_length(head):
                 async with asyncio.timeout(read_timeout_s):
-                    body = await _read_body(conn.reader, head)
-                yield head.status, body
+                    body = await _read_body(conn)
+                yield head.status_code, body
                 return
             while True:
                 async with asyncio.timeout(read_timeout_s):
-                    data = await (_read_chunk(conn.reader) if head.chunked
-                                  else conn.reader.read(READ_BYTES))
-                if not data:
-                    return
-                yield head.status, data
+                    event = await conn.receive()
+                if not isinstance(event, h11.Data):
+                    return  # EndOfMessage
+                yield head.status_code, bytes(event.data)
         except TimeoutError:
             raise ApiError(f"registry: GET {url}: nothing for {read_timeout_s:g} s"
                            if conn is not None else
                            f"registry: GET {url}: no connection within {connect_timeout_s:g} s"
                            ) from None
-        except OSError as error:
+        except (OSError, _Stale, h11.ProtocolError) as error:
             raise ApiError(f"registry: GET {url}: {_describe(error)}") from None
-        except (_Malformed, _Stale) as error:
-            raise ApiError(f"registry: GET {url}: {error or 'connection closed'}") from None
         finally:
             if conn is not None:
                 self._streams.discard(conn)
@@ -170,36 +188,36 @@ class HttpClient:
             import ssl  # only for an https:// registry: 10 ms of start-up otherwise
 
             tls = ssl.create_default_context()
-        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=tls,
-                                                       limit=MAX_HEAD_BYTES)
+        reader, writer = await asyncio.open_connection(self.host, self.port, ssl=tls)
         return _Conn(reader, writer)
 
-    def _head(self, method: str, path: str, body: bytes | None, content_type: str) -> bytes:
-        lines = [f"{method} {path} HTTP/1.1", *(f"{k}: {v}" for k, v in self.headers.items())]
+    def _request(self, method: str, path: str, body: bytes | None,
+                 content_type: str) -> h11.Request:
+        headers = list(self.headers.items())
         if body is not None:
-            lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+            headers += [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         elif method in ("POST", "PUT"):
-            lines.append("Content-Length: 0")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+            headers.append(("Content-Length", "0"))
+        return h11.Request(method=method, target=path, headers=headers)
 
     async def _exchange(self, conn: _Conn, method: str, path: str, body: bytes | None,
                         content_type: str) -> Response:
         keep = False
         try:
-            conn.writer.write(self._head(method, path, body, content_type))
+            conn.send(self._request(method, path, body, content_type),
+                      *([h11.Data(data=body)] if body else []), h11.EndOfMessage())
             try:
                 await conn.writer.drain()
-                head = await _read_head(conn.reader)
-            except (_Stale, ConnectionError) as error:
-                if conn.reused:
-                    raise _Stale() from None
-                raise _Malformed("connection closed before a reply") from error
-            data = await _read_body(conn.reader, head)
-            keep = head.keep_alive and (head.chunked or "content-length" in head.headers)
-            return Response(head.status, data)
+                head = await _read_head(conn)
+            except ConnectionError:
+                if conn.replied:
+                    raise
+                raise _Stale("connection closed before a reply") from None
+            data = await _read_body(conn)
+            keep = conn.next_cycle()
+            return Response(head.status_code, data)
         finally:
             if keep:
-                conn.idle_since, conn.reused = time.monotonic(), False
                 self._idle.append(conn)
             else:
                 conn.close()
@@ -209,82 +227,35 @@ class _Stale(Exception):
     """The connection ended before a reply began."""
 
 
-class _Malformed(Exception):
-    """The reply is not HTTP/1.1 as this client reads it."""
+class _TooLarge(h11.RemoteProtocolError):
+    """A reply body over MAX_BODY_BYTES."""
 
 
-async def _read_head(reader: asyncio.StreamReader) -> _Head:
-    try:
-        raw = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as error:
-        if not error.partial:
-            raise _Stale() from None
-        raise _Malformed("connection closed in the reply's head") from None
-    except asyncio.LimitOverrunError:
-        raise _Malformed(f"reply head over {MAX_HEAD_BYTES} bytes") from None
-    status_line, *lines = raw[:-4].decode("latin-1").split("\r\n")
-    version, _, rest = status_line.partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/1.") or not code.isdigit():
-        raise _Malformed(f"not an HTTP/1.x reply: {status_line[:80]!r}")
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise _Malformed(f"bad header line {line[:80]!r}")
-        headers[name.strip().lower()] = value.strip()
-    return _Head(int(code), headers)
+async def _read_head(conn: _Conn) -> h11.Response:
+    while True:
+        event = await conn.receive()
+        if isinstance(event, h11.Response):
+            return event
+        # an InformationalResponse (1xx): the final one follows
 
 
-async def _read_body(reader: asyncio.StreamReader, head: _Head) -> bytes:
-    try:
-        if head.chunked:
-            body = bytearray()
-            while chunk := await _read_chunk(reader):
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    raise _Malformed(f"reply over {MAX_BODY_BYTES} bytes")
-            return bytes(body)
-        if "content-length" in head.headers:
-            text = head.headers["content-length"]
-            if not text.isdigit() or int(text) > MAX_BODY_BYTES:
-                raise _Malformed(f"bad Content-Length {text[:20]!r}")
-            return await reader.readexactly(int(text))
-        body = bytearray()  # framed by the end of the connection
-        while data := await reader.read(READ_BYTES):
-            body += data
-            if len(body) > MAX_BODY_BYTES:
-                raise _Malformed(f"reply over {MAX_BODY_BYTES} bytes")
-        return bytes(body)
-    except asyncio.IncompleteReadError:
-        raise _Malformed("connection closed in the reply's body") from None
+async def _read_body(conn: _Conn) -> bytes:
+    body = bytearray()
+    while isinstance(event := await conn.receive(), h11.Data):
+        body += event.data
+        if len(body) > MAX_BODY_BYTES:
+            raise _TooLarge(f"reply over {MAX_BODY_BYTES} bytes")
+    return bytes(body)  # at EndOfMessage
 
 
-async def _read_chunk(reader: asyncio.StreamReader) -> bytes:
-    """One chunk of a chunked body (RFC 9112 §7.1); b"" for the last, trailers consumed."""
-    try:
-        line = await reader.readuntil(b"\r\n")
-        size_text = line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise _Malformed(f"bad chunk size {size_text[:20]!r}") from None
-        if size > MAX_BODY_BYTES or size < 0:
-            raise _Malformed(f"chunk of {size} bytes")
-        if size == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                pass  # trailer fields: none that we use
-            return b""
-        data = await reader.readexactly(size + 2)
-        if not data.endswith(b"\r\n"):
-            raise _Malformed("chunk not followed by CRLF")
-        return data[:-2]
-    except asyncio.IncompleteReadError:
-        raise _Malformed("connection closed in a chunk") from None
-    except asyncio.LimitOverrunError:
-        raise _Malformed("chunk size line too long") from None
+def _declared_length(head: h11.Response) -> bool:
+    return any(name == b"content-length" for name, _ in head.headers)
 
 
 def _describe(error: Exception) -> str:
+    if isinstance(error, h11.LocalProtocolError):
+        # h11 quotes the offending header, which may be the bearer token: not in a message.
+        return "the request is not valid HTTP/1.1 (a control character in a header?)"
+    if isinstance(error, h11.RemoteProtocolError):
+        return f"bad reply: {str(error)[:ERROR_TEXT_MAX]}"
     return str(error) or type(error).__name__
-

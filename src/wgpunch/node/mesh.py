@@ -3,7 +3,7 @@ the local device, and only those the mesh added ("managed") are ever changed or 
 
 `plan()` is pure: from the device, the registry's list and the managed set it says what to
 add, update and remove, and which listed networks it refuses. `Mesh.sync()` applies a plan in
-one device transaction, recording its managed set in `STATE_DIR/IF.mesh.json` first (written
+one device transaction, recording its managed set in `MESH_DIR/IF.mesh.json` first (written
 atomically), so that a crash between the two leaves at most a recorded peer the device lacks
 (added again, or forgotten), never a peer of ours that looks like the user's.
 
@@ -111,6 +111,12 @@ def plan(device: DeviceState, listed: Mapping[Key, Iterable[IPNetwork]],
 def _strictly_inside(net: IPNetwork, outer: IPNetwork) -> bool:
     return (net.version == outer.version and net.prefixlen > outer.prefixlen
             and net.subnet_of(outer))  # type: ignore[arg-type]
+
+
+# Persistent, not /run: with wg-quick's `SaveConfig = true` the managed peers are saved into
+# the user's config at shutdown, and after a reboot a managed set lost with /run would make
+# them look like the user's own, never removed when the registry drops them.
+MESH_DIR = Path("/var/lib/wgpunch-node")
 
 
 def state_file(ifname: str, directory: Path) -> Path:

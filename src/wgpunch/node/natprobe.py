@@ -53,6 +53,11 @@ class ProbeTimings:
     # Waiting for replies that may never come (filtering): the same reasoning.
     alt_wait_s: float = 0.3
     alt_tries: int = 2
+    # A probe port that did not answer is asked again after this, doubling up to the most:
+    # a registry busy with many nodes starting at once (the 14-node lab on 2 cores) let every
+    # try of a node go unanswered, and an unknown NAT leaves the initiator to key order.
+    again_first_s: float = 1.0
+    again_max_s: float = 60.0
 
 
 class Channel(Protocol):
@@ -202,16 +207,31 @@ class NatWatch:
         self.server = server
         self.t = t or ProbeTimings()
         self.measured: Measurement | None = None
+        self._again_s: float | None = None  # while the probe port has not answered
+
+    def again_in(self) -> float | None:
+        """Seconds until the next try when the probe port has not answered yet, else None."""
+        return self._again_s
 
     async def current(self, listen_port: int, wg_observed: Endpoint | None,
-                      own: Collection[IPAddress]) -> NatBehaviour:
+                      own: Collection[IPAddress], *, again: bool = False) -> NatBehaviour:
+        """The behaviour for our mapping `wg_observed`: measured once per mapping, or anew
+        with `again` (after `again_in()`, while the probe port has not answered)."""
         last = self.measured
-        if last is None or last.wg_observed != wg_observed:
+        if last is None or last.wg_observed != wg_observed or again:
+            previous = last
             last = self.measured = await measure(self.channel, listen_port, self.server,
                                                  wg_observed, own, self.t)
-            log.info("NAT: %s (probe port %s saw %s; the registry's WireGuard port %s)",
-                     last.behaviour.words(), self.server, last.seen, wg_observed,
-                     extra={"event": "nat_measured", **last.behaviour.to_json()})
+            # A try again that finds what the last one found is not news.
+            log.log(logging.DEBUG if again and previous == last else logging.INFO,
+                    "NAT: %s (probe port %s saw %s; the registry's WireGuard port %s)",
+                    last.behaviour.words(), self.server, last.seen, wg_observed,
+                    extra={"event": "nat_measured", **last.behaviour.to_json()})
+            if last.seen is not None:
+                self._again_s = None
+            else:
+                self._again_s = (self.t.again_first_s if self._again_s is None
+                                 else min(2 * self._again_s, self.t.again_max_s))
         return last.behaviour
 
 

@@ -49,6 +49,13 @@ HOP_WAIT_S = 0.25  # per hop: a router's time-exceeded comes back within a round
 # where some hop is silent it can take seconds (HOP_WAIT_S per silent hop), and an opener held
 # longer than the agent's first punch retry (0.5 s) costs more than it can save.
 MEASURE_WAIT_S = 0.3
+# An opener sent while the measurement is still under way (a busy machine: 14 agents starting
+# on 2 cores) gets this TTL, not DEFAULT_TTL: one that dies too early costs a retry, one that
+# goes too far may leave on a `collision` router the state that keeps the pair apart for as
+# long as the peer retries. 2 passes one NAT (the common home router) and dies at the next
+# router; behind a second NAT the first opener opens too little and a retry, with the
+# measured TTL, opens the rest.
+UNMEASURED_TTL = 2
 
 # Where routers on the inside of NATs get their addresses: a router answering from one of these
 # may be a NAT itself (home router LAN, carrier NAT inside), so the search goes on past it.
@@ -152,8 +159,8 @@ def _icmp_error(sock: socket.socket, wait_s: float) -> tuple[int, ipaddress.IPv4
 
 class OpenerTtl:
     """The TTL of our openers: the user's, or measured once toward the registry (`measure`,
-    with `hops`: `opener_hops` in a thread unless given), or DEFAULT_TTL while neither is
-    known."""
+    with `hops`: `opener_hops` in a thread unless given); UNMEASURED_TTL while that
+    measurement is under way, DEFAULT_TTL when it found nothing or none was started."""
 
     def __init__(self, fixed: int | None = None,
                  hops: Callable[[ipaddress.IPv4Address],
@@ -184,6 +191,8 @@ class OpenerTtl:
         try:
             async with asyncio.timeout(MEASURE_WAIT_S):  # not wait_for: see Agent
                 hops = await asyncio.shield(self._measuring)
-        except (TimeoutError, OSError):
+        except TimeoutError:
+            return UNMEASURED_TTL
+        except OSError:
             return DEFAULT_TTL
         return DEFAULT_TTL if hops is None else hops

@@ -129,7 +129,7 @@ def _invite(args: argparse.Namespace) -> int:
         invited {invitation.name}: address {invitation.address}, public key {invitation.public_key}
         its config is {where}; copy it to the node, then there:
           wg-quick up ./{invitation.name if out is None else out.stem}.conf
-          wgpunch node --registry {invitation.registry} --mesh"""),
+          wgpunch node --mesh"""),
           file=sys.stderr if out is None else sys.stdout)
     return 0
 

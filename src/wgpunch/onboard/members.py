@@ -106,8 +106,8 @@ def node_config(name: str, private: Key, address: IPAddress, own: IPInterface,
     network = own.network
     return "\n".join([
         f"# {name}: a wgpunch node (`wgpunch invite {name}` on the registry host).",
-        f"# Start: wg-quick up ./{name}.conf && wgpunch node --registry {registry.base64()} "
-        "--mesh",
+        f"# Start: wg-quick up ./{name}.conf && wgpunch node --mesh",
+        f"# (the registry, found as the peer serving its API, is {registry.base64()})",
         "[Interface]",
         f"PrivateKey = {private.base64()}",
         f"Address = {address}/{network.prefixlen}",
