@@ -11,12 +11,13 @@ import pytest
 
 from wgpunch import config
 from wgpunch.cli import build_parser
-from wgpunch.config import NODE, REGISTRY, RENDEZVOUS, SCHEMAS, read_token
+from wgpunch.config import NODE, REGISTRY, RELAY, RENDEZVOUS, SCHEMAS, read_token
 from wgpunch.errors import ConfigError
 from wgpunch.keys import Key
 from wgpunch.natpunch import cli as rendezvous_cli
 from wgpunch.node import cli as node_cli
 from wgpunch.registry import cli as registry_cli
+from wgpunch.registry import relaycli
 from wgpunch.wg.device import DeviceState, PeerState
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
@@ -465,6 +466,8 @@ def test_every_example_config_loads(schema):
         assert settings.token_file == EXAMPLES / "token" and settings.dns is not None
     elif schema is NODE:
         assert node_cli.settings_from(args).registry is not None
+    elif schema is RELAY:
+        assert relaycli.settings_from(args).ports == range(31000, 32000)
     else:
         assert rendezvous_cli.settings_from(got).legacy is None
 

@@ -29,8 +29,17 @@ def test_demo_shows_a_direct_tunnel(lab_prefix, flags):
     assert pair["a_endpoint_for_b"].startswith(pair["b_public_ip"] + ":")
 
 
-def test_demo_says_so_when_a_pair_is_not_direct(lab_prefix):
-    # A symmetric NAT against a filtering one: no direct path without the relay.
-    code, result = demo("symmetric", "--timeout", "3", "--prefix", lab_prefix)
+def test_demo_relays_a_pair_that_cannot_go_direct(lab_prefix):
+    # A symmetric NAT against a filtering one: no direct path, the registry's relay.
+    code, result = demo("symmetric", "--timeout", "10", "--prefix", lab_prefix)
+    assert code == 0 and result["ok"], result
+    (pair,) = result["pairs"]
+    assert pair["path"] == "relay" and not pair["direct"] and pair["ping_ms"] is not None
+
+
+def test_demo_says_so_when_a_pair_has_no_path(lab_prefix):
+    # The same pair without a registry (natpunch: no relay) has no path at all.
+    code, result = demo("symmetric", "--natpunch", "noise", "--timeout", "3",
+                        "--prefix", lab_prefix)
     assert code == 1 and not result["ok"]
-    assert [p["direct"] for p in result["pairs"]] == [False]
+    assert [p["path"] for p in result["pairs"]] == ["none"]

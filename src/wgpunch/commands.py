@@ -11,6 +11,8 @@ from __future__ import annotations
 COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("wgpunch.registry.cli",
                  "run the registry: publish peers' observed endpoints to nodes"),
+    "relay": ("wgpunch.registry.relaycli",
+              "run a relay alone (slots come from a registry; remote slots are not built yet)"),
     "rendezvous": ("wgpunch.natpunch.cli",
                    "a natpunch server: nodes behind NATs find each other without a registry "
                    "peer"),

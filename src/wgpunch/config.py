@@ -380,11 +380,18 @@ class RegistryConfig(Loaded):
     zone: str | None
     dns_self: tuple[str, ...] | None  # None: no `self` record
     dns_allow: tuple[str, ...]  # networks answered besides the peers' tunnel addresses
+    relay: str | None  # a port range; None: no relay
+    relay_address: str | None  # None: nodes use the registry's endpoint address
+    relay_userspace: bool  # never the kernel fast path
     natprobe_port: int  # 0: no NAT probe port
     natprobe_alt_port: int | None  # None: natprobe_port + 1; 0: none
     natprobe_alt_address: str | None
     metrics_listen: str | None  # None: no metrics
 
+
+# Our choice: 500 slots of 2 ports, below Linux's ephemeral ports (32768-60999), so that no
+# outgoing socket of the registry host ever holds one.
+DEFAULT_RELAY_PORTS = "31000-31999"
 
 REGISTRY = Schema("registry", (
     Option("interface", TEXT, "the WireGuard interface whose peers are the nodes", '"wg0"',
@@ -408,6 +415,13 @@ REGISTRY = Schema("registry", (
     Option("dns_allow", one_or_list(TEXT, "a network or a list of networks", "networks"),
            "also answer DNS-SD queries from these networks (default: peers' tunnel "
            "addresses only)", '["192.0.2.0/24"]', default=()),
+    Option("relay", switch_or(TEXT, on=DEFAULT_RELAY_PORTS),
+           f"relay WireGuard for pairs that cannot reach each other, on UDP ports FIRST-LAST "
+           f"(true: {DEFAULT_RELAY_PORTS})", f'"{DEFAULT_RELAY_PORTS}"'),
+    Option("relay_address", TEXT, "the relay's public IP handed to nodes (default: the "
+           "registry's endpoint as each node has it)", '"192.0.2.1"'),
+    Option("relay_userspace", SWITCH, "forward relayed datagrams in the relay process, never "
+           "through nftables", "false", default=False),
     Option("natprobe_port", WHOLE, "UDP port of the NAT probe on every address (0: off)",
            str(NATPROBE_PORT), default=NATPROBE_PORT, bounds=Bounds(0, 65535)),
     Option("natprobe_alt_port", WHOLE, "the NAT probe's second port, for filtering "
@@ -508,4 +522,20 @@ RENDEZVOUS = Schema("rendezvous", (
            default=_LIMITS.peers_max, bounds=Bounds(1)),
 ), RendezvousConfig)
 
-SCHEMAS: tuple[Schema[Any], ...] = (REGISTRY, NODE, RENDEZVOUS)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayConfig(Loaded):
+    ports: str
+    address: str | None
+    userspace: bool
+
+
+RELAY = Schema("relay", (
+    Option("ports", TEXT, "the UDP ports to relay on, FIRST-LAST, two per pair",
+           f'"{DEFAULT_RELAY_PORTS}"', default=DEFAULT_RELAY_PORTS),
+    Option("address", TEXT, "the relay's public IP, for the kernel path's source address "
+           "(default: the route's)", '"192.0.2.1"'),
+    Option("userspace", SWITCH, "forward in this process only, never through nftables",
+           "false", default=False),
+), RelayConfig)
+
+SCHEMAS: tuple[Schema[Any], ...] = (REGISTRY, NODE, RENDEZVOUS, RELAY)

@@ -22,6 +22,7 @@ every one of them lives here.
     ├── NoiseError                      a Noise handshake or transport operation failed
     ├── NatpunchError                   a rendezvous server did not answer usefully
     ├── PortMapError                    a gateway did not map a port (no answer, refused)
+    ├── RelayError                      the relay's kernel path (nft, conntrack) failed
     └── LabError                        the lab could not be built or driven
 """
 
@@ -112,6 +113,11 @@ class NoiseError(WgpunchError):
 
 class NatpunchError(WgpunchError):
     """The rendezvous server did not answer (or not in a way we could read)."""
+
+
+class RelayError(WgpunchError):
+    """The relay's kernel fast path failed (nft or conntrack refused); the relay then
+    forwards in userspace."""
 
 
 class PortMapError(WgpunchError):

@@ -1,7 +1,8 @@
 """Is a pair of lab hosts on a direct path? Decided from what `wg` shows, not from what the
 agents say: each side's device must hold a recent handshake with the other, on an endpoint at
 the other side's public address (its outermost NAT), which is where the registry sees it too;
-or, for hosts behind one NAT, at the other side's own LAN address (the `lan` path).
+or, for hosts behind one NAT, at the other side's own LAN address (the `lan` path); or, for
+a pair the registry relays, at the registry's public address (the `relay` path).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Side:
     handshake_age_s: float | None
     rx_bytes: int
     tx_bytes: int
+    relay_ip: str | None = None  # the registry's public address, where its relay listens
 
     @property
     def direct(self) -> bool:
@@ -39,6 +41,10 @@ class Side:
     @property
     def lan(self) -> bool:
         return self.peer_private_ip is not None and self._recent_on(self.peer_private_ip)
+
+    @property
+    def relay(self) -> bool:
+        return self.relay_ip is not None and self._recent_on(self.relay_ip)
 
     def _recent_on(self, ip: str) -> bool:
         return (
@@ -63,8 +69,13 @@ class Pair:
         return self.a.lan and self.b.lan
 
     @property
+    def relayed(self) -> bool:
+        return self.a.relay and self.b.relay
+
+    @property
     def path(self) -> str:
-        return "direct" if self.direct else "lan" if self.lan else "none"
+        return ("direct" if self.direct else "lan" if self.lan
+                else "relay" if self.relayed else "none")
 
 
 async def read_devices(lab: Lab) -> dict[str, DeviceState]:
@@ -88,6 +99,7 @@ def side(lab: Lab, devices: dict[str, DeviceState], host: str, peer: str,
         handshake_age_s=None if mine is None else mine.handshake_age(now),
         rx_bytes=0 if mine is None else mine.rx_bytes,
         tx_bytes=0 if mine is None else mine.tx_bytes,
+        relay_ip=str(lab.host("registry").public_ip),
     )
 
 
@@ -107,9 +119,10 @@ async def wait_direct(
     check: Callable[[], None] | None = None,
     accept: Callable[[Pair], bool] | None = None,
     lan_ok: bool = False,
+    relay_ok: bool = False,
 ) -> dict[tuple[str, str], tuple[Pair, float | None]]:
-    """Poll the devices until every pair is direct (or, with `lan_ok`, on its LAN path; and
-    `accept`ed) or `timeout_s` passes.
+    """Poll the devices until every pair is direct (or, with `lan_ok`, on its LAN path; with
+    `relay_ok`, relayed; and `accept`ed) or `timeout_s` passes.
 
     Returns each pair's last evidence and the seconds until it first qualified (None:
     never). `check` runs every round (e.g. "are the agents still alive?").
@@ -123,7 +136,7 @@ async def wait_direct(
         latest = pairs(lab, await read_devices(lab))
         for pair in latest:
             key = (pair.a.host, pair.b.host)
-            up = pair.direct or (lan_ok and pair.lan)
+            up = pair.direct or (lan_ok and pair.lan) or (relay_ok and pair.relayed)
             if key not in first and up and (accept is None or accept(pair)):
                 first[key] = now - start
         if len(first) == len(latest) or now - start > timeout_s:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key
+from ..protocol import relay_reason
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import candidates_of
@@ -34,6 +35,7 @@ from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
 from .registrylink import LinkTimings, keep_link
+from .relay import Relays, RelayTimings
 from .source import Source
 from .track import Track
 
@@ -51,6 +53,7 @@ class Agent:
         state_dir: Path = pathfile.STATE_DIR,
         opener_ttl: int | None = None,
         registry_timings: RegistryTimings | None = None,
+        relay_timings: RelayTimings | None = None,
         clock: Clock | None = None,
         io: Io | None = None,
         mesh: Mesh | None = None,
@@ -78,6 +81,7 @@ class Agent:
         self.opener_ttl = OpenerTtl(opener_ttl, hops=self.io.opener_hops)
         self.view = RegistryView()
         self.tracks: dict[Key, Track] = {}
+        self.relays = Relays(client, self.view.relays, self.view.wake.set, relay_timings)
         self.punching: set[Key] = set()  # peers with a punch request under way
         self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
@@ -206,6 +210,8 @@ class Agent:
         state = await self.sync_mesh(state)
         now_wall, now = self.clock.wall(), self.clock.monotonic()
         recheck = self.t.idle_recheck_s
+        registry = None if self.registry_key is None else state.peer(self.registry_key)
+        self.relays.registry = None if registry is None else registry.endpoint
         for peer in state.peers:
             known = self.view.peers.get(peer.public_key)
             if peer.public_key == self.registry_key or known is None:
@@ -219,8 +225,12 @@ class Agent:
                 memory = replace(memory, unready_since=None if ready else now)
             candidates = candidates_of(known, self.view.peers.get(self.me) if self.me else None,
                                        self.view.local)
-            memory = failover(memory, candidates, now=now, t=self.t,
-                              live=not path_is_dead(peer, memory, now_wall, now, self.t))
+            live = not path_is_dead(peer, memory, now_wall, now, self.t)
+            mine = self.view.peers.get(self.me) if self.me else None
+            candidates, memory = self.relays.plan(
+                peer.public_key, candidates, memory, live=live, current=peer.endpoint, now=now,
+                impossible=relay_reason(None if mine is None else mine.nat, known.nat))
+            memory = failover(memory, candidates, now=now, t=self.t, live=live)
             decision = decide(
                 peer, candidates, memory,
                 initiator=self.view.initiates(self.me, known),
@@ -229,10 +239,12 @@ class Agent:
                 now_wall=now_wall, now=now, t=self.t,
             )
             if (decision.kind in (Kind.OPEN, Kind.HANDSHAKE)
+                    and not self.relays.is_slot(peer.public_key, decision.endpoint)
                     and holds_back(self.view.mapped is not None, known, memory.attempts)):
                 decision = replace(decision, kind=Kind.LEAVE, reason=Reason.MAPPED)
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now, self.metrics)
+            self.relays.annotate(peer.public_key, track)
             recheck = min(recheck, decision.recheck_s)
         self.publish(state, now_wall)
         return recheck

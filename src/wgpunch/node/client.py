@@ -13,7 +13,15 @@ from urllib.parse import urlencode
 
 from ..errors import ApiError, MalformedMessage
 from ..keys import Key
-from ..protocol import Event, Reported, Snapshot, item_from_json, snapshot_from_json
+from ..protocol import (
+    Event,
+    RelayEvent,
+    Reported,
+    Snapshot,
+    item_from_json,
+    relay_from_json,
+    snapshot_from_json,
+)
 from .http import HttpClient
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry
@@ -87,6 +95,13 @@ class RegistryClient:
 
     async def opened(self, peer: Key) -> None:
         await self._request("POST", f"/v1/punch/{peer.hex()}/opened")
+
+    async def relay(self, peer: Key) -> RelayEvent:
+        obj = await self._request("POST", f"/v1/relay/{peer.hex()}")
+        try:
+            return relay_from_json(obj)
+        except MalformedMessage as error:
+            raise ApiError(f"registry: /v1/relay reply: {error}") from None
 
     async def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
         """Events until the stream ends; a silent stream counts as dead after the timeout."""

@@ -247,8 +247,11 @@ def decide(
     events too."""
     usable = [c for c in candidates if c.endpoint not in mem.failed] or candidates
     chosen = choose(usable, current=peer.endpoint)
+    # A relay is opened by sending to it (its slot binds to what arrives), never by an
+    # opener that dies on the way.
     decision = _decide(peer, None if chosen is None else chosen.endpoint, mem,
-                       initiator=initiator, punched=punched, opened=opened, can_open=can_open,
+                       initiator=initiator, punched=punched, opened=opened,
+                       can_open=can_open and chosen is not None and chosen.direct,
                        peer_ready=peer_ready, now_wall=now_wall, now=now, t=t)
     if decision.live:
         return replace(decision, path=path_of(peer.endpoint, candidates))

@@ -25,7 +25,7 @@ import dns.rdatatype
 
 from ..errors import ApiError, NoRecord, WgpunchError
 from ..keys import Key
-from ..protocol import Event, PeerRecord, Reported, Snapshot
+from ..protocol import Event, PeerRecord, RelayEvent, Reported, Snapshot
 from ..wg.device import Device, Endpoint
 from .source import polled
 
@@ -126,6 +126,9 @@ class DnsSdSource:
 
     def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
         return polled(self.interval_s, self.snapshot)
+
+    async def relay(self, peer: Key) -> RelayEvent:
+        raise ApiError("dns-sd: a DNS registry hands out no relay slots")
 
     async def punch(self, peer: Key) -> None:
         raise ApiError("dns-sd: a DNS registry cannot coordinate punches")

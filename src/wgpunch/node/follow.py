@@ -22,6 +22,7 @@ from ..protocol import (
     PeerEvent,
     PeerRecord,
     PunchEvent,
+    RelayEvent,
     RemovedEvent,
     Reported,
     Snapshot,
@@ -87,6 +88,8 @@ class RegistryView:
         self.health: RegistryHealth | None = None  # None until follow_registry starts
         self.connections = 0  # watch streams that delivered, since start
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
+        # Relay slots the registry gave us, by peer: its relay events and answers (relay.py).
+        self.relays: dict[Key, RelayEvent] = {}
         self.mapped: Endpoint | None = None  # our port mapping on our NAT (node/portmap/)
         self.me: Key | None = None  # our key, once the device is read
         # Set when the endpoint the registry observes for us changes (measure_nat).
@@ -109,6 +112,7 @@ class RegistryView:
             if self.epoch is not None and event.epoch != self.epoch:
                 log.info("registry restarted (new epoch): resynced %d peers", len(event.peers))
                 self.reported.set()
+                self.relays.clear()  # its relay's slots are gone with it
             self.epoch = event.epoch
             self.peers = {p.public_key: p for p in event.peers}
         elif isinstance(event, PeerEvent):
@@ -129,6 +133,8 @@ class RegistryView:
                 self.peers[event.peer] = replace(known, endpoint=event.endpoint)
             (self.opened if event.opened else self.punched).add(event.peer)
             self.roles[event.peer] = event.initiator
+        elif isinstance(event, RelayEvent):
+            self.relays[event.peer] = event
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
 

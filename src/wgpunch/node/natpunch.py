@@ -21,7 +21,7 @@ from ..errors import ApiError, ConfigError, WgpunchError
 from ..keys import Key
 from ..natpunch.client import LegacyClient, NoiseClient
 from ..natpunch.rawudp import RawUdp
-from ..protocol import Event, PeerRecord, Reported, Snapshot
+from ..protocol import Event, PeerRecord, RelayEvent, Reported, Snapshot
 from ..wg.device import Device, Endpoint
 from .edges import Clock, SystemClock
 from .source import polled
@@ -173,6 +173,9 @@ class NatpunchSource:
 
     def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
         return polled(self.interval_s, self.snapshot)
+
+    async def relay(self, peer: Key) -> RelayEvent:
+        raise ApiError("natpunch: a rendezvous server hands out no relay slots")
 
     async def punch(self, peer: Key) -> None:
         raise ApiError("natpunch: a rendezvous server cannot coordinate punches")

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from ..errors import ApiError, ConfigError, WgpunchError
 from ..keys import Key
-from ..protocol import API_PORT, Event, Reported, Snapshot
+from ..protocol import API_PORT, Event, RelayEvent, Reported, Snapshot
 from ..wg.device import DeviceState
 from .probe import tunnel_address
 
@@ -49,6 +49,9 @@ class Source(Protocol):
     # Our NAT is open toward `peer` after its punch event: its initiation may go. Only a
     # source that coordinates punches is ever asked.
     async def opened(self, peer: Key) -> None: ...
+    async def relay(self, peer: Key) -> RelayEvent:
+        """A relay slot for the pair (only where `coordinates_punches`), else ApiError."""
+        ...
     async def report_self(self, report: Reported) -> None: ...
     def lookup_failed(self, peer: Key) -> bool: ...
     async def close(self) -> None: ...

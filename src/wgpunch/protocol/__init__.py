@@ -23,6 +23,8 @@ from .codec import (
     peer_from_json,
     peer_json,
     peers_json,
+    relay_from_json,
+    relay_json,
     snapshot_from_json,
 )
 from .natinfo import NatBehaviour, nat_from_json
@@ -33,6 +35,7 @@ from .records import (
     PeerEvent,
     PeerRecord,
     PunchEvent,
+    RelayEvent,
     RemovedEvent,
     Snapshot,
     StreamItem,
@@ -63,6 +66,7 @@ __all__ = [
     "PeerEvent",
     "PeerRecord",
     "PunchEvent",
+    "RelayEvent",
     "RemovedEvent",
     "Reported",
     "Snapshot",
@@ -80,6 +84,8 @@ __all__ = [
     "peer_from_json",
     "peer_json",
     "peers_json",
+    "relay_from_json",
+    "relay_json",
     "relay_reason",
     "reported_from_json",
     "snapshot_from_json",

@@ -20,6 +20,7 @@ from .records import (
     PeerEvent,
     PeerRecord,
     PunchEvent,
+    RelayEvent,
     RemovedEvent,
     Snapshot,
     StreamItem,
@@ -54,10 +55,30 @@ def item_json(item: StreamItem) -> dict[str, Any]:
                  "endpoint": str(item.endpoint), "initiator": item.initiator}
         # Only when true: a node older than the field takes the line as one more punch.
         return punch | {"opened": True} if item.opened else punch
+    if isinstance(item, RelayEvent):
+        return relay_json(item)
     if isinstance(item, Snapshot):
         return {"type": "snapshot", "epoch": item.epoch, "revision": item.revision,
                 "peers": peers_json(item.peers)}
     raise TypeError(f"protocol: no JSON form for {type(item).__name__}")
+
+
+def relay_json(item: RelayEvent) -> dict[str, Any]:
+    """A relay event; without its `type`, the answer to `POST /v1/relay/{peer}`."""
+    return {"type": "relay", "revision": item.revision, "peer": item.peer.base64(),
+            "port": item.port, "address": None if item.address is None else str(item.address)}
+
+
+def relay_from_json(obj: Any) -> RelayEvent:
+    try:
+        port = _field(obj, "port", int)
+        if not 1 <= port <= 65535:
+            raise MalformedMessage(f"port: {port} is not in 1-65535")
+        address = _field(obj, "address", str, none=True)
+        return RelayEvent(_revision(obj, "revision"), Key.from_base64(_field(obj, "peer", str)),
+                          port, None if address is None else ipaddress.ip_address(address))
+    except (ValueError, KeyError, TypeError, WgpunchError) as error:
+        raise MalformedMessage(f"malformed relay {str(obj)[:100]}: {error}") from None
 
 
 def heartbeat_json(revision: int) -> dict[str, Any]:
@@ -111,6 +132,8 @@ def item_from_json(obj: Any) -> Event:
             opened = "opened" in obj and _field(obj, "opened", bool)  # absent: an older registry
             return PunchEvent(revision, Key.from_base64(_field(obj, "peer", str)), endpoint,
                               _field(obj, "initiator", bool), opened)
+        if kind == "relay":
+            return relay_from_json(obj)
         if kind == "heartbeat":
             return Heartbeat(revision)
     except (ValueError, KeyError, TypeError, WgpunchError) as error:

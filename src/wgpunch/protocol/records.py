@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..keys import Key
-from ..wg.device import Endpoint, IPNetwork
+from ..wg.device import Endpoint, IPAddress, IPNetwork
 from .natinfo import NatBehaviour
 from .report import Reported
 
@@ -62,6 +62,19 @@ class PunchEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayEvent:
+    """For one side of a relay slot: `peer` is the other side; this side's device sends to
+    `address:port` for it. `address` None: the registry's own endpoint address, as this
+    side's device has it (the relay runs beside the registry). Also the body of the answer
+    to `POST /v1/relay/{peer}`."""
+
+    revision: int
+    peer: Key
+    port: int
+    address: IPAddress | None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     epoch: str
     revision: int
@@ -76,5 +89,6 @@ class Heartbeat:
 
 
 Change = PeerEvent | RemovedEvent  # what the registry's history holds
-StreamItem = Snapshot | PeerEvent | RemovedEvent | PunchEvent  # what a watch stream carries
+# What a watch stream carries.
+StreamItem = Snapshot | PeerEvent | RemovedEvent | PunchEvent | RelayEvent
 Event = StreamItem | Heartbeat  # what the node reads from a watch stream

@@ -173,7 +173,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def _rate_limit(request: web.Request, key: web.AppKey[RateLimiter], what: str) -> None:
+def rate_limit(request: web.Request, key: web.AppKey[RateLimiter], what: str) -> None:
     """Take a token of the caller's bucket for `what`, or refuse with 429 (before the body is
     read: a refused request costs little)."""
     limiter, caller = request.app[key], request[CALLER]
@@ -218,7 +218,7 @@ async def get_peers(request: web.Request) -> web.Response:
 
 async def put_self(request: web.Request) -> web.Response:
     only_params(request.query.items(), ())
-    _rate_limit(request, REPORT_RATE, "PUT /v1/self")
+    rate_limit(request, REPORT_RATE, "PUT /v1/self")
     reported = reported_from_json(await read_body(request))
     revision = request.app[STATE].report(request[CALLER], reported)
     return json_response({"revision": revision})
@@ -227,7 +227,7 @@ async def put_self(request: web.Request) -> web.Response:
 async def post_punch(request: web.Request) -> web.Response:
     only_params(request.query.items(), ())
     target = path_key(request.match_info["peer"])
-    _rate_limit(request, PUNCH_RATE, "POST /v1/punch")
+    rate_limit(request, PUNCH_RATE, "POST /v1/punch")
     body = await read_body(request)
     # The contract has no body; an empty JSON object (what many clients send) is the same.
     if body.strip() and decode_object(body):
@@ -241,7 +241,7 @@ async def post_punch(request: web.Request) -> web.Response:
 async def post_opened(request: web.Request) -> web.Response:
     only_params(request.query.items(), ())
     target = path_key(request.match_info["peer"])
-    _rate_limit(request, PUNCH_RATE, "POST /v1/punch")
+    rate_limit(request, PUNCH_RATE, "POST /v1/punch")
     body = await read_body(request)
     if body.strip() and decode_object(body):
         raise MalformedMessage("body: POST /v1/punch/{peer}/opened takes no fields")

@@ -10,7 +10,7 @@ import gc
 import ipaddress
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .. import config, sdnotify
 from ..commands import help_of
 from ..errors import ConfigError
+from ..keys import Key
 from ..protocol import API_PORT
 from ..wg import open_device
 from ..wg.device import Endpoint, IPAddress, IPNetwork
@@ -37,9 +38,13 @@ if TYPE_CHECKING:  # the serving parts load aiohttp and dnspython: only when ser
     from .dnssd import Zone
     from .dnsserver import DnsServer, SelfConfig
     from .exporter import RegistryExporter
+    from .relay import Relay
     from .state import RegistryState
 
 log = logging.getLogger(__name__)
+
+# The relay's own nftables table (relaykernel.py); one relay per network namespace.
+RELAY_TABLE = "wgpunch_relay"
 
 EPILOG = f"""\
 The API (docs/api.md) identifies each caller by its tunnel source address: it must lie in
@@ -66,12 +71,20 @@ class DnsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RelaySettings:
+    ports: range
+    address: IPAddress | None  # handed to nodes; None: the registry's endpoint as they have it
+    kernel: bool  # try the nftables fast path
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     interface: str
     listen: tuple[Endpoint, ...]  # empty: the interface's own addresses
     token_file: Path | None
     poll_interval_s: float
     dns: DnsSettings | None = None  # None: no DNS-SD server
+    relay: RelaySettings | None = None  # None: no relay
     natprobe: ProbeSettings | None = None  # None: no NAT probe port
     metrics_listen: Endpoint | None = None  # None: no metrics
 
@@ -141,6 +154,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "else gets no answer over UDP and a closed connection over TCP",
     )
     parser.add_argument(
+        "--relay", metavar="FIRST-LAST", nargs="?", const=config.DEFAULT_RELAY_PORTS,
+        help="also relay WireGuard between nodes that cannot reach each other (docs/api.md, "
+             "POST /v1/relay), on these UDP ports, two per pair (default "
+             f"{config.DEFAULT_RELAY_PORTS}); ciphertext only, forwarded by nftables once "
+             "both sides are bound",
+    )
+    parser.add_argument(
+        "--relay-address", metavar="IP",
+        help="the relay's public IP, handed to nodes (default: the registry's endpoint as "
+             "each node's device has it)",
+    )
+    parser.add_argument(
+        "--relay-userspace", action="store_true", default=None,
+        help="forward relayed datagrams in this process only, never through nftables",
+    )
+    parser.add_argument(
         "--natprobe-port", metavar="PORT", type=int,
         help="answer NAT probes (docs/api.md) on this UDP port of every address: nodes learn "
              f"how their NAT maps and filters (default {config.NATPROBE_PORT}; 0: off). "
@@ -175,8 +204,29 @@ def settings_from(args: argparse.Namespace,
     listen = tuple(dict.fromkeys(
         options.parsed("listen", parse_listen, text) for text in options.listen))
     return Settings(options.interface, listen, options.token_file, options.poll_interval,
-                    _dns_settings(options), natprobe=_natprobe_settings(options),
+                    _dns_settings(options), relay=relay_settings(options),
+                    natprobe=_natprobe_settings(options),
                     metrics_listen=_metrics_listen(options))
+
+
+def relay_settings(options: config.RegistryConfig) -> RelaySettings | None:
+    from .relayslots import port_range
+
+    if options.relay is None:
+        if options.relay_address is not None or options.relay_userspace:
+            raise ConfigError("registry: --relay-address and --relay-userspace need --relay")
+        return None
+    address = (None if options.relay_address is None
+               else options.parsed("relay_address", relay_address, options.relay_address))
+    return RelaySettings(options.parsed("relay", port_range, options.relay), address,
+                         not options.relay_userspace)
+
+
+def relay_address(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"registry: relay address {text!r} is not an IP address") from None
 
 
 def _natprobe_settings(options: config.RegistryConfig) -> ProbeSettings | None:
@@ -267,6 +317,12 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     observer = Observer(lambda: open_device(settings.interface), state, timings,
                         metrics=metrics)
     app = create_app(state, timings=timings, observer=observer, token=token, metrics=metrics)
+    if settings.relay is not None:
+        from . import relayroute
+
+        relay = make_relay(settings.relay, relayroute.observed_ip(state))
+        metrics.watch_relay(relay.metrics_counts)
+        relayroute.install(app, relay, settings.relay.address)
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
                            access_log=None, shutdown_timeout=timings.shutdown_grace_s)
     loop = asyncio.get_running_loop()
@@ -349,6 +405,23 @@ def _exporter(state: RegistryState) -> RegistryExporter:
     from .exporter import RegistryExporter  # prometheus_client: only with --metrics-listen
 
     return RegistryExporter(state)
+
+
+def make_relay(relay: RelaySettings, observed: Callable[[Key], str | None]) -> Relay:
+    """The relay for `relay`, with the kernel path when asked for and possible here."""
+    from .relay import Relay
+    from .relaykernel import KernelPath, unavailable
+
+    kernel = None
+    if relay.kernel:
+        why = unavailable()
+        if why is None:
+            kernel = KernelPath(RELAY_TABLE, relay.ports,
+                                None if relay.address is None else str(relay.address))
+        else:
+            log.warning("relay: forwarding in userspace: %s", why,
+                        extra={"event": "relay_userspace"})
+    return Relay(observed, ports=relay.ports, kernel=kernel)
 
 
 async def _start_dns(interface: str, dns: DnsSettings, state: RegistryState,

@@ -65,6 +65,11 @@ class Limits:
     # 0.25 s anyway. A burst of 64 (a node starting in a 64-node mesh), then 8 per second.
     punch_burst: int = 64
     punch_per_s: float = 8.0
+    # `POST /v1/relay/{peer}`: an agent asks once per peer whose punch got no handshake
+    # within about a second, and again only when its slot ended. Our choice: a burst of 16,
+    # then 2 per second; each slot also counts against the node's slots (relayslots.py).
+    relay_burst: int = 16
+    relay_per_s: float = 2.0
 
     # -- request heads (aiohttp's parser; api.py handler_kwargs) --------------------------------
     # The longest request line and header line. Our requests' lines are under 200 bytes (a

@@ -238,26 +238,16 @@ class RegistryState:
     def request_punch(self, caller: Key, target: Key, now: float) -> tuple[Endpoint, bool]:
         """Push a punch event to both sides' streams, unless this pair was punched less than
         the coalescing window ago. Returns the target's endpoint and whether it was pushed."""
-        if caller == target:
-            raise RequestRefused("punch: a node cannot punch itself", 400)
-        me, other = self._records.get(caller), self._records.get(target)
-        if other is None:
-            raise RequestRefused(f"punch: no peer {target}", 404)
-        if me is None:
-            raise RequestRefused(f"peer {caller} is no longer a peer of the registry", 403)
-        if me.endpoint is None:
-            raise RequestRefused(f"punch: the registry observes no endpoint for you ({caller})",
-                                 409)
-        if other.endpoint is None:
-            raise RequestRefused(f"punch: the registry observes no endpoint for {target}", 409)
+        me, other = self.pair_with_endpoints(caller, target, "punch")
+        assert me.endpoint is not None and other.endpoint is not None
         if not self._punches.admit(caller, target, now):
             log.debug("punch %s <-> %s coalesced", caller, target)
             return other.endpoint, False
         first = initiator(caller, target, side_public=me.public, other_public=other.public,
                           side_nat=me.nat, other_nat=other.nat)
-        reached_caller = self._push(caller, PunchEvent(self.revision, target, other.endpoint,
+        reached_caller = self.push(caller, PunchEvent(self.revision, target, other.endpoint,
                                                        first))
-        reached_target = self._push(target, PunchEvent(self.revision, caller, me.endpoint,
+        reached_target = self.push(target, PunchEvent(self.revision, caller, me.endpoint,
                                                         not first))
         if not (reached_caller and reached_target):
             # A side without a stream missed this push (typically a node just starting):
@@ -273,22 +263,32 @@ class RegistryState:
         pair's initiator, that its initiation may go (DESIGN.md §3: an initiation reaching a
         NAT before that NAT's own opener left it may meet a router that keeps the state of
         the unsolicited packet, and then never connects). Whether it was pushed."""
-        if caller == target:
-            raise RequestRefused("opened: a node cannot punch itself", 400)
-        me, other = self._records.get(caller), self._records.get(target)
-        if other is None:
-            raise RequestRefused(f"opened: no peer {target}", 404)
-        if me is None:
-            raise RequestRefused(f"peer {caller} is no longer a peer of the registry", 403)
-        if me.endpoint is None:
-            raise RequestRefused(f"opened: the registry observes no endpoint for you ({caller})",
-                                 409)
+        me, other = self.pair_with_endpoints(caller, target, "punch")
         # Only toward the initiator: nobody can make a side initiate that should not.
         if not initiator(target, caller, side_public=other.public, other_public=me.public,
                          side_nat=other.nat, other_nat=me.nat):
             return False
-        return self._push(target, PunchEvent(self.revision, caller, me.endpoint, True,
-                                             opened=True))
+        assert me.endpoint is not None
+        return self.push(target, PunchEvent(self.revision, caller, me.endpoint, True,
+                                            opened=True))
+
+    def pair_with_endpoints(self, caller: Key, target: Key, what: str
+                            ) -> tuple[PeerRecord, PeerRecord]:
+        """Both records of a pair that a punch or a relay slot is asked for, each with an
+        observed endpoint; else the refusal (docs/api.md)."""
+        if caller == target:
+            raise RequestRefused(f"{what}: a node cannot {what} itself", 400)
+        me, other = self._records.get(caller), self._records.get(target)
+        if other is None:
+            raise RequestRefused(f"{what}: no peer {target}", 404)
+        if me is None:
+            raise RequestRefused(f"peer {caller} is no longer a peer of the registry", 403)
+        if me.endpoint is None:
+            raise RequestRefused(f"{what}: the registry observes no endpoint for you ({caller})",
+                                 409)
+        if other.endpoint is None:
+            raise RequestRefused(f"{what}: the registry observes no endpoint for {target}", 409)
+        return me, other
 
     def open_stream(
         self, caller: Key, since: int | None, epoch: str | None, *, now: float
@@ -371,7 +371,7 @@ class RegistryState:
             self._offer(stream, line)
         return change
 
-    def _push(self, key: Key, item: StreamItem) -> bool:
+    def push(self, key: Key, item: StreamItem) -> bool:
         """Offer `item` to every stream of `key`; False when `key` has no stream."""
         streams = list(self._by_caller.get(key, ()))
         line = encode(item)

@@ -1,0 +1,160 @@
+"""When the agent asks for a relay slot, and how a slot becomes the path (node/relay.py)."""
+
+import asyncio
+import ipaddress
+from dataclasses import replace
+
+import pytest
+
+from wgpunch.errors import ApiError
+from wgpunch.keys import Key
+from wgpunch.node.candidates import Candidate, CandidateKind, PathKind
+from wgpunch.node.decide import Kind, Memory, Timings, decide
+from wgpunch.node.relay import (
+    Relays,
+    RelayTimings,
+    Why,
+    retry_after,
+    slot_endpoint,
+    want_slot,
+)
+from wgpunch.node.track import Track
+from wgpunch.protocol import RelayEvent
+from wgpunch.wg.device import Endpoint, PeerState
+
+T = RelayTimings()
+PEER = Key(bytes(range(32)))
+PUBLIC = Endpoint.parse("198.51.100.2:51820")
+REGISTRY = Endpoint.parse("192.0.2.2:51820")
+DIRECT = (Candidate(CandidateKind.PUBLIC, PUBLIC),)
+
+
+@pytest.mark.parametrize(("asks", "after"), [(1, 10.0), (2, 20.0), (3, 40.0), (9, 300.0)])
+def test_slot_requests_back_off(asks, after):
+    assert retry_after(asks, T) == after
+
+
+@pytest.mark.parametrize(("mem", "live", "asked_at", "now", "want", "intent"), [
+    (Memory(), False, None, 5.0, False, "no attempt yet: nothing says direct fails"),
+    (Memory(first_attempt_at=4.2), False, None, 5.0, False, "the punch has its second"),
+    (Memory(first_attempt_at=4.0), False, None, 5.0, True, "a second without a handshake"),
+    (Memory(first_attempt_at=4.0), True, None, 5.0, False, "live: never leave a working path"),
+    (Memory(first_attempt_at=0.0), False, 0.5, 5.0, False, "asked 4.5 s ago: not again yet"),
+    (Memory(first_attempt_at=0.0), False, 0.5, 10.5, True, "asked retry_s ago: again"),
+])
+def test_want_slot(mem, live, asked_at, now, want, intent):
+    assert want_slot(mem, now, T, live=live, asked_at=asked_at) is want, intent
+
+
+def test_a_pair_that_can_never_go_direct_asks_at_once():
+    assert want_slot(Memory(), 5.0, T, live=False, asked_at=None, impossible=True)
+    assert not want_slot(Memory(), 5.0, T, live=True, asked_at=None, impossible=True)
+    assert not want_slot(Memory(), 5.0, T, live=False, asked_at=1.0, impossible=True)
+
+
+def test_slot_endpoint():
+    event = RelayEvent(1, PEER, 31000, None)
+    assert slot_endpoint(event, REGISTRY) == Endpoint.parse("192.0.2.2:31000")
+    assert slot_endpoint(event, None) is None  # no registry endpoint: no address to send to
+    given = RelayEvent(1, PEER, 31000, ipaddress.ip_address("203.0.113.7"))
+    assert slot_endpoint(given, None) == Endpoint.parse("203.0.113.7:31000")
+
+
+class FakeRegistry:
+    """Only what Relays asks: a slot, or a refusal."""
+
+    coordinates_punches = True
+
+    def __init__(self, answer: RelayEvent | ApiError) -> None:
+        self.answer, self.asked = answer, []
+
+    async def relay(self, peer: Key) -> RelayEvent:
+        self.asked.append(peer)
+        if isinstance(self.answer, ApiError):
+            raise self.answer
+        return self.answer
+
+
+async def settle(relays: Relays) -> None:
+    """Let the background requests finish."""
+    async with asyncio.timeout(2):
+        await asyncio.gather(*relays._tasks)
+
+
+async def test_a_slot_becomes_the_only_candidate_left_and_both_sides_handshake():
+    registry = FakeRegistry(RelayEvent(3, PEER, 31001, None))
+    offers: dict[Key, RelayEvent] = {}
+    woken = []
+    relays = Relays(registry, offers, lambda: woken.append(1))  # type: ignore[arg-type]
+    relays.registry = REGISTRY
+    mem = Memory(attempts=2, attempt_at=4.5, attempt_endpoint=PUBLIC, first_attempt_at=4.0)
+    candidates, same = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=5.0)
+    assert (candidates, same) == (DIRECT, mem)
+    await settle(relays)
+    assert registry.asked == [PEER] and woken and PEER in offers
+    candidates, mem = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=5.1)
+    relay = Endpoint.parse("192.0.2.2:31001")
+    assert candidates == (Candidate(CandidateKind.RELAY, relay),)  # only the slot, for now
+    assert mem.attempt_endpoint is None
+    assert (mem.attempts, mem.attempt_at, mem.first_attempt_at) == (0, None, 4.0)
+    again = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=5.2)
+    assert again[1] == mem  # only once
+
+    dead = PeerState(PEER, PUBLIC, (), None, 0, 0, 25, False)
+    now = dict(now_wall=1.8e9, now=5.2, t=Timings())
+    asked = decide(dead, candidates, mem, initiator=True, punched=False, **now)
+    assert (asked.kind, asked.endpoint) == (Kind.REQUEST_PUNCH, relay)
+    # On the punch event the non-initiator sends its own initiation to the relay (its
+    # port is bound by what arrives), not a NAT opener, even where openers work.
+    passive = decide(dead, candidates, mem, initiator=False, punched=True, can_open=True, **now)
+    assert (passive.kind, passive.endpoint) == (Kind.HANDSHAKE, relay)
+
+    assert relays.is_slot(PEER, relay) and not relays.is_slot(PEER, PUBLIC)
+    track = Track(path=PathKind.RELAY)
+    relays.annotate(PEER, track)
+    assert track.reason == Why.NO_HANDSHAKE.value
+
+
+async def test_a_slot_that_got_no_handshake_is_asked_for_again_later():
+    offers = {PEER: RelayEvent(3, PEER, 31001, None)}  # the peer asked for it
+    registry = FakeRegistry(ApiError("registry: POST /v1/relay: 404 not found", 404))
+    relays = Relays(registry, offers, lambda: None)  # type: ignore[arg-type]
+    relays.registry = REGISTRY
+    mem = Memory(first_attempt_at=0.0)
+    _candidates, mem = relays.plan(PEER, DIRECT, mem, live=False, current=PUBLIC, now=1.0)
+    assert relays.leases[PEER].why == Why.PEER_ASKED.value
+    relay = relays.leases[PEER].endpoint
+    trying = Memory(first_attempt_at=0.0, attempt_endpoint=relay, attempts=2)
+    candidates, mem = relays.plan(PEER, DIRECT, trying, live=False, current=PUBLIC, now=1.5)
+    assert candidates == (Candidate(CandidateKind.RELAY, relay),)  # stays on the slot
+    failed = replace(trying, attempts=4)
+    candidates, _ = relays.plan(PEER, DIRECT, failed, live=False, current=PUBLIC, now=2.0)
+    assert candidates == DIRECT and PEER not in offers and PEER not in relays.leases
+    await settle(relays)
+    assert registry.asked == [PEER]  # asked (and refused); not again within retry_s
+    relays.plan(PEER, DIRECT, failed, live=False, current=PUBLIC, now=3.0)
+    await settle(relays)
+    assert registry.asked == [PEER]
+
+
+async def test_a_slot_gone_under_a_live_session_is_asked_for_at_once_and_moved_to():
+    """The registry restarted (its relay's slots are gone: RegistryView clears the offers on
+    a new epoch) while our device sends to the slot: ask at once, though the session still
+    looks live, and while the new slot differs, offer only it (decide() probes the dead old
+    path and repoints there, rather than to a direct path that failed)."""
+    old, new = RelayEvent(3, PEER, 31001, None), RelayEvent(1, PEER, 31003, None)
+    offers = {PEER: old}
+    registry = FakeRegistry(new)
+    relays = Relays(registry, offers, lambda: None)  # type: ignore[arg-type]
+    relays.registry = REGISTRY
+    on_old = Endpoint.parse("192.0.2.2:31001")
+    relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=1.0)
+    offers.clear()
+    assert relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=100.0)[0] == DIRECT
+    await settle(relays)
+    assert registry.asked == [PEER]
+    candidates, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=100.1)
+    assert candidates == (Candidate(CandidateKind.RELAY, Endpoint.parse("192.0.2.2:31003")),)
+    moved = Endpoint.parse("192.0.2.2:31003")
+    candidates, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=moved, now=101.0)
+    assert candidates == (*DIRECT, Candidate(CandidateKind.RELAY, moved))

@@ -1,0 +1,123 @@
+"""`POST /v1/relay/{peer}` over real sockets on loopback (the API as test_registry_api.py
+serves it), with a real relay behind it."""
+
+import ipaddress
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from test_registry_api import A, B, C, Registry, next_line, start, table
+from test_registry_relay import free_ports
+from wgpunch.cli import build_parser
+from wgpunch.errors import ConfigError
+from wgpunch.registry import cli as registry_cli
+from wgpunch.registry import relayroute
+from wgpunch.registry.api import create_app
+from wgpunch.registry.cli import RelaySettings
+from wgpunch.registry.relay import Relay
+from wgpunch.registry.site import ApiSite
+from wgpunch.registry.state import RegistryState
+from wgpunch.registry.timings import Timings
+
+QUIET = Timings(heartbeat_s=30.0, punch_coalesce_s=30.0)
+
+
+async def serve(relay_address: str | None = None) -> tuple[Registry, Relay]:
+    state = RegistryState(epoch="e1")
+    state.observe(table())
+    relay = Relay(relayroute.observed_ip(state), ports=free_ports(4), host="127.0.0.1")
+    address = None if relay_address is None else ipaddress.ip_address(relay_address)
+    app = create_app(state, timings=QUIET)
+    relayroute.install(app, relay, address)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = ApiSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return Registry(state, runner, site), relay
+
+
+@pytest.fixture
+async def registry() -> AsyncIterator[tuple[Registry, Relay]]:
+    reg, relay = await serve()
+    yield reg, relay
+    await reg.close()
+
+
+async def test_a_slot_for_a_pair_reaches_both_sides(registry):
+    reg, relay = registry
+    a, b = await reg.client(), await reg.client("127.0.0.2")
+    watch_b = await b.get("/v1/watch")
+    assert (await next_line(watch_b))["type"] == "snapshot"
+    resp = await a.post(f"/v1/relay/{B.hex()}")
+    mine = await resp.json()
+    assert resp.status == 201 and (mine["peer"], mine["address"]) == (B.base64(), None)
+    theirs = await next_line(watch_b)
+    assert (theirs["type"], theirs["peer"], theirs["address"]) == ("relay", A.base64(), None)
+    assert {mine["port"], theirs["port"]} == set(relay.table.ports[:2])
+    assert relay.observed(A) == "198.51.100.1" and relay.observed(B) == "203.0.113.2"
+    # Asked again (either side): the same slot, and the other side hears it again.
+    again = await b.post(f"/v1/relay/{A.base64()}", json={})
+    assert (again.status, (await again.json())["port"]) == (200, theirs["port"])
+    assert len(relay.table) == 1
+
+
+@pytest.mark.parametrize(("source", "target", "status", "error"), [
+    ("127.0.0.1", A.hex(), 400, "relay: a node cannot relay itself"),
+    ("127.0.0.1", C.hex(), 409, "relay: the registry observes no endpoint for"),
+    ("127.0.0.1", bytes(32).hex(), 404, "relay: no peer"),
+    ("127.0.0.1", "nonsense", 400, "peer key in path"),
+])
+async def test_refusals(registry, source, target, status, error):
+    reg, relay = registry
+    resp = await (await reg.client(source)).post(f"/v1/relay/{target}")
+    assert resp.status == status and error in (await resp.json())["error"]
+    assert len(relay.table) == 0
+
+
+async def test_the_configured_address_is_handed_out():
+    reg, _relay = await serve("192.0.2.1")
+    try:
+        resp = await (await reg.client()).post(f"/v1/relay/{B.hex()}")
+        assert (await resp.json())["address"] == "192.0.2.1"
+    finally:
+        await reg.close()
+
+
+async def test_a_registry_without_relay_has_no_such_path():
+    state = RegistryState(epoch="e1")
+    state.observe(table())
+    reg = await start(state, QUIET)
+    try:
+        resp = await (await reg.client()).post(f"/v1/relay/{B.hex()}")
+        assert resp.status == 404
+    finally:
+        await reg.close()
+
+
+def registry_settings(*args: str, environ: dict[str, str] | None = None):
+    parsed = build_parser().parse_args(["registry", "--interface", "wg0", *args])
+    return registry_cli.settings_from(parsed, environ=environ or {})
+
+
+def test_relay_options():
+    assert registry_settings().relay is None
+    assert registry_settings("--relay").relay == RelaySettings(range(31000, 32000), None, True)
+    given = registry_settings("--relay", "40000-40001", "--relay-address", "192.0.2.1",
+                              "--relay-userspace").relay
+    assert given == RelaySettings(range(40000, 40002), ipaddress.ip_address("192.0.2.1"), False)
+    from_env = registry_settings(environ={"WGPUNCH_RELAY": "true",
+                                          "WGPUNCH_RELAY_USERSPACE": "yes"}).relay
+    assert from_env == RelaySettings(range(31000, 32000), None, False)
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["--relay-userspace"], "need --relay"),
+    (["--relay", "31000"], "expected FIRST-LAST"),
+    (["--relay", "31000-31000"], "at least two ports"),
+    (["--relay", "65535-65536"], "within 1-65535"),
+    (["--relay", "--relay-address", "relay.example"], "'relay.example' is not an IP address"),
+])
+def test_relay_option_errors(args, error):
+    with pytest.raises(ConfigError, match=error):
+        registry_settings(*args)
