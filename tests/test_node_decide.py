@@ -103,6 +103,11 @@ def test_the_initiator_sends_once_the_other_side_says_its_nat_is_open():
     assert (word.kind, word.endpoint) == (Kind.HANDSHAKE, OLD)
     late = run(peer(), OLD, Memory(awaiting_opener_since=NOW - T.opener_wait_s))
     assert (late.kind, late.endpoint) == (Kind.HANDSHAKE, OLD)
+    # Toward the peer's port mapping there is no opener to wait for: the mapping lets us in.
+    mapped = decide(peer(), (Candidate(CandidateKind.MAPPED, NEW),
+                             Candidate(CandidateKind.PUBLIC, OLD)), Memory(), initiator=True,
+                    punched=True, now_wall=NOW_WALL, now=NOW, t=T)
+    assert (mapped.kind, mapped.endpoint) == (Kind.HANDSHAKE, NEW)
     # The other side never waits: it opens, and an `opened` that reaches it means nothing.
     assert run(peer(), OLD, Memory(), initiator=False, opened=True).kind is not Kind.HANDSHAKE
 

@@ -46,6 +46,14 @@ def test_want_slot(mem, live, asked_at, now, want, intent):
     assert want_slot(mem, now, T, live=live, asked_at=asked_at) is want, intent
 
 
+def test_while_a_nat_is_not_known_the_relay_waits_longer():
+    """Who initiates may be wrong until both NATs are measured: the next punch may go direct."""
+    mem = Memory(first_attempt_at=4.0)
+    assert not want_slot(mem, 5.0, T, live=False, asked_at=None, nats_known=False)
+    assert want_slot(mem, 4.0 + T.after_unknown_s, T, live=False, asked_at=None,
+                     nats_known=False)
+
+
 def test_a_pair_that_can_never_go_direct_asks_at_once():
     assert want_slot(Memory(), 5.0, T, live=False, asked_at=None, impossible=True)
     assert not want_slot(Memory(), 5.0, T, live=True, asked_at=None, impossible=True)

@@ -3,6 +3,7 @@ and punch coordination, all without a clock or a socket (time is passed in)."""
 
 import ipaddress
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -18,6 +19,7 @@ from wgpunch.protocol import (
     item_from_json,
     pair_of,
 )
+from wgpunch.protocol.natinfo import NatBehaviour
 from wgpunch.registry.punch import Coalescer
 from wgpunch.registry.state import RegistryState
 from wgpunch.wg.device import Endpoint, PeerState
@@ -306,6 +308,23 @@ def test_punch_repeats_within_the_window_are_coalesced_for_the_pair():
     assert not state.request_punch(K2, K1, now=10.2)[1]  # the same pair, other direction
     assert state.request_punch(K1, K2, now=10.25)[1]
     assert len(drain(s1)) == 2 and len(drain(s2)) == 2
+
+
+def test_a_nat_report_lets_the_next_punch_of_its_pairs_through():
+    """A node that learns its NAT maps per destination becomes the initiator: the punch its
+    peers ask for then is no repeat of the one just before, whatever the window says."""
+    state = two_peers()
+    s1, _ = state.open_stream(K1, None, None, now=0.0)
+    s2, _ = state.open_stream(K2, None, None, now=0.0)
+    assert state.request_punch(K1, K2, now=10.0)[1]
+    state.report(K2, report())  # no NAT reported yet: nothing changes who initiates
+    assert not state.request_punch(K1, K2, now=10.05)[1]
+    symmetric = NatBehaviour("address-and-port-dependent", "address-and-port-dependent", False)
+    state.report(K2, replace(report(), nat=symmetric))
+    assert state.request_punch(K1, K2, now=10.1)[1]
+    punches = [e for e in drain(s1) if isinstance(e, PunchEvent)]
+    assert [p.initiator for p in punches] == [True, False]  # K1 (lower key), then K2
+    assert len([e for e in drain(s2) if isinstance(e, PunchEvent)]) == 2
 
 
 def test_a_punch_that_missed_a_side_is_not_coalesced():

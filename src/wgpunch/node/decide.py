@@ -55,7 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..wg.device import SESSION_LIVE_S, Endpoint, PeerState
-from .candidates import Candidate, PathKind, choose, path_of
+from .candidates import Candidate, CandidateKind, PathKind, choose, path_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +166,7 @@ class Memory:
     failed: frozenset[Endpoint] = frozenset()
     # We initiate, a punch event came, and the peer has not yet said its NAT is open.
     awaiting_opener_since: float | None = None
+    initiator: bool | None = None  # our role in the last tick (agent.py: a change re-punches)
 
     def observe(self, rx_bytes: int, tx_bytes: int, now: float) -> Memory:
         mem = self
@@ -252,6 +253,8 @@ def decide(
     decision = _decide(peer, None if chosen is None else chosen.endpoint, mem,
                        initiator=initiator, punched=punched, opened=opened,
                        can_open=can_open and chosen is not None and chosen.direct,
+                       # The peer's port mapping lets our initiation in: no opener to wait for.
+                       to_mapping=chosen is not None and chosen.kind is CandidateKind.MAPPED,
                        peer_ready=peer_ready, now_wall=now_wall, now=now, t=t)
     if decision.live:
         return replace(decision, path=path_of(peer.endpoint, candidates))
@@ -267,6 +270,7 @@ def _decide(
     punched: bool,
     opened: bool,
     can_open: bool,
+    to_mapping: bool,
     peer_ready: bool,
     now_wall: float,
     now: float,
@@ -286,7 +290,7 @@ def _decide(
         return Decision(Kind.LEAVE, Reason.PEER_NOT_READY, target, t.busy_recheck_s)
     if initiator and (punched or mem.awaiting_opener_since is not None):
         # A peer without an agent opens nothing and says nothing.
-        if opened or agentless or (mem.awaiting_opener_since is not None
+        if opened or agentless or to_mapping or (mem.awaiting_opener_since is not None
                                    and now - mem.awaiting_opener_since >= t.opener_wait_s):
             return Decision(Kind.HANDSHAKE, Reason.PUNCH, target, t.busy_recheck_s)
         return Decision(Kind.LEAVE, Reason.AWAITING_OPENER, target, t.busy_recheck_s)

@@ -117,6 +117,13 @@ class RegistryView:
             self.peers = {p.public_key: p for p in event.peers}
         elif isinstance(event, PeerEvent):
             old = self.peers.get(event.peer.public_key)
+            if old is None or old.nat != event.peer.nat:
+                # The registry's last punch decided who initiates without this NAT report;
+                # its next one will decide with it, and so does initiates() until then.
+                if event.peer.public_key == self.me:
+                    self.roles.clear()
+                else:
+                    self.roles.pop(event.peer.public_key, None)
             if old is not None and old.endpoint != event.peer.endpoint:
                 log.info(
                     "registry: peer %s endpoint %s -> %s",

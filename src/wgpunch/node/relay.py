@@ -41,6 +41,11 @@ class RelayTimings:
     # trip, so a pair that can go direct does (bench/time_to_direct.py: easy p95 0.05 s);
     # DESIGN.md §3 asks for "about a second".
     after_s: float = 1.0
+    # The same while either side's NAT behaviour is not known yet: who initiates then falls
+    # to key order, and the NAT measurement (beside the first report, ~1 s into a lab run)
+    # may well give the next punch the right initiator. With 1 s here, cone x symmetric
+    # cells that go direct once both NATs are known were relayed in 1 of 2 runs.
+    after_unknown_s: float = 3.0
     # A slot request that failed, or a slot that got no handshake, is asked for again after
     # this long, doubled per ask without a live session since, up to max_retry_s: a registry
     # without --relay answers 404 to every request, and a peer that is offline (its endpoint
@@ -66,7 +71,8 @@ class Why(enum.StrEnum):
 
 
 def want_slot(mem: Memory, now: float, t: RelayTimings, *, live: bool,
-              asked_at: float | None, asks: int = 1, impossible: bool = False) -> bool:
+              asked_at: float | None, asks: int = 1, impossible: bool = False,
+              nats_known: bool = True) -> bool:
     """Whether to ask for a slot for a peer (without one) now: at once when both NATs'
     behaviour says no direct path can exist (`impossible`: protocol.relay_reason, from what
     both nodes reported), else once a punch has had `after_s` without a handshake."""
@@ -74,7 +80,8 @@ def want_slot(mem: Memory, now: float, t: RelayTimings, *, live: bool,
         return False
     if impossible:
         return True
-    return mem.first_attempt_at is not None and now - mem.first_attempt_at >= t.after_s
+    after_s = t.after_s if nats_known else t.after_unknown_s
+    return mem.first_attempt_at is not None and now - mem.first_attempt_at >= after_s
 
 
 def slot_endpoint(event: RelayEvent, registry: Endpoint | None) -> Endpoint | None:
@@ -112,8 +119,8 @@ class Relays:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def plan(self, peer: Key, candidates: Sequence[Candidate], mem: Memory, *, live: bool,
-             current: Endpoint | None, now: float, impossible: str | None = None
-             ) -> tuple[tuple[Candidate, ...], Memory]:
+             current: Endpoint | None, now: float, impossible: str | None = None,
+             nats_known: bool = True) -> tuple[tuple[Candidate, ...], Memory]:
         """The peer's candidates with its slot, and its memory with the direct candidates
         failed when the slot is new; asks for a slot when `want_slot` says so (`impossible`:
         why no direct path can exist, protocol.relay_reason), or at once when the slot our
@@ -136,7 +143,7 @@ class Relays:
             asked, asks = self._asked.get(peer), self._asks.get(peer, 0)
             if self.client.coordinates_punches and (
                     want_slot(mem, now, self.t, live=live, asked_at=asked, asks=asks,
-                              impossible=impossible is not None)
+                              impossible=impossible is not None, nats_known=nats_known)
                     or (peer in self._stale and (
                         asked is None or now - asked >= retry_after(asks, self.t)))):
                 self._why[peer] = (Why.NO_HANDSHAKE.value if impossible is None

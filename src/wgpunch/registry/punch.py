@@ -30,3 +30,8 @@ class Coalescer:
     def forget(self, a: Key, b: Key) -> None:
         """Let the next punch for (a, b) through, whatever the window says."""
         self._last.pop(pair_of(a, b), None)
+
+    def forget_node(self, key: Key) -> None:
+        """Let the next punch of every pair of `key` through: what decides its initiator
+        changed (its NAT report), so the punch that follows is not a repeat."""
+        self._last = {pair: at for pair, at in self._last.items() if key not in pair}

@@ -227,6 +227,10 @@ class RegistryState:
         if old.reported == reported:
             log.debug("node %s reported itself again, unchanged", key)
             return self.revision
+        if old.nat != reported.nat:
+            # Nodes punch again when a NAT report changes who initiates (node/agent.py); a
+            # punch just before it must not swallow that one (lab: the pair was relayed).
+            self._punches.forget_node(key)
         self._commit(replace(old, reported=reported))
         log.info("node %s reported itself: listen port %d, local addresses %s, version %r, "
                  "%s", key, reported.listen_port,
