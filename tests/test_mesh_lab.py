@@ -1,7 +1,8 @@
-"""Onboarding and the managed mesh with the real processes (DESIGN §10), four nodes behind
+"""Onboarding and the managed mesh with the real processes (DESIGN §10), five nodes behind
 mixed NATs: a behind a home router, b public, c behind a CGNAT-like NAT, d behind a Linux
-router without input filtering. (No symmetric NAT: facing a filtering NAT it needs the relay,
-README "Not yet"; every pair here is punchable.)
+router without input filtering, e behind a restricted cone. (No symmetric NAT: facing a
+filtering NAT it needs the relay, which tests/test_relay_lab.py covers; every pair here is
+punchable.)
 
 Every node starts with nothing of the lab's: `wgpunch invite` on the registry host makes its
 key and config (applied with `wg-quick strip` + `wg setconf`, as `wg-quick up` would), none
@@ -37,13 +38,14 @@ from wgpunch.wg.uapi import UapiDevice
 
 pytestmark = pytest.mark.lab
 
-MESH_DEADLINE_S = 30.0  # every pair of four, typically within a few seconds
+MESH_DEADLINE_S = 30.0  # every pair of five, typically within a few seconds
 RECENT_S = 180.0  # a handshake within Reject-After-Time: the session carries data
 RESTART_HOLD_S = 3.0  # how long a restarted agent must leave every peer as it was
 REVOKE_DEADLINE_S = 10.0
 USER_PEER_IP = "10.98.0.1/32"  # outside the mesh's network: no overlap
 MIXED = Scenario("mesh", (catalog.site("a", "eim"), catalog.site("b", catalog.PUBLIC),
-                          catalog.site("c", "eim-port"), catalog.site("d", "collision")))
+                          catalog.site("c", "eim-port"), catalog.site("d", "collision"),
+                          catalog.site("e", "eim-addr")))
 
 
 def state(ifname: str) -> DeviceState:
@@ -170,8 +172,8 @@ def test_invited_nodes_reach_a_full_mesh_restart_changes_nothing_revoke_removes(
                                   "--config", str(conf))
         lab.ns("registry").run(argv, env=env)
         revoked_at = time.monotonic()
-        wait_for(lambda: all(keys["d"].base64() not in peers_config(lab, h) for h in "abc"),
-                 timeout=REVOKE_DEADLINE_S, interval=0.05, what="d removed from a, b and c")
+        wait_for(lambda: all(keys["d"].base64() not in peers_config(lab, h) for h in "abce"),
+                 timeout=REVOKE_DEADLINE_S, interval=0.05, what="d removed from a, b, c and e")
         gone = time.monotonic() - revoked_at
         assert peers_config(lab, "a")[user.base64()] == user_row
         assert json.dumps(agents.events("a")).count("mesh_removed") == 1
