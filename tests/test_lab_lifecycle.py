@@ -173,3 +173,24 @@ def test_down_removes_a_lab_whose_up_was_killed(lab_prefix):
     finally:
         proc.kill()
         state.remove(prefix)
+
+
+def test_down_removes_what_the_labs_agents_left_in_the_machines_directories(lab_prefix):
+    """A killed agent leaves its lock and path file in /run/wgpunch, and `--mesh` its state:
+    the lab's, by the prefix of its interfaces' names, go with the lab; nothing else does."""
+    from wgpunch.node.mesh import MESH_DIR
+    from wgpunch.node.pathfile import STATE_DIR
+
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    MESH_DIR.mkdir(parents=True, exist_ok=True)
+    ours = [STATE_DIR / f"{lab_prefix}-a.lock", STATE_DIR / f"{lab_prefix}-a.json",
+            MESH_DIR / f"{lab_prefix}-a.mesh.json"]
+    other = STATE_DIR / f"{lab_prefix}x-a.lock"  # another lab whose prefix starts the same
+    try:
+        for path in [*ours, other]:
+            path.write_text("1")
+        state.remove(lab_prefix)
+        assert [p for p in ours if p.exists()] == [] and other.exists()
+    finally:
+        for path in [*ours, other]:
+            path.unlink(missing_ok=True)

@@ -102,6 +102,7 @@ def remove(prefix: str) -> Removed:
     socks = sockets(prefix)
     for sock in socks:
         sock.unlink(missing_ok=True)
+    _remove_agent_files(prefix)
     path = state_dir(prefix)
     had_dir = path.exists()
     shutil.rmtree(path, ignore_errors=True)
@@ -109,6 +110,19 @@ def remove(prefix: str) -> Removed:
     if left:
         raise LabError(f"lab {prefix}: could not delete {', '.join(ns.name for ns in left)}")
     return Removed(len(spaces), len(pids), len(socks), had_dir)
+
+
+def _remove_agent_files(prefix: str) -> None:
+    """What the lab's node agents leave in the machine's own directories: their locks and
+    path files (a killed agent removes neither; a lock file stays by design) and `--mesh`
+    state. Only the lab's interfaces' names, which carry its prefix."""
+    from ..node.mesh import MESH_DIR
+    from ..node.pathfile import STATE_DIR
+
+    for directory, pattern in ((STATE_DIR, f"{prefix}-*.lock"), (STATE_DIR, f"{prefix}-*.json"),
+                               (MESH_DIR, f"{prefix}-*.mesh.json")):
+        for path in directory.glob(pattern):
+            path.unlink(missing_ok=True)
 
 
 def _delete_stragglers(prefix: str) -> None:
