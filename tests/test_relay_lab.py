@@ -155,8 +155,7 @@ print(sent)
 @pytest.mark.xfail(strict=False, reason=(
     "known, cause not established: in 2 of about 12 runs most of the 40 pings failed during "
     "the 1.5 s flood (a flood from a's own public IP shares a's side of the slot with a's "
-    "packets; its packet-rate budget is the first suspect). The slot never moved in those "
-    "runs either. Closing note, issue 14."))
+    "packets; its packet-rate budget is the first suspect). Closing note, issue 14."))
 def test_a_third_node_cannot_use_or_disturb_a_slot(lab_prefix):
     """c (a third node, with its own public IP) and a's own NAT router (a's public IP, other
     ports) send to the pair's relay ports while a pings b: initiations, data, text, a flood.
