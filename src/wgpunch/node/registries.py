@@ -93,15 +93,30 @@ def same(a: PeerRecord | None, b: PeerRecord | None) -> bool:
 # -- the members -----------------------------------------------------------------------------
 
 
-class MemberView(RegistryView):
-    """A member's own view: as RegistryView, and the merge hears of every change."""
+Changed = Callable[[Event | None, dict[Key, PeerRecord | None]], None]
 
-    def __init__(self, changed: Callable[[Event | None, dict[Key, PeerRecord]], None]) -> None:
+
+class MemberView(RegistryView):
+    """A member's own view: as RegistryView, and the merge hears of every change, with the
+    records it touched as they were before (None: not listed)."""
+
+    def __init__(self, changed: Changed) -> None:
         super().__init__()
         self._changed = changed
 
     def apply(self, event: Event) -> None:
-        before = self.peers
+        touched: Iterable[Key]
+        if isinstance(event, Snapshot):
+            touched = {*self.peers, *(p.public_key for p in event.peers)}
+        elif isinstance(event, PeerEvent):
+            touched = (event.peer.public_key,)
+        elif isinstance(event, RemovedEvent):
+            touched = (event.public_key,)
+        elif isinstance(event, PunchEvent):  # it carries the peer's current endpoint
+            touched = (event.peer,)
+        else:
+            touched = ()
+        before = {key: self.peers.get(key) for key in touched}
         super().apply(event)
         self._changed(event, before)
 
@@ -109,13 +124,13 @@ class MemberView(RegistryView):
                    error: str | None = None) -> None:
         was = None if self.health is None else self.health.state
         super().set_health(following, state, now_wall, error)
-        if state != was:
-            self._changed(None, self.peers)
+        if state != was:  # every record it lists ranks anew
+            self._changed(None, dict(self.peers))
 
 
 class Member:
-    def __init__(self, key: Key, client: Source, changed: Callable[[Member, Event | None,
-                                                                    dict[Key, PeerRecord]], None]
+    def __init__(self, key: Key, client: Source,
+                 changed: Callable[[Member, Event | None, dict[Key, PeerRecord | None]], None]
                  ) -> None:
         self.key = key
         self.client = client
@@ -191,8 +206,9 @@ class Registries:
     # -- what the members' streams say -------------------------------------------------------
 
     def _changed(self, member: Member, event: Event | None,
-                 before: dict[Key, PeerRecord]) -> None:
-        """A member applied `event` (None: its stream went up or down): merge it."""
+                 before: dict[Key, PeerRecord | None]) -> None:
+        """A member applied `event` (None: its stream went up or down), which touched the
+        records in `before`: merge them."""
         now = self.clock.monotonic()
         if event is not None:
             member.last_event = self.clock.wall()
@@ -203,18 +219,13 @@ class Registries:
                 del self.relayed_by[peer]  # its slots went with it
                 if self._view is not None:
                     self._view.relays.pop(peer, None)
-        for key, record in member.view.peers.items():
-            if not same(before.get(key), record):
+        for key, old in before.items():
+            record = member.view.peers.get(key)
+            if record is None:
+                member.heard_at.pop(key, None)
+            elif not same(old, record):
                 member.heard_at[key] = now
-        if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
-            affected = set(before) | set(member.view.peers)
-        elif event is None:  # every record it lists ranks anew
-            affected = set(member.view.peers)
-        elif isinstance(event, PunchEvent):
-            affected = {event.peer}
-        else:
-            affected = set()
-        for key in sorted(affected, key=lambda k: k.raw):
+        for key in sorted(before, key=lambda k: k.raw):
             self._merge(key)
         if isinstance(event, PunchEvent):
             self.punched_by[event.peer] = member
