@@ -252,6 +252,10 @@ async def test_two_registries_one_interface(nodes, tmp_path, caplog):
                 await reg_a.stop()
                 await poll(lambda: not regs.members[0].following, what="A seen gone",
                            alive=run.alive)
+                assert agent.view.health is not None and agent.view.health.state == "following"
+                await poll(lambda: {r.public_key: r.state for r in published_registries(
+                    tmp_path, a)}.get(reg_a.key.base64()) == "unreachable",
+                    what="status to show A unreachable", alive=run.alive)
                 assert agent.view.peers[b.public].endpoint == Endpoint.parse(
                     f"{b.veth_ip}:{PORT}")
                 assert stranger in agent.view.peers

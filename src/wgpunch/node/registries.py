@@ -232,10 +232,22 @@ class Registries:
             self._emit(event)
         elif isinstance(event, RelayEvent):
             self._background(self._offer(member, event))
+        if event is None and self._view is not None and self._view.health is not None:
+            self._summarise(self._view)
         if member.view.revision is not None:
             self._ready.set()
         if member.following and member.report_sent is None and self._view is not None:
             self._view.reported.set()  # the agent reports, and this member gets it
+
+    def _summarise(self, view: RegistryView) -> None:
+        """The agent's one link to "the registries" (the merged stream, which never breaks
+        by itself): following while any one is; else the first one's failure."""
+        up = any(m.following for m in self.members)
+        error = next((m.view.health.error for m in self.members
+                      if m.view.health is not None and m.view.health.error), None)
+        view.set_health(self.following, "following" if up else "unreachable",
+                        self.clock.wall(), None if up else error)
+        view.wake.set()  # the agent publishes it
 
     def _merge(self, key: Key) -> None:
         merged = newest(Heard(m.view.peers[key], m.following, m.heard_at.get(key, 0.0))
