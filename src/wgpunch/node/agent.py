@@ -153,7 +153,10 @@ class Agent:
                         self.view, self.io, self.probe_live_peers, self.open_nat,
                         self.registry_t, self.link_t))
                 if self.nat is not None:
-                    group.create_task(measure_nat(self.view, self.nat, self.device, self.io))
+                    group.create_task(measure_nat(
+                        self.view, self.nat, self.device, self.io,
+                        None if self.registries is None or registry is None
+                        else self.registries.view_of(registry.public_key)))
                 group.create_task(self.reconcile_forever())
                 if self.portmap:
                     group.create_task(keep_mapped(self.listen_port, self.mapping_changed,

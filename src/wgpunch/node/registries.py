@@ -176,6 +176,10 @@ class Registries:
     def following(self) -> str:
         return f"registries {', '.join(str(m.key) for m in self.members)}: following each"
 
+    def view_of(self, key: Key) -> RegistryView | None:
+        """What the registry `key` alone says."""
+        return next((m.view for m in self.members if m.key == key), None)
+
     def health(self) -> tuple[RegistryHealth, ...]:
         """Each registry's link, for `wgpunch status`."""
         return tuple(
