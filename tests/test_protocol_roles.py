@@ -6,7 +6,16 @@ import itertools
 import pytest
 
 from wgpunch.keys import Key
-from wgpunch.protocol import NatBehaviour, initiator, needs_relay, relay_reason
+from wgpunch.protocol import (
+    NatBehaviour,
+    PeerRecord,
+    Reported,
+    has_mapping,
+    initiator,
+    needs_relay,
+    relay_reason,
+)
+from wgpunch.wg.device import Endpoint
 
 LOW, HIGH = Key(bytes([1]) * 32), Key(bytes([2]) * 32)
 APDF = "address-and-port-dependent"
@@ -44,6 +53,24 @@ def test_the_reason_in_words():
     assert relay_reason(None, symmetric) is None and not needs_relay(symmetric, None)
     unknown = NatBehaviour("unknown", "unknown", None)
     assert not needs_relay(unknown, symmetric)
+
+
+@pytest.mark.parametrize("cell", sorted(RELAYED, key=sorted))
+def test_a_port_mapping_on_either_side_rules_nothing_out(cell):
+    """Anyone reaches a port mapping, whatever the NATs do (lab matrix: every K+upnp cell
+    direct), so no cell needs a relay when either side holds one."""
+    a, b = sorted(cell) * (2 if len(cell) == 1 else 1)
+    assert needs_relay(KINDS[a], KINDS[b])
+    assert relay_reason(KINDS[a], KINDS[b], mapped=True) is None
+    assert not needs_relay(KINDS[b], KINDS[a], mapped=True)
+
+
+def test_has_mapping_is_what_the_node_reported():
+    key = Key(bytes([7]) * 32)
+    mapped = Reported(51820, (), "0.1.0", Endpoint.parse("198.51.100.2:40000"))
+    assert has_mapping(PeerRecord(key, (), None, None, mapped, 1))
+    assert not has_mapping(PeerRecord(key, (), None, None, Reported(51820, (), "0.1.0"), 1))
+    assert not has_mapping(PeerRecord(key, (), None, None, None, 1))  # never reported
 
 
 @pytest.mark.parametrize(("intent", "side", "other", "side_public", "other_public", "first"), [

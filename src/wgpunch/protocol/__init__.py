@@ -49,7 +49,7 @@ from .report import (
     decode_object,
     reported_from_json,
 )
-from .roles import initiator, needs_relay, pair_of, relay_reason
+from .roles import has_mapping, initiator, needs_relay, pair_of, relay_reason
 
 API_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
 
@@ -73,6 +73,7 @@ __all__ = [
     "StreamItem",
     "decode_object",
     "dumps",
+    "has_mapping",
     "heartbeat_json",
     "initiator",
     "item_from_json",

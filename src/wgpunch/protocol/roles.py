@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..keys import Key
 from .natinfo import NatBehaviour
+from .records import PeerRecord
 
 
 def initiator(side: Key, other: Key, *, side_public: bool = False,
@@ -42,13 +43,17 @@ def initiator(side: Key, other: Key, *, side_public: bool = False,
     return side.raw < other.raw
 
 
-def relay_reason(a: NatBehaviour | None, b: NatBehaviour | None) -> str | None:
+def relay_reason(a: NatBehaviour | None, b: NatBehaviour | None, *,
+                 mapped: bool = False) -> str | None:
     """Why no direct path can exist between two nodes behind these NATs, in words; None when
     one may (or when either is not known: then the pair tries). DESIGN.md §6: both NATs map
     per destination (neither side can learn the port the other's NAT will use toward it), or
     one maps per destination and the other lets in only the exact endpoint it sent to (which
-    is not the port the first one's NAT will pick)."""
-    if a is None or b is None:
+    is not the port the first one's NAT will pick). `mapped`: either side holds a port mapping
+    on its NAT (has_mapping), which anyone reaches whatever the NATs' behaviour (DESIGN.md
+    §3, candidate "mapped"): then nothing is ruled out (lab matrix: every symmetric+upnp
+    cell direct)."""
+    if mapped or a is None or b is None:
         return None
     if a.endpoint_dependent and b.endpoint_dependent:
         return "both NATs map per destination: needs a relay"
@@ -59,9 +64,15 @@ def relay_reason(a: NatBehaviour | None, b: NatBehaviour | None) -> str | None:
     return None
 
 
-def needs_relay(a: NatBehaviour | None, b: NatBehaviour | None) -> bool:
+def needs_relay(a: NatBehaviour | None, b: NatBehaviour | None, *,
+                mapped: bool = False) -> bool:
     """Whether a pair behind these NATs needs a relay (relay_reason says why)."""
-    return relay_reason(a, b) is not None
+    return relay_reason(a, b, mapped=mapped) is not None
+
+
+def has_mapping(record: PeerRecord) -> bool:
+    """Whether the node reported a port mapping on its NAT (Reported.mapped)."""
+    return record.reported is not None and record.reported.mapped is not None
 
 
 def pair_of(a: Key, b: Key) -> tuple[Key, Key]:
