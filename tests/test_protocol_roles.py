@@ -12,6 +12,7 @@ from wgpunch.protocol import (
     Reported,
     has_mapping,
     initiator,
+    initiator_changed,
     needs_relay,
     relay_reason,
 )
@@ -63,6 +64,31 @@ def test_a_port_mapping_on_either_side_rules_nothing_out(cell):
     assert needs_relay(KINDS[a], KINDS[b])
     assert relay_reason(KINDS[a], KINDS[b], mapped=True) is None
     assert not needs_relay(KINDS[b], KINDS[a], mapped=True)
+
+
+def nat_record(key, kind=None):
+    """A node's record with the NAT of lab kind `kind` reported (None: no NAT reported)."""
+    nat = None if kind is None else KINDS[kind]
+    return PeerRecord(key, (), None, None, Reported(51820, (), "0.1.0", nat=nat), 1)
+
+
+@pytest.mark.parametrize(("intent", "old", "new", "changed"), [
+    ("LOW learns its NAT maps per destination: it initiates now, not by key order",
+     (None, None), ("symmetric", None), False),
+    ("HIGH learns its NAT maps per destination: HIGH now initiates",
+     (None, None), (None, "symmetric"), True),
+    ("a NAT that maps per destination alike on both sides: key order, as before",
+     (None, None), ("symmetric", "symmetric"), False),
+    ("HIGH's NAT measured anew as mapping endpoint-independently: LOW again",
+     ("eim", "symmetric"), ("eim", "eim"), True),
+    ("a report that changes the filtering only leaves the initiator",
+     ("eim", "eim"), ("eim-addr", "eim-full-cone"), False),
+])
+def test_initiator_changed(intent, old, new, changed):
+    old_low, old_high = nat_record(LOW, old[0]), nat_record(HIGH, old[1])
+    new_low, new_high = nat_record(LOW, new[0]), nat_record(HIGH, new[1])
+    assert initiator_changed(old_low, old_high, new_low, new_high) is changed
+    assert initiator_changed(old_high, old_low, new_high, new_low) is changed  # both sides
 
 
 def test_has_mapping_is_what_the_node_reported():

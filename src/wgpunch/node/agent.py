@@ -236,14 +236,11 @@ class Agent:
                 nats_known=all(n is not None and n.mapping != "unknown" for n in nats))
             memory = failover(memory, candidates, now=now, t=self.t, live=live)
             initiator = self.view.initiates(self.me, known)
-            if memory.initiator is not None and initiator != memory.initiator and not live:
-                # A NAT report came in (ours or the peer's: natprobe.py) that changes who
-                # initiates: the attempts so far went the wrong way, so punch again now
-                # rather than at the back-off's next turn (cone x symmetric: 1.6 s -> ~0.8 s).
+            if self.view.take_flipped(peer.public_key) and not live:
+                # protocol.initiator_changed: the attempts so far went the wrong way.
                 log.info("peer %s: we %s initiate now (a NAT report came in): punching again",
                          peer.public_key, "do" if initiator else "no longer")
                 memory = replace(memory, attempt_at=None)
-            memory = replace(memory, initiator=initiator)
             decision = decide(
                 peer, candidates, memory,
                 initiator=initiator,
