@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from polling import poll
 from wgpair import PORT, Side, unique_prefix, wg_pair
 from wgpunch.errors import ApiError
 from wgpunch.keys import Key, generate_keypair
@@ -251,23 +252,6 @@ def pair(tmp_path: Path) -> Iterator[Pair]:
 
 
 # -- running the agent -------------------------------------------------------------------------
-
-
-async def poll(check: Callable[[], T | Awaitable[T]], *, within_s: float = 5.0, what: str,
-               alive: Callable[[], None] = lambda: None) -> T:
-    """The first true value of `check()` (awaited if need be), polled for `within_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while True:
-        alive()
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value  # type: ignore[return-value]
-        if loop.time() >= deadline:
-            raise AssertionError(f"timed out after {within_s:.1f} s waiting for {what}")
-        await asyncio.sleep(0.01)  # poll interval, bounded by the deadline above
 
 
 class Running:

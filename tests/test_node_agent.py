@@ -39,8 +39,8 @@ from agentrig import (
     SkipClock,
     agent_for,
     events,
-    poll,
 )
+from polling import poll
 from wgpair import PORT
 from wgpunch import __version__
 from wgpunch.errors import ApiError
