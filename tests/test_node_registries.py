@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from test_node_agent import FAST, FAST_REGISTRY, FakeIo, Running, poll
+from agentrig import FAST, FAST_REGISTRY, FakeIo, Running
+from polling import poll
 from wgpair import PORT, Side, unique_prefix, wg_pair
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.node import pathfile

@@ -69,7 +69,7 @@ def test_several_registries_each_in_words_and_through_the_agents_file(tmp_path):
     health = RegistryHealth("registry http://10.99.0.253:51821: following its watch stream",
                             "unreachable", NOW - 40, "registry: watch stream ended",
                             public_key=key.base64(), last_event=NOW - 41)
-    pathfile.write("wg0", {}, tmp_path, None, None, (health,))
+    pathfile.write("wg0", {}, tmp_path, registries=(health,))
     assert pathfile.read_published("wg0", tmp_path).registries == (health,)
     device = DeviceState("wg0", None, 0, 0, (replace(peer(20), public_key=key),))
     shown = registries_json(health, device, NOW)

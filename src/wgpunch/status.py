@@ -25,12 +25,14 @@ JSON_VERSION = 1
 
 
 def peer_json(peer: PeerState, now: float, agent: PeerPath | None = None,
-              own_nat: dict[str, Any] | None = None) -> dict[str, Any]:
+              own_nat: dict[str, Any] | None = None, own_mapped: bool = False
+              ) -> dict[str, Any]:
     age = peer.handshake_age(now)
     relay = None
     if agent is not None:
         path, since, reason = agent.path, agent.since, agent.reason
-        relay = relay_reason(_nat(own_nat), _nat(agent.nat))
+        relay = relay_reason(_nat(own_nat), _nat(agent.nat),
+                             mapped=own_mapped or agent.mapped)
         if relay is not None and path == PathKind.NONE:
             reason = relay  # the root cause, rather than the attempt that failed
     else:  # no agent runs here: the device alone says whether a session is up
@@ -88,7 +90,8 @@ def device_json(state: DeviceState, backend: str, now: float) -> dict[str, Any]:
             "registry": registry_json(published.registry), "nat": published.nat,
             "registries": [registries_json(r, state, now) for r in published.registries]},
         "peers": [peer_json(p, now, agent.get(p.public_key.base64()),
-                            None if published is None else published.nat)
+                            None if published is None else published.nat,
+                            published is not None and published.mapped)
                   for p in state.peers],
     }
 

@@ -20,10 +20,10 @@ from typing import Any
 
 from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key
-from ..protocol import relay_reason
+from ..protocol import has_mapping, relay_reason
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
-from .candidates import CandidateKind, candidates_of
+from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
@@ -243,25 +243,20 @@ class Agent:
                                        self.view.local)
             live = not path_is_dead(peer, memory, now_wall, now, self.t)
             mine = self.view.peers.get(self.me) if self.me else None
-            # A port mapping on either side makes a path that the NATs' behaviour rules out.
-            mapped = self.view.mapped is not None or any(
-                c.kind is CandidateKind.MAPPED for c in candidates)
             nats = (None if mine is None else mine.nat, known.nat)
-            impossible = None if mapped else relay_reason(*nats)
+            impossible = relay_reason(
+                *nats, mapped=self.view.mapped is not None or has_mapping(known))
             candidates, memory = self.relays.plan(
                 peer.public_key, candidates, memory, live=live, current=peer.endpoint, now=now,
                 impossible=impossible,
                 nats_known=all(n is not None and n.mapping != "unknown" for n in nats))
             memory = failover(memory, candidates, now=now, t=self.t, live=live)
             initiator = self.view.initiates(self.me, known)
-            if memory.initiator is not None and initiator != memory.initiator and not live:
-                # A NAT report came in (ours or the peer's: natprobe.py) that changes who
-                # initiates: the attempts so far went the wrong way, so punch again now
-                # rather than at the back-off's next turn (cone x symmetric: 1.6 s -> ~0.8 s).
+            if self.view.take_flipped(peer.public_key) and not live:
+                # protocol.initiator_changed: the attempts so far went the wrong way.
                 log.info("peer %s: we %s initiate now (a NAT report came in): punching again",
                          peer.public_key, "do" if initiator else "no longer")
                 memory = replace(memory, attempt_at=None)
-            memory = replace(memory, initiator=initiator)
             decision = decide(
                 peer, candidates, memory,
                 initiator=initiator,
@@ -414,12 +409,13 @@ class Agent:
             {key.base64(): track.published(self.view.peers.get(key))
              for key, track in self.tracks.items()}, self.view.health,
             None if self.nat is None or self.nat.measured is None
-            else self.nat.measured.behaviour.to_json(),
+            else self.nat.measured.behaviour.to_json(), self.view.mapped is not None,
             () if self.registries is None else self.registries.health())
         if published != self._published:
             try:
                 pathfile.write(state.name, published.peers, self.state_dir,
-                               published.registry, published.nat, published.registries)
+                               published.registry, published.nat, published.mapped,
+                               published.registries)
                 self._published = published
             except OSError as error:
                 log.warning("cannot write %s: %s", pathfile.path_file(state.name), error)

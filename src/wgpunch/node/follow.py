@@ -27,6 +27,7 @@ from ..protocol import (
     Reported,
     Snapshot,
     initiator,
+    initiator_changed,
 )
 from ..wg.device import Device, Endpoint, IPInterface
 from .edges import Clock, Io
@@ -75,6 +76,8 @@ class RegistryView:
         # Who initiates, per peer, as the registry's last punch event for it said: the
         # registry decides (protocol/roles.py); before an event, the same rule locally.
         self.roles: dict[Key, bool] = {}
+        # Peers whose initiator a NAT report changed since their last tick (take_flipped).
+        self.flipped: set[Key] = set()
         self.wake = asyncio.Event()  # something changed: reconcile now
         self.reported = asyncio.Event()  # set when the registry needs our report again
         # Our own report reaches the registry only after our watch stream is open, and we ask
@@ -117,13 +120,8 @@ class RegistryView:
             self.peers = {p.public_key: p for p in event.peers}
         elif isinstance(event, PeerEvent):
             old = self.peers.get(event.peer.public_key)
-            if old is None or old.nat != event.peer.nat:
-                # The registry's last punch decided who initiates without this NAT report;
-                # its next one will decide with it, and so does initiates() until then.
-                if event.peer.public_key == self.me:
-                    self.roles.clear()
-                else:
-                    self.roles.pop(event.peer.public_key, None)
+            if old is not None:
+                self._note_flips(old, event.peer)
             if old is not None and old.endpoint != event.peer.endpoint:
                 log.info(
                     "registry: peer %s endpoint %s -> %s",
@@ -144,6 +142,29 @@ class RegistryView:
             self.relays[event.peer] = event
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
+
+    def _note_flips(self, old: PeerRecord, new: PeerRecord) -> None:
+        """A report (ours or a peer's) that changes who initiates a pair is a new punch
+        (protocol.initiator_changed): the registry's last punch event decided the role
+        without it (its next one will decide with it, and so does initiates() until then),
+        and the agent punches again at once (take_flipped)."""
+        mine = None if self.me is None else self.peers.get(self.me)
+        if mine is None:
+            return
+        if new.public_key == self.me:
+            pairs = [(old, p, new, p) for k, p in self.peers.items() if k != self.me]
+        else:
+            pairs = [(mine, old, mine, new)]
+        for old_me, old_peer, new_me, new_peer in pairs:
+            if initiator_changed(old_me, old_peer, new_me, new_peer):
+                self.roles.pop(new_peer.public_key, None)
+                self.flipped.add(new_peer.public_key)
+
+    def take_flipped(self, peer: Key) -> bool:
+        """Whether a report changed who initiates with `peer` since the last call for it."""
+        flipped = peer in self.flipped
+        self.flipped.discard(peer)
+        return flipped
 
     def set_health(self, following: str, state: str, now_wall: float,
                    error: str | None = None) -> None:

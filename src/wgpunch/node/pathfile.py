@@ -24,6 +24,7 @@ class PeerPath:
     reason: str
     endpoint: str | None  # what the registry reports for the peer
     nat: dict[str, Any] | None = None  # the peer's NAT as it reported it (NatBehaviour JSON)
+    mapped: bool = False  # the peer reported a port mapping on its NAT (protocol.has_mapping)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,7 @@ class Published:
     peers: dict[str, PeerPath]
     registry: RegistryHealth | None
     nat: dict[str, Any] | None = None  # our own NAT as measured (NatBehaviour JSON)
+    mapped: bool = False  # we hold a port mapping on our NAT (node/portmap/)
     registries: tuple[RegistryHealth, ...] = ()  # each one's, with several
 
 
@@ -54,13 +56,13 @@ def path_file(ifname: str, directory: Path = STATE_DIR) -> Path:
 
 def write(ifname: str, peers: dict[str, PeerPath], directory: Path = STATE_DIR,
           registry: RegistryHealth | None = None, nat: dict[str, Any] | None = None,
-          registries: tuple[RegistryHealth, ...] = ()) -> None:
+          mapped: bool = False, registries: tuple[RegistryHealth, ...] = ()) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     target = path_file(ifname, directory)
     tmp = target.with_suffix(".tmp")
     body = {"pid": os.getpid(), "peers": {k: asdict(v) for k, v in sorted(peers.items())},
             "registry": None if registry is None else asdict(registry), "nat": nat,
-            "registries": [asdict(r) for r in registries]}
+            "mapped": mapped, "registries": [asdict(r) for r in registries]}
     tmp.write_text(json.dumps(body, indent=1))
     tmp.replace(target)
 
@@ -84,6 +86,7 @@ def read_published(ifname: str, directory: Path = STATE_DIR) -> Published | None
         return Published(
             {key: PeerPath(**value) for key, value in body["peers"].items()},
             None if registry is None else RegistryHealth(**registry), body.get("nat"),
+            body.get("mapped") is True,
             tuple(RegistryHealth(**r) for r in body.get("registries", ())))
     except (OSError, ValueError, KeyError, TypeError):
         return None
