@@ -21,12 +21,16 @@ from aiohttp import web
 from agentrig import FAST, FAST_REGISTRY, FakeIo, Running
 from polling import poll
 from wgpair import PORT, Side, unique_prefix, wg_pair
+from wgpunch.cli import build_parser
+from wgpunch.errors import ConfigError
 from wgpunch.keys import Key, generate_keypair
+from wgpunch.node import cli as node_cli
 from wgpunch.node import pathfile
 from wgpunch.node.agent import Agent
 from wgpunch.node.client import RegistryClient
 from wgpunch.node.edges import SystemClock
-from wgpunch.node.registries import Heard, Registries, newest, same
+from wgpunch.node.merge import Heard, newest, same
+from wgpunch.node.registries import Registries
 from wgpunch.node.registrylink import LinkTimings
 from wgpunch.protocol import (
     Event,
@@ -284,3 +288,15 @@ async def handshake_with(side: Side, key: Key) -> bool:
 def published_registries(directory: Path, side: Side) -> tuple[pathfile.RegistryHealth, ...]:
     published = pathfile.read_published(side.ifname, directory)
     return () if published is None else published.registries
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go not installed")
+async def test_one_api_url_for_an_interface_with_several_registries_is_refused(nodes, tmp_path):
+    a, _, reg_a_key, reg_b_key, _ = nodes
+    settings = node_cli.settings_from(build_parser().parse_args(
+        ["node", "-i", a.ifname, "--registry", reg_a_key.base64(), "--registry",
+         reg_b_key.base64(), "--api", "http://127.0.0.1:9"]), environ={})
+    with pytest.raises(ConfigError, match=rf"^node: {a.ifname} has several registries as "
+                       "peers; --api names one API"):
+        await node_cli.serve(settings, once=True, state_dir=tmp_path)

@@ -5,7 +5,7 @@ no state. `Registries` is the agent's `Source` for all of them at once.
 Each registry is a `Member`: its own watch stream (follow.py's `follow_registry` into its own
 `RegistryView`), its own tunnel kept alive (registrylink.py), and its own copy of our report.
 What the agent sees is one stream merged from them: per peer, the record `newest()` picks
-(the one rule, below), and every punch and relay event as it comes. Requests about a pair
+(the one rule, merge.py), and every punch and relay event as it comes. Requests about a pair
 (punch, opened, relay) go to a registry that lists both sides, as it is following: so losing
 one registry changes nothing for pairs that share another.
 """
@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from ..errors import ApiError
@@ -36,58 +35,12 @@ from ..protocol import (
 from ..wg.device import Device, Endpoint
 from .edges import Clock, Io
 from .follow import RegistryTimings, RegistryView, follow_registry
+from .merge import Heard, newest, same
 from .pathfile import RegistryHealth
 from .registrylink import LinkTimings, keep_link
 from .source import Source
 
 log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, whichever module
-
-
-# -- the merge rule ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Heard:
-    """One registry's record of a peer, as this node holds it."""
-
-    record: PeerRecord
-    following: bool  # that registry's watch stream is up now
-    changed_at: float  # when (our monotonic clock) that registry last told us something new
-
-
-def newest(heard: Iterable[Heard]) -> PeerRecord | None:
-    """The record of a peer the agent goes by, from what each registry says about it.
-
-    The rule: a registry whose stream is up beats one that is not (what a registry that went
-    away said is kept, but only while no live one lists the peer); then the observation
-    heard last wins, by our own clock (the order the streams delivered it: each registry's
-    records change only when its interface observes something new, and a snapshot that
-    repeats a record unchanged does not make it newer); then the later handshake the
-    registry's interface saw (the clocks of two registries are compared only there, to break
-    a tie). A winner without the peer's report borrows the report of the best record that
-    has one: the report says what the peer is (its addresses, NAT, that it follows punch
-    events), whichever registry carried it."""
-    ranked = sorted(heard, key=_rank, reverse=True)
-    if not ranked:
-        return None
-    best = ranked[0].record
-    if best.reported is None:
-        reported = next((h.record.reported for h in ranked if h.record.reported is not None),
-                        None)
-        best = replace(best, reported=reported)
-    return best
-
-
-def _rank(heard: Heard) -> tuple[bool, float, float]:
-    handshake = heard.record.latest_handshake
-    return heard.following, heard.changed_at, -math.inf if handshake is None else handshake
-
-
-def same(a: PeerRecord | None, b: PeerRecord | None) -> bool:
-    """Whether two records say the same, whatever revision each registry gave them."""
-    if a is None or b is None:
-        return a is b
-    return replace(a, revision=0) == replace(b, revision=0)
 
 
 # -- the members -----------------------------------------------------------------------------
