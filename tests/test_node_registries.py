@@ -223,7 +223,10 @@ async def test_two_registries_one_interface(nodes, tmp_path, caplog):
     peer_b = seen(b.public, f"{b.veth_ip}:{PORT}", f"{b.tunnel_ip}/32")
     async with serving(reg_a_key, [me, peer_b]) as reg_a, \
             serving(reg_b_key, [me, peer_b, seen(stranger, f"192.0.2.3:{PORT}",
-                                                 f"{STRANGER_IP}/32")]) as reg_b:
+                                                 f"{STRANGER_IP}/32"),
+                                # A is B's peer too, elsewhere: never a peer to steer.
+                                seen(reg_a_key, f"192.0.2.99:{PORT}", "10.77.0.253/32")
+                                ]) as reg_b:
         for registry in (reg_a, reg_b):
             registry.state.report(b.public, public(b.veth_ip))
         reg_b.state.report(stranger, public("192.0.2.3"))
@@ -250,7 +253,9 @@ async def test_two_registries_one_interface(nodes, tmp_path, caplog):
                     r, "event", None) == "registry_link_dead"]) >= 2,
                     what="both registry links at work", alive=run.alive)
                 assert not {o[1] for o in io.opened} & {REG_A, REG_B}
+                assert reg_a.key in agent.view.peers
                 assert {reg_a.key, reg_b.key}.isdisjoint(agent.tracks)
+                assert (await a.device.state()).peer(reg_a.key).endpoint == REG_A
                 await poll(lambda: len(published_registries(tmp_path, a)) == 2,
                            what="both registries in the path file", alive=run.alive)
 
