@@ -33,6 +33,7 @@ from wgpunch.node.merge import Heard, newest, same
 from wgpunch.node.registries import Registries
 from wgpunch.node.registrylink import LinkTimings
 from wgpunch.protocol import (
+    API_PORT,
     Event,
     PeerEvent,
     PeerRecord,
@@ -173,7 +174,8 @@ class Registry:
 
 
 @asynccontextmanager
-async def serving(key: Key, records: list[PeerState]) -> AsyncIterator[Registry]:
+async def serving(key: Key, records: list[PeerState], host: str = "127.0.0.1", port: int = 0
+                  ) -> AsyncIterator[Registry]:
     """A registry's state and API as `wgpunch registry` serves them, on loopback; the records
     are what its device would show (127.0.0.1 is the node's tunnel address to it)."""
     state = RegistryState(punch_window_s=0.01)
@@ -182,9 +184,9 @@ async def serving(key: Key, records: list[PeerState]) -> AsyncIterator[Registry]
     runner = web.AppRunner(create_app(state, timings=timings), handler_cancellation=True,
                            shutdown_timeout=0.5)
     await runner.setup()
-    site = ApiSite(runner, "127.0.0.1", 0)
+    site = ApiSite(runner, host, port)
     await site.start()
-    registry = Registry(key, state, runner, f"http://127.0.0.1:{site.port}")
+    registry = Registry(key, state, runner, f"http://{host}:{site.port}")
     try:
         yield registry
     finally:
@@ -305,3 +307,29 @@ async def test_one_api_url_for_an_interface_with_several_registries_is_refused(n
     with pytest.raises(ConfigError, match=rf"^node: {a.ifname} has several registries as "
                        "peers; --api names one API"):
         await node_cli.serve(settings, once=True, state_dir=tmp_path)
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go not installed")
+async def test_node_once_with_two_registries_as_the_cli_runs_it(nodes, tmp_path):
+    """`wgpunch node --once` on an interface with both registries as peers: each one's API at
+    its tunnel address (here loopback addresses, so that this process reaches them), their
+    lists merged: b from both, the stranger from B alone; neither registry is steered."""
+    a, b, reg_a_key, reg_b_key, stranger = nodes
+    a.wg_set("peer", reg_a_key.base64(), "allowed-ips", "127.0.0.2/32")
+    a.wg_set("peer", reg_b_key.base64(), "allowed-ips", "127.0.0.3/32")
+    me = seen(a.public, f"{a.veth_ip}:{PORT}", "127.0.0.1/32")
+    peer_b = seen(b.public, f"{b.veth_ip}:{PORT}", f"{b.tunnel_ip}/32")
+    async with serving(reg_a_key, [me, peer_b], "127.0.0.2", API_PORT), \
+            serving(reg_b_key, [me, peer_b, seen(stranger, f"192.0.2.3:{PORT}",
+                                                 f"{STRANGER_IP}/32"),
+                                seen(reg_a_key, f"192.0.2.99:{PORT}", "127.0.0.2/32")],
+                    "127.0.0.3", API_PORT):
+        settings = node_cli.settings_from(build_parser().parse_args(
+            ["node", "-i", a.ifname, "--registry", reg_a_key.base64(), "--registry",
+             reg_b_key.base64(), "--no-portmap", "--natprobe-port", "0"]), environ={})
+        assert await node_cli.serve(settings, once=True, state_dir=tmp_path) == 0
+    state = await a.device.state()
+    assert [state.peer(k).endpoint for k in (b.public, stranger, reg_a_key, reg_b_key)] == [
+        Endpoint.parse(f"{b.veth_ip}:{PORT}"), Endpoint.parse(f"192.0.2.3:{PORT}"), REG_A,
+        REG_B]
