@@ -34,6 +34,7 @@ from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
 from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
+from .registries import Registries
 from .registrylink import LinkTimings, keep_link
 from .relay import Relays, RelayTimings
 from .source import Source
@@ -67,6 +68,10 @@ class Agent:
         self.device = device
         self.registry_key = registry
         self.client = client
+        # Several registries (registries.py): one merged source; none of them is steered.
+        self.registries = client if isinstance(client, Registries) else None
+        self.registry_keys = (self.registries.keys if self.registries is not None
+                              else frozenset(() if registry is None else (registry,)))
         self.t = timings or Timings()
         self.registry_t = registry_timings or RegistryTimings()
         self.state_dir = state_dir
@@ -127,7 +132,11 @@ class Agent:
         self.me = self.view.me = state.public_key
         self.listen_port = state.listen_port
         self.can_open = self.io.can_send_raw()
-        registry = None if self.registry_key is None else state.peer(self.registry_key)
+        # With several registries, the TTL and our NAT are measured toward the first given.
+        order = ([m.key for m in self.registries.members] if self.registries is not None
+                 else [] if self.registry_key is None else [self.registry_key])
+        registry = next((p for key in order
+                         if (p := state.peer(key)) is not None and p.endpoint is not None), None)
         if self.can_open and registry is not None and registry.endpoint is not None:
             self.opener_ttl.measure(registry.endpoint.ip)
         if (self.natprobe_port and self.client.coordinates_punches and registry is not None
@@ -139,8 +148,15 @@ class Agent:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
                                                   self.probe_live_peers, self.clock))
                 group.create_task(self.report())
+                if self.registries is not None:
+                    group.create_task(self.registries.run(
+                        self.view, self.io, self.probe_live_peers, self.open_nat,
+                        self.registry_t, self.link_t))
                 if self.nat is not None:
-                    group.create_task(measure_nat(self.view, self.nat, self.device, self.io))
+                    group.create_task(measure_nat(
+                        self.view, self.nat, self.device, self.io,
+                        None if self.registries is None or registry is None
+                        else self.registries.view_of(registry.public_key)))
                 group.create_task(self.reconcile_forever())
                 if self.portmap:
                     group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
@@ -176,7 +192,7 @@ class Agent:
         for peer in state.peers:
             key = peer.public_key
             known = self.view.peers.get(key)
-            if key == self.registry_key or peer.has_live_session(now, self.t.session_live_s):
+            if key in self.registry_keys or peer.has_live_session(now, self.t.session_live_s):
                 continue
             if known is None or known.endpoint is None:
                 if self.client.lookup_failed(key):
@@ -214,7 +230,7 @@ class Agent:
         self.relays.registry = None if registry is None else registry.endpoint
         for peer in state.peers:
             known = self.view.peers.get(peer.public_key)
-            if peer.public_key == self.registry_key or known is None:
+            if peer.public_key in self.registry_keys or known is None:
                 continue
             track = self.tracks.setdefault(peer.public_key, Track())
             punched = self.view.take_punched(peer.public_key)
@@ -393,11 +409,13 @@ class Agent:
             {key.base64(): track.published(self.view.peers.get(key))
              for key, track in self.tracks.items()}, self.view.health,
             None if self.nat is None or self.nat.measured is None
-            else self.nat.measured.behaviour.to_json(), self.view.mapped is not None)
+            else self.nat.measured.behaviour.to_json(), self.view.mapped is not None,
+            () if self.registries is None else self.registries.health())
         if published != self._published:
             try:
                 pathfile.write(state.name, published.peers, self.state_dir,
-                               published.registry, published.nat, published.mapped)
+                               published.registry, published.nat, published.mapped,
+                               published.registries)
                 self._published = published
             except OSError as error:
                 log.warning("cannot write %s: %s", pathfile.path_file(state.name), error)

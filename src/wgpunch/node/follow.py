@@ -265,9 +265,12 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
                     else t.reconnect_max_s)
 
 
-async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io) -> None:
+async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io,
+                      observer: RegistryView | None = None) -> None:
     """Measure our NAT (node/natprobe.py) whenever the registry observes a new endpoint for
-    us, and have the report carry the result. Beside the report, not before it: the filtering
+    us, and have the report carry the result. `observer`: the view of the registry the NAT
+    is measured toward, when that is not `view` (several registries, registries.py: each
+    may see another of our NAT's ports). Beside the report, not before it: the filtering
     test waits for replies that may never come (0.6 s behind most NATs), and the registry
     observes our endpoint only after our first handshake with it (about a second into a lab
     run), so waiting for both would delay every first punch by a second or more (bench
@@ -275,12 +278,13 @@ async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io)
     initiates without it, as for a node older than the measurement."""
     while True:
         again_in = nat.again_in()
+        seen = observer or view
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(again_in):
-                await view.observed_changed.wait()
-        again = not view.observed_changed.is_set()
-        view.observed_changed.clear()
-        observed = view.own_endpoint()
+                await seen.observed_changed.wait()
+        again = not seen.observed_changed.is_set()
+        seen.observed_changed.clear()
+        observed = seen.own_endpoint()
         if observed is None:
             continue
         try:

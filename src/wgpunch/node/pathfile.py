@@ -35,6 +35,10 @@ class RegistryHealth:
     state: str  # "connecting" (never heard yet), "following", "unreachable"
     since: float | None  # Unix time the state began
     error: str | None  # the last failure, while unreachable
+    # With several registries (node/registries.py), each one's: its key and when its
+    # stream last delivered (Unix time); None for the one link of a single registry.
+    public_key: str | None = None
+    last_event: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,7 @@ class Published:
     registry: RegistryHealth | None
     nat: dict[str, Any] | None = None  # our own NAT as measured (NatBehaviour JSON)
     mapped: bool = False  # we hold a port mapping on our NAT (node/portmap/)
+    registries: tuple[RegistryHealth, ...] = ()  # each one's, with several
 
 
 def path_file(ifname: str, directory: Path = STATE_DIR) -> Path:
@@ -51,13 +56,13 @@ def path_file(ifname: str, directory: Path = STATE_DIR) -> Path:
 
 def write(ifname: str, peers: dict[str, PeerPath], directory: Path = STATE_DIR,
           registry: RegistryHealth | None = None, nat: dict[str, Any] | None = None,
-          mapped: bool = False) -> None:
+          mapped: bool = False, registries: tuple[RegistryHealth, ...] = ()) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     target = path_file(ifname, directory)
     tmp = target.with_suffix(".tmp")
     body = {"pid": os.getpid(), "peers": {k: asdict(v) for k, v in sorted(peers.items())},
             "registry": None if registry is None else asdict(registry), "nat": nat,
-            "mapped": mapped}
+            "mapped": mapped, "registries": [asdict(r) for r in registries]}
     tmp.write_text(json.dumps(body, indent=1))
     tmp.replace(target)
 
@@ -81,7 +86,8 @@ def read_published(ifname: str, directory: Path = STATE_DIR) -> Published | None
         return Published(
             {key: PeerPath(**value) for key, value in body["peers"].items()},
             None if registry is None else RegistryHealth(**registry), body.get("nat"),
-            body.get("mapped") is True)
+            body.get("mapped") is True,
+            tuple(RegistryHealth(**r) for r in body.get("registries", ())))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
