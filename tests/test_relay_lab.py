@@ -109,12 +109,6 @@ def test_an_impossible_pair_is_relayed(lab_prefix, first, second, path):
         assert not re.search(r"port=310\d\d ", left), left
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, about 1 run in 5: after the restart a node whose watch stream reopens after "
-    "the new slot's relay event misses it (relay events are not in the stream history) and "
-    "keeps its old slot; its datagrams to a port the new relay reuses never bind that side. "
-    "Another run moved a live session off a slot that was gone onto a direct endpoint that "
-    "cannot work (symmetric x symmetric). Closing note, issue 14."))
 def test_a_relayed_pair_recovers_after_a_registry_restart(lab_prefix):
     """The registry (and its relay, kernel path) restarts: the slot is gone, the nodes see the
     new epoch, ask for a slot at once and ping again within a few seconds."""

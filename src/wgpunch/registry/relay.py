@@ -137,6 +137,11 @@ class Relay:
         mine, theirs = slot.side_of(node), slot.side_of(peer)
         return Lease(peer, mine.port, created), Lease(node, theirs.port, created)
 
+    def leases_of(self, node: Key) -> list[Lease]:
+        """`node`'s lease of each slot it holds."""
+        return [Lease(slot.other(side).node, side.port, False) for slot in self.table
+                for side in (slot.a, slot.b) if side.node == node]
+
     def end(self, slot: Slot, why: str) -> None:
         log.info("relay slot %d/%d ended: %s (%d and %d datagrams forwarded)", slot.a.port,
                  slot.b.port, why, slot.a.packets, slot.b.packets,

@@ -59,6 +59,9 @@ def install(app: web.Application, relay: Relay, address: IPAddress | None) -> No
     app[RELAY_RATE] = RateLimiter(limits.relay_burst, limits.relay_per_s)
     if address is not None:
         app[RELAY_ADDRESS] = address
+    state = app[STATE]
+    state.standing = lambda node: [RelayEvent(state.revision, lease.peer, lease.port, address)
+                                   for lease in relay.leases_of(node)]
     app.router.add_post("/v1/relay/{peer}", post_relay)
 
     async def run_relay(app: web.Application) -> AsyncIterator[None]:
