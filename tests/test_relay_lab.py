@@ -146,41 +146,53 @@ print(sent)
 """
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known, cause not established: in 2 of about 12 runs most of the 40 pings failed during "
-    "the 1.5 s flood (a flood from a's own public IP shares a's side of the slot with a's "
-    "packets; its packet-rate budget is the first suspect). Closing note, issue 14."))
 def test_a_third_node_cannot_use_or_disturb_a_slot(lab_prefix):
     """c (a third node, with its own public IP) and a's own NAT router (a's public IP, other
     ports) send to the pair's relay ports while a pings b: initiations, data, text, a flood.
     The pings arrive (a few may be lost: two flooders and the relay share 2 cores), the slot
-    never moves, and the relay counts the strangers' datagrams as dropped."""
+    never moves, and the relay counts the strangers' datagrams as dropped. c's agent runs
+    too, so that a and b reach it directly before the flood rather than punching an
+    agentless peer (and asking for slots with it) all through it."""
     scenario = Scenario("relay-3", (catalog.site("a", "symmetric"),
                                     catalog.site("b", "symmetric"), catalog.site("c", "public")))
     with Lab(scenario, prefix=lab_prefix) as lab, \
             Agents(lab, registry_args=["--relay", "31000-31099"]) as agents:
         lab.ns("registry").run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         agents.start_registry()
-        agents.start_nodes(["a", "b"])
+        agents.start_nodes(["a", "b", "c"])
         wait_relayed(lab, agents)
         ports = ",".join(relay_endpoint(lab, h).rsplit(":", 1)[1] for h in "ab")
         relay_ip = str(lab.host("registry").public_ip)
+        flood_at = time.time()
         floods = [lab.ns(ns).popen([sys.executable, "-c", FLOOD, relay_ip, ports, "1.5"],
                                    stdout=subprocess.PIPE, text=True) for ns in ("c", "na")]
         try:
-            assert pings(lab, "a", "b", count=40, lost=4)
+            out = lab.ns("a").run(["ping", "-c", "40", "-i", "0.05", "-W", "1",
+                                   str(lab.host("b").tunnel_ip)], check=False).stdout
         finally:
             sent = [int(flood.communicate(timeout=10)[0]) for flood in floods]
-        assert min(sent) > 1000, sent
-        assert relay_endpoint(lab, "a").startswith(relay_ip)
+        moved_to = relay_endpoint(lab, "a")
         agents.stop("registry")
         events = agents.events("registry")
-        assert not [e for e in events if e["event"] == "relay_bound"
-                    and "rebound" in e["msg"]], events
         [stopped] = [e for e in events if e["event"] == "relay_stopped"]
         counts = stopped["counts"]
+        # Everything that could explain lost pings, should any be: the relay's drops by
+        # reason (kernel path included), its slot events, the agents' doings meanwhile.
+        diagnosis = f"{out}\ncounts: {counts}\n" + "\n".join(
+            f"{host}: {e['ts'] - flood_at:+.3f} {e['event']} {e['msg'][:160]}"
+            for host in ("registry", "a", "b") for e in agents.events(host)
+            if e["ts"] >= flood_at - 3 and e["event"] not in ("punch", "punch_retry"))
+        received = re.search(r"(\d+) received", out)
+        assert received is not None and int(received.group(1)) >= 36, diagnosis
+        assert min(sent) > 1000, sent
+        assert moved_to.startswith(relay_ip), diagnosis
+        assert not [e for e in events if e["event"] == "relay_bound"
+                    and "rebound" in e["msg"]], diagnosis
         # Each sender's datagrams are 1/3 text (dropped first, by shape), 2/3 WireGuard-shaped
         # (c's: another IP; a's router's: a's IP, another port); a few may be lost on the way.
         for verdict in ("not from the node's observed IP", "not shaped like a WireGuard "
                         "message", "from a new address while the bound one is active"):
             assert counts[verdict] > min(sent) / 4, counts
+        # The strangers' datagrams are dropped before a side's packet-rate budget is taken
+        # from (relayslots.py), so the pair's own never run over it, on either path.
+        assert not [v for v in counts if v.startswith("over the slot's packet rate")], counts
