@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from wgpunch.lab import catalog
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import python_module, wait_for
-from wgpunch.lab.scenario import Scenario
+from wgpunch.lab.scenario import Host, Scenario
 
 pytestmark = pytest.mark.lab
 
@@ -196,3 +197,67 @@ def test_a_third_node_cannot_use_or_disturb_a_slot(lab_prefix):
         # The strangers' datagrams are dropped before a side's packet-rate budget is taken
         # from (relayslots.py), so the pair's own never run over it, on either path.
         assert not [v for v in counts if v.startswith("over the slot's packet rate")], counts
+
+
+def test_a_pair_is_relayed_through_a_relay_on_another_host(lab_prefix, tmp_path):
+    """`wgpunch relay --control` on a host of its own, the registry told of it
+    (--relay-remote) beside its own relay: a symmetric x symmetric pair gets its slot there
+    (the least loaded relay that answers comes before the registry's own), pings through it
+    on the kernel path, and both devices send to the relay host's address. The pair keeps
+    that slot while the registry is down and after it restarted."""
+    scenario = Scenario("relay-remote", (catalog.site("a", "symmetric"),
+                                         catalog.site("b", "symmetric"),
+                                         Host("r", wireguard=False)))
+    secret = tmp_path / "relay.secret"
+    secret.write_text(secrets.token_hex(32) + "\n")
+    secret.chmod(0o600)
+    with Lab(scenario, prefix=lab_prefix) as lab, Agents(lab, registry_args=[
+            "--relay", "31000-31099", "--relay-remote", str(lab.host("r").public_ip),
+            "--relay-secret-file", str(secret)]) as agents:
+        relay_ip = str(lab.host("r").public_ip)
+        lab.ns("r").run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        agents.start_relay("r", ["--ports", "32000-32099", "--control", relay_ip,
+                                 "--secret-file", str(secret)], control_port=51825)
+        agents.start_registry()
+        started = time.monotonic()
+        agents.start_nodes(["a", "b"])
+        wait_relayed(lab, agents)
+        print(f"pinging through the relay host {time.monotonic() - started:.2f} s after the "
+              "nodes started")
+        for host, peer in (("a", "b"), ("b", "a")):
+            shown = wait_for(lambda h=host, p=peer: (s := status_of(lab, h, p))["path"]
+                             == "relay" and s, timeout=5, what=f"{host}'s status")
+            assert shown["endpoint"].startswith(f"{relay_ip}:320"), shown
+            ifname = lab.host(host).ifname
+            assert ifname is not None
+            endpoints = lab.ns(host).run(["wg", "show", ifname, "endpoints"]).stdout
+            key = lab.host(peer).public_key
+            assert key is not None
+            assert f"{key.base64()}\t{relay_ip}:320" in endpoints, endpoints
+        assert pings(lab, "a", "b", count=20, lost=1)
+        wait_for(lambda: len(re.findall(r"dnat to", lab.ns("r").run(
+            ["nft", "list", "table", "ip", "wgpunch_relay"], check=False).stdout)) == 2,
+            timeout=5, what="the relay host's kernel path")
+        assert not [e for e in agents.events("registry") if e["event"] == "relay_slot"], \
+            "the registry's own relay made a slot"
+        [placed] = [e for e in agents.events("registry") if e["event"] == "relay_placed"]
+        assert relay_ip in placed["msg"]
+        # The relay host forwards without the registry, and a restarted registry reads where
+        # the pair is relayed from it before it serves: the pair keeps its slot throughout.
+        assert agents.stop("registry") == 0
+        assert pings(lab, "a", "b", count=10, lost=1)
+
+        def connections(host: str) -> int:
+            return sum(e["event"] == "registry_connected" for e in agents.events(host))
+
+        before = {host: connections(host) for host in "ab"}
+        agents.start_registry()
+        wait_for(lambda: all(connections(h) > before[h] for h in "ab"), timeout=10,
+                 what="both nodes to follow the restarted registry")
+        assert pings(lab, "a", "b", count=20, lost=2)
+        assert len([e for e in agents.events("registry") if e["event"] == "relay_placed"]) == 1
+        assert relay_endpoint(lab, "a").startswith(f"{relay_ip}:320")
+        agents.stop("r")
+        assert "Traceback" not in agents.log_tail("r", 1000)
+        assert lab.ns("r").run(["nft", "list", "table", "ip", "wgpunch_relay"],
+                               check=False).returncode != 0
