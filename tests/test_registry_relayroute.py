@@ -62,6 +62,25 @@ async def test_a_slot_for_a_pair_reaches_both_sides(registry):
     assert len(relay.table) == 1
 
 
+async def test_a_stream_opened_after_the_push_starts_with_the_slot(registry):
+    """B's stream was down when A asked (a registry restart): its next stream, snapshot or
+    resumed, starts with the slot B holds; A's too, and a node without a slot gets none."""
+    reg, relay = registry
+    a, b = await reg.client(), await reg.client("127.0.0.2")
+    mine = await (await a.post(f"/v1/relay/{B.hex()}")).json()
+    for since in ("", f"?since={reg.state.revision}&epoch=e1"):
+        watch_b = await b.get(f"/v1/watch{since}")
+        if not since:
+            assert (await next_line(watch_b))["type"] == "snapshot"
+        theirs = await next_line(watch_b)
+        assert (theirs["type"], theirs["peer"], theirs["address"]) == ("relay", A.base64(), None)
+        assert {mine["port"], theirs["port"]} == set(relay.table.ports[:2])
+        watch_b.close()
+    watch_a = await a.get(f"/v1/watch?since={reg.state.revision}&epoch=e1")
+    assert (await next_line(watch_a))["port"] == mine["port"]
+    assert reg.state.standing is not None and list(reg.state.standing(C)) == []
+
+
 @pytest.mark.parametrize(("source", "target", "status", "error"), [
     ("127.0.0.1", A.hex(), 400, "relay: a node cannot relay itself"),
     ("127.0.0.1", C.hex(), 409, "relay: the registry observes no endpoint for"),

@@ -37,10 +37,13 @@ BATCH = 64
 BUFFER_BYTES = 4 * 1024 * 1024
 MAX_DATAGRAM = 65535
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux <asm-generic/socket.h>; not in `socket`
+# Datagrams of a bound flow the kernel dropped over the slot's rate (relaykernel.py), counted
+# beside the userspace verdicts as of the last counter read.
+KERNEL_RATE = f"{Verdict.RATE} (kernel path)"
 # Why a datagram was not forwarded, as the metrics name it (docs/metrics.md).
 DROPPED = {Verdict.NOT_WIREGUARD: "shape", Verdict.WRONG_SOURCE: "source",
            Verdict.NEW_SOURCE: "new_source", Verdict.PEER_UNBOUND: "unbound",
-           Verdict.RATE: "rate", "send buffer full": "send_buffer"}
+           Verdict.RATE: "rate", KERNEL_RATE: "rate", "send buffer full": "send_buffer"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,7 @@ class Relay:
         self._kernel_dirty = asyncio.Event()
         self._kernel_packets: dict[int, tuple[int, int]] = {}  # by side port, as last read
         self._kernel_generation = 0  # the table's, at that read
+        self._kernel_rate_dropped: dict[int, int] = {}  # likewise, over the slot's rate
         # Forwarded since start, by path: [datagrams, bytes].
         self._forwarded = {"userspace": [0, 0], "kernel": [0, 0]}
         self._bound_unsent = 0  # datagrams that bound a side while the other was unbound
@@ -136,6 +140,11 @@ class Relay:
                 self._kernel_dirty.set()
         mine, theirs = slot.side_of(node), slot.side_of(peer)
         return Lease(peer, mine.port, created), Lease(node, theirs.port, created)
+
+    def leases_of(self, node: Key) -> list[Lease]:
+        """`node`'s lease of each slot it holds."""
+        return [Lease(slot.other(side).node, side.port, False) for slot in self.table
+                for side in (slot.a, slot.b) if side.node == node]
 
     def end(self, slot: Slot, why: str) -> None:
         log.info("relay slot %d/%d ended: %s (%d and %d datagrams forwarded)", slot.a.port,
@@ -270,6 +279,12 @@ class Relay:
             return
         if self.kernel.generation != self._kernel_generation:  # rewritten: counters from 0
             self._kernel_packets, self._kernel_generation = {}, self.kernel.generation
+            self._kernel_rate_dropped = {}
+        for port, read in self.kernel.rate_dropped.items():
+            dropped = max(0, read - self._kernel_rate_dropped.get(port, 0))
+            if dropped:
+                self.counts[KERNEL_RATE] = self.counts.get(KERNEL_RATE, 0) + dropped
+        self._kernel_rate_dropped = dict(self.kernel.rate_dropped)
         now, total = self.clock(), self._forwarded["kernel"]
         for slot in self.table:
             for side in (slot.a, slot.b):
@@ -290,7 +305,7 @@ class Relay:
         dropped: dict[str, int] = {}
         for verdict, count in self.counts.items():
             if verdict in DROPPED:
-                dropped[DROPPED[verdict]] = count
+                dropped[DROPPED[verdict]] = dropped.get(DROPPED[verdict], 0) + count
         if self._bound_unsent:
             dropped["unbound"] = dropped.get("unbound", 0) + self._bound_unsent
         return RelayCounts(

@@ -1,11 +1,12 @@
-"""`POST /v1/relay/{peer}` (docs/api.md) and the relay's life inside the registry's
+"""`POST /v1/relay/{peer}` (docs/api.md) and the relays' life inside the registry's
 application: the API decides who may have a slot (a caller, for a pair whose both sides the
-registry observes); relay.py forwards. The relay starts after the observer's first read and
-stops before it (aiohttp's cleanup_ctx order)."""
+registry observes); relaypool.py picks the relay, its own (relay.py) or one on another host;
+the relay forwards. The relays start after the observer's first read and stop before it
+(aiohttp's cleanup_ctx order)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
@@ -15,12 +16,12 @@ from ..wg.device import IPAddress
 from .api import CALLER, LIMITS, STATE, json_response, peer_in_path
 from .ratelimit import RateLimiter
 from .relay import Relay
+from .relaypool import RelayPool
+from .relayremote import RemoteRelay
 from .state import RegistryState
 
-RELAY = web.AppKey("relay", Relay)
+RELAYS = web.AppKey("relays", RelayPool)
 RELAY_RATE = web.AppKey("relay_rate", RateLimiter)
-# The address nodes send to; absent: null, the registry's own endpoint as they have it.
-RELAY_ADDRESS: web.AppKey[IPAddress] = web.AppKey("relay_address")
 
 
 def observed_ip(state: RegistryState) -> Callable[[Key], str | None]:
@@ -35,30 +36,35 @@ async def post_relay(request: web.Request) -> web.Response:
     target = await peer_in_path(request, "POST /v1/relay", RELAY_RATE)
     app, caller = request.app, request[CALLER]
     state = app[STATE]
-    state.pair_with_endpoints(caller, target, "relay")
-    mine, theirs = app[RELAY].allocate(caller, target)
-    address = app.get(RELAY_ADDRESS)
+    me, other = state.pair_with_endpoints(caller, target, "relay")
+    assert me.endpoint is not None and other.endpoint is not None
+    grant = await app[RELAYS].allocate(caller, str(me.endpoint.ip), target,
+                                       str(other.endpoint.ip))
     # The other side moves to the slot together with the caller (node/relay.py).
-    state.push(target, RelayEvent(state.revision, caller, theirs.port, address))
-    answer = relay_json(RelayEvent(state.revision, target, mine.port, address))
+    state.push(target, RelayEvent(state.revision, caller, grant.theirs, grant.address))
+    answer = relay_json(RelayEvent(state.revision, target, grant.mine, grant.address))
     del answer["type"]
-    return json_response(answer, status=201 if mine.created else 200)
+    return json_response(answer, status=201 if grant.created else 200)
 
 
-def install(app: web.Application, relay: Relay, address: IPAddress | None) -> None:
-    """Serve `POST /v1/relay/{peer}` on `app` and run `relay` with it."""
-    app[RELAY] = relay
+def install(app: web.Application, relay: Relay | None, address: IPAddress | None,
+            remotes: Sequence[RemoteRelay] = ()) -> RelayPool:
+    """Serve `POST /v1/relay/{peer}` on `app` with slots on `relay` (the registry's own,
+    whose address nodes are given as `address`) and on `remotes`; run them with it."""
+    pool = app[RELAYS] = RelayPool(relay, address, remotes)
     limits = app[LIMITS]
     app[RELAY_RATE] = RateLimiter(limits.relay_burst, limits.relay_per_s)
-    if address is not None:
-        app[RELAY_ADDRESS] = address
+    state = app[STATE]
+    state.standing = lambda node: [RelayEvent(state.revision, peer, port, at)
+                                   for peer, port, at in pool.standing(node)]
     app.router.add_post("/v1/relay/{peer}", post_relay)
 
     async def run_relay(app: web.Application) -> AsyncIterator[None]:
-        await relay.start()
+        await pool.start()
         try:
             yield
         finally:
-            await relay.close()
+            await pool.close()
 
     app.cleanup_ctx.append(run_relay)
+    return pool

@@ -187,6 +187,10 @@ class SlotTable:
     def __iter__(self) -> Iterator[Slot]:
         return iter(list(self._by_pair.values()))
 
+    @property
+    def free_ports(self) -> int:
+        return len(self._free)
+
     def at_port(self, port: int) -> Slot | None:
         return self._by_port.get(port)
 
