@@ -38,6 +38,8 @@ from .registrylink import LinkTimings, keep_link
 from .relay import Relays, RelayTimings
 from .source import Source
 from .track import Track
+from .upgrade import Upgrades, UpgradeTimings
+from .upgradelink import ProbeChannel, RawProbeChannel
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class Agent:
         portmap: bool = False,
         portmap_timings: PortmapTimings | None = None,
         registry_link: LinkTimings | None = None,  # None: no heartbeats (registrylink.py)
+        upgrade_channel: ProbeChannel | None = None,  # None: raw sockets, unless `io` is given
+        upgrade_timings: UpgradeTimings | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -82,6 +86,10 @@ class Agent:
         self.view = RegistryView()
         self.tracks: dict[Key, Track] = {}
         self.relays = Relays(client, self.view.relays, self.view.wake.set, relay_timings)
+        self.upgrades = Upgrades(
+            upgrade_channel or (RawProbeChannel() if io is None else None), client, device,
+            self.io, self.clock, self.view.directs, self.view.relays, self.view.wake.set,
+            upgrade_timings)
         self.punching: set[Key] = set()  # peers with a punch request under way
         self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
@@ -127,6 +135,8 @@ class Agent:
         self.me = self.view.me = state.public_key
         self.listen_port = state.listen_port
         self.can_open = self.io.can_send_raw()
+        if self.client.coordinates_punches:
+            self.upgrades.start(self.me, self.listen_port, self.view.peers.__contains__)
         registry = None if self.registry_key is None else state.peer(self.registry_key)
         if self.can_open and registry is not None and registry.endpoint is not None:
             self.opener_ttl.measure(registry.endpoint.ip)
@@ -150,6 +160,7 @@ class Agent:
                                                 self.clock, self.probe_live_peers,
                                                 self.view.relink.set, self.open_nat, self.link_t))
         finally:
+            self.upgrades.close()
             pathfile.remove(self.device.name, self.state_dir)
 
     async def report(self) -> None:
@@ -223,8 +234,8 @@ class Agent:
             ready = not self.client.coordinates_punches or known.reported is not None
             if ready != (memory.unready_since is None):
                 memory = replace(memory, unready_since=None if ready else now)
-            candidates = candidates_of(known, self.view.peers.get(self.me) if self.me else None,
-                                       self.view.local)
+            candidates = (*candidates_of(known, self.view.peers.get(self.me) if self.me else None,
+                                         self.view.local), *self.upgrades.found(peer.public_key))
             live = not path_is_dead(peer, memory, now_wall, now, self.t)
             mine = self.view.peers.get(self.me) if self.me else None
             # A port mapping on either side makes a path that the NATs' behaviour rules out.
@@ -260,7 +271,10 @@ class Agent:
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now, self.metrics)
             self.relays.annotate(peer.public_key, track)
-            recheck = min(recheck, decision.recheck_s)
+            lease = self.relays.leases.get(peer.public_key)
+            recheck = min(recheck, decision.recheck_s, await self.upgrades.step(
+                peer, track, known, mine, candidates, None if lease is None else lease.endpoint,
+                now))
         self.publish(state, now_wall)
         return recheck
 
