@@ -8,8 +8,8 @@ import subprocess
 import time
 
 import pytest
-from test_relay_lab import status_of, wait_relayed
 
+from test_relay_lab import status_of, wait_relayed
 from wgpunch.lab import catalog
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
@@ -63,28 +63,34 @@ def test_a_relayed_pair_goes_direct_when_its_nat_allows_it(lab_prefix):
                 # carrying one is 128 bytes).
                 wait_for(lambda: received(lab, "a", "b") >= before + 5 * 128, timeout=5,
                          interval=0.05, what="pings through the relay")
-                changed = time.monotonic()
+                changed = time.time()  # wall clock, as the agents' log lines
                 lab.set_nat_kind("na", "eim")
 
                 def direct() -> bool:
                     return all(not wg_endpoint(lab, h, p).startswith(relay_ip + ":")
-                               and status_of(lab, h, p)["path"] == "direct"
                                for h, p in (("a", "b"), ("b", "a")))
 
-                wait_for(direct, timeout=5, interval=0.1, what="both sides to go direct")
-                took = time.monotonic() - changed
+                # Polled with `wg` (a status --json costs a Python start-up, ~0.5 s on a
+                # busy machine); when each side moved is what its agent logged.
+                wait_for(direct, timeout=5, interval=0.05, what="both devices to go direct")
             finally:
                 out = ping.communicate(timeout=PINGS * 0.1 + 15)[0]
             sent, got = map(int, re.search(r"(\d+) packets transmitted, (\d+) received",
                                            out).groups())
-            print(f"symmetric -> eim: direct {took:.2f} s after the change; "
-                  f"ping lost {sent - got} of {sent}")
+            moved = {h: [e for e in agents.events(h) if e["event"] == "path_changed"
+                         and e["path"] == "direct"] for h in ("a", "b")}
+            assert all(moved.values()), moved
+            took = max(events[0]["ts"] for events in moved.values()) - changed
+            print(f"symmetric -> eim: both sides direct {took:.2f} s after the change; "
+                  f"ping at 10/s lost {sent - got} of {sent}")
+            assert took < 5.0
             for host, peer in (("a", "b"), ("b", "a")):
                 shown = status_of(lab, host, peer)
                 assert shown["reason"].startswith("back from the relay: "), shown
                 assert not wg_endpoint(lab, host, peer).startswith(relay_ip + ":")
-            moved = [e for h in ("a", "b") for e in agents.events(h)
+            again = [e for h in ("a", "b") for e in agents.events(h)
                      if e["event"] == "direct_again"]
-            assert len(moved) == 2, moved
+            assert len(again) == 2, again
             assert [e for e in agents.events("registry") if e["event"] == "relay_paused"]
-            assert sent - got <= 4, out
+            # The NAT forgot its flows, the relayed one too: lost until the switch (~0.4 s).
+            assert sent - got <= 6, out

@@ -136,7 +136,7 @@ class Agent:
         self.listen_port = state.listen_port
         self.can_open = self.io.can_send_raw()
         if self.client.coordinates_punches:
-            self.upgrades.start(self.me, self.listen_port, self.view.peers.__contains__)
+            self.upgrades.start(self.me, self.listen_port, lambda key: key in self.view.peers)
         registry = None if self.registry_key is None else state.peer(self.registry_key)
         if self.can_open and registry is not None and registry.endpoint is not None:
             self.opener_ttl.measure(registry.endpoint.ip)
