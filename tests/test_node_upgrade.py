@@ -12,6 +12,7 @@ from wgpunch.errors import MalformedPacket
 from wgpunch.keys import Key
 from wgpunch.natpunch.rawudp import magic_filter
 from wgpunch.node.candidates import Candidate, CandidateKind
+from wgpunch.node.track import Track
 from wgpunch.node.upgrade import (
     Backoff,
     Check,
@@ -27,7 +28,7 @@ from wgpunch.node.upgrade import (
 )
 from wgpunch.node.upgradewire import MAGIC, SIZE, Answer, Probe, parse
 from wgpunch.protocol import PeerRecord, Reported
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.device import Endpoint, PeerState
 
 T = UpgradeTimings()
 A, B, C = Key(bytes([1]) * 32), Key(bytes([2]) * 32), Key(bytes([3]) * 32)
@@ -253,3 +254,73 @@ async def test_probes_from_strangers_and_floods_get_few_answers():
     b.heard(ep("192.0.2.66:1"), Answer(TXID, A, ep("203.0.113.2:51820")).encode())
     b.heard(ep("192.0.2.66:1"), b"\x01" + bytes(63))
     assert not b.answered and not woke
+
+
+class Device:
+    name = "wgtest0"
+
+    def __init__(self) -> None:
+        self.endpoints: list[tuple[Key, Endpoint]] = []
+
+    async def set_endpoint(self, key: Key, endpoint: Endpoint) -> None:
+        self.endpoints.append((key, endpoint))
+
+
+class Io:
+    def __init__(self) -> None:
+        self.probes: list[object] = []
+
+    async def probe(self, ifname: str, address: object) -> bool:
+        self.probes.append(address)
+        return True
+
+
+class RelayClient(Client):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[Key] = []
+
+    async def relay(self, peer: Key) -> object:
+        self.asked.append(peer)
+        return "offer"
+
+
+def peer_state(endpoint: Endpoint, rx: int) -> PeerState:
+    return PeerState(B, endpoint, (ipaddress.ip_network("10.99.0.2/32"),), 100.0, rx, 0, 25,
+                     False)
+
+
+@pytest.mark.parametrize("holds", [True, False])
+async def test_a_switch_is_kept_when_the_peer_answers_and_undone_when_not(holds):
+    """A direct event moves the peer (no handshake: its session goes on); a byte from the peer
+    after settling keeps it, none within verify_s puts the relay slot back and asks for it
+    again (which resumes it)."""
+    clock, device, io, client = Clock(), Device(), Io(), RelayClient()
+    directs: dict[Key, Endpoint] = {B: DIRECT}
+    offers: dict[Key, object] = {}
+    up = Upgrades(None, client, device, io, clock, directs, offers, lambda: None)  # type: ignore[arg-type]
+    track, rec = Track(), record("198.51.100.2:51820")
+
+    async def tick(endpoint: Endpoint, rx: int) -> None:
+        await up.step(peer_state(endpoint, rx), track, rec, None, (), RELAY,  # type: ignore[arg-type]
+                      clock.now)
+
+    await tick(RELAY, 100)
+    assert device.endpoints == [(B, DIRECT)] and len(io.probes) == 1
+    clock.now += 0.1
+    await tick(RELAY, 100)  # a relayed datagram came late: the device roamed back
+    assert device.endpoints[-1] == (B, DIRECT) and len(device.endpoints) == 2
+    clock.now += 0.3
+    await tick(DIRECT, 120)  # settled: count from here, probe again
+    assert len(io.probes) == 2 and up.found(B) == (Candidate(CandidateKind.PUBLIC, DIRECT),)
+    clock.now += 0.2 if holds else 2.0
+    await tick(DIRECT, 200 if holds else 120)
+    if holds:
+        assert B in up.upgraded and not client.asked and B not in up.switched
+        assert up.upgraded[B][1] == "back from the relay: the peer's probe of us was answered"
+    else:
+        for task in list(up._tasks):
+            await task
+        assert device.endpoints[-1] == (B, RELAY) and client.asked == [B]
+        assert offers == {B: "offer"} and up.backoffs[B].next_at > clock.now
+        assert up.found(B) == ()
