@@ -5,12 +5,14 @@ through a fake network in process."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import pytest
 
+from test_natpunch_rawudp import ROUTER_ALERT, packet, run_bpf
 from wgpunch.errors import MalformedPacket
 from wgpunch.keys import Key
-from wgpunch.natpunch.rawudp import magic_filter
+from wgpunch.natpunch.rawudp import _attach_filter, magic_filter, udp_payload
 from wgpunch.node.candidates import Candidate, CandidateKind
 from wgpunch.node.track import Track
 from wgpunch.node.upgrade import (
@@ -150,12 +152,34 @@ def test_malformed_probe_datagrams(data, error):
         parse(data)
 
 
-def test_the_filter_passes_the_probe_shape_only():
+PROBE = Probe(TXID, A).encode()
+WG_INIT = bytes([1, 0, 0, 0]) + bytes(144)
+FILTER_CASES = {
+    "a probe to our port": (packet(sport=40000, payload=PROBE), True),
+    "an answer to our port": (packet(payload=Answer(TXID, A, ep("192.0.2.1:1")).encode()), True),
+    "a probe with IP options": (packet(options=ROUTER_ALERT, payload=PROBE), True),
+    "a probe to another port": (packet(dport=51821, payload=PROBE), False),
+    "WireGuard's own initiation": (packet(payload=WG_INIT), False),
+    "a probe one byte short": (packet(payload=PROBE[:63]), False),
+    "a probe with a byte more": (packet(payload=PROBE + b"\0"), False),
+    "another magic": (packet(payload=b"WGNP" + PROBE[4:]), False),
+    "a fragment": (packet(fragment=0x2000, payload=PROBE), False),
+    "TCP": (packet(protocol=6, payload=PROBE), False),
+}
+
+
+@pytest.mark.parametrize(("data", "accepted"), FILTER_CASES.values(), ids=FILTER_CASES.keys())
+def test_the_filter_passes_the_probe_shape_only(data, accepted):
     program = magic_filter(51820, SIZE, MAGIC)
-    checks = [(code, k) for code, _jt, _jf, k in program]
-    assert (0x15, 51820) in checks and (0x15, 8 + SIZE) in checks
-    assert (0x15, int.from_bytes(MAGIC, "big")) in checks
-    assert program[-1] == (0x06, 0, 0, 0)
+    assert (run_bpf(program, data) > 0) is accepted
+    found = udp_payload(data)
+    assert (found is not None and found[1:] in ((51820, PROBE), (51820, data[-64:]),
+                                               (51821, PROBE))) or not accepted
+
+
+def test_the_kernel_accepts_the_probe_filter():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        _attach_filter(sock, magic_filter(51820, SIZE, MAGIC))
 
 
 # -- two prober cores, a fake network between them ---------------------------------------
