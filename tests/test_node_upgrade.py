@@ -14,6 +14,7 @@ from wgpunch.errors import MalformedPacket
 from wgpunch.keys import Key
 from wgpunch.natpunch.rawudp import _attach_filter, magic_filter, udp_payload
 from wgpunch.node.candidates import Candidate, CandidateKind
+from wgpunch.node.decide import Kind, Memory, Reason, Timings, decide
 from wgpunch.node.track import Track
 from wgpunch.node.upgrade import (
     Backoff,
@@ -348,3 +349,19 @@ async def test_a_switch_is_kept_when_the_peer_answers_and_undone_when_not(holds)
         assert device.endpoints[-1] == (B, RELAY) and client.asked == [B]
         assert offers == {B: "offer"} and up.backoffs[B].next_at > clock.now
         assert up.found(B) == ()
+
+
+def test_decide_keeps_the_direct_endpoint_a_switch_found():
+    """A switch may land on an endpoint the registry does not know (the peer's port kept by
+    its NAT): offered as a candidate while in use, decide() keeps it and calls the path
+    direct; without it, decide() would suspect the session and probe toward the registry's."""
+    guess, public = ep("198.51.100.2:51820"), ep("198.51.100.2:40000")
+    up = Upgrades(None, Client(), None, None, Clock(), {}, {}, lambda: None)  # type: ignore[arg-type]
+    up.upgraded[B] = (guess, "why")
+    peer = peer_state(guess, 1000)
+    given = (Candidate(CandidateKind.PUBLIC, public), Candidate(CandidateKind.RELAY, RELAY))
+    now = dict(initiator=True, punched=False, now_wall=100.0, now=5.0, t=Timings())
+    kept = decide(peer, (*given, *up.found(B)), Memory(rx_changed_at=5.0), **now)
+    assert (kept.kind, kept.reason, kept.path) == (Kind.LEAVE, Reason.ROAMED, "direct")
+    suspect = decide(peer, given, Memory(rx_changed_at=5.0), **now)
+    assert (suspect.kind, suspect.endpoint) == (Kind.PROBE, public)
