@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from dataclasses import replace
 
 import pytest
 
@@ -27,10 +28,11 @@ from wgpunch.node.upgrade import (
     check,
     counts,
     next_round,
+    seen_of,
     targets,
 )
 from wgpunch.node.upgradewire import MAGIC, SIZE, Answer, Probe, parse
-from wgpunch.protocol import PeerRecord, Reported
+from wgpunch.protocol import NatBehaviour, PeerRecord, Reported
 from wgpunch.wg.device import Endpoint, PeerState
 
 T = UpgradeTimings()
@@ -365,3 +367,20 @@ def test_decide_keeps_the_direct_endpoint_a_switch_found():
     assert (kept.kind, kept.reason, kept.path) == (Kind.LEAVE, Reason.ROAMED, "direct")
     suspect = decide(peer, given, Memory(rx_changed_at=5.0), **now)
     assert (suspect.kind, suspect.endpoint) == (Kind.PROBE, public)
+
+
+def test_what_restarts_the_rounds():
+    peer, mine = record("198.51.100.2:40000"), record("203.0.113.9:51820")
+    base = seen_of(peer, mine)
+    assert seen_of(record("198.51.100.2:40000"), record("203.0.113.9:51820")) == base
+    eim = NatBehaviour("endpoint-independent", "address-and-port-dependent", True)
+    assert peer.reported is not None
+    changes = {
+        "the peer's endpoint": seen_of(record("198.51.100.2:40001"), mine),
+        "ours": seen_of(peer, record("203.0.113.9:51821")),
+        "the peer's NAT report": seen_of(
+            replace(peer, reported=replace(peer.reported, nat=eim)), mine),
+        "the peer's port mapping": seen_of(
+            replace(peer, reported=replace(peer.reported, mapped=ep("198.51.100.2:1"))), mine),
+    }
+    assert all(seen != base for seen in changes.values()), changes
