@@ -92,5 +92,6 @@ def test_a_relayed_pair_goes_direct_when_its_nat_allows_it(lab_prefix):
                      if e["event"] == "direct_again"]
             assert len(again) == 2, again
             assert [e for e in agents.events("registry") if e["event"] == "relay_paused"]
-            # The NAT forgot its flows, the relayed one too: lost until the switch (~0.4 s).
-            assert sent - got <= 6, out
+            # The NAT forgot its flows, the relayed one too: pings are lost until the switch
+            # (7 runs: 2-5 lost, direct 0.23-0.75 s after the change; more on a busy machine).
+            assert sent - got <= 8, out
