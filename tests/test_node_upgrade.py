@@ -4,13 +4,23 @@ through a fake network in process."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from dataclasses import replace
 
 import pytest
 
-from test_natpunch_rawudp import ROUTER_ALERT, packet, run_bpf
+from test_natpunch_rawudp import (
+    B_IP,
+    LPORT,
+    ROUTER_ALERT,
+    SPORT,
+    in_netns,
+    namespace_pair,
+    packet,
+    run_bpf,
+)
 from wgpunch.errors import MalformedPacket
 from wgpunch.keys import Key
 from wgpunch.natpunch.rawudp import _attach_filter, magic_filter, udp_payload
@@ -31,6 +41,7 @@ from wgpunch.node.upgrade import (
     seen_of,
     targets,
 )
+from wgpunch.node.upgradelink import RawProbeChannel
 from wgpunch.node.upgradewire import MAGIC, SIZE, Answer, Probe, parse
 from wgpunch.protocol import NatBehaviour, PeerRecord, Reported
 from wgpunch.wg.device import Endpoint, PeerState
@@ -384,3 +395,48 @@ def test_what_restarts_the_rounds():
             replace(peer, reported=replace(peer.reported, mapped=ep("198.51.100.2:1"))), mine),
     }
     assert all(seen != base for seen in changes.values()), changes
+
+
+def probe_exchange() -> list[tuple[Endpoint, bytes]]:
+    """Run inside A: WireGuard's stand-in owns LPORT; the channel sends a probe from it to
+    B's echo server, then datagrams of other shapes come back to LPORT: the channel hears
+    only the probe's echo, and WireGuard's socket still gets every datagram."""
+    heard: list[tuple[Endpoint, bytes]] = []
+    server, probe = Endpoint(ipaddress.ip_address(B_IP), SPORT), Probe(TXID, A).encode()
+
+    async def talk(wireguard: socket.socket) -> None:
+        channel, got = RawProbeChannel(), asyncio.Event()
+
+        def hear(source: Endpoint, data: bytes) -> None:
+            heard.append((source, data))
+            got.set()
+
+        assert channel.listen(LPORT, hear)
+        try:
+            assert channel.send(LPORT, server, probe)
+            assert wireguard.recvfrom(65535) == (probe, (B_IP, SPORT))
+            async with asyncio.timeout(5):
+                await got.wait()
+            # B's echo server answers "spray" from two wrong places and then once more
+            # (none shaped like a probe); WireGuard's socket gets all three after the raw
+            # socket had its copies, and the channel's reader hears none of them.
+            assert channel.send(LPORT, server, b"spray")
+            assert [wireguard.recvfrom(65535)[0] for _ in range(3)] == [
+                b"wrong source port", b"wrong source address", b"after spray"]
+            for _ in range(10):
+                await asyncio.sleep(0)  # give the reader its turns
+        finally:
+            channel.close()
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as wireguard:
+        wireguard.bind(("0.0.0.0", LPORT))
+        wireguard.settimeout(5)  # a deadline for each datagram, not a wait for one
+        asyncio.run(talk(wireguard))
+    return heard
+
+
+@pytest.mark.lab
+def test_the_raw_channel_hears_probe_datagrams_only():
+    with namespace_pair() as pair:
+        heard = in_netns(pair.a, probe_exchange)
+    assert heard == [(Endpoint(ipaddress.ip_address(B_IP), SPORT), Probe(TXID, A).encode())]
