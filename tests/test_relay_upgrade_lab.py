@@ -92,6 +92,7 @@ def test_a_relayed_pair_goes_direct_when_its_nat_allows_it(lab_prefix):
                      if e["event"] == "direct_again"]
             assert len(again) == 2, again
             assert [e for e in agents.events("registry") if e["event"] == "relay_paused"]
-            # The NAT forgot its flows, the relayed one too: pings are lost until the switch
-            # (7 runs: 2-5 lost, direct 0.23-0.75 s after the change; more on a busy machine).
-            assert sent - got <= 8, out
+            # The NAT forgot its flows, the relayed one too: the relay carries nothing from
+            # the change until the switch (14 runs: 1-8 lost, direct 0.19-0.97 s after the
+            # change). Beyond the pings of that time, at most a few more may be lost.
+            assert sent - got <= 3 + 10 * took, (sent - got, took, out)
