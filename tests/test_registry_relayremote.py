@@ -171,6 +171,24 @@ async def test_a_new_registry_learns_where_pairs_are_relayed(host, pools):
     assert again.standing(B) == [(A, grant.theirs, grant.address)]
 
 
+async def test_a_pair_that_went_direct_pauses_its_slot_on_the_remote_relay(host, pools):
+    """POST /v1/relay/{peer}/direct reaches the relay that holds the slot: it stops
+    forwarding, no stream replays it, a new registry does not learn it; asking again resumes
+    it."""
+    pool = await started(pools, RelayPool(None, None, [RemoteRelay(host.control, SECRET)]))
+    grant = await pool.allocate(A, LOCALHOST, B, LOCALHOST)
+    assert await pool.pause(A, B) is True
+    [slot] = list(host.relay.table)
+    assert slot.paused_at is not None
+    assert await pool.pause(B, A) is False  # the other side's answer, a moment later
+    assert pool.standing(A) == []
+    await pool.refresh()
+    assert pool.standing(A) == []
+    again = await pool.allocate(A, LOCALHOST, B, LOCALHOST)
+    assert (again.mine, again.theirs) == (grant.mine, grant.theirs)
+    assert slot.paused_at is None
+
+
 async def test_a_relay_that_fails_is_skipped_for_the_next(host, pools):
     """A relay that does not answer, or answers without our secret, is marked and the next
     one is asked within the same request: the registry's own relay last."""

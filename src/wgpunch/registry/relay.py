@@ -43,7 +43,8 @@ KERNEL_RATE = f"{Verdict.RATE} (kernel path)"
 # Why a datagram was not forwarded, as the metrics name it (docs/metrics.md).
 DROPPED = {Verdict.NOT_WIREGUARD: "shape", Verdict.WRONG_SOURCE: "source",
            Verdict.NEW_SOURCE: "new_source", Verdict.PEER_UNBOUND: "unbound",
-           Verdict.RATE: "rate", KERNEL_RATE: "rate", "send buffer full": "send_buffer"}
+           Verdict.RATE: "rate", KERNEL_RATE: "rate", Verdict.PAUSED: "paused",
+           "send buffer full": "send_buffer"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,19 +133,43 @@ class Relay:
                      slot.b.node, slot.b.port,
                      extra={"event": "relay_slot", "peer": str(slot.a.node),
                             "target": str(slot.b.node)})
-        elif slot.unbind(node):
-            log.info("relay slot %d: %s asked again; unbound until its next datagram",
-                     slot.side_of(node).port, node,
-                     extra={"event": "relay_unbound", "peer": str(node)})
-            if slot.kernel:
+        else:
+            if slot.paused_at is not None:  # the pair's direct path failed (node/upgrade.py)
+                slot.paused_at = None
+                log.info("relay slot %d/%d: %s asked again; forwarding again", slot.a.port,
+                         slot.b.port, node, extra={"event": "relay_resumed", "peer": str(node)})
                 self._kernel_dirty.set()
+            if slot.unbind(node):
+                log.info("relay slot %d: %s asked again; unbound until its next datagram",
+                         slot.side_of(node).port, node,
+                         extra={"event": "relay_unbound", "peer": str(node)})
+                if slot.kernel:
+                    self._kernel_dirty.set()
         mine, theirs = slot.side_of(node), slot.side_of(peer)
         return Lease(peer, mine.port, created), Lease(node, theirs.port, created)
 
     def leases_of(self, node: Key) -> list[Lease]:
-        """`node`'s lease of each slot it holds."""
+        """`node`'s lease of each slot it holds and uses (a paused pair went direct)."""
         return [Lease(slot.other(side).node, side.port, False) for slot in self.table
-                for side in (slot.a, slot.b) if side.node == node]
+                if slot.paused_at is None for side in (slot.a, slot.b) if side.node == node]
+
+    def pause(self, node: Key, peer: Key) -> bool:
+        """The pair went direct: its slot (if any) forwards nothing from now on, in userspace
+        at once, in the kernel once the table is rewritten (a few ms). Whether the switch
+        goes ahead: False when the slot was paused already within `direct_coalesce_s` (both
+        sides' probes were answered); True without a slot (it expired: nothing to stop)."""
+        slot = self.table.of_pair(node, peer)
+        now = self.clock()
+        if slot is None or (slot.paused_at is not None
+                            and now - slot.paused_at < self.t.direct_coalesce_s):
+            return slot is None
+        slot.paused_at = now
+        log.info("relay slot %d/%d: %s and %s went direct; paused", slot.a.port, slot.b.port,
+                 slot.a.node, slot.b.node,
+                 extra={"event": "relay_paused", "peer": str(node), "target": str(peer)})
+        if slot.kernel:
+            self._kernel_dirty.set()
+        return True
 
     def end(self, slot: Slot, why: str) -> None:
         log.info("relay slot %d/%d ended: %s (%d and %d datagrams forwarded)", slot.a.port,
@@ -232,7 +257,8 @@ class Relay:
             flows = {}
             for slot in self.table:
                 a, b = slot.a.bound, slot.b.bound
-                if a is not None and b is not None and ":" not in a[0] + b[0]:
+                if (a is not None and b is not None and ":" not in a[0] + b[0]
+                        and slot.paused_at is None):
                     flows[slot.a.port] = Flow(slot.a.port, a, slot.b.port, b)
             try:
                 await self.kernel.apply(flows)

@@ -69,6 +69,18 @@ def slot_request_from(obj: dict[str, Any]) -> tuple[tuple[Key, str], tuple[Key, 
     return first, second
 
 
+def pause_request_json(node: Key, peer: Key) -> dict[str, Any]:
+    return {"pair": [node.base64(), peer.base64()]}
+
+
+def pause_request_from(obj: dict[str, Any]) -> tuple[Key, Key]:
+    pair = obj.get("pair")
+    if set(obj) != {"pair"} or not isinstance(pair, list) or len(pair) != 2 or not all(
+            isinstance(k, str) for k in pair):
+        raise MalformedMessage('body: expected {"pair": ["base64", "base64"]}')
+    return Key.from_base64(pair[0]), Key.from_base64(pair[1])
+
+
 def _node(item: Any) -> tuple[Key, str]:
     if not isinstance(item, dict) or set(item) != {"key", "ip"} or not all(
             isinstance(v, str) for v in item.values()):
@@ -163,11 +175,19 @@ async def post_slots(request: web.Request) -> web.Response:
     return _json({"ports": [mine.port, theirs.port]}, 201 if mine.created else 200)
 
 
+async def post_pause(request: web.Request) -> web.Response:
+    node, peer = pause_request_from(decode_object(request[BODY]))
+    return _json({"paused": request.app[RELAY].pause(node, peer)})
+
+
 async def get_slots(request: web.Request) -> web.Response:
+    """The slots in use: a paused one (its pair went direct) is not listed, so that a pair
+    that asks again may be placed anew, and no stream replays it (relayroute.py)."""
     relay = request.app[RELAY]
     return _json({
         "slots": [{"nodes": [slot.a.node.base64(), slot.b.node.base64()],
-                   "ports": [slot.a.port, slot.b.port]} for slot in relay.table],
+                   "ports": [slot.a.port, slot.b.port]} for slot in relay.table
+                  if slot.paused_at is None],
         "free_ports": relay.table.free_ports,
     })
 
@@ -178,6 +198,7 @@ def create_app(relay: Relay, secret: bytes, ips: dict[Key, str]) -> web.Applicat
     app[RELAY], app[VERIFIER], app[IPS] = relay, Verifier(secret), ips
     app[REFUSALS] = Throttle(60.0, max_lines=10)
     app.router.add_post("/v1/slots", post_slots)
+    app.router.add_post("/v1/slots/pause", post_pause)
     app.router.add_get("/v1/slots", get_slots, allow_head=False)
     return app
 

@@ -75,6 +75,9 @@ class LocalRelay:
         mine, theirs = self.relay.allocate(node, peer)
         return mine.port, theirs.port, mine.created
 
+    async def pause(self, _session: aiohttp.ClientSession | None, node: Key, peer: Key) -> bool:
+        return self.relay.pause(node, peer)
+
 
 Host = LocalRelay | RemoteRelay
 
@@ -149,7 +152,8 @@ class RelayPool:
 
     def standing(self, node: Key) -> list[tuple[Key, int, IPAddress | None]]:
         """Each slot `node` holds: its peer, the port its device sends to, the address."""
-        pairs = {pair for host in self.remotes for pair in host.slots if node in pair}
+        pairs = {pair for host in self.remotes for pair in host.slots
+                 if node in pair and pair not in host.paused}
         if self.local is not None:
             pairs |= {pair_of(node, lease.peer) for lease in self.local.relay.leases_of(node)}
         found = []
@@ -191,6 +195,21 @@ class RelayPool:
         if refused is not None and len(failures) == 1:
             raise refused
         raise RequestRefused(f"relay: no relay gave a slot: {'; '.join(failures)}", 503)
+
+    async def pause(self, node: Key, peer: Key) -> bool:
+        """The pair went direct: its slot, wherever it is, stops forwarding. Whether the
+        switch goes ahead (Relay.pause); a relay that does not answer does not stop it (the
+        nodes keep the direct endpoint themselves, node/upgrade.py)."""
+        pair = pair_of(node, peer)
+        host = self.holder(pair)
+        if host is None:
+            return True
+        try:
+            return await host.pause(self._session, node, peer)
+        except RelayError as error:
+            log.warning("%s; the pair goes direct all the same", error,
+                        extra={"event": "relay_remote_failed"})
+            return True
 
     def _hosts(self) -> list[Host]:
         return [*self.remotes, *([self.local] if self.local else [])]

@@ -19,7 +19,7 @@ from ..keys import Key
 from ..protocol import dumps, pair_of
 from ..wg.device import Endpoint, IPAddress
 from .relayauth import HEADER, answer_matches, sign_request
-from .relaycontrol import ports_from, slot_request_json, slots_from
+from .relaycontrol import pause_request_json, ports_from, slot_request_json, slots_from
 
 # Our choice: a relay host answers within milliseconds; a node's slot request waits at most
 # this long for one that does not before the next relay is asked.
@@ -40,6 +40,7 @@ class RemoteRelay:
         self.error: str | None = None  # why it is not healthy
         # The slots it holds, by pair (protocol.pair_of order, the ports in that order).
         self.slots: dict[tuple[Key, Key], tuple[int, int]] = {}
+        self.paused: set[tuple[Key, Key]] = set()  # of them, pairs that went direct
         self.free_ports: int | None = None
 
     @property
@@ -64,7 +65,17 @@ class RemoteRelay:
         mine, theirs = ports_from(answer)
         pair = pair_of(node, peer)
         self.slots[pair] = (mine, theirs) if pair[0] == node else (theirs, mine)
+        self.paused.discard(pair)
         return mine, theirs, status == 201
+
+    async def pause(self, session: aiohttp.ClientSession | None, node: Key, peer: Key) -> bool:
+        """Stop the pair's slot here (it went direct): whether the switch goes ahead, as
+        Relay.pause says."""
+        assert session is not None
+        body = dumps(pause_request_json(node, peer)).encode()
+        _status, answer = await self._call(session, "POST", "/v1/slots/pause", body)
+        self.paused.add(pair_of(node, peer))  # no longer replayed to streams
+        return isinstance(answer, dict) and answer.get("paused") is True
 
     async def refresh(self, session: aiohttp.ClientSession) -> None:
         """Read its slots and free ports; healthy or not by whether it answered."""
@@ -78,6 +89,7 @@ class RemoteRelay:
             return
         self.slots = {pair_of(*nodes): ports if pair_of(*nodes) == nodes else ports[::-1]
                       for nodes, ports in listed.items()}
+        self.paused &= set(self.slots)
 
     async def _call(self, session: aiohttp.ClientSession, method: str, path: str,
                     body: bytes) -> tuple[int, Any]:
