@@ -10,8 +10,10 @@ path).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,33 +112,18 @@ def run_wgpunch(ns: Namespace, argv: Sequence[str], log: Path, *, ready: str | N
         stop_process(proc)
 
 
-@contextmanager
-def compiled_bytecode(enabled: bool = True) -> Iterator[None]:
-    """Every process started within the block runs wgpunch from compiled bytecode, as an
-    installed package does (pip writes .pyc files at install). A source tree run with
+def run_from_bytecode() -> None:
+    """Every process started from now on runs wgpunch from compiled bytecode, as an installed
+    package does (pip writes .pyc files at install). A source tree run with
     PYTHONDONTWRITEBYTECODE=1, as this machine's environment sets, compiles every module at
     every start: ~0.1-0.2 s of a node's start-up here, which no installed node pays. The
-    bytecode goes to a private cache (PYTHONPYCACHEPREFIX), never into the tree. Not
-    `enabled`: the environment as it is."""
-    if not enabled:
-        yield
-        return
-    saved = {name: os.environ.get(name)
-             for name in ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")}
-    with tempfile.TemporaryDirectory(prefix="wgpunch-bench-pyc-") as cache:
-        os.environ["PYTHONPYCACHEPREFIX"] = cache
-        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-        try:
-            # The interpreter's own modules are compiled into the cache by the first run
-            # that imports them (a bench's warm-up run).
-            subprocess.run([sys.executable, "-m", "compileall", "-q", str(SRC)], check=True)
-            yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+    bytecode goes to a private cache (PYTHONPYCACHEPREFIX), removed at exit, never into the
+    tree; the interpreter's own modules go there on first import (a bench's warm-up run)."""
+    cache = tempfile.mkdtemp(prefix="wgpunch-bench-pyc-")
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ["PYTHONPYCACHEPREFIX"] = cache
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(SRC)], check=True)
 
 
 # -- /proc --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ its `registry_connected` event (the first watch-stream line). The host's Python 
 registry are warm (one run before the measured ones is thrown away).
 
 Every process runs wgpunch from compiled bytecode, as an installed package does (common.py,
-`compiled_bytecode`); `--no-bytecode` leaves the environment as it is (with
+`run_from_bytecode`); `--no-bytecode` leaves the environment as it is (with
 PYTHONDONTWRITEBYTECODE=1, as on this machine, each start compiles every module it imports:
 the figures before 2026-12 were measured so).
 
@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import compiled_bytecode
+from common import run_from_bytecode
 from wgpunch.lab import Lab, catalog
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.netns import python_module, require_root, wait_for
@@ -105,11 +105,19 @@ def summary(values: list[float]) -> dict[str, float | None]:
     return {"p50": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-Row = tuple[str, dict[str, float | None]]
-
-
-def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
-    report: dict[str, Any] = {"runs": args.runs}
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=10, help="runs of each (default 10)")
+    parser.add_argument("--no-punch", action="store_true", help="only the --help timings")
+    parser.add_argument("--no-bytecode", action="store_true",
+                        help="do not compile wgpunch first: each process compiles what it "
+                             "imports if the environment says so (PYTHONDONTWRITEBYTECODE)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
+                                             "startup.json"))
+    args = parser.parse_args()
+    if not args.no_bytecode:
+        run_from_bytecode()
+    report: dict[str, Any] = {"runs": args.runs, "bytecode": not args.no_bytecode}
     helps: dict[str, list[float]] = {"wgpunch --help": [], "wgpunch node --help": []}
     for argv in (["--help"], ["node", "--help"]):
         help_time(argv)  # warm the page cache (and the bytecode cache)
@@ -129,22 +137,6 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[Row]]:
             values = [r[key] for r in runs]
             report["punch"][key] = summary(values)
             rows.append((label, summary(values)))
-    return report, rows
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=10, help="runs of each (default 10)")
-    parser.add_argument("--no-punch", action="store_true", help="only the --help timings")
-    parser.add_argument("--no-bytecode", action="store_true",
-                        help="do not compile wgpunch first: each process compiles what it "
-                             "imports if the environment says so (PYTHONDONTWRITEBYTECODE)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
-                                             "startup.json"))
-    args = parser.parse_args()
-    with compiled_bytecode(not args.no_bytecode):
-        report, rows = measure(args)
-    report["bytecode"] = not args.no_bytecode
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -46,11 +46,10 @@ NATPUNCH_GO_PORT, a throwaway key), both clients launched at once (`client IF
 REGISTRY:PORT KEY`, its default 2 s between retries), timed from that launch until the pair
 is direct, as wgpunch's `launch` column.
 
-Every process runs wgpunch from compiled bytecode, as an installed package does, and one
-run of the first scenario before the measured ones is thrown away (common.py,
-`compiled_bytecode`); `--no-bytecode` leaves the environment as it is (with
-PYTHONDONTWRITEBYTECODE=1, as on this machine, each agent compiles every module at start:
-the `launch` figures before 2026-12 were measured so).
+Every process runs wgpunch from compiled bytecode, as an installed package does, and one run
+before the measured ones is thrown away (common.py, `run_from_bytecode`); `--no-bytecode`
+leaves the environment as it is (with PYTHONDONTWRITEBYTECODE=1, as on this machine, each
+agent compiles every module at start: `launch` figures before 2026-12 were measured so).
 
 Prints a table and writes JSON (default bench/results/time_to_direct.json). Needs root.
 """
@@ -75,7 +74,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import compiled_bytecode
+from common import run_from_bytecode
 from wgpunch.errors import LabError
 from wgpunch.keys import generate_keypair
 from wgpunch.lab import Lab, catalog, evidence
@@ -154,12 +153,11 @@ def natpunch_go_run(binaries: Path) -> dict[str, Any]:
         registry = lab.host("registry")
         logs = state_dir(lab.prefix)
 
-        def start(host: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        def start(host: str, argv: list[str]) -> None:
             with (logs / f"{host}.natpunch-go.log").open("a") as out:
                 proc = lab.ns(host).popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=out, start_new_session=True)
             procs.callback(stop_process, proc, timeout=5)
-            return proc
 
         start("registry", [str(binaries / "server"), str(NATPUNCH_GO_PORT), private.base64()])
         wait_for(lambda: f":{NATPUNCH_GO_PORT} " in registry.ns.run(["ss", "-Hlun"]).stdout,
@@ -376,12 +374,42 @@ def summary(values: list[float]) -> dict[str, float | None]:
     return {"p50": statistics.median(values), "p95": pct(values, 0.95), "max": max(values)}
 
 
-def measure(args: argparse.Namespace, chosen: list[str], cases: list[str]
-            ) -> tuple[dict[str, Any], list[tuple[str, ...]]]:
-    report: dict[str, Any] = {"runs": args.runs, "scenarios": {}, "recovery": {}}
-    rows: list[tuple[str, ...]] = []
-    if chosen:
-        one_run(scenarios()[chosen[0]])  # warm: the first agents fill the bytecode cache
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20, help="runs per scenario (default 20)")
+    parser.add_argument("--recovery-runs", type=int, default=5,
+                        help="runs of each recovery case (default 5)")
+    parser.add_argument("--scenarios", default=",".join(scenarios()),
+                        help=f"comma-separated (default: all: {','.join(scenarios())}; "
+                        "'' for none)")
+    parser.add_argument("--cases", default=",".join(RECOVERY_CASES),
+                        help="recovery cases to run, comma-separated (default all: "
+                        f"{', '.join(RECOVERY_CASES)}; '' for none)")
+    parser.add_argument("--restart-after", type=float, default=15.0, metavar="SECONDS",
+                        help="registry-restart: how long the registry stays away (default 15)")
+    parser.add_argument("--natpunch-go", type=Path, metavar="DIR",
+                        help="with easy: also natpunch-go's cold start, its `server` and "
+                             "`client` from DIR, interleaved with wgpunch's runs")
+    parser.add_argument("--no-bytecode", action="store_true",
+                        help="do not compile wgpunch first: each agent compiles what it "
+                             "imports if the environment says so (PYTHONDONTWRITEBYTECODE)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
+                                             "time_to_direct.json"))
+    args = parser.parse_args()
+    chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    cases = [name.strip() for name in args.cases.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in scenarios()]
+    unknown += [name for name in cases if name not in RECOVERY_CASES]
+    if unknown or not chosen + cases:
+        parser.error(f"unknown scenario(s) or case(s) {', '.join(unknown) or '(none)'}; "
+                     f"known: {', '.join([*scenarios(), *RECOVERY_CASES])}")
+    require_root()
+    if not args.no_bytecode:
+        run_from_bytecode()
+        one_run(catalog.resolve("easy"))  # warm: the first agents fill the bytecode cache
+    report: dict[str, Any] = {"runs": args.runs, "scenarios": {}, "recovery": {},
+                              "bytecode": not args.no_bytecode}
+    rows = []
     for name, scenario in scenarios().items():
         if name not in chosen:
             continue
@@ -417,42 +445,6 @@ def measure(args: argparse.Namespace, chosen: list[str], cases: list[str]
                  if r.get("recovered") and r["recovery_s"] is not None]
         report["recovery"][name] = {"runs": runs, **summary(times)}
         print(f"{name}: {len(times)}/{len(runs)} recovered", file=sys.stderr)
-    return report, rows
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=20, help="runs per scenario (default 20)")
-    parser.add_argument("--recovery-runs", type=int, default=5,
-                        help="runs of each recovery case (default 5)")
-    parser.add_argument("--scenarios", default=",".join(scenarios()),
-                        help=f"comma-separated (default: all: {','.join(scenarios())}; "
-                        "'' for none)")
-    parser.add_argument("--cases", default=",".join(RECOVERY_CASES),
-                        help="recovery cases to run, comma-separated (default all: "
-                        f"{', '.join(RECOVERY_CASES)}; '' for none)")
-    parser.add_argument("--restart-after", type=float, default=15.0, metavar="SECONDS",
-                        help="registry-restart: how long the registry stays away (default 15)")
-    parser.add_argument("--natpunch-go", type=Path, metavar="DIR",
-                        help="with easy: also natpunch-go's cold start, its `server` and "
-                             "`client` from DIR, interleaved with wgpunch's runs")
-    parser.add_argument("--no-bytecode", action="store_true",
-                        help="do not compile wgpunch first: each agent compiles what it "
-                             "imports if the environment says so (PYTHONDONTWRITEBYTECODE)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
-                                             "time_to_direct.json"))
-    args = parser.parse_args()
-    chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
-    cases = [name.strip() for name in args.cases.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in scenarios()]
-    unknown += [name for name in cases if name not in RECOVERY_CASES]
-    if unknown or not chosen + cases:
-        parser.error(f"unknown scenario(s) or case(s) {', '.join(unknown) or '(none)'}; "
-                     f"known: {', '.join([*scenarios(), *RECOVERY_CASES])}")
-    require_root()
-    with compiled_bytecode(not args.no_bytecode):
-        report, rows = measure(args, chosen, cases)
-    report["bytecode"] = not args.no_bytecode
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
