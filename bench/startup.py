@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import statistics
 import subprocess
@@ -47,7 +48,7 @@ EVENT_TIMEOUT_S = 15.0
 def help_time(argv: list[str]) -> float:
     command, env = python_module("wgpunch.cli", *argv)
     start = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
