@@ -179,18 +179,21 @@ async def test_a_nudge_brings_the_next_read_forward():
                                 poll_fast_for_s=60.0))
     task = asyncio.create_task(observer.run())
     try:
-        await until(lambda: len(reads) == 1)
+        await until(lambda: len(reads) == 1, "the first read")
         await asyncio.sleep(0.5)  # waited past the quick pace: nothing read yet
         assert len(reads) == 1
         observer.nudge()
-        await until(lambda: len(reads) >= 3)  # the nudged read, then a quick one after it
+        await until(lambda: len(reads) >= 3, "the nudged read and a quick one after it")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
 
-async def until(condition, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
+async def until(check, what: str, within_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)  # poll interval, bounded by the deadline
