@@ -7,9 +7,9 @@
 Set-up, inside one throwaway network namespace: a wireguard-go device with `--nodes` peers
 (real keys, an endpoint in 198.18.0.0/15 and one /32 tunnel address each, configured through
 the device layer in batches), and the real `wgpunch registry` on it, listening on the device's
-tunnel address with its shipped timings (0.2 s polls unless `--poll-interval`, 2 s
-heartbeats). The peers' /32s are
-added to the namespace's own loopback interface, so a connection bound to one of them comes
+tunnel address with its shipped timings (0.2 s polls unless `--poll-interval`, a quarter of
+that for 5 s after a change; 2 s heartbeats). The peers' /32s are added to the namespace's
+own loopback interface, so a connection bound to one of them comes
 from that peer's tunnel address: the API identifies it as that peer, as it would a node's
 connection through the tunnel (the packets take the loopback path, not WireGuard's).
 
@@ -23,7 +23,7 @@ NDJSON) on asyncio so that it stays cheaper than the registry it measures:
 4. `idle`: `--idle-seconds` with every stream open and nothing changing (heartbeats, polls);
 5. `churn`: `--seconds` of changes at `--churn` % of the nodes per minute, evenly spaced,
    alternating (a) a node's endpoint changing on the device (`wg set IF peer K endpoint E`,
-   timed from `wg` exiting: the observer's 0.2 s poll is part of what is measured) and (b) a
+   timed from `wg` exiting: the observer's poll is part of what is measured) and (b) a
    node's report changing (`PUT /v1/self` with a new version, timed from the request's first
    byte). Every stream's lines are parsed; each change's event is matched on every stream by
    its peer and its new endpoint or version. After the last change the client waits up to 5 s
@@ -528,8 +528,9 @@ def main() -> int:
     parser.add_argument("--snapshots", type=int, default=10,
                         help="nodes that start with a full snapshot (default 10)")
     parser.add_argument("--poll-interval", type=float, default=0.2,
-                        help="the registry's device poll interval (default 0.2, as shipped): "
-                             "part of every endpoint change's latency")
+                        help="the registry's device poll interval while nothing changes "
+                             "(default 0.2, as shipped; a quarter of it for 5 s after a "
+                             "change): part of every endpoint change's latency")
     parser.add_argument("--profile", metavar="FILE",
                         help="run the registry under cProfile, stats to FILE.NODES")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"
