@@ -39,6 +39,7 @@ from common import (
     exit_on_sigterm,
     prefix,
     print_table,
+    remove_agent_files,
     run_wgpunch,
     start_device,
     status_kib,
@@ -96,6 +97,7 @@ def lab(peers: int, tmp: Path) -> Iterator[tuple[Device, Device]]:
             device.daemon.stop()
         for ns in (reg_ns, node_ns):
             ns.delete()
+        remove_agent_files(f"{name}node")
 
 
 def logged(log: Path, event: str) -> bool:

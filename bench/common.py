@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.lab.netns import Namespace, WireguardGo, python_module, stop_process, wait_for
+from wgpunch.node.lock import lock_file
+from wgpunch.node.pathfile import path_file
 from wgpunch.wg.device import PeerConfig
 from wgpunch.wg.uapi import UapiDevice
 
@@ -110,6 +112,13 @@ def run_wgpunch(ns: Namespace, argv: Sequence[str], log: Path, *, ready: str | N
         yield proc
     finally:
         stop_process(proc)
+
+
+def remove_agent_files(ifname: str) -> None:
+    """The lock and path file that a node agent on `ifname` leaves in the machine's state
+    directory (a lock file stays by design; lab/state.py removes a Lab's the same way)."""
+    for path in (lock_file(ifname), path_file(ifname)):
+        path.unlink(missing_ok=True)
 
 
 def run_from_bytecode() -> None:
