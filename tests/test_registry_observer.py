@@ -158,6 +158,8 @@ async def test_the_pace_is_quick_after_a_change_or_a_nudge_and_slow_when_quiet()
     assert await observer.poll_once() and observer.interval() == 1.0  # counters alone: quiet
     observer.nudge()
     assert observer.interval() == 0.25
+    # A read too slow for the quick pace: the pace keeps reads to a quarter of the time.
+    assert observer.interval(took=0.1) == 0.4 and observer.interval(took=0.5) == 1.0
     now[0] = 20.0
     assert observer.interval() == 1.0
 

@@ -13,7 +13,8 @@ wireguard-go that was restarted (or started after us) is found again.
 The pace: every `poll_interval_s` while nothing changes, four times as often for a few
 seconds after a read found a change or after `nudge()` (the API calls it when a node reports
 something new or asks for a punch: its endpoint may have moved with it), so that the changes
-that come together are seen quickly and a quiet device costs no more than before (timings.py).
+that come together are seen quickly and a quiet device costs no more than before
+(timings.py); but never so often that reads take more than QUICK_READ_SHARE of the time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 # Changed peers applied to the table per turn of the event loop: ~0.3 ms (state.py).
 APPLY_SLICE = 200
+# The quick pace is never so quick that reads take more than this share of the time: at
+# 1,000 peers a read takes a few ms and the quick pace holds; at 10,000 (~40 ms, bench/dns.py)
+# it stays near the slow one.
+QUICK_READ_SHARE = 0.25
 
 
 class Observer:
@@ -64,12 +69,16 @@ class Observer:
         self._fast_until = self._clock() + self._timings.poll_fast_for_s
         self._nudged.set()
 
-    def interval(self) -> float:
-        """The time between reads now: quick for `poll_fast_for_s` after a change or a
-        nudge, else `poll_interval_s`."""
+    def interval(self, took: float = 0.0) -> float:
+        """The time between the starts of two reads now, after a read that took `took`:
+        `poll_interval_s`, but for `poll_fast_for_s` after a change or a nudge
+        `poll_fast_factor` of it, or as long as keeps reads to QUICK_READ_SHARE of the
+        time."""
         t = self._timings
-        fast = self._clock() < self._fast_until
-        return t.poll_interval_s * (t.poll_fast_factor if fast else 1.0)
+        if self._clock() >= self._fast_until:
+            return t.poll_interval_s
+        return min(t.poll_interval_s,
+                   max(t.poll_interval_s * t.poll_fast_factor, took / QUICK_READ_SHARE))
 
     async def poll_once(self) -> bool:
         """Read the device once and update the table; False if the read failed."""
@@ -120,7 +129,7 @@ class Observer:
         pace."""
         while True:
             self._nudged.clear()  # interval() counts every nudge so far
-            interval = self.interval()
+            interval = self.interval(took)
             left = started + max(interval, took + min(took, 10 * interval)) - self._clock()
             if left <= 0:
                 return
