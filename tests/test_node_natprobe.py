@@ -143,10 +143,17 @@ async def test_an_unanswered_filtering_request_is_not_filtering(kind):
     assert got == NatBehaviour("endpoint-independent", "unknown", True)
     assert watch.measured is not None and not watch.measured.settled
     assert watch.again_in() == FAST.again_first_s
+    # A try again that the registry answered not at all keeps what the first one knew.
+    watch.channel = Silent()
+    assert await watch.current(51820, Endpoint(OUTSIDE, 51820), {INSIDE}, again=True) == got
+    assert watch.again_in() == 2 * FAST.again_first_s
     watch.channel = ModelChannel(ModelNat(kind))
     assert await watch.current(51820, Endpoint(OUTSIDE, 51820), {INSIDE},
                                again=True) == KINDS[kind]
     assert watch.again_in() is None
+    watch.channel = BusyOnFiltering(ModelNat(kind))  # and a settled one is kept likewise
+    assert await watch.current(51820, Endpoint(OUTSIDE, 51820), {INSIDE},
+                               again=True) == KINDS[kind]
 
 
 @pytest.mark.parametrize(("intent", "wg", "seen", "mapping", "preserved"), [

@@ -246,8 +246,14 @@ class NatWatch:
         last = self.measured
         if last is None or last.wg_observed != wg_observed or again:
             previous = last
-            last = self.measured = await measure(self.channel, listen_port, self.server,
-                                                 wg_observed, own, self.t)
+            last = await measure(self.channel, listen_port, self.server, wg_observed, own,
+                                 self.t)
+            if (again and previous is not None and previous.wg_observed == wg_observed
+                    and _knows_less(last, previous)):
+                # A try again that the busy registry answered less of than the last one
+                # tells nothing new about the same mapping: keep what is known.
+                last = previous
+            self.measured = last
             # A try again that finds what the last one found is not news.
             log.log(logging.DEBUG if again and previous == last else logging.INFO,
                     "NAT: %s (probe port %s saw %s; the registry's WireGuard port %s)",
@@ -259,6 +265,11 @@ class NatWatch:
                 self._again_s = (self.t.again_first_s if self._again_s is None
                                  else min(2 * self._again_s, self.t.again_max_s))
         return last.behaviour
+
+
+def _knows_less(new: Measurement, old: Measurement) -> bool:
+    return (new.seen is None and old.seen is not None) or (
+        not new.settled and old.settled)
 
 
 def own_addresses(addresses: Iterable[IPAddress]) -> frozenset[IPAddress]:
