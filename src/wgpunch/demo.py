@@ -13,6 +13,7 @@ import asyncio
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,11 +53,13 @@ def run_demo(scenario: str, timeout_s: float, prefix: str | None,
 
     with Lab(catalog.resolve(scenario), prefix=prefix,
              registry_peer=natpunch is None) as lab, _agents(lab, natpunch) as agents:
+        needs_relay = _NeedsRelay(agents)
         found = asyncio.run(evidence.wait_direct(lab, timeout_s, check=agents.check_alive,
-                                                 lan_ok=True, relay_ok=natpunch is None))
-        nats = {host: _nat(agents, host) for host in agents.nodes}
+                                                 accept=needs_relay.settled, lan_ok=True,
+                                                 relay_ok=natpunch is None))
         results = []
         for (a, b), (pair, took) in found.items():
+            why = needs_relay.why(a, b)
             results.append(PairResult(
                 a=a, b=b, direct=pair.direct, path=pair.path, time_to_direct_s=took,
                 a_endpoint_for_b=None if pair.a.endpoint is None else str(pair.a.endpoint),
@@ -64,10 +67,37 @@ def run_demo(scenario: str, timeout_s: float, prefix: str | None,
                 b_public_ip=pair.a.peer_public_ip, a_public_ip=pair.b.peer_public_ip,
                 handshake_age_s=pair.a.handshake_age_s,
                 ping_ms=_ping_ms(lab, a, b) if pair.path != "none" else None,
-                why=None if pair.path != "none" else relay_reason(
-                    nats.get(a), nats.get(b), mapped=_mapped(agents, a) or _mapped(agents, b)),
+                why=None if pair.path not in ("none", "relay") else why or (
+                    "relayed though direct may be possible: the agents keep probing it"
+                    if pair.path == "relay" else None),
             ))
         return results
+
+
+class _NeedsRelay:
+    """Whether a pair's NATs, as its nodes measured them, rule a direct path out: a relayed
+    pair counts as settled only then; the others are watched until they go direct (the
+    agents move them back: node/upgrade.py) or the time is up."""
+
+    def __init__(self, agents: Any) -> None:
+        self.agents = agents
+        self._read_at = -math.inf
+        self._nats: dict[str, tuple[NatBehaviour | None, bool]] = {}
+
+    def why(self, a: str, b: str) -> str | None:
+        self._refresh()
+        (nat_a, mapped_a), (nat_b, mapped_b) = (self._nats.get(h, (None, False)) for h in (a, b))
+        return relay_reason(nat_a, nat_b, mapped=mapped_a or mapped_b)
+
+    def settled(self, pair: Any) -> bool:
+        return pair.direct or pair.lan or self.why(pair.a.host, pair.b.host) is not None
+
+    def _refresh(self) -> None:
+        # The agents' logs, read at most once a second (a 14-node lab has 91 pairs).
+        if time.monotonic() - self._read_at >= 1.0:
+            self._read_at = time.monotonic()
+            self._nats = {host: (_nat(self.agents, host), _mapped(self.agents, host))
+                          for host in self.agents.nodes}
 
 
 def _nat(agents: Any, host: str) -> NatBehaviour | None:
