@@ -42,7 +42,10 @@ class PairResult:
 
 
 def _ping_ms(lab: Any, a: str, b: str) -> float | None:
-    done = lab.exec(a, ["ping", "-c", "1", "-W", "2", str(lab.host(b).tunnel_ip)], check=False)
+    # Echoes every 0.2 s until one is answered, for 3 s at most: on a loaded machine (the
+    # 14-node lab at load 9) one datagram of a pair relayed a moment before was lost.
+    done = lab.exec(a, ["ping", "-c", "1", "-i", "0.2", "-w", "3", str(lab.host(b).tunnel_ip)],
+                    check=False)
     match = re.search(r"time=([\d.]+) ms", done.stdout)
     return float(match.group(1)) if done.returncode == 0 and match else None
 
