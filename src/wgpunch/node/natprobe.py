@@ -65,8 +65,17 @@ class Channel(Protocol):
                        sources: Sequence[Endpoint], accept: Callable[[bytes], bool],
                        wait_s: float) -> dict[Endpoint, bytes]:
         """Send `payload` from our `listen_port` to `to`; within `wait_s`, the first datagram
-        from each of `sources` that `accept`s. Raises WgpunchError when it cannot send."""
+        from each of `sources` that `accept`s, waiting at most `SETTLE_S` more for the others
+        once `to`'s own came. Raises WgpunchError when it cannot send."""
         ...
+
+
+# The registry sends all its replies to one request at once (registry/natprobe.py): once the
+# one from the address we sent to came, the others come within a moment or not at all (our NAT
+# filtered them). Our choice: well above the spread of replies sent together, and so a NAT
+# that filters per port is measured in a round trip and this, not in every try's whole wait
+# (0.6 s, the relay's decision waiting on it).
+SETTLE_S = 0.05
 
 
 class RawChannel:
@@ -91,7 +100,25 @@ class RawChannel:
                         heard[source] = data
                         return
 
-            await asyncio.gather(*(listen(s, r) for s, r in readers.items()))
+            listeners = {source: asyncio.create_task(listen(source, reader))
+                         for source, reader in readers.items()}
+            try:
+                own = listeners.get(to)
+                if own is not None:
+                    await asyncio.wait([own], timeout=wait_s)
+                rest = [task for task in listeners.values() if not task.done()]
+                if rest:
+                    left = deadline - loop.time()
+                    await asyncio.wait(rest, timeout=min(left, SETTLE_S) if to in heard
+                                       else left)
+            finally:
+                for task in listeners.values():
+                    task.cancel()
+                results = await asyncio.gather(*listeners.values(), return_exceptions=True)
+            for result in results:  # an error receiving, as the gather before raised it
+                if isinstance(result, Exception) and not isinstance(
+                        result, asyncio.CancelledError):
+                    raise result
             return heard
 
 
