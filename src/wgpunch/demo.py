@@ -38,6 +38,7 @@ class PairResult:
     handshake_age_s: float | None
     ping_ms: float | None
     why: str | None = None  # a pair that cannot go direct: why, from both nodes' NATs
+    lower_key: str | None = None  # a or b: whose public key is lower (protocol/roles.py)
 
 
 def _ping_ms(lab: Any, a: str, b: str) -> float | None:
@@ -65,8 +66,16 @@ def run_demo(scenario: str, timeout_s: float, prefix: str | None,
                 handshake_age_s=pair.a.handshake_age_s,
                 ping_ms=_ping_ms(lab, a, b) if pair.path != "none" else None,
                 why=None if pair.path != "none" else relay_reason(nats.get(a), nats.get(b)),
+                lower_key=_lower_key(lab, a, b),
             ))
         return results
+
+
+def _lower_key(lab: Any, a: str, b: str) -> str | None:
+    keys = lab.host(a).public_key, lab.host(b).public_key
+    if None in keys:
+        return None
+    return a if keys[0].raw < keys[1].raw else b
 
 
 def _nat(agents: Any, host: str) -> NatBehaviour | None:
