@@ -248,7 +248,7 @@ def describe(lab_plan: Plan, hosts: dict[str, LabHost]) -> dict[str, Any]:
         })
     nat_rows = [{
         "name": node.name, "namespace": node.ns, "kind": node.kind, "hairpin": node.hairpin,
-        "portmap": node.portmap,
+        "portmap": node.portmap, "udp_timeout_s": node.udp_timeout_s,
         "public_ip": text(node.address.ip if node.address else None),
         "lan": text(node.lan.network if node.lan else None),
         "behind": node.parent if node.parent != "core" else None,
