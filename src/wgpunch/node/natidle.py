@@ -172,18 +172,22 @@ class IdleWatch:
 
     async def watch(self, server: Endpoint) -> None:
         while True:
-            found = await self.probe(server, self.t.ladder, self.t)
-            if found is not None and found != self.found:
-                safe = found.keepalive_s(self.default_s)
-                log.log(logging.INFO if safe or self.found else logging.DEBUG,
-                        "NAT: %s: %s", found.words(),
-                        f"persistent keepalive {safe} s toward the peers we steer" if safe
-                        else f"a persistent keepalive of {self.default_s} s keeps them open",
-                        extra={"event": "nat_idle_measured", "kept_s": found.kept_s,
-                               "lost_s": found.lost_s, "keepalive_s": safe})
-                self.found = found
-                self.changed()
+            await self.watch_once(server)
             await asyncio.sleep(self.t.again_s)
+
+    async def watch_once(self, server: Endpoint) -> None:
+        found = await self.probe(server, self.t.ladder, self.t)
+        if found is None or found == self.found:
+            return
+        safe = found.keepalive_s(self.default_s)
+        log.log(logging.INFO if safe or self.found else logging.DEBUG,
+                "NAT: %s: %s", found.words(),
+                f"persistent keepalive {safe} s toward the peers we steer" if safe
+                else f"a persistent keepalive of {self.default_s} s keeps them open",
+                extra={"event": "nat_idle_measured", "kept_s": found.kept_s,
+                       "lost_s": found.lost_s, "keepalive_s": safe})
+        self.found = found
+        self.changed()
 
     def keepalive_s(self) -> int:
         """The persistent keepalive the agent sets with an endpoint."""
