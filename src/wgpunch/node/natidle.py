@@ -13,7 +13,8 @@ each asking for a later answer after one of `ladder`'s delays (probewire flag 4)
 answer shows the path works; a later answer arriving means our NAT kept that socket's mapping
 idle that long. A NAT that forgets a mapping idle for t forgets one idle longer too, so the
 shortest delay whose later answer did not come ends the measurement (a NAT with a 20 s
-timeout is known in 23 s; one that keeps mappings longer than the ladder, in 27 s).
+timeout is known in 23 s; one that keeps mappings longer than the ladder, in 27 s; both
+after IdleTimings.start_after_s).
 Ordinary sockets, not the WireGuard port: a NAT gives every UDP flow of a host the same idle
 timeout, and several flows at once take one round instead of a search. Linux
 routers time out a flow that had one packet each way (these) after 30 s and one with traffic
@@ -53,6 +54,11 @@ class IdleTimings:
     first_wait_s: float = 1.0
     # A later answer may be this late: the registry's timer and a round trip.
     late_s: float = 1.0
+    # The first measurement waits this long after the agent starts: the registry lets a
+    # source address send 32 probes at once, then 16 a second (registry/natprobe.py), and
+    # two nodes behind one NAT measuring their mapping at start must not find the budget
+    # spent on this. Two seconds refill it; our choice.
+    start_after_s: float = 2.0
     # Measured again this often: a node that moved to another network, a NAT that changed.
     # A measurement costs one socket and two datagrams per rung.
     again_s: float = 600.0
@@ -171,6 +177,7 @@ class IdleWatch:
         self.found: Idle | None = None
 
     async def watch(self, server: Endpoint) -> None:
+        await asyncio.sleep(self.t.start_after_s)
         while True:
             await self.watch_once(server)
             await asyncio.sleep(self.t.again_s)
