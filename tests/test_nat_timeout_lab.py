@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from wgpunch.errors import LabError
 from wgpunch.lab import catalog, evidence
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
@@ -57,8 +58,11 @@ def test_the_agent_keeps_a_short_lived_mapping_open(lab_prefix):
         assert took is not None, f"no direct path: {pair}"
 
         a, b = lab.host("a"), lab.host("b")
-        wait_for(lambda: _events(agents, ["a"], {"keepalive_lowered"}),
-                 timeout=MEASURED_DEADLINE_S, what="a's agent to lower b's keepalive")
+        try:
+            wait_for(lambda: _events(agents, ["a"], {"keepalive_lowered"}),
+                     timeout=MEASURED_DEADLINE_S, what="a's agent to lower b's keepalive")
+        except LabError as error:
+            raise AssertionError(f"{error}: {agents.log_tail('a', 4)}") from None
         [measured] = _events(agents, ["a"], {"nat_idle_measured"})
         assert measured["kept_s"] == 7 and measured["lost_s"] == 10, measured
         shown = lab.exec("a", ["wg", "show", a.ifname, "persistent-keepalive"]).stdout.split()

@@ -19,19 +19,21 @@ from wgpunch.wg.device import Endpoint
 LADDER = (2, 4, 7, 10, 13, 16, 19, 22, 26)
 
 
-@pytest.mark.parametrize(("intent", "asked", "heard", "idle", "keepalive"), [
-    ("every later answer came: 25 s keeps the mapping", LADDER, LADDER, Idle(26, None), None),
-    ("a 20 s NAT: 19 s kept, 22 s lost", LADDER, LADDER[:7], Idle(19, 22), 18),
-    ("the lab test's 8 s NAT", LADDER, LADDER[:3], Idle(7, 10), 6),
-    ("lost between 22 and 26: the keepalive may be too long", LADDER, LADDER[:8],
+@pytest.mark.parametrize(("intent", "heard", "lost", "idle", "keepalive"), [
+    ("every later answer came: 25 s keeps the mapping", LADDER, (), Idle(26, None), None),
+    ("a 20 s NAT: 19 s kept, 22 s lost", LADDER[:7], (22,), Idle(19, 22), 18),
+    ("the lab test's 8 s NAT", LADDER[:3], (10,), Idle(7, 10), 6),
+    ("lost between 22 and 26: the keepalive may be too long", LADDER[:8], (26,),
      Idle(22, 26), 21),
-    ("nothing kept even 2 s: the least keepalive", LADDER, (), Idle(0, 2), 1),
-    ("a longer delay heard past a lost one counts", LADDER, (2, 4, 10), Idle(10, 13), 9),
-    ("only the short rungs answered at all", (2, 4), (2, 4), Idle(4, None), None),
+    ("nothing kept even 2 s: the least keepalive", (), (2,), Idle(0, 2), 1),
+    ("a longer delay heard past a lost one counts", (2, 4, 10), (7, 13), Idle(10, 13), 9),
+    ("the long rungs told nothing (datagrams lost): not measured", (2, 4, 7), (), None, None),
+    ("nothing at all: not measured", (), (), None, None),
 ])
-def test_verdict(intent, asked, heard, idle, keepalive):
-    assert verdict(asked, heard) == idle
-    assert idle.keepalive_s(25) == keepalive
+def test_verdict(intent, heard, lost, idle, keepalive):
+    assert verdict(max(LADDER), heard, lost) == idle
+    if idle is not None:
+        assert idle.keepalive_s(25) == keepalive
 
 
 def test_the_words_say_what_was_measured():
@@ -41,15 +43,18 @@ def test_the_words_say_what_was_measured():
     assert Idle(0, 2).words() == "our NAT forgets idle UDP mappings within 2 s"
 
 
-@pytest.mark.parametrize(("intent", "current", "safe", "want"), [
-    ("the agent's 25 s, lowered", 25, 6, 6),
-    ("already short enough: untouched", 5, 6, None),
-    ("equal: untouched", 6, 6, None),
-    ("no keepalive (a user's choice, or none yet): untouched", 0, 6, None),
-    ("nothing measured: untouched", 25, None, None),
+@pytest.mark.parametrize(("intent", "current", "safe", "live", "want"), [
+    ("the agent's 25 s, lowered", 25, 6, True, 6),
+    ("lowered without a session too", 25, 6, False, 6),
+    ("already short enough: untouched", 5, 6, True, None),
+    ("equal: untouched", 6, 6, True, None),
+    ("none on a live session (the peer reached us): nothing of ours keeps it", 0, 6, True, 6),
+    ("none and no session: set with the endpoint later", 0, 6, False, None),
+    ("our NAT keeps mappings long enough: untouched", 25, None, True, None),
+    ("... also without a keepalive", 0, None, True, None),
 ])
-def test_lowered_only_lowers(intent, current, safe, want):
-    assert lowered(current, safe) == want
+def test_lowered_only_lowers(intent, current, safe, live, want):
+    assert lowered(current, safe, live=live) == want
 
 
 class Loopback(asyncio.DatagramProtocol):
@@ -106,7 +111,7 @@ def test_only_the_keepalive_of_a_peer_with_one_is_lowered(tmp_path):
                 nudged.append(peer.public_key.base64())
 
             watch = IdleWatch(_measured(Idle(7, 10)), IdleTimings(), 25, lambda: None)
-            await watch.watch_once(Endpoint.parse("192.0.2.9:1"))
+            assert await watch.watch_once(Endpoint.parse("192.0.2.9:1"))
             assert watch.keepalive_s() == 6
             state = await a.device.state()
             await watch.keep_open(a.device, state.peers[0], live=True, nudge=nudge)
@@ -118,7 +123,7 @@ def test_only_the_keepalive_of_a_peer_with_one_is_lowered(tmp_path):
         assert asyncio.run(run()) == [b.public.base64()]
         after = a.wg_show_dump()[1]
         assert after[-1] == "6" and after[:-1] == before[:-1]
-        # A peer without a keepalive keeps none.
+        # A peer without a keepalive and without a session keeps none.
         b.wg_set("peer", a.public.base64(), "persistent-keepalive", "0")
 
         async def untouched() -> None:

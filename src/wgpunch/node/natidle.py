@@ -62,6 +62,10 @@ class IdleTimings:
     # Measured again this often: a node that moved to another network, a NAT that changed.
     # A measurement costs one socket and two datagrams per rung.
     again_s: float = 600.0
+    # A measurement that learnt nothing is tried again after this, doubling up to again_s:
+    # a registry busy with many nodes, datagrams lost; or no probe port (then 9 datagrams
+    # per try, ever rarer).
+    retry_first_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,20 +92,24 @@ class Idle:
                 "without a packet")
 
 
-def verdict(asked: Collection[int], heard: Collection[int]) -> Idle:
-    """`asked`: the delays whose first answer came; `heard`: those whose later one came too.
-    A NAT that forgets after t forgets every longer spell too, so the boundary is the longest
-    heard; a longer one heard past a shorter one lost (a lost datagram) counts as heard."""
+def verdict(top: int, heard: Collection[int], lost: Collection[int]) -> Idle | None:
+    """`heard`: the delays whose later answer came; `lost`: those whose first answer came
+    and later one did not; `top`: the longest delay asked. A NAT that forgets after t forgets
+    every longer spell too, so the boundary is the longest heard (a lost datagram below it
+    counts for nothing). None: nothing lost, yet the longest delay told nothing either (its
+    datagrams lost): not measured."""
     kept = max(heard, default=0)
-    lost = [s for s in asked if s > kept]
-    return Idle(kept, min(lost) if lost else None)
+    after = [s for s in lost if s > kept]
+    if after:
+        return Idle(kept, min(after))
+    return Idle(kept, None) if kept >= top else None
 
 
 class IdleProbe(Protocol):
     async def __call__(self, server: Endpoint, ladder: Sequence[int], t: IdleTimings
                        ) -> Idle | None:
-        """Measure toward the probe port `server`; None: it did not answer (off, or a
-        registry too old for later answers)."""
+        """Measure toward the probe port `server`; None: nothing learnt (the port did not
+        answer: off, or a registry too old for later answers; or too many datagrams lost)."""
         ...
 
 
@@ -142,24 +150,29 @@ async def probe_idle(server: Endpoint, ladder: Sequence[int], t: IdleTimings) ->
             clients[delay] = client
         sent = loop.time()
         await asyncio.wait([c.first for c in clients.values()], timeout=t.first_wait_s)
-        asked = sorted(d for d, c in clients.items() if c.first.done())
-        if not asked:
+        if not any(c.first.done() for c in clients.values()):
             return None
-        heard = []
-        for delay in asked:  # shortest first: the first one lost ends the measurement
+        heard: list[int] = []
+        lost: list[int] = []
+        for delay in sorted(clients):  # shortest first: the first one lost ends it
+            client = clients[delay]
             left = sent + delay + t.late_s - loop.time()
-            await asyncio.wait([clients[delay].later], timeout=max(0.0, left))
-            if not clients[delay].later.done():
+            await asyncio.wait([client.later], timeout=max(0.0, left))
+            if client.later.done():
+                heard.append(delay)
+            elif client.first.done():
+                lost.append(delay)
                 break
-            heard.append(delay)
-        return verdict(asked, heard)
+            # Neither answer came: the request or the answers were lost; nothing learnt.
+        return verdict(max(clients), heard, lost)
 
 
-def lowered(current_s: int, safe_s: int | None) -> int | None:
-    """The keepalive to set on a peer the agent steers, if any: only ever lower, and never
-    on a peer without one (a user's choice, or none set yet: the agent sets it with the
-    endpoint)."""
-    if safe_s is None or current_s == 0 or current_s <= safe_s:
+def lowered(current_s: int, safe_s: int | None, *, live: bool) -> int | None:
+    """The keepalive to set on a peer the agent steers, if any: only ever lower. A peer
+    without one (0) gets one only while its session is `live`: the peer reached us and none
+    of our packets keeps our NAT open for it (one without a session gets the keepalive with
+    the endpoint the agent sets, `IdleWatch.keepalive_s`)."""
+    if safe_s is None or (current_s == 0 and not live) or 0 < current_s <= safe_s:
         return None
     return safe_s
 
@@ -178,14 +191,22 @@ class IdleWatch:
 
     async def watch(self, server: Endpoint) -> None:
         await asyncio.sleep(self.t.start_after_s)
+        retry_s = self.t.retry_first_s
         while True:
-            await self.watch_once(server)
-            await asyncio.sleep(self.t.again_s)
+            if await self.watch_once(server):
+                retry_s = self.t.retry_first_s
+                await asyncio.sleep(self.t.again_s)
+            else:
+                await asyncio.sleep(retry_s)
+                retry_s = min(2 * retry_s, self.t.again_s)
 
-    async def watch_once(self, server: Endpoint) -> None:
+    async def watch_once(self, server: Endpoint) -> bool:
+        """One measurement; False when it learnt nothing."""
         found = await self.probe(server, self.t.ladder, self.t)
-        if found is None or found == self.found:
-            return
+        if found is None:
+            return False
+        if found == self.found:
+            return True
         safe = found.keepalive_s(self.default_s)
         log.log(logging.INFO if safe or self.found else logging.DEBUG,
                 "NAT: %s: %s", found.words(),
@@ -195,6 +216,7 @@ class IdleWatch:
                        "lost_s": found.lost_s, "keepalive_s": safe})
         self.found = found
         self.changed()
+        return True
 
     def keepalive_s(self) -> int:
         """The persistent keepalive the agent sets with an endpoint."""
@@ -203,15 +225,17 @@ class IdleWatch:
 
     async def keep_open(self, device: Device, peer: PeerState, *, live: bool,
                         nudge: Callable[[PeerState], Awaitable[None]]) -> None:
-        """Lower `peer`'s keepalive if it outlasts our NAT's mappings; nothing else of the
-        peer changes. A `live` peer is then `nudge`d (a packet through the tunnel): WireGuard
-        re-arms its keepalive timer with the new interval only when a packet passes, so the
-        one under way would still wait out the old one."""
-        want = lowered(peer.persistent_keepalive, self.keepalive_s())
+        """Lower `peer`'s keepalive if it outlasts our NAT's mappings (`lowered`); nothing
+        else of the peer changes. A `live` peer is then `nudge`d (a packet through the
+        tunnel): WireGuard re-arms its keepalive timer with the new interval only when a
+        packet passes, so the one under way would still wait out the old one."""
+        safe = None if self.found is None else self.found.keepalive_s(self.default_s)
+        want = lowered(peer.persistent_keepalive, safe, live=live)
         if want is None or self.found is None:
             return
-        log.info("peer %s: persistent keepalive %d s -> %d s: %s", peer.public_key,
-                 peer.persistent_keepalive, want, self.found.words(),
+        log.info("peer %s: persistent keepalive %s -> %d s: %s", peer.public_key,
+                 f"{peer.persistent_keepalive} s" if peer.persistent_keepalive else "off",
+                 want, self.found.words(),
                  extra={"event": "keepalive_lowered", "peer": str(peer.public_key),
                         "keepalive_s": want})
         try:
