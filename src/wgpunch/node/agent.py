@@ -230,7 +230,7 @@ class Agent:
             known = self.view.peers.get(peer.public_key)
             if peer.public_key == self.registry_key or known is None:
                 continue
-            await self.idle.keep_open(
+            peer = await self.idle.keep_open(
                 self.device, peer, nudge=self.probe_peer,
                 live=peer.has_live_session(now_wall, self.t.session_live_s))
             track = self.tracks.setdefault(peer.public_key, Track())

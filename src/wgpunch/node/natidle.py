@@ -34,7 +34,7 @@ import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ..errors import ChangeRefused, DeviceError, MalformedPacket
@@ -224,25 +224,27 @@ class IdleWatch:
         return safe or self.default_s
 
     async def keep_open(self, device: Device, peer: PeerState, *, live: bool,
-                        nudge: Callable[[PeerState], Awaitable[None]]) -> None:
+                        nudge: Callable[[PeerState], Awaitable[None]]) -> PeerState:
         """Lower `peer`'s keepalive if it outlasts our NAT's mappings (`lowered`); nothing
         else of the peer changes. A `live` peer is then `nudge`d (a packet through the
         tunnel): WireGuard re-arms its keepalive timer with the new interval only when a
-        packet passes, so the one under way would still wait out the old one."""
+        packet passes, so the one under way would still wait out the old one. Returns the
+        peer as it is now (a handshake-now later in the same pass re-adds it as given)."""
         safe = None if self.found is None else self.found.keepalive_s(self.default_s)
         want = lowered(peer.persistent_keepalive, safe, live=live)
         if want is None or self.found is None:
-            return
-        log.info("peer %s: persistent keepalive %s -> %d s: %s", peer.public_key,
-                 f"{peer.persistent_keepalive} s" if peer.persistent_keepalive else "off",
-                 want, self.found.words(),
-                 extra={"event": "keepalive_lowered", "peer": str(peer.public_key),
-                        "keepalive_s": want})
+            return peer
         try:
             await device.set_keepalive(peer.public_key, want)
         except (DeviceError, ChangeRefused) as error:
             log.warning("peer %s: setting persistent keepalive failed: %s", peer.public_key,
                         error)
-            return
+            return peer
+        log.info("peer %s: persistent keepalive %s -> %d s: %s", peer.public_key,
+                 f"{peer.persistent_keepalive} s" if peer.persistent_keepalive else "off",
+                 want, self.found.words(),
+                 extra={"event": "keepalive_lowered", "peer": str(peer.public_key),
+                        "keepalive_s": want})
         if live:
             await nudge(peer)
+        return replace(peer, persistent_keepalive=want)
