@@ -75,6 +75,24 @@ async def test_refusals(registry, source, target, status, error):
     assert len(relay.table) == 0
 
 
+@pytest.mark.parametrize(("path", "route"), [
+    (f"/v1/punch/{B.hex()}", "POST /v1/punch"),
+    (f"/v1/punch/{B.hex()}/opened", "POST /v1/punch/{peer}/opened"),
+    (f"/v1/relay/{B.hex()}", "POST /v1/relay"),
+])
+async def test_the_routes_that_name_a_peer_take_nothing_else(registry, path, route):
+    """The three requests whose peer is in the path (registry/api.py peer_in_path)."""
+    reg, _relay = registry
+    a = await reg.client()
+    resp = await a.post(path, json={"peer": A.base64()})
+    assert (resp.status, (await resp.json())["error"]) == (
+        400, f"body: {route} takes no fields")
+    resp = await a.post(path + "?peer=x")
+    assert resp.status == 400 and "peer" in (await resp.json())["error"]
+    resp = await a.post(path, json={})  # an empty object is no body
+    assert resp.status in (200, 201, 202), await resp.json()
+
+
 async def test_the_configured_address_is_handed_out():
     reg, _relay = await serve("192.0.2.1")
     try:

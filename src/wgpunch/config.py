@@ -437,7 +437,7 @@ REGISTRY = Schema("registry", (
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig(Loaded):
     interface: str | None  # None: every WireGuard interface (node/fleet.py)
-    registry: tuple[str, ...]  # several: each interface follows the one it has as a peer
+    registry: tuple[str, ...]  # several: each interface follows those it has as peers
     api: str | None
     token_file: Path | None
     keepalive: int
@@ -459,8 +459,9 @@ NODE = Schema("node", (
     Option("interface", TEXT, "the WireGuard interface to steer (default: every one that has "
            "the registry's peer)", '"wg0"'),
     Option("registry", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
-           "the registry's public key (a peer of IF); a list: each interface follows the one "
-           "it has", '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="', default=()),
+           "the registry's public key (a peer of IF); a list: each interface follows those "
+           "it has (several at once: each of them)",
+           '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="', default=()),
     Option("api", TEXT, f"the registry API's URL (default: its tunnel address, port {API_PORT})",
            f'"http://10.99.0.254:{API_PORT}"'),
     Option("token_file", PATH, "bearer token for the registry", '"/etc/wgpunch/token"'),

@@ -20,10 +20,10 @@ from typing import Any
 
 from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key
-from ..protocol import relay_reason
+from ..protocol import has_mapping, relay_reason
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
-from .candidates import CandidateKind, candidates_of
+from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
@@ -35,6 +35,7 @@ from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
 from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
+from .registries import Registries
 from .registrylink import LinkTimings, keep_link
 from .relay import Relays, RelayTimings
 from .source import Source
@@ -70,6 +71,10 @@ class Agent:
         self.device = device
         self.registry_key = registry
         self.client = client
+        # Several registries (registries.py): one merged source; none of them is steered.
+        self.registries = client if isinstance(client, Registries) else None
+        self.registry_keys = (self.registries.keys if self.registries is not None
+                              else frozenset(() if registry is None else (registry,)))
         self.t = timings or Timings()
         self.registry_t = registry_timings or RegistryTimings()
         self.state_dir = state_dir
@@ -138,7 +143,11 @@ class Agent:
         self.me = self.view.me = state.public_key
         self.listen_port = state.listen_port
         self.can_open = self.io.can_send_raw()
-        registry = None if self.registry_key is None else state.peer(self.registry_key)
+        # With several registries, the TTL and our NAT are measured toward the first given.
+        order = ([m.key for m in self.registries.members] if self.registries is not None
+                 else [] if self.registry_key is None else [self.registry_key])
+        registry = next((p for key in order
+                         if (p := state.peer(key)) is not None and p.endpoint is not None), None)
         if self.can_open and registry is not None and registry.endpoint is not None:
             self.opener_ttl.measure(registry.endpoint.ip)
         probe_port = None
@@ -151,8 +160,15 @@ class Agent:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
                                                   self.probe_live_peers, self.clock))
                 group.create_task(self.report())
+                if self.registries is not None:
+                    group.create_task(self.registries.run(
+                        self.view, self.io, self.probe_live_peers, self.open_nat,
+                        self.registry_t, self.link_t))
                 if self.nat is not None:
-                    group.create_task(measure_nat(self.view, self.nat, self.device, self.io))
+                    group.create_task(measure_nat(
+                        self.view, self.nat, self.device, self.io,
+                        None if self.registries is None or registry is None
+                        else self.registries.view_of(registry.public_key)))
                 if probe_port is not None:
                     group.create_task(self.idle.watch(probe_port))
                 group.create_task(self.reconcile_forever())
@@ -190,7 +206,7 @@ class Agent:
         for peer in state.peers:
             key = peer.public_key
             known = self.view.peers.get(key)
-            if key == self.registry_key or peer.has_live_session(now, self.t.session_live_s):
+            if key in self.registry_keys or peer.has_live_session(now, self.t.session_live_s):
                 continue
             if known is None or known.endpoint is None:
                 if self.client.lookup_failed(key):
@@ -228,7 +244,7 @@ class Agent:
         self.relays.registry = None if registry is None else registry.endpoint
         for peer in state.peers:
             known = self.view.peers.get(peer.public_key)
-            if peer.public_key == self.registry_key or known is None:
+            if peer.public_key in self.registry_keys or known is None:
                 continue
             peer = await self.idle.keep_open(
                 self.device, peer, nudge=self.probe_peer,
@@ -244,25 +260,20 @@ class Agent:
                                        self.view.local)
             live = not path_is_dead(peer, memory, now_wall, now, self.t)
             mine = self.view.peers.get(self.me) if self.me else None
-            # A port mapping on either side makes a path that the NATs' behaviour rules out.
-            mapped = self.view.mapped is not None or any(
-                c.kind is CandidateKind.MAPPED for c in candidates)
             nats = (None if mine is None else mine.nat, known.nat)
-            impossible = None if mapped else relay_reason(*nats)
+            impossible = relay_reason(
+                *nats, mapped=self.view.mapped is not None or has_mapping(known))
             candidates, memory = self.relays.plan(
                 peer.public_key, candidates, memory, live=live, current=peer.endpoint, now=now,
                 impossible=impossible,
                 nats_known=all(n is not None and n.mapping != "unknown" for n in nats))
             memory = failover(memory, candidates, now=now, t=self.t, live=live)
             initiator = self.view.initiates(self.me, known)
-            if memory.initiator is not None and initiator != memory.initiator and not live:
-                # A NAT report came in (ours or the peer's: natprobe.py) that changes who
-                # initiates: the attempts so far went the wrong way, so punch again now
-                # rather than at the back-off's next turn (cone x symmetric: 1.6 s -> ~0.8 s).
+            if self.view.take_flipped(peer.public_key) and not live:
+                # protocol.initiator_changed: the attempts so far went the wrong way.
                 log.info("peer %s: we %s initiate now (a NAT report came in): punching again",
                          peer.public_key, "do" if initiator else "no longer")
                 memory = replace(memory, attempt_at=None)
-            memory = replace(memory, initiator=initiator)
             decision = decide(
                 peer, candidates, memory,
                 initiator=initiator,
@@ -415,11 +426,13 @@ class Agent:
             {key.base64(): track.published(self.view.peers.get(key))
              for key, track in self.tracks.items()}, self.view.health,
             None if self.nat is None or self.nat.measured is None
-            else self.nat.measured.behaviour.to_json())
+            else self.nat.measured.behaviour.to_json(), self.view.mapped is not None,
+            () if self.registries is None else self.registries.health())
         if published != self._published:
             try:
                 pathfile.write(state.name, published.peers, self.state_dir,
-                               published.registry, published.nat)
+                               published.registry, published.nat, published.mapped,
+                               published.registries)
                 self._published = published
             except OSError as error:
                 log.warning("cannot write %s: %s", pathfile.path_file(state.name), error)

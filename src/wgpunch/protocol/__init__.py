@@ -49,7 +49,15 @@ from .report import (
     decode_object,
     reported_from_json,
 )
-from .roles import initiator, needs_relay, pair_of, relay_reason
+from .roles import (
+    has_mapping,
+    initiates,
+    initiator,
+    initiator_changed,
+    needs_relay,
+    pair_of,
+    relay_reason,
+)
 
 API_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
 
@@ -73,8 +81,11 @@ __all__ = [
     "StreamItem",
     "decode_object",
     "dumps",
+    "has_mapping",
     "heartbeat_json",
+    "initiates",
     "initiator",
+    "initiator_changed",
     "item_from_json",
     "item_json",
     "nat_from_json",

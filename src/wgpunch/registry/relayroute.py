@@ -9,15 +9,13 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from ..errors import MalformedMessage
 from ..keys import Key
-from ..protocol import RelayEvent, decode_object, relay_json
+from ..protocol import RelayEvent, relay_json
 from ..wg.device import IPAddress
-from .api import CALLER, LIMITS, STATE, json_response, rate_limit, read_body
+from .api import CALLER, LIMITS, STATE, json_response, peer_in_path
 from .ratelimit import RateLimiter
 from .relay import Relay
 from .state import RegistryState
-from .wire import only_params, path_key
 
 RELAY = web.AppKey("relay", Relay)
 RELAY_RATE = web.AppKey("relay_rate", RateLimiter)
@@ -34,12 +32,7 @@ def observed_ip(state: RegistryState) -> Callable[[Key], str | None]:
 
 
 async def post_relay(request: web.Request) -> web.Response:
-    only_params(request.query.items(), ())
-    target = path_key(request.match_info["peer"])
-    rate_limit(request, RELAY_RATE, "POST /v1/relay")
-    body = await read_body(request)
-    if body.strip() and decode_object(body):
-        raise MalformedMessage("body: POST /v1/relay takes no fields")
+    target = await peer_in_path(request, "POST /v1/relay", RELAY_RATE)
     app, caller = request.app, request[CALLER]
     state = app[STATE]
     state.pair_with_endpoints(caller, target, "relay")

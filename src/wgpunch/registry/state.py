@@ -46,7 +46,8 @@ from ..protocol import (
     Snapshot,
     StreamItem,
     heartbeat_json,
-    initiator,
+    initiates,
+    initiator_changed,
     item_json,
     ndjson_line,
 )
@@ -227,11 +228,12 @@ class RegistryState:
         if old.reported == reported:
             log.debug("node %s reported itself again, unchanged", key)
             return self.revision
-        if old.nat != reported.nat:
-            # Nodes punch again when a NAT report changes who initiates (node/agent.py); a
-            # punch just before it must not swallow that one (lab: the pair was relayed).
-            self._punches.forget_node(key)
-        self._commit(replace(old, reported=reported))
+        new = replace(old, reported=reported)
+        for partner in self._punches.partners(key):
+            other = self._records.get(partner)
+            if other is not None and initiator_changed(old, other, new, other):
+                self._punches.forget(key, partner)
+        self._commit(new)
         log.info("node %s reported itself: listen port %d, local addresses %s, version %r, "
                  "%s", key, reported.listen_port,
                  ",".join(map(str, reported.local_addresses)) or "(none)", reported.version,
@@ -247,8 +249,7 @@ class RegistryState:
         if not self._punches.admit(caller, target, now):
             log.debug("punch %s <-> %s coalesced", caller, target)
             return other.endpoint, False
-        first = initiator(caller, target, side_public=me.public, other_public=other.public,
-                          side_nat=me.nat, other_nat=other.nat)
+        first = initiates(me, other)
         reached_caller = self.push(caller, PunchEvent(self.revision, target, other.endpoint,
                                                        first))
         reached_target = self.push(target, PunchEvent(self.revision, caller, me.endpoint,
@@ -269,8 +270,7 @@ class RegistryState:
         the unsolicited packet, and then never connects). Whether it was pushed."""
         me, other = self.pair_with_endpoints(caller, target, "punch")
         # Only toward the initiator: nobody can make a side initiate that should not.
-        if not initiator(target, caller, side_public=other.public, other_public=me.public,
-                         side_nat=other.nat, other_nat=me.nat):
+        if not initiates(other, me):
             return False
         assert me.endpoint is not None
         return self.push(target, PunchEvent(self.revision, caller, me.endpoint, True,
