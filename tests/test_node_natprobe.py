@@ -123,6 +123,32 @@ async def test_nothing_measured_is_unknown(channel):
     assert got == Measurement(NatBehaviour("unknown", "unknown", None), None, None, None, None)
 
 
+class BusyOnFiltering(ModelChannel):
+    """A registry too busy to answer the filtering request in time (14 nodes starting on 2
+    cores): nothing of it comes, from the probe port either."""
+
+    async def exchange(self, listen_port, to, payload, sources, accept, wait_s):
+        if parse_request(payload).ask != Ask.NONE:
+            return {}
+        return await super().exchange(listen_port, to, payload, sources, accept, wait_s)
+
+
+@pytest.mark.parametrize("kind", ["eim-full-cone", "eim-addr"])
+async def test_an_unanswered_filtering_request_is_not_filtering(kind):
+    """Only replies missing beside the probe port's own reply are filtering: a request the
+    registry did not answer leaves filtering unknown and is measured again (it was called
+    address-and-port-dependent, and cone x symmetric pairs went to the relay for good)."""
+    watch = NatWatch(BusyOnFiltering(ModelNat(kind)), Endpoint(REGISTRY, PROBE), FAST)
+    got = await watch.current(51820, Endpoint(OUTSIDE, 51820), {INSIDE})
+    assert got == NatBehaviour("endpoint-independent", "unknown", True)
+    assert watch.measured is not None and not watch.measured.settled
+    assert watch.again_in() == FAST.again_first_s
+    watch.channel = ModelChannel(ModelNat(kind))
+    assert await watch.current(51820, Endpoint(OUTSIDE, 51820), {INSIDE},
+                               again=True) == KINDS[kind]
+    assert watch.again_in() is None
+
+
 @pytest.mark.parametrize(("intent", "wg", "seen", "mapping", "preserved"), [
     ("our own address: no NAT", None, "192.168.1.10:51820", "none", True),
     ("same port toward both registry ports", "198.51.100.2:51820", "198.51.100.2:51820",

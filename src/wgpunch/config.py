@@ -15,13 +15,11 @@ It imports neither registry/ nor node/, which must not import each other through
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import math
 import os
 import stat
 import textwrap
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +249,8 @@ class Schema(Generic[C]):
 
 
 def read_file(command: str, path: Path) -> dict[str, Any]:
+    import tomllib  # here: a daemon started without a file never needs it (bench/startup.py)
+
     try:
         with path.open("rb") as file:
             return tomllib.load(file)
@@ -270,6 +270,8 @@ def load(schema: Schema[C], flags: Mapping[str, Any], *, config: Path | str | No
     file = {} if path is None else read_file(layer, path)
     unknown = sorted(set(file) - set(schema.keys))
     if unknown:
+        import difflib  # only for a mistake
+
         close = difflib.get_close_matches(unknown[0], schema.keys, n=1)
         raise ConfigError(f"{layer}: config {path}: unknown key {unknown[0]!r}"
                           + (f" (did you mean {close[0]!r}?)" if close else "")
@@ -383,6 +385,8 @@ class RegistryConfig(Loaded):
     relay: str | None  # a port range; None: no relay
     relay_address: str | None  # None: nodes use the registry's endpoint address
     relay_userspace: bool  # never the kernel fast path
+    relay_remote: tuple[str, ...]  # relays on other hosts: IP[:PORT] of their control APIs
+    relay_secret_file: Path | None  # shared with every remote relay
     natprobe_port: int  # 0: no NAT probe port
     natprobe_alt_port: int | None  # None: natprobe_port + 1; 0: none
     natprobe_alt_address: str | None
@@ -392,6 +396,9 @@ class RegistryConfig(Loaded):
 # Our choice: 500 slots of 2 ports, below Linux's ephemeral ports (32768-60999), so that no
 # outgoing socket of the registry host ever holds one.
 DEFAULT_RELAY_PORTS = "31000-31999"
+# A relay's control API (registry/relaycontrol.py): beside the registry's API (51821), the
+# rendezvous server (51822) and the NAT probe (51823, 51824).
+RELAY_CONTROL_PORT = 51825
 
 REGISTRY = Schema("registry", (
     Option("interface", TEXT, "the WireGuard interface whose peers are the nodes", '"wg0"',
@@ -402,7 +409,8 @@ REGISTRY = Schema("registry", (
            '"/etc/wgpunch/token"'),
     # Below 10 ms the reads cost more than they tell; above a minute the registry is no help
     # in getting peers connected quickly.
-    Option("poll_interval", SECONDS, "how often to read IF's peers (seconds)", "0.2", default=0.2,
+    Option("poll_interval", SECONDS, "how often to read IF's peers while they do not change "
+           "(seconds; four times as often for 5 s after a change)", "0.2", default=0.2,
            bounds=Bounds(0.01, 60.0)),
     Option("dns", one_or_list(PORT_OR_ADDRESS, "a port, an address or a list of them",
                               "ports or addresses"),
@@ -422,6 +430,11 @@ REGISTRY = Schema("registry", (
            "registry's endpoint as each node has it)", '"192.0.2.1"'),
     Option("relay_userspace", SWITCH, "forward relayed datagrams in the relay process, never "
            "through nftables", "false", default=False),
+    Option("relay_remote", ADDRESSES, "relays on other hosts (`wgpunch relay --control`): "
+           f"IP or IP:PORT of each one's control API (port {RELAY_CONTROL_PORT} if none); "
+           "nodes relayed there send to that IP", '["192.0.2.7"]', default=()),
+    Option("relay_secret_file", PATH, "the secret shared with the remote relays (one "
+           "word, at least 32 characters)", '"relay.secret"'),
     Option("natprobe_port", WHOLE, "UDP port of the NAT probe on every address (0: off)",
            str(NATPROBE_PORT), default=NATPROBE_PORT, bounds=Bounds(0, 65535)),
     Option("natprobe_alt_port", WHOLE, "the NAT probe's second port, for filtering "
@@ -528,6 +541,8 @@ class RelayConfig(Loaded):
     ports: str
     address: str | None
     userspace: bool
+    control: str | None  # None: no control API, no slots
+    secret_file: Path | None
 
 
 RELAY = Schema("relay", (
@@ -537,6 +552,11 @@ RELAY = Schema("relay", (
            "(default: the route's)", '"192.0.2.1"'),
     Option("userspace", SWITCH, "forward in this process only, never through nftables",
            "false", default=False),
+    Option("control", TEXT, "serve the control API a registry allocates slots through on "
+           f"ADDR or ADDR:PORT (port {RELAY_CONTROL_PORT} if none); without it, no slots",
+           '"192.0.2.7"'),
+    Option("secret_file", PATH, "the secret shared with the registry (one word, at least 32 "
+           "characters; the registry's relay_secret_file)", '"relay.secret"'),
 ), RelayConfig)
 
 SCHEMAS: tuple[Schema[Any], ...] = (REGISTRY, NODE, RENDEZVOUS, RELAY)

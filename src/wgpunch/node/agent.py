@@ -16,7 +16,7 @@ import logging
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key
@@ -27,7 +27,6 @@ from .candidates import candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
-from .mesh import Mesh
 from .metrics import NodeMetrics
 from .natidle import IdleProbe, IdleTimings, IdleWatch, probe_idle
 from .natprobe import Channel, NatWatch, RawChannel
@@ -40,6 +39,11 @@ from .registrylink import LinkTimings, keep_link
 from .relay import Relays, RelayTimings
 from .source import Source
 from .track import Track
+from .upgrade import Upgrades, UpgradeTimings
+from .upgradelink import ProbeChannel, RawProbeChannel
+
+if TYPE_CHECKING:
+    from .mesh import Mesh  # only with --mesh (node/cli.py)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ class Agent:
         portmap: bool = False,
         portmap_timings: PortmapTimings | None = None,
         registry_link: LinkTimings | None = None,  # None: no heartbeats (registrylink.py)
+        upgrade_channel: ProbeChannel | None = None,  # None: raw sockets, unless `io` is given
+        upgrade_timings: UpgradeTimings | None = None,
         idle_probe: IdleProbe = probe_idle,
         idle_timings: IdleTimings | None = None,
     ) -> None:
@@ -90,6 +96,10 @@ class Agent:
         self.view = RegistryView()
         self.tracks: dict[Key, Track] = {}
         self.relays = Relays(client, self.view.relays, self.view.wake.set, relay_timings)
+        self.upgrades = Upgrades(
+            upgrade_channel or (RawProbeChannel() if io is None else None), client, device,
+            self.io, self.clock, self.view.directs, self.view.relays, self.view.wake.set,
+            upgrade_timings)
         self.punching: set[Key] = set()  # peers with a punch request under way
         self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
@@ -143,6 +153,8 @@ class Agent:
         self.me = self.view.me = state.public_key
         self.listen_port = state.listen_port
         self.can_open = self.io.can_send_raw()
+        if self.client.coordinates_punches:
+            self.upgrades.start(self.me, self.listen_port, lambda key: key in self.view.peers)
         # With several registries, the TTL and our NAT are measured toward the first given.
         order = ([m.key for m in self.registries.members] if self.registries is not None
                  else [] if self.registry_key is None else [self.registry_key])
@@ -180,6 +192,7 @@ class Agent:
                                                 self.clock, self.probe_live_peers,
                                                 self.view.relink.set, self.open_nat, self.link_t))
         finally:
+            self.upgrades.close()
             pathfile.remove(self.device.name, self.state_dir)
 
     async def report(self) -> None:
@@ -256,8 +269,8 @@ class Agent:
             ready = not self.client.coordinates_punches or known.reported is not None
             if ready != (memory.unready_since is None):
                 memory = replace(memory, unready_since=None if ready else now)
-            candidates = candidates_of(known, self.view.peers.get(self.me) if self.me else None,
-                                       self.view.local)
+            candidates = (*candidates_of(known, self.view.peers.get(self.me) if self.me else None,
+                                         self.view.local), *self.upgrades.found(peer.public_key))
             live = not path_is_dead(peer, memory, now_wall, now, self.t)
             mine = self.view.peers.get(self.me) if self.me else None
             nats = (None if mine is None else mine.nat, known.nat)
@@ -288,7 +301,10 @@ class Agent:
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now, self.metrics)
             self.relays.annotate(peer.public_key, track)
-            recheck = min(recheck, decision.recheck_s)
+            lease = self.relays.leases.get(peer.public_key)
+            recheck = min(recheck, decision.recheck_s, await self.upgrades.step(
+                peer, track, known, mine, candidates, None if lease is None else lease.endpoint,
+                now))
         self.publish(state, now_wall)
         return recheck
 

@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import ApiError, DeviceError, MalformedMessage
 from ..keys import Key
 from ..protocol import (
+    DirectEvent,
     Event,
     PeerEvent,
     PeerRecord,
@@ -93,6 +94,8 @@ class RegistryView:
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
         # Relay slots the registry gave us, by peer: its relay events and answers (relay.py).
         self.relays: dict[Key, RelayEvent] = {}
+        # Relayed peers the registry says to reach directly now, and where (upgrade.py).
+        self.directs: dict[Key, Endpoint] = {}
         self.mapped: Endpoint | None = None  # our port mapping on our NAT (node/portmap/)
         self.me: Key | None = None  # our key, once the device is read
         # Set when the endpoint the registry observes for us changes (measure_nat).
@@ -140,6 +143,8 @@ class RegistryView:
             self.roles[event.peer] = event.initiator
         elif isinstance(event, RelayEvent):
             self.relays[event.peer] = event
+        elif isinstance(event, DirectEvent):
+            self.directs[event.peer] = event.endpoint
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
 

@@ -77,13 +77,15 @@ def can_send_raw() -> bool:
     return True
 
 
-def send_opener(listen_port: int, dst: Endpoint, ttl: int = DEFAULT_TTL) -> bool:
-    """Send one empty datagram from our WireGuard port to `dst`. False when impossible."""
+def send_opener(listen_port: int, dst: Endpoint, ttl: int = DEFAULT_TTL,
+                payload: bytes = b"") -> bool:
+    """Send one datagram (empty: an opener) from our WireGuard port to `dst`. False when
+    impossible."""
     if dst.ip.version != 4:
         return False
     try:
         src = source_address(dst)
-        packet = udp_datagram(src, listen_port, str(dst.ip), dst.port, b"", ttl)
+        packet = udp_datagram(src, listen_port, str(dst.ip), dst.port, payload, ttl)
         with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
             raw.sendto(packet, (str(dst.ip), 0))
     except PermissionError:

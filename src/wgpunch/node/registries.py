@@ -18,7 +18,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ApiError
 from ..keys import Key
@@ -39,6 +39,8 @@ from .merge import Heard, newest, same
 from .pathfile import RegistryHealth
 from .registrylink import LinkTimings, keep_link
 from .source import Source
+
+T = TypeVar("T")
 
 log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, whichever module
 
@@ -294,37 +296,37 @@ class Registries:
         shared.sort(key=lambda m: (m is not first, m.view.peers[peer].reported is None))
         return shared
 
-    async def _ask(self, peer: Key, what: str, first: Member | None = None
-                   ) -> tuple[Member, RelayEvent | None]:
+    async def _ask(self, peer: Key, what: str, call: Callable[[Source], Awaitable[T]],
+                   first: Member | None = None) -> tuple[Member, T]:
         error: ApiError | None = None
         for member in self._for_pair(peer, first):
             try:
-                if what == "punch":
-                    await member.client.punch(peer)
-                elif what == "opened":
-                    await member.client.opened(peer)
-                else:
-                    return member, await member.client.relay(peer)
-                return member, None
+                return member, await call(member.client)
             except ApiError as failed:
                 log.debug("%s for %s via %s failed: %s", what, peer, member.key, failed)
                 error = failed
         raise error or ApiError(f"registries: none that is following lists both us and {peer}")
 
     async def punch(self, peer: Key) -> None:
-        await self._ask(peer, "punch")
+        await self._ask(peer, "punch", lambda client: client.punch(peer))
 
     async def opened(self, peer: Key) -> None:
-        await self._ask(peer, "opened", self.punched_by.get(peer))
+        await self._ask(peer, "opened", lambda client: client.opened(peer),
+                        self.punched_by.get(peer))
 
     async def relay(self, peer: Key) -> RelayEvent:
-        member, offer = await self._ask(peer, "relay")
-        assert offer is not None
+        member, offer = await self._ask(peer, "relay", lambda client: client.relay(peer))
         filled = await self._filled(member, offer)
         if filled is None:
             raise ApiError(f"registry {member.key}: a relay slot, but no endpoint of it here")
         self.relayed_by[peer] = member
         return filled
+
+    async def direct(self, peer: Key, endpoint: Endpoint, peer_endpoint: Endpoint) -> None:
+        """To the registry that gave the pair's slot first: it pauses the slot."""
+        await self._ask(peer, "direct",
+                        lambda client: client.direct(peer, endpoint, peer_endpoint),
+                        self.relayed_by.get(peer))
 
     async def report_self(self, report: Reported) -> None:
         """Our report to every member that is following and does not have it yet; one that

@@ -30,6 +30,7 @@ from .codec import (
 from .natinfo import NatBehaviour, nat_from_json
 from .records import (
     Change,
+    DirectEvent,
     Event,
     Heartbeat,
     PeerEvent,
@@ -68,6 +69,7 @@ __all__ = [
     "MAX_LOCAL_ADDRESSES",
     "MAX_VERSION_CHARS",
     "Change",
+    "DirectEvent",
     "Event",
     "Heartbeat",
     "NatBehaviour",

@@ -29,7 +29,7 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from itertools import islice
 from types import MappingProxyType
@@ -143,6 +143,11 @@ class RegistryState:
         # peers hear about: no revision. None / 0 until the first device read.
         self.device_key: Key | None = None
         self.listen_port = 0
+        # The relay slots a node holds, as the relay events a stream of its opens with
+        # (relayroute.py sets it): pushed events are no history, and a node whose stream was
+        # down when its peer asked for their slot (a registry restart) would otherwise keep
+        # sending to a slot that is gone.
+        self.standing: Callable[[Key], Iterable[StreamItem]] | None = None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -298,10 +303,13 @@ class RegistryState:
         self, caller: Key, since: int | None, epoch: str | None, *, now: float
     ) -> tuple[Stream, list[bytes]]:
         """A new stream for `caller` and the lines it starts with: the changes after `since`,
-        or a snapshot. Atomic, so no change falls between the two."""
+        or a snapshot, then the relay slots it holds (`standing`). Atomic, so no change falls
+        between the two."""
         backlog = self._backlog(since, epoch)
         first = ([self._snapshot_line(now)] if backlog is None
                  else [line for _change, line in backlog])
+        if self.standing is not None:
+            first += [encode(item) for item in self.standing(caller)]
         stream = Stream(caller, self._stream_queue_max)
         self._streams.add(stream)
         self._by_caller.setdefault(caller, []).append(stream)
