@@ -156,7 +156,7 @@ class Lab:
         check_kind(kind)
         table = self.plan.nat_interfaces(node).table
         script = ruleset(kind, self.plan.nat_interfaces(node), hairpin=node.hairpin,
-                         portmap=node.portmap)
+                         portmap=node.portmap, udp_timeout_s=node.udp_timeout_s)
         self.ns(router).run(["nft", "-f", "-"],
                             input=f"table ip {table} {{}}\ndelete table ip {table}\n{script}")
         self.flush_conntrack(router)
