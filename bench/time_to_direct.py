@@ -2,6 +2,7 @@
 
     python3 bench/time_to_direct.py [--runs 20] [--recovery-runs 5] [--cases NAME,...]
                                     [--scenarios NAME,...] [--natpunch-go DIR] [--out FILE]
+                                    [--matrix | --kinds K,... | --cells K1:K2,...]
 
 Per scenario (`easy`; `easy` with 30 ms one-way delay on each site's uplink; `easy` with 5 %
 loss on each site's uplink; `symmetric-upnp`, a symmetric NAT with port mapping against
@@ -51,6 +52,13 @@ before the measured ones is thrown away (common.py, `run_from_bytecode`); `--no-
 leaves the environment as it is (with PYTHONDONTWRITEBYTECODE=1, as on this machine, each
 agent compiles every module at start: `launch` figures before 2026-12 were measured so).
 
+The NAT grid (`--matrix`: every pair of `wgpunch lab matrix`'s kinds; `--kinds`: every pair
+of these; `--cells`: just these pairs), `--runs` runs per cell: each run is a demo of
+`matrix-K1-K2` (lab/matrix.py's `run_cells`, as `wgpunch lab matrix` runs it), timed from
+launching the node processes until the pair has the path its kinds call for (direct or lan;
+relay where no direct path can exist); p50/p95/max per cell over the runs that got it.
+E.g. `--scenarios '' --cases '' --kinds eim,symmetric,collision --runs 10`.
+
 Prints a table and writes JSON (default bench/results/time_to_direct.json). Needs root.
 """
 
@@ -77,7 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import run_from_bytecode
 from wgpunch.errors import LabError
 from wgpunch.keys import generate_keypair
-from wgpunch.lab import Lab, catalog, evidence
+from wgpunch.lab import Lab, catalog, evidence, matrix
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.netns import require_root, stop_process, wait_for
 from wgpunch.lab.scenario import Impairment, Nat, Scenario
@@ -359,6 +367,39 @@ def late_registry_run() -> dict[str, Any]:
                 "registry_handshake_s": seen}
 
 
+def grid(cells: list[matrix.Cell], runs: int, timeout_s: float) -> tuple[list[dict[str, Any]],
+                                                                        list[tuple[str, ...]]]:
+    """Every cell `runs` times (round-robin); per cell its JSON and a table row."""
+    done = iter(range(1, len(cells) * runs + 1))
+
+    def progress(cell: matrix.Cell, run: matrix.Run) -> None:
+        print(f"[{next(done)}/{len(cells) * runs}] {cell.first} x {cell.second}: {run.path}"
+              f" {fmt(run.seconds)} (lower key: {run.lower_key})", file=sys.stderr, flush=True)
+
+    matrix.run_cells(cells, runs, timeout_s, progress)
+    out, rows = [], []
+    for cell in cells:
+        wanted = {"direct", "lan"} if cell.expected.path == "direct" else {"relay"}
+        took = summary([r.seconds for r in cell.runs
+                        if r.path in wanted and r.seconds is not None])
+        orders = sorted({r.lower_key for r in cell.runs if r.lower_key})
+        out.append({**cell.to_json(), **took, "lower_key_counts": {
+            k: sum(1 for r in cell.runs if r.lower_key == k) for k in orders}})
+        got = ", ".join(f"{p} {n}" for p, n in sorted(cell.counts.items()))
+        rows.append((f"{cell.first} x {cell.second}", cell.expected.path, got,
+                     *(fmt(took[k]) for k in ("p50", "p95", "max")),
+                     " ".join(f"{k}:{n}" for k, n in out[-1]["lower_key_counts"].items()),
+                     "" if cell.met else "MISSED"))
+    return out, rows
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
 def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -395,12 +436,25 @@ def main() -> int:
                              "imports if the environment says so (PYTHONDONTWRITEBYTECODE)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "time_to_direct.json"))
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--matrix", action="store_true",
+                       help=f"the NAT grid: every pair of {','.join(matrix.KINDS)}")
+    which.add_argument("--kinds", metavar="K,...", help="the NAT grid: every pair of these")
+    which.add_argument("--cells", metavar="K1:K2,...", help="the NAT grid: these pairs")
+    parser.add_argument("--matrix-timeout", type=float, default=15.0, metavar="SECONDS",
+                        help="how long a grid run waits for a path (default 15)")
     args = parser.parse_args()
+    try:
+        cells = (matrix.cells_of(matrix.KINDS) if args.matrix
+                 else matrix.cells_of(matrix.parse_kinds(args.kinds)) if args.kinds
+                 else matrix.parse_cells(args.cells) if args.cells else [])
+    except LabError as error:
+        parser.error(str(error))
     chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     cases = [name.strip() for name in args.cases.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in scenarios()]
     unknown += [name for name in cases if name not in RECOVERY_CASES]
-    if unknown or not chosen + cases:
+    if unknown or not chosen + cases + cells:
         parser.error(f"unknown scenario(s) or case(s) {', '.join(unknown) or '(none)'}; "
                      f"known: {', '.join([*scenarios(), *RECOVERY_CASES])}")
     require_root()
@@ -409,6 +463,9 @@ def main() -> int:
         one_run(catalog.resolve("easy"))  # warm: the first agents fill the bytecode cache
     report: dict[str, Any] = {"runs": args.runs, "scenarios": {}, "recovery": {},
                               "bytecode": not args.no_bytecode}
+    grid_rows: list[tuple[str, ...]] = []
+    if cells:
+        report["matrix"], grid_rows = grid(cells, args.runs, args.matrix_timeout)
     rows = []
     for name, scenario in scenarios().items():
         if name not in chosen:
@@ -449,15 +506,19 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 
-    print("time to direct (s), from both node agents up; from both following the registry "
-          "(connected); from launching the processes (launch)")
-    header = ("scenario", "direct", "p50", "p95", "max", "connected p50", "connected p95",
-              "launch p50", "launch p95")
-    table = [header, *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
-    print("\nrecovery (s; late-registry: until both nodes have a registry handshake)")
+    if grid_rows:
+        print(f"NAT grid: time to the cell's path (s) from launching the node processes, "
+              f"{args.runs} runs per cell")
+        print_table(("cell", "expected", "got", "p50", "p95", "max", "lower key", ""),
+                    grid_rows)
+        print()
+    if rows:
+        print("time to direct (s), from both node agents up; from both following the registry "
+              "(connected); from launching the processes (launch)")
+        print_table(("scenario", "direct", "p50", "p95", "max", "connected p50",
+                     "connected p95", "launch p50", "launch p95"), rows)
+    if report["recovery"]:
+        print("\nrecovery (s; late-registry: until both nodes have a registry handshake)")
     for name, rec in report["recovery"].items():
         ok = sum(1 for r in rec["runs"] if r.get("recovered"))
         vals = " ".join(f"{k} {rec[k]:.3f}" for k in ("p50", "p95", "max") if rec[k] is not None)

@@ -82,3 +82,20 @@ def test_a_small_grid_with_the_real_agents():
     assert done.returncode == 0 and result["ok"], result
     assert len(result["cells"]) == 6
     assert {c["counts"].get("direct") for c in result["cells"]} == {1}, result
+
+
+def test_cells_are_named_in_either_order_and_drawn_in_the_grids():
+    cells = matrix.parse_cells("symmetric:eim-full-cone, collision:collision,eim-short:eim,"
+                               "eim-full-cone:symmetric")
+    assert [(c.first, c.second) for c in cells] == [
+        ("eim-full-cone", "symmetric"), ("collision", "collision"), ("eim", "eim-short")]
+    assert matrix.kinds_of(cells) == ("eim", "eim-full-cone", "symmetric", "collision",
+                                      "eim-short")
+    assert cells[2].expected.path == "direct"
+    for bad, match in (("eim", "not KIND1:KIND2"), ("eim:cone", "unknown kind"),
+                       (" , ", "no cells given")):
+        with pytest.raises(LabError, match=match):
+            matrix.parse_cells(bad)
+    grid = matrix.render(matrix.kinds_of(cells), cells)
+    assert grid.splitlines()[0].split() == ["eim", "eim-full-cone", "symmetric", "collision",
+                                            "eim-short"]

@@ -35,7 +35,8 @@ def test_only_collision_loses_its_port_to_an_unsolicited_packet(measured):
     """DESIGN.md §9: leftover state of an unsolicited packet pushes the mapping elsewhere."""
     kept = {kind: b.port_after_unsolicited == "kept" for kind, b in measured[0].items()
             if b.port == "preserved"}
-    assert kept == {"eim": True, "eim-addr": True, "eim-full-cone": True, "collision": False}
+    assert kept == {"eim": True, "eim-addr": True, "eim-full-cone": True, "collision": False,
+                    "eim-short": True}
 
 
 def test_eim_port_picks_from_its_range_and_keeps_it(measured):

@@ -18,7 +18,7 @@ from wgpunch.cli import build_parser
 from wgpunch.errors import LabError
 from wgpunch.keys import generate_keypair
 from wgpunch.lab import catalog, scenario, state
-from wgpunch.lab.nat import NAT_KINDS
+from wgpunch.lab.nat import NAT_KINDS, NatInterfaces, ruleset
 from wgpunch.lab.netns import IFNAME_MAX
 from wgpunch.lab.probe import parse_target
 from wgpunch.lab.scenario import Host, Nat, Scenario
@@ -110,7 +110,9 @@ def test_every_named_scenario_plans_with_the_longest_prefix(name):
 
 
 def test_matrix_pairs_cover_every_pair_of_kinds_once():
-    kinds = ["public", *NAT_KINDS]
+    # The lettered kinds: `eim-short` is `eim` with a shorter idle timeout, nothing a punch
+    # sees; it is named where kinds are taken (matrix-K1-K2), not in the grid.
+    kinds = list(catalog.KIND_LETTERS)
     pairs = {scenario.name for scenario in catalog.matrix_pairs()}
     assert pairs == {f"matrix-{x}-{y}"
                      for x, y in itertools.combinations_with_replacement(kinds, 2)}
@@ -144,7 +146,9 @@ def test_the_big_matrix_has_two_hosts_per_kind():
         if isinstance(node, Host):
             kind = parent.kind if parent else "public"
             kinds[kind] = kinds.get(kind, 0) + 1
-    assert kinds == dict.fromkeys(["public", *NAT_KINDS], 2)
+    assert kinds == dict.fromkeys(catalog.KIND_LETTERS, 2)
+    assert set(catalog.KIND_LETTERS) == {"public", *NAT_KINDS} - {"eim-short"}
+    assert catalog.resolve("matrix-eim-short-eim").name == "matrix-eim-short-eim"
 
 
 @pytest.mark.parametrize("spec", ["mixed-1", "mixed-61", "matrix-eim", "nope", "matrix-eim-x",
@@ -250,3 +254,25 @@ def test_cli_refuses_without_root(argv):
 def test_a_scenario_validates_before_anything_runs():
     with pytest.raises(LabError, match="used twice"):
         Scenario("x", (Host("a"), Nat("n", "eim", (Host("a"),))))
+
+
+def test_a_nat_takes_an_idle_udp_timeout():
+    table = {"site": [{"nat": "eim", "name": "home", "udp_timeout_s": 8, "hosts": ["a"]}]}
+    [nat] = scenario.from_dict(table, default_name="t").sites
+    assert isinstance(nat, Nat) and nat.udp_timeout_s == 8
+    for bad in (0, 601, 2.5, "8", True):
+        with pytest.raises(LabError, match="udp_timeout_s must be a whole number in 1-600"):
+            Nat("home", "eim", (Host("a"),), udp_timeout_s=bad)
+    with pytest.raises(LabError, match="cannot have"):
+        scenario.from_dict({"site": [{"host": "a", "udp_timeout_s": 8}]}, default_name="t")
+
+
+def test_the_idle_timeout_is_a_ct_timeout_object_of_the_routers_own_table():
+    where = NatInterfaces("p_nat", "wan", ipaddress.IPv4Address("198.51.100.2"), "lan",
+                          ipaddress.IPv4Network("192.168.1.0/24"))
+    policy = "policy = { unreplied : 20, replied : 20 }"
+    assert policy in ruleset("eim-short", where, hairpin=False)
+    assert policy.replace("20", "8") in ruleset("eim-short", where, hairpin=False,
+                                                udp_timeout_s=8)
+    assert policy.replace("20", "8") in ruleset("eim", where, hairpin=False, udp_timeout_s=8)
+    assert "ct timeout" not in ruleset("eim", where, hairpin=False)

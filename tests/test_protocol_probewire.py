@@ -41,6 +41,18 @@ def test_a_request_for_alternates_pays_for_their_replies():
     assert len(Request(TXID, Ask.ALT_PORT).encode()) == 2 * SIZE
 
 
+LATER = (bytes.fromhex("57474e50 01 01 04 14") + TXID + bytes(40)) + bytes(64)
+
+
+def test_a_later_answer_is_asked_with_its_delay_and_paid_for():
+    assert Request(TXID, Ask.LATER, 20).encode() == LATER
+    assert parse_request(LATER) == Request(TXID, Ask.LATER, 20)
+    both = Ask.LATER | Ask.ALT_PORT
+    assert parse_request(Request(TXID, both, 60).encode()) == Request(TXID, both, 60)
+    with pytest.raises(MalformedPacket, match="later 0 s with flags 4"):
+        Request(TXID, Ask.LATER)
+
+
 def test_golden_reply():
     assert len(REPLY_BYTES) == SIZE
     assert REPLY.encode() == REPLY_BYTES
@@ -67,8 +79,12 @@ def _set(data: bytes, at: int, value: int) -> bytes:
     ("wrong magic", b"STUN" + REQUEST[4:], "magic"),
     ("a later version", _set(REQUEST, 4, 2), "version 2"),
     ("a reply where a request belongs", REPLY_BYTES, "type 2, expected 1"),
-    ("unknown flag", _set(REQUEST, 6, 4), "unknown flags 0x4"),
-    ("reserved byte set", _set(REQUEST, 7, 1), "nonzero padding"),
+    ("unknown flag", _set(REQUEST, 6, 8), "unknown flags 0x8"),
+    ("a later answer asked without paying", _set(_set(REQUEST, 6, 4), 7, 5),
+     "is 128 bytes, not 64"),
+    ("a delay without flag 4", _set(REQUEST, 7, 1), "later 1 s with flags 0"),
+    ("flag 4 without a delay", _set(LATER, 7, 0), "later 0 s with flags 4"),
+    ("flag 4 with a delay over the most", _set(LATER, 7, 61), "later 61 s"),
     ("padding set", _set(REQUEST, 63, 1), "nonzero padding"),
 ])
 def test_malformed_requests(intent, data, match):
@@ -80,7 +96,7 @@ def test_malformed_requests(intent, data, match):
     ("short", REPLY_BYTES[:40], "40 bytes"),
     ("long", REPLY_BYTES + bytes(64), "a reply is 64 bytes, not 128"),
     ("a request where a reply belongs", REQUEST, "type 1, expected 2"),
-    ("unknown via", _set(REPLY_BYTES, 6, 3), "unknown via 3"),
+    ("unknown via", _set(REPLY_BYTES, 6, 4), "unknown via 4"),
     ("unknown family", _set(REPLY_BYTES, 7, 5), "unknown address family 5"),
     ("IPv4 with junk after it", _set(REPLY_BYTES, 41, 1), "nonzero padding"),
     ("observed port 0", REPLY_BYTES[:24] + bytes(2) + REPLY_BYTES[26:], "port 0"),

@@ -39,6 +39,7 @@ class PairResult:
     handshake_age_s: float | None
     ping_ms: float | None
     why: str | None = None  # a pair that cannot go direct: why, from both nodes' NATs
+    lower_key: str | None = None  # a or b: whose public key is lower (protocol/roles.py)
 
 
 def _ping_ms(lab: Any, a: str, b: str) -> float | None:
@@ -73,6 +74,7 @@ def run_demo(scenario: str, timeout_s: float, prefix: str | None,
                 why=None if pair.path not in ("none", "relay") else why or (
                     "relayed though direct may be possible: the agents keep probing it"
                     if pair.path == "relay" else None),
+                lower_key=_lower_key(lab, a, b),
             ))
         return results
 
@@ -101,6 +103,13 @@ class _NeedsRelay:
             self._read_at = time.monotonic()
             self._nats = {host: (_nat(self.agents, host), _mapped(self.agents, host))
                           for host in self.agents.nodes}
+
+
+def _lower_key(lab: Any, a: str, b: str) -> str | None:
+    keys = lab.host(a).public_key, lab.host(b).public_key
+    if None in keys:
+        return None
+    return a if keys[0].raw < keys[1].raw else b
 
 
 def _nat(agents: Any, host: str) -> NatBehaviour | None:

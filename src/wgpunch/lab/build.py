@@ -92,5 +92,5 @@ def apply_topology(plan: Plan) -> None:
     for node in plan.nodes:
         if node.role == "nat":
             script = ruleset(node.kind or "", plan.nat_interfaces(node), hairpin=node.hairpin,
-                             portmap=node.portmap)
+                             portmap=node.portmap, udp_timeout_s=node.udp_timeout_s)
             Namespace(node.ns).run(["nft", "-f", "-"], input=script)

@@ -23,6 +23,8 @@
   does not hairpin: they share a public address but reach each other by no path through it.
 - `symmetric-upnp`: `a` behind a `symmetric` NAT that offers port mapping (miniupnpd:
   NAT-PMP, PCP, UPnP-IGD), `b` behind `eim`: `b` goes direct to `a`'s mapped port.
+- `short-timeout`: `a` behind an `eim-short` NAT (idle UDP mappings expire after 20 s, below
+  WireGuard's 25 s keepalive), `b` behind `eim`: the agent must keep `a`'s mapping alive.
 
 Where a scenario takes kinds (`matrix-K1-K2`, `lab matrix --kinds`), `K+upnp` is NAT kind K
 whose router also offers port mapping (`Nat(portmap=True)`), e.g. `symmetric+upnp`.
@@ -46,8 +48,10 @@ MIXED_CYCLE = ("eim", PUBLIC, "symmetric", "eim-port", "eim-full-cone", "collisi
 MIXED_MAX = 60
 PORTMAP_SUFFIX = "+upnp"  # `K+upnp`: a NAT of kind K that offers port mapping (miniupnpd)
 MAPPED_LETTERS = {"symmetric+upnp": "m"}  # the port-mapping kinds of the matrix grid
-# Every kind a matrix scenario takes: public, each NAT kind, each with port mapping.
-MATRIX_KINDS = frozenset({*KIND_LETTERS, *(kind + PORTMAP_SUFFIX for kind in NAT_KINDS)})
+# Every kind a matrix scenario takes: public, each NAT kind (those without a letter are not in
+# the `matrix` lab), each with port mapping.
+MATRIX_KINDS = frozenset({*KIND_LETTERS, *NAT_KINDS,
+                          *(kind + PORTMAP_SUFFIX for kind in NAT_KINDS)})
 
 
 def site(host: str, kind: str, *, nat_name: str | None = None) -> Site:
@@ -105,6 +109,15 @@ def _symmetric_upnp() -> Scenario:
                     "b behind eim")
 
 
+def short_timeout(udp_timeout_s: int | None = None) -> Scenario:
+    """`short-timeout`; `udp_timeout_s` shortens `a`'s NAT's timeout further (tests)."""
+    nat = Nat("na", "eim-short", (Host("a"),), udp_timeout_s=udp_timeout_s)
+    idle = udp_timeout_s or NAT_KINDS["eim-short"].udp_timeout_s
+    return Scenario("short-timeout", (nat, site("b", "eim")),
+                    description=f"a behind an eim NAT whose idle UDP mappings expire after "
+                    f"{idle} s, b behind eim")
+
+
 def host_names(count: int) -> Iterator[str]:
     """a, b, ..., z, aa, ab, ..."""
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -157,6 +170,7 @@ NAMED: dict[str, Callable[[], Scenario]] = {
     "double-nat": _double_nat,
     "two-lans": _two_lans,
     "symmetric-upnp": _symmetric_upnp,
+    "short-timeout": short_timeout,
     "matrix": matrix,
 }
 PATTERNS = ("mixed-N", "matrix-KIND1-KIND2", "double-HOME-CARRIER")

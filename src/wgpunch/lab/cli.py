@@ -6,6 +6,7 @@
     wgpunch lab exec P HOST -- CMD...               run CMD inside HOST of lab P
     wgpunch lab scenarios                           named scenarios and NAT kinds
     wgpunch lab matrix [--kinds K,K] [--runs N]     every pair of NAT kinds, as a grid
+                       [--cells K1:K2,...]          ... or just these cells
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     grid.add_argument("--kinds", type=_kinds, default=matrix.KINDS, metavar="K,K,...",
                       help=f"NAT kinds to pair (default: all: {','.join(matrix.KINDS)})")
+    grid.add_argument("--cells", type=_cells, metavar="K1:K2,...",
+                      help="only these cells (e.g. eim-full-cone:symmetric,collision:eim), "
+                      "instead of every pair of --kinds")
     grid.add_argument("--runs", type=_runs, default=1, metavar="N",
                       help="runs per cell (default 1, at most 100)")
     grid.add_argument("--timeout", type=_seconds, default=15.0, metavar="SECONDS",
@@ -172,6 +176,13 @@ def _kinds(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _cells(text: str) -> list[matrix.Cell]:
+    try:
+        return matrix.parse_cells(text)
+    except LabError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _runs(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 100:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number in 1-100")
@@ -190,16 +201,18 @@ def _seconds(text: str) -> float:
 
 def _matrix(args: argparse.Namespace) -> int:
     require_root()
-    kinds: tuple[str, ...] = args.kinds
-    total = len(matrix.cells_of(kinds)) * args.runs
+    cells: list[matrix.Cell] = args.cells or matrix.cells_of(args.kinds)
+    kinds = matrix.kinds_of(cells) if args.cells else args.kinds
+    total = len(cells) * args.runs
     done = itertools.count(1)
 
     def progress(cell: matrix.Cell, run: matrix.Run) -> None:
         took = "" if run.seconds is None else f" in {run.seconds:.2f} s"
-        print(f"[{next(done)}/{total}] matrix-{cell.first}-{cell.second}: {run.path}{took}",
-              file=sys.stderr, flush=True)
+        order = "" if run.lower_key is None else f" (lower key: {run.lower_key})"
+        print(f"[{next(done)}/{total}] matrix-{cell.first}-{cell.second}: {run.path}{took}"
+              f"{order}", file=sys.stderr, flush=True)
 
-    cells = matrix.run_matrix(kinds, args.runs, args.timeout, progress)
+    matrix.run_cells(cells, args.runs, args.timeout, progress)
     ok = all(cell.met for cell in cells)
     if args.json:
         print(json.dumps({"kinds": list(kinds), "runs": args.runs, "ok": ok,

@@ -156,7 +156,7 @@ class Lab:
         check_kind(kind)
         table = self.plan.nat_interfaces(node).table
         script = ruleset(kind, self.plan.nat_interfaces(node), hairpin=node.hairpin,
-                         portmap=node.portmap)
+                         portmap=node.portmap, udp_timeout_s=node.udp_timeout_s)
         self.ns(router).run(["nft", "-f", "-"],
                             input=f"table ip {table} {{}}\ndelete table ip {table}\n{script}")
         self.flush_conntrack(router)
@@ -269,7 +269,7 @@ def describe(lab_plan: Plan, hosts: dict[str, LabHost]) -> dict[str, Any]:
         })
     nat_rows = [{
         "name": node.name, "namespace": node.ns, "kind": node.kind, "hairpin": node.hairpin,
-        "portmap": node.portmap,
+        "portmap": node.portmap, "udp_timeout_s": node.udp_timeout_s,
         "public_ip": text(node.address.ip if node.address else None),
         "lan": text(node.lan.network if node.lan else None),
         "behind": node.parent if node.parent != "core" else None,

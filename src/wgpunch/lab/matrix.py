@@ -27,6 +27,7 @@ from .catalog import KIND_LETTERS, MAPPED_LETTERS, MATRIX_KINDS, PORTMAP_SUFFIX,
 from .nat import NAT_KINDS
 
 KINDS = (*KIND_LETTERS, *MAPPED_LETTERS)  # the default grid
+_ORDER = {kind: i for i, kind in enumerate((*KINDS, *sorted(MATRIX_KINDS - set(KINDS))))}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def behaviour(kind: str) -> NatBehaviour | None:
 class Run:
     path: str  # direct | lan | relay | none
     seconds: float | None  # time to that path from starting the agents
+    lower_key: str | None = None  # which host, a or b, has the lower public key
 
 
 @dataclass
@@ -104,7 +106,8 @@ class Cell:
         return {
             "first": self.first, "second": self.second,
             "expected": self.expected.path, "why": self.expected.why,
-            "runs": [{"path": r.path, "seconds": r.seconds} for r in self.runs],
+            "runs": [{"path": r.path, "seconds": r.seconds, "lower_key": r.lower_key}
+                     for r in self.runs],
             "counts": dict(self.counts), "median_s": self.median_s, "met": self.met,
         }
 
@@ -124,17 +127,45 @@ def cells_of(kinds: Sequence[str]) -> list[Cell]:
             for x, y in itertools.combinations_with_replacement(kinds, 2)]
 
 
+def parse_cells(text: str) -> list[Cell]:
+    """`K1:K2,K3:K4`: just these cells (`lab matrix --cells`), each once, its kinds in the
+    grid's order."""
+    pairs: dict[tuple[str, str], None] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        first, colon, second = item.partition(":")
+        if not colon:
+            raise LabError(f"lab matrix: cell {item!r} is not KIND1:KIND2")
+        kinds = parse_kinds(first) + parse_kinds(second)
+        x, y = sorted(kinds, key=_ORDER.__getitem__)
+        pairs[(x, y)] = None
+    if not pairs:
+        raise LabError("lab matrix: no cells given (KIND1:KIND2,...)")
+    return [Cell(x, y, expectation(x, y)) for x, y in pairs]
+
+
+def kinds_of(cells: Sequence[Cell]) -> tuple[str, ...]:
+    """The kinds a list of cells spans, in the grid's order (for `render`)."""
+    return tuple(sorted({kind for cell in cells for kind in (cell.first, cell.second)},
+                        key=_ORDER.__getitem__))
+
+
 def run_matrix(kinds: Sequence[str], runs: int, timeout_s: float,
                progress: Callable[[Cell, Run], None] | None = None) -> list[Cell]:
+    return run_cells(cells_of(kinds), runs, timeout_s, progress)
+
+
+def run_cells(cells: list[Cell], runs: int, timeout_s: float,
+              progress: Callable[[Cell, Run], None] | None = None) -> list[Cell]:
     """Runs round-robin over the cells (run 1 of every cell, then run 2, ...), so a machine
     that is busier for a while spreads its effect over the grid instead of one cell."""
     from ..demo import run_demo
 
-    cells = cells_of(kinds)
     for _ in range(runs):
         for cell in cells:
             [pair] = run_demo(f"matrix-{cell.first}-{cell.second}", timeout_s, prefix=None)
-            run = Run(pair.path, pair.time_to_direct_s)
+            run = Run(pair.path, pair.time_to_direct_s, pair.lower_key)
             cell.runs.append(run)
             if progress is not None:
                 progress(cell, run)

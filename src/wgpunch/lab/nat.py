@@ -13,6 +13,7 @@ unsolicited inbound packet does), and `tests/test_lab_nat.py` measures each clai
 | symmetric     | address-and-port-dependent  | random        | address-and-port-dependent  |
 | collision     | endpoint-independent        | preserved     | address-and-port-dependent, |
 |               |                             |               | but no input filter         |
+| eim-short     | endpoint-independent        | preserved     | address-and-port-dependent  |
 
 - `eim`: the common home router. `masquerade` keeps the inside port when free; input and
   forward chains accept only `ct state established,related` and the LAN
@@ -28,6 +29,14 @@ unsolicited inbound packet does), and `tests/test_lab_nat.py` measures each clai
   packet to its public address is answered with ICMP and *leaves conntrack state*; when the
   inside host then sends to that same remote endpoint, its port-preserving mapping collides
   with the state and it gets a new outside port, so naive simultaneous open fails.
+- `eim-short`: `eim` whose UDP mappings expire after 20 s without a packet, below
+  WireGuard's usual 25 s persistent keepalive (some carrier and mobile NATs do so).
+
+How long an idle UDP mapping lives is a setting of every NAT too (`udp_timeout_s`; `eim-short`
+only sets it by default): an nftables `ct timeout` object in the router's own table gives each
+new UDP flow that timeout for both conntrack states (unreplied and replied), so nothing
+outside the router's namespace changes. Unset: Linux's 30 s unreplied, 120 s once a flow has
+lived 2 s with traffic both ways.
 
 Hairpinning (RFC 4787 §6, REQ-9) is a flag of every NAT, not a kind: with it, a packet from
 the LAN to the NAT's public address and a mapped port is sent to the inside endpoint owning
@@ -51,6 +60,8 @@ from dataclasses import dataclass
 from ..errors import LabError
 
 MAPPING_TIMEOUT_S = 120  # nf_conntrack_udp_timeout_stream: how long Linux keeps a live flow
+SHORT_UDP_TIMEOUT_S = 20  # `eim-short`: below WireGuard's 25 s keepalive; our choice
+UDP_TIMEOUT_RANGE = (1, 600)
 EIM_PORT_RANGE = (20000, 29999)  # outside ports of `eim-port`; disjoint from the lab's own
 LAB_DNAT = 0x1  # ct mark of a flow the lab's own rules DNAT (the rest: miniupnpd's)
 
@@ -63,6 +74,7 @@ class NatKind:
     filtering: str  # "endpoint-independent" | "address-dependent" | "address-and-port-dependent"
     unsolicited_state: bool  # an unsolicited inbound packet leaves conntrack state
     summary: str
+    udp_timeout_s: int | None = None  # idle UDP mappings expire after this; None: Linux's
 
 
 NAT_KINDS: dict[str, NatKind] = {
@@ -80,6 +92,9 @@ NAT_KINDS: dict[str, NatKind] = {
                 False, "masquerade random: new outside port per destination"),
         NatKind("collision", "endpoint-independent", "preserved", "address-and-port-dependent",
                 True, "Linux router without input filter: unsolicited packets leave state"),
+        NatKind("eim-short", "endpoint-independent", "preserved", "address-and-port-dependent",
+                False, f"eim whose idle UDP mappings expire after {SHORT_UDP_TIMEOUT_S} s",
+                SHORT_UDP_TIMEOUT_S),
     )
 }
 
@@ -104,13 +119,25 @@ class NatInterfaces:
     lan_net: ipaddress.IPv4Network
 
 
-def ruleset(kind: str, where: NatInterfaces, *, hairpin: bool, portmap: bool = False) -> str:
+def check_udp_timeout(seconds: int | None) -> int | None:
+    low, high = UDP_TIMEOUT_RANGE
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int)
+                                or not low <= seconds <= high):
+        raise LabError(f"lab: udp_timeout_s must be a whole number in {low}-{high}, "
+                       f"got {seconds!r}")
+    return seconds
+
+
+def ruleset(kind: str, where: NatInterfaces, *, hairpin: bool, portmap: bool = False,
+            udp_timeout_s: int | None = None) -> str:
     """The nft script (for `nft -f -` inside the router's namespace) for one NAT; with
-    `portmap`, what miniupnpd maps passes its forward filter too."""
+    `portmap`, what miniupnpd maps passes its forward filter too; `udp_timeout_s` overrides
+    the kind's idle UDP timeout."""
     nat = check_kind(kind)
     wan, lan = f'"{where.wan}"', f'"{where.lan}"'
     a, n = where.wan_ip, where.lan_net
-    dynamic = f"flags dynamic,timeout; timeout {MAPPING_TIMEOUT_S}s;"
+    idle_s = check_udp_timeout(udp_timeout_s) or nat.udp_timeout_s
+    dynamic = f"flags dynamic,timeout; timeout {idle_s or MAPPING_TIMEOUT_S}s;"
     to_map = f"ct mark set {LAB_DNAT:#x} dnat ip addr . port to udp dport map @inbound"
 
     sets = [f"map inbound {{ typeof udp dport : ip daddr . udp dport; {dynamic} }}"]
@@ -179,7 +206,13 @@ def ruleset(kind: str, where: NatInterfaces, *, hairpin: bool, portmap: bool = F
         body = "".join(f"\n    {rule}" for rule in rules)
         return f"  chain {name} {{\n    {head}{body}\n  }}"
 
-    parts = [f"  {s}" for s in sets] + [
+    objects = [] if idle_s is None else [
+        f"ct timeout udp_idle {{ protocol udp; l3proto ip; "
+        f"policy = {{ unreplied : {idle_s}, replied : {idle_s} }}; }}"]
+    idle = [] if idle_s is None else [
+        chain("idle", "type filter hook prerouting priority filter; policy accept;",
+              ['ct state new meta l4proto udp ct timeout set "udp_idle"'])]
+    parts = [f"  {s}" for s in sets + objects] + idle + [
         chain("prerouting", "type nat hook prerouting priority dstnat; policy accept;", pre),
         chain("postrouting", "type nat hook postrouting priority srcnat; policy accept;", post),
         # After source NAT, so the flow's translation is known (see the module docstring).

@@ -26,6 +26,8 @@ TOML schema (`wgpunch lab up ./my.toml`; every key but the site kinds is optiona
     hairpin = false
     portmap = false               # true: the router runs miniupnpd (NAT-PMP, PCP, UPnP-IGD);
                                   # only for a NAT directly on the core (lab/portmap.py)
+    udp_timeout_s = 20            # idle UDP mappings expire after this (default: the kind's,
+                                  # else Linux's; lab/nat.py)
     hosts = ["b", "c"]            # hosts on its LAN (shorthand for [[site.inside]] host = ...)
 
     [[site]]
@@ -49,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LabError
-from .nat import check_kind
+from .nat import check_kind, check_udp_timeout
 
 NAME_RE = re.compile(r"[a-z][a-z0-9]{0,5}")
 RESERVED = frozenset({"registry", "reg", "core", "lan"})
@@ -91,9 +93,11 @@ class Nat:
     hairpin: bool = False
     link: Impairment = NO_IMPAIRMENT
     portmap: bool = False  # runs miniupnpd (lab/portmap.py)
+    udp_timeout_s: int | None = None  # None: the kind's (lab/nat.py)
 
     def __post_init__(self) -> None:
         check_kind(self.kind)
+        check_udp_timeout(self.udp_timeout_s)
         if not self.inside:
             raise LabError(f"lab: NAT {self.name!r} has nothing behind it")
         for child in self.inside:
@@ -142,7 +146,7 @@ class Scenario:
 # -- TOML ---------------------------------------------------------------------------------------
 
 _SITE_KEYS = {"host", "wireguard", "nat", "name", "hairpin", "portmap", "hosts", "inside",
-              "link"}
+              "link", "udp_timeout_s"}
 
 
 def load_toml(path: Path) -> Scenario:
@@ -181,7 +185,8 @@ def _site(table: Any, counter: Iterator[int]) -> Site:
     if ("host" in table) == ("nat" in table):
         raise LabError(f"lab: scenario: a site has exactly one of `host` or `nat`: {table!r}")
     if "host" in table:
-        extra = set(table) & {"nat", "name", "hairpin", "portmap", "hosts", "inside"}
+        extra = set(table) & {"nat", "name", "hairpin", "portmap", "hosts", "inside",
+                              "udp_timeout_s"}
         if extra:
             raise LabError(f"lab: scenario: host {table['host']!r} cannot have {sorted(extra)}")
         return Host(str(table["host"]), link, bool(table.get("wireguard", True)))
@@ -189,7 +194,7 @@ def _site(table: Any, counter: Iterator[int]) -> Site:
     hosts = tuple(Host(str(h)) for h in table.get("hosts", []))
     inside = tuple(_site(child, counter) for child in table.get("inside", []))
     return Nat(name, str(table["nat"]), hosts + inside, bool(table.get("hairpin", False)), link,
-               bool(table.get("portmap", False)))
+               bool(table.get("portmap", False)), table.get("udp_timeout_s"))
 
 
 def _impairment(table: Any, what: str) -> Impairment:

@@ -57,6 +57,7 @@ class Node:
     kind: str | None = None
     hairpin: bool = False
     portmap: bool = False  # runs miniupnpd (portmap.py)
+    udp_timeout_s: int | None = None  # None: the kind's (nat.py)
     lan: IPv4If | None = None  # the router's address on its LAN bridge
     # WireGuard hosts (and the registry)
     ifname: str | None = None
@@ -155,7 +156,7 @@ def plan(scenario: Scenario, prefix: str) -> Plan:
         if len(site.inside) > 254 - FIRST_CHILD:
             raise LabError(f"lab: NAT {site.name!r}: too many nodes behind it")
         router = replace(node, role="nat", kind=site.kind, hairpin=site.hairpin,
-                         portmap=site.portmap,
+                         portmap=site.portmap, udp_timeout_s=site.udp_timeout_s,
                          lan=IPv4If(f"{lan_net[1]}/24"))
         nodes.append(router)
         for i, child in enumerate(site.inside):

@@ -28,6 +28,7 @@ from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, p
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
 from .metrics import NodeMetrics
+from .natidle import IdleProbe, IdleTimings, IdleWatch, probe_idle
 from .natprobe import Channel, NatWatch, RawChannel
 from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
 from .portmap.rule import holds_back
@@ -70,6 +71,8 @@ class Agent:
         registry_link: LinkTimings | None = None,  # None: no heartbeats (registrylink.py)
         upgrade_channel: ProbeChannel | None = None,  # None: raw sockets, unless `io` is given
         upgrade_timings: UpgradeTimings | None = None,
+        idle_probe: IdleProbe = probe_idle,
+        idle_timings: IdleTimings | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
@@ -106,6 +109,9 @@ class Agent:
         self.natprobe_port = natprobe_port  # the registry's NAT probe port; None: no probing
         self.nat_channel = nat_channel
         self.nat: NatWatch | None = None
+        # How long our NAT keeps an idle mapping, and the keepalive that outlasts it.
+        self.idle = IdleWatch(idle_probe, idle_timings or IdleTimings(), self.t.keepalive_s,
+                              self.view.wake.set)
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -119,6 +125,11 @@ class Agent:
             address = tunnel_address(peer.allowed_ips)
             if peer.has_live_session(now, self.t.session_live_s) and address is not None:
                 await self.io.probe(self.device.name, address)
+
+    async def probe_peer(self, peer: PeerState) -> None:
+        address = tunnel_address(peer.allowed_ips)
+        if address is not None:
+            await self.io.probe(self.device.name, address)
 
     async def open_nat(self, endpoint: Endpoint) -> None:
         if self.can_open:
@@ -151,10 +162,11 @@ class Agent:
                          if (p := state.peer(key)) is not None and p.endpoint is not None), None)
         if self.can_open and registry is not None and registry.endpoint is not None:
             self.opener_ttl.measure(registry.endpoint.ip)
+        probe_port = None
         if (self.natprobe_port and self.client.coordinates_punches and registry is not None
                 and registry.endpoint is not None):
-            self.nat = NatWatch(self.nat_channel or RawChannel(),
-                                Endpoint(registry.endpoint.ip, self.natprobe_port))
+            probe_port = Endpoint(registry.endpoint.ip, self.natprobe_port)
+            self.nat = NatWatch(self.nat_channel or RawChannel(), probe_port)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
@@ -169,6 +181,8 @@ class Agent:
                         self.view, self.nat, self.device, self.io,
                         None if self.registries is None or registry is None
                         else self.registries.view_of(registry.public_key)))
+                if probe_port is not None:
+                    group.create_task(self.idle.watch(probe_port))
                 group.create_task(self.reconcile_forever())
                 if self.portmap:
                     group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
@@ -245,6 +259,9 @@ class Agent:
             known = self.view.peers.get(peer.public_key)
             if peer.public_key in self.registry_keys or known is None:
                 continue
+            peer = await self.idle.keep_open(
+                self.device, peer, nudge=self.probe_peer,
+                live=peer.has_live_session(now_wall, self.t.session_live_s))
             track = self.tracks.setdefault(peer.public_key, Track())
             punched = self.view.take_punched(peer.public_key)
             memory = track.memory.observe(peer.rx_bytes, peer.tx_bytes, now)
@@ -402,7 +419,7 @@ class Agent:
     async def handshake(self, peer: PeerState, endpoint: Endpoint | None) -> None:
         if endpoint is None:
             return
-        keepalive = peer.persistent_keepalive or self.t.keepalive_s
+        keepalive = peer.persistent_keepalive or self.idle.keepalive_s()
         # A session that looks live by age but was judged dead by silence may be replaced;
         # any handshake newer than the one we judged makes the device layer refuse.
         now = self.clock.wall()

@@ -3,11 +3,15 @@ sends a request from its WireGuard port to the registry's probe port; the regist
 with the source `ip:port` it saw, and, when asked, also from a second port and a second
 address of its own, so that the node learns how its NAT filters (docs/api.md, "NAT probe").
 
-Request, version 1 (64 bytes, plus 64 zero bytes per alternate asked for):
+Request, version 1 (64 bytes, plus 64 zero bytes per flag set):
 
     0      4      5      6      7      8                      24                     64
-    | WGNP | ver  | type | flags| 0    | transaction id (16)  | zero (40)            |
-    ver 1, type 1; flags: 1 = answer from the second port too, 2 = from the second address
+    | WGNP | ver  | type | flags| later| transaction id (16)  | zero (40)            |
+    ver 1, type 1; flags: 1 = answer from the second port too, 2 = from the second address,
+    4 = answer again from the probe port `later` seconds after (1-60; 0 without flag 4)
+
+The later answer tells a node how long its NAT keeps an idle UDP mapping (node/natidle.py):
+it comes through only if the mapping the request made still stands.
 
 Reply (64 bytes):
 
@@ -15,7 +19,8 @@ Reply (64 bytes):
     | WGNP | ver  | type | via  | fam  | transaction id (16)  | port | address (16)  |
     42           44     45     46                  62
     | alt port   | afam | 0    | alt address (16)  | 0 (2) |
-    type 2; via: 0 the probe port, 1 the second port, 2 the second address; fam 4 or 6
+    type 2; via: 0 the probe port, 1 the second port, 2 the second address, 3 the probe
+    port, `later` seconds after the request; fam 4 or 6
     (IPv4 in the first four address bytes, the rest zero); alt port 0 and afam 0: none.
 
 So the bytes a request makes the registry send never exceed the request's own (no
@@ -37,6 +42,7 @@ PORT = 51823  # the registry's default probe port: 51822 is the rendezvous serve
 MAGIC = b"WGNP"
 VERSION = 1
 SIZE = 64  # a reply, and a request without alternates
+MAX_LATER_S = 60  # the longest a later answer may be asked for: above NATs' usual 30 s
 TXID_SIZE = 16
 _HEAD = struct.Struct("!4sBBBB16s")  # magic, version, type, flags/via, zero/family, txid
 _REPLY_TAIL = struct.Struct("!H16sHBx16s2x")
@@ -51,21 +57,29 @@ class Ask(IntFlag):
     NONE = 0
     ALT_PORT = 1
     ALT_ADDRESS = 2
+    LATER = 4
 
 
 class Via(IntEnum):
     PROBE_PORT = 0
     ALT_PORT = 1
     ALT_ADDRESS = 2
+    LATER = 3
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
     txid: bytes
     ask: Ask = Ask.NONE
+    later_s: int = 0  # with Ask.LATER: 1-MAX_LATER_S
+
+    def __post_init__(self) -> None:
+        if bool(self.ask & Ask.LATER) != (1 <= self.later_s <= MAX_LATER_S):
+            raise MalformedPacket(f"natprobe: later {self.later_s} s with flags {int(self.ask)}"
+                                  f" (flag 4 takes 1-{MAX_LATER_S} s, no flag 4 takes 0)")
 
     def encode(self) -> bytes:
-        head = _HEAD.pack(MAGIC, VERSION, Type.REQUEST, self.ask, 0, self.txid)
+        head = _HEAD.pack(MAGIC, VERSION, Type.REQUEST, self.ask, self.later_s, self.txid)
         return head + bytes(request_size(self.ask) - len(head))
 
 
@@ -120,16 +134,16 @@ def _head(data: bytes, kind: Type) -> tuple[int, int, bytes]:
 
 
 def parse_request(data: bytes) -> Request:
-    flags, zero, txid = _head(data, Type.REQUEST)
-    if flags & ~int(Ask.ALT_PORT | Ask.ALT_ADDRESS):
+    flags, later, txid = _head(data, Type.REQUEST)
+    if flags & ~int(Ask.ALT_PORT | Ask.ALT_ADDRESS | Ask.LATER):
         raise MalformedPacket(f"natprobe: unknown flags {flags:#x}")
     ask = Ask(flags)
     if len(data) != request_size(ask):
         raise MalformedPacket(f"natprobe: a request with flags {flags} is "
                               f"{request_size(ask)} bytes, not {len(data)}")
-    if zero or any(data[_HEAD.size:]):
+    if any(data[_HEAD.size:]):
         raise MalformedPacket("natprobe: nonzero padding")
-    return Request(txid, ask)
+    return Request(txid, ask, later)
 
 
 def parse_reply(data: bytes) -> Reply:

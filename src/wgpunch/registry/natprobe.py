@@ -8,6 +8,11 @@ Anyone on the internet can send here, with any source address: so a request is a
 with at most as many bytes as it has (the wire format makes a request for alternates pay for
 their replies), and each source address gets at most `burst` requests at once and `per_s`
 after (limits.py's RateLimiter); the rest, like anything malformed, is dropped and counted.
+
+A request may ask for a second answer from the probe port some seconds later (at most
+probewire.MAX_LATER_S; it pays for it with its size like the alternates): a node learns
+whether its NAT kept the mapping that long (node/natidle.py). At most `MAX_PENDING` later
+answers wait at once; more are dropped and counted.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 from ..errors import ConfigError, MalformedPacket
 from ..protocol.probewire import Ask, Reply, Via, parse_request
@@ -37,6 +42,9 @@ log = logging.getLogger(__name__)
 # second (3 KiB/s).
 BURST = 32
 PER_S = 16.0
+# Later answers waiting at once, all sources together: 16 requests a second for 60 s from
+# 4 sources; a timer each, no more memory than that. Our choice.
+MAX_PENDING = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +93,15 @@ def _bound(family: socket.AddressFamily, address: str, port: int) -> socket.sock
     return sock
 
 
-def answers(data: bytes, observed: Endpoint, s: ProbeSettings) -> list[tuple[Via, bytes]]:
-    """The replies to one datagram from `observed`, and where each leaves from; raises
-    MalformedPacket."""
+class Answer(NamedTuple):
+    via: Via  # where it leaves from
+    data: bytes
+    after_s: float = 0.0  # when: this long after the request
+
+
+def answers(data: bytes, observed: Endpoint, s: ProbeSettings) -> list[Answer]:
+    """The replies to one datagram from `observed`, where each leaves from, and when;
+    raises MalformedPacket."""
     request = parse_request(data)
     alt_address = s.alt_address if s.alt_address is not None and \
         s.alt_address.version == observed.ip.version else None
@@ -95,18 +109,22 @@ def answers(data: bytes, observed: Endpoint, s: ProbeSettings) -> list[tuple[Via
     def reply(how: Via) -> bytes:
         return Reply(request.txid, how, observed, s.alt_port, alt_address).encode()
 
-    replies = [(Via.PROBE_PORT, reply(Via.PROBE_PORT))]
+    replies = [Answer(Via.PROBE_PORT, reply(Via.PROBE_PORT))]
     if request.ask & Ask.ALT_PORT and s.alt_port is not None:
-        replies.append((Via.ALT_PORT, reply(Via.ALT_PORT)))
+        replies.append(Answer(Via.ALT_PORT, reply(Via.ALT_PORT)))
     if request.ask & Ask.ALT_ADDRESS and alt_address is not None:
-        replies.append((Via.ALT_ADDRESS, reply(Via.ALT_ADDRESS)))
+        replies.append(Answer(Via.ALT_ADDRESS, reply(Via.ALT_ADDRESS)))
+    if request.ask & Ask.LATER:
+        replies.append(Answer(Via.LATER, reply(Via.LATER), float(request.later_s)))
     return replies
 
 
 class ProbeServer:
     def __init__(self, settings: ProbeSettings, *, burst: int = BURST, per_s: float = PER_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_pending: int = MAX_PENDING) -> None:
         self.settings = settings
+        self.max_pending = max_pending
         self.limiter = RateLimiter(burst, per_s)
         self.clock = clock
         self.counts: Counter[str] = Counter()
@@ -115,6 +133,7 @@ class ProbeServer:
         self._probe: dict[int, _Socket] = {}
         self._alt_port: dict[int, _Socket] = {}
         self._alt_address_send: _Socket | None = None
+        self._pending: set[asyncio.TimerHandle] = set()  # later answers
 
     async def start(self) -> None:
         """Bind every socket, or none (a ConfigError naming the one that failed)."""
@@ -181,14 +200,32 @@ class ProbeServer:
             return
         family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
         senders = {Via.PROBE_PORT: via, Via.ALT_PORT: self._alt_port.get(family),
-                   Via.ALT_ADDRESS: self._alt_address_send}
-        for how, reply in replies:
+                   Via.ALT_ADDRESS: self._alt_address_send, Via.LATER: via}
+        to = (str(ip), observed.port)
+        for how, reply, after_s in replies:
             sender = senders[how]
-            if sender is not None:
-                sender.send(reply, (str(ip), observed.port))
+            if sender is None:
+                continue
+            if not after_s:
+                sender.send(reply, to)
+            elif len(self._pending) < self.max_pending:
+                self._later(after_s, sender, reply, to)
+            else:
+                self.counts["later_dropped"] += 1
         self.counts["answered"] += 1
 
+    def _later(self, after_s: float, sender: _Socket, reply: bytes, to: tuple[str, int]) -> None:
+        def send() -> None:
+            self._pending.discard(handle)
+            sender.send(reply, to)
+
+        handle = asyncio.get_running_loop().call_later(after_s, send)
+        self._pending.add(handle)
+
     async def close(self) -> None:
+        for handle in self._pending:
+            handle.cancel()
+        self._pending.clear()
         for protocol in [*self._probe.values(), *self._alt_port.values(),
                          self._alt_address_send]:
             if protocol is not None and protocol.transport is not None:
