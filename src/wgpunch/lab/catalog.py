@@ -23,6 +23,10 @@
   does not hairpin: they share a public address but reach each other by no path through it.
 - `symmetric-upnp`: `a` behind a `symmetric` NAT that offers port mapping (miniupnpd:
   NAT-PMP, PCP, UPnP-IGD), `b` behind `eim`: `b` goes direct to `a`'s mapped port.
+- `dual-open`, `dual-fw`: dual stack: `a` and `b` behind their own `eim` routers for IPv4,
+  each with a global IPv6 address its router routes without NAT, `open` or behind a
+  stateful `firewall` that drops unsolicited inbound (lab/ipv6.py). They go direct over IPv6.
+- `dual-one`: `a` as in `dual-fw`, `b` with IPv4 only: the pair stays on IPv4.
 
 Where a scenario takes kinds (`matrix-K1-K2`, `lab matrix --kinds`), `K+upnp` is NAT kind K
 whose router also offers port mapping (`Nat(portmap=True)`), e.g. `symmetric+upnp`.
@@ -105,6 +109,16 @@ def _symmetric_upnp() -> Scenario:
                     "b behind eim")
 
 
+def _dual(name: str, a_ipv6: str, b_ipv6: str | None) -> Scenario:
+    def home(host: str, ipv6: str | None) -> Nat:
+        return Nat(f"n{host}", "eim", (Host(host),), ipv6=ipv6)
+
+    b_has = "no IPv6" if b_ipv6 is None else f"IPv6 {b_ipv6}"
+    return Scenario(name, (home("a", a_ipv6), home("b", b_ipv6)),
+                    description=f"a and b behind eim routers (IPv4); a has IPv6 {a_ipv6}, "
+                    f"b {b_has}")
+
+
 def host_names(count: int) -> Iterator[str]:
     """a, b, ..., z, aa, ab, ..."""
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -158,6 +172,9 @@ NAMED: dict[str, Callable[[], Scenario]] = {
     "two-lans": _two_lans,
     "symmetric-upnp": _symmetric_upnp,
     "matrix": matrix,
+    "dual-open": lambda: _dual("dual-open", "open", "open"),
+    "dual-fw": lambda: _dual("dual-fw", "firewall", "firewall"),
+    "dual-one": lambda: _dual("dual-one", "firewall", None),
 }
 PATTERNS = ("mixed-N", "matrix-KIND1-KIND2", "double-HOME-CARRIER")
 

@@ -1,0 +1,26 @@
+"""IPv6 on a lab NAT router: routed to the LAN, never translated (as home routers do with a
+delegated prefix), and either open or behind a stateful firewall.
+
+`firewall` is the RFC 6092 default a home router ships with: the forward chain lets in what
+belongs to a flow the LAN started (`ct state established,related`) and drops every unsolicited
+packet from outside. A dropped packet's conntrack entry is never confirmed, so, unlike the
+IPv4 `collision` kind, an unsolicited packet leaves no state behind: a host opens its
+firewall toward a peer by sending to it first (node/punch.py, an opener from the WireGuard
+port). `open` installs nothing: every packet is forwarded.
+"""
+
+from __future__ import annotations
+
+
+def firewall6(table: str, lan: str) -> str:
+    """The nft script (for `nft -f -` in the router's namespace) of the `firewall` policy;
+    `lan` is the router's LAN bridge."""
+    return (
+        f"table ip6 {table} {{\n"
+        "  chain forward_filter {\n"
+        "    type filter hook forward priority filter; policy drop;\n"
+        "    ct state established,related accept\n"
+        f'    iifname "{lan}" accept\n'
+        "  }\n"
+        "}\n"
+    )
