@@ -107,7 +107,7 @@ class Agent:
 
     async def open_nat(self, endpoint: Endpoint) -> None:
         if self.can_open:
-            await self.io.open(self.listen_port, endpoint, await self.opener_ttl.get())
+            await self.io.open(self.listen_port, endpoint, await self.opener_ttl.get(endpoint))
 
     async def reconcile_forever(self) -> None:
         while True:
@@ -227,11 +227,12 @@ class Agent:
                                        self.view.local)
             live = not path_is_dead(peer, memory, now_wall, now, self.t)
             mine = self.view.peers.get(self.me) if self.me else None
-            # A port mapping on either side makes a path that the NATs' behaviour rules out.
-            mapped = self.view.mapped is not None or any(
-                c.kind is CandidateKind.MAPPED for c in candidates)
+            # A port mapping on either side makes a path that the NATs' behaviour rules out;
+            # so does IPv6 on both sides, where no NAT stands in the way.
+            around_nats = self.view.mapped is not None or any(
+                c.kind in (CandidateKind.MAPPED, CandidateKind.IPV6) for c in candidates)
             nats = (None if mine is None else mine.nat, known.nat)
-            impossible = None if mapped else relay_reason(*nats)
+            impossible = None if around_nats else relay_reason(*nats)
             candidates, memory = self.relays.plan(
                 peer.public_key, candidates, memory, live=live, current=peer.endpoint, now=now,
                 impossible=impossible,
@@ -255,6 +256,8 @@ class Agent:
             )
             if (decision.kind in (Kind.OPEN, Kind.HANDSHAKE)
                     and not self.relays.is_slot(peer.public_key, decision.endpoint)
+                    # Our IPv4 mapping does not let the peer in over IPv6: we open as usual.
+                    and decision.endpoint is not None and decision.endpoint.ip.version == 4
                     and holds_back(self.view.mapped is not None, known, memory.attempts)):
                 decision = replace(decision, kind=Kind.LEAVE, reason=Reason.MAPPED)
             track.memory = await self.act(peer, decision, memory, now)
@@ -293,7 +296,8 @@ class Agent:
         if d.kind in (Kind.HANDSHAKE, Kind.OPEN):
             if d.kind is Kind.HANDSHAKE or d.endpoint is None:
                 await self.handshake(peer, d.endpoint)
-            elif await self.io.open(self.listen_port, d.endpoint, await self.opener_ttl.get()):
+            elif await self.io.open(self.listen_port, d.endpoint,
+                                    await self.opener_ttl.get(d.endpoint)):
                 self.metrics.opener_sent()
                 self.background(self.say_opened(key))
             else:
@@ -350,7 +354,8 @@ class Agent:
             known = self.view.peers.get(peer.public_key)
             track = self.tracks.get(peer.public_key)
             attempts = track.memory.attempts if track is not None else 0
-            if known is not None and holds_back(self.view.mapped is not None, known, attempts):
+            if (known is not None and endpoint is not None and endpoint.ip.version == 4
+                    and holds_back(self.view.mapped is not None, known, attempts)):
                 return
             await self.handshake(peer, endpoint)
             track = self.tracks.get(peer.public_key)

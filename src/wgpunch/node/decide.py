@@ -284,7 +284,7 @@ def _decide(
         peer_ready = True
     if target is None:
         return Decision(Kind.LEAVE, Reason.NO_ENDPOINT, recheck_s=t.idle_recheck_s)
-    if punched and not initiator and can_open and target.ip.version == 4:
+    if punched and not initiator and can_open:
         return Decision(Kind.OPEN, Reason.OPENING, target, t.busy_recheck_s)
     if punched and initiator and not peer_ready:
         return Decision(Kind.LEAVE, Reason.PEER_NOT_READY, target, t.busy_recheck_s)
