@@ -4,15 +4,16 @@
                                     [--scenarios NAME,...] [--out FILE]
 
 Per scenario (`easy`; `easy` with 30 ms one-way delay on each site's uplink; `easy` with 5 %
-loss on each site's uplink; `symmetric-upnp`, a symmetric NAT with port mapping against
-`eim`; `--scenarios` picks some), each run builds a fresh lab, starts `wgpunch registry`, then both
-`wgpunch node`s, and polls both devices until the pair is direct by what `wg` shows
-(lab/evidence.py). Times are counted from "both nodes up" (the later of the two agents'
-`started` log events: process started, options read, device read) and, for comparison, from
-launching the node processes (Python start-up included), and from both agents following the
-registry's watch stream (their `registry_connected` events): the part that the physical limit
-(a registry round trip plus a handshake round trip) speaks of. `launch` is the cold start of
-both agents.
+loss on each site's uplink; `symmetric-upnp`, a symmetric NAT with port mapping against `eim`;
+`dual-fw`, direct over IPv6 through two stateful firewalls; `dual-blocked`, IPv6 filtered on
+one side, so direct over IPv4 after the IPv6 attempt; `--scenarios` picks some), each run
+builds a fresh lab, starts `wgpunch registry`, then both `wgpunch node`s, and polls both
+devices until the pair is direct by what `wg` shows (lab/evidence.py). Times are counted from
+"both nodes up" (the later of the two agents' `started` log events: process started, options
+read, device read) and, for comparison, from launching the node processes (Python start-up
+included), and from both agents following the registry's watch stream (their
+`registry_connected` events): the part that the physical limit (a registry round trip plus a
+handshake round trip) speaks of. `launch` is the cold start of both agents.
 
 Recovery: after the pair is direct, (1) `rebind`: the NAT in front of b (an `eim-port`
 carrier NAT) forgets its mappings and conntrack state, so b's next packet leaves from a new
@@ -85,6 +86,8 @@ def scenarios() -> dict[str, Scenario]:
         "easy+30ms": impaired(easy, "easy30ms", Impairment(delay_ms=30)),
         "easy+5%loss": impaired(easy, "easyloss", Impairment(loss_pct=5)),
         "symmetric-upnp": catalog.resolve("symmetric-upnp"),
+        "dual-fw": catalog.resolve("dual-fw"),
+        "dual-blocked": catalog.resolve("dual-blocked"),
     }
 
 

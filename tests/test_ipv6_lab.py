@@ -77,3 +77,15 @@ def test_a_pair_with_ipv6_on_one_side_only_stays_on_ipv4(lab_prefix):
             shown = wg_endpoint(lab, host, peer)
             assert ipaddress.ip_address(shown.rpartition(":")[0]).version == 4, (host, shown)
             lab.exec(host, ["ping", "-c", "1", "-W", "2", str(lab.host(peer).tunnel_ip)])
+
+
+def test_a_pair_whose_ipv6_is_filtered_falls_back_to_ipv4(lab_prefix):
+    """dual-blocked: b's router lets no UDP in over IPv6, so the first attempt (IPv6) gets
+    no handshake, and the next goes to the IPv4 endpoints."""
+    with Lab(catalog.resolve("dual-blocked"), prefix=lab_prefix) as lab, Agents(lab) as agents:
+        pair = connect(lab, agents)
+        assert not pair.ipv6, pair
+        for host, peer in (("a", "b"), ("b", "a")):
+            shown = wg_endpoint(lab, host, peer)
+            assert ipaddress.ip_address(shown.rpartition(":")[0]).version == 4, (host, shown)
+            lab.exec(host, ["ping", "-c", "1", "-W", "2", str(lab.host(peer).tunnel_ip)])

@@ -212,10 +212,13 @@ def test_dual_stack_plan_routes_one_ipv6_prefix_per_router_and_no_further():
 def test_the_ipv6_firewall_drops_what_nobody_inside_asked_for():
     from wgpunch.lab.ipv6 import firewall6
 
-    script = firewall6("t1_fw6", "t1_lan")
-    assert "table ip6 t1_fw6" in script and "policy drop;" in script
+    script = firewall6("firewall", "t1_fw6", "t1_lan")
+    assert script is not None and "table ip6 t1_fw6" in script and "policy drop;" in script
     assert "ct state established,related accept" in script
     assert 'iifname "t1_lan" accept' in script
+    assert firewall6("open", "t1_fw6", "t1_lan") is None
+    assert 'iifname != "t1_lan" meta l4proto udp drop' in (
+        firewall6("blocked", "t1_fw6", "t1_lan") or "")
 
 
 def test_every_address_is_inside_the_lab_ranges():

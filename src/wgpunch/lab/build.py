@@ -117,6 +117,7 @@ def apply_topology(plan: Plan) -> None:
             script = ruleset(node.kind or "", plan.nat_interfaces(node), hairpin=node.hairpin,
                              portmap=node.portmap)
             Namespace(node.ns).run(["nft", "-f", "-"], input=script)
-        if node.role == "nat" and node.ipv6 == "firewall":
-            Namespace(node.ns).run(["nft", "-f", "-"], input=firewall6(
-                f"{plan.prefix}_fw6", plan.bridge()))
+        firewall = None if node.ipv6 is None else firewall6(
+            node.ipv6, f"{plan.prefix}_fw6", plan.bridge())
+        if firewall is not None:
+            Namespace(node.ns).run(["nft", "-f", "-"], input=firewall)

@@ -27,6 +27,8 @@
   each with a global IPv6 address its router routes without NAT, `open` or behind a
   stateful `firewall` that drops unsolicited inbound (lab/ipv6.py). They go direct over IPv6.
 - `dual-one`: `a` as in `dual-fw`, `b` with IPv4 only: the pair stays on IPv4.
+- `dual-blocked`: both with IPv6, but `b`'s router lets no UDP in over it: every attempt
+  over IPv6 fails, and the pair falls back to IPv4.
 
 Where a scenario takes kinds (`matrix-K1-K2`, `lab matrix --kinds`), `K+upnp` is NAT kind K
 whose router also offers port mapping (`Nat(portmap=True)`), e.g. `symmetric+upnp`.
@@ -175,6 +177,7 @@ NAMED: dict[str, Callable[[], Scenario]] = {
     "dual-open": lambda: _dual("dual-open", "open", "open"),
     "dual-fw": lambda: _dual("dual-fw", "firewall", "firewall"),
     "dual-one": lambda: _dual("dual-one", "firewall", None),
+    "dual-blocked": lambda: _dual("dual-blocked", "firewall", "blocked"),
 }
 PATTERNS = ("mixed-N", "matrix-KIND1-KIND2", "double-HOME-CARRIER")
 

@@ -30,9 +30,10 @@ TOML schema (`wgpunch lab up ./my.toml`; every key but the site kinds is optiona
 
     [[site]]
     nat = "eim"
-    ipv6 = "firewall"             # the router routes IPv6 to its LAN (no NAT), "open" or
-                                  # "firewall" (drops unsolicited inbound); hosts behind it
-                                  # get a global IPv6 address. Only on a NAT on the core.
+    ipv6 = "firewall"             # the router routes IPv6 to its LAN (no NAT): "open",
+                                  # "firewall" (drops unsolicited inbound) or "blocked" (no
+                                  # UDP in at all); hosts behind it get a global IPv6
+                                  # address. Only on a NAT on the core.
     hosts = ["e"]
 
     [[site]]
@@ -63,7 +64,7 @@ from ..errors import LabError
 from .nat import check_kind
 
 NAME_RE = re.compile(r"[a-z][a-z0-9]{0,5}")
-IPV6_POLICIES = ("open", "firewall")  # what a NAT router does with IPv6 (lab/ipv6.py)
+IPV6_POLICIES = ("open", "firewall", "blocked")  # what a NAT router does with IPv6 (lab/ipv6.py)
 RESERVED = frozenset({"registry", "reg", "core", "lan"})
 
 
@@ -104,7 +105,7 @@ class Nat:
     hairpin: bool = False
     link: Impairment = NO_IMPAIRMENT
     portmap: bool = False  # runs miniupnpd (lab/portmap.py)
-    # IPv6 routed (never NATed) to the hosts behind it: "open" or "firewall" (IPV6_POLICIES);
+    # IPv6 routed (never NATed) to the hosts behind it, through a policy of IPV6_POLICIES;
     # None: no IPv6 here.
     ipv6: str | None = None
 
