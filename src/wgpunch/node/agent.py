@@ -277,7 +277,11 @@ class Agent:
 
     async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         key = peer.public_key
+        if d.live and mem.open_pending_since is not None:
+            mem = replace(mem, open_pending_since=None)
         if d.kind is Kind.LEAVE:
+            if d.reason is Reason.OPEN_AWAITS_REPORT:
+                return replace(mem, open_pending_since=mem.open_pending_since or now)
             if d.reason is Reason.PEER_PUNCHING:
                 return replace(mem, attempt_at=now)
             # Reason.MAPPED leaves the backoff clock alone: our own punch requests go on,
@@ -298,6 +302,8 @@ class Agent:
                 await self.handshake(peer, d.endpoint)
             elif await self.io.open(self.listen_port, d.endpoint,
                                     await self.opener_ttl.get(d.endpoint)):
+                for also in d.also:
+                    await self.io.open(self.listen_port, also, await self.opener_ttl.get(also))
                 self.metrics.opener_sent()
                 self.background(self.say_opened(key))
             else:
@@ -307,6 +313,7 @@ class Agent:
                 attempt_endpoint=mem.attempt_endpoint or d.endpoint,
                 attempts=max(mem.attempts, 1), first_attempt_at=mem.first_attempt_at or now,
                 opened_at=now, opened_endpoint=d.endpoint, awaiting_opener_since=None,
+                open_pending_since=None,
             )
         probe_to = tunnel_address(peer.allowed_ips)
         if d.kind is Kind.REPOINT and d.endpoint is not None:
