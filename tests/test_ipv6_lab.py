@@ -65,7 +65,11 @@ def test_a_dual_stack_pair_goes_direct_over_ipv6(lab_prefix, scenario):
             # The agent publishes on its next pass after the handshake: poll, not one read.
             status = wait_for(lambda h=host, p=peer.name: (s := status_of(lab, h, p))["path"]
                               == "direct" and s, timeout=5, what=f"{host}'s status")
-            assert status["endpoint"] == shown, status
+            assert status["endpoint"] == shown and status["needs_relay"] is None, status
+            argv, env = python_module("wgpunch.cli", "status", "--interface",
+                                      str(lab.host(host).ifname))
+            table = lab.ns(host).run(argv, env=env).stdout
+            assert "direct (IPv6) for" in table and shown in table, table
 
 
 def test_a_pair_with_ipv6_on_one_side_only_stays_on_ipv4(lab_prefix):
