@@ -45,6 +45,7 @@ from wgpunch.lab.netns import (
     stop_process,
     wait_for,
 )
+from wgpunch.lab.state import remove_agent_files
 
 LINK = ("192.0.2.1", "192.0.2.2")  # the registry's and the node's end of the veth link
 REGISTRY_IP, NODE_IP = "10.94.255.254", "10.94.0.1"
@@ -124,6 +125,7 @@ def lab(peers: int, tmp: Path) -> Iterator[tuple[Device, Device]]:
             device.daemon.stop()
         for ns in (reg_ns, node_ns):
             ns.delete()
+        remove_agent_files(f"{name}*")  # the agent's lock, which outlives it by design
 
 
 @contextmanager

@@ -194,3 +194,21 @@ def test_down_removes_what_the_labs_agents_left_in_the_machines_directories(lab_
     finally:
         for path in [*ours, other]:
             path.unlink(missing_ok=True)
+
+
+def test_agent_files_go_by_interface_name_outside_a_lab(lab_prefix):
+    """A test or bench that runs agents on its own interfaces (tests/wgpair.py, the fleet
+    test, bench/agent_footprint.py) removes their files by the interfaces' names."""
+    from wgpunch.node.pathfile import STATE_DIR
+
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    ours = [STATE_DIR / f"{lab_prefix}awg.lock", STATE_DIR / f"{lab_prefix}awg.json"]
+    other = STATE_DIR / f"{lab_prefix}awgx.lock"  # another interface whose name starts so
+    try:
+        for path in [*ours, other]:
+            path.write_text("1")
+        state.remove_agent_files(f"{lab_prefix}awg")
+        assert [p for p in ours if p.exists()] == [] and other.exists()
+    finally:
+        for path in [*ours, other]:
+            path.unlink(missing_ok=True)

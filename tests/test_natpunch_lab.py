@@ -18,6 +18,7 @@ from wgpunch.lab import catalog, evidence
 from wgpunch.lab.agents import Agents, natpunch_flags
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import python_module, wait_for
+from wgpunch.lab.state import remove_agent_files
 from wgpunch.natpunch.wire import LEGACY_PORT
 
 pytestmark = pytest.mark.lab
@@ -106,6 +107,7 @@ def test_without_access_to_the_device_the_node_names_what_it_needs(tmp_path):
     finally:
         listener.close()
         path.unlink(missing_ok=True)
+        remove_agent_files(name)  # the lock it took before it met the device
     assert done.returncode == 1
     assert "CAP_NET_ADMIN" in done.stderr and "Traceback" not in done.stderr, done.stderr
 

@@ -45,7 +45,8 @@ LD, LDX, ALU, JMP, RET = 0x00, 0x01, 0x04, 0x05, 0x06
 W, H, B = 0x00, 0x08, 0x10
 ABS, IND, MSH = 0x20, 0x40, 0xA0
 AND, JEQ, JSET, K = 0x50, 0x10, 0x40, 0x00
-LOAD_SIZES = {LD | W | ABS: 4, LD | H | ABS: 2, LD | B | ABS: 1, LD | H | IND: 2}
+LOAD_SIZES = {LD | W | ABS: 4, LD | H | ABS: 2, LD | B | ABS: 1, LD | H | IND: 2,
+              LD | W | IND: 4}
 
 
 def run_bpf(program: list[tuple[int, int, int, int]], packet: bytes) -> int:

@@ -19,6 +19,7 @@ from wgpair import Side, unique_prefix, wg_pair
 from wgpunch.errors import ConfigError
 from wgpunch.keys import generate_keypair
 from wgpunch.lab.netns import Namespace, WireguardGo, python_module, stop_process, wait_for
+from wgpunch.lab.state import remove_agent_files
 from wgpunch.node.fleet import Fleet
 from wgpunch.wg.device import DeviceState
 from wgpunch.wg.uapi import UapiDevice
@@ -176,3 +177,5 @@ def test_one_node_process_steers_two_interfaces_that_follow_different_registries
         for daemon in daemons:
             daemon.stop()
         ns.delete()
+        for name in names:
+            remove_agent_files(name)  # the agents' locks, which outlive them by design

@@ -1,6 +1,7 @@
 """follow.py's watch stream ends at once when the tunnel to the registry answers again after
 it was dead (RegistryView.relink), so that a new stream replaces one that TCP's
-retransmission back-off would hold up."""
+retransmission back-off would hold up; and the view notes the pairs whose initiator a NAT
+report changed."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -8,8 +9,19 @@ from collections.abc import AsyncIterator
 import pytest
 
 from wgpunch.errors import ApiError
-from wgpunch.node.follow import until_set
-from wgpunch.protocol import Event, Heartbeat
+from wgpunch.keys import Key
+from wgpunch.node.follow import RegistryView, until_set
+from wgpunch.protocol import (
+    Event,
+    Heartbeat,
+    NatBehaviour,
+    PeerEvent,
+    PeerRecord,
+    PunchEvent,
+    Reported,
+    Snapshot,
+)
+from wgpunch.wg.device import Endpoint
 
 
 async def one_then_silence(closed: list[bool]) -> AsyncIterator[Event]:
@@ -41,3 +53,48 @@ async def test_events_pass_and_the_end_is_the_end():
         yield Heartbeat(2)
 
     assert [e async for e in until_set(two(), asyncio.Event())] == [Heartbeat(1), Heartbeat(2)]
+
+
+# -- a NAT report that changes who initiates (protocol.initiator_changed) ----------------
+
+ME, LOW_PEER, HIGH_PEER = (Key(bytes([n]) * 32) for n in (2, 1, 3))
+SYMMETRIC = NatBehaviour("address-and-port-dependent", "address-and-port-dependent", False)
+EIM = NatBehaviour("endpoint-independent", "address-and-port-dependent", True)
+
+
+def record(key: Key, nat: NatBehaviour | None, revision: int = 1) -> PeerRecord:
+    return PeerRecord(key, (), Endpoint.parse("203.0.113.9:51820"), None,
+                      Reported(51820, (), "0.1.0", nat=nat), revision)
+
+
+def punched_view() -> RegistryView:
+    """Us between two peers, no NAT reported yet; a punch event with each gave our role."""
+    view = RegistryView()
+    view.me = ME
+    view.apply(Snapshot("e", 1, (record(ME, None), record(LOW_PEER, None),
+                                 record(HIGH_PEER, None))))
+    for peer in (LOW_PEER, HIGH_PEER):
+        view.apply(PunchEvent(1, peer, Endpoint.parse("203.0.113.9:51820"), peer == HIGH_PEER))
+    return view
+
+
+def test_a_peers_report_that_flips_the_initiator_voids_the_role_and_re_punches():
+    view = punched_view()
+    assert view.initiates(ME, view.peers[HIGH_PEER])  # key order: the lower key, ours
+    view.apply(PeerEvent(2, record(HIGH_PEER, EIM, 2)))  # ours still
+    assert not view.take_flipped(HIGH_PEER) and view.roles[HIGH_PEER] is True
+    view.apply(PeerEvent(3, record(ME, None, 3)))  # a report without a NAT changes nothing
+    assert not view.take_flipped(LOW_PEER) and not view.take_flipped(HIGH_PEER)
+    view.apply(PeerEvent(4, record(HIGH_PEER, SYMMETRIC, 4)))  # it maps per destination
+    assert view.take_flipped(HIGH_PEER) and HIGH_PEER not in view.roles
+    assert not view.take_flipped(HIGH_PEER)  # taken once
+    assert not view.initiates(ME, view.peers[HIGH_PEER])
+    assert view.roles[LOW_PEER] is False  # the other pair keeps its role
+
+
+def test_our_own_report_flips_every_pair_it_changes():
+    view = punched_view()
+    view.apply(PeerEvent(2, record(ME, SYMMETRIC, 2)))  # we initiate toward everyone now
+    assert view.take_flipped(LOW_PEER) and LOW_PEER not in view.roles
+    assert not view.take_flipped(HIGH_PEER) and view.roles[HIGH_PEER] is True
+    assert view.initiates(ME, view.peers[LOW_PEER])

@@ -1,5 +1,5 @@
 """The managed mesh (node/mesh.py): the pure plan as a table, then the real agent with `--mesh`
-on a real wireguard-go device (test_node_agent.py's pair and fakes): peers added, updated and
+on a real wireguard-go device (tests/agentrig.py's pair and fakes): peers added, updated and
 removed as the registry's list changes; a user's peers, the registry's peer and preshared
 keys never touched; a restart that changes nothing; overlaps refused with one log line."""
 
@@ -10,17 +10,17 @@ import json
 
 import pytest
 
-import test_node_agent as agent_tests
-from test_node_agent import FakeIo, FakeRegistry, Pair, Running, agent_for, events
+import agentrig
+from agentrig import FakeIo, FakeRegistry, Pair, Running, agent_for, events
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.node.agent import Agent
 from wgpunch.node.mesh import Mesh, Overlap, plan, read_managed, state_file
 from wgpunch.protocol import PeerRecord, RemovedEvent
 from wgpunch.wg.device import DeviceState, IPNetwork, PeerConfig, PeerState
 
-# test_node_agent.py's fixtures: the device pair, the fake registry and senders, its logging.
-pair, registry, io = agent_tests.pair, agent_tests.registry, agent_tests.io
-agent_logs = agent_tests.agent_logs
+# The rig's fixtures: the device pair, the fake registry and senders, its logging.
+pair, registry, io = agentrig.pair, agentrig.registry, agentrig.io
+agent_logs = agentrig.agent_logs
 
 
 def net(text: str) -> IPNetwork:

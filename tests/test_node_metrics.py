@@ -1,7 +1,7 @@
 """The node agent's /metrics, scraped over loopback while the real agent works a real
-wireguard-go pair (the set-up of test_node_agent.py: a fake registry stream, senders that only
-record): each value moves when its event happens. And nothing secret in either daemon's
-metrics.
+wireguard-go pair (tests/agentrig.py, as test_node_agent.py: a fake registry stream, senders
+that only record): each value moves when its event happens. And nothing secret in either
+daemon's metrics.
 """
 
 from __future__ import annotations
@@ -9,19 +9,18 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
+import agentrig
+from agentrig import FakeIo, FakeRegistry, Pair, Running, agent_for
 from scraped import Scraped, scrape
-from test_node_agent import REGISTRY_ENDPOINT, FakeIo, FakeRegistry, Pair, Running, agent_for
-from wgpair import unique_prefix, wg_pair
 from wgpunch.errors import ApiError
 from wgpunch.exposition import MetricsServer
-from wgpunch.keys import Key, generate_keypair
+from wgpunch.keys import Key
 from wgpunch.node.exporter import NodeExporter, short_keys
 from wgpunch.protocol import Heartbeat
 from wgpunch.registry.exporter import RegistryExporter
@@ -36,26 +35,9 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go not installed"),
 ]
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    """test_node_agent.py's: a (the agent's device) and b, and a's registry peer and a
-    stranger."""
-    with wg_pair(tmp_path, unique_prefix("am")) as (a, b):
-        registry, stranger = generate_keypair()[1], generate_keypair()[1]
-        a.wg_set("peer", registry.base64(), "allowed-ips", "10.77.0.254/32",
-                 "endpoint", str(REGISTRY_ENDPOINT))
-        a.wg_set("peer", stranger.base64(), "allowed-ips", "10.77.0.3/32")
-        yield Pair(a, b, registry, stranger, tmp_path)
-
-
-@pytest.fixture
-def registry() -> FakeRegistry:
-    return FakeRegistry()
-
-
-@pytest.fixture
-def io() -> FakeIo:
-    return FakeIo()
+# The rig's fixtures: the device pair (a, the agent's, with a registry peer and a stranger),
+# the fake registry and senders.
+pair, registry, io = agentrig.pair, agentrig.registry, agentrig.io
 
 
 @dataclass

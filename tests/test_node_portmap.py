@@ -284,17 +284,25 @@ QUICK = PortmapTimings(lifetime_s=2, min_renew_s=0.1, gateway_check_s=0.05, retr
 
 class FakeGateways:
     """map_once and unmap for keep_mapped, answering from a script: each call takes the next
-    outcome (an external port, or None: the gateway does not answer)."""
+    outcome (an external port, or None: the gateway does not answer). `progress` is set at
+    each call and each change keep_mapped reports (`changed`)."""
 
     def __init__(self, outcomes: list[int | None]) -> None:
         self.outcomes = outcomes
         self.calls: list[tuple[IP, Mapping | None]] = []
+        self.changes: list[Mapping | None] = []
         self.deleted: list[Mapping] = []
         self.gateway = GW_A
+        self.progress = asyncio.Event()
+
+    def changed(self, mapping: Mapping | None) -> None:
+        self.changes.append(mapping)
+        self.progress.set()
 
     async def map(self, gateway: IP, port: int, t: PortmapTimings, *,
                   previous: Mapping | None = None) -> Mapping:
         self.calls.append((gateway, previous))
+        self.progress.set()
         outcome = self.outcomes.pop(0) if self.outcomes else None
         if outcome is None:
             raise PortMapError("PCP: no answer")
@@ -304,25 +312,28 @@ class FakeGateways:
         self.deleted.append(mapping)
 
 
-async def keeping(fake: FakeGateways, changes: list[Mapping | None], until: Any) -> None:
-    task = asyncio.create_task(keep_mapped(51820, changes.append, QUICK, lambda: fake.gateway,
+async def keeping(fake: FakeGateways, until: Any) -> list[Mapping | None]:
+    """Run keep_mapped against `fake` until `until()` holds (checked at each step of it,
+    within 10 s); returns the changes it reported."""
+    task = asyncio.create_task(keep_mapped(51820, fake.changed, QUICK, lambda: fake.gateway,
                                            mapper=fake.map, unmapper=fake.unmap))
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while not until():
-            assert loop.time() < deadline, (changes, fake.calls)
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while not until():
+                await fake.progress.wait()
+                fake.progress.clear()
+    except TimeoutError:
+        raise AssertionError(f"no end after 10 s: {fake.changes}, {fake.calls}") from None
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    return fake.changes
 
 
 async def test_renewed_at_half_the_lifetime_and_one_lost_renewal_keeps_it():
     fake = FakeGateways([40000, None, 40000, 40000])
-    changes: list[Mapping | None] = []
-    await keeping(fake, changes, lambda: len(fake.calls) >= 4)
+    changes = await keeping(fake, lambda: len(fake.calls) >= 4)
     assert [c.external.port if c else None for c in changes] == [40000]  # never withdrawn
     assert [previous is not None for _, previous in fake.calls] == [False, True, True, True]
     assert fake.deleted == changes  # deleted on the way out
@@ -332,21 +343,19 @@ async def test_a_lease_that_runs_out_unrenewed_is_withdrawn_then_mapped_again():
     # Retries at half of what is left (1, 1.5, 1.75, 1.875, 1.975 s into a 2 s lease: never
     # more), then, run out, the mapping is withdrawn, and asked for every retry_first_s.
     fake = FakeGateways([40000, *[None] * 7, 40001])
-    changes: list[Mapping | None] = []
-    await keeping(fake, changes, lambda: len(changes) >= 3)
+    changes = await keeping(fake, lambda: len(fake.changes) >= 3)
     assert [c.external.port if c else None for c in changes] == [40000, None, 40001]
 
 
 async def test_a_new_gateway_is_asked_at_once():
     fake = FakeGateways([40000, 40002])
-    changes: list[Mapping | None] = []
 
     def moved() -> bool:
-        if changes and fake.gateway == GW_A:
+        if fake.changes and fake.gateway == GW_A:
             fake.gateway = GW_B  # roamed to another network, long before the renewal
-        return len(changes) >= 2
+        return len(fake.changes) >= 2
 
-    await keeping(fake, changes, moved)
+    changes = await keeping(fake, moved)
     assert [(c.gateway, c.external.port) for c in changes if c] == [(GW_A, 40000),
                                                                      (GW_B, 40002)]
     assert fake.calls[1] == (GW_B, None)  # a fresh mapping there, not a renewal

@@ -148,8 +148,9 @@ async def test_a_slot_that_got_no_handshake_is_asked_for_again_later():
 async def test_a_slot_gone_under_a_live_session_is_asked_for_at_once_and_moved_to():
     """The registry restarted (its relay's slots are gone: RegistryView clears the offers on
     a new epoch) while our device sends to the slot: ask at once, though the session still
-    looks live, and while the new slot differs, offer only it (decide() probes the dead old
-    path and repoints there, rather than to a direct path that failed)."""
+    looks live; until the new slot comes, the gone one stays the only candidate, and while
+    the new slot differs, offer only it (decide() probes the dead old path and repoints
+    there, rather than to a direct path that failed or cannot work)."""
     old, new = RelayEvent(3, PEER, 31001, None), RelayEvent(1, PEER, 31003, None)
     offers = {PEER: old}
     registry = FakeRegistry(new)
@@ -158,7 +159,13 @@ async def test_a_slot_gone_under_a_live_session_is_asked_for_at_once_and_moved_t
     on_old = Endpoint.parse("192.0.2.2:31001")
     relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=1.0)
     offers.clear()
-    assert relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=100.0)[0] == DIRECT
+    waiting = relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=100.0)[0]
+    assert waiting == (Candidate(CandidateKind.RELAY, on_old),)
+    dead_old = PeerState(PEER, on_old, (), 1.8e9 - 10, 100, 200, 25, False)
+    probed = Memory(probe_at=99.0, probe_endpoint=on_old, probe_rx_bytes=100)
+    stays = decide(dead_old, waiting, probed, initiator=True, punched=False, now_wall=1.8e9,
+                   now=100.0, t=Timings())
+    assert stays.kind is not Kind.REPOINT  # not moved off the slot to a direct candidate
     await settle(relays)
     assert registry.asked == [PEER]
     candidates, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=100.1)
@@ -166,3 +173,24 @@ async def test_a_slot_gone_under_a_live_session_is_asked_for_at_once_and_moved_t
     moved = Endpoint.parse("192.0.2.2:31003")
     candidates, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=moved, now=101.0)
     assert candidates == (*DIRECT, Candidate(CandidateKind.RELAY, moved))
+
+
+def test_a_live_session_on_a_slot_of_an_impossible_pair_keeps_only_the_slot():
+    """Both NATs rule direct out: under a live session the slot stays the only candidate, so
+    a probe through it that goes unanswered (the relay restarting) cannot move the session to
+    a direct path; a pair that may go direct keeps its direct candidates beside the slot."""
+    offers = {PEER: RelayEvent(3, PEER, 31001, None)}
+    relays = Relays(FakeRegistry(RelayEvent(3, PEER, 31001, None)), offers,  # type: ignore[arg-type]
+                    lambda: None)
+    relays.registry = REGISTRY
+    slot = Candidate(CandidateKind.RELAY, Endpoint.parse("192.0.2.2:31001"))
+    kept, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=slot.endpoint, now=1.0,
+                          impossible="both NATs map per destination")
+    assert kept == (slot,)
+    dead_slot = PeerState(PEER, slot.endpoint, (), 1.8e9 - 10, 100, 200, 25, False)
+    unanswered = Memory(probe_at=1.0, probe_endpoint=slot.endpoint, probe_rx_bytes=100)
+    stays = decide(dead_slot, kept, unanswered, initiator=True, punched=False,
+                   now_wall=1.8e9, now=9.0, t=Timings())
+    assert stays.kind is not Kind.REPOINT
+    maybe, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=slot.endpoint, now=2.0)
+    assert maybe == (*DIRECT, slot)

@@ -6,7 +6,17 @@ import itertools
 import pytest
 
 from wgpunch.keys import Key
-from wgpunch.protocol import NatBehaviour, initiator, needs_relay, relay_reason
+from wgpunch.protocol import (
+    NatBehaviour,
+    PeerRecord,
+    Reported,
+    has_mapping,
+    initiator,
+    initiator_changed,
+    needs_relay,
+    relay_reason,
+)
+from wgpunch.wg.device import Endpoint
 
 LOW, HIGH = Key(bytes([1]) * 32), Key(bytes([2]) * 32)
 APDF = "address-and-port-dependent"
@@ -44,6 +54,49 @@ def test_the_reason_in_words():
     assert relay_reason(None, symmetric) is None and not needs_relay(symmetric, None)
     unknown = NatBehaviour("unknown", "unknown", None)
     assert not needs_relay(unknown, symmetric)
+
+
+@pytest.mark.parametrize("cell", sorted(RELAYED, key=sorted))
+def test_a_port_mapping_on_either_side_rules_nothing_out(cell):
+    """Anyone reaches a port mapping, whatever the NATs do (lab matrix: every K+upnp cell
+    direct), so no cell needs a relay when either side holds one."""
+    a, b = sorted(cell) * (2 if len(cell) == 1 else 1)
+    assert needs_relay(KINDS[a], KINDS[b])
+    assert relay_reason(KINDS[a], KINDS[b], mapped=True) is None
+    assert not needs_relay(KINDS[b], KINDS[a], mapped=True)
+
+
+def nat_record(key, kind=None):
+    """A node's record with the NAT of lab kind `kind` reported (None: no NAT reported)."""
+    nat = None if kind is None else KINDS[kind]
+    return PeerRecord(key, (), None, None, Reported(51820, (), "0.1.0", nat=nat), 1)
+
+
+@pytest.mark.parametrize(("intent", "old", "new", "changed"), [
+    ("LOW learns its NAT maps per destination: it initiates now, not by key order",
+     (None, None), ("symmetric", None), False),
+    ("HIGH learns its NAT maps per destination: HIGH now initiates",
+     (None, None), (None, "symmetric"), True),
+    ("a NAT that maps per destination alike on both sides: key order, as before",
+     (None, None), ("symmetric", "symmetric"), False),
+    ("HIGH's NAT measured anew as mapping endpoint-independently: LOW again",
+     ("eim", "symmetric"), ("eim", "eim"), True),
+    ("a report that changes the filtering only leaves the initiator",
+     ("eim", "eim"), ("eim-addr", "eim-full-cone"), False),
+])
+def test_initiator_changed(intent, old, new, changed):
+    old_low, old_high = nat_record(LOW, old[0]), nat_record(HIGH, old[1])
+    new_low, new_high = nat_record(LOW, new[0]), nat_record(HIGH, new[1])
+    assert initiator_changed(old_low, old_high, new_low, new_high) is changed
+    assert initiator_changed(old_high, old_low, new_high, new_low) is changed  # both sides
+
+
+def test_has_mapping_is_what_the_node_reported():
+    key = Key(bytes([7]) * 32)
+    mapped = Reported(51820, (), "0.1.0", Endpoint.parse("198.51.100.2:40000"))
+    assert has_mapping(PeerRecord(key, (), None, None, mapped, 1))
+    assert not has_mapping(PeerRecord(key, (), None, None, Reported(51820, (), "0.1.0"), 1))
+    assert not has_mapping(PeerRecord(key, (), None, None, None, 1))  # never reported
 
 
 @pytest.mark.parametrize(("intent", "side", "other", "side_public", "other_public", "first"), [

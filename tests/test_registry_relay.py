@@ -74,6 +74,12 @@ def test_slot_rules_bind_forward_and_refuse_strangers():
     # A node that asks for the slot again is unbound: its next datagram binds it.
     assert slot.unbind(B) and not slot.unbind(B)
     assert send(pb, ("203.0.113.9", 5), DATA, 32.0, b[0]) == (Verdict.BOUND, (a[0], 999))
+    # The pair went direct: the slot forwards nothing, so WireGuard cannot roam back to it,
+    # and a paused slot does not stay alive by what still reaches it.
+    slot.paused_at = 33.0
+    assert send(pa, (a[0], 999), DATA, 33.1, a[0]) == (Verdict.PAUSED, None)
+    assert send(pb, ("203.0.113.9", 5), DATA, 33.2, b[0]) == (Verdict.PAUSED, None)
+    assert slot.last_active == 32.0
 
 
 def test_rate_limit_and_slot_limits():

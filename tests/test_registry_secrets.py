@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from prometheus_client import generate_latest
 
+from polling import poll
 from test_registry_api import READ_S, start
 from wgpair import unique_prefix, wg_pair
 from wgpunch.keys import Key, generate_keypair
@@ -69,12 +70,10 @@ async def test_no_private_or_preshared_key_crosses_the_api(tmp_path: Path):
         try:
             seen: list[bytes] = []
             one, two = await registry.client("127.0.0.1"), await registry.client("127.0.0.2")
-            for _ in range(100):  # the observer's first read, polled for up to 5 s
-                if len((await (await one.get("/v1/peers")).json())["peers"]) == 3:
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the observer never read the device")
+            async def all_peers() -> bool:
+                return len((await (await one.get("/v1/peers")).json())["peers"]) == 3
+
+            await poll(all_peers, what="the observer's first read")
             watch = await one.get("/v1/watch")
             lines = [await watch.content.readline()]  # the snapshot
             for response in [

@@ -325,6 +325,11 @@ def test_a_nat_report_lets_the_next_punch_of_its_pairs_through():
     punches = [e for e in drain(s1) if isinstance(e, PunchEvent)]
     assert [p.initiator for p in punches] == [True, False]  # K1 (lower key), then K2
     assert len([e for e in drain(s2) if isinstance(e, PunchEvent)]) == 2
+    # K1's NAT measured, mapping endpoint-independently: K2 still initiates, so a punch
+    # now repeats the last one (protocol.initiator_changed).
+    eim = NatBehaviour("endpoint-independent", "address-and-port-dependent", True)
+    state.report(K1, replace(report(), nat=eim))
+    assert not state.request_punch(K1, K2, now=10.15)[1]
 
 
 def test_a_punch_that_missed_a_side_is_not_coalesced():

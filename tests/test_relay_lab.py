@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from wgpunch.lab import catalog
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import python_module, wait_for
-from wgpunch.lab.scenario import Scenario
+from wgpunch.lab.scenario import Host, Scenario
 
 pytestmark = pytest.mark.lab
 
@@ -109,12 +110,6 @@ def test_an_impossible_pair_is_relayed(lab_prefix, first, second, path):
         assert not re.search(r"port=310\d\d ", left), left
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, about 1 run in 5: after the restart a node whose watch stream reopens after "
-    "the new slot's relay event misses it (relay events are not in the stream history) and "
-    "keeps its old slot; its datagrams to a port the new relay reuses never bind that side. "
-    "Another run moved a live session off a slot that was gone onto a direct endpoint that "
-    "cannot work (symmetric x symmetric). Closing note, issue 14."))
 def test_a_relayed_pair_recovers_after_a_registry_restart(lab_prefix):
     """The registry (and its relay, kernel path) restarts: the slot is gone, the nodes see the
     new epoch, ask for a slot at once and ping again within a few seconds."""
@@ -135,9 +130,11 @@ def test_a_relayed_pair_recovers_after_a_registry_restart(lab_prefix):
             assert status_of(lab, "a", "b")["path"] == "relay"
 
 
-# Sends each shape to each port from one socket until its time is up; prints how many.
+# Sends each shape to each port from one socket until the test closes its stdin (the pings
+# are done) or, at the latest, its deadline passes; prints how many. A round every 1 ms at
+# most: the wait for the stop paces it.
 FLOOD = r"""
-import socket, sys, time
+import select, socket, sys, time
 relay, ports, seconds = sys.argv[1], [int(p) for p in sys.argv[2].split(",")], float(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 shapes = [bytes([1, 0, 0, 0]) + bytes(144), bytes([4, 0, 0, 0]) + bytes(92), b"GET / x" * 20]
@@ -147,46 +144,126 @@ while time.monotonic() < end:
         for data in shapes:
             s.sendto(data, (relay, port))
             sent += 1
-    time.sleep(0.001)
+    if select.select([sys.stdin], [], [], 0.001)[0]:  # readable: at its end, stop
+        break
 print(sent)
 """
+FLOOD_DEADLINE_S = 30.0  # a flood the test never stopped ends by itself
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known, cause not established: in 2 of about 12 runs most of the 40 pings failed during "
-    "the 1.5 s flood (a flood from a's own public IP shares a's side of the slot with a's "
-    "packets; its packet-rate budget is the first suspect). Closing note, issue 14."))
 def test_a_third_node_cannot_use_or_disturb_a_slot(lab_prefix):
     """c (a third node, with its own public IP) and a's own NAT router (a's public IP, other
     ports) send to the pair's relay ports while a pings b: initiations, data, text, a flood.
     The pings arrive (a few may be lost: two flooders and the relay share 2 cores), the slot
-    never moves, and the relay counts the strangers' datagrams as dropped."""
+    never moves, and the relay counts the strangers' datagrams as dropped. c's agent runs
+    too, so that a and b reach it directly before the flood rather than punching an
+    agentless peer (and asking for slots with it) all through it."""
     scenario = Scenario("relay-3", (catalog.site("a", "symmetric"),
                                     catalog.site("b", "symmetric"), catalog.site("c", "public")))
     with Lab(scenario, prefix=lab_prefix) as lab, \
             Agents(lab, registry_args=["--relay", "31000-31099"]) as agents:
         lab.ns("registry").run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         agents.start_registry()
-        agents.start_nodes(["a", "b"])
+        agents.start_nodes(["a", "b", "c"])
         wait_relayed(lab, agents)
         ports = ",".join(relay_endpoint(lab, h).rsplit(":", 1)[1] for h in "ab")
         relay_ip = str(lab.host("registry").public_ip)
-        floods = [lab.ns(ns).popen([sys.executable, "-c", FLOOD, relay_ip, ports, "1.5"],
-                                   stdout=subprocess.PIPE, text=True) for ns in ("c", "na")]
+        flood_at = time.time()
+        floods = [lab.ns(ns).popen([sys.executable, "-c", FLOOD, relay_ip, ports,
+                                    str(FLOOD_DEADLINE_S)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                  for ns in ("c", "na")]
         try:
-            assert pings(lab, "a", "b", count=40, lost=4)
-        finally:
+            out = lab.ns("a").run(["ping", "-c", "40", "-i", "0.05", "-W", "1",
+                                   str(lab.host("b").tunnel_ip)], check=False).stdout
+        finally:  # communicate() closes each one's stdin: it stops within a millisecond
             sent = [int(flood.communicate(timeout=10)[0]) for flood in floods]
-        assert min(sent) > 1000, sent
-        assert relay_endpoint(lab, "a").startswith(relay_ip)
+        moved_to = relay_endpoint(lab, "a")
         agents.stop("registry")
         events = agents.events("registry")
-        assert not [e for e in events if e["event"] == "relay_bound"
-                    and "rebound" in e["msg"]], events
         [stopped] = [e for e in events if e["event"] == "relay_stopped"]
         counts = stopped["counts"]
+        # Everything that could explain lost pings, should any be: the relay's drops by
+        # reason (kernel path included), its slot events, the agents' doings meanwhile.
+        diagnosis = f"{out}\ncounts: {counts}\n" + "\n".join(
+            f"{host}: {e['ts'] - flood_at:+.3f} {e['event']} {e['msg'][:160]}"
+            for host in ("registry", "a", "b") for e in agents.events(host)
+            if e["ts"] >= flood_at - 3 and e["event"] not in ("punch", "punch_retry"))
+        received = re.search(r"(\d+) received", out)
+        assert received is not None and int(received.group(1)) >= 36, diagnosis
+        assert min(sent) > 1000, sent
+        assert moved_to.startswith(relay_ip), diagnosis
+        assert not [e for e in events if e["event"] == "relay_bound"
+                    and "rebound" in e["msg"]], diagnosis
         # Each sender's datagrams are 1/3 text (dropped first, by shape), 2/3 WireGuard-shaped
         # (c's: another IP; a's router's: a's IP, another port); a few may be lost on the way.
         for verdict in ("not from the node's observed IP", "not shaped like a WireGuard "
                         "message", "from a new address while the bound one is active"):
             assert counts[verdict] > min(sent) / 4, counts
+        # The strangers' datagrams are dropped before a side's packet-rate budget is taken
+        # from (relayslots.py), so the pair's own never run over it, on either path.
+        assert not [v for v in counts if v.startswith("over the slot's packet rate")], counts
+
+
+def test_a_pair_is_relayed_through_a_relay_on_another_host(lab_prefix, tmp_path):
+    """`wgpunch relay --control` on a host of its own, the registry told of it
+    (--relay-remote) beside its own relay: a symmetric x symmetric pair gets its slot there
+    (the least loaded relay that answers comes before the registry's own), pings through it
+    on the kernel path, and both devices send to the relay host's address. The pair keeps
+    that slot while the registry is down and after it restarted."""
+    scenario = Scenario("relay-remote", (catalog.site("a", "symmetric"),
+                                         catalog.site("b", "symmetric"),
+                                         Host("r", wireguard=False)))
+    secret = tmp_path / "relay.secret"
+    secret.write_text(secrets.token_hex(32) + "\n")
+    secret.chmod(0o600)
+    with Lab(scenario, prefix=lab_prefix) as lab, Agents(lab, registry_args=[
+            "--relay", "31000-31099", "--relay-remote", str(lab.host("r").public_ip),
+            "--relay-secret-file", str(secret)]) as agents:
+        relay_ip = str(lab.host("r").public_ip)
+        lab.ns("r").run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        agents.start_relay("r", ["--ports", "32000-32099", "--control", relay_ip,
+                                 "--secret-file", str(secret)], control_port=51825)
+        agents.start_registry()
+        started = time.monotonic()
+        agents.start_nodes(["a", "b"])
+        wait_relayed(lab, agents)
+        print(f"pinging through the relay host {time.monotonic() - started:.2f} s after the "
+              "nodes started")
+        for host, peer in (("a", "b"), ("b", "a")):
+            shown = wait_for(lambda h=host, p=peer: (s := status_of(lab, h, p))["path"]
+                             == "relay" and s, timeout=5, what=f"{host}'s status")
+            assert shown["endpoint"].startswith(f"{relay_ip}:320"), shown
+            ifname = lab.host(host).ifname
+            assert ifname is not None
+            endpoints = lab.ns(host).run(["wg", "show", ifname, "endpoints"]).stdout
+            key = lab.host(peer).public_key
+            assert key is not None
+            assert f"{key.base64()}\t{relay_ip}:320" in endpoints, endpoints
+        assert pings(lab, "a", "b", count=20, lost=1)
+        wait_for(lambda: len(re.findall(r"dnat to", lab.ns("r").run(
+            ["nft", "list", "table", "ip", "wgpunch_relay"], check=False).stdout)) == 2,
+            timeout=5, what="the relay host's kernel path")
+        assert not [e for e in agents.events("registry") if e["event"] == "relay_slot"], \
+            "the registry's own relay made a slot"
+        [placed] = [e for e in agents.events("registry") if e["event"] == "relay_placed"]
+        assert relay_ip in placed["msg"]
+        # The relay host forwards without the registry, and a restarted registry reads where
+        # the pair is relayed from it before it serves: the pair keeps its slot throughout.
+        assert agents.stop("registry") == 0
+        assert pings(lab, "a", "b", count=10, lost=1)
+
+        def connections(host: str) -> int:
+            return sum(e["event"] == "registry_connected" for e in agents.events(host))
+
+        before = {host: connections(host) for host in "ab"}
+        agents.start_registry()
+        wait_for(lambda: all(connections(h) > before[h] for h in "ab"), timeout=10,
+                 what="both nodes to follow the restarted registry")
+        assert pings(lab, "a", "b", count=20, lost=2)
+        assert len([e for e in agents.events("registry") if e["event"] == "relay_placed"]) == 1
+        assert relay_endpoint(lab, "a").startswith(f"{relay_ip}:320")
+        agents.stop("r")
+        assert "Traceback" not in agents.log_tail("r", 1000)
+        assert lab.ns("r").run(["nft", "list", "table", "ip", "wgpunch_relay"],
+                               check=False).returncode != 0

@@ -5,6 +5,7 @@ import ipaddress
 
 from test_protocol_roles import KINDS
 from wgpunch.keys import Key
+from wgpunch.node import pathfile
 from wgpunch.node.pathfile import PeerPath
 from wgpunch.status import peer_json, render_table
 from wgpunch.wg.device import Endpoint, PeerState
@@ -14,8 +15,9 @@ PEER = PeerState(Key(bytes([7]) * 32), None, (ipaddress.ip_network("10.99.0.2/32
 SYMMETRIC, CONE = KINDS["symmetric"].to_json(), KINDS["eim-full-cone"].to_json()
 
 
-def agent(nat):
-    return PeerPath("none", 1795000000.0, "no handshake with 198.51.100.2:40000 yet", None, nat)
+def agent(nat, mapped=False):
+    return PeerPath("none", 1795000000.0, "no handshake with 198.51.100.2:40000 yet", None, nat,
+                    mapped)
 
 
 def test_a_pair_that_needs_a_relay_says_why():
@@ -28,6 +30,25 @@ def test_a_pair_that_can_go_direct_keeps_the_agents_reason():
     got = peer_json(PEER, 1795000010.0, agent(CONE), own_nat=SYMMETRIC)
     assert got["needs_relay"] is None
     assert got["reason"] == "no handshake with 198.51.100.2:40000 yet"
+
+
+def test_a_port_mapping_on_either_side_needs_no_relay():
+    for theirs, ours in ((True, False), (False, True)):
+        got = peer_json(PEER, 1795000010.0, agent(SYMMETRIC, mapped=theirs), own_nat=SYMMETRIC,
+                        own_mapped=ours)
+        assert got["needs_relay"] is None
+        assert got["reason"] == "no handshake with 198.51.100.2:40000 yet"
+
+
+def test_the_agents_file_carries_both_mappings(tmp_path):
+    pathfile.write("wgx0", {"k": agent(SYMMETRIC, mapped=True)}, tmp_path, nat=SYMMETRIC,
+                   mapped=True)
+    published = pathfile.read_published("wgx0", tmp_path)
+    assert published is not None and published.mapped and published.peers["k"].mapped
+    pathfile.write("wgx0", {"k": agent(SYMMETRIC)}, tmp_path, nat=SYMMETRIC)
+    published = pathfile.read_published("wgx0", tmp_path)
+    assert published is not None and not published.mapped
+    assert not published.peers["k"].mapped
 
 
 def test_unknown_or_unreadable_nat_changes_nothing():

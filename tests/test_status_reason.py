@@ -1,12 +1,16 @@
 """What `status` says a peer's path is and why: the agent's word when one runs, the device's
 otherwise. Pure: no device, no agent process."""
 
+import json
+from dataclasses import replace
+
 import pytest
 
 from wgpunch.keys import Key
-from wgpunch.node.pathfile import PeerPath
-from wgpunch.status import peer_json, registry_line
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.node import pathfile
+from wgpunch.node.pathfile import PeerPath, RegistryHealth
+from wgpunch.status import peer_json, registries_json, registries_line, registry_line
+from wgpunch.wg.device import DeviceState, Endpoint, PeerState
 
 NOW = 1_800_000_000.0
 
@@ -56,3 +60,31 @@ def test_with_an_agent_its_path_since_and_reason_are_shown():
 ])
 def test_the_registry_link_in_words(intent, registry, line):
     assert registry_line(registry, NOW) == line, intent
+
+
+def test_several_registries_each_in_words_and_through_the_agents_file(tmp_path):
+    """node/registries.py: each registry's stream, last event and session, as the agent
+    published them (pathfile) and status shows them; an older file without them reads."""
+    key = Key(bytes([7]) * 32)
+    health = RegistryHealth("registry http://10.99.0.253:51821: following its watch stream",
+                            "unreachable", NOW - 40, "registry: watch stream ended",
+                            public_key=key.base64(), last_event=NOW - 41)
+    pathfile.write("wg0", {}, tmp_path, registries=(health,))
+    assert pathfile.read_published("wg0", tmp_path).registries == (health,)
+    device = DeviceState("wg0", None, 0, 0, (replace(peer(20), public_key=key),))
+    shown = registries_json(health, device, NOW)
+    assert shown == {"public_key": key.base64(), "following": health.following,
+                     "state": "unreachable", "since": NOW - 40,
+                     "error": "registry: watch stream ended", "last_event": NOW - 41,
+                     "handshake_age_s": 20.0}
+    assert registries_line(shown, NOW) == (
+        f"{key.base64()}: unreachable for 40s (registry: watch stream ended), last event 41s "
+        "ago, handshake 20s ago")
+    never = registries_json(replace(health, state="connecting", last_event=None, error=None),
+                            replace(device, peers=()), NOW)
+    assert registries_line(never, NOW).endswith(
+        ": not reached yet for 40s, last event never, handshake never")
+    body = json.loads(pathfile.path_file("wg0", tmp_path).read_text())
+    del body["registries"]  # as an agent before several registries wrote it
+    pathfile.path_file("wg0", tmp_path).write_text(json.dumps(body))
+    assert pathfile.read_published("wg0", tmp_path).registries == ()

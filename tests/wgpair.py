@@ -3,7 +3,8 @@
 Namespaces `P-a` and `P-b` joined by a veth link (192.0.2.1 and 192.0.2.2, addresses that
 exist only inside them), each running wireguard-go with a key and a listen port, each the
 other's peer without an endpoint, as a user's config would have them before wgpunch acts.
-Everything is removed on exit, whatever happened.
+Everything is removed on exit, whatever happened, with what a node agent on either device
+left in the machine's directories (its lock: node/lock.py).
 """
 
 import secrets
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from wgpunch.keys import generate_keypair
 from wgpunch.lab.netns import Namespace, WireguardGo, uapi_socket
+from wgpunch.lab.state import remove_agent_files
 from wgpunch.wg.uapi import UapiDevice
 
 PORT = 51820
@@ -74,3 +76,4 @@ def wg_pair(tmp_path: Path, prefix: str | None = None) -> Iterator[tuple[Side, S
         for side in (a, b):
             side.daemon.stop()
             side.ns.delete()
+            remove_agent_files(side.ifname)

@@ -12,7 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "registry": ("wgpunch.registry.cli",
                  "run the registry: publish peers' observed endpoints to nodes"),
     "relay": ("wgpunch.registry.relaycli",
-              "run a relay alone (slots come from a registry; remote slots are not built yet)"),
+              "run a relay alone, on a host of its own (a registry hands out its slots)"),
     "rendezvous": ("wgpunch.natpunch.cli",
                    "a natpunch server: nodes behind NATs find each other without a registry "
                    "peer"),

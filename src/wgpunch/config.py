@@ -383,6 +383,8 @@ class RegistryConfig(Loaded):
     relay: str | None  # a port range; None: no relay
     relay_address: str | None  # None: nodes use the registry's endpoint address
     relay_userspace: bool  # never the kernel fast path
+    relay_remote: tuple[str, ...]  # relays on other hosts: IP[:PORT] of their control APIs
+    relay_secret_file: Path | None  # shared with every remote relay
     natprobe_port: int  # 0: no NAT probe port
     natprobe_alt_port: int | None  # None: natprobe_port + 1; 0: none
     natprobe_alt_address: str | None
@@ -392,6 +394,9 @@ class RegistryConfig(Loaded):
 # Our choice: 500 slots of 2 ports, below Linux's ephemeral ports (32768-60999), so that no
 # outgoing socket of the registry host ever holds one.
 DEFAULT_RELAY_PORTS = "31000-31999"
+# A relay's control API (registry/relaycontrol.py): beside the registry's API (51821), the
+# rendezvous server (51822) and the NAT probe (51823, 51824).
+RELAY_CONTROL_PORT = 51825
 
 REGISTRY = Schema("registry", (
     Option("interface", TEXT, "the WireGuard interface whose peers are the nodes", '"wg0"',
@@ -422,6 +427,11 @@ REGISTRY = Schema("registry", (
            "registry's endpoint as each node has it)", '"192.0.2.1"'),
     Option("relay_userspace", SWITCH, "forward relayed datagrams in the relay process, never "
            "through nftables", "false", default=False),
+    Option("relay_remote", ADDRESSES, "relays on other hosts (`wgpunch relay --control`): "
+           f"IP or IP:PORT of each one's control API (port {RELAY_CONTROL_PORT} if none); "
+           "nodes relayed there send to that IP", '["192.0.2.7"]', default=()),
+    Option("relay_secret_file", PATH, "the secret shared with the remote relays (one "
+           "word, at least 32 characters)", '"relay.secret"'),
     Option("natprobe_port", WHOLE, "UDP port of the NAT probe on every address (0: off)",
            str(NATPROBE_PORT), default=NATPROBE_PORT, bounds=Bounds(0, 65535)),
     Option("natprobe_alt_port", WHOLE, "the NAT probe's second port, for filtering "
@@ -437,7 +447,7 @@ REGISTRY = Schema("registry", (
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig(Loaded):
     interface: str | None  # None: every WireGuard interface (node/fleet.py)
-    registry: tuple[str, ...]  # several: each interface follows the one it has as a peer
+    registry: tuple[str, ...]  # several: each interface follows those it has as peers
     api: str | None
     token_file: Path | None
     keepalive: int
@@ -459,8 +469,9 @@ NODE = Schema("node", (
     Option("interface", TEXT, "the WireGuard interface to steer (default: every one that has "
            "the registry's peer)", '"wg0"'),
     Option("registry", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
-           "the registry's public key (a peer of IF); a list: each interface follows the one "
-           "it has", '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="', default=()),
+           "the registry's public key (a peer of IF); a list: each interface follows those "
+           "it has (several at once: each of them)",
+           '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="', default=()),
     Option("api", TEXT, f"the registry API's URL (default: its tunnel address, port {API_PORT})",
            f'"http://10.99.0.254:{API_PORT}"'),
     Option("token_file", PATH, "bearer token for the registry", '"/etc/wgpunch/token"'),
@@ -527,6 +538,8 @@ class RelayConfig(Loaded):
     ports: str
     address: str | None
     userspace: bool
+    control: str | None  # None: no control API, no slots
+    secret_file: Path | None
 
 
 RELAY = Schema("relay", (
@@ -536,6 +549,11 @@ RELAY = Schema("relay", (
            "(default: the route's)", '"192.0.2.1"'),
     Option("userspace", SWITCH, "forward in this process only, never through nftables",
            "false", default=False),
+    Option("control", TEXT, "serve the control API a registry allocates slots through on "
+           f"ADDR or ADDR:PORT (port {RELAY_CONTROL_PORT} if none); without it, no slots",
+           '"192.0.2.7"'),
+    Option("secret_file", PATH, "the secret shared with the registry (one word, at least 32 "
+           "characters; the registry's relay_secret_file)", '"relay.secret"'),
 ), RelayConfig)
 
 SCHEMAS: tuple[Schema[Any], ...] = (REGISTRY, NODE, RENDEZVOUS, RELAY)

@@ -64,7 +64,8 @@ def run_demo(scenario: str, timeout_s: float, prefix: str | None,
                 b_public_ip=pair.a.peer_public_ip, a_public_ip=pair.b.peer_public_ip,
                 handshake_age_s=pair.a.handshake_age_s,
                 ping_ms=_ping_ms(lab, a, b) if pair.path != "none" else None,
-                why=None if pair.path != "none" else relay_reason(nats.get(a), nats.get(b)),
+                why=None if pair.path != "none" else relay_reason(
+                    nats.get(a), nats.get(b), mapped=_mapped(agents, a) or _mapped(agents, b)),
             ))
         return results
 
@@ -78,6 +79,14 @@ def _nat(agents: Any, host: str) -> NatBehaviour | None:
         return nat_from_json({k: measured[-1].get(k) for k in NAT_FIELDS})
     except MalformedMessage:
         return None
+
+
+def _mapped(agents: Any, host: str) -> bool:
+    """Whether the node on `host` holds a port mapping on its NAT (its log's last
+    `port_mapped` or `port_unmapped` event: node/portmap/mapper.py)."""
+    said = [e["event"] for e in agents.events(host)
+            if e.get("event") in ("port_mapped", "port_unmapped")]
+    return bool(said) and said[-1] == "port_mapped"
 
 
 def _agents(lab: Any, natpunch: str | None) -> Any:

@@ -22,7 +22,7 @@ every one of them lives here.
     ├── NoiseError                      a Noise handshake or transport operation failed
     ├── NatpunchError                   a rendezvous server did not answer usefully
     ├── PortMapError                    a gateway did not map a port (no answer, refused)
-    ├── RelayError                      the relay's kernel path (nft, conntrack) failed
+    ├── RelayError                      the relay's kernel path or a remote relay failed
     └── LabError                        the lab could not be built or driven
 """
 
@@ -116,8 +116,9 @@ class NatpunchError(WgpunchError):
 
 
 class RelayError(WgpunchError):
-    """The relay's kernel fast path failed (nft or conntrack refused); the relay then
-    forwards in userspace."""
+    """The relay's kernel fast path failed (nft or conntrack refused; the relay then forwards
+    in userspace), or a relay on another host did not give a slot (no answer, a refusal, an
+    answer not signed with the shared secret; the registry then asks the next relay)."""
 
 
 class PortMapError(WgpunchError):

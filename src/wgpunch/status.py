@@ -25,7 +25,8 @@ JSON_VERSION = 1
 
 
 def peer_json(peer: PeerState, now: float, agent: PeerPath | None = None,
-              own_nat: dict[str, Any] | None = None) -> dict[str, Any]:
+              own_nat: dict[str, Any] | None = None, own_mapped: bool = False
+              ) -> dict[str, Any]:
     age = peer.handshake_age(now)
     relay = None
     if agent is not None:
@@ -33,7 +34,8 @@ def peer_json(peer: PeerState, now: float, agent: PeerPath | None = None,
         # A pair on a direct path needs no relay, whatever the IPv4 NATs say: it may go
         # around them (IPv6, a port mapping).
         if path not in (PathKind.DIRECT, PathKind.LAN):
-            relay = relay_reason(_nat(own_nat), _nat(agent.nat))
+            relay = relay_reason(_nat(own_nat), _nat(agent.nat),
+                                 mapped=own_mapped or agent.mapped)
         if relay is not None and path == PathKind.NONE:
             reason = relay  # the root cause, rather than the attempt that failed
     else:  # no agent runs here: the device alone says whether a session is up
@@ -87,10 +89,12 @@ def device_json(state: DeviceState, backend: str, now: float) -> dict[str, Any]:
         "public_key": None if state.public_key is None else state.public_key.base64(),
         "listen_port": state.listen_port,
         "fwmark": state.fwmark,
-        "agent": None if published is None else {"registry": registry_json(published.registry),
-                                                 "nat": published.nat},
+        "agent": None if published is None else {
+            "registry": registry_json(published.registry), "nat": published.nat,
+            "registries": [registries_json(r, state, now) for r in published.registries]},
         "peers": [peer_json(p, now, agent.get(p.public_key.base64()),
-                            None if published is None else published.nat)
+                            None if published is None else published.nat,
+                            published is not None and published.mapped)
                   for p in state.peers],
     }
 
@@ -100,6 +104,29 @@ def registry_json(health: RegistryHealth | None) -> dict[str, Any] | None:
         return None
     return {"following": health.following, "state": health.state, "since": health.since,
             "error": health.error}
+
+
+def registries_json(health: RegistryHealth, state: DeviceState, now: float) -> dict[str, Any]:
+    """One of several registries an interface follows (node/registries.py): its stream's
+    state and last event, and the age of the device's session with it."""
+    peer = None if health.public_key is None else next(
+        (p for p in state.peers if p.public_key.base64() == health.public_key), None)
+    age = None if peer is None else peer.handshake_age(now)
+    return {"public_key": health.public_key, **(registry_json(health) or {}),
+            "last_event": health.last_event,
+            "handshake_age_s": None if age is None else round(age, 3)}
+
+
+def registries_line(registry: dict[str, Any], now: float) -> str:
+    """One of several registries, in words: its stream and the device's session with it."""
+    since = registry["since"]
+    took = "" if since is None else f" for {_duration(now - since)}"
+    state = {"connecting": "not reached yet"}.get(registry["state"], registry["state"])
+    error = f" ({registry['error']})" if registry["error"] else ""
+    event = registry["last_event"]
+    heard = _age(None if event is None else now - event)
+    return (f"{registry['public_key']}: {state}{took}{error}, last event {heard}, "
+            f"handshake {_age(registry['handshake_age_s'])}")
 
 
 def registry_line(registry: dict[str, Any], now: float) -> str:
@@ -160,6 +187,8 @@ def render_table(devices: list[dict[str, Any]], now: float) -> str:
         else:
             if agent["registry"] is not None:
                 out.append(f"  registry: {registry_line(agent['registry'], now)}")
+            for registry in agent.get("registries", ()):
+                out.append(f"  registry {registries_line(registry, now)}")
             nat = _nat(agent.get("nat"))
             if nat is not None:
                 out.append(f"  NAT: {nat.words()}")

@@ -75,12 +75,19 @@ class Agents:
         wait_for(lambda: self._listening("-Hlun", port, "the rendezvous server"),
                  timeout=START_TIMEOUT_S, what="the rendezvous server to listen")
 
-    def _listening(self, ss_flags: str, port: int, what: str) -> bool:
-        proc = self.procs["registry"]
+    def start_relay(self, host: str, args: Sequence[str], *, control_port: int) -> None:
+        """`wgpunch relay ARGS` in `host` (a relay on a host of its own); waits until its
+        control API listens on TCP `control_port`."""
+        self._launch(host, ["relay", *args])
+        wait_for(lambda: self._listening("-Hltn", control_port, "the relay", host),
+                 timeout=START_TIMEOUT_S, what="the relay's control API to listen")
+
+    def _listening(self, ss_flags: str, port: int, what: str, host: str = "registry") -> bool:
+        proc = self.procs[host]
         if proc.poll() is not None:
-            raise LabError(f"lab: {what} exited ({proc.returncode}): "
-                           f"{self.log_tail('registry')}")
-        out = self.registry.ns.run(["ss", ss_flags, f"sport = :{port}"], check=False).stdout
+            raise LabError(f"lab: {what} exited ({proc.returncode}): {self.log_tail(host)}")
+        out = self.lab.host(host).ns.run(["ss", ss_flags, f"sport = :{port}"],
+                                         check=False).stdout
         return bool(out.strip())
 
     def start_node(self, host: str, *, registry_key: bool = True,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +24,7 @@ from ..errors import LabError
 from ..keys import Key, generate_keypair
 from . import portmap, state
 from .build import apply_topology, wire_namespaces
+from .nat import check_kind, ruleset
 from .netns import Namespace, WireguardGo, python_module, read_line, require_root
 from .scenario import Scenario
 from .topology import LISTEN_PORT, TUNNEL_NET, Node, Plan, plan
@@ -142,6 +143,26 @@ class Lab:
         for kind in ("outbound", "inbound"):
             self.exec(nat, ["nft", "flush", "map", "ip", table, kind], check=False)
         self.flush_conntrack(nat)
+
+    def set_nat_kind(self, router: str, kind: str) -> None:
+        """Make NAT router `router` one of `kind` in place, as a router applying a new NAT
+        configuration does: its own nftables table is rewritten in one transaction (nothing
+        else is touched, its port mapping service included), and it forgets the flows it
+        translated (conntrack; its mapping maps go with the old table). Without that, every
+        flow it already translates, WireGuard's own and each later packet of one, would keep
+        the old kind's mapping for as long as it is used."""
+        node = self.plan.node(router)
+        if node.role != "nat":
+            raise LabError(f"lab {self.prefix}: {router!r} is no NAT router")
+        check_kind(kind)
+        table = self.plan.nat_interfaces(node).table
+        script = ruleset(kind, self.plan.nat_interfaces(node), hairpin=node.hairpin,
+                         portmap=node.portmap)
+        self.ns(router).run(["nft", "-f", "-"],
+                            input=f"table ip {table} {{}}\ndelete table ip {table}\n{script}")
+        self.flush_conntrack(router)
+        self.hosts = {name: replace(host, nat=kind) if host.nat_chain[:1] == (router,) else host
+                      for name, host in self.hosts.items()}
 
     def describe(self) -> dict[str, Any]:
         return describe(self.plan, self.hosts)

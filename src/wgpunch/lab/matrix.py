@@ -37,15 +37,14 @@ class Expectation:
 
 def expectation(first: str, second: str) -> Expectation:
     mapped = [kind for kind in (first, second) if kind.endswith(PORTMAP_SUFFIX)]
+    reason = roles.relay_reason(behaviour(first), behaviour(second), mapped=bool(mapped))
+    if reason is not None:
+        return Expectation("relay", reason)
     if len(mapped) == 2:
         return Expectation("direct", "both map a port on their NAT: either reaches the other")
     if mapped:
         other = second if mapped[0] == first else first
         return Expectation("direct", f"{other} sends to the port {mapped[0]} maps on its NAT")
-
-    reason = roles.relay_reason(behaviour(first), behaviour(second))
-    if reason is not None:
-        return Expectation("relay", reason)
     for initiator, other in ((first, second), (second, first)):
         nat = behaviour(initiator)
         if nat is not None and nat.endpoint_dependent:
@@ -58,7 +57,7 @@ def behaviour(kind: str) -> NatBehaviour | None:
     so the grid's verdict is the agents' own rule (protocol/roles.py)."""
     if kind == PUBLIC:
         return NatBehaviour("none", "endpoint-independent", True)
-    nat = NAT_KINDS[kind]
+    nat = NAT_KINDS[kind.removesuffix(PORTMAP_SUFFIX)]
     return NatBehaviour(nat.mapping, nat.filtering, nat.port == "preserved")
 
 

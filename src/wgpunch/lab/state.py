@@ -102,7 +102,7 @@ def remove(prefix: str) -> Removed:
     socks = sockets(prefix)
     for sock in socks:
         sock.unlink(missing_ok=True)
-    _remove_agent_files(prefix)
+    remove_agent_files(f"{prefix}-*")
     path = state_dir(prefix)
     had_dir = path.exists()
     shutil.rmtree(path, ignore_errors=True)
@@ -112,16 +112,17 @@ def remove(prefix: str) -> Removed:
     return Removed(len(spaces), len(pids), len(socks), had_dir)
 
 
-def _remove_agent_files(prefix: str) -> None:
-    """What the lab's node agents leave in the machine's own directories: their locks and
-    path files (a killed agent removes neither; a lock file stays by design) and `--mesh`
-    state. Only the lab's interfaces' names, which carry its prefix."""
+def remove_agent_files(interfaces: str) -> None:
+    """What node agents on the interfaces named `interfaces` (a glob) leave in the machine's
+    own directories: their locks and path files (a killed agent removes neither; a lock file
+    stays by design: node/lock.py) and `--mesh` state. A lab's, by its prefix (`P-*`); a
+    test's or a bench's that runs agents outside a lab, by its interfaces' names."""
     from ..node.mesh import MESH_DIR
     from ..node.pathfile import STATE_DIR
 
-    for directory, pattern in ((STATE_DIR, f"{prefix}-*.lock"), (STATE_DIR, f"{prefix}-*.json"),
-                               (MESH_DIR, f"{prefix}-*.mesh.json")):
-        for path in directory.glob(pattern):
+    for directory, suffix in ((STATE_DIR, ".lock"), (STATE_DIR, ".json"),
+                              (MESH_DIR, ".mesh.json")):
+        for path in directory.glob(interfaces + suffix):
             path.unlink(missing_ok=True)
 
 

@@ -53,6 +53,7 @@ _BPF_LD_B_ABS = 0x30  # A = packet[k]
 _BPF_LD_H_ABS = 0x28  # A = packet[k:k+2], big-endian
 _BPF_LD_W_ABS = 0x20  # A = packet[k:k+4], big-endian
 _BPF_LD_H_IND = 0x48  # A = packet[X+k:X+k+2], big-endian
+_BPF_LD_W_IND = 0x40  # A = packet[X+k:X+k+4], big-endian
 _BPF_LDX_B_MSH = 0xB1  # X = 4 * (packet[k] & 0xf): the IPv4 header length
 _BPF_ALU_AND_K = 0x54  # A &= k
 _BPF_JMP_JEQ_K = 0x15  # pc += jt if A == k else jf
@@ -120,8 +121,40 @@ def reply_filter(server_ip: ipaddress.IPv4Address, server_port: int,
         (_BPF_JMP_JEQ_K, 0, reject, local_port),  # UDP destination port
         (_BPF_RET_K, 0, 0, 0xFFFF),  # the whole packet: an IPv4 datagram is at most 65535 bytes
     ]
+    return _resolve(program, reject)
+
+
+def magic_filter(local_port: int, payload_size: int, magic: bytes
+                 ) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program accepting only whole UDP datagrams to `local_port` from anyone
+    whose payload is `payload_size` bytes and starts with the 4-byte `magic` (node/upgrade.py's
+    probes). Fragments are rejected as in `reply_filter`."""
+    reject = -1
+    program: list[tuple[int, int, int, int]] = [
+        (_BPF_LD_B_ABS, 0, 0, 0),
+        (_BPF_ALU_AND_K, 0, 0, 0xF0),
+        (_BPF_JMP_JEQ_K, 0, reject, 0x40),  # IPv4
+        (_BPF_LD_B_ABS, 0, 0, 9),
+        (_BPF_JMP_JEQ_K, 0, reject, _IPPROTO_UDP),
+        (_BPF_LD_H_ABS, 0, 0, 6),
+        (_BPF_JMP_JSET_K, reject, 0, _FRAGMENT_BITS),
+        (_BPF_LDX_B_MSH, 0, 0, 0),
+        (_BPF_LD_H_IND, 0, 0, 2),
+        (_BPF_JMP_JEQ_K, 0, reject, local_port),  # UDP destination port
+        (_BPF_LD_H_IND, 0, 0, 4),
+        (_BPF_JMP_JEQ_K, 0, reject, _UDP_HEADER + payload_size),  # UDP length
+        (_BPF_LD_W_IND, 0, 0, _UDP_HEADER),
+        (_BPF_JMP_JEQ_K, 0, reject, int.from_bytes(magic, "big")),
+        (_BPF_RET_K, 0, 0, 0xFFFF),
+    ]
+    return _resolve(program, reject)
+
+
+def _resolve(program: list[tuple[int, int, int, int]], reject: int
+             ) -> list[tuple[int, int, int, int]]:
+    """Jumps to `reject` made relative jumps to a final `ret #0`."""
     reject_at = len(program)
-    program.append((_BPF_RET_K, 0, 0, 0))
+    program = [*program, (_BPF_RET_K, 0, 0, 0)]
     return [
         (code,
          reject_at - index - 1 if jt == reject else jt,
@@ -129,6 +162,37 @@ def reply_filter(server_ip: ipaddress.IPv4Address, server_port: int,
          k)
         for index, (code, jt, jf, k) in enumerate(program)
     ]
+
+
+def udp_payload(packet: bytes) -> tuple[Endpoint, int, bytes] | None:
+    """(source, destination port, UDP payload) of a whole IPv4 UDP datagram read from a raw
+    socket, else None; never raises. The checksum is not verified (see `_reply_payload`)."""
+    if len(packet) < _IP_HEADER or packet[0] >> 4 != 4:
+        return None
+    header_length = (packet[0] & 0x0F) * 4
+    total_length, fragment, protocol = struct.unpack_from("!H2xHxB", packet, 2)
+    if (header_length < _IP_HEADER or header_length + _UDP_HEADER > total_length
+            or total_length > len(packet) or protocol != _IPPROTO_UDP
+            or fragment & _FRAGMENT_BITS):
+        return None
+    sport, dport, udp_length = struct.unpack_from("!HHH", packet, header_length)
+    if sport == 0 or not _UDP_HEADER <= udp_length <= total_length - header_length:
+        return None
+    source = Endpoint(ipaddress.IPv4Address(packet[12:16]), sport)
+    return source, dport, packet[header_length + _UDP_HEADER:header_length + udp_length]
+
+
+def filtered_socket(program: list[tuple[int, int, int, int]]) -> socket.socket:
+    """A non-blocking raw IPv4 UDP socket that takes only what `program` accepts (CAP_NET_RAW;
+    else CapabilityError)."""
+    sock = _raw_socket(socket.IPPROTO_UDP)
+    try:
+        sock.setblocking(False)
+        _attach_filter(sock, program)
+    except OSError as error:
+        sock.close()
+        raise WgpunchError(f"raw UDP: the kernel refused the filter: {error.strerror}") from None
+    return sock
 
 
 class _SockFilter(ctypes.Structure):

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key
-from ..protocol import relay_reason
+from ..protocol import has_mapping, relay_reason
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import CandidateKind, candidates_of
@@ -34,10 +34,13 @@ from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
 from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
+from .registries import Registries
 from .registrylink import LinkTimings, keep_link
 from .relay import Relays, RelayTimings
 from .source import Source
 from .track import Track
+from .upgrade import Upgrades, UpgradeTimings
+from .upgradelink import ProbeChannel, RawProbeChannel
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +66,16 @@ class Agent:
         portmap: bool = False,
         portmap_timings: PortmapTimings | None = None,
         registry_link: LinkTimings | None = None,  # None: no heartbeats (registrylink.py)
+        upgrade_channel: ProbeChannel | None = None,  # None: raw sockets, unless `io` is given
+        upgrade_timings: UpgradeTimings | None = None,
     ) -> None:
         self.device = device
         self.registry_key = registry
         self.client = client
+        # Several registries (registries.py): one merged source; none of them is steered.
+        self.registries = client if isinstance(client, Registries) else None
+        self.registry_keys = (self.registries.keys if self.registries is not None
+                              else frozenset(() if registry is None else (registry,)))
         self.t = timings or Timings()
         self.registry_t = registry_timings or RegistryTimings()
         self.state_dir = state_dir
@@ -82,6 +91,10 @@ class Agent:
         self.view = RegistryView()
         self.tracks: dict[Key, Track] = {}
         self.relays = Relays(client, self.view.relays, self.view.wake.set, relay_timings)
+        self.upgrades = Upgrades(
+            upgrade_channel or (RawProbeChannel() if io is None else None), client, device,
+            self.io, self.clock, self.view.directs, self.view.relays, self.view.wake.set,
+            upgrade_timings)
         self.punching: set[Key] = set()  # peers with a punch request under way
         self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
@@ -127,7 +140,13 @@ class Agent:
         self.me = self.view.me = state.public_key
         self.listen_port = state.listen_port
         self.can_open = self.io.can_send_raw()
-        registry = None if self.registry_key is None else state.peer(self.registry_key)
+        if self.client.coordinates_punches:
+            self.upgrades.start(self.me, self.listen_port, lambda key: key in self.view.peers)
+        # With several registries, the TTL and our NAT are measured toward the first given.
+        order = ([m.key for m in self.registries.members] if self.registries is not None
+                 else [] if self.registry_key is None else [self.registry_key])
+        registry = next((p for key in order
+                         if (p := state.peer(key)) is not None and p.endpoint is not None), None)
         if self.can_open and registry is not None and registry.endpoint is not None:
             self.opener_ttl.measure(registry.endpoint.ip)
         if (self.natprobe_port and self.client.coordinates_punches and registry is not None
@@ -139,8 +158,15 @@ class Agent:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
                                                   self.probe_live_peers, self.clock))
                 group.create_task(self.report())
+                if self.registries is not None:
+                    group.create_task(self.registries.run(
+                        self.view, self.io, self.probe_live_peers, self.open_nat,
+                        self.registry_t, self.link_t))
                 if self.nat is not None:
-                    group.create_task(measure_nat(self.view, self.nat, self.device, self.io))
+                    group.create_task(measure_nat(
+                        self.view, self.nat, self.device, self.io,
+                        None if self.registries is None or registry is None
+                        else self.registries.view_of(registry.public_key)))
                 group.create_task(self.reconcile_forever())
                 if self.portmap:
                     group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
@@ -150,6 +176,7 @@ class Agent:
                                                 self.clock, self.probe_live_peers,
                                                 self.view.relink.set, self.open_nat, self.link_t))
         finally:
+            self.upgrades.close()
             pathfile.remove(self.device.name, self.state_dir)
 
     async def report(self) -> None:
@@ -176,7 +203,7 @@ class Agent:
         for peer in state.peers:
             key = peer.public_key
             known = self.view.peers.get(key)
-            if key == self.registry_key or peer.has_live_session(now, self.t.session_live_s):
+            if key in self.registry_keys or peer.has_live_session(now, self.t.session_live_s):
                 continue
             if known is None or known.endpoint is None:
                 if self.client.lookup_failed(key):
@@ -214,7 +241,7 @@ class Agent:
         self.relays.registry = None if registry is None else registry.endpoint
         for peer in state.peers:
             known = self.view.peers.get(peer.public_key)
-            if peer.public_key == self.registry_key or known is None:
+            if peer.public_key in self.registry_keys or known is None:
                 continue
             track = self.tracks.setdefault(peer.public_key, Track())
             punched = self.view.take_punched(peer.public_key)
@@ -223,30 +250,25 @@ class Agent:
             ready = not self.client.coordinates_punches or known.reported is not None
             if ready != (memory.unready_since is None):
                 memory = replace(memory, unready_since=None if ready else now)
-            candidates = candidates_of(known, self.view.peers.get(self.me) if self.me else None,
-                                       self.view.local)
+            candidates = (*candidates_of(known, self.view.peers.get(self.me) if self.me else None,
+                                         self.view.local), *self.upgrades.found(peer.public_key))
             live = not path_is_dead(peer, memory, now_wall, now, self.t)
             mine = self.view.peers.get(self.me) if self.me else None
-            # A port mapping on either side makes a path that the NATs' behaviour rules out;
-            # so does IPv6 on both sides, where no NAT stands in the way.
-            around_nats = self.view.mapped is not None or any(
-                c.kind in (CandidateKind.MAPPED, CandidateKind.IPV6) for c in candidates)
             nats = (None if mine is None else mine.nat, known.nat)
-            impossible = None if around_nats else relay_reason(*nats)
+            # IPv6 on both sides goes around the NATs, as a port mapping does.
+            impossible = None if any(c.kind is CandidateKind.IPV6 for c in candidates) else (
+                relay_reason(*nats, mapped=self.view.mapped is not None or has_mapping(known)))
             candidates, memory = self.relays.plan(
                 peer.public_key, candidates, memory, live=live, current=peer.endpoint, now=now,
                 impossible=impossible,
                 nats_known=all(n is not None and n.mapping != "unknown" for n in nats))
             memory = failover(memory, candidates, now=now, t=self.t, live=live)
             initiator = self.view.initiates(self.me, known)
-            if memory.initiator is not None and initiator != memory.initiator and not live:
-                # A NAT report came in (ours or the peer's: natprobe.py) that changes who
-                # initiates: the attempts so far went the wrong way, so punch again now
-                # rather than at the back-off's next turn (cone x symmetric: 1.6 s -> ~0.8 s).
+            if self.view.take_flipped(peer.public_key) and not live:
+                # protocol.initiator_changed: the attempts so far went the wrong way.
                 log.info("peer %s: we %s initiate now (a NAT report came in): punching again",
                          peer.public_key, "do" if initiator else "no longer")
                 memory = replace(memory, attempt_at=None)
-            memory = replace(memory, initiator=initiator)
             decision = decide(
                 peer, candidates, memory,
                 initiator=initiator,
@@ -263,7 +285,10 @@ class Agent:
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now, self.metrics)
             self.relays.annotate(peer.public_key, track)
-            recheck = min(recheck, decision.recheck_s)
+            lease = self.relays.leases.get(peer.public_key)
+            recheck = min(recheck, decision.recheck_s, await self.upgrades.step(
+                peer, track, known, mine, candidates, None if lease is None else lease.endpoint,
+                now))
         self.publish(state, now_wall)
         return recheck
 
@@ -410,11 +435,13 @@ class Agent:
             {key.base64(): track.published(self.view.peers.get(key))
              for key, track in self.tracks.items()}, self.view.health,
             None if self.nat is None or self.nat.measured is None
-            else self.nat.measured.behaviour.to_json())
+            else self.nat.measured.behaviour.to_json(), self.view.mapped is not None,
+            () if self.registries is None else self.registries.health())
         if published != self._published:
             try:
                 pathfile.write(state.name, published.peers, self.state_dir,
-                               published.registry, published.nat)
+                               published.registry, published.nat, published.mapped,
+                               published.registries)
                 self._published = published
             except OSError as error:
                 log.warning("cannot write %s: %s", pathfile.path_file(state.name), error)

@@ -40,8 +40,8 @@ class Settings:
     registry it follows, else it follows a registry's API (`registry_mode`)."""
 
     interface: str | None  # None: every WireGuard interface that qualifies (fleet.py)
-    # None: with several `registries`, the one IF has; with none, the peer that serves the
-    # registry API (node/discover.py); both found at start
+    # None: with several `registries`, the one IF has (IF having several: registries.py);
+    # with none, the peer that serves the registry API (node/discover.py); found at start
     registry: Key | None
     api: str | None  # None: http://<the registry peer's tunnel address>:API_PORT
     token_file: Path | None
@@ -127,14 +127,13 @@ def _key(options: config.NodeConfig, name: str) -> Key | None:
     return options.parsed(name, lambda t: Key.parse(t, what=what), text)
 
 
-def registry_of(state: DeviceState, registries: tuple[Key, ...]) -> Key:
-    """Which of several registries' keys this device follows: the one that is its peer."""
-    found = [key for key in registries if state.peer(key) is not None]
-    if len(found) != 1:
-        raise ConfigError(f"node: {state.name} has {'none' if not found else 'several'} of the "
-                          f"registries given ({', '.join(map(str, registries))}) as a peer; "
-                          "it must have exactly one")
-    return found[0]
+def registries_of(state: DeviceState, registries: tuple[Key, ...]) -> tuple[Key, ...]:
+    """Which of the registries' keys this device follows: those that are its peers."""
+    found = tuple(key for key in registries if state.peer(key) is not None)
+    if not found:
+        raise ConfigError(f"node: {state.name} has none of the registries given "
+                          f"({', '.join(map(str, registries))}) as a peer")
+    return found
 
 
 def _metrics_listen(options: config.NodeConfig) -> Endpoint | None:
@@ -247,8 +246,16 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
             raise ConfigError(f"node: cannot control {interface}: {error}; the node needs "
                               "root (CAP_NET_ADMIN)") from None
         raise
+    several: tuple[Key, ...] = ()  # IF follows each of these (node/registries.py)
     if settings.registry is None and settings.registries:
-        settings = replace(settings, registry=registry_of(state, settings.registries))
+        found = registries_of(state, settings.registries)
+        if len(found) == 1:
+            settings = replace(settings, registry=found[0])
+        elif settings.api:
+            raise ConfigError(f"node: {interface} has several registries as peers; --api names "
+                              "one API (each registry's is found at its tunnel address)")
+        else:
+            several = found
     elif settings.registry is None and settings.registry_mode:
         from .discover import find_registry
 
@@ -271,6 +278,20 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
         source = DnsSdSource(settings.dns_sd, str(settings.zone), device,
                              interval_s=settings.interval_s)
         where = f"DNS-SD {settings.dns_sd}, zone {settings.zone}"
+    elif several:
+        from .client import RegistryClient
+        from .edges import SystemClock
+        from .registries import Registries
+        from .source import registry_api_url
+
+        token = (None if settings.token_file is None
+                 else config.read_token(settings.token_file, "node"))
+        apis = [registry_api_url(state, key) for key in several]
+        source = Registries(device, [(key, RegistryClient(api, token=token))
+                                     for key, api in zip(several, apis, strict=True)],
+                            SystemClock())
+        where = ", ".join(f"registry {key}, API {api}"
+                          for key, api in zip(several, apis, strict=True))
     else:
         assert settings.registry is not None
         from .client import RegistryClient
@@ -283,15 +304,16 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
         where = f"registry {settings.registry}, API {api}"
     # Beside the path files when a caller (a test) moves them, else persistent (mesh.py).
     mesh_dir = MESH_DIR if state_dir == pathfile.STATE_DIR else state_dir
-    mesh = (Mesh(interface, mesh_dir, settings.registry, settings.mesh_exclude)
-            if settings.mesh else None)
+    mesh = (Mesh(interface, mesh_dir, settings.registry or next(iter(several), None),
+                 settings.mesh_exclude) if settings.mesh else None)
     exporter = None if once or settings.metrics_listen is None else _exporter()
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
                   opener_ttl=settings.opener_ttl, state_dir=state_dir, mesh=mesh,
                   metrics=exporter, portmap=settings.portmap and not once,
                   natprobe_port=settings.natprobe_port or None,
-                  registry_link=LinkTimings() if settings.registry is not None else None)
+                  registry_link=(LinkTimings() if settings.registry is not None or several
+                                 else None))
     metrics_server: MetricsServer | None = None
     try:
         if once:
@@ -368,7 +390,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--registry", metavar="PUBKEY", action="append",
         help="the registry's public key (base64 as wg prints it, hex or base32); the registry "
         "must be a peer of IF. Its peer entry is never touched. Repeatable: each interface "
-        "follows the registry it has as a peer (one agent, several networks). Without "
+        "follows the registries it has as peers (one agent, several networks; an interface "
+        "with several follows each, and any one that both sides of a pair follow coordinates "
+        "their punch). Without "
         "--registry (and no --dns-sd or --natpunch), the registry is the peer with an "
         "endpoint whose tunnel address serves the registry API, asked at start",
     )

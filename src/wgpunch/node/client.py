@@ -22,6 +22,7 @@ from ..protocol import (
     relay_from_json,
     snapshot_from_json,
 )
+from ..wg.device import Endpoint
 from .http import HttpClient
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry
@@ -102,6 +103,10 @@ class RegistryClient:
             return relay_from_json(obj)
         except MalformedMessage as error:
             raise ApiError(f"registry: /v1/relay reply: {error}") from None
+
+    async def direct(self, peer: Key, endpoint: Endpoint, peer_endpoint: Endpoint) -> None:
+        await self._request("POST", f"/v1/relay/{peer.hex()}/direct",
+                            {"endpoint": str(endpoint), "peer_endpoint": str(peer_endpoint)})
 
     async def watch(self, since: int | None, epoch: str | None) -> AsyncIterator[Event]:
         """Events until the stream ends; a silent stream counts as dead after the timeout."""

@@ -183,7 +183,6 @@ class Memory:
     failed: frozenset[Endpoint] = frozenset()
     # We initiate, a punch event came, and the peer has not yet said its NAT is open.
     awaiting_opener_since: float | None = None
-    initiator: bool | None = None  # our role in the last tick (agent.py: a change re-punches)
 
     def observe(self, rx_bytes: int, tx_bytes: int, now: float) -> Memory:
         mem = self

@@ -130,6 +130,9 @@ class DnsSdSource:
     async def relay(self, peer: Key) -> RelayEvent:
         raise ApiError("dns-sd: a DNS registry hands out no relay slots")
 
+    async def direct(self, peer: Key, endpoint: Endpoint, peer_endpoint: Endpoint) -> None:
+        raise ApiError("dns-sd: a DNS registry hands out no relay slots")
+
     async def punch(self, peer: Key) -> None:
         raise ApiError("dns-sd: a DNS registry cannot coordinate punches")
 

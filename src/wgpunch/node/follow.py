@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import ApiError, DeviceError, MalformedMessage
 from ..keys import Key
 from ..protocol import (
+    DirectEvent,
     Event,
     PeerEvent,
     PeerRecord,
@@ -27,6 +28,7 @@ from ..protocol import (
     Reported,
     Snapshot,
     initiator,
+    initiator_changed,
 )
 from ..wg.device import Device, Endpoint, IPInterface
 from .addresses import ipv6_endpoints
@@ -76,6 +78,8 @@ class RegistryView:
         # Who initiates, per peer, as the registry's last punch event for it said: the
         # registry decides (protocol/roles.py); before an event, the same rule locally.
         self.roles: dict[Key, bool] = {}
+        # Peers whose initiator a NAT report changed since their last tick (take_flipped).
+        self.flipped: set[Key] = set()
         self.wake = asyncio.Event()  # something changed: reconcile now
         self.reported = asyncio.Event()  # set when the registry needs our report again
         # Our own report reaches the registry only after our watch stream is open, and we ask
@@ -91,6 +95,8 @@ class RegistryView:
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
         # Relay slots the registry gave us, by peer: its relay events and answers (relay.py).
         self.relays: dict[Key, RelayEvent] = {}
+        # Relayed peers the registry says to reach directly now, and where (upgrade.py).
+        self.directs: dict[Key, Endpoint] = {}
         self.mapped: Endpoint | None = None  # our port mapping on our NAT (node/portmap/)
         self.me: Key | None = None  # our key, once the device is read
         # Set when the endpoint the registry observes for us changes (measure_nat).
@@ -118,13 +124,8 @@ class RegistryView:
             self.peers = {p.public_key: p for p in event.peers}
         elif isinstance(event, PeerEvent):
             old = self.peers.get(event.peer.public_key)
-            if old is None or old.nat != event.peer.nat:
-                # The registry's last punch decided who initiates without this NAT report;
-                # its next one will decide with it, and so does initiates() until then.
-                if event.peer.public_key == self.me:
-                    self.roles.clear()
-                else:
-                    self.roles.pop(event.peer.public_key, None)
+            if old is not None:
+                self._note_flips(old, event.peer)
             if old is not None and old.endpoint != event.peer.endpoint:
                 log.info(
                     "registry: peer %s endpoint %s -> %s",
@@ -143,8 +144,33 @@ class RegistryView:
             self.roles[event.peer] = event.initiator
         elif isinstance(event, RelayEvent):
             self.relays[event.peer] = event
+        elif isinstance(event, DirectEvent):
+            self.directs[event.peer] = event.endpoint
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
+
+    def _note_flips(self, old: PeerRecord, new: PeerRecord) -> None:
+        """A report (ours or a peer's) that changes who initiates a pair is a new punch
+        (protocol.initiator_changed): the registry's last punch event decided the role
+        without it (its next one will decide with it, and so does initiates() until then),
+        and the agent punches again at once (take_flipped)."""
+        mine = None if self.me is None else self.peers.get(self.me)
+        if mine is None:
+            return
+        if new.public_key == self.me:
+            pairs = [(old, p, new, p) for k, p in self.peers.items() if k != self.me]
+        else:
+            pairs = [(mine, old, mine, new)]
+        for old_me, old_peer, new_me, new_peer in pairs:
+            if initiator_changed(old_me, old_peer, new_me, new_peer):
+                self.roles.pop(new_peer.public_key, None)
+                self.flipped.add(new_peer.public_key)
+
+    def take_flipped(self, peer: Key) -> bool:
+        """Whether a report changed who initiates with `peer` since the last call for it."""
+        flipped = peer in self.flipped
+        self.flipped.discard(peer)
+        return flipped
 
     def set_health(self, following: str, state: str, now_wall: float,
                    error: str | None = None) -> None:
@@ -245,9 +271,12 @@ async def follow_registry(client: Source, view: RegistryView, t: RegistryTimings
                     else t.reconnect_max_s)
 
 
-async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io) -> None:
+async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io,
+                      observer: RegistryView | None = None) -> None:
     """Measure our NAT (node/natprobe.py) whenever the registry observes a new endpoint for
-    us, and have the report carry the result. Beside the report, not before it: the filtering
+    us, and have the report carry the result. `observer`: the view of the registry the NAT
+    is measured toward, when that is not `view` (several registries, registries.py: each
+    may see another of our NAT's ports). Beside the report, not before it: the filtering
     test waits for replies that may never come (0.6 s behind most NATs), and the registry
     observes our endpoint only after our first handshake with it (about a second into a lab
     run), so waiting for both would delay every first punch by a second or more (bench
@@ -255,12 +284,13 @@ async def measure_nat(view: RegistryView, nat: NatWatch, device: Device, io: Io)
     initiates without it, as for a node older than the measurement."""
     while True:
         again_in = nat.again_in()
+        seen = observer or view
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(again_in):
-                await view.observed_changed.wait()
-        again = not view.observed_changed.is_set()
-        view.observed_changed.clear()
-        observed = view.own_endpoint()
+                await seen.observed_changed.wait()
+        again = not seen.observed_changed.is_set()
+        seen.observed_changed.clear()
+        observed = seen.own_endpoint()
         if observed is None:
             continue
         try:

@@ -177,6 +177,9 @@ class NatpunchSource:
     async def relay(self, peer: Key) -> RelayEvent:
         raise ApiError("natpunch: a rendezvous server hands out no relay slots")
 
+    async def direct(self, peer: Key, endpoint: Endpoint, peer_endpoint: Endpoint) -> None:
+        raise ApiError("natpunch: a rendezvous server hands out no relay slots")
+
     async def punch(self, peer: Key) -> None:
         raise ApiError("natpunch: a rendezvous server cannot coordinate punches")
 

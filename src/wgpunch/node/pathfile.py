@@ -24,6 +24,7 @@ class PeerPath:
     reason: str
     endpoint: str | None  # what the registry reports for the peer
     nat: dict[str, Any] | None = None  # the peer's NAT as it reported it (NatBehaviour JSON)
+    mapped: bool = False  # the peer reported a port mapping on its NAT (protocol.has_mapping)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,10 @@ class RegistryHealth:
     state: str  # "connecting" (never heard yet), "following", "unreachable"
     since: float | None  # Unix time the state began
     error: str | None  # the last failure, while unreachable
+    # With several registries (node/registries.py), each one's: its key and when its
+    # stream last delivered (Unix time); None for the one link of a single registry.
+    public_key: str | None = None
+    last_event: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +46,8 @@ class Published:
     peers: dict[str, PeerPath]
     registry: RegistryHealth | None
     nat: dict[str, Any] | None = None  # our own NAT as measured (NatBehaviour JSON)
+    mapped: bool = False  # we hold a port mapping on our NAT (node/portmap/)
+    registries: tuple[RegistryHealth, ...] = ()  # each one's, with several
 
 
 def path_file(ifname: str, directory: Path = STATE_DIR) -> Path:
@@ -48,12 +55,14 @@ def path_file(ifname: str, directory: Path = STATE_DIR) -> Path:
 
 
 def write(ifname: str, peers: dict[str, PeerPath], directory: Path = STATE_DIR,
-          registry: RegistryHealth | None = None, nat: dict[str, Any] | None = None) -> None:
+          registry: RegistryHealth | None = None, nat: dict[str, Any] | None = None,
+          mapped: bool = False, registries: tuple[RegistryHealth, ...] = ()) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     target = path_file(ifname, directory)
     tmp = target.with_suffix(".tmp")
     body = {"pid": os.getpid(), "peers": {k: asdict(v) for k, v in sorted(peers.items())},
-            "registry": None if registry is None else asdict(registry), "nat": nat}
+            "registry": None if registry is None else asdict(registry), "nat": nat,
+            "mapped": mapped, "registries": [asdict(r) for r in registries]}
     tmp.write_text(json.dumps(body, indent=1))
     tmp.replace(target)
 
@@ -76,7 +85,9 @@ def read_published(ifname: str, directory: Path = STATE_DIR) -> Published | None
         registry = body.get("registry")
         return Published(
             {key: PeerPath(**value) for key, value in body["peers"].items()},
-            None if registry is None else RegistryHealth(**registry), body.get("nat"))
+            None if registry is None else RegistryHealth(**registry), body.get("nat"),
+            body.get("mapped") is True,
+            tuple(RegistryHealth(**r) for r in body.get("registries", ())))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -85,15 +85,16 @@ def can_send_raw() -> bool:
     return True
 
 
-def send_opener(listen_port: int, dst: Endpoint, ttl: int = DEFAULT_TTL) -> bool:
-    """Send one empty datagram from our WireGuard port to `dst` (IPv4 or IPv6; `ttl` is the
-    hop limit). False when impossible."""
+def send_opener(listen_port: int, dst: Endpoint, ttl: int = DEFAULT_TTL,
+                payload: bytes = b"") -> bool:
+    """Send one datagram (empty: an opener) from our WireGuard port to `dst`, IPv4 or IPv6
+    (`ttl` is the hop limit). False when impossible."""
     try:
         if dst.ip.version == 6:
-            _send_opener6(listen_port, dst, ttl)
+            _send_udp6(listen_port, dst, ttl, payload)
             return True
         src = source_address(dst)
-        packet = udp_datagram(src, listen_port, str(dst.ip), dst.port, b"", ttl)
+        packet = udp_datagram(src, listen_port, str(dst.ip), dst.port, payload, ttl)
         with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
             raw.sendto(packet, (str(dst.ip), 0))
     except PermissionError:
@@ -105,12 +106,14 @@ def send_opener(listen_port: int, dst: Endpoint, ttl: int = DEFAULT_TTL) -> bool
     return True
 
 
-def _send_opener6(listen_port: int, dst: Endpoint, hops: int) -> None:
-    """The IPv6 opener: a UDP header alone (length 8, checksum by the kernel)."""
+def _send_udp6(listen_port: int, dst: Endpoint, hops: int, payload: bytes) -> None:
+    """Over IPv6: our UDP header and the payload; the kernel adds the IPv6 header and the
+    UDP checksum."""
     with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP) as raw:
         raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_CHECKSUM, UDP_CHECKSUM_OFFSET)
         raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
-        raw.sendto(struct.pack("!HHHH", listen_port, dst.port, UDP_HEADER, 0), (str(dst.ip), 0))
+        header = struct.pack("!HHHH", listen_port, dst.port, UDP_HEADER + len(payload), 0)
+        raw.sendto(header + payload, (str(dst.ip), 0))
 
 
 def inside_address(address: ipaddress.IPv4Address) -> bool:

@@ -186,12 +186,14 @@ async def keep_link(device: Device, registry: Key, io: Io, clock: Clock,
                     on_dead: Callable[[], Awaitable[None]],
                     on_alive: Callable[[], None],
                     open_nat: Callable[[Endpoint], Awaitable[None]],
-                    t: LinkTimings | None = None) -> None:
+                    t: LinkTimings | None = None, *,
+                    others: frozenset[Key] = frozenset()) -> None:
     """Keep the tunnel to `registry` alive, forever. `on_dead` runs when the link is judged
     dead (our NAT may have lost its state for every peer: the agent probes its live ones);
     `on_alive` when it answers again after that (the watch stream is opened anew rather than
     waiting out TCP's retransmission back-off); `open_nat` sends an opener toward an active
-    peer with each heartbeat."""
+    peer with each heartbeat, never toward `registry` or `others` (the interface's other
+    registries, node/registries.py)."""
     t = t or LinkTimings()
     memory = LinkMemory()
     activity = Activity(t.active_s)
@@ -221,7 +223,8 @@ async def keep_link(device: Device, registry: Key, io: Io, clock: Clock,
                 await io.probe(device.name, address)
             if decided.reason == "heartbeat":
                 for other in active:
-                    if other.public_key != registry and other.endpoint is not None:
+                    if (other.public_key != registry and other.public_key not in others
+                            and other.endpoint is not None):
                         await open_nat(other.endpoint)
         elif decided.act is Act.HANDSHAKE and peer is not None and peer.endpoint is not None:
             await _handshake(device, peer, clock.wall())

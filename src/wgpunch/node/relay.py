@@ -7,9 +7,10 @@ so both sides hold the slot within a round trip. While no session is up, the slo
 peer's only candidate (candidates.py, kind `relay`), so that decide() moves the pair there
 at once and both sides stay there in step: a punch through the registry, and both sides'
 handshake-now toward their own relay port. Once a session is up it is one more candidate,
-ranked below every direct one. The relay drops what
-reaches it before the other side is bound, so the first initiation binds one side, the
-other's binds the other side and goes through; no initiator rule is needed.
+ranked below every direct one, unless both NATs rule every direct path out (then it stays
+the only one). The relay drops what reaches it before the other side is bound, so the first
+initiation binds one side, the other's binds the other side and goes through; no initiator
+rule is needed.
 
 `want_slot` is the pure rule; `Relays` holds the slots and asks for them in the background.
 """
@@ -149,6 +150,13 @@ class Relays:
                 self._why[peer] = (Why.NO_HANDSHAKE.value if impossible is None
                                    else f"{Why.IMPOSSIBLE.value}: {impossible}")
                 self._ask(peer, now)
+            stale = self._stale.get(peer)
+            if live and stale is not None and stale == current:
+                # A live session on a slot that is gone, a new one asked for: it stays there
+                # until the new slot comes, not moved to a direct path, which the NATs rule
+                # out or which failed before (a probe through the gone slot goes unanswered,
+                # and decide() would repoint the session to the best direct candidate).
+                return (Candidate(CandidateKind.RELAY, stale),), mem
             return tuple(candidates), mem
         relay = Candidate(CandidateKind.RELAY, lease.endpoint)
         if self.leases.get(peer) != lease:
@@ -175,6 +183,13 @@ class Relays:
             # the old path, finds it dead, and repoints), not to a direct path that failed.
             return (relay,), mem
         self._stale.pop(peer, None)
+        if impossible is not None:
+            # No direct path can exist: the slot stays the only candidate under a live
+            # session too. Else a path probe that goes unanswered while the relay is away (a
+            # registry restart) moved the session to a direct candidate; there it could
+            # never work, and its slot, no longer where the device sends, was not asked for
+            # again (lab: 2 of 23 registry restarts never relayed again).
+            return (relay,), mem
         return (*candidates, relay), mem
 
     def is_slot(self, peer: Key, endpoint: Endpoint | None) -> bool:

@@ -10,7 +10,7 @@ from typing import Protocol
 from ..errors import ApiError, ConfigError, WgpunchError
 from ..keys import Key
 from ..protocol import API_PORT, Event, RelayEvent, Reported, Snapshot
-from ..wg.device import DeviceState
+from ..wg.device import DeviceState, Endpoint
 from .probe import tunnel_address
 
 
@@ -51,6 +51,10 @@ class Source(Protocol):
     async def opened(self, peer: Key) -> None: ...
     async def relay(self, peer: Key) -> RelayEvent:
         """A relay slot for the pair (only where `coordinates_punches`), else ApiError."""
+        ...
+    async def direct(self, peer: Key, endpoint: Endpoint, peer_endpoint: Endpoint) -> None:
+        """A relayed pair goes direct: we reach `peer` at `endpoint`, it reaches us at
+        `peer_endpoint` (only where `coordinates_punches`), else ApiError."""
         ...
     async def report_self(self, report: Reported) -> None: ...
     def lookup_failed(self, peer: Key) -> bool: ...

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
-from ..protocol import PeerRecord
+from ..protocol import PeerRecord, has_mapping
 from ..wg.device import PeerState
 from . import pathfile
 from .candidates import PathKind
@@ -61,4 +61,5 @@ class Track:
             since=self.since, reason=self.reason,
             endpoint=None if known is None or known.endpoint is None else str(known.endpoint),
             nat=None if known is None or known.nat is None else known.nat.to_json(),
+            mapped=known is not None and has_mapping(known),
         )

@@ -30,6 +30,7 @@ from .codec import (
 from .natinfo import NatBehaviour, nat_from_json
 from .records import (
     Change,
+    DirectEvent,
     Event,
     Heartbeat,
     PeerEvent,
@@ -49,7 +50,15 @@ from .report import (
     decode_object,
     reported_from_json,
 )
-from .roles import initiator, needs_relay, pair_of, relay_reason
+from .roles import (
+    has_mapping,
+    initiates,
+    initiator,
+    initiator_changed,
+    needs_relay,
+    pair_of,
+    relay_reason,
+)
 
 API_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
 
@@ -60,6 +69,7 @@ __all__ = [
     "MAX_LOCAL_ADDRESSES",
     "MAX_VERSION_CHARS",
     "Change",
+    "DirectEvent",
     "Event",
     "Heartbeat",
     "NatBehaviour",
@@ -73,8 +83,11 @@ __all__ = [
     "StreamItem",
     "decode_object",
     "dumps",
+    "has_mapping",
     "heartbeat_json",
+    "initiates",
     "initiator",
+    "initiator_changed",
     "item_from_json",
     "item_json",
     "nat_from_json",

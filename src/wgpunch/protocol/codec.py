@@ -15,6 +15,7 @@ from ..keys import Key
 from ..wg.device import Endpoint
 from .natinfo import nat_from_json
 from .records import (
+    DirectEvent,
     Event,
     Heartbeat,
     PeerEvent,
@@ -57,6 +58,9 @@ def item_json(item: StreamItem) -> dict[str, Any]:
         return punch | {"opened": True} if item.opened else punch
     if isinstance(item, RelayEvent):
         return relay_json(item)
+    if isinstance(item, DirectEvent):
+        return {"type": "direct", "revision": item.revision, "peer": item.peer.base64(),
+                "endpoint": str(item.endpoint)}
     if isinstance(item, Snapshot):
         return {"type": "snapshot", "epoch": item.epoch, "revision": item.revision,
                 "peers": peers_json(item.peers)}
@@ -135,6 +139,10 @@ def item_from_json(obj: Any) -> Event:
                               _field(obj, "initiator", bool), opened)
         if kind == "relay":
             return relay_from_json(obj)
+        if kind == "direct":
+            endpoint = _endpoint(obj, "endpoint")
+            assert endpoint is not None
+            return DirectEvent(revision, Key.from_base64(_field(obj, "peer", str)), endpoint)
         if kind == "heartbeat":
             return Heartbeat(revision)
     except (ValueError, KeyError, TypeError, WgpunchError) as error:

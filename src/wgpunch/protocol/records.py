@@ -75,6 +75,17 @@ class RelayEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class DirectEvent:
+    """For one side of a relayed pair whose direct path answered a probe (`POST
+    /v1/relay/{peer}/direct`): this side's device reaches `peer` at `endpoint` from now on;
+    the relay has stopped forwarding the pair's slot, so WireGuard cannot roam back to it."""
+
+    revision: int
+    peer: Key
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     epoch: str
     revision: int
@@ -90,5 +101,5 @@ class Heartbeat:
 
 Change = PeerEvent | RemovedEvent  # what the registry's history holds
 # What a watch stream carries.
-StreamItem = Snapshot | PeerEvent | RemovedEvent | PunchEvent | RelayEvent
+StreamItem = Snapshot | PeerEvent | RemovedEvent | PunchEvent | RelayEvent | DirectEvent
 Event = StreamItem | Heartbeat  # what the node reads from a watch stream

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from ..keys import Key
 from .natinfo import NatBehaviour
+from .records import PeerRecord
 
 
 def initiator(side: Key, other: Key, *, side_public: bool = False,
@@ -42,13 +43,34 @@ def initiator(side: Key, other: Key, *, side_public: bool = False,
     return side.raw < other.raw
 
 
-def relay_reason(a: NatBehaviour | None, b: NatBehaviour | None) -> str | None:
+def initiates(a: PeerRecord, b: PeerRecord) -> bool:
+    """`initiator` for node `a` toward node `b`, from the registry's records of both."""
+    return initiator(a.public_key, b.public_key, side_public=a.public, other_public=b.public,
+                     side_nat=a.nat, other_nat=b.nat)
+
+
+def initiator_changed(old_a: PeerRecord, old_b: PeerRecord, new_a: PeerRecord,
+                      new_b: PeerRecord) -> bool:
+    """Whether a report (a NAT measured anew) changes who initiates between `a` and `b`. Then
+    the next punch of the pair is a new one, not a repeat: the attempts before went the wrong
+    way. So the registry lets it through its coalescing window (the punch just before
+    decided without the report), and the node drops the role the last punch event gave and
+    punches again at once rather than at its back-off's next turn (lab matrix: eim-addr x
+    symmetric 11 of 11 direct, was relayed in 2 of 3; cone x symmetric 1.6 s -> ~0.8 s)."""
+    return initiates(old_a, old_b) != initiates(new_a, new_b)
+
+
+def relay_reason(a: NatBehaviour | None, b: NatBehaviour | None, *,
+                 mapped: bool = False) -> str | None:
     """Why no direct path can exist between two nodes behind these NATs, in words; None when
     one may (or when either is not known: then the pair tries). DESIGN.md §6: both NATs map
     per destination (neither side can learn the port the other's NAT will use toward it), or
     one maps per destination and the other lets in only the exact endpoint it sent to (which
-    is not the port the first one's NAT will pick)."""
-    if a is None or b is None:
+    is not the port the first one's NAT will pick). `mapped`: either side holds a port mapping
+    on its NAT (has_mapping), which anyone reaches whatever the NATs' behaviour (DESIGN.md
+    §3, candidate "mapped"): then nothing is ruled out (lab matrix: every symmetric+upnp
+    cell direct)."""
+    if mapped or a is None or b is None:
         return None
     if a.endpoint_dependent and b.endpoint_dependent:
         return "both NATs map per destination: needs a relay"
@@ -59,9 +81,15 @@ def relay_reason(a: NatBehaviour | None, b: NatBehaviour | None) -> str | None:
     return None
 
 
-def needs_relay(a: NatBehaviour | None, b: NatBehaviour | None) -> bool:
+def needs_relay(a: NatBehaviour | None, b: NatBehaviour | None, *,
+                mapped: bool = False) -> bool:
     """Whether a pair behind these NATs needs a relay (relay_reason says why)."""
-    return relay_reason(a, b) is not None
+    return relay_reason(a, b, mapped=mapped) is not None
+
+
+def has_mapping(record: PeerRecord) -> bool:
+    """Whether the node reported a port mapping on its NAT (Reported.mapped)."""
+    return record.reported is not None and record.reported.mapped is not None
 
 
 def pair_of(a: Key, b: Key) -> tuple[Key, Key]:

@@ -202,6 +202,21 @@ async def read_body(request: web.Request) -> bytes:
         raise MalformedMessage(f"body: {reason}") from None
 
 
+async def peer_in_path(request: web.Request, route: str, rate: web.AppKey[RateLimiter],
+                       rate_as: str | None = None) -> Key:
+    """The peer that a `POST {route}` names in its path, for a request that carries nothing
+    else: no query, no body fields; rate-limited by `rate` (under the name `rate_as`, where
+    routes share a bucket)."""
+    only_params(request.query.items(), ())
+    target = path_key(request.match_info["peer"])
+    rate_limit(request, rate, rate_as or route)
+    body = await read_body(request)
+    # The contract has no body; an empty JSON object (what many clients send) is the same.
+    if body.strip() and decode_object(body):
+        raise MalformedMessage(f"body: {route} takes no fields")
+    return target
+
+
 # -- handlers ---------------------------------------------------------------------------------
 
 
@@ -225,13 +240,7 @@ async def put_self(request: web.Request) -> web.Response:
 
 
 async def post_punch(request: web.Request) -> web.Response:
-    only_params(request.query.items(), ())
-    target = path_key(request.match_info["peer"])
-    rate_limit(request, PUNCH_RATE, "POST /v1/punch")
-    body = await read_body(request)
-    # The contract has no body; an empty JSON object (what many clients send) is the same.
-    if body.strip() and decode_object(body):
-        raise MalformedMessage("body: POST /v1/punch takes no fields")
+    target = await peer_in_path(request, "POST /v1/punch", PUNCH_RATE)
     endpoint, pushed = request.app[STATE].request_punch(
         request[CALLER], target, time.monotonic())
     request.app[METRICS].punch(pushed)
@@ -239,12 +248,8 @@ async def post_punch(request: web.Request) -> web.Response:
 
 
 async def post_opened(request: web.Request) -> web.Response:
-    only_params(request.query.items(), ())
-    target = path_key(request.match_info["peer"])
-    rate_limit(request, PUNCH_RATE, "POST /v1/punch")
-    body = await read_body(request)
-    if body.strip() and decode_object(body):
-        raise MalformedMessage("body: POST /v1/punch/{peer}/opened takes no fields")
+    target = await peer_in_path(request, "POST /v1/punch/{peer}/opened", PUNCH_RATE,
+                                "POST /v1/punch")
     pushed = request.app[STATE].opened(request[CALLER], target)
     return json_response({"peer": target.base64(), "pushed": pushed}, status=202)
 

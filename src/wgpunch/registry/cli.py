@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .. import config, sdnotify
 from ..commands import help_of
-from ..errors import ConfigError
+from ..errors import ChangeRefused, ConfigError
 from ..keys import Key
 from ..protocol import API_PORT
 from ..wg import open_device
@@ -78,6 +78,12 @@ class RelaySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteRelaySettings:
+    controls: tuple[Endpoint, ...]  # each relay's control API; its IP is where nodes send
+    secret_file: Path
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     interface: str
     listen: tuple[Endpoint, ...]  # empty: the interface's own addresses
@@ -85,6 +91,7 @@ class Settings:
     poll_interval_s: float
     dns: DnsSettings | None = None  # None: no DNS-SD server
     relay: RelaySettings | None = None  # None: no relay
+    remote_relays: RemoteRelaySettings | None = None  # None: no relays on other hosts
     natprobe: ProbeSettings | None = None  # None: no NAT probe port
     metrics_listen: Endpoint | None = None  # None: no metrics
 
@@ -170,6 +177,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="forward relayed datagrams in this process only, never through nftables",
     )
     parser.add_argument(
+        "--relay-remote", metavar="IP[:PORT]", action="append",
+        help="also hand out slots on the relay on another host whose control API "
+             f"(`wgpunch relay --control`) is at IP:PORT (port {config.RELAY_CONTROL_PORT} if "
+             "none); nodes relayed there send to IP. Repeat for several: a new pair gets the "
+             "least loaded that answers, else the registry's own (--relay)",
+    )
+    parser.add_argument(
+        "--relay-secret-file", metavar="FILE",
+        help="the secret shared with the remote relays (one word, at least 32 characters)",
+    )
+    parser.add_argument(
         "--natprobe-port", metavar="PORT", type=int,
         help="answer NAT probes (docs/api.md) on this UDP port of every address: nodes learn "
              f"how their NAT maps and filters (default {config.NATPROBE_PORT}; 0: off). "
@@ -205,7 +223,7 @@ def settings_from(args: argparse.Namespace,
         options.parsed("listen", parse_listen, text) for text in options.listen))
     return Settings(options.interface, listen, options.token_file, options.poll_interval,
                     _dns_settings(options), relay=relay_settings(options),
-                    natprobe=_natprobe_settings(options),
+                    remote_relays=_remote_relays(options), natprobe=_natprobe_settings(options),
                     metrics_listen=_metrics_listen(options))
 
 
@@ -220,6 +238,27 @@ def relay_settings(options: config.RegistryConfig) -> RelaySettings | None:
                else options.parsed("relay_address", relay_address, options.relay_address))
     return RelaySettings(options.parsed("relay", port_range, options.relay), address,
                          not options.relay_userspace)
+
+
+def _remote_relays(options: config.RegistryConfig) -> RemoteRelaySettings | None:
+    if not options.relay_remote:
+        if options.relay_secret_file is not None:
+            raise ConfigError("registry: --relay-secret-file needs --relay-remote")
+        return None
+    if options.relay_secret_file is None:
+        raise ConfigError("registry: --relay-remote needs --relay-secret-file (the secret "
+                          "the remote relays share)")
+    controls = tuple(dict.fromkeys(options.parsed("relay_remote", control_endpoint, text)
+                                   for text in options.relay_remote))
+    return RemoteRelaySettings(controls, options.relay_secret_file)
+
+
+def control_endpoint(text: str) -> Endpoint:
+    """A relay's control API: IP or IP:PORT ([IPv6]:PORT), port RELAY_CONTROL_PORT if none."""
+    try:
+        return Endpoint.parse(text, config.RELAY_CONTROL_PORT)
+    except ChangeRefused as error:
+        raise ConfigError(f"relay control API: {error}") from None
 
 
 def relay_address(text: str) -> IPAddress:
@@ -317,12 +356,22 @@ async def serve(settings: Settings, timings: Timings | None = None) -> None:
     observer = Observer(lambda: open_device(settings.interface), state, timings,
                         metrics=metrics)
     app = create_app(state, timings=timings, observer=observer, token=token, metrics=metrics)
-    if settings.relay is not None:
+    if settings.relay is not None or settings.remote_relays is not None:
         from . import relayroute
+        from .relayauth import read_secret
+        from .relayremote import RemoteRelay
 
-        relay = make_relay(settings.relay, relayroute.observed_ip(state))
-        metrics.watch_relay(relay.metrics_counts)
-        relayroute.install(app, relay, settings.relay.address)
+        remotes: list[RemoteRelay] = []
+        if settings.remote_relays is not None:
+            secret = read_secret(settings.remote_relays.secret_file, "registry")
+            remotes = [RemoteRelay(control, secret)
+                       for control in settings.remote_relays.controls]
+        relay, address = None, None
+        if settings.relay is not None:
+            relay = make_relay(settings.relay, relayroute.observed_ip(state))
+            metrics.watch_relay(relay.metrics_counts)
+            address = settings.relay.address
+        relayroute.install(app, relay, address, remotes)
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
                            access_log=None, shutdown_timeout=timings.shutdown_grace_s)
     loop = asyncio.get_running_loop()

@@ -31,7 +31,6 @@ class Coalescer:
         """Let the next punch for (a, b) through, whatever the window says."""
         self._last.pop(pair_of(a, b), None)
 
-    def forget_node(self, key: Key) -> None:
-        """Let the next punch of every pair of `key` through: what decides its initiator
-        changed (its NAT report), so the punch that follows is not a repeat."""
-        self._last = {pair: at for pair, at in self._last.items() if key not in pair}
+    def partners(self, key: Key) -> list[Key]:
+        """The keys `key` was punched with (within the window, or not yet swept)."""
+        return [b if a == key else a for a, b in self._last if key in (a, b)]

@@ -37,10 +37,14 @@ BATCH = 64
 BUFFER_BYTES = 4 * 1024 * 1024
 MAX_DATAGRAM = 65535
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux <asm-generic/socket.h>; not in `socket`
+# Datagrams of a bound flow the kernel dropped over the slot's rate (relaykernel.py), counted
+# beside the userspace verdicts as of the last counter read.
+KERNEL_RATE = f"{Verdict.RATE} (kernel path)"
 # Why a datagram was not forwarded, as the metrics name it (docs/metrics.md).
 DROPPED = {Verdict.NOT_WIREGUARD: "shape", Verdict.WRONG_SOURCE: "source",
            Verdict.NEW_SOURCE: "new_source", Verdict.PEER_UNBOUND: "unbound",
-           Verdict.RATE: "rate", "send buffer full": "send_buffer"}
+           Verdict.RATE: "rate", KERNEL_RATE: "rate", Verdict.PAUSED: "paused",
+           "send buffer full": "send_buffer"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,7 @@ class Relay:
         self._kernel_dirty = asyncio.Event()
         self._kernel_packets: dict[int, tuple[int, int]] = {}  # by side port, as last read
         self._kernel_generation = 0  # the table's, at that read
+        self._kernel_rate_dropped: dict[int, int] = {}  # likewise, over the slot's rate
         # Forwarded since start, by path: [datagrams, bytes].
         self._forwarded = {"userspace": [0, 0], "kernel": [0, 0]}
         self._bound_unsent = 0  # datagrams that bound a side while the other was unbound
@@ -128,14 +133,43 @@ class Relay:
                      slot.b.node, slot.b.port,
                      extra={"event": "relay_slot", "peer": str(slot.a.node),
                             "target": str(slot.b.node)})
-        elif slot.unbind(node):
-            log.info("relay slot %d: %s asked again; unbound until its next datagram",
-                     slot.side_of(node).port, node,
-                     extra={"event": "relay_unbound", "peer": str(node)})
-            if slot.kernel:
+        else:
+            if slot.paused_at is not None:  # the pair's direct path failed (node/upgrade.py)
+                slot.paused_at = None
+                log.info("relay slot %d/%d: %s asked again; forwarding again", slot.a.port,
+                         slot.b.port, node, extra={"event": "relay_resumed", "peer": str(node)})
                 self._kernel_dirty.set()
+            if slot.unbind(node):
+                log.info("relay slot %d: %s asked again; unbound until its next datagram",
+                         slot.side_of(node).port, node,
+                         extra={"event": "relay_unbound", "peer": str(node)})
+                if slot.kernel:
+                    self._kernel_dirty.set()
         mine, theirs = slot.side_of(node), slot.side_of(peer)
         return Lease(peer, mine.port, created), Lease(node, theirs.port, created)
+
+    def leases_of(self, node: Key) -> list[Lease]:
+        """`node`'s lease of each slot it holds and uses (a paused pair went direct)."""
+        return [Lease(slot.other(side).node, side.port, False) for slot in self.table
+                if slot.paused_at is None for side in (slot.a, slot.b) if side.node == node]
+
+    def pause(self, node: Key, peer: Key) -> bool:
+        """The pair went direct: its slot (if any) forwards nothing from now on, in userspace
+        at once, in the kernel once the table is rewritten (a few ms). Whether the switch
+        goes ahead: False when the slot was paused already within `direct_coalesce_s` (both
+        sides' probes were answered); True without a slot (it expired: nothing to stop)."""
+        slot = self.table.of_pair(node, peer)
+        now = self.clock()
+        if slot is None or (slot.paused_at is not None
+                            and now - slot.paused_at < self.t.direct_coalesce_s):
+            return slot is None
+        slot.paused_at = now
+        log.info("relay slot %d/%d: %s and %s went direct; paused", slot.a.port, slot.b.port,
+                 slot.a.node, slot.b.node,
+                 extra={"event": "relay_paused", "peer": str(node), "target": str(peer)})
+        if slot.kernel:
+            self._kernel_dirty.set()
+        return True
 
     def end(self, slot: Slot, why: str) -> None:
         log.info("relay slot %d/%d ended: %s (%d and %d datagrams forwarded)", slot.a.port,
@@ -223,7 +257,8 @@ class Relay:
             flows = {}
             for slot in self.table:
                 a, b = slot.a.bound, slot.b.bound
-                if a is not None and b is not None and ":" not in a[0] + b[0]:
+                if (a is not None and b is not None and ":" not in a[0] + b[0]
+                        and slot.paused_at is None):
                     flows[slot.a.port] = Flow(slot.a.port, a, slot.b.port, b)
             try:
                 await self.kernel.apply(flows)
@@ -270,6 +305,12 @@ class Relay:
             return
         if self.kernel.generation != self._kernel_generation:  # rewritten: counters from 0
             self._kernel_packets, self._kernel_generation = {}, self.kernel.generation
+            self._kernel_rate_dropped = {}
+        for port, read in self.kernel.rate_dropped.items():
+            dropped = max(0, read - self._kernel_rate_dropped.get(port, 0))
+            if dropped:
+                self.counts[KERNEL_RATE] = self.counts.get(KERNEL_RATE, 0) + dropped
+        self._kernel_rate_dropped = dict(self.kernel.rate_dropped)
         now, total = self.clock(), self._forwarded["kernel"]
         for slot in self.table:
             for side in (slot.a, slot.b):
@@ -290,7 +331,7 @@ class Relay:
         dropped: dict[str, int] = {}
         for verdict, count in self.counts.items():
             if verdict in DROPPED:
-                dropped[DROPPED[verdict]] = count
+                dropped[DROPPED[verdict]] = dropped.get(DROPPED[verdict], 0) + count
         if self._bound_unsent:
             dropped["unbound"] = dropped.get("unbound", 0) + self._bound_unsent
         return RelayCounts(

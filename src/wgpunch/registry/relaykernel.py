@@ -76,6 +76,9 @@ class KernelPath:
         self.limits = limits or RelayLimits()
         self._installed: dict[int, Flow] = {}  # by a_port
         self.generation = 0  # how often the table was written: each write zeroes its counters
+        # Datagrams dropped over the slot's rate per side (by its relay port), as last read
+        # by counters(), since the table was last written.
+        self.rate_dropped: dict[int, int] = {}
 
     async def reset(self) -> None:
         """Remove what an earlier relay process left: its table, and the conntrack entries of
@@ -102,17 +105,23 @@ class KernelPath:
 
     async def counters(self) -> dict[int, tuple[int, int]]:
         """Datagrams and bytes each side of the installed flows has sent through the kernel
-        since the table was last written, by the relay port that side sends to."""
+        since the table was last written, by the relay port that side sends to; the
+        datagrams each side had dropped over the slot's rate go to `rate_dropped`."""
         out = await _run(["nft", "-j", "list", "chain", "ip", self.table, "forwarded"])
         counts: dict[int, tuple[int, int]] = {}
+        dropped: dict[int, int] = {}
         for item in json.loads(out).get("nftables", []):
             rule = item.get("rule") or {}
-            comment = str(rule.get("comment", ""))
-            for expr in rule.get("expr", []) if comment.startswith("side ") else []:
-                if "counter" in expr:
-                    counter = expr["counter"]
-                    counts[int(comment.split()[1])] = (int(counter["packets"]),
-                                                       int(counter["bytes"]))
+            words = str(rule.get("comment", "")).split()
+            for expr in rule.get("expr", []):
+                counter = expr.get("counter") if isinstance(expr, dict) else None
+                if counter is None:
+                    continue
+                if words[:1] == ["side"]:
+                    counts[int(words[1])] = (int(counter["packets"]), int(counter["bytes"]))
+                elif words[2:3] == ["rate"]:
+                    dropped[int(words[3])] = int(counter["packets"])
+        self.rate_dropped = dropped
         return counts
 
     async def forget(self, ports: Iterable[int]) -> None:
@@ -149,7 +158,8 @@ class KernelPath:
                 # relay a side is still sending (relay.py).
                 flow_match = f"ct status dnat {match} ip daddr {dst} udp dport {dst_port}"
                 counted.append(f"    {flow_match} limit rate over {rate}/second burst {burst} "
-                               f'packets drop comment "slot {flow.a_port}"\n'
+                               f'packets counter drop comment "slot {flow.a_port} rate '
+                               f'{to_port}"\n'
                                f'    {flow_match} counter comment "side {to_port}"\n')
         t = self.table
         return (f"table ip {t} {{}}\ndelete table ip {t}\ntable ip {t} {{\n"

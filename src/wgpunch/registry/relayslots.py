@@ -16,6 +16,11 @@ bound address has been quiet for `rebind_quiet_s`, or after the node asked for t
 again (`unbind`, through the authenticated API): a NAT that gave the node a new port makes
 WireGuard initiate again from it; a packet from a new port while the bound one is active is
 someone else's (a replay, an injection) and dropped.
+
+A slot is *paused* when its pair moved back to a direct path (`POST /v1/relay/{peer}/direct`):
+it forwards nothing, so a datagram still on its way through it cannot make either device
+roam back to the relay; a node that asks for the slot again resumes it (its direct path
+failed, node/upgrade.py). A paused slot expires as an idle one.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class RelayTimings:
     # otherwise take over a slot that is merely idle. A node gets its side unbound at once
     # by asking for the slot again (`Relay.allocate`), which only it can do.
     rebind_quiet_s: float = 30.0
+    # Both sides of a pair may see their probe answered and ask to go direct within a round
+    # trip of each other: one switch, not two (node/upgrade.py).
+    direct_coalesce_s: float = 2.0
     # How often slots are checked for expiry.
     sweep_s: float = 5.0
     # How often the kernel path's counters are read, while it forwards a slot: what tells
@@ -80,6 +88,7 @@ class Verdict(enum.StrEnum):
     NEW_SOURCE = "from a new address while the bound one is active"
     PEER_UNBOUND = "the other side is not bound yet"
     RATE = "over the slot's packet rate"
+    PAUSED = "the pair went direct: the slot is paused"
 
 
 @dataclass(slots=True)
@@ -110,6 +119,7 @@ class Slot:
     created: float
     last_active: float
     kernel: bool = False  # the kernel forwards this slot's flow (relaykernel.py)
+    paused_at: float | None = None  # the pair went direct then; None: forwarding
     sides: dict[int, Side] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -145,6 +155,8 @@ class Slot:
         kind = message_type(data)
         if kind is None:
             return self._drop(side, Verdict.NOT_WIREGUARD)
+        if self.paused_at is not None:
+            return self._drop(side, Verdict.PAUSED)
         verdict = Verdict.FORWARD
         if side.bound != source:
             if observed is None or source[0] != observed:
@@ -186,6 +198,10 @@ class SlotTable:
 
     def __iter__(self) -> Iterator[Slot]:
         return iter(list(self._by_pair.values()))
+
+    @property
+    def free_ports(self) -> int:
+        return len(self._free)
 
     def at_port(self, port: int) -> Slot | None:
         return self._by_port.get(port)

@@ -29,7 +29,7 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from itertools import islice
 from types import MappingProxyType
@@ -46,7 +46,8 @@ from ..protocol import (
     Snapshot,
     StreamItem,
     heartbeat_json,
-    initiator,
+    initiates,
+    initiator_changed,
     item_json,
     ndjson_line,
 )
@@ -142,6 +143,11 @@ class RegistryState:
         # peers hear about: no revision. None / 0 until the first device read.
         self.device_key: Key | None = None
         self.listen_port = 0
+        # The relay slots a node holds, as the relay events a stream of its opens with
+        # (relayroute.py sets it): pushed events are no history, and a node whose stream was
+        # down when its peer asked for their slot (a registry restart) would otherwise keep
+        # sending to a slot that is gone.
+        self.standing: Callable[[Key], Iterable[StreamItem]] | None = None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -227,11 +233,12 @@ class RegistryState:
         if old.reported == reported:
             log.debug("node %s reported itself again, unchanged", key)
             return self.revision
-        if old.nat != reported.nat:
-            # Nodes punch again when a NAT report changes who initiates (node/agent.py); a
-            # punch just before it must not swallow that one (lab: the pair was relayed).
-            self._punches.forget_node(key)
-        self._commit(replace(old, reported=reported))
+        new = replace(old, reported=reported)
+        for partner in self._punches.partners(key):
+            other = self._records.get(partner)
+            if other is not None and initiator_changed(old, other, new, other):
+                self._punches.forget(key, partner)
+        self._commit(new)
         log.info("node %s reported itself: listen port %d, local addresses %s, version %r, "
                  "%s", key, reported.listen_port,
                  ",".join(map(str, reported.local_addresses)) or "(none)", reported.version,
@@ -247,8 +254,7 @@ class RegistryState:
         if not self._punches.admit(caller, target, now):
             log.debug("punch %s <-> %s coalesced", caller, target)
             return other.endpoint, False
-        first = initiator(caller, target, side_public=me.public, other_public=other.public,
-                          side_nat=me.nat, other_nat=other.nat)
+        first = initiates(me, other)
         reached_caller = self.push(caller, PunchEvent(self.revision, target, other.endpoint,
                                                        first))
         reached_target = self.push(target, PunchEvent(self.revision, caller, me.endpoint,
@@ -269,8 +275,7 @@ class RegistryState:
         the unsolicited packet, and then never connects). Whether it was pushed."""
         me, other = self.pair_with_endpoints(caller, target, "punch")
         # Only toward the initiator: nobody can make a side initiate that should not.
-        if not initiator(target, caller, side_public=other.public, other_public=me.public,
-                         side_nat=other.nat, other_nat=me.nat):
+        if not initiates(other, me):
             return False
         assert me.endpoint is not None
         return self.push(target, PunchEvent(self.revision, caller, me.endpoint, True,
@@ -298,10 +303,13 @@ class RegistryState:
         self, caller: Key, since: int | None, epoch: str | None, *, now: float
     ) -> tuple[Stream, list[bytes]]:
         """A new stream for `caller` and the lines it starts with: the changes after `since`,
-        or a snapshot. Atomic, so no change falls between the two."""
+        or a snapshot, then the relay slots it holds (`standing`). Atomic, so no change falls
+        between the two."""
         backlog = self._backlog(since, epoch)
         first = ([self._snapshot_line(now)] if backlog is None
                  else [line for _change, line in backlog])
+        if self.standing is not None:
+            first += [encode(item) for item in self.standing(caller)]
         stream = Stream(caller, self._stream_queue_max)
         self._streams.add(stream)
         self._by_caller.setdefault(caller, []).append(stream)

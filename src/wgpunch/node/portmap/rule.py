@@ -28,16 +28,12 @@ could call `initiates_by_mapping` too (it needs only the two records).
 
 from __future__ import annotations
 
-from ...protocol import PeerRecord
+from ...protocol import PeerRecord, has_mapping
 
 # Our choice: a working mapping connects in the first round (lab: 0.1 s); three rounds of the
 # agent's backoff (Timings.first_retry_s doubling: 0.5 + 1 + 2 s) give the other side's
 # retries and its failover time before we send ourselves.
 HOLD_BACK_ATTEMPTS = 3
-
-
-def has_mapping(record: PeerRecord) -> bool:
-    return record.reported is not None and record.reported.mapped is not None
 
 
 def initiates_by_mapping(we_mapped: bool, peer: PeerRecord) -> bool | None:
