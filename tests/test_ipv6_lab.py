@@ -93,3 +93,12 @@ def test_a_pair_whose_ipv6_is_filtered_falls_back_to_ipv4(lab_prefix):
             shown = wg_endpoint(lab, host, peer)
             assert ipaddress.ip_address(shown.rpartition(":")[0]).version == 4, (host, shown)
             lab.exec(host, ["ping", "-c", "1", "-W", "2", str(lab.host(peer).tunnel_ip)])
+
+
+def test_the_demo_table_says_where_an_ipv6_endpoint_leads():
+    from wgpunch.demo import PairResult, render
+
+    text = render([PairResult("a", "b", True, "direct", 0.1, "[2001:db8:2::a]:51820",
+                              "198.51.100.2:51820", "198.51.100.6", "198.51.100.2", 1.0, 0.5)])
+    assert "[2001:db8:2::a]:51820 (b's IPv6, no NAT)" in text
+    assert "198.51.100.2:51820 (a's NAT: 198.51.100.2)" in text
