@@ -23,9 +23,6 @@ import argparse
 import json
 import os
 import platform
-import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,15 +33,18 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from wgpunch.keys import Key, generate_keypair
-from wgpunch.lab.netns import (
-    Namespace,
-    WireguardGo,
-    python_module,
-    require_root,
-    stop_process,
-    wait_for,
+from common import (
+    commit,
+    cpu_s,
+    exit_on_sigterm,
+    prefix,
+    print_table,
+    run_wgpunch,
+    start_device,
+    status_kib,
 )
+from wgpunch.keys import Key, generate_keypair
+from wgpunch.lab.netns import Namespace, require_root, wait_for
 from wgpunch.lab.state import remove_agent_files
 
 LINK = ("192.0.2.1", "192.0.2.2")  # the registry's and the node's end of the veth link
@@ -53,54 +53,26 @@ PORT = 51820
 SETTLE_S = 2.0  # after the agent follows the registry, before measuring
 
 
-def prefix() -> str:
-    return "af" + secrets.token_hex(2)
-
-
-def status(pid: int) -> dict[str, int]:
-    """Memory (KiB: resident, its peak, anonymous and file-backed parts) and threads."""
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
-            found[name] = int(value.split()[0])
-    return found
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class Device:
     """A wireguard-go device in a namespace, with a key, a listen port and an address."""
 
     def __init__(self, ns: Namespace, ifname: str, address: str, tmp: Path) -> None:
         self.ns, self.ifname = ns, ifname
-        self.private, self.public = generate_keypair()
-        self.daemon = WireguardGo(ns, ifname, log=tmp / f"{ifname}.log")
-        self.daemon.start()
-        keyfile = tmp / f"{ifname}.key"
-        keyfile.write_text(self.private.base64())
-        keyfile.chmod(0o600)
-        self.wg("private-key", str(keyfile), "listen-port", str(PORT))
-        ns.ip_batch([f"addr add {address}/16 dev {ifname}", f"link set {ifname} up"])
-
-    def wg(self, *args: str) -> None:
-        self.ns.run(["wg", "set", self.ifname, *args])
+        self.daemon, self.public = start_device(ns, ifname, f"{address}/16", PORT,
+                                                tmp / f"{ifname}.log")
 
     def add_peers(self, peers: list[tuple[Key, str, list[str]]]) -> None:
         """Peers as (key, allowed IP, extra `wg set` words), in one `wg set`."""
         words = []
         for key, allowed, extra in peers:
             words += ["peer", key.base64(), "allowed-ips", allowed, *extra]
-        self.wg(*words)
+        self.ns.run(["wg", "set", self.ifname, *words])
 
 
 @contextmanager
 def lab(peers: int, tmp: Path) -> Iterator[tuple[Device, Device]]:
     """The registry's and the node's namespaces, devices and peers (`peers` on the node)."""
-    name = prefix()
+    name = prefix("af")
     reg_ns, node_ns = Namespace(f"{name}-reg"), Namespace(f"{name}-node")
     devices: list[Device] = []
     try:
@@ -125,22 +97,7 @@ def lab(peers: int, tmp: Path) -> Iterator[tuple[Device, Device]]:
             device.daemon.stop()
         for ns in (reg_ns, node_ns):
             ns.delete()
-        remove_agent_files(f"{name}*")  # the agent's lock, which outlives it by design
-
-
-@contextmanager
-def agent(ns: Namespace, argv: list[str], log: Path, profile: str | None = None
-          ) -> Iterator[subprocess.Popen[bytes]]:
-    command, env = python_module("wgpunch.cli", "--log-format", "json", *argv)
-    if profile:  # cProfile writes when the process exits (it stops cleanly on SIGTERM)
-        command[1:1] = ["-m", "cProfile", "-o", profile]
-    with log.open("w") as out:
-        proc = ns.popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                        start_new_session=True)
-    try:
-        yield proc
-    finally:
-        stop_process(proc)
+        remove_agent_files(f"{name}node")
 
 
 def logged(log: Path, event: str) -> bool:
@@ -151,13 +108,13 @@ def measure(peers: int, seconds: float, tmp: Path, profile: str | None) -> dict[
     with ExitStack() as stack:
         registry, node = stack.enter_context(lab(peers, tmp))
         reg_log, node_log = tmp / f"registry-{peers}.log", tmp / f"node-{peers}.log"
-        stack.enter_context(agent(registry.ns, ["registry", "--interface", registry.ifname],
-                                  reg_log))
-        wait_for(lambda: logged(reg_log, "serving"), timeout=30, what="the registry to serve")
+        stack.enter_context(run_wgpunch(registry.ns, ["registry", "--interface",
+                                                      registry.ifname],
+                                        reg_log, ready='"event": "serving"'))
         started = time.perf_counter()
-        proc = stack.enter_context(agent(node.ns, ["node", "--interface", node.ifname,
-                                                   "--registry", registry.public.base64()],
-                                         node_log, profile and f"{profile}.{peers}"))
+        proc = stack.enter_context(run_wgpunch(node.ns, ["node", "--interface", node.ifname,
+                                                         "--registry", registry.public.base64()],
+                                               node_log, profile=profile and f"{profile}.{peers}"))
         wait_for(lambda: proc.poll() is not None or logged(node_log, "registry_connected"),
                  timeout=30, what="the agent to follow the registry")
         if proc.poll() is not None:
@@ -168,7 +125,7 @@ def measure(peers: int, seconds: float, tmp: Path, profile: str | None) -> dict[
         time.sleep(seconds)
         used = cpu_s(proc.pid) - before
         wall = time.perf_counter() - wall
-        memory = status(proc.pid)
+        memory = status_kib(proc.pid, ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"))
         return {"peers": peers, "seconds": wall, "cpu_s": used, "cpu_pct": used / wall * 100,
                 "rss_mib": memory["VmRSS"] / 1024, "peak_mib": memory["VmHWM"] / 1024,
                 "anon_mib": memory["RssAnon"] / 1024, "file_mib": memory["RssFile"] / 1024,
@@ -190,16 +147,13 @@ def main() -> int:
                                              / "agent_footprint.json"))
     args = parser.parse_args()
     require_root()
-    # Stopped from outside (timeout, kill): tear the lab down on the way out all the same.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"stopped by signal {signal.SIGTERM}"))
-    git = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short",
-                          "HEAD"], capture_output=True, text=True, check=False)
+    exit_on_sigterm()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         for peers in (int(p) for p in args.peers.split(",")):
             for _ in range(args.runs):
                 rows.append(measure(peers, args.seconds, Path(tmp_name), args.profile))
-    report = {"commit": git.stdout.strip(), "python": platform.python_version(),
+    report = {"commit": commit(), "python": platform.python_version(),
               "cpus": os.cpu_count(), "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,13 +162,10 @@ def main() -> int:
           "follows the registry; RSS at the end")
     header = ("peers", "CPU %", "RSS MiB", "peak MiB", "anon / file MiB", "threads",
               "following after s", "load")
-    table = [header] + [(str(r["peers"]), f"{r['cpu_pct']:.2f}", f"{r['rss_mib']:.1f}",
+    print_table(header, [(str(r["peers"]), f"{r['cpu_pct']:.2f}", f"{r['rss_mib']:.1f}",
                          f"{r['peak_mib']:.1f}", f"{r['anon_mib']:.1f} / {r['file_mib']:.1f}",
                          str(r["threads"]), f"{r['following_s']:.2f}",
-                         f"{r['load1']:.2f}") for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+                         f"{r['load1']:.2f}") for r in rows])
     print(f"\nwritten to {out}")
     return 0
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -47,7 +48,6 @@ import json
 import os
 import platform
 import resource
-import secrets
 import select
 import signal
 import socket
@@ -67,11 +67,22 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import (
+    busy_cores,
+    cpu_s,
+    fill,
+    machine_cpu,
+    percentile,
+    prefix,
+    print_table,
+    run_wgpunch,
+    start_device,
+    status_kib,
+)
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.lab.netns import (
     Namespace,
     WireguardGo,
-    python_module,
     read_line,
     require_root,
     stop_process,
@@ -84,7 +95,6 @@ ZONE = "bench.internal."
 DNS_PORT = 5353
 TUNNEL_IP = "10.98.255.254"
 LISTEN_PORT = 51820
-BATCH = 500  # peers per configure transaction: one UAPI `set` each
 # The link between the registry's namespace and the simulated nodes' (--churn): a /30 of
 # TEST-NET-1; the nodes' namespace owns the peers' endpoints, 198.18.0.0/15.
 LINK_REGISTRY, LINK_NODES = "192.0.2.1", "192.0.2.2"
@@ -146,10 +156,6 @@ asyncio.run(main())
 """
 
 
-def prefix() -> str:
-    return "bd" + secrets.token_hex(2)
-
-
 @dataclass
 class SimNode:
     """What the churn helper needs of one peer: it plays that node."""
@@ -190,28 +196,21 @@ def peer_configs(count: int) -> tuple[list[PeerConfig], list[SimNode]]:
 @contextmanager
 def registry_host(peers: int, tmp: Path) -> Iterator[Host]:
     """The namespace with its filled device."""
-    name = prefix()
+    name = prefix("bd")
     ns, ifname = Namespace(f"{name}-reg"), f"{name}wg"
-    daemon = WireguardGo(ns, ifname, log=tmp / "wireguard-go.log")
+    wireguard_go: WireguardGo | None = None
     try:
         ns.add()
-        daemon.start()
-        private, public = generate_keypair()
-        with tempfile.NamedTemporaryFile("w", suffix=".key") as keyfile:
-            os.chmod(keyfile.name, 0o600)
-            keyfile.write(private.base64())
-            keyfile.flush()
-            ns.run(["wg", "set", ifname, "private-key", keyfile.name, "listen-port",
-                    str(LISTEN_PORT)])
-        ns.run(["ip", "addr", "add", f"{TUNNEL_IP}/16", "dev", ifname])
-        ns.run(["ip", "link", "set", ifname, "up"])
+        wireguard_go, public = start_device(ns, ifname, f"{TUNNEL_IP}/16", LISTEN_PORT,
+                                            tmp / "wireguard-go.log")
         configs, nodes = peer_configs(peers)
-        reads = asyncio.run(fill(ifname, configs))
+        reads = asyncio.run(fill_and_read(ifname, configs))
         labels = [(c.public_key.base32(), n.endpoint.port)
                   for c, n in zip(configs, nodes, strict=True)]
-        yield Host(ns, ifname, daemon, public, labels, nodes, reads)
+        yield Host(ns, ifname, wireguard_go, public, labels, nodes, reads)
     finally:
-        daemon.stop()
+        if wireguard_go is not None:
+            wireguard_go.stop()
         ns.delete()
 
 
@@ -261,13 +260,12 @@ def churn(host: Host, nodes: Namespace, per_poll: int, interval_s: float, tmp: P
         print(f"churn {per_poll}: {log.read_text().strip()[-300:]}", file=sys.stderr)
 
 
-async def fill(ifname: str, configs: list[PeerConfig]) -> dict[str, float]:
+async def fill_and_read(ifname: str, configs: list[PeerConfig]) -> dict[str, float]:
     """Configure the peers in batches; return how long reads of the whole device take: a
     full one, and a poll (`changes`) of the unchanged device, in wall and CPU time."""
+    await fill(ifname, configs)
     device = UapiDevice(ifname)
     try:
-        for start in range(0, len(configs), BATCH):
-            await device.configure(configs[start:start + BATCH])
         started = time.perf_counter()
         state = await device.state()
         full_s = time.perf_counter() - started
@@ -281,25 +279,13 @@ async def fill(ifname: str, configs: list[PeerConfig]) -> dict[str, float]:
         await device.close()
 
 
-@contextmanager
 def registry(ns: Namespace, ifname: str, poll_s: float, log: Path
-             ) -> Iterator[subprocess.Popen]:
-    argv, env = python_module("wgpunch.cli", "--log-format", "json", "registry",
-                              "--interface", ifname, "--dns", str(DNS_PORT), "--zone", ZONE,
-                              "--poll-interval", str(poll_s),
-                              # The bench's client asks from the registry's own address.
-                              "--dns-allow", f"{TUNNEL_IP}/32")
-    with log.open("w") as out:
-        proc = ns.popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                        start_new_session=True)
-    try:
-        wait_for(lambda: proc.poll() is not None or "dns_serving" in log.read_text(),
-                 timeout=30, what="the registry's DNS server")
-        if proc.poll() is not None:
-            raise RuntimeError(f"the registry exited: {log.read_text()[-500:]}")
-        yield proc
-    finally:
-        stop_process(proc)
+             ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    return run_wgpunch(ns, ["registry", "--interface", ifname, "--dns", str(DNS_PORT),
+                            "--zone", ZONE, "--poll-interval", str(poll_s),
+                            # The bench's client asks from the registry's own address.
+                            "--dns-allow", f"{TUNNEL_IP}/32"],
+                       log, ready="dns_serving")
 
 
 def run_client(ns: Namespace, labels: list[tuple[str, int]], queries: int,
@@ -528,22 +514,6 @@ def churn_helper(spec_path: str) -> int:
     return 0
 
 
-def rss_mib(pid: int) -> float:
-    """The resident memory of a process (`ip netns exec` execs the registry: same pid)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def cpu_s(pid: int | None) -> float:
-    """CPU seconds (user + system) a process has used; 0 for none."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class CpuMeter:
     """CPU used by the registry, its wireguard-go and the churn helper over one interval."""
 
@@ -562,26 +532,6 @@ def children_cpu_s() -> float:
     """CPU seconds of this process's finished children (the client: `ns.run` waits)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def machine_cpu() -> tuple[int, int]:
-    """The machine's CPU counters from /proc/stat: busy and total jiffies, all cores."""
-    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    total = sum(fields[:8])
-    return total - fields[3] - fields[4], total  # idle and iowait are not busy
-
-
-def busy_cores(since: tuple[int, int]) -> float:
-    """How many cores were busy on average since `machine_cpu()` gave `since`: every
-    process's, other users' too."""
-    busy, total = machine_cpu()
-    elapsed = total - since[1]
-    return (busy - since[0]) / elapsed * (os.cpu_count() or 1) if elapsed else 0.0
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def measure(host: Host, poll_s: float, churn_level: int, helper: subprocess.Popen | None,
@@ -617,7 +567,8 @@ def measure(host: Host, poll_s: float, churn_level: int, helper: subprocess.Pope
                 "p99_ms": percentile(lat, 99), "max_ms": max(lat),
                 "poll_cpu_ms": idle["registry"] * poll_s * 1e3,
                 "idle_cpu": idle, "busy_cpu": busy,
-                "registry_rss_mib": rss_mib(proc.pid), "load1": os.getloadavg()[0],
+                "registry_rss_mib": status_kib(proc.pid)["VmRSS"] / 1024,
+                "load1": os.getloadavg()[0],
             })
             print(f"churn {churn_level}, poll {poll_s} s, {level} in flight: done",
                   file=sys.stderr)
@@ -675,17 +626,14 @@ def main() -> int:
     header = ("churn", "poll s", "in flight", "answered", "errors", "queries/s", "p50 ms",
               "p99 ms", "max ms", "poll CPU ms", "CPU % reg/wg/churn/client", "busy",
               "RSS MiB", "load")
-    table = [header] + [(
+    print_table(header, [(
         str(r["churn"]), f"{r['poll_interval_s']:g}", str(r["concurrency"]), str(r["answered"]),
         str(r["errors"]), f"{r['qps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
         f"{r['max_ms']:.1f}", f"{r['poll_cpu_ms']:.1f}",
         "/".join(f"{r['busy_cpu'][k] * 100:.0f}"
                  for k in ("registry", "wireguard_go", "churn", "client")),
         f"{r['busy_cpu']['machine']:.2f}", f"{r['registry_rss_mib']:.0f}",
-        f"{r['load1']:.2f}") for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        f"{r['load1']:.2f}") for r in rows])
     print(f"\nwritten to {out}")
     return 0
 

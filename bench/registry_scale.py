@@ -7,9 +7,9 @@
 Set-up, inside one throwaway network namespace: a wireguard-go device with `--nodes` peers
 (real keys, an endpoint in 198.18.0.0/15 and one /32 tunnel address each, configured through
 the device layer in batches), and the real `wgpunch registry` on it, listening on the device's
-tunnel address with its shipped timings (0.2 s polls unless `--poll-interval`, 2 s
-heartbeats). The peers' /32s are
-added to the namespace's own loopback interface, so a connection bound to one of them comes
+tunnel address with its shipped timings (0.2 s polls unless `--poll-interval`, a quarter of
+that for 5 s after a change; 2 s heartbeats). The peers' /32s are added to the namespace's
+own loopback interface, so a connection bound to one of them comes
 from that peer's tunnel address: the API identifies it as that peer, as it would a node's
 connection through the tunnel (the packets take the loopback path, not WireGuard's).
 
@@ -23,7 +23,7 @@ NDJSON) on asyncio so that it stays cheaper than the registry it measures:
 4. `idle`: `--idle-seconds` with every stream open and nothing changing (heartbeats, polls);
 5. `churn`: `--seconds` of changes at `--churn` % of the nodes per minute, evenly spaced,
    alternating (a) a node's endpoint changing on the device (`wg set IF peer K endpoint E`,
-   timed from `wg` exiting: the observer's 0.2 s poll is part of what is measured) and (b) a
+   timed from `wg` exiting: the observer's poll is part of what is measured) and (b) a
    node's report changing (`PUT /v1/self` with a new version, timed from the request's first
    byte). Every stream's lines are parsed; each change's event is matched on every stream by
    its peer and its new endpoint or version. After the last change the client waits up to 5 s
@@ -50,8 +50,6 @@ import os
 import platform
 import random
 import resource
-import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -64,32 +62,32 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import (
+    busy_cores,
+    commit,
+    cpu_s,
+    exit_on_sigterm,
+    fill_device,
+    machine_cpu,
+    percentile,
+    prefix,
+    print_table,
+    run_wgpunch,
+    start_device,
+    status_kib,
+)
 from wgpunch.errors import LabError
 from wgpunch.keys import Key, generate_keypair
-from wgpunch.lab.netns import (
-    Namespace,
-    WireguardGo,
-    python_module,
-    read_line,
-    require_root,
-    stop_process,
-    wait_for,
-)
+from wgpunch.lab.netns import Namespace, WireguardGo, read_line, require_root, stop_process
 from wgpunch.protocol import API_PORT
 from wgpunch.wg.device import Endpoint, PeerConfig
-from wgpunch.wg.uapi import UapiDevice
 
 TUNNEL_IP = "10.96.255.254"  # the registry's; the nodes' /32s count up from 10.96.0.1
 FIRST_NODE = ipaddress.IPv4Address("10.96.0.1")
 FIRST_ENDPOINT = ipaddress.IPv4Address("198.18.0.1")  # RFC 2544: benchmarking; never reached
 LISTEN_PORT = 51820
-BATCH = 500  # peers per configure transaction: one UAPI `set` each
 LATE_S = 5.0  # after the last change, how long the client waits for late deliveries
 CONNECT_CONCURRENCY = 200  # connections being opened at once by the client
-
-
-def prefix() -> str:
-    return "rs" + secrets.token_hex(2)
 
 
 @dataclass
@@ -107,90 +105,31 @@ def node_ip(index: int) -> str:
 @contextmanager
 def registry_host(nodes: int, tmp: Path) -> Iterator[Host]:
     """The namespace, its device filled with `nodes` peers, and the nodes' /32s on its lo."""
-    name = prefix()
+    name = prefix("rs")
     ns, ifname = Namespace(f"{name}-reg"), f"{name}wg"
-    daemon = WireguardGo(ns, ifname, log=tmp / "wireguard-go.log")
+    wireguard_go: WireguardGo | None = None
     try:
         ns.add()
-        daemon.start()
-        private, _public = generate_keypair()
-        with tempfile.NamedTemporaryFile("w", suffix=".key") as keyfile:
-            os.chmod(keyfile.name, 0o600)
-            keyfile.write(private.base64())
-            keyfile.flush()
-            ns.run(["wg", "set", ifname, "private-key", keyfile.name, "listen-port",
-                    str(LISTEN_PORT)])
-        ns.ip_batch([f"addr add {TUNNEL_IP}/16 dev {ifname}", f"link set {ifname} up"]
-                    + [f"addr add {node_ip(i)}/32 dev lo" for i in range(nodes)])
+        wireguard_go, _ = start_device(ns, ifname, f"{TUNNEL_IP}/16", LISTEN_PORT,
+                                       tmp / "wireguard-go.log")
+        ns.ip_batch([f"addr add {node_ip(i)}/32 dev lo" for i in range(nodes)])
         configs = [PeerConfig(
             generate_keypair()[1],
             endpoint=Endpoint(FIRST_ENDPOINT + i, 1024 + i % 60000),
             allowed_ips=(ipaddress.IPv4Network(f"{node_ip(i)}/32"),)) for i in range(nodes)]
-        asyncio.run(fill(ifname, configs))
-        yield Host(ns, ifname, daemon, [c.public_key for c in configs])
+        fill_device(ifname, configs)
+        yield Host(ns, ifname, wireguard_go, [c.public_key for c in configs])
     finally:
-        daemon.stop()
+        if wireguard_go is not None:
+            wireguard_go.stop()
         ns.delete()  # the addresses go with it
 
 
-async def fill(ifname: str, configs: list[PeerConfig]) -> None:
-    device = UapiDevice(ifname)
-    try:
-        for start in range(0, len(configs), BATCH):
-            await device.configure(configs[start:start + BATCH])
-    finally:
-        await device.close()
-
-
-@contextmanager
 def registry(host: Host, log: Path, profile: str | None, poll_s: float
-             ) -> Iterator[subprocess.Popen[bytes]]:
-    argv, env = python_module("wgpunch.cli", "--log-format", "json", "registry",
-                              "--interface", host.ifname, "--listen",
-                              f"{TUNNEL_IP}:{API_PORT}", "--poll-interval", str(poll_s))
-    if profile:  # cProfile writes when the registry exits (it stops cleanly on SIGTERM)
-        argv[1:1] = ["-m", "cProfile", "-o", profile]
-    with log.open("w") as out:
-        proc = host.ns.popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                             start_new_session=True)
-    try:
-        wait_for(lambda: proc.poll() is not None or '"serving"' in log.read_text(),
-                 timeout=120, what="the registry to serve")
-        if proc.poll() is not None:
-            raise RuntimeError(f"the registry exited: {log.read_text()[-500:]}")
-        yield proc
-    finally:
-        stop_process(proc)
-
-
-def rss_kib(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in KiB."""
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            found[name] = int(value.split()[0])
-    return found
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy() -> tuple[int, int]:
-    """Busy and total jiffies of the whole machine, every core (/proc/stat)."""
-    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    total = sum(fields[:8])
-    return total - fields[3] - fields[4], total
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+             ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    return run_wgpunch(host.ns, ["registry", "--interface", host.ifname, "--listen",
+                                 f"{TUNNEL_IP}:{API_PORT}", "--poll-interval", str(poll_s)],
+                       log, ready='"serving"', profile=profile, timeout=120)
 
 
 # -- the client: the simulated nodes, inside the namespace -------------------------------------
@@ -204,20 +143,17 @@ class Meter:
         self.pids = {**pids, "client": os.getpid()}
         self.wall = time.perf_counter()
         self.cpu = {name: cpu_s(pid) for name, pid in self.pids.items()}
-        self.machine = machine_busy()
+        self.machine = machine_cpu()
 
     def result(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.wall
-        busy, total = machine_busy()
         used = {name: cpu_s(pid) - self.cpu[name] for name, pid in self.pids.items()}
-        cores = os.cpu_count() or 1
         return {
             "wall_s": wall,
             "cpu_s": used,
             "cores": {name: value / wall for name, value in used.items()},
-            "machine_busy_cores": ((busy - self.machine[0]) / (total - self.machine[1]) * cores
-                                   if total > self.machine[1] else 0.0),
-            "registry_kib": rss_kib(self.pids["registry"]),
+            "machine_busy_cores": busy_cores(self.machine),
+            "registry_kib": status_kib(self.pids["registry"]),
         }
 
 
@@ -548,14 +484,14 @@ def per_change_ms(result: dict[str, Any]) -> float:
     return extra / max(1, result["changes"]["count"]) * 1e3
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def print_rows(rows: list[dict[str, Any]]) -> None:
     print("CPU: share of one core (registry / its wireguard-go / the bench client); busy: cores "
           "busy on the whole machine during churn, anyone's")
     header = ("nodes", "churn %/min", "changes", "idle CPU", "churn CPU reg/wg/client",
               "CPU/change ms", "snapshot ms", "connect ms/stream", "each p95 ms",
               "every p50 ms", "every p95 ms", "every max ms", "missing", "RSS MiB",
               "peak MiB", "busy")
-    table = [header]
+    table = []
     for r in rows:
         ch, churn = r["changes"], r["churn"]
         snap = r["snapshots"]
@@ -574,9 +510,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{churn['registry_kib']['VmRSS'] / 1024:.0f}",
             f"{churn['registry_kib']['VmHWM'] / 1024:.0f}",
             f"{churn['machine_busy_cores']:.2f}"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+    print_table(header, table)
 
 
 def main() -> int:
@@ -594,19 +528,17 @@ def main() -> int:
     parser.add_argument("--snapshots", type=int, default=10,
                         help="nodes that start with a full snapshot (default 10)")
     parser.add_argument("--poll-interval", type=float, default=0.2,
-                        help="the registry's device poll interval (default 0.2, as shipped): "
-                             "part of every endpoint change's latency")
+                        help="the registry's device poll interval while nothing changes "
+                             "(default 0.2, as shipped; a quarter of it for 5 s after a "
+                             "change): part of every endpoint change's latency")
     parser.add_argument("--profile", metavar="FILE",
                         help="run the registry under cProfile, stats to FILE.NODES")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"
                                              / "registry_scale.json"))
     args = parser.parse_args()
     require_root()
-    # Stopped from outside (timeout, kill): tear the lab down on the way out all the same.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"stopped by signal {signal.SIGTERM}"))
-    git = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short",
-                          "HEAD"], capture_output=True, text=True, check=False)
-    report: dict[str, Any] = {"commit": git.stdout.strip(), "python": platform.python_version(),
+    exit_on_sigterm()
+    report: dict[str, Any] = {"commit": commit(), "python": platform.python_version(),
                               "cpus": os.cpu_count(), "churn_pct": args.churn,
                               "seconds": args.seconds, "poll_interval_s": args.poll_interval,
                               "rows": []}
@@ -622,7 +554,7 @@ def main() -> int:
     print(f"registry with N nodes following (commit {report['commit']}); churn "
           f"{args.churn:g} % of the nodes per minute for {args.seconds:g} s; device polled "
           f"every {args.poll_interval:g} s")
-    print_table(report["rows"])
+    print_rows(report["rows"])
     print(f"\nwritten to {out}")
     return 0
 

@@ -14,6 +14,11 @@ Also reported, from the same launch: a's `started` event (options read, device r
 its `registry_connected` event (the first watch-stream line). The host's Python and the
 registry are warm (one run before the measured ones is thrown away).
 
+Every process runs wgpunch from compiled bytecode, as an installed package does (common.py,
+`run_from_bytecode`); `--no-bytecode` leaves the environment as it is (with
+PYTHONDONTWRITEBYTECODE=1, as on this machine, each start compiles every module it imports:
+the figures before 2026-12 were measured so).
+
 Prints a table and writes JSON (default bench/results/startup.json). The punch part needs root.
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import statistics
 import subprocess
@@ -31,6 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import run_from_bytecode
 from wgpunch.lab import Lab, catalog
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.netns import python_module, require_root, wait_for
@@ -41,7 +48,7 @@ EVENT_TIMEOUT_S = 15.0
 def help_time(argv: list[str]) -> float:
     command, env = python_module("wgpunch.cli", *argv)
     start = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(command, env={**os.environ, **env}, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -103,12 +110,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=10, help="runs of each (default 10)")
     parser.add_argument("--no-punch", action="store_true", help="only the --help timings")
+    parser.add_argument("--no-bytecode", action="store_true",
+                        help="do not compile wgpunch first: each process compiles what it "
+                             "imports if the environment says so (PYTHONDONTWRITEBYTECODE)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "startup.json"))
     args = parser.parse_args()
-    report: dict[str, Any] = {"runs": args.runs}
+    if not args.no_bytecode:
+        run_from_bytecode()
+    report: dict[str, Any] = {"runs": args.runs, "bytecode": not args.no_bytecode}
     helps: dict[str, list[float]] = {"wgpunch --help": [], "wgpunch node --help": []}
-    help_time(["--help"])  # warm the page cache
+    for argv in (["--help"], ["node", "--help"]):
+        help_time(argv)  # warm the page cache (and the bytecode cache)
     for _ in range(args.runs):
         helps["wgpunch --help"].append(help_time(["--help"]))
         helps["wgpunch node --help"].append(help_time(["node", "--help"]))

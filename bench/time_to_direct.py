@@ -1,7 +1,7 @@
 """Time-to-direct and recovery, measured on the lab with the real agents.
 
     python3 bench/time_to_direct.py [--runs 20] [--recovery-runs 5] [--cases NAME,...]
-                                    [--scenarios NAME,...] [--out FILE]
+                                    [--scenarios NAME,...] [--natpunch-go DIR] [--out FILE]
 
 Per scenario (`easy`; `easy` with 30 ms one-way delay on each site's uplink; `easy` with 5 %
 loss on each site's uplink; `symmetric-upnp`, a symmetric NAT with port mapping against `eim`;
@@ -40,6 +40,18 @@ go back into the registry's device. Measured from that moment until both nodes h
 handshake with the registry, and until the pair is direct. WireGuard alone retries 5 s after
 its previous attempt.
 
+`--natpunch-go DIR` (DIR holding natpunch-go's `server` and `client`, built apart: github.com/
+malcolmseyd/natpunch-go; none of its code is here): with `easy`, each wgpunch run is followed
+by one of natpunch-go in a fresh lab of its own: its server on the registry host (UDP
+NATPUNCH_GO_PORT, a throwaway key), both clients launched at once (`client IF
+REGISTRY:PORT KEY`, its default 2 s between retries), timed from that launch until the pair
+is direct, as wgpunch's `launch` column.
+
+Every process runs wgpunch from compiled bytecode, as an installed package does, and one run
+before the measured ones is thrown away (common.py, `run_from_bytecode`); `--no-bytecode`
+leaves the environment as it is (with PYTHONDONTWRITEBYTECODE=1, as on this machine, each
+agent compiles every module at start: `launch` figures before 2026-12 were measured so).
+
 Prints a table and writes JSON (default bench/results/time_to_direct.json). Needs root.
 """
 
@@ -56,20 +68,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import run_from_bytecode
 from wgpunch.errors import LabError
+from wgpunch.keys import generate_keypair
 from wgpunch.lab import Lab, catalog, evidence
 from wgpunch.lab.agents import Agents
-from wgpunch.lab.netns import require_root, wait_for
+from wgpunch.lab.netns import require_root, stop_process, wait_for
 from wgpunch.lab.scenario import Impairment, Nat, Scenario
+from wgpunch.lab.state import state_dir
 
 TIMEOUT_S = 30.0
+NATPUNCH_GO_PORT = 12345  # its README's example port, on the registry host
 NO_LOSS_S = 5.0  # flush: replies in sequence for this long after it mean nothing was lost
 RECOVERY_CASES = ("rebind", "flush", "forget", "registry-restart", "late-registry")
 
@@ -131,6 +147,34 @@ def one_run(scenario: Scenario) -> dict[str, Any]:
             "from_launch_s": None if direct_wall is None else direct_wall - launched,
             "agent_reported_s": [agent_time_to_direct(agents, h) for h in ("a", "b")],
         }
+
+
+def natpunch_go_run(binaries: Path) -> dict[str, Any]:
+    """natpunch-go's cold start in a fresh `easy` lab: its server, then both its clients."""
+    private, public = generate_keypair()
+    with Lab(catalog.resolve("easy"), prefix=prefix()) as lab, ExitStack() as procs:
+        registry = lab.host("registry")
+        logs = state_dir(lab.prefix)
+
+        def start(host: str, argv: list[str]) -> None:
+            with (logs / f"{host}.natpunch-go.log").open("a") as out:
+                proc = lab.ns(host).popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=out, start_new_session=True)
+            procs.callback(stop_process, proc, timeout=5)
+
+        start("registry", [str(binaries / "server"), str(NATPUNCH_GO_PORT), private.base64()])
+        wait_for(lambda: f":{NATPUNCH_GO_PORT} " in registry.ns.run(["ss", "-Hlun"]).stdout,
+                 timeout=10, what="the natpunch-go server to listen")
+        server = f"{registry.public_ip}:{NATPUNCH_GO_PORT}"
+        launched = time.time()
+        for host in ("a", "b"):
+            ifname = lab.host(host).ifname
+            assert ifname is not None
+            start(host, [str(binaries / "client"), ifname, server, public.base64()])
+        start_wall = time.time()
+        (_pair, took), = asyncio.run(evidence.wait_direct(lab, TIMEOUT_S)).values()
+        return {"direct": took is not None,
+                "from_launch_s": None if took is None else start_wall + took - launched}
 
 
 async def _until(predicate, timeout_s: float, start: float | None = None) -> float | None:
@@ -346,6 +390,12 @@ def main() -> int:
                         f"{', '.join(RECOVERY_CASES)}; '' for none)")
     parser.add_argument("--restart-after", type=float, default=15.0, metavar="SECONDS",
                         help="registry-restart: how long the registry stays away (default 15)")
+    parser.add_argument("--natpunch-go", type=Path, metavar="DIR",
+                        help="with easy: also natpunch-go's cold start, its `server` and "
+                             "`client` from DIR, interleaved with wgpunch's runs")
+    parser.add_argument("--no-bytecode", action="store_true",
+                        help="do not compile wgpunch first: each agent compiles what it "
+                             "imports if the environment says so (PYTHONDONTWRITEBYTECODE)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "time_to_direct.json"))
     args = parser.parse_args()
@@ -357,12 +407,27 @@ def main() -> int:
         parser.error(f"unknown scenario(s) or case(s) {', '.join(unknown) or '(none)'}; "
                      f"known: {', '.join([*scenarios(), *RECOVERY_CASES])}")
     require_root()
-    report: dict[str, Any] = {"runs": args.runs, "scenarios": {}, "recovery": {}}
+    if not args.no_bytecode:
+        run_from_bytecode()
+        one_run(catalog.resolve("easy"))  # warm: the first agents fill the bytecode cache
+    report: dict[str, Any] = {"runs": args.runs, "scenarios": {}, "recovery": {},
+                              "bytecode": not args.no_bytecode}
     rows = []
     for name, scenario in scenarios().items():
         if name not in chosen:
             continue
-        runs = [one_run(scenario) for _ in range(args.runs)]
+        go = args.natpunch_go if name == "easy" else None
+        runs, go_runs = [], []
+        for _ in range(args.runs):  # interleaved, so that both see the same load
+            runs.append(one_run(scenario))
+            if go is not None:
+                go_runs.append(natpunch_go_run(go))
+        if go is not None:
+            go_ok = [r for r in go_runs if r["direct"]]
+            go_launch = summary([r["from_launch_s"] for r in go_ok])
+            report["natpunch_go"] = {"runs": go_runs, "from_launch": go_launch}
+            rows.append(("easy, natpunch-go", f"{len(go_ok)}/{len(go_runs)}", "-", "-", "-",
+                         "-", "-", fmt(go_launch["p50"]), fmt(go_launch["p95"])))
         ok = [r for r in runs if r["direct"]]
         up = summary([r["from_up_s"] for r in ok])
         connected = summary([r["from_connected_s"] for r in ok])

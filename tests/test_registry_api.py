@@ -23,11 +23,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from wgpunch.keys import Key
 from wgpunch.registry.api import create_app
 from wgpunch.registry.limits import Limits
+from wgpunch.registry.observer import Observer
 from wgpunch.registry.site import ApiSite
 from wgpunch.registry.state import RegistryState, Stream
 from wgpunch.registry.timings import Timings
 from wgpunch.registry.watch import Pump
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.device import Device, DeviceState, Endpoint, PeerState
 
 A = Key(bytes([1]) * 32)
 B = Key(bytes([0xFF]) * 32)  # base64 '//////...': a path key that needs percent-encoding
@@ -172,6 +173,45 @@ async def test_put_self_records_the_report(registry):
     assert (resp.status, await resp.json()) == (200, {"revision": 5})
     peers = (await (await a.get("/v1/peers")).json())["peers"]
     assert peers[0]["reported"]["nat"] == nat
+
+
+class TableDevice(Device):
+    """A device that shows `table()` at every read, so that the observer has a table."""
+
+    backend = "table"
+
+    async def _read(self):
+        return DeviceState("wgtest", None, 51820, 0, tuple(table())), {}
+
+    async def _write(self, changes):
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_new_report_or_a_punch_request_quickens_the_observer():
+    """The observer reads at its quick pace after a report that changes something or a punch
+    request (their node may have just moved), not after a report that changes nothing."""
+    now = [0.0]
+    state = RegistryState(epoch="e1", punch_window_s=QUIET.punch_coalesce_s)
+    timings = Timings(heartbeat_s=30.0, punch_coalesce_s=30.0, poll_interval_s=30.0,
+                      poll_fast_factor=0.5, poll_fast_for_s=5.0)
+    observer = Observer(lambda: TableDevice("wgtest"), state, timings, clock=lambda: now[0])
+    reg = await start(state, timings, observer=observer)
+    try:
+        a = await reg.client()
+        assert observer.interval() == 30.0
+        report = {"listen_port": 51820, "local_addresses": ["192.168.1.2"], "version": "0.1.0"}
+        assert (await a.put("/v1/self", json=report)).status == 200
+        assert observer.interval() == 15.0
+        now[0] = 10.0
+        assert (await a.put("/v1/self", json=report)).status == 200  # the same again
+        assert observer.interval() == 30.0
+        assert (await a.post(f"/v1/punch/{B.hex()}")).status == 202
+        assert observer.interval() == 15.0
+    finally:
+        await reg.close()
 
 
 GZIP_NOT = {"data": b"this is not gzip" * 8, "headers": {"Content-Encoding": "gzip"}}

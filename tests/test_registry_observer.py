@@ -4,6 +4,8 @@ in full, later ones as changes). The device here is a scripted `Device` that
 fails on demand, which the real wireguard-go will not do; reading a real device is in
 test_registry_lab.py."""
 
+import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -136,3 +138,64 @@ async def test_many_changes_of_one_read_are_all_applied_in_slices():
               for _ in range(stream.queue.qsize())]
     assert [event.revision for event in events] == list(
         range(len(keys) + 1, 2 * len(keys) + 1))  # one removal and len(keys) - 1 moves
+
+
+async def test_the_pace_is_quick_after_a_change_or_a_nudge_and_slow_when_quiet():
+    """`interval()`, row by row: what makes the quick pace, and when it ends."""
+    now = [0.0]
+    script = [snapshot(ONE), snapshot(ONE), snapshot(MOVED), snapshot(MOVED)]
+    observer = Observer(lambda: ScriptedDevice(script), RegistryState(),
+                        Timings(poll_interval_s=1.0, poll_fast_for_s=5.0, poll_fast_factor=0.25),
+                        clock=lambda: now[0])
+    assert await observer.poll_once() and observer.interval() == 1.0  # the first, whole read
+    assert await observer.poll_once() and observer.interval() == 1.0  # nothing changed
+    now[0] = 10.0
+    assert await observer.poll_once() and observer.interval() == 0.25  # K1's endpoint moved
+    now[0] = 14.9
+    assert observer.interval() == 0.25
+    now[0] = 15.0
+    assert observer.interval() == 1.0  # poll_fast_for_s after the change
+    assert await observer.poll_once() and observer.interval() == 1.0  # counters alone: quiet
+    observer.nudge()
+    assert observer.interval() == 0.25
+    # A read too slow for the quick pace: the pace keeps reads to a quarter of the time.
+    assert observer.interval(took=0.1) == 0.4 and observer.interval(took=0.5) == 1.0
+    now[0] = 20.0
+    assert observer.interval() == 1.0
+
+
+class SameDevice(ScriptedDevice):
+    """Reads the same table forever, counting the reads."""
+
+    async def _read(self):
+        self.script.append(None)
+        return snapshot(ONE), {}
+
+
+async def test_a_nudge_brings_the_next_read_forward():
+    """The real loop on the real clock: with 30 s between reads, a nudge gets the next one
+    at the quick pace (0.3 s here), and the reads after it stay quick for a while."""
+    reads: list[None] = []
+    observer = Observer(lambda: SameDevice(reads), RegistryState(),
+                        Timings(poll_interval_s=30.0, poll_fast_factor=0.01,
+                                poll_fast_for_s=60.0))
+    task = asyncio.create_task(observer.run())
+    try:
+        await until(lambda: len(reads) == 1, "the first read")
+        await asyncio.sleep(0.5)  # waited past the quick pace: nothing read yet
+        assert len(reads) == 1
+        observer.nudge()
+        await until(lambda: len(reads) >= 3, "the nudged read and a quick one after it")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def until(check, what: str, within_s: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)  # poll interval, bounded by the deadline

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key
@@ -27,7 +27,6 @@ from .candidates import CandidateKind, candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
-from .mesh import Mesh
 from .metrics import NodeMetrics
 from .natprobe import Channel, NatWatch, RawChannel
 from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
@@ -41,6 +40,9 @@ from .source import Source
 from .track import Track
 from .upgrade import Upgrades, UpgradeTimings
 from .upgradelink import ProbeChannel, RawProbeChannel
+
+if TYPE_CHECKING:
+    from .mesh import Mesh  # only with --mesh (node/cli.py)
 
 log = logging.getLogger(__name__)
 

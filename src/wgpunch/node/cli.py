@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..exposition import MetricsServer
     from .agent import Agent
     from .exporter import NodeExporter
+    from .mesh import Mesh
     from .source import Source
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,6 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
     from ..wg import open_device
     from .agent import Agent
     from .decide import Timings
-    from .mesh import MESH_DIR, Mesh
     from .registrylink import LinkTimings
 
     interface = settings.interface
@@ -302,10 +302,7 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
         api = settings.api or registry_api_url(state, settings.registry)
         source = RegistryClient(api, token=token)
         where = f"registry {settings.registry}, API {api}"
-    # Beside the path files when a caller (a test) moves them, else persistent (mesh.py).
-    mesh_dir = MESH_DIR if state_dir == pathfile.STATE_DIR else state_dir
-    mesh = (Mesh(interface, mesh_dir, settings.registry or next(iter(several), None),
-                 settings.mesh_exclude) if settings.mesh else None)
+    mesh = _mesh(settings, interface, state_dir, several) if settings.mesh else None
     exporter = None if once or settings.metrics_listen is None else _exporter()
     agent = Agent(device, settings.registry, source,
                   timings=Timings(keepalive_s=settings.keepalive_s),
@@ -332,6 +329,15 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
             await metrics_server.close()
         await source.close()
         await device.close()
+
+
+def _mesh(settings: Settings, interface: str, state_dir: Path, several: tuple[Key, ...]) -> Mesh:
+    from .mesh import MESH_DIR, Mesh  # only with --mesh (bench/startup.py)
+
+    # Beside the path files when a caller (a test) moves them, else persistent (mesh.py).
+    mesh_dir = MESH_DIR if state_dir == pathfile.STATE_DIR else state_dir
+    return Mesh(interface, mesh_dir, settings.registry or next(iter(several), None),
+                settings.mesh_exclude)
 
 
 def _exporter() -> NodeExporter:

@@ -235,12 +235,17 @@ async def put_self(request: web.Request) -> web.Response:
     only_params(request.query.items(), ())
     rate_limit(request, REPORT_RATE, "PUT /v1/self")
     reported = reported_from_json(await read_body(request))
-    revision = request.app[STATE].report(request[CALLER], reported)
+    state = request.app[STATE]
+    before = state.revision
+    revision = state.report(request[CALLER], reported)
+    if revision != before:  # a node that starts or moves reports: its endpoint may move too
+        _nudge(request.app)
     return json_response({"revision": revision})
 
 
 async def post_punch(request: web.Request) -> web.Response:
     target = await peer_in_path(request, "POST /v1/punch", PUNCH_RATE)
+    _nudge(request.app)  # a punch follows a start or a path that died: endpoints may move
     endpoint, pushed = request.app[STATE].request_punch(
         request[CALLER], target, time.monotonic())
     request.app[METRICS].punch(pushed)
@@ -252,6 +257,12 @@ async def post_opened(request: web.Request) -> web.Response:
                                 "POST /v1/punch")
     pushed = request.app[STATE].opened(request[CALLER], target)
     return json_response({"peer": target.base64(), "pushed": pushed}, status=202)
+
+
+def _nudge(app: web.Application) -> None:
+    observer = app.get(OBSERVER)
+    if observer is not None:
+        observer.nudge()
 
 
 async def watch(request: web.Request) -> web.StreamResponse:

@@ -16,6 +16,16 @@ class Timings:
     # node's new endpoint is on the time-to-direct path (goal: p95 < 1 s end to end), so this
     # adds at most 0.2 s; a UAPI `get` of a small device costs about a millisecond.
     poll_interval_s: float = 0.2
+    # For this long after a read that found a peer new, gone or with another endpoint or
+    # allowed IPs, and after a node reported something new or asked for a punch, the
+    # observer reads every `poll_fast_factor` x poll_interval_s (0.05 s as shipped; slower
+    # where reads are slow: observer.py). Our choice: changes come together (a node that
+    # restarts handshakes, reports and punches; a punch follows a path that died), and an
+    # endpoint change waits for the next read: at 1,000 nodes and 10 % of them changing per
+    # minute that wait was most of a change's p95 to every stream (bench/registry_scale.py).
+    # A quiet device keeps the slow pace.
+    poll_fast_for_s: float = 5.0
+    poll_fast_factor: float = 0.25
     # A watch stream that has said nothing for this long gets a heartbeat line. Nodes call a
     # stream dead after 4.5 s of silence (docs/api.md), and a dead stream is how a node learns
     # that its own NAT lost its state, so this bounds recovery after a NAT reboot
