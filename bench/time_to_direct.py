@@ -136,12 +136,13 @@ def one_run(scenario: Scenario) -> dict[str, Any]:
         agents.start_nodes()
         start_wall = time.time()
         found = asyncio.run(evidence.wait_direct(lab, TIMEOUT_S, check=agents.check_alive))
-        (_pair, took), = found.values()
+        (pair, took), = found.values()
         up = max(event_at(agents, h, "started") for h in ("a", "b"))
         connected = max(event_at(agents, h, "registry_connected") for h in ("a", "b"))
         direct_wall = None if took is None else start_wall + took
         return {
             "direct": took is not None,
+            "ipv6": took is not None and pair.ipv6,  # direct over IPv6 on both sides
             "from_up_s": None if direct_wall is None else direct_wall - up,
             "from_connected_s": None if direct_wall is None else direct_wall - connected,
             "from_launch_s": None if direct_wall is None else direct_wall - launched,
@@ -438,7 +439,8 @@ def main() -> int:
                      *(fmt(up[k]) for k in ("p50", "p95", "max")),
                      fmt(connected["p50"]), fmt(connected["p95"]), fmt(launch["p50"]),
                      fmt(launch["p95"])))
-        print(f"{name}: {len(ok)}/{len(runs)} direct", file=sys.stderr)
+        print(f"{name}: {len(ok)}/{len(runs)} direct, "
+              f"{sum(r['ipv6'] for r in ok)} of them over IPv6", file=sys.stderr)
     run_case = {"rebind": rebind_run, "flush": flush_run, "forget": forget_run,
                 "registry-restart": lambda: registry_restart_run(args.restart_after),
                 "late-registry": late_registry_run}
