@@ -5,15 +5,16 @@
                                     [--matrix | --kinds K,... | --cells K1:K2,...]
 
 Per scenario (`easy`; `easy` with 30 ms one-way delay on each site's uplink; `easy` with 5 %
-loss on each site's uplink; `symmetric-upnp`, a symmetric NAT with port mapping against
-`eim`; `--scenarios` picks some), each run builds a fresh lab, starts `wgpunch registry`, then both
-`wgpunch node`s, and polls both devices until the pair is direct by what `wg` shows
-(lab/evidence.py). Times are counted from "both nodes up" (the later of the two agents'
-`started` log events: process started, options read, device read) and, for comparison, from
-launching the node processes (Python start-up included), and from both agents following the
-registry's watch stream (their `registry_connected` events): the part that the physical limit
-(a registry round trip plus a handshake round trip) speaks of. `launch` is the cold start of
-both agents.
+loss on each site's uplink; `symmetric-upnp`, a symmetric NAT with port mapping against `eim`;
+`dual-fw`, direct over IPv6 through two stateful firewalls; `dual-blocked`, IPv6 filtered on
+one side, so direct over IPv4 after the IPv6 attempt; `--scenarios` picks some), each run
+builds a fresh lab, starts `wgpunch registry`, then both `wgpunch node`s, and polls both
+devices until the pair is direct by what `wg` shows (lab/evidence.py). Times are counted from
+"both nodes up" (the later of the two agents' `started` log events: process started, options
+read, device read) and, for comparison, from launching the node processes (Python start-up
+included), and from both agents following the registry's watch stream (their
+`registry_connected` events): the part that the physical limit (a registry round trip plus a
+handshake round trip) speaks of. `launch` is the cold start of both agents.
 
 Recovery: after the pair is direct, (1) `rebind`: the NAT in front of b (an `eim-port`
 carrier NAT) forgets its mappings and conntrack state, so b's next packet leaves from a new
@@ -109,6 +110,8 @@ def scenarios() -> dict[str, Scenario]:
         "easy+30ms": impaired(easy, "easy30ms", Impairment(delay_ms=30)),
         "easy+5%loss": impaired(easy, "easyloss", Impairment(loss_pct=5)),
         "symmetric-upnp": catalog.resolve("symmetric-upnp"),
+        "dual-fw": catalog.resolve("dual-fw"),
+        "dual-blocked": catalog.resolve("dual-blocked"),
     }
 
 
@@ -141,12 +144,13 @@ def one_run(scenario: Scenario) -> dict[str, Any]:
         agents.start_nodes()
         start_wall = time.time()
         found = asyncio.run(evidence.wait_direct(lab, TIMEOUT_S, check=agents.check_alive))
-        (_pair, took), = found.values()
+        (pair, took), = found.values()
         up = max(event_at(agents, h, "started") for h in ("a", "b"))
         connected = max(event_at(agents, h, "registry_connected") for h in ("a", "b"))
         direct_wall = None if took is None else start_wall + took
         return {
             "direct": took is not None,
+            "ipv6": took is not None and pair.ipv6,  # direct over IPv6 on both sides
             "from_up_s": None if direct_wall is None else direct_wall - up,
             "from_connected_s": None if direct_wall is None else direct_wall - connected,
             "from_launch_s": None if direct_wall is None else direct_wall - launched,
@@ -492,7 +496,8 @@ def main() -> int:
                      *(fmt(up[k]) for k in ("p50", "p95", "max")),
                      fmt(connected["p50"]), fmt(connected["p95"]), fmt(launch["p50"]),
                      fmt(launch["p95"])))
-        print(f"{name}: {len(ok)}/{len(runs)} direct", file=sys.stderr)
+        print(f"{name}: {len(ok)}/{len(runs)} direct, "
+              f"{sum(r['ipv6'] for r in ok)} of them over IPv6", file=sys.stderr)
     run_case = {"rebind": rebind_run, "flush": flush_run, "forget": forget_run,
                 "registry-restart": lambda: registry_restart_run(args.restart_after),
                 "late-registry": late_registry_run}

@@ -73,6 +73,13 @@ def test_documented_toml_example_loads(tmp_path, source):
     ({"site": [{"host": "a", "portmap": True}]}, "cannot have"),
     ({"site": [{"nat": "eim", "inside": [{"nat": "symmetric", "portmap": True,
                                           "hosts": ["a"]}]}]}, "directly on the core"),
+    ({"site": [{"nat": "eim", "ipv6": "nat66", "hosts": ["a"]}]}, "ipv6 must be one of"),
+    ({"site": [{"nat": "eim", "ipv6": True, "hosts": ["a"]}]}, "ipv6 takes 'open' or"),
+    ({"site": [{"host": "a", "ipv6": "open"}]}, "ipv6 takes true or false"),
+    ({"site": [{"nat": "eim", "inside": [{"nat": "eim", "ipv6": "open",
+                                          "hosts": ["a"]}]}]}, "IPv6 needs a NAT directly"),
+    ({"site": [{"nat": "eim", "inside": [{"host": "a", "ipv6": True}]}]},
+     "IPv6 comes from the NAT"),
 ])
 def test_bad_scenarios_are_refused_with_the_reason(table, message):
     with pytest.raises(LabError, match=message):
@@ -184,6 +191,40 @@ def test_double_nat_plan_uses_the_cgnat_range_inside_the_carrier():
     assert lab.node("a").public_ip == lab.node("c").public_ip == lab.node("cgn").address.ip
 
 
+def test_dual_stack_plan_routes_one_ipv6_prefix_per_router_and_no_further():
+    from wgpunch.lab.build import sysctls, topology_batches
+
+    lab = plan(catalog.resolve("dual-one"), "t1")
+    a, na, nb, b = (lab.node(n) for n in ("a", "na", "nb", "b"))
+    assert (str(a.address6), str(a.gateway6)) == ("2001:db8:1::a/64", "2001:db8:1::1")
+    assert (str(na.address6), str(na.lan6), na.ipv6) == ("2001:db8::2/64", "2001:db8:1::1/64",
+                                                          "firewall")
+    assert str(lab.node("registry").public_ip6) == "2001:db8:0:ffff::2"
+    assert b.public_ip6 is None and nb.address6 is None and nb.ipv6 is None
+    # IPv6 is on only where a node has an address (and on the core that routes them).
+    assert "net.ipv6.conf.all.disable_ipv6=1" in sysctls(b, lab)
+    assert "net.ipv6.conf.all.disable_ipv6=0" in sysctls(a, lab)
+    assert "net.ipv6.conf.all.forwarding=1" in sysctls(lab.node("core"), lab)
+    # The core's only IPv6 routes are the routers' LANs: no default route, nothing outside.
+    core = [c for ns, batch in topology_batches(lab) if ns == "t1-core" for c in batch]
+    assert [c for c in core if c.startswith("route")] == ["route add 2001:db8:1::/64 via "
+                                                         "2001:db8::2"]
+    assert catalog.resolve("easy").uses_ipv6 is False
+    assert all(node.address6 is None for node in plan(catalog.resolve("easy"), "t1").nodes)
+
+
+def test_the_ipv6_firewall_drops_what_nobody_inside_asked_for():
+    from wgpunch.lab.ipv6 import firewall6
+
+    script = firewall6("firewall", "t1_fw6", "t1_lan")
+    assert script is not None and "table ip6 t1_fw6" in script and "policy drop;" in script
+    assert "ct state established,related accept" in script
+    assert 'iifname "t1_lan" accept' in script
+    assert firewall6("open", "t1_fw6", "t1_lan") is None
+    assert 'iifname != "t1_lan" meta l4proto udp drop' in (
+        firewall6("blocked", "t1_fw6", "t1_lan") or "")
+
+
 def test_every_address_is_inside_the_lab_ranges():
     allowed = [ipaddress.ip_network(n) for n in (
         "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "100.64.0.0/10",
@@ -193,6 +234,9 @@ def test_every_address_is_inside_the_lab_ranges():
             for address in (node.address, node.lan):
                 if address is not None:
                     assert any(address.ip in net for net in allowed), (name, node)
+            for address6 in (node.address6, node.lan6):
+                if address6 is not None:
+                    assert address6.ip in ipaddress.ip_network("2001:db8::/32"), (name, node)
 
 
 @pytest.mark.parametrize("prefix", ["", "1ab", "Ab", "a-b", "abcdefghi", "a_b"])

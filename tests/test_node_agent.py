@@ -152,6 +152,26 @@ async def test_the_non_initiator_opens_its_nat_and_never_handshakes_while_it_can
         assert io.measured_toward == [REGISTRY_ENDPOINT.ip]
 
 
+async def test_with_ipv6_on_both_sides_the_opener_goes_to_both_families(pair, registry):
+    """b reported an IPv6 endpoint and we have a global IPv6 address: each punch event's
+    opener goes to b's IPv6 endpoint (hop limit 64: no NAT to stop short of) and to its IPv4
+    one (the measured TTL), and our own report lists our IPv6 endpoint."""
+    ours6 = ipaddress.ip_interface("2001:db8:1::a/64")
+    io = FakeIo(addresses=[*agentrig.OUR_INTERFACES, ours6])
+    b6 = Endpoint.parse(f"[2001:db8:2::a]:{PORT}")
+    registry.answer_punches = False
+    a, b, reg = pair.records()
+    assert b.reported is not None
+    dual_b = replace(b, reported=replace(b.reported, ipv6=(b6,)))
+    async with Running(agent_for(pair, registry, io)) as run:
+        registry.publish(a, dual_b, reg)
+        await run.until(lambda: len(io.opened) >= 2, what="openers")
+        assert set(io.opened[:2]) == {(PORT, b6, 64), (PORT, pair.b_endpoint, MEASURED_TTL)}
+        assert await _no_endpoint(pair)
+        report, _ = registry.of("report")[-1]
+        assert report.ipv6 == (Endpoint(ours6.ip, PORT),)
+
+
 async def _no_endpoint(pair: Pair) -> bool:
     return (await pair.peer(pair.b.public)).endpoint is None
 

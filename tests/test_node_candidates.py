@@ -129,3 +129,65 @@ def test_lan_candidates(intent, peer, mine, local, lan):
     found = candidates_of(peer, mine, local)
     assert [str(c.endpoint) for c in found if c.kind is LAN] == lan, intent
     assert found[-1] == c(PUBLIC, peer.endpoint), intent  # the observed endpoint, always
+
+
+IPV6 = CandidateKind.IPV6
+PEER6 = Endpoint.parse("[2001:db8:2::a]:51820")
+OUR6 = ipaddress.ip_interface("2001:db8:1::a/64")
+
+
+def dual(endpoints: tuple[Endpoint, ...] = (PEER6,), addresses: tuple[str, ...] = ()
+         ) -> PeerRecord:
+    reported = Reported(51820, tuple(ipaddress.ip_address(a) for a in addresses), "test",
+                        ipv6=endpoints)
+    return PeerRecord(PEER_KEY, (), OTHER_NAT, None, reported, 1)
+
+
+@pytest.mark.parametrize(("intent", "peer", "local", "ipv6"), [
+    ("both sides have a global IPv6 address: the peer's IPv6 endpoint is a candidate",
+     dual(), (*OUR_LAN, OUR6), [PEER6]),
+    ("we have no IPv6 of our own: nothing to send it from",
+     dual(), OUR_LAN, []),
+    ("a unique local or link-local address of ours reaches no other site",
+     dual(), (*OUR_LAN, ipaddress.ip_interface("fd00::2/64"),
+              ipaddress.ip_interface("fe80::2/64")), []),
+    ("the peer reported no IPv6 endpoint (no IPv6, or a node from before them)",
+     dual(()), (*OUR_LAN, OUR6), []),
+])
+def test_ipv6_candidates(intent, peer, local, ipv6):
+    found = candidates_of(peer, record(ME_KEY, SHARED_NAT), local)
+    assert [c.endpoint for c in found if c.kind is IPV6] == ipv6, intent
+    assert found[-1] == c(PUBLIC, OTHER_NAT), intent  # IPv4 stays the fallback
+
+
+def test_ipv6_is_tried_before_every_ipv4_path_but_the_lan():
+    """No NAT over IPv6: whatever the two IPv4 NATs are, it goes direct; the LAN (same
+    NAT, same subnet) still comes first, and a live path is kept, IPv4 or not."""
+    assert choose([c(PUBLIC, NAT), c(MAPPED, UPNP), c(IPV6, PEER6)]) == c(IPV6, PEER6)
+    assert choose([c(IPV6, PEER6), c(LAN, HOME)]) == c(LAN, HOME)
+    assert choose([c(IPV6, PEER6), c(PUBLIC, NAT)], current=NAT) == c(PUBLIC, NAT)
+    assert path_of(PEER6, [c(IPV6, PEER6), c(PUBLIC, NAT)]) is PathKind.DIRECT
+
+
+def test_an_ipv6_address_on_our_own_network_is_one_candidate_the_lan_one():
+    peer = PeerRecord(PEER_KEY, (), Endpoint.parse("198.51.100.7:2048"), None,
+                      Reported(51820, (ipaddress.ip_address("2001:db8:1::b"),), "test",
+                               ipv6=(Endpoint.parse("[2001:db8:1::b]:51820"),)), 1)
+    found = candidates_of(peer, record(ME_KEY, SHARED_NAT), (OUR6,))
+    assert [(x.kind, str(x.endpoint)) for x in found] == [
+        (LAN, "[2001:db8:1::b]:51820"), (PUBLIC, "198.51.100.7:2048")]
+
+
+def test_an_ipv6_endpoint_that_leads_nowhere_fails_over_to_ipv4():
+    """A firewall that lets nothing in (or an IPv6 path broken on the way): after the retry
+    delay the next attempt goes to the peer's IPv4 endpoint."""
+    from wgpunch.node.decide import Memory, Timings, failover
+
+    candidates = [c(IPV6, PEER6), c(PUBLIC, NAT)]
+    t = Timings()
+    mem = Memory(attempts=1, attempt_at=100.0, attempt_endpoint=PEER6)
+    assert failover(mem, candidates, live=False, now=100.1, t=t).failed == frozenset()
+    later = failover(mem, candidates, live=False, now=100.0 + t.first_retry_s, t=t)
+    assert later.failed == {PEER6}
+    usable = [x for x in candidates if x.endpoint not in later.failed]
+    assert choose(usable) == c(PUBLIC, NAT)

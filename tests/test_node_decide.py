@@ -83,10 +83,28 @@ def test_with_raw_openers_only_the_initiator_sends_initiations():
     for mem in (Memory(), Memory(opened_at=NOW - 0.1, opened_endpoint=OLD)):
         opened = run(peer(), OLD, mem, initiator=False, punched=True, can_open=True)
         assert (opened.kind, opened.reason, opened.endpoint) == (Kind.OPEN, Reason.OPENING, OLD)
-    v6 = Endpoint.parse("[2001:db8::2]:51820")  # raw openers are IPv4 only
-    assert run(peer(), v6, Memory(), initiator=False, punched=True, can_open=True).kind is (
-        Kind.HANDSHAKE)
+    # Over IPv6 too: a stateful firewall in front of us lets the initiation in only after it.
+    v6 = Endpoint.parse("[2001:db8::2]:51820")
+    opened = run(peer(), v6, Memory(), initiator=False, punched=True, can_open=True)
+    assert (opened.kind, opened.endpoint) == (Kind.OPEN, v6)
 
+
+
+def test_with_ipv6_the_opener_goes_to_both_families():
+    """Each side fails over from IPv6 to IPv4 on its own clock; an opener toward both lets in
+    whichever the initiator tries. Without IPv6, one opener as before."""
+    v6 = Endpoint.parse("[2001:db8:2::a]:51820")
+    both = (Candidate(CandidateKind.IPV6, v6), Candidate(CandidateKind.PUBLIC, OLD))
+    opening = decide(peer(), both, Memory(), initiator=False, punched=True, can_open=True,
+                     now_wall=NOW_WALL, now=NOW, t=T)
+    assert (opening.kind, opening.endpoint, opening.also) == (Kind.OPEN, v6, (OLD,))
+    failed = decide(peer(), both, Memory(failed=frozenset({v6})), initiator=False,
+                    punched=True, can_open=True, now_wall=NOW_WALL, now=NOW, t=T)
+    assert (failed.endpoint, failed.also) == (OLD, (v6,))
+    assert run(peer(), OLD, Memory(), initiator=False, punched=True, can_open=True).also == ()
+    initiating = decide(peer(), both, Memory(), initiator=True, punched=True, opened=True,
+                        now_wall=NOW_WALL, now=NOW, t=T)
+    assert (initiating.kind, initiating.endpoint, initiating.also) == (Kind.HANDSHAKE, v6, ())
 
 
 def test_the_initiator_sends_once_the_other_side_says_its_nat_is_open():
@@ -137,10 +155,18 @@ def test_the_initiator_sends_only_to_a_peer_whose_agent_follows_punches():
     # A peer still not reported waits for the ordinary retry.
     assert run(peer(), OLD, replace(skipped, attempt_at=NOW - T.coalesce_s - 0.01),
                peer_ready=False).reason is Reason.WAITING
-    # ... and the other side opens its NAT on any punch event: an opener reaches no peer.
-    opening = run(peer(), OLD, Memory(), initiator=False, punched=True, can_open=True,
-                  peer_ready=False)
-    assert opening.kind is Kind.OPEN
+    # ... and the other side opens its NAT on any punch event, once the initiator's report
+    # (its IPv6 endpoints) is in, or report_wait_s after the event without it.
+    waits = run(peer(), OLD, Memory(), initiator=False, punched=True, can_open=True,
+                peer_ready=False)
+    assert (waits.kind, waits.reason) == (Kind.LEAVE, Reason.OPEN_AWAITS_REPORT)
+    assert waits.recheck_s == T.busy_recheck_s
+    pending = Memory(open_pending_since=NOW - 0.05)
+    still = run(peer(), OLD, pending, initiator=False, can_open=True, peer_ready=False)
+    assert still.reason is Reason.OPEN_AWAITS_REPORT
+    for mem, ready in ((pending, True), (Memory(open_pending_since=NOW - T.report_wait_s), False)):
+        opening = run(peer(), OLD, mem, initiator=False, can_open=True, peer_ready=ready)
+        assert (opening.kind, opening.endpoint) == (Kind.OPEN, OLD)
     # A live session is no punch at all: its probe is data on the session.
     assert run(LIVE, OLD, punched=True, peer_ready=False).kind is Kind.PROBE
     # A peer that never reports runs no agent: after agentless_after_s it is punched as

@@ -13,6 +13,7 @@ import pytest
 from wgpair import PORT, wg_pair
 from wgpunch.natpunch.rawudp import checksum, udp_datagram
 from wgpunch.node.punch import DEFAULT_TTL, UNMEASURED_TTL, OpenerTtl
+from wgpunch.wg.device import Endpoint
 
 
 def test_rfc1071_example():
@@ -35,8 +36,9 @@ def test_datagram_layout():
 
 RECEIVE = """
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("192.0.2.2", 40000))
+family, address = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, sys.argv[1]
+s = socket.socket(family, socket.SOCK_DGRAM)
+s.bind((address, 40000))
 print("ready", flush=True)
 s.settimeout(5)
 data, addr = s.recvfrom(100)
@@ -46,26 +48,42 @@ SEND = """
 import ipaddress, sys
 from wgpunch.node.punch import send_opener
 from wgpunch.wg.device import Endpoint
-print(send_opener(51820, Endpoint(ipaddress.ip_address("192.0.2.2"), 40000)))
+print(send_opener(51820, Endpoint(ipaddress.ip_address(sys.argv[1]), 40000)))
 """
+# IPv6 on the pair's link, only inside its namespaces (documentation prefix, RFC 3849).
+A6, B6 = "2001:db8:77::1", "2001:db8:77::2"
 
 
 @pytest.mark.lab
 @pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go not installed")
-def test_the_kernel_delivers_an_opener_from_the_wireguard_port(tmp_path):
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_kernel_delivers_an_opener_from_the_wireguard_port(tmp_path, family):
     """Sent from A's namespace while wireguard-go holds port 51820 there; B's kernel checks
-    both checksums before its socket sees the datagram, with A's WireGuard port as source."""
+    the checksums (over IPv6: the one the kernel filled in for our hand-made UDP header)
+    before its socket sees the datagram, with A's WireGuard port as source."""
     with wg_pair(tmp_path) as (a, b):
-        receiver = b.ns.popen([sys.executable, "-c", RECEIVE], stdout=subprocess.PIPE,
+        if family == 6:
+            for side, name, address in ((a, "a", A6), (b, "b", B6)):
+                veth = side.ifname.removesuffix(f"{name}wg") + f"v{name}"  # wgpair's naming
+                side.ns.run(["ip", "addr", "add", f"{address}/64", "dev", veth, "nodad"])
+        source, target = (a.veth_ip, b.veth_ip) if family == 4 else (A6, B6)
+        receiver = b.ns.popen([sys.executable, "-c", RECEIVE, target], stdout=subprocess.PIPE,
                               text=True)
         try:
             assert receiver.stdout.readline().strip() == "ready"
-            sent = a.ns.run([sys.executable, "-c", SEND]).stdout.strip()
+            sent = a.ns.run([sys.executable, "-c", SEND, target]).stdout.strip()
             assert sent == "True"
-            assert receiver.stdout.readline().split() == ["0", a.veth_ip, str(PORT)]
+            assert receiver.stdout.readline().split() == ["0", source, str(PORT)]
         finally:
             receiver.kill()
             receiver.wait()
+
+
+async def test_openers_over_ipv6_go_as_far_as_they_need():
+    """No NAT over IPv6, so no measured distance: the IPv4 one says nothing about that path."""
+    ttl = OpenerTtl(fixed=2)
+    assert await ttl.get(Endpoint.parse("[2001:db8::2]:51820")) == DEFAULT_TTL
+    assert await ttl.get(Endpoint.parse("192.0.2.2:51820")) == 2
 
 
 def test_inside_addresses_are_where_nats_number_their_inside():

@@ -35,6 +35,9 @@ MEASURED = PeerRecord(K2, (), Endpoint.parse("203.0.113.9:40001"), None, Reporte
                                          "address-and-port-dependent", False)), 4)
 MAPPED = PeerRecord(K2, (), Endpoint.parse("198.51.100.6:31000"), None,
                     Reported(51820, (), "0.1.0", Endpoint.parse("198.51.100.6:51820")), 4)
+DUAL = PeerRecord(K2, (), Endpoint.parse("198.51.100.6:51820"), None,
+                  Reported(51820, (), "0.1.0", ipv6=(Endpoint.parse("[2001:db8:1::a]:51820"),)),
+                  5)
 
 
 @pytest.mark.parametrize("item", [
@@ -43,6 +46,7 @@ MAPPED = PeerRecord(K2, (), Endpoint.parse("198.51.100.6:31000"), None,
     PeerEvent(4, BARE),
     PeerEvent(5, MEASURED),
     PeerEvent(6, MAPPED),
+    PeerEvent(7, DUAL),
     RemovedEvent(9, K2),
     PunchEvent(9, K2, Endpoint.parse("[2001:db8::2]:4500"), True),
     RelayEvent(9, K1, 31000, None),
@@ -71,6 +75,12 @@ def test_a_mapping_is_in_the_peer_object_only_when_there_is_one():
     bad["peer"]["reported"]["mapped_endpoint"] = "198.51.100.6"
     with pytest.raises(MalformedMessage, match="mapped_endpoint"):
         item_from_json(bad)
+
+
+def test_ipv6_endpoints_are_in_the_peer_object_only_when_there_are_some():
+    assert item_json(PeerEvent(7, DUAL))["peer"]["reported"]["ipv6_endpoints"] == [
+        "[2001:db8:1::a]:51820"]
+    assert "ipv6_endpoints" not in item_json(PeerEvent(8, RECORD))["peer"]["reported"]
 
 
 def test_opened_is_on_the_punch_line_only_when_true():

@@ -128,6 +128,35 @@ def test_malformed_mapped_endpoints(intent, value, match):
         reported_from_json(body(mapped_endpoint=value))
 
 
+def test_ipv6_endpoints_are_optional_and_kept():
+    endpoints = ["[2001:db8:1::a]:51820", "[2a00:1450::5]:51820"]
+    got = reported_from_json(body(ipv6_endpoints=endpoints))
+    assert [str(e) for e in got.ipv6] == endpoints
+    assert got.to_json() == {**GOOD, "ipv6_endpoints": endpoints}
+    for absent in (body(), body(ipv6_endpoints=None), body(ipv6_endpoints=[])):
+        assert reported_from_json(absent).ipv6 == ()
+        assert "ipv6_endpoints" not in reported_from_json(absent).to_json()
+
+
+@pytest.mark.parametrize(("intent", "value", "match"), [
+    ("not a list", "[2001:db8::1]:1", "expected a list, got text"),
+    ("a number in the list", [51820], "expected text, got an integer"),
+    ("no brackets", ["2001:db8::1:51820"], "is not \\[IPv6\\]:PORT"),
+    ("a scoped address", ["[fe80::1%eth0]:1"], "is not \\[IPv6\\]:PORT"),
+    ("IPv4", ["198.51.100.2:51820"], "not a global unicast IPv6 address"),
+    ("link-local", ["[fe80::1]:51820"], "not a global unicast IPv6 address"),
+    ("unique local: reaches no other site", ["[fd00::2]:51820"], "not a global unicast"),
+    ("6to4: a tunnel over IPv4", ["[2002:c000:204::1]:51820"], "not a global unicast"),
+    ("Teredo", ["[2001:0:4136:e378::1]:51820"], "not a global unicast"),
+    ("multicast", ["[ff0e::1]:51820"], "not a global unicast"),
+    ("twice", ["[2001:db8::1]:1", "[2001:db8::1]:1"], "listed twice"),
+    ("too many", [f"[2001:db8::{i}]:1" for i in range(1, 10)], "9 endpoints, at most 8"),
+])
+def test_malformed_ipv6_endpoints(intent, value, match):
+    with pytest.raises(MalformedMessage, match=f"ipv6_endpoints: .*{match}"):
+        reported_from_json(body(ipv6_endpoints=value))
+
+
 def test_reported_checks_fields_when_built_in_code_too():
     with pytest.raises(MalformedMessage, match="not an IP address"):
         Reported(1, ("192.168.1.2",), "x")  # type: ignore[arg-type]

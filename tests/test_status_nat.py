@@ -8,7 +8,7 @@ from wgpunch.keys import Key
 from wgpunch.node import pathfile
 from wgpunch.node.pathfile import PeerPath
 from wgpunch.status import peer_json, render_table
-from wgpunch.wg.device import PeerState
+from wgpunch.wg.device import Endpoint, PeerState
 
 PEER = PeerState(Key(bytes([7]) * 32), None, (ipaddress.ip_network("10.99.0.2/32"),), None,
                  0, 0, 25, False)
@@ -66,3 +66,16 @@ def test_the_table_shows_the_agents_nat():
     assert "NAT: NAT maps per destination (symmetric), port changed, filtering " \
         "address-and-port-dependent" in text
     assert "both NATs map per destination: needs a relay" in text
+
+
+def test_a_pair_direct_over_ipv6_needs_no_relay_and_the_table_says_ipv6():
+    """Both IPv4 NATs map per destination, but the pair went around them over IPv6."""
+    live = PeerState(PEER.public_key, Endpoint.parse("[2001:db8:2::a]:51820"),
+                     PEER.allowed_ips, 1795000009.0, 100, 100, 25, False)
+    direct = PeerPath("direct", 1795000005.0, "live session", None, SYMMETRIC)
+    got = peer_json(live, 1795000010.0, direct, own_nat=SYMMETRIC)
+    assert got["needs_relay"] is None and got["reason"] == "live session"
+    assert got["endpoint"] == "[2001:db8:2::a]:51820"
+    device = {"name": "wg0", "backend": "uapi", "public_key": "k", "listen_port": 51820,
+              "agent": None, "peers": [got]}
+    assert "direct (IPv6) for 5s" in render_table([device], 1795000010.0)

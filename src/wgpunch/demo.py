@@ -158,14 +158,21 @@ def _agents(lab: Any, natpunch: str | None) -> Any:
     return agents
 
 
+def _endpoint(endpoint: str | None, peer: str, nat_ip: str) -> str:
+    """An endpoint with where it leads: the peer's NAT, or (IPv6) the peer itself."""
+    if endpoint is not None and endpoint.startswith("["):
+        return f"{endpoint} ({peer}'s IPv6, no NAT)"
+    return f"{endpoint or '(none)'} ({peer}'s NAT: {nat_ip})"
+
+
 def render(results: list[PairResult]) -> str:
     header = ("PAIR A-B", "PATH", "TIME-TO-DIRECT", "A'S ENDPOINT FOR B", "B'S ENDPOINT FOR A",
               "HANDSHAKE", "PING A->B")
     rows = [header] + [(
         f"{r.a}-{r.b}", r.path,
         "-" if r.time_to_direct_s is None else f"{r.time_to_direct_s:.3f} s",
-        f"{r.a_endpoint_for_b or '(none)'} ({r.b}'s NAT: {r.b_public_ip})",
-        f"{r.b_endpoint_for_a or '(none)'} ({r.a}'s NAT: {r.a_public_ip})",
+        _endpoint(r.a_endpoint_for_b, r.b, r.b_public_ip),
+        _endpoint(r.b_endpoint_for_a, r.a, r.a_public_ip),
         "never" if r.handshake_age_s is None else f"{r.handshake_age_s:.1f} s ago",
         "-" if r.ping_ms is None else f"{r.ping_ms:.2f} ms",
     ) for r in results]

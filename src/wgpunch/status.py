@@ -31,8 +31,11 @@ def peer_json(peer: PeerState, now: float, agent: PeerPath | None = None,
     relay = None
     if agent is not None:
         path, since, reason = agent.path, agent.since, agent.reason
-        relay = relay_reason(_nat(own_nat), _nat(agent.nat),
-                             mapped=own_mapped or agent.mapped)
+        # A pair on a direct path needs no relay, whatever the IPv4 NATs say: it may go
+        # around them (IPv6, a port mapping).
+        if path not in (PathKind.DIRECT, PathKind.LAN):
+            relay = relay_reason(_nat(own_nat), _nat(agent.nat),
+                                 mapped=own_mapped or agent.mapped)
         if relay is not None and path == PathKind.NONE:
             reason = relay  # the root cause, rather than the attempt that failed
     else:  # no agent runs here: the device alone says whether a session is up
@@ -162,7 +165,11 @@ def _bytes(count: int) -> str:
 
 def _path(peer: dict[str, Any], now: float) -> str:
     since = peer["path_since"]
-    return peer["path"] if since is None else f"{peer['path']} for {_duration(now - since)}"
+    # An IPv6 endpoint is a path around every NAT (node/candidates.py, `ipv6`): say so.
+    path = peer["path"]
+    if path != str(PathKind.NONE) and (peer["endpoint"] or "").startswith("["):
+        path += " (IPv6)"
+    return path if since is None else f"{path} for {_duration(now - since)}"
 
 
 def render_table(devices: list[dict[str, Any]], now: float) -> str:

@@ -25,6 +25,14 @@
   NAT-PMP, PCP, UPnP-IGD), `b` behind `eim`: `b` goes direct to `a`'s mapped port.
 - `short-timeout`: `a` behind an `eim-short` NAT (idle UDP mappings expire after 20 s, below
   WireGuard's 25 s keepalive), `b` behind `eim`: the agent must keep `a`'s mapping alive.
+- `dual-open`, `dual-fw`: dual stack: `a` and `b` behind their own `eim` routers for IPv4,
+  each with a global IPv6 address its router routes without NAT, `open` or behind a
+  stateful `firewall` that drops unsolicited inbound (lab/ipv6.py). They go direct over IPv6.
+- `dual-one`: `a` as in `dual-fw`, `b` with IPv4 only: the pair stays on IPv4.
+- `dual-blocked`: both with IPv6, but `b`'s router lets no UDP in over it: every attempt
+  over IPv6 fails, and the pair falls back to IPv4.
+- `dual-symmetric`: as `dual-fw`, but both routers are `symmetric` NATs for IPv4 (a pair
+  that needs a relay there): direct over IPv6.
 
 Where a scenario takes kinds (`matrix-K1-K2`, `lab matrix --kinds`), `K+upnp` is NAT kind K
 whose router also offers port mapping (`Nat(portmap=True)`), e.g. `symmetric+upnp`.
@@ -118,6 +126,16 @@ def short_timeout(udp_timeout_s: int | None = None) -> Scenario:
                     f"{idle} s, b behind eim")
 
 
+def _dual(name: str, a_ipv6: str, b_ipv6: str | None, kind: str = "eim") -> Scenario:
+    def home(host: str, ipv6: str | None) -> Nat:
+        return Nat(f"n{host}", kind, (Host(host),), ipv6=ipv6)
+
+    b_has = "no IPv6" if b_ipv6 is None else f"IPv6 {b_ipv6}"
+    return Scenario(name, (home("a", a_ipv6), home("b", b_ipv6)),
+                    description=f"a and b behind {kind} routers (IPv4); a has IPv6 {a_ipv6}, "
+                    f"b {b_has}")
+
+
 def host_names(count: int) -> Iterator[str]:
     """a, b, ..., z, aa, ab, ..."""
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -172,6 +190,11 @@ NAMED: dict[str, Callable[[], Scenario]] = {
     "symmetric-upnp": _symmetric_upnp,
     "short-timeout": short_timeout,
     "matrix": matrix,
+    "dual-open": lambda: _dual("dual-open", "open", "open"),
+    "dual-fw": lambda: _dual("dual-fw", "firewall", "firewall"),
+    "dual-one": lambda: _dual("dual-one", "firewall", None),
+    "dual-blocked": lambda: _dual("dual-blocked", "firewall", "blocked"),
+    "dual-symmetric": lambda: _dual("dual-symmetric", "firewall", "firewall", "symmetric"),
 }
 PATTERNS = ("mixed-N", "matrix-KIND1-KIND2", "double-HOME-CARRIER")
 

@@ -1,8 +1,9 @@
 """Is a pair of lab hosts on a direct path? Decided from what `wg` shows, not from what the
 agents say: each side's device must hold a recent handshake with the other, on an endpoint at
-the other side's public address (its outermost NAT), which is where the registry sees it too;
-or, for hosts behind one NAT, at the other side's own LAN address (the `lan` path); or, for
-a pair the registry relays, at the registry's public address (the `relay` path).
+the other side's public address (its outermost NAT), which is where the registry sees it too,
+or at its global IPv6 address (no NAT there: `ipv6`); or, for hosts behind one NAT, at the
+other side's own LAN address (the `lan` path); or, for a pair the registry relays, at the
+registry's public address (the `relay` path).
 """
 
 from __future__ import annotations
@@ -33,10 +34,15 @@ class Side:
     rx_bytes: int
     tx_bytes: int
     relay_ip: str | None = None  # the registry's public address, where its relay listens
+    peer_public_ip6: str | None = None  # the peer's global IPv6 address; None: it has none
 
     @property
     def direct(self) -> bool:
-        return self._recent_on(self.peer_public_ip)
+        return self._recent_on(self.peer_public_ip) or self.ipv6
+
+    @property
+    def ipv6(self) -> bool:
+        return self.peer_public_ip6 is not None and self._recent_on(self.peer_public_ip6)
 
     @property
     def lan(self) -> bool:
@@ -67,6 +73,11 @@ class Pair:
     @property
     def lan(self) -> bool:
         return self.a.lan and self.b.lan
+
+    @property
+    def ipv6(self) -> bool:
+        """Direct, and over IPv6 on both sides."""
+        return self.a.ipv6 and self.b.ipv6
 
     @property
     def relayed(self) -> bool:
@@ -100,6 +111,7 @@ def side(lab: Lab, devices: dict[str, DeviceState], host: str, peer: str,
         rx_bytes=0 if mine is None else mine.rx_bytes,
         tx_bytes=0 if mine is None else mine.tx_bytes,
         relay_ip=str(lab.host("registry").public_ip),
+        peer_public_ip6=None if other.public_ip6 is None else str(other.public_ip6),
     )
 
 

@@ -15,7 +15,7 @@ import json
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -48,6 +48,7 @@ class LabHost:
     nat: str | None  # kind of the NAT right in front of it
     nat_chain: tuple[str, ...]  # names of the NAT routers in front, nearest first
     node: Node
+    public_ip6: IPv6Address | None = None  # its global IPv6 address (never NATed); None: none
 
 
 class Lab:
@@ -247,7 +248,7 @@ def _lab_host(lab_plan: Plan, node: Node, key: Key | None) -> LabHost:
         tunnel_ip=node.tunnel_ip, listen_port=LISTEN_PORT if node.ifname else None,
         public_ip=node.public_ip or IPv4Address(0), private_ip=node.private_ip,
         nat=lab_plan.node(node.nat_chain[0]).kind if node.nat_chain else None,
-        nat_chain=node.nat_chain, node=node,
+        nat_chain=node.nat_chain, node=node, public_ip6=node.public_ip6,
     )
 
 
@@ -266,10 +267,11 @@ def describe(lab_plan: Plan, hosts: dict[str, LabHost]) -> dict[str, Any]:
             "public_ip": text(host.public_ip), "private_ip": text(host.private_ip),
             "nat": host.nat,
             "nat_chain": list(host.nat_chain),
+            "public_ip6": text(host.public_ip6),
         })
     nat_rows = [{
         "name": node.name, "namespace": node.ns, "kind": node.kind, "hairpin": node.hairpin,
-        "portmap": node.portmap, "udp_timeout_s": node.udp_timeout_s,
+        "portmap": node.portmap, "udp_timeout_s": node.udp_timeout_s, "ipv6": node.ipv6,
         "public_ip": text(node.address.ip if node.address else None),
         "lan": text(node.lan.network if node.lan else None),
         "behind": node.parent if node.parent != "core" else None,

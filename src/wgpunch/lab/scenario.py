@@ -31,6 +31,18 @@ TOML schema (`wgpunch lab up ./my.toml`; every key but the site kinds is optiona
     hosts = ["b", "c"]            # hosts on its LAN (shorthand for [[site.inside]] host = ...)
 
     [[site]]
+    nat = "eim"
+    ipv6 = "firewall"             # the router routes IPv6 to its LAN (no NAT): "open",
+                                  # "firewall" (drops unsolicited inbound) or "blocked" (no
+                                  # UDP in at all); hosts behind it get a global IPv6
+                                  # address. Only on a NAT on the core.
+    hosts = ["e"]
+
+    [[site]]
+    host = "f"
+    ipv6 = true                   # a host on the core: a global IPv6 address beside its IPv4
+
+    [[site]]
     nat = "eim-port"              # a carrier NAT ...
     name = "cgn"
     [[site.inside]]               # ... with a home NAT behind it; same keys as a site
@@ -54,6 +66,7 @@ from ..errors import LabError
 from .nat import check_kind, check_udp_timeout
 
 NAME_RE = re.compile(r"[a-z][a-z0-9]{0,5}")
+IPV6_POLICIES = ("open", "firewall", "blocked")  # what a NAT router does with IPv6 (lab/ipv6.py)
 RESERVED = frozenset({"registry", "reg", "core", "lan"})
 
 
@@ -83,6 +96,7 @@ class Host:
     name: str
     link: Impairment = NO_IMPAIRMENT
     wireguard: bool = True
+    ipv6: bool = False  # a global IPv6 address too; on the core only (behind a NAT: Nat.ipv6)
 
 
 @dataclass(frozen=True)
@@ -94,16 +108,29 @@ class Nat:
     link: Impairment = NO_IMPAIRMENT
     portmap: bool = False  # runs miniupnpd (lab/portmap.py)
     udp_timeout_s: int | None = None  # None: the kind's (lab/nat.py)
+    # IPv6 routed (never NATed) to the hosts behind it, through a policy of IPV6_POLICIES;
+    # None: no IPv6 here.
+    ipv6: str | None = None
 
     def __post_init__(self) -> None:
         check_kind(self.kind)
         check_udp_timeout(self.udp_timeout_s)
+        if self.ipv6 is not None and self.ipv6 not in IPV6_POLICIES:
+            raise LabError(f"lab: NAT {self.name!r}: ipv6 must be one of "
+                           f"{', '.join(IPV6_POLICIES)}, got {self.ipv6!r}")
         if not self.inside:
             raise LabError(f"lab: NAT {self.name!r} has nothing behind it")
         for child in self.inside:
             if isinstance(child, Nat) and child.portmap:
                 raise LabError(f"lab: NAT {child.name!r}: port mapping needs a NAT directly "
                                "on the core (miniupnpd's STUN check sees the NAT in front)")
+            if isinstance(child, Nat) and child.ipv6 is not None:
+                raise LabError(f"lab: NAT {child.name!r}: IPv6 needs a NAT directly on the "
+                               "core (the lab routes one /64 per router there)")
+            if isinstance(child, Host) and child.ipv6:
+                raise LabError(f"lab: host {child.name!r}: behind a NAT, IPv6 comes from the "
+                               f"NAT (ipv6 = {' or '.join(map(repr, IPV6_POLICIES))} on "
+                               f"{self.name!r})")
 
 
 Site = Host | Nat
@@ -130,6 +157,10 @@ class Scenario:
                 raise LabError(f"lab: scenario {self.name!r}: name {node.name!r} used twice")
             seen.add(node.name)
 
+    @property
+    def uses_ipv6(self) -> bool:
+        return any(site.ipv6 for site in self.sites)
+
     def walk(self) -> Iterator[tuple[Site, Nat | None]]:
         """Every node with the NAT it sits behind (None: on the core), parents first."""
 
@@ -146,7 +177,7 @@ class Scenario:
 # -- TOML ---------------------------------------------------------------------------------------
 
 _SITE_KEYS = {"host", "wireguard", "nat", "name", "hairpin", "portmap", "hosts", "inside",
-              "link", "udp_timeout_s"}
+              "link", "udp_timeout_s", "ipv6"}
 
 
 def load_toml(path: Path) -> Scenario:
@@ -189,12 +220,25 @@ def _site(table: Any, counter: Iterator[int]) -> Site:
                               "udp_timeout_s"}
         if extra:
             raise LabError(f"lab: scenario: host {table['host']!r} cannot have {sorted(extra)}")
-        return Host(str(table["host"]), link, bool(table.get("wireguard", True)))
+        return Host(str(table["host"]), link, bool(table.get("wireguard", True)),
+                    _ipv6_flag(table))
     name = str(table["name"]) if "name" in table else f"nat{next(counter)}"
     hosts = tuple(Host(str(h)) for h in table.get("hosts", []))
     inside = tuple(_site(child, counter) for child in table.get("inside", []))
+    ipv6 = table.get("ipv6")
+    if ipv6 is not None and not isinstance(ipv6, str):
+        raise LabError(f"lab: scenario: NAT {name!r}: ipv6 takes "
+                       f"{' or '.join(map(repr, IPV6_POLICIES))}, got {ipv6!r}")
     return Nat(name, str(table["nat"]), hosts + inside, bool(table.get("hairpin", False)), link,
-               bool(table.get("portmap", False)), table.get("udp_timeout_s"))
+               bool(table.get("portmap", False)), table.get("udp_timeout_s"), ipv6)
+
+
+def _ipv6_flag(table: dict[str, Any]) -> bool:
+    value = table.get("ipv6", False)
+    if not isinstance(value, bool):
+        raise LabError(f"lab: scenario: host {table['host']!r}: ipv6 takes true or false, "
+                       f"got {value!r}")
+    return value
 
 
 def _impairment(table: Any, what: str) -> Impairment:

@@ -9,6 +9,11 @@ Addresses (all of them exist only inside the lab's namespaces):
 - LAN of the n-th NAT (walk order, from 1): 192.168.n.0/24 for a home router (only hosts
   behind it), 100.64.n.0/24 (the CGNAT range, RFC 6598) when a NAT sits behind it. Router
   .1, the i-th node behind it .10+i.
+- IPv6, only in a scenario that asks for it (sub-prefixes of the documentation prefix
+  2001:db8::/32, RFC 3849; never NATed): core <-> registry 2001:db8:0:ffff::/64, core <->
+  top-level site k 2001:db8:0:k::/64 (core ::1, site ::2), the LAN of the n-th NAT (one that
+  routes IPv6, directly on the core) 2001:db8:n::/64 (router ::1, the i-th host ::a+i, as
+  on IPv4), routed by the core to the router's uplink address.
 - Tunnel: 10.99.0.0/24; the registry is 10.99.0.254, WireGuard hosts 10.99.0.1, .2, ... in
   walk order. Every device listens on 51820, as an unconfigured install would.
 
@@ -31,6 +36,8 @@ from .scenario import NO_IMPAIRMENT, Host, Impairment, Nat, Scenario
 
 IPv4 = ipaddress.IPv4Address
 IPv4If = ipaddress.IPv4Interface
+IPv6 = ipaddress.IPv6Address
+IPv6If = ipaddress.IPv6Interface
 
 TUNNEL_NET = ipaddress.IPv4Network("10.99.0.0/24")
 REGISTRY_TUNNEL_IP = IPv4("10.99.0.254")
@@ -39,6 +46,16 @@ REGISTRY_NET = ipaddress.IPv4Network("192.0.2.0/30")
 PUBLIC_POOLS = (ipaddress.IPv4Network("198.51.100.0/24"), ipaddress.IPv4Network("203.0.113.0/24"))
 SITES_MAX = 64 * len(PUBLIC_POOLS)
 FIRST_CHILD = 10  # .10 is the first node behind a NAT; .1 is the router
+LAB_NET6 = ipaddress.IPv6Network("2001:db8::/32")
+REGISTRY_NET6 = ipaddress.IPv6Network("2001:db8:0:ffff::/64")
+
+
+def uplink_net6(k: int) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network(f"2001:db8:0:{k:x}::/64")
+
+
+def lan_net6(n: int) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network(f"2001:db8:{n:x}::/64")
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,12 @@ class Node:
     tunnel_ip: IPv4 | None = None
     public_ip: IPv4 | None = None  # where the internet sees it: its own or the outer NAT's
     nat_chain: tuple[str, ...] = ()  # NAT routers in front of it, nearest first
+    # IPv6 (None: none here): on the uplink, its default route, a router's LAN address and
+    # what the router does with IPv6 (scenario.IPV6_POLICIES).
+    address6: IPv6If | None = None
+    gateway6: IPv6 | None = None
+    lan6: IPv6If | None = None
+    ipv6: str | None = None
 
     @property
     def forwards(self) -> bool:
@@ -72,6 +95,11 @@ class Node:
     @property
     def private_ip(self) -> IPv4 | None:
         return self.address.ip if self.address and self.nat_chain else None
+
+    @property
+    def public_ip6(self) -> IPv6 | None:
+        """Where the internet reaches it over IPv6: its own address (no NAT on IPv6)."""
+        return self.address6.ip if self.address6 else None
 
 
 @dataclass(frozen=True)
@@ -126,20 +154,24 @@ def plan(scenario: Scenario, prefix: str) -> Plan:
     tunnel_ips = iter(TUNNEL_NET.hosts())
     nodes: list[Node] = [Node("core", "core", ns("core"), None, None, None, None)]
     core_side, registry_side = list(REGISTRY_NET.hosts())
+    v6 = scenario.uses_ipv6
     nodes.append(Node(
         "registry", "registry", ns("registry"), "core", link_name(prefix, "core"),
         IPv4If(f"{registry_side}/30"), core_side, scenario.registry_link,
         ifname=f"{prefix}-reg", tunnel_ip=REGISTRY_TUNNEL_IP, public_ip=registry_side,
+        address6=IPv6If(f"{REGISTRY_NET6[2]}/64") if v6 else None,
+        gateway6=REGISTRY_NET6[1] if v6 else None,
     ))
     nat_numbers = iter(range(1, 256))
 
     def add(site: Host | Nat, parent: Node, address: IPv4If, gateway: IPv4,
-            chain: tuple[Node, ...]) -> None:
+            chain: tuple[Node, ...], v6: tuple[IPv6If, IPv6] | None) -> None:
         # chain[0] is the outermost NAT, whose public address is its own uplink address.
         public = chain[0].public_ip if chain else address.ip
         node = Node(site.name, "host", ns(site.name), parent.name, link_name(prefix, parent.name),
                     address, gateway, site.link, public_ip=public,
-                    nat_chain=tuple(n.name for n in reversed(chain)))
+                    nat_chain=tuple(n.name for n in reversed(chain)),
+                    address6=None if v6 is None else v6[0], gateway6=None if v6 is None else v6[1])
         if isinstance(site, Host):
             if site.wireguard:
                 tunnel_ip = next(tunnel_ips, None)
@@ -155,18 +187,24 @@ def plan(scenario: Scenario, prefix: str) -> Plan:
         lan_net = ipaddress.IPv4Network(f"{'100.64' if carrier else '192.168'}.{number}.0/24")
         if len(site.inside) > 254 - FIRST_CHILD:
             raise LabError(f"lab: NAT {site.name!r}: too many nodes behind it")
+        lan6 = lan_net6(number) if site.ipv6 else None
         router = replace(node, role="nat", kind=site.kind, hairpin=site.hairpin,
                          portmap=site.portmap, udp_timeout_s=site.udp_timeout_s,
-                         lan=IPv4If(f"{lan_net[1]}/24"))
+                         lan=IPv4If(f"{lan_net[1]}/24"),
+                         lan6=None if lan6 is None else IPv6If(f"{lan6[1]}/64"), ipv6=site.ipv6)
         nodes.append(router)
         for i, child in enumerate(site.inside):
             add(child, router, IPv4If(f"{lan_net[FIRST_CHILD + i]}/24"), lan_net[1],
-                (*chain, router))
+                (*chain, router),
+                None if lan6 is None or isinstance(child, Nat)
+                else (IPv6If(f"{lan6[FIRST_CHILD + i]}/64"), lan6[1]))
 
     for k, site in enumerate(sites):
         link = list(PUBLIC_POOLS[k // 64].subnets(new_prefix=30))[k % 64]
         core_ip, site_ip = list(link.hosts())
-        add(site, nodes[0], IPv4If(f"{site_ip}/30"), core_ip, ())
+        link6 = uplink_net6(k)
+        add(site, nodes[0], IPv4If(f"{site_ip}/30"), core_ip, (),
+            (IPv6If(f"{link6[2]}/64"), link6[1]) if site.ipv6 else None)
 
     result = Plan(prefix, scenario, tuple(nodes))
     for node in result.nodes:

@@ -23,7 +23,7 @@ from ..keys import Key
 from ..protocol import has_mapping, relay_reason
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
-from .candidates import candidates_of
+from .candidates import CandidateKind, candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
@@ -133,7 +133,7 @@ class Agent:
 
     async def open_nat(self, endpoint: Endpoint) -> None:
         if self.can_open:
-            await self.io.open(self.listen_port, endpoint, await self.opener_ttl.get())
+            await self.io.open(self.listen_port, endpoint, await self.opener_ttl.get(endpoint))
 
     async def reconcile_forever(self) -> None:
         while True:
@@ -274,8 +274,9 @@ class Agent:
             live = not path_is_dead(peer, memory, now_wall, now, self.t)
             mine = self.view.peers.get(self.me) if self.me else None
             nats = (None if mine is None else mine.nat, known.nat)
-            impossible = relay_reason(
-                *nats, mapped=self.view.mapped is not None or has_mapping(known))
+            # IPv6 on both sides goes around the NATs, as a port mapping does.
+            impossible = None if any(c.kind is CandidateKind.IPV6 for c in candidates) else (
+                relay_reason(*nats, mapped=self.view.mapped is not None or has_mapping(known)))
             candidates, memory = self.relays.plan(
                 peer.public_key, candidates, memory, live=live, current=peer.endpoint, now=now,
                 impossible=impossible,
@@ -296,6 +297,8 @@ class Agent:
             )
             if (decision.kind in (Kind.OPEN, Kind.HANDSHAKE)
                     and not self.relays.is_slot(peer.public_key, decision.endpoint)
+                    # Our IPv4 mapping does not let the peer in over IPv6: we open as usual.
+                    and decision.endpoint is not None and decision.endpoint.ip.version == 4
                     and holds_back(self.view.mapped is not None, known, memory.attempts)):
                 decision = replace(decision, kind=Kind.LEAVE, reason=Reason.MAPPED)
             track.memory = await self.act(peer, decision, memory, now)
@@ -318,7 +321,11 @@ class Agent:
 
     async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
         key = peer.public_key
+        if d.live and mem.open_pending_since is not None:
+            mem = replace(mem, open_pending_since=None)
         if d.kind is Kind.LEAVE:
+            if d.reason is Reason.OPEN_AWAITS_REPORT:
+                return replace(mem, open_pending_since=mem.open_pending_since or now)
             if d.reason is Reason.PEER_PUNCHING:
                 return replace(mem, attempt_at=now)
             # Reason.MAPPED leaves the backoff clock alone: our own punch requests go on,
@@ -337,7 +344,10 @@ class Agent:
         if d.kind in (Kind.HANDSHAKE, Kind.OPEN):
             if d.kind is Kind.HANDSHAKE or d.endpoint is None:
                 await self.handshake(peer, d.endpoint)
-            elif await self.io.open(self.listen_port, d.endpoint, await self.opener_ttl.get()):
+            elif await self.io.open(self.listen_port, d.endpoint,
+                                    await self.opener_ttl.get(d.endpoint)):
+                for also in d.also:
+                    await self.io.open(self.listen_port, also, await self.opener_ttl.get(also))
                 self.metrics.opener_sent()
                 self.background(self.say_opened(key))
             else:
@@ -347,6 +357,7 @@ class Agent:
                 attempt_endpoint=mem.attempt_endpoint or d.endpoint,
                 attempts=max(mem.attempts, 1), first_attempt_at=mem.first_attempt_at or now,
                 opened_at=now, opened_endpoint=d.endpoint, awaiting_opener_since=None,
+                open_pending_since=None,
             )
         probe_to = tunnel_address(peer.allowed_ips)
         if d.kind is Kind.REPOINT and d.endpoint is not None:
@@ -394,7 +405,8 @@ class Agent:
             known = self.view.peers.get(peer.public_key)
             track = self.tracks.get(peer.public_key)
             attempts = track.memory.attempts if track is not None else 0
-            if known is not None and holds_back(self.view.mapped is not None, known, attempts):
+            if (known is not None and endpoint is not None and endpoint.ip.version == 4
+                    and holds_back(self.view.mapped is not None, known, attempts)):
                 return
             await self.handshake(peer, endpoint)
             track = self.tracks.get(peer.public_key)

@@ -2,6 +2,9 @@
 
 A peer's *candidates* are the endpoints worth trying (DESIGN.md §3), each of a kind:
 - `lan`    one of the peer's LAN addresses and its listen port (same NAT, same subnet);
+- `ipv6`   the peer's listen port on one of its global IPv6 addresses, as it reported them,
+           when we have one too: no NAT on the way, at most stateful firewalls, which the
+           non-initiator's opener gets the initiation through (node/punch.py);
 - `public` the peer's endpoint as the registry's WireGuard interface observes it;
 - `mapped` a port the peer's node opened on its NAT (UPnP-IGD, NAT-PMP, PCP);
 - `relay`  a registry relay slot, which forwards ciphertext between the two.
@@ -18,10 +21,12 @@ without a live session. `wgpunch status` shows it.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..protocol import PeerRecord
+from ..protocol.report import globally_routed6
 from ..wg.device import Endpoint, IPInterface
 
 
@@ -34,6 +39,7 @@ class PathKind(enum.StrEnum):
 
 class CandidateKind(enum.StrEnum):
     LAN = "lan"
+    IPV6 = "ipv6"
     PUBLIC = "public"
     MAPPED = "mapped"
     RELAY = "relay"
@@ -48,7 +54,10 @@ class CandidateKind(enum.StrEnum):
 # a mapping before the observed endpoint: the peer's NAT forwards its mapped port from
 # anyone, while its observed endpoint takes us in only if that NAT maps independently of
 # the destination (behind a symmetric NAT, the usual reason for a mapping, it never does).
-TRY_ORDER = (CandidateKind.LAN, CandidateKind.MAPPED, CandidateKind.PUBLIC, CandidateKind.RELAY)
+# IPv6 before both: no NAT at all, so whatever kinds the two IPv4 NATs are, the pair goes
+# direct; when it leads nowhere (a firewall that lets nothing in), failover moves on to IPv4.
+TRY_ORDER = (CandidateKind.LAN, CandidateKind.IPV6, CandidateKind.MAPPED, CandidateKind.PUBLIC,
+             CandidateKind.RELAY)
 
 # Our choice, as Tailscale's betterAddr: a path must be this much faster (relative round
 # trip) before we leave the one in use, so measurement noise never moves a peer.
@@ -111,8 +120,9 @@ def path_of(endpoint: Endpoint | None, candidates: Iterable[Candidate]) -> PathK
 def candidates_of(record: PeerRecord, mine: PeerRecord | None = None,
                   local: Sequence[IPInterface] = ()) -> tuple[Candidate, ...]:
     """The candidates the registry's record of a peer gives: its observed endpoint, the port
-    it mapped on its NAT (when it reported one), and its LAN addresses (with its listen port)
-    when it is behind our own NAT.
+    it mapped on its NAT (when it reported one), its IPv6 endpoints (when we have a global
+    IPv6 address of our own in `local`: without one we could send there from nowhere), and
+    its LAN addresses (with its listen port) when it is behind our own NAT.
 
     Behind our NAT means: the registry sees both of us at one public address (`mine` is our
     own record), and the peer reported an address inside one of our on-link networks
@@ -129,6 +139,10 @@ def candidates_of(record: PeerRecord, mine: PeerRecord | None = None,
             if address not in own and any(address in i.network for i in local):
                 found.append(Candidate(CandidateKind.LAN,
                                        Endpoint(address, reported.listen_port)))
+    if reported is not None and any(
+            isinstance(i.ip, ipaddress.IPv6Address) and globally_routed6(i.ip) for i in local):
+        found += [Candidate(CandidateKind.IPV6, endpoint) for endpoint in reported.ipv6
+                  if all(c.endpoint != endpoint for c in found)]
     mapped = reported.mapped if reported is not None else None
     if mapped is not None:
         found.append(Candidate(CandidateKind.MAPPED, mapped))

@@ -39,6 +39,14 @@ The rules (DESIGN.md §3):
   report, so that it opens its NAT and we ignore the event, and the registry would then
   coalesce its own request. If that happens anyway (a peer starting later), we ask again as
   soon as the coalescing window has passed and the peer has reported.
+- The other side opens only once the initiator's agent has reported itself too: the report
+  lists the initiator's IPv6 endpoints, which the registry's observed endpoint does not, and
+  an opener toward IPv4 alone lets in no initiation over IPv6 (measured in the lab,
+  `dual-fw`: in 1 of 8 runs the punch event came first, the first attempt failed, and the
+  pair ended up on IPv4). It waits report_wait_s at most: a report that failed must not
+  keep the pair apart. And where the peer has IPv6 endpoints, the opener goes to them and
+  to its IPv4 endpoint alike (`Decision.also`), so whichever the initiator tries, and each
+  side fails over on its own clock, the initiation finds our side open.
 - A live session that sends but hears nothing (a NAT on the way lost its state: reboot,
   conntrack flush) is probed; an unanswered probe asks the registry for a punch, which makes
   the other side send too and so reopen its NAT.
@@ -77,6 +85,11 @@ class Timings:
     # a registry round trip and its own processing, ~10 ms in the lab and a few hundred on
     # a machine running 14 agents on 2 cores; an older peer never answers.
     opener_wait_s: float = 0.5
+    # The other side waits at most this long for the initiator's report before it opens for
+    # a punch event anyway (the module doc): a report follows its agent's first punch request
+    # within a registry round trip (ms in the lab), and the opener must be out before the
+    # initiator gives up waiting for it (opener_wait_s). Our choice.
+    report_wait_s: float = 0.2
     # The initiator asks for no punch for a peer whose agent has not reported itself for this
     # long after it first saw it so (see the module doc): both agents started together.
     peer_grace_s: float = 1.0
@@ -125,6 +138,8 @@ class Reason(enum.StrEnum):
     PEER_STARTING = ("the peer's agent has not reported itself yet: its own punch request "
                      "will come when it follows the registry")
     PEER_READY = "the peer's agent reported itself after we ignored a punch event: punching again"
+    OPEN_AWAITS_REPORT = ("punch event: we open once the peer's agent has reported itself "
+                          "(where it can be reached: its IPv6 endpoints)")
     PEER_NOT_READY = ("punch event, but the peer's agent has not reported itself: it may have "
                       "missed the punch, so an initiation now could reach its NAT unopened")
     AWAITING_OPENER = "punch event: waiting for the peer to say its NAT is open for us"
@@ -157,6 +172,8 @@ class Memory:
     opened_endpoint: Endpoint | None = None
     unready_since: float | None = None  # we first saw the peer's agent not reported
     skipped: bool = False  # we ignored a punch event: the peer's agent had not reported
+    open_pending_since: float | None = None  # a punch event to open for came before the
+    # peer's report: we open when it comes, or after report_wait_s
     probe_at: float | None = None
     probe_rx_bytes: int = 0
     probe_endpoint: Endpoint | None = None  # the registry endpoint that caused the probe
@@ -193,6 +210,7 @@ class Decision:
     recheck_s: float = 1.0
     live: bool = False  # the peer has a working session (the path is up)
     path: PathKind = PathKind.NONE  # what the live session runs over (candidates.py)
+    also: tuple[Endpoint, ...] = ()  # OPEN: the same opener toward these too (module doc)
 
 
 def retry_delay(attempts: int, t: Timings) -> float:
@@ -257,6 +275,11 @@ def decide(
                        peer_ready=peer_ready, now_wall=now_wall, now=now, t=t)
     if decision.live:
         return replace(decision, path=path_of(peer.endpoint, candidates))
+    if decision.kind is Kind.OPEN and any(c.kind is CandidateKind.IPV6 for c in candidates):
+        return replace(decision, also=tuple(
+            c.endpoint for c in candidates
+            if c.kind in (CandidateKind.IPV6, CandidateKind.PUBLIC)
+            and c.endpoint != decision.endpoint))
     return decision
 
 
@@ -283,7 +306,10 @@ def _decide(
         peer_ready = True
     if target is None:
         return Decision(Kind.LEAVE, Reason.NO_ENDPOINT, recheck_s=t.idle_recheck_s)
-    if punched and not initiator and can_open and target.ip.version == 4:
+    pending = mem.open_pending_since
+    if (punched or pending is not None) and not initiator and can_open:
+        if not peer_ready and (pending is None or now - pending < t.report_wait_s):
+            return Decision(Kind.LEAVE, Reason.OPEN_AWAITS_REPORT, target, t.busy_recheck_s)
         return Decision(Kind.OPEN, Reason.OPENING, target, t.busy_recheck_s)
     if punched and initiator and not peer_ready:
         return Decision(Kind.LEAVE, Reason.PEER_NOT_READY, target, t.busy_recheck_s)

@@ -31,6 +31,7 @@ from ..protocol import (
     initiator_changed,
 )
 from ..wg.device import Device, Endpoint, IPInterface
+from .addresses import ipv6_endpoints
 from .edges import Clock, Io
 from .natprobe import NatWatch, own_addresses
 from .pathfile import RegistryHealth
@@ -357,7 +358,8 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
             sent_nat = None if nat is None else nat.measured
             report = asyncio.ensure_future(client.report_self(
                 Reported(state.listen_port, tuple(i.ip for i in interfaces), __version__,
-                         sent, nat=None if sent_nat is None else sent_nat.behaviour)
+                         sent, nat=None if sent_nat is None else sent_nat.behaviour,
+                         ipv6=ipv6_endpoints(interfaces, state.listen_port))
             ))
             await asyncio.sleep(0)  # the report is on its way before any punch request
             view.allow_punches()

@@ -18,8 +18,13 @@ exceeded" from an address outside the ranges NATs use on their inside (RFC 1918,
 shared space, link-local) is found: that router is past our last NAT, and a TTL that dies
 there has passed every NAT of ours. The probes stop there, so none reaches the target.
 
-IPv4 only, for now: an IPv6 opener needs a raw IPv6 UDP socket with IPV6_CHECKSUM, which
-works (natpunch/rawudp.py says how) but is not built; IPv6 peers get the fallback.
+Over IPv6 there is no NAT, but a home router's stateful firewall lets the peer's initiation in
+only after a packet of ours toward it, so the non-initiator sends the same opener there: a
+raw IPv6 UDP socket takes a hand-written UDP header (our WireGuard port as its source), and
+the kernel builds the IPv6 header and fills in the UDP checksum (IPV6_CHECKSUM, RFC 3542;
+natpunch/rawudp.py). Its hop limit is DEFAULT_TTL, not the measured distance: no NAT can
+give the peer's packets a new port over IPv6, so an opener that reaches the peer's firewall
+does no harm (it drops it), and the measured IPv4 distance says nothing about the IPv6 path.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ UNMEASURED_TTL = 2
 INSIDE_NETS = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16"))
 
+UDP_HEADER = 8  # RFC 768
+UDP_CHECKSUM_OFFSET = 6  # of the checksum field in the UDP header
+
 # linux/in.h and linux/errqueue.h; Python's socket module names neither.
 IP_RECVERR = 11
 SO_EE_ORIGIN_ICMP = 2
@@ -79,11 +87,12 @@ def can_send_raw() -> bool:
 
 def send_opener(listen_port: int, dst: Endpoint, ttl: int = DEFAULT_TTL,
                 payload: bytes = b"") -> bool:
-    """Send one datagram (empty: an opener) from our WireGuard port to `dst`. False when
-    impossible."""
-    if dst.ip.version != 4:
-        return False
+    """Send one datagram (empty: an opener) from our WireGuard port to `dst`, IPv4 or IPv6
+    (`ttl` is the hop limit). False when impossible."""
     try:
+        if dst.ip.version == 6:
+            _send_udp6(listen_port, dst, ttl, payload)
+            return True
         src = source_address(dst)
         packet = udp_datagram(src, listen_port, str(dst.ip), dst.port, payload, ttl)
         with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
@@ -95,6 +104,16 @@ def send_opener(listen_port: int, dst: Endpoint, ttl: int = DEFAULT_TTL,
         log.debug("NAT opener toward %s failed: %s", dst, error)
         return False
     return True
+
+
+def _send_udp6(listen_port: int, dst: Endpoint, hops: int, payload: bytes) -> None:
+    """Over IPv6: our UDP header and the payload; the kernel adds the IPv6 header and the
+    UDP checksum."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP) as raw:
+        raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_CHECKSUM, UDP_CHECKSUM_OFFSET)
+        raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, hops)
+        header = struct.pack("!HHHH", listen_port, dst.port, UDP_HEADER + len(payload), 0)
+        raw.sendto(header + payload, (str(dst.ip), 0))
 
 
 def inside_address(address: ipaddress.IPv4Address) -> bool:
@@ -185,7 +204,11 @@ class OpenerTtl:
 
         self._measuring.add_done_callback(measured)
 
-    async def get(self) -> int:
+    async def get(self, toward: Endpoint | None = None) -> int:
+        """The TTL of an opener toward `toward`; toward an IPv6 endpoint, DEFAULT_TTL (the
+        module doc says why)."""
+        if toward is not None and toward.ip.version == 6:
+            return DEFAULT_TTL
         if self.fixed is not None:
             return self.fixed
         if self._measuring is None:

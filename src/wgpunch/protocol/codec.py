@@ -26,7 +26,7 @@ from .records import (
     Snapshot,
     StreamItem,
 )
-from .report import Reported, mapped_endpoint
+from .report import Reported, ipv6_endpoints, mapped_endpoint
 
 
 def peer_json(record: PeerRecord) -> dict[str, Any]:
@@ -105,6 +105,7 @@ def peer_from_json(obj: Any) -> PeerRecord:
             mapped_endpoint(reported.get("mapped_endpoint")),
             # Absent from an older registry's records: not reported.
             nat=None if reported.get("nat") is None else nat_from_json(reported["nat"]),
+            ipv6=ipv6_endpoints(reported.get("ipv6_endpoints")),  # absent: older registry
         ),
         revision=_revision(obj, "revision"),
     )

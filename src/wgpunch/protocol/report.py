@@ -1,6 +1,8 @@
 """What a node reports about itself (`PUT /v1/self`): its listen port, LAN addresses, version,
-and (optional: older nodes send neither) the endpoint it mapped on its NAT (UPnP-IGD,
-NAT-PMP or PCP) and its NAT's behaviour (natinfo.py).
+and (optional: older nodes send none of them) the endpoint it mapped on its NAT (UPnP-IGD,
+NAT-PMP or PCP), its NAT's behaviour (natinfo.py) and its IPv6 endpoints: its listen port on
+each of its global IPv6 addresses, where no NAT stands between it and a peer with IPv6
+(at most a stateful firewall, which an opener from the peer's side gets through).
 
 `Reported` checks every field on construction, so an invalid report cannot exist; the JSON
 decoder in front of it is strict too (UTF-8 only, one object, no duplicate or unknown keys, no
@@ -24,8 +26,20 @@ MAX_VERSION_CHARS = 64  # docs/api.md
 _MAX_ADDRESS_CHARS = 45  # the longest IPv6 text form (IPv4-mapped, fully written out)
 _PRINTABLE = frozenset(chr(c) for c in range(0x20, 0x7F))
 FIELDS = ("listen_port", "local_addresses", "version")  # required
-OPTIONAL_FIELDS = ("mapped_endpoint", "nat")
+OPTIONAL_FIELDS = ("mapped_endpoint", "nat", "ipv6_endpoints")
 _MAX_ENDPOINT_CHARS = _MAX_ADDRESS_CHARS + 8  # brackets, colon, port
+MAX_IPV6_ENDPOINTS = 8  # docs/api.md; a host has one or two stable global addresses
+GLOBAL_UNICAST6 = ipaddress.IPv6Network("2000::/3")  # RFC 4291 §2.4, the routed space
+# Inside it, but tunnels to IPv4 rather than addresses of the host's own network: 6to4
+# (RFC 3056) and Teredo (RFC 4380).
+TUNNELED6 = (ipaddress.IPv6Network("2002::/16"), ipaddress.IPv6Network("2001::/32"))
+
+
+def globally_routed6(address: ipaddress.IPv6Address) -> bool:
+    """Whether a peer on another site can reach `address` over IPv6: global unicast, not a
+    6to4 or Teredo address. Not `is_global`: that counts the documentation prefix
+    2001:db8::/32, which the lab numbers its IPv6 internet from, as private."""
+    return address in GLOBAL_UNICAST6 and not any(address in net for net in TUNNELED6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +51,8 @@ class Reported:
     # whatever its NAT's kind (DESIGN.md §3, candidate "mapped"). None: no mapping.
     mapped: Endpoint | None = None
     nat: NatBehaviour | None = None  # None: not reported (an older node, or not measured yet)
+    ipv6: tuple[Endpoint, ...] = ()  # our listen port on our global IPv6 addresses
+
 
     def __post_init__(self) -> None:
         port = self.listen_port
@@ -78,6 +94,23 @@ class Reported:
 
         if self.nat is not None and not isinstance(self.nat, NatBehaviour):
             raise MalformedMessage("nat: expected an object")
+        self._check_ipv6()
+
+    def _check_ipv6(self) -> None:
+        if not isinstance(self.ipv6, tuple):
+            raise MalformedMessage("ipv6_endpoints: expected a list")
+        if len(self.ipv6) > MAX_IPV6_ENDPOINTS:
+            raise MalformedMessage(f"ipv6_endpoints: {len(self.ipv6)} endpoints, "
+                                   f"at most {MAX_IPV6_ENDPOINTS}")
+        for endpoint in self.ipv6:
+            if not isinstance(endpoint, Endpoint):
+                raise MalformedMessage(f"ipv6_endpoints: {endpoint!r} is not an endpoint")
+            if (not isinstance(endpoint.ip, ipaddress.IPv6Address)
+                    or not globally_routed6(endpoint.ip)):
+                raise MalformedMessage(f"ipv6_endpoints: {endpoint.ip} is not a global "
+                                       "unicast IPv6 address (2000::/3, not 6to4 or Teredo)")
+        if len(set(self.ipv6)) != len(self.ipv6):
+            raise MalformedMessage("ipv6_endpoints: an endpoint is listed twice")
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -90,6 +123,8 @@ class Reported:
             body["mapped_endpoint"] = str(self.mapped)
         if self.nat is not None:
             body["nat"] = self.nat.to_json()
+        if self.ipv6:
+            body["ipv6_endpoints"] = [str(e) for e in self.ipv6]
         return body
 
 
@@ -152,6 +187,29 @@ def _address(value: object) -> IPAddress:
         raise MalformedMessage(f"local_addresses: {value[:60]!r} is not an IP address") from None
 
 
+def ipv6_endpoints(value: object) -> tuple[Endpoint, ...]:
+    """`ipv6_endpoints` of a report: a list of `[ip]:port` (null or absent: none)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise MalformedMessage(f"ipv6_endpoints: expected a list, got {_kind(value)}")
+    if len(value) > MAX_IPV6_ENDPOINTS:
+        raise MalformedMessage(f"ipv6_endpoints: {len(value)} endpoints, "
+                               f"at most {MAX_IPV6_ENDPOINTS}")
+    found = []
+    for item in value:
+        if not isinstance(item, str):
+            raise MalformedMessage(f"ipv6_endpoints: expected text, got {_kind(item)}")
+        if len(item) > _MAX_ENDPOINT_CHARS or "%" in item:
+            raise MalformedMessage(f"ipv6_endpoints: {item[:60]!r} is not [IPv6]:PORT")
+        try:
+            found.append(Endpoint.parse(item))
+        except (ChangeRefused, ValueError):
+            raise MalformedMessage(
+                f"ipv6_endpoints: {item[:60]!r} is not [IPv6]:PORT") from None
+    return tuple(found)
+
+
 def mapped_endpoint(value: object) -> Endpoint | None:
     """`mapped_endpoint` of a report: `ip:port` (`[ip]:port` for IPv6) or null."""
     if value is None:
@@ -191,4 +249,5 @@ def reported_from_json(body: bytes) -> Reported:
         version=obj["version"],
         mapped=mapped_endpoint(obj.get("mapped_endpoint")),
         nat=None if obj.get("nat") is None else nat_from_json(obj["nat"]),
+        ipv6=ipv6_endpoints(obj.get("ipv6_endpoints")),
     )
