@@ -426,7 +426,7 @@ def main() -> int:
                         help="runs of each recovery case (default 5)")
     parser.add_argument("--scenarios", default=",".join(scenarios()),
                         help=f"comma-separated (default: all: {','.join(scenarios())}; "
-                        "'' for none)")
+                        "'' for none)".replace("%", "%%"))  # argparse formats help with %
     parser.add_argument("--cases", default=",".join(RECOVERY_CASES),
                         help="recovery cases to run, comma-separated (default all: "
                         f"{', '.join(RECOVERY_CASES)}; '' for none)")
