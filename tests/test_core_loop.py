@@ -23,11 +23,12 @@ from typing import Any
 
 import pytest
 
+from labstatus import peer_status
 from wgpunch.keys import generate_keypair
 from wgpunch.lab import catalog, evidence
 from wgpunch.lab.agents import API_PORT, Agents
 from wgpunch.lab.lab import Lab
-from wgpunch.lab.netns import holds_for, python_module, read_line, wait_for
+from wgpunch.lab.netns import holds_for, read_line, wait_for
 from wgpunch.protocol import initiator
 from wgpunch.wg.device import DeviceState
 from wgpunch.wg.uapi import UapiDevice
@@ -158,15 +159,6 @@ def ping_counts(output: str) -> tuple[int, int]:
     match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
     assert match, output
     return int(match.group(1)), int(match.group(2))
-
-
-def status_of(lab: Lab, host: str, peer: str) -> dict[str, Any]:
-    """`peer` as `wgpunch status --json` shows it, run in `host`'s namespace."""
-    argv, env = python_module("wgpunch.cli", "status", "--interface", lab.host(host).ifname,
-                              "--json")
-    shown = json.loads(lab.ns(host).run(argv, env=env).stdout)
-    [found] = [p for p in shown["interfaces"][0]["peers"] if p["public_key"] == key(lab, peer)]
-    return found
 
 
 # -- HTTP from inside a namespace -------------------------------------------------------------
@@ -361,7 +353,7 @@ def test_registry_restart_keeps_the_tunnel_and_the_nodes_resync(lab_prefix):
         agents.start_nodes()
         wait_direct(lab, agents, time.monotonic())
         endpoints = pair(lab)
-        wait_until(agents, lambda: all(status_of(lab, h, p)["path"] == "direct"
+        wait_until(agents, lambda: all(peer_status(lab, h, p)["path"] == "direct"
                                        for h, p in (("a", "b"), ("b", "a"))),
                    timeout=5, what="both agents to publish the path as direct")
 
@@ -391,7 +383,7 @@ def test_registry_restart_keeps_the_tunnel_and_the_nodes_resync(lab_prefix):
         assert now.direct
         assert (now.a.endpoint, now.b.endpoint) == (endpoints.a.endpoint, endpoints.b.endpoint)
         for host, peer in (("a", "b"), ("b", "a")):
-            shown = status_of(lab, host, peer)
+            shown = peer_status(lab, host, peer)
             assert shown["path"] == "direct", shown
             assert shown["path_since"] is not None and shown["path_since"] < stopped_at, shown
         for host in ("a", "b"):

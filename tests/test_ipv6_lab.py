@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 
 import pytest
 
+from labstatus import peer_status
 from wgpunch.lab import catalog, evidence
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
@@ -28,16 +28,6 @@ def wg_endpoint(lab: Lab, host: str, peer: str) -> str:
     [endpoint] = [line.split("\t")[1] for line in out.splitlines()
                   if line.split("\t")[0] == key.base64()]
     return endpoint
-
-
-def status_of(lab: Lab, host: str, peer: str) -> dict[str, object]:
-    argv, env = python_module("wgpunch.cli", "status", "--json")
-    report = json.loads(lab.ns(host).run(argv, env=env).stdout)
-    key = lab.host(peer).public_key
-    assert key is not None
-    [found] = [p for i in report["interfaces"] for p in i["peers"]
-               if p["public_key"] == key.base64()]
-    return found
 
 
 def connect(lab: Lab, agents: Agents) -> evidence.Pair:
@@ -65,7 +55,7 @@ def test_a_dual_stack_pair_goes_direct_over_ipv6(lab_prefix, scenario):
             assert shown == f"[{peer.public_ip6}]:{peer.listen_port}", (host, shown)
             lab.exec(host, ["ping", "-c", "1", "-W", "2", str(peer.tunnel_ip)])
             # The agent publishes on its next pass after the handshake: poll, not one read.
-            status = wait_for(lambda h=host, p=peer.name: (s := status_of(lab, h, p))["path"]
+            status = wait_for(lambda h=host, p=peer.name: (s := peer_status(lab, h, p))["path"]
                               == "direct" and s, timeout=5, what=f"{host}'s status")
             assert status["endpoint"] == shown and status["needs_relay"] is None, status
             argv, env = python_module("wgpunch.cli", "status", "--interface",

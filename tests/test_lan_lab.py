@@ -4,28 +4,18 @@ hairpinning: real registry and node processes in the lab, `wg` as the judge."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
+from labstatus import peer_status
 from wgpunch.lab import catalog, evidence
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
-from wgpunch.lab.netns import python_module, wait_for
+from wgpunch.lab.netns import wait_for
 
 pytestmark = pytest.mark.lab
 
 DEADLINE_S = 10.0
-
-
-def status_path(lab: Lab, host: str, peer: str) -> dict[str, object]:
-    argv, env = python_module("wgpunch.cli", "status", "--json")
-    report = json.loads(lab.ns(host).run(argv, env=env).stdout)
-    key = lab.host(peer).public_key
-    assert key is not None
-    [found] = [p for i in report["interfaces"] for p in i["peers"]
-               if p["public_key"] == key.base64()]
-    return found
 
 
 @pytest.mark.parametrize(("scenario", "paths"), [
@@ -48,6 +38,6 @@ def test_hosts_behind_one_nat_use_their_lan(lab_prefix, scenario, paths):
             assert str(pair.a.endpoint.ip) == str(lab.host("b").private_ip), pair
         for host, peer in (("a", "b"), ("b", "a")):
             # The agent publishes on its next pass after the handshake: poll, not one read.
-            shown = wait_for(lambda h=host, p=peer: (s := status_path(lab, h, p))["path"]
+            shown = wait_for(lambda h=host, p=peer: (s := peer_status(lab, h, p))["path"]
                              == pair.path and s, timeout=5, what=f"{host}'s status")
             assert shown["path_since"] is not None, shown

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from labstatus import device_status
 from test_protocol_roles import KINDS
 from wgpunch.keys import generate_keypair
 from wgpunch.lab import catalog, evidence
@@ -103,8 +104,7 @@ def test_netcheck_names_every_kind_and_the_symmetric_cells_go_direct_in_both_key
         assert s2 is not None
 
         def s1_on_s2() -> dict | None:
-            argv, env = python_module("wgpunch.cli", "status", "--json")
-            [device] = json.loads(lab.ns("s1").run(argv, env=env).stdout)["interfaces"]
+            device = device_status(lab, "s1")
             [peer] = [p for p in device["peers"] if p["public_key"] == s2.base64()]
             return (device, peer) if peer["nat"] is not None else None
 

@@ -4,7 +4,6 @@ the kernel path; a third node cannot use or disturb the pair's slot."""
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import subprocess
@@ -13,26 +12,17 @@ import time
 
 import pytest
 
+from labstatus import peer_status
 from wgpunch.errors import LabError
 from wgpunch.lab import catalog
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
-from wgpunch.lab.netns import python_module, wait_for
+from wgpunch.lab.netns import wait_for
 from wgpunch.lab.scenario import Host, Scenario
 
 pytestmark = pytest.mark.lab
 
 DEADLINE_S = 15.0
-
-
-def status_of(lab: Lab, host: str, peer: str) -> dict:
-    argv, env = python_module("wgpunch.cli", "status", "--json")
-    report = json.loads(lab.ns(host).run(argv, env=env).stdout)
-    key = lab.host(peer).public_key
-    assert key is not None
-    [found] = [p for i in report["interfaces"] for p in i["peers"]
-               if p["public_key"] == key.base64()]
-    return found
 
 
 def pings(lab: Lab, host: str, peer: str, count: int = 1, pattern: str = "00",
@@ -55,7 +45,7 @@ def wait_relayed(lab: Lab, agents: Agents, what: str = "a ping through the relay
 
 
 def relay_endpoint(lab: Lab, host: str) -> str:
-    return str(status_of(lab, host, "b" if host == "a" else "a")["endpoint"])
+    return str(peer_status(lab, host, "b" if host == "a" else "a")["endpoint"])
 
 
 @pytest.mark.parametrize(("first", "second", "path"), [
@@ -78,7 +68,7 @@ def test_an_impossible_pair_is_relayed(lab_prefix, first, second, path):
             wait_relayed(lab, agents)
             took = time.monotonic() - started
             for host, peer in (("a", "b"), ("b", "a")):
-                shown = wait_for(lambda h=host, p=peer: (s := status_of(lab, h, p))["path"]
+                shown = wait_for(lambda h=host, p=peer: (s := peer_status(lab, h, p))["path"]
                                  == "relay" and s, timeout=5, what=f"{host}'s status")
                 assert shown["endpoint"].startswith(f"{lab.host('registry').public_ip}:31"), shown
                 assert shown["reason"].startswith("relayed: "), shown
@@ -127,7 +117,7 @@ def test_a_relayed_pair_recovers_after_a_registry_restart(lab_prefix):
             took = time.monotonic() - serving
             print(f"relayed again {took:.2f} s after the registry served again")
             assert took < 5.0
-            assert status_of(lab, "a", "b")["path"] == "relay"
+            assert peer_status(lab, "a", "b")["path"] == "relay"
 
 
 # Sends each shape to each port from one socket until the test closes its stdin (the pings
@@ -231,7 +221,7 @@ def test_a_pair_is_relayed_through_a_relay_on_another_host(lab_prefix, tmp_path)
         print(f"pinging through the relay host {time.monotonic() - started:.2f} s after the "
               "nodes started")
         for host, peer in (("a", "b"), ("b", "a")):
-            shown = wait_for(lambda h=host, p=peer: (s := status_of(lab, h, p))["path"]
+            shown = wait_for(lambda h=host, p=peer: (s := peer_status(lab, h, p))["path"]
                              == "relay" and s, timeout=5, what=f"{host}'s status")
             assert shown["endpoint"].startswith(f"{relay_ip}:320"), shown
             ifname = lab.host(host).ifname
