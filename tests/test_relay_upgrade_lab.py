@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from test_relay_lab import status_of, wait_relayed
+from labstatus import peer_status
+from test_relay_lab import wait_relayed
 from wgpunch.lab import catalog
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
@@ -51,7 +52,7 @@ def test_a_relayed_pair_goes_direct_when_its_nat_allows_it(lab_prefix):
             agents.start_nodes()
             wait_relayed(lab, agents)
             for host, peer in (("a", "b"), ("b", "a")):
-                wait_for(lambda h=host, p=peer: status_of(lab, h, p)["path"] == "relay",
+                wait_for(lambda h=host, p=peer: peer_status(lab, h, p)["path"] == "relay",
                          timeout=5, what=f"{host}'s status to say relay")
                 assert wg_endpoint(lab, host, peer).startswith(relay_ip + ":")
             before = received(lab, "a", "b")
@@ -85,7 +86,7 @@ def test_a_relayed_pair_goes_direct_when_its_nat_allows_it(lab_prefix):
                   f"ping at 10/s lost {sent - got} of {sent}")
             assert took < 5.0
             for host, peer in (("a", "b"), ("b", "a")):
-                shown = status_of(lab, host, peer)
+                shown = peer_status(lab, host, peer)
                 assert shown["reason"].startswith("back from the relay: "), shown
                 assert not wg_endpoint(lab, host, peer).startswith(relay_ip + ":")
             again = [e for h in ("a", "b") for e in agents.events(h)
