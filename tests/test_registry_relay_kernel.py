@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import wgpunch
+from labconntrack import flows_to_ports
 from wgpair import Side, unique_prefix, wg_pair
 from wgpunch.lab.netns import Namespace, read_line, stop_process, wait_for
 from wgpunch.wg.device import Endpoint
@@ -138,8 +139,7 @@ def nft_rules(r: Namespace) -> list[str]:
 
 
 def conntrack_on_ports(r: Namespace) -> list[str]:
-    out = r.run(["conntrack", "-L", "-p", "udp"], check=False).stdout
-    return [line for line in out.splitlines() if "=3100" in line]
+    return flows_to_ports(r, range(31000, 31004))
 
 
 @pytest.mark.parametrize("mode", ["userspace", "kernel"])
