@@ -194,3 +194,38 @@ def test_a_live_session_on_a_slot_of_an_impossible_pair_keeps_only_the_slot():
     assert stays.kind is not Kind.REPOINT
     maybe, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=slot.endpoint, now=2.0)
     assert maybe == (*DIRECT, slot)
+
+
+async def test_a_live_session_through_a_slot_that_stalled_asks_for_the_slot_again():
+    """A relay that restarted holds no slot, and a live session through it only stalls: the
+    first stall punch (a probe went unanswered) asks for the slot again, which makes the relay
+    hold it again; again only after retry_s while the session stays silent, and at once the
+    next time once it carried traffic in between."""
+    offers = {PEER: RelayEvent(3, PEER, 31001, None)}
+    registry = FakeRegistry(RelayEvent(3, PEER, 31001, None))
+    relays = Relays(registry, offers, lambda: None)  # type: ignore[arg-type]
+    relays.registry = REGISTRY
+    slot = Endpoint.parse("192.0.2.2:31001")
+    stalled = Memory(attempts=1)
+
+    def plan(mem: Memory, now: float, *, stalled: bool = True) -> None:
+        relays.plan(PEER, DIRECT, mem, live=True, current=slot, now=now, stalled=stalled)
+
+    plan(Memory(), 1.0, stalled=False)
+    plan(Memory(), 3.0)  # stalled, the probe not yet unanswered: no stall punch yet
+    await settle(relays)
+    assert registry.asked == []
+    plan(stalled, 4.0)
+    await settle(relays)
+    assert registry.asked == [PEER]
+    plan(replace(stalled, attempts=3), 4.0 + T.retry_s - 0.1)
+    await settle(relays)
+    assert registry.asked == [PEER]  # still silent: not again within retry_s
+    plan(replace(stalled, attempts=4), 4.0 + T.retry_s)
+    await settle(relays)
+    assert registry.asked == [PEER, PEER]
+    plan(Memory(), 20.0, stalled=False)  # traffic again
+    plan(stalled, 21.0)
+    await settle(relays)
+    assert registry.asked == [PEER, PEER, PEER]
+    assert relays.leases[PEER].endpoint == slot  # the same slot, held again

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -200,7 +201,8 @@ def test_a_pair_is_relayed_through_a_relay_on_another_host(lab_prefix, tmp_path)
     (--relay-remote) beside its own relay: a symmetric x symmetric pair gets its slot there
     (the least loaded relay that answers comes before the registry's own), pings through it
     on the kernel path, and both devices send to the relay host's address. The pair keeps
-    that slot while the registry is down and after it restarted."""
+    that slot while the registry is down and after it restarted, and gets it back after a
+    kill -9 and restart of the relay."""
     scenario = Scenario("relay-remote", (catalog.site("a", "symmetric"),
                                          catalog.site("b", "symmetric"),
                                          Host("r", wireguard=False)))
@@ -212,8 +214,9 @@ def test_a_pair_is_relayed_through_a_relay_on_another_host(lab_prefix, tmp_path)
             "--relay-secret-file", str(secret)]) as agents:
         relay_ip = str(lab.host("r").public_ip)
         lab.ns("r").run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        agents.start_relay("r", ["--ports", "32000-32099", "--control", relay_ip,
-                                 "--secret-file", str(secret)], control_port=51825)
+        relay_args = ["--ports", "32000-32099", "--control", relay_ip, "--secret-file",
+                      str(secret)]
+        agents.start_relay("r", relay_args, control_port=51825)
         agents.start_registry()
         started = time.monotonic()
         agents.start_nodes(["a", "b"])
@@ -253,6 +256,19 @@ def test_a_pair_is_relayed_through_a_relay_on_another_host(lab_prefix, tmp_path)
         assert pings(lab, "a", "b", count=20, lost=2)
         assert len([e for e in agents.events("registry") if e["event"] == "relay_placed"]) == 1
         assert relay_endpoint(lab, "a").startswith(f"{relay_ip}:320")
+        # kill -9 of the relay and a restart: its slots are gone, the sessions through them
+        # stall, and each node asks for its slot again (node/relay.py), which the relay makes
+        # anew; its kernel path holds the new slot's rules only.
+        agents.stop("r", signal.SIGKILL)
+        started = time.monotonic()
+        agents.start_relay("r", relay_args, control_port=51825)
+        wait_relayed(lab, agents, "a ping through the restarted relay")
+        print(f"pinging through the restarted relay {time.monotonic() - started:.2f} s after "
+              "it started")
+        assert any(e["event"] == "relay_silent" for h in "ab" for e in agents.events(h))
+        wait_for(lambda: len(re.findall(r"dnat to", lab.ns("r").run(
+            ["nft", "list", "table", "ip", "wgpunch_relay"], check=False).stdout)) == 2,
+            timeout=5, what="the restarted relay's kernel path")
         agents.stop("r")
         assert "Traceback" not in agents.log_tail("r", 1000)
         assert lab.ns("r").run(["nft", "list", "table", "ip", "wgpunch_relay"],

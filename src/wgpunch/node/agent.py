@@ -279,7 +279,7 @@ class Agent:
                 relay_reason(*nats, mapped=self.view.mapped is not None or has_mapping(known)))
             candidates, memory = self.relays.plan(
                 peer.public_key, candidates, memory, live=live, current=peer.endpoint, now=now,
-                impossible=impossible,
+                impossible=impossible, stalled=memory.stalled(now, self.t),
                 nats_known=all(n is not None and n.mapping != "unknown" for n in nats))
             memory = failover(memory, candidates, now=now, t=self.t, live=live)
             initiator = self.view.initiates(self.me, known)

@@ -57,6 +57,12 @@ class RelayTimings:
     # again (which unbinds our side, DESIGN.md §6): 0.5 + 1 + 2 s of decide's backoff,
     # far beyond a relayed handshake's round trip.
     slot_attempts: int = 3
+    # A live session through the slot that stalled (decide: we send, hear nothing, a probe
+    # went unanswered) asks for the slot again with its first stall punch, which makes a
+    # relay that restarted hold it again (lab: a remote relay's kill -9 and restart left a
+    # relayed pair silent until its session died, 35 s). Asking again costs a working slot
+    # nothing: our side rebinds with our next datagram. Again after retry_s, doubled, while
+    # the session stays silent.
 
 
 def retry_after(asks: int, t: RelayTimings) -> float:
@@ -117,15 +123,20 @@ class Relays:
         self._stale: dict[Key, Endpoint] = {}
         self._mine: set[Key] = set()  # offers that answer our own request
         self._why: dict[Key, str] = {}  # why we asked, by peer
+        # Asks for a slot whose live session went silent: how many since it last carried
+        # traffic, and when the last went.
+        self._silent: dict[Key, tuple[int, float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def plan(self, peer: Key, candidates: Sequence[Candidate], mem: Memory, *, live: bool,
              current: Endpoint | None, now: float, impossible: str | None = None,
-             nats_known: bool = True) -> tuple[tuple[Candidate, ...], Memory]:
+             nats_known: bool = True, stalled: bool = False
+             ) -> tuple[tuple[Candidate, ...], Memory]:
         """The peer's candidates with its slot, and its memory with the direct candidates
         failed when the slot is new; asks for a slot when `want_slot` says so (`impossible`:
-        why no direct path can exist, protocol.relay_reason), or at once when the slot our
-        device sends to (`current`) is gone (the registry restarted)."""
+        why no direct path can exist, protocol.relay_reason), at once when the slot our
+        device sends to (`current`) is gone (the registry restarted), and again when a live
+        session through it `stalled` (Memory.stalled) and a probe went unanswered."""
         lease, old = self._lease(peer), self.leases.get(peer)
         if live and peer not in self._stale:
             self._asks.pop(peer, None)  # back-off starts over once a path works
@@ -140,6 +151,10 @@ class Relays:
             self.offers.pop(peer, None)
             self.leases.pop(peer, None)
             lease = None
+        if not (live and stalled):
+            self._silent.pop(peer, None)
+        elif lease is not None and current == lease.endpoint and mem.attempts:
+            self._ask_again(peer, lease, now)
         if lease is None:
             asked, asks = self._asked.get(peer), self._asks.get(peer, 0)
             if self.client.coordinates_punches and (
@@ -204,6 +219,18 @@ class Relays:
         lease = self.leases.get(peer)
         if track.path is PathKind.RELAY and lease is not None:
             track.reason = lease.why
+
+    def _ask_again(self, peer: Key, lease: Lease, now: float) -> None:
+        """Ask for the slot of a live session through it that stalled (the answer is the
+        same slot, held again, or a new one that plan() moves to), with back-off."""
+        asks, asked = self._silent.get(peer, (0, None))
+        if asked is not None and now - asked < retry_after(asks, self.t):
+            return
+        log.info("peer %s: the session through relay slot %s went silent; asking for the "
+                 "slot again", peer, lease.endpoint,
+                 extra={"event": "relay_silent", "peer": str(peer)})
+        self._silent[peer] = (asks + 1, now)
+        self._ask(peer, now)
 
     def _lease(self, peer: Key) -> Lease | None:
         offer = self.offers.get(peer)
