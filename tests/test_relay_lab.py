@@ -90,9 +90,11 @@ def test_an_impossible_pair_is_relayed(lab_prefix, first, second, path):
                 assert connected["path"] == "relay"
                 print(f"{host}: relayed {connected['time_to_direct_s']:.3f} s after its "
                       "first attempt")
-                assert connected["time_to_direct_s"] < 3.0, "\n".join(
-                    f"{h}: {e['ts']:.3f} {e['msg'][:160]}" for h in ("a", "b", "registry")
-                    for e in agents.events(h))
+            # At once, as both NATs' reports rule direct out, not after punches that failed
+            # (how fast: bench/time_to_direct.py --cells).
+            asked = [e["msg"] for h in ("a", "b") for e in agents.events(h)
+                     if e["event"] == "relay_request"]
+            assert any("needs a relay" in msg for msg in asked), asked
             agents.stop("registry")
             assert "Traceback" not in agents.log_tail("registry", 1000)
         # The registry stopped: its table and conntrack entries went with it.
