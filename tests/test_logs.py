@@ -117,7 +117,7 @@ def test_no_secret_in_any_output_at_the_highest_verbosity(tmp_path):
             with log.open("w") as sink:
                 proc = a.ns.popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
                 try:
-                    # It serves once its observer has read the device (registry/cli.py).
+                    # It serves once its observer has read the device (registry/serve.py).
                     wait_for(lambda log=log: "serving" in log.read_text(), timeout=15,
                              what="the registry to serve")
                 finally:

@@ -13,7 +13,9 @@ from wgpunch.protocol import (
     has_mapping,
     initiator,
     initiator_changed,
+    lower_key,
     needs_relay,
+    pair_of,
     relay_reason,
 )
 from wgpunch.wg.device import Endpoint
@@ -110,6 +112,14 @@ def test_initiator_without_nat_behaviour(intent, side, other, side_public, other
     assert initiator(side, other, side_public=side_public, other_public=other_public) is first
     assert initiator(other, side, side_public=other_public,
                      other_public=side_public) is not first  # exactly one side
+
+
+def test_the_key_order_is_one_rule():
+    """The lower key: the last tie-break of initiator, the first of a pair (the demo's
+    lower_key column too)."""
+    assert lower_key(LOW, HIGH) and not lower_key(HIGH, LOW) and not lower_key(LOW, LOW)
+    assert pair_of(HIGH, LOW) == pair_of(LOW, HIGH) == (LOW, HIGH)
+    assert initiator(LOW, HIGH) and not initiator(HIGH, LOW)
 
 
 @pytest.mark.parametrize(("a", "b"), list(itertools.product(KINDS, KINDS)))

@@ -330,7 +330,7 @@ async def test_an_unexpected_error_is_a_logged_500_and_the_server_keeps_serving(
     app.router.add_get("/v1/broken", broken)
     server = TestServer(app, host="127.0.0.1")
     async with TestClient(server) as a:
-        with caplog.at_level(logging.ERROR, logger="wgpunch.registry.api"):
+        with caplog.at_level(logging.ERROR, logger="wgpunch.registry.middleware"):
             resp = await a.get("/v1/broken")
         assert (resp.status, await resp.json()) == (500, {"error": "internal error"})
         assert any(r.exc_info for r in caplog.records)

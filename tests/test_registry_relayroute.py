@@ -14,8 +14,8 @@ from wgpunch.errors import ConfigError
 from wgpunch.registry import cli as registry_cli
 from wgpunch.registry import relayroute
 from wgpunch.registry.api import create_app
-from wgpunch.registry.cli import RelaySettings
 from wgpunch.registry.relay import Relay
+from wgpunch.registry.serve import RelaySettings
 from wgpunch.registry.site import ApiSite
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
@@ -100,7 +100,7 @@ async def test_refusals(registry, source, target, status, error):
     (f"/v1/relay/{B.hex()}", "POST /v1/relay"),
 ])
 async def test_the_routes_that_name_a_peer_take_nothing_else(registry, path, route):
-    """The three requests whose peer is in the path (registry/api.py peer_in_path)."""
+    """The three requests whose peer is in the path (registry/request.py peer_in_path)."""
     reg, _relay = registry
     a = await reg.client()
     resp = await a.post(path, json={"peer": A.base64()})

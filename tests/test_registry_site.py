@@ -19,7 +19,7 @@ import time
 import pytest
 
 from test_registry_api import QUIET, Registry, start, table
-from wgpunch.registry.api import CONNECTIONS
+from wgpunch.registry.appkeys import CONNECTIONS
 from wgpunch.registry.connlimit import fd_capacity, raise_fd_limit
 from wgpunch.registry.limits import Limits
 from wgpunch.registry.site import ApiSite, Listener

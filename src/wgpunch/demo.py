@@ -13,15 +13,15 @@ import asyncio
 import json
 import math
 import re
-import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .commands import help_of
 from .errors import MalformedMessage
 from .lab import catalog
 from .lab.netns import require_root
-from .protocol import NatBehaviour, nat_from_json, relay_reason
+from .protocol import NatBehaviour, lower_key, nat_from_json, relay_reason
 from .protocol.natinfo import NAT_FIELDS
 
 
@@ -58,9 +58,15 @@ def run_demo(scenario: str, timeout_s: float, prefix: str | None,
     with Lab(catalog.resolve(scenario), prefix=prefix,
              registry_peer=natpunch is None) as lab, _agents(lab, natpunch) as agents:
         needs_relay = _NeedsRelay(agents)
-        found = asyncio.run(evidence.wait_direct(lab, timeout_s, check=agents.check_alive,
+
+        def check() -> None:
+            agents.check_alive()
+            needs_relay.read()
+
+        found = asyncio.run(evidence.wait_direct(lab, timeout_s, check=check,
                                                  accept=needs_relay.settled, lan_ok=True,
                                                  relay_ok=natpunch is None))
+        needs_relay.read()
         results = []
         for (a, b), (pair, took) in found.items():
             why = needs_relay.why(a, b)
@@ -86,53 +92,68 @@ class _NeedsRelay:
 
     def __init__(self, agents: Any) -> None:
         self.agents = agents
-        self._read_at = -math.inf
-        self._nats: dict[str, tuple[NatBehaviour | None, bool]] = {}
+        self._logs = {host: NatLog() for host in agents.nodes}
 
-    def why(self, a: str, b: str, *, fresh_s: float = 1.0) -> str | None:
-        self._refresh(fresh_s)
-        (nat_a, mapped_a), (nat_b, mapped_b) = (self._nats.get(h, (None, False)) for h in (a, b))
-        return relay_reason(nat_a, nat_b, mapped=mapped_a or mapped_b)
+    def read(self) -> None:
+        """Read on in every agent's log. Once per round of the wait (its `check`): the round
+        then asks about every pair (91 in a 14-node lab), and a relayed pair's time to the
+        relay, the grid's figure, counts from the first round whose read shows its reason."""
+        for host, log in self._logs.items():
+            log.read_on(self.agents.logs.get(host))
+
+    def why(self, a: str, b: str) -> str | None:
+        log_a, log_b = (self._logs.get(host, NatLog()) for host in (a, b))
+        return relay_reason(log_a.nat, log_b.nat, mapped=log_a.mapped or log_b.mapped)
 
     def settled(self, pair: Any) -> bool:
-        # A relayed pair is asked about every round (0.2 s): its time to the relay is the
-        # grid's figure, and a read a second old would add up to a second to it.
-        return pair.direct or pair.lan or self.why(pair.a.host, pair.b.host,
-                                                   fresh_s=0.2) is not None
+        return pair.direct or pair.lan or self.why(pair.a.host, pair.b.host) is not None
 
-    def _refresh(self, fresh_s: float) -> None:
-        # The agents' logs, read again only when older than `fresh_s` (91 pairs in a 14-node
-        # lab ask in one round).
-        if time.monotonic() - self._read_at >= fresh_s:
-            self._read_at = time.monotonic()
-            self._nats = {host: (_nat(self.agents, host), _mapped(self.agents, host))
-                          for host in self.agents.nodes}
+
+class NatLog:
+    """What a node's JSON log says of its NAT so far: its last `nat_measured` event, and
+    whether its last `port_mapped` or `port_unmapped` event (node/portmap/mapper.py) says it
+    holds a port mapping. Each read parses only the lines written since the last one."""
+
+    def __init__(self) -> None:
+        self.nat: NatBehaviour | None = None
+        self.mapped = False
+        self._offset = 0
+
+    def read_on(self, path: Path | None) -> None:
+        if path is None:
+            return
+        try:
+            with path.open("rb") as log:
+                log.seek(self._offset)
+                written = log.read()
+        except OSError:
+            return
+        # A line the agent is still writing is left for the next read, which gets it whole.
+        whole = written[:written.rfind(b"\n") + 1]
+        self._offset += len(whole)
+        for line in whole.splitlines():
+            self._take(line)
+
+    def _take(self, line: bytes) -> None:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return
+        event = entry.get("event") if isinstance(entry, dict) else None
+        if event == "nat_measured":
+            try:
+                self.nat = nat_from_json({k: entry.get(k) for k in NAT_FIELDS})
+            except MalformedMessage:
+                self.nat = None
+        elif event in ("port_mapped", "port_unmapped"):
+            self.mapped = event == "port_mapped"
 
 
 def _lower_key(lab: Any, a: str, b: str) -> str | None:
     keys = lab.host(a).public_key, lab.host(b).public_key
     if None in keys:
         return None
-    return a if keys[0].raw < keys[1].raw else b
-
-
-def _nat(agents: Any, host: str) -> NatBehaviour | None:
-    """What the node on `host` measured of its NAT (its log's last `nat_measured` event)."""
-    measured = [e for e in agents.events(host) if e.get("event") == "nat_measured"]
-    if not measured:
-        return None
-    try:
-        return nat_from_json({k: measured[-1].get(k) for k in NAT_FIELDS})
-    except MalformedMessage:
-        return None
-
-
-def _mapped(agents: Any, host: str) -> bool:
-    """Whether the node on `host` holds a port mapping on its NAT (its log's last
-    `port_mapped` or `port_unmapped` event: node/portmap/mapper.py)."""
-    said = [e["event"] for e in agents.events(host)
-            if e.get("event") in ("port_mapped", "port_unmapped")]
-    return bool(said) and said[-1] == "port_mapped"
+    return a if lower_key(*keys) else b
 
 
 def _agents(lab: Any, natpunch: str | None) -> Any:

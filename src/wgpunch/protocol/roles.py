@@ -40,7 +40,13 @@ def initiator(side: Key, other: Key, *, side_public: bool = False,
     other_dependent = other_nat is not None and other_nat.endpoint_dependent
     if side_dependent != other_dependent:
         return side_dependent
-    return side.raw < other.raw
+    return lower_key(side, other)
+
+
+def lower_key(a: Key, b: Key) -> bool:
+    """Whether `a` is the lower key of the two (by its bytes): the last tie-break of
+    `initiator`, and the first of a pair in `pair_of`."""
+    return a.raw < b.raw
 
 
 def initiates(a: PeerRecord, b: PeerRecord) -> bool:
@@ -94,4 +100,4 @@ def has_mapping(record: PeerRecord) -> bool:
 
 def pair_of(a: Key, b: Key) -> tuple[Key, Key]:
     """The pair in one canonical order, so A→B and B→A are the same pair."""
-    return (a, b) if a.raw < b.raw else (b, a)
+    return (a, b) if lower_key(a, b) else (b, a)

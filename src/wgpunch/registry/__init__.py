@@ -12,11 +12,15 @@ Modules, one concern each (what the registry and the node share is in protocol/)
 - `clientlog.py` log lines about clients, bounded per client and kind;
 - `site.py`      the API's own accept loop (caps before a byte is read, no fd exhaustion);
 - `wire.py`      query and path parsing;
-- `api.py`       the aiohttp application (docs/api.md);
+- `api.py`       the aiohttp application: its handlers (docs/api.md);
+- `appkeys.py`   what the application holds, under typed keys;
+- `middleware.py` JSON errors, pacing and who is calling, around every handler;
+- `request.py`   what a handler does with a request: rate, body, the peer in the path, JSON;
 - `dnssd.py`     wgsd-compatible DNS-SD answers: query in, response out (DESIGN.md §5);
 - `dnswire.py`   fitting a DNS response into a UDP or TCP message (truncation, TC);
 - `dnsaccess.py` who may ask the DNS-SD server (peers through the tunnel, allowed networks);
 - `dnsserver.py` the DNS-SD server on UDP and TCP, and the registry's own `self` record;
 - `listen.py`    which addresses to listen on (API and DNS);
-- `cli.py`       `wgpunch registry`.
+- `serve.py`     the daemon put together: started, served, released in order;
+- `cli.py`       `wgpunch registry`: its flags, environment and TOML file, into `Settings`.
 """

@@ -1,18 +1,13 @@
-"""The registry's HTTP API, exactly docs/api.md, on aiohttp.
+"""The registry's HTTP API, exactly docs/api.md, on aiohttp: its handlers and the application.
 
-Two middlewares wrap every handler. The outer one tells the connection's `Guard`
-(connlimit.py) that a request is being handled, and turns every failure into a JSON error:
-`MalformedMessage` → 400, `RequestRefused` → its status (`RateLimited`: 429 with Retry-After),
-aiohttp's own (404, 405, 413) keep their status, anything unexpected → a logged 500; nothing
-a client sends can stop the server. The inner one decides who is calling (auth.py) before any
-handler, or any route lookup, runs; only `/healthz` answers strangers, one request per
-connection. Connections themselves are admitted, capped and timed by site.py and
-connlimit.py, which read this application's keys.
+Every handler runs inside the two middlewares of middleware.py (JSON errors, pacing, who is
+calling); connections themselves are admitted, capped and timed by site.py and connlimit.py,
+which read this application's keys (appkeys.py).
 
-Request bodies are read with a deadline, become validated frozen values (report.py) before
-they touch the state, and the state is changed only through its plain-`def` methods. Reports
-and punch requests are rate-limited per caller; watch streams are capped per caller (a new one
-beyond the cap ends the caller's oldest).
+Request bodies are read with a deadline (request.py), become validated frozen values
+(report.py) before they touch the state, and the state is changed only through its plain-`def`
+methods. Reports and punch requests are rate-limited per caller; watch streams are capped per
+caller (a new one beyond the cap ends the caller's oldest).
 """
 
 from __future__ import annotations
@@ -20,201 +15,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
-from ..errors import MalformedMessage, RateLimited, RequestRefused
-from ..keys import Key
-from ..protocol import (
-    MAX_BODY_BYTES,
-    decode_object,
-    dumps,
-    peers_json,
-    reported_from_json,
+from ..protocol import MAX_BODY_BYTES, peers_json, reported_from_json
+from .appkeys import (
+    CALLER,
+    CLIENT_LOG,
+    CONNECTIONS,
+    IDENTITIES,
+    LIMITS,
+    METRICS,
+    OBSERVER,
+    PACE,
+    PUNCH_RATE,
+    REPORT_RATE,
+    STATE,
+    STREAMS,
+    TIMINGS,
+    TOKEN,
 )
-from .auth import Identities, bearer_matches, source_ip
+from .auth import Identities
 from .clientlog import ClientLog, quiet_malformed_http
-from .connlimit import Client, ConnectionTable, Guard, Kind
+from .connlimit import ConnectionTable
 from .limits import Limits
 from .metrics import RegistryMetrics
+from .middleware import auth_middleware, errors_middleware
 from .observer import Observer
 from .ratelimit import RateLimiter
+from .request import json_response, peer_in_path, rate_limit, read_body
 from .state import RegistryState, Stream
 from .timings import Timings
 from .watch import Pump
-from .wire import only_params, path_key, watch_query
+from .wire import only_params, watch_query
 
 log = logging.getLogger(__name__)
 
-STATE = web.AppKey("state", RegistryState)
-TIMINGS = web.AppKey("timings", Timings)
-LIMITS = web.AppKey("limits", Limits)
-TOKEN = web.AppKey("token", str)  # absent: no bearer token required
-OBSERVER = web.AppKey("observer", Observer)  # absent: the state is fed by someone else
-IDENTITIES = web.AppKey("identities", Identities)
-CLIENT_LOG = web.AppKey("client_log", ClientLog)
-CONNECTIONS = web.AppKey("connections", ConnectionTable)
-PACE = web.AppKey("pace", RateLimiter)
-REPORT_RATE = web.AppKey("report_rate", RateLimiter)
-PUNCH_RATE = web.AppKey("punch_rate", RateLimiter)
-STREAMS = web.AppKey("streams", dict[Key, list[Stream]])  # each caller's, oldest first
-METRICS = web.AppKey("metrics", RegistryMetrics)
-CALLER = web.RequestKey("caller", Key)
-
-# Needs no identity: it tells only counts, so the registry host can monitor itself.
-PUBLIC_PATHS = frozenset({"/healthz"})
-STRANGERS = "strangers"  # the one pacing budget of every source that is no peer's
 NDJSON = "application/x-ndjson"
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
-                  ) -> web.Response:
-    return web.json_response(body, status=status, headers=headers, dumps=dumps)
-
-
-def json_error(status: int, message: str, headers: dict[str, str] | None = None
-               ) -> web.Response:
-    return json_response({"error": message}, status=status, headers=headers)
-
-
-def _http_error(exc: web.HTTPException) -> web.Response:
-    if exc.status == 413:
-        message = f"request body larger than {MAX_BODY_BYTES} bytes"
-    else:
-        message = exc.reason.lower()
-    keep = {k: v for k, v in exc.headers.items()
-            if k.lower() not in ("content-type", "content-length")}
-    return json_error(exc.status, message, keep)
-
-
-def _guard(request: web.Request) -> Guard | None:
-    transport = request.transport
-    protocol = None if transport is None else transport.get_protocol()
-    return protocol if isinstance(protocol, Guard) else None
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    guard = _guard(request)  # None when served by a plain aiohttp site (tests)
-    if guard is not None:
-        guard.request_started()
-    try:
-        if guard is not None:
-            await _pace(request.app, guard.slot.client)
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _http_error(exc)
-    except MalformedMessage as exc:
-        return json_error(400, str(exc))
-    except RateLimited as exc:
-        retry_after = str(max(1, math.ceil(exc.retry_after_s)))  # RFC 9110: whole seconds
-        return json_error(429, str(exc), {"Retry-After": retry_after})
-    except RequestRefused as exc:
-        response = json_error(exc.status, str(exc))
-        if exc.status == 408:
-            response.force_close()  # the rest of the body may still come
-        return response
-    except ConnectionError:  # the client went away mid-request: nobody to answer
-        log.debug("%s %s: the client went away", request.method, request.path[:100])
-        return json_error(400, "connection lost")
-    except Exception:
-        log.exception("internal error serving %s %s", request.method, request.path,
-                      extra={"event": "internal_error"})
-        return json_error(500, "internal error")
-    finally:
-        if guard is not None:
-            guard.request_finished()
-
-
-async def _pace(app: web.Application, client: Client) -> None:
-    """Wait for this client's turn (Limits.requests_per_s): one budget per caller, per
-    address of this host, and one for all strangers."""
-    key = STRANGERS if client.kind is Kind.STRANGER else client.key
-    wait_s = app[PACE].reserve(key, time.monotonic())
-    if wait_s:
-        app[CLIENT_LOG].log(key, "pacing the requests of %s: more than %d at once or %g per "
-                            "second", key, app[PACE].burst, app[PACE].per_s, event="paced",
-                            level=logging.INFO)
-        await asyncio.sleep(wait_s)
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    app = request.app
-    ip = source_ip(request.remote)
-    caller = None if ip is None else app[IDENTITIES](ip)
-    if request.path in PUBLIC_PATHS:
-        response = await handler(request)
-        if caller is None:
-            response.force_close()  # a stranger's connection serves one request
-        return response
-    if caller is None:
-        app[CLIENT_LOG].log(
-            request.remote, "refused %s %r from %s: not the tunnel address of exactly one peer",
-            request.method, request.path[:100], request.remote, event="forbidden")
-        response = json_error(403, f"source address {request.remote} is not the tunnel "
-                                   "address of exactly one peer of the registry")
-        response.force_close()
-        return response
-    token = app.get(TOKEN)
-    if token is not None and not bearer_matches(request.headers.get("Authorization"), token):
-        return json_error(401, "missing or wrong bearer token",
-                          {"WWW-Authenticate": 'Bearer realm="wgpunch"'})
-    request[CALLER] = caller
-    return await handler(request)
-
-
-def rate_limit(request: web.Request, key: web.AppKey[RateLimiter], what: str) -> None:
-    """Take a token of the caller's bucket for `what`, or refuse with 429 (before the body is
-    read: a refused request costs little)."""
-    limiter, caller = request.app[key], request[CALLER]
-    wait_s = limiter.take(caller, time.monotonic())
-    if wait_s:
-        request.app[CLIENT_LOG].log(
-            (caller, what), "rate-limited %s from %s: more than %d at once or %.3g per second",
-            what, caller, limiter.burst, limiter.per_s, event="rate_limited")
-        raise RateLimited(f"{what}: more than {limiter.burst} at once or "
-                          f"{limiter.per_s:.3g} per second; retry in {wait_s:.1f} s", wait_s)
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The request body (decoded, at most MAX_BODY_BYTES), complete within body_timeout_s;
-    a body that does not decode (a bad `Content-Encoding`) is a MalformedMessage."""
-    timeout_s = request.app[TIMINGS].body_timeout_s
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await request.read()
-    except TimeoutError:
-        raise RequestRefused(f"body: not complete within {timeout_s:g} s", 408) from None
-    except (web.RequestPayloadError, HttpProcessingError) as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, HttpProcessingError) else exc
-        detail = cause.message if isinstance(cause, HttpProcessingError) else str(cause)
-        reason = (str(detail).strip().splitlines() or ["cannot be read"])[0][:120]
-        raise MalformedMessage(f"body: {reason}") from None
-
-
-async def peer_in_path(request: web.Request, route: str, rate: web.AppKey[RateLimiter],
-                       rate_as: str | None = None) -> Key:
-    """The peer that a `POST {route}` names in its path, for a request that carries nothing
-    else: no query, no body fields; rate-limited by `rate` (under the name `rate_as`, where
-    routes share a bucket)."""
-    only_params(request.query.items(), ())
-    target = path_key(request.match_info["peer"])
-    rate_limit(request, rate, rate_as or route)
-    body = await read_body(request)
-    # The contract has no body; an empty JSON object (what many clients send) is the same.
-    if body.strip() and decode_object(body):
-        raise MalformedMessage(f"body: {route} takes no fields")
-    return target
 
 
 # -- handlers ---------------------------------------------------------------------------------

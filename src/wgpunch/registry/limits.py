@@ -45,7 +45,7 @@ class Limits:
     # until TCP notices, and its replacement must not be refused meanwhile.
     caller_streams: int = 4
 
-    # -- request rates (api.py; token buckets per caller) ---------------------------------------
+    # -- request rates (middleware.py pacing, request.py rate_limit; token buckets per caller) --
     # Requests of one caller handled per second, whatever its number of connections; beyond,
     # a request waits for its turn (pacing: the answer comes later), so that a flood costs
     # what this many requests cost and the others' requests are not queued behind it. Sources

@@ -18,7 +18,8 @@ from ..commands import help_of
 from ..errors import ConfigError
 from ..keys import Key
 from ..wg.device import Endpoint
-from .cli import RelaySettings, control_endpoint, make_relay, relay_address
+from .cli import control_endpoint, relay_address
+from .serve import RelaySettings, make_relay
 
 EPILOG = config.epilog(config.RELAY)
 

@@ -22,11 +22,12 @@ from ..errors import ChangeRefused, MalformedMessage, RequestRefused
 from ..keys import Key
 from ..protocol import DirectEvent, PeerRecord, RelayEvent, decode_object, relay_json
 from ..wg.device import Endpoint, IPAddress
-from .api import CALLER, LIMITS, STATE, json_response, peer_in_path, rate_limit, read_body
+from .appkeys import CALLER, LIMITS, STATE
 from .ratelimit import RateLimiter
 from .relay import Relay
 from .relaypool import RelayPool
 from .relayremote import RemoteRelay
+from .request import json_response, peer_in_path, rate_limit, read_body
 from .state import RegistryState
 from .wire import only_params, path_key
 

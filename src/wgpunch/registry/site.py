@@ -33,16 +33,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import ConfigError
-from .api import (
-    CLIENT_LOG,
-    CONNECTIONS,
-    IDENTITIES,
-    LIMITS,
-    STATE,
-    TIMINGS,
-    handler_kwargs,
-    json_error,
-)
+from .api import handler_kwargs
+from .appkeys import CLIENT_LOG, CONNECTIONS, IDENTITIES, LIMITS, STATE, TIMINGS
 from .auth import source_ip
 from .clientlog import ClientLog
 from .connlimit import (
@@ -56,6 +48,7 @@ from .connlimit import (
     open_fds,
     raise_fd_limit,
 )
+from .request import json_error
 
 log = logging.getLogger(__name__)
 
