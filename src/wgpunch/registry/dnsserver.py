@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -263,24 +264,36 @@ class DnsServer:
     async def start(self, addresses: Sequence[tuple[str, int]]) -> None:
         """Serve UDP and TCP on each (ip, port); port 0 picks a free UDP port and uses the
         same for TCP (tests). A failure closes whatever was opened."""
-        loop = asyncio.get_running_loop()
         try:
             for host, port in addresses:
                 where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                try:
-                    transport, _ = await loop.create_datagram_endpoint(
-                        lambda: _Udp(self), local_addr=(host, port))
-                    self._udp.append(transport)
-                    port = transport.get_extra_info("sockname")[1]
-                    self._tcp.append(await asyncio.start_server(
-                        self._tcp_client, host, port, reuse_address=True))
-                except OSError as exc:
-                    raise ConfigError(f"registry: cannot serve DNS on {where}: "
-                                      f"{exc.strerror or exc}") from None
-                self.addresses.append((host, port))
+                # A free UDP port may be taken for TCP (any connection's local port): with
+                # port 0, another is picked.
+                for tries_left in reversed(range(8 if port == 0 else 1)):
+                    try:
+                        self.addresses.append((host, await self._serve_on(host, port)))
+                        break
+                    except OSError as exc:
+                        if not tries_left or exc.errno != errno.EADDRINUSE:
+                            raise ConfigError(f"registry: cannot serve DNS on {where}: "
+                                              f"{exc.strerror or exc}") from None
         except BaseException:
             await self.close()
             raise
+
+    async def _serve_on(self, host: str, port: int) -> int:
+        """UDP and TCP on (host, port); the port they got."""
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: _Udp(self), local_addr=(host, port))
+        try:
+            port = transport.get_extra_info("sockname")[1]
+            self._tcp.append(await asyncio.start_server(
+                self._tcp_client, host, port, reuse_address=True))
+        except BaseException:
+            transport.close()
+            raise
+        self._udp.append(transport)
+        return port
 
     async def close(self) -> None:
         for server in self._tcp:
