@@ -209,10 +209,10 @@ def test_the_relay_sees_ciphertext_only(triangle, tmp_path):
     running = []
     try:
         for ns, interface, path in captures.values():
-            tcpdump = ns.popen(["tcpdump", "--immediate-mode", "-i", interface, "-U", "-w",
+            tcpdump = ns.popen(["tcpdump", "-n", "--immediate-mode", "-i", interface, "-U", "-w",
                                 str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             running.append(tcpdump)
-            while "listening on" not in read_line(tcpdump, timeout=5, what="tcpdump"):
+            while "listening on" not in read_line(tcpdump, timeout=20, what="tcpdump"):
                 pass
         connect(a, b, driver)
         # What the relay carries is the point here, not that every ping arrives (under load
