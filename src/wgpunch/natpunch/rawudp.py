@@ -333,6 +333,24 @@ class RawUdp:
         except TimeoutError:
             return None
 
+    def queued(self) -> list[bytes]:
+        """The UDP payloads of the server's datagrams to our port that have arrived and not
+        been read, without waiting (not while a `recv` runs)."""
+        self._check_open()
+        found: list[bytes] = []
+        while True:
+            try:
+                packet = self._recv.recv(_MAX_IPV4)
+            except BlockingIOError:
+                return found
+            except OSError as error:
+                raise WgpunchError(f"natpunch: receiving from {self.server} failed: "
+                                   f"{error.strerror or error}") from None
+            payload = _reply_payload(packet, self._server_ip, self.server.port,
+                                     self.local_port)
+            if payload is not None:
+                found.append(payload)
+
     def _check_open(self) -> None:
         if self._closed:
             raise WgpunchError(f"natpunch: the raw UDP channel to {self.server} is closed")

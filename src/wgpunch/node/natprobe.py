@@ -119,6 +119,14 @@ class RawChannel:
                 if isinstance(result, Exception) and not isinstance(
                         result, asyncio.CancelledError):
                     raise result
+            # What arrived by now counts, read or not: on a busy machine the loop may run a
+            # wait's timeout before the task a datagram woke (lab, 14 nodes on 2 cores: an
+            # alternate's reply missed that way made a cone NAT look port-filtering).
+            for source, reader in readers.items():
+                late = None if source in heard else next(
+                    (data for data in reader.queued() if accept(data)), None)
+                if late is not None:
+                    heard[source] = late
             return heard
 
 
