@@ -117,7 +117,7 @@ def side(lab: Lab, devices: dict[str, DeviceState], host: str, peer: str,
 
 def pairs(lab: Lab, devices: dict[str, DeviceState], now: float | None = None) -> list[Pair]:
     now = time.time() if now is None else now
-    names = [n for n, h in lab.hosts.items() if n != "registry" and h.ifname is not None]
+    names = [n for n, h in lab.hosts.items() if h.node.role == "host" and h.ifname is not None]
     return [
         Pair(side(lab, devices, a, b, now), side(lab, devices, b, a, now))
         for i, a in enumerate(names) for b in names[i + 1:]
