@@ -184,11 +184,12 @@ class Scenario:
     def _check_registries(self, host: Host) -> None:
         assert host.registries is not None
         unknown = [name for name in host.registries if name not in self.registry_names]
-        if unknown or not host.registries or not host.wireguard:
+        if (unknown or not host.registries or not host.wireguard
+                or len(set(host.registries)) != len(host.registries)):
             raise LabError(
                 f"lab: scenario {self.name!r}: host {host.name!r}: registries takes a "
-                f"non-empty list of {', '.join(self.registry_names)} (a WireGuard host's), "
-                f"got {list(host.registries)!r}")
+                f"non-empty list of {', '.join(self.registry_names)} (each once; a WireGuard "
+                f"host's), got {list(host.registries)!r}")
 
     @property
     def registry_names(self) -> tuple[str, ...]:
@@ -260,10 +261,9 @@ def _site(table: Any, counter: Iterator[int]) -> Site:
             raise LabError(f"lab: scenario: host {table['host']!r} cannot have {sorted(extra)}")
         return Host(str(table["host"]), link, bool(table.get("wireguard", True)),
                     _ipv6_flag(table), _registries(table))
-    if "registries" in table:
-        raise LabError(f"lab: scenario: NAT {table.get('name', table['nat'])!r} cannot have "
-                       "registries (its hosts can)")
     name = str(table["name"]) if "name" in table else f"nat{next(counter)}"
+    if "registries" in table:
+        raise LabError(f"lab: scenario: NAT {name!r} cannot have registries (its hosts can)")
     hosts = tuple(Host(str(h)) for h in table.get("hosts", []))
     inside = tuple(_site(child, counter) for child in table.get("inside", []))
     ipv6 = table.get("ipv6")

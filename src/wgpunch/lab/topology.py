@@ -4,8 +4,8 @@ Pure: nothing here runs a command, so the plan can be checked without root.
 
 Addresses (all of them exist only inside the lab's namespaces):
 - core <-> registry: 192.0.2.0/30, core .1, registry .2 (TEST-NET-1); core <-> the n-th
-  registry (`registryN`, from 2): the n-th /30 of it, 192.0.2.4(n-1)/30, core .4(n-1)+1,
-  registry .4(n-1)+2.
+  registry (`registryN`, from 2): the n-th /30 of TEST-NET-1, 192.0.2.<4n-4>/30, core
+  .<4n-3>, registry .<4n-2>.
 - core <-> top-level site k: a /30 from 198.51.100.0/24 (k < 64), then 203.0.113.0/24
   (k < 128): core .4k+1, site .4k+2. A site's address there is its public address.
 - LAN of the n-th NAT (walk order, from 1): 192.168.n.0/24 for a home router (only hosts
@@ -13,18 +13,19 @@ Addresses (all of them exist only inside the lab's namespaces):
   .1, the i-th node behind it .10+i.
 - IPv6, only in a scenario that asks for it (sub-prefixes of the documentation prefix
   2001:db8::/32, RFC 3849; never NATed): core <-> registry 2001:db8:0:ffff::/64 (the n-th
-  registry's 2001:db8:0:<ffff - (n-1)>::/64), core <->
-  top-level site k 2001:db8:0:k::/64 (core ::1, site ::2), the LAN of the n-th NAT (one that
-  routes IPv6, directly on the core) 2001:db8:n::/64 (router ::1, the i-th host ::a+i, as
-  on IPv4), routed by the core to the router's uplink address.
-- Tunnel: 10.99.0.0/24; the registry is 10.99.0.254 (the n-th 10.99.0.<255 - n>), WireGuard
-  hosts 10.99.0.1, .2, ... in walk order. Every device listens on 51820, as an unconfigured install would.
+  registry's 2001:db8:0:<ffff - (n-1)>::/64), core <-> top-level site k 2001:db8:0:k::/64
+  (core ::1, site ::2), the LAN of the n-th NAT (one that routes IPv6, directly on the
+  core) 2001:db8:n::/64 (router ::1, the i-th host ::a+i, as on IPv4), routed by the core
+  to the router's uplink address.
+- Tunnel: 10.99.0.0/24; the registry is 10.99.0.254 (the n-th 10.99.0.<255 - n>),
+  WireGuard hosts 10.99.0.1, .2, ... in walk order. Every device listens on 51820, as an
+  unconfigured install would.
 
 Names: namespace `P-<node>`; in node X, the link toward neighbour Y is `P_<Y>` (the registry
 is `reg` in interface names, `registryN` is `regN`), a NAT's LAN bridge is `P_lan`; the
-WireGuard interface of host H is `P-<H>` (`P-reg`, `P-reg2`, ... for the registries), unique machine-wide as wireguard-go's socket
-directory requires. An impaired link runs through a namespace `P-<child>-wire` whose ends are
-`P_up` and `P_down` (see `wire.py`).
+WireGuard interface of host H is `P-<H>` (`P-reg`, `P-reg2`, ... for the registries), unique
+machine-wide as wireguard-go's socket directory requires. An impaired link runs through a
+namespace `P-<child>-wire` whose ends are `P_up` and `P_down` (see `wire.py`).
 """
 
 from __future__ import annotations
@@ -175,13 +176,13 @@ def plan(scenario: Scenario, prefix: str) -> Plan:
     tunnel_ips = iter(TUNNEL_NET.hosts())
     nodes: list[Node] = [Node("core", "core", ns("core"), None, None, None, None)]
     v6 = scenario.uses_ipv6
-    for n, name in enumerate(scenario.registry_names, start=1):
+    for n, registry in enumerate(scenario.registry_names, start=1):
         core_side, registry_side = list(registry_net(n).hosts())
         net6 = registry_net6(n)
         nodes.append(Node(
-            name, "registry", ns(name), "core", link_name(prefix, "core"),
+            registry, "registry", ns(registry), "core", link_name(prefix, "core"),
             IPv4If(f"{registry_side}/30"), core_side, scenario.registry_link,
-            ifname=f"{prefix}-{short(name)}", tunnel_ip=registry_tunnel_ip(n),
+            ifname=f"{prefix}-{short(registry)}", tunnel_ip=registry_tunnel_ip(n),
             public_ip=registry_side, address6=IPv6If(f"{net6[2]}/64") if v6 else None,
             gateway6=net6[1] if v6 else None,
         ))
