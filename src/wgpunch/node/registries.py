@@ -55,8 +55,9 @@ class MemberView(RegistryView):
     """A member's own view: as RegistryView, and the merge hears of every change, with the
     records it touched as they were before (None: not listed)."""
 
-    def __init__(self, changed: Changed) -> None:
+    def __init__(self, registry: Key, changed: Changed) -> None:
         super().__init__()
+        self.registry = registry
         self._changed = changed
 
     def apply(self, event: Event) -> None:
@@ -89,7 +90,7 @@ class Member:
                  ) -> None:
         self.key = key
         self.client = client
-        self.view = MemberView(lambda event, before: changed(self, event, before))
+        self.view = MemberView(key, lambda event, before: changed(self, event, before))
         self.heard_at: dict[Key, float] = {}  # per peer: Heard.changed_at
         self.last_event: float | None = None  # wall time of its last stream item
         self.report_sent: Reported | None = None  # the report it has from us; None: owed
