@@ -8,6 +8,11 @@ outside port, as in tests/test_rebinding.py): a and c find b's new port through 
 alone. `registry` comes back as after a reboot of its host (its device anew, from its config file):
 a and b follow it again without a restart, it has their reports again, and its records without
 an endpoint never replace registry2's.
+
+A pair that needs a relay (a behind `symmetric`, b behind `eim`), both registries relaying:
+the registry whose slot it uses is killed (-9). Its relay's kernel path outlives it, so each
+agent holds a slot of the other registry but stays where the old one still answers; when the
+NATs forget the flows through it, the pair moves to the other registry's relay.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -24,8 +30,10 @@ import pytest
 from labstatus import device_status
 from wgpunch.lab import catalog, evidence, state
 from wgpunch.lab.agents import Agents
+from wgpunch.lab.catalog import site
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import wait_for
+from wgpunch.lab.scenario import Scenario
 from wgpunch.protocol import API_PORT
 from wgpunch.wg.device import Endpoint
 from wgpunch.wg.uapi import UapiDevice
@@ -70,6 +78,10 @@ def reports_at(lab: Lab, registry: str, asker: str) -> dict[str, bool]:
     names = {lab.host(h).public_key.base64(): h for h in ("a", "b", "c")}
     return {names[p["public_key"]]: p["reported"] is not None
             for p in json.loads(out.stdout)["peers"] if p["public_key"] in names}
+
+
+def log_lines(agents: Agents, host: str) -> list[str]:
+    return agents.logs[host].read_text().splitlines()
 
 
 def all_direct(lab: Lab, agents: Agents, accept: Any = None,
@@ -162,3 +174,49 @@ def test_two_registries_one_lost_and_back(lab_prefix):
             assert not lost, (host, lost)
         agents.check_alive()
         assert {host: agents.procs[host].pid for host in agents.nodes} == nodes
+
+
+def test_a_relayed_pair_moves_to_the_relay_of_the_registry_left(lab_prefix):
+    scenario = Scenario("two-registries-relay", (site("a", "symmetric"), site("b", "eim")),
+                        registries=2)
+    with Lab(scenario, prefix=lab_prefix) as lab, \
+            Agents(lab, registry_args=["--relay"]) as agents:
+        for name in agents.registries:  # the relays' kernel path forwards
+            lab.ns(name).run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        agents.start_registries()
+        agents.start_nodes()
+        (pair, took), = asyncio.run(evidence.wait_direct(
+            lab, DIRECT_DEADLINE_S, check=agents.check_alive, relay_ok=True)).values()
+        assert took is not None and pair.relayed, pair
+        at = {str(lab.host(name).public_ip): name for name in agents.registries}
+        first = at[str(pair.a.endpoint.ip)]
+        [left] = [ip for ip, name in at.items() if name != first]
+
+        marks = {h: len(log_lines(agents, h)) for h in ("a", "b")}
+        agents.stop(first, signal.SIGKILL)
+        start = time.monotonic()
+        # Its relay's kernel path outlives it: each agent gets a slot of the other registry
+        # and, the old slot still answering, leaves its session there (decide.py).
+        for host in ("a", "b"):
+            wait_for(lambda h=host: any("but the current path" in line and left in line
+                                        for line in log_lines(agents, h)[marks[h]:]),
+                     timeout=HEALTH_DEADLINE_S, what=f"{host} to hold a slot of {at[left]}")
+        held = time.monotonic() - start
+        # Traffic, so that a silent path shows (else only at the next keepalive, up to 25 s).
+        ping = lab.ns("a").popen(["ping", "-n", "-q", "-i", "0.2", str(lab.host("b").tunnel_ip)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for nat in ("na", "nb"):  # then the flows through the old relay go
+                lab.flush_conntrack(nat)
+            flushed = time.monotonic()
+            (pair, took), = asyncio.run(evidence.wait_direct(
+                lab, REBIND_DEADLINE_S, check=agents.check_alive, relay_ok=True,
+                accept=lambda p: {str(p.a.endpoint.ip), str(p.b.endpoint.ip)} == {left}
+            )).values()
+        finally:
+            ping.terminate()
+            ping.wait(timeout=5)
+        assert took is not None, f"not relayed by {at[left]}: {pair}"
+        print(f"relayed by {first}; killed, both held a slot of {at[left]} after {held:.2f} s; "
+              f"the old relay's flows gone, relayed by {at[left]} after "
+              f"{time.monotonic() - flushed:.2f} s")
