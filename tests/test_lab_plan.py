@@ -80,6 +80,21 @@ def test_documented_toml_example_loads(tmp_path, source):
                                           "hosts": ["a"]}]}]}, "IPv6 needs a NAT directly"),
     ({"site": [{"nat": "eim", "inside": [{"host": "a", "ipv6": True}]}]},
      "IPv6 comes from the NAT"),
+    ({"registries": 0, "site": [{"host": "a"}]}, "registries must be a whole number in 1-9"),
+    ({"registries": 10, "site": [{"host": "a"}]}, "registries must be"),
+    ({"registries": "2", "site": [{"host": "a"}]}, "registries must be"),
+    ({"site": [{"host": "a", "registries": ["registry2"]}]},
+     r"host 'a': registries takes a non-empty list of registry \(each once"),
+    ({"registries": 2, "site": [{"host": "a", "registries": []}]}, "non-empty list"),
+    ({"registries": 2, "site": [{"host": "a", "registries": "registry2"}]},
+     "takes a list of registry host names"),
+    ({"registries": 2, "site": [{"host": "a", "wireguard": False,
+                                 "registries": ["registry"]}]}, "a WireGuard host's"),
+    ({"registries": 2, "site": [{"nat": "eim", "registries": ["registry"], "hosts": ["a"]}]},
+     "NAT 'nat1' cannot have registries"),
+    ({"registries": 2, "site": [{"host": "a", "registries": ["registry", "registry"]}]},
+     "each once"),
+    ({"site": [{"host": "reg2"}]}, "bad name 'reg2'"),
 ])
 def test_bad_scenarios_are_refused_with_the_reason(table, message):
     with pytest.raises(LabError, match=message):
@@ -189,6 +204,37 @@ def test_double_nat_plan_uses_the_cgnat_range_inside_the_carrier():
     assert str(lab.node("na").address) == "100.64.1.10/24"
     assert lab.node("a").nat_chain == ("na", "cgn")
     assert lab.node("a").public_ip == lab.node("c").public_ip == lab.node("cgn").address.ip
+
+
+def test_two_registries_plan_a_public_and_a_tunnel_address_each():
+    lab = plan(catalog.resolve("two-registries"), "t1")
+    first, second = lab.registries
+    assert (first.name, first.ifname, str(first.address), str(first.tunnel_ip)) == (
+        "registry", "t1-reg", "192.0.2.2/30", "10.99.0.254")
+    assert (second.name, second.ifname, str(second.address), str(second.gateway),
+            str(second.tunnel_ip), second.uplink) == (
+        "registry2", "t1-reg2", "192.0.2.6/30", "192.0.2.5", "10.99.0.253", "t1_core")
+    assert lab.ifname_toward("registry2") == "t1_reg2"
+    assert [lab.node(h).registries for h in "abc"] == [
+        ("registry", "registry2"), ("registry", "registry2"), ("registry2",)]
+    assert plan(catalog.resolve("easy"), "t1").node("a").registries == ("registry",)
+
+
+def test_each_node_has_its_registries_and_each_registry_its_nodes():
+    lab = plan(catalog.resolve("two-registries"), "t1")
+    keys = {node.name: generate_keypair() for node in lab.wireguard_hosts}
+    public = {name: pair[1] for name, pair in keys.items()}
+
+    def peers(name: str) -> dict[str, str]:
+        text = device_config(lab, lab.node(name), keys[name][0], public)
+        return {b.split("\n")[1].removeprefix("# "): b for b in text.split("\n\n")[1:]}
+
+    assert set(peers("a")) == {"b", "c", "registry", "registry2"}
+    assert peers("a")["registry2"].endswith(
+        "AllowedIPs = 10.99.0.253/32\nEndpoint = 192.0.2.6:51820\nPersistentKeepalive = 25\n")
+    assert set(peers("c")) == {"a", "b", "registry2"}  # a and b are its peers all the same
+    assert set(peers("registry")) == {"a", "b"}  # not c, and not registry2: no shared state
+    assert set(peers("registry2")) == {"a", "b", "c"}
 
 
 def test_dual_stack_plan_routes_one_ipv6_prefix_per_router_and_no_further():

@@ -239,6 +239,20 @@ def test_a_bogus_endpoint_never_overwrites_a_working_path():
     assert run(answered, NEW, later, now=NOW + 60).kind is Kind.LEAVE
 
 
+def test_a_report_left_alone_is_the_way_out_once_the_path_goes_silent():
+    """The report a probe showed irrelevant (the path answered then) is probed toward again
+    when the path stalls, and the session moves there if the probe goes unanswered: else a
+    stalled session only asks for punches, never going where the registry says."""
+    cleared = Memory(rx_bytes=500, rx_changed_at=NOW - 3, tx_bytes=900,
+                     tx_changed_at=NOW - 0.1, cleared_endpoint=NEW)
+    first = run(LIVE, NEW, cleared)
+    assert (first.kind, first.reason, first.endpoint) == (Kind.PROBE, Reason.SUSPECT, NEW)
+    probed = replace(cleared, probe_at=NOW - T.probe_timeout_s, probe_rx_bytes=500,
+                     probe_endpoint=NEW)
+    moved = run(LIVE, NEW, probed)
+    assert (moved.kind, moved.endpoint) == (Kind.REPOINT, NEW)
+
+
 def test_observe_tracks_changes():
     mem = Memory().observe(10, 20, 5.0)
     assert (mem.rx_bytes, mem.rx_changed_at, mem.tx_bytes, mem.tx_changed_at) == (10, 5.0, 20, 5.0)

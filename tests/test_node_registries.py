@@ -73,6 +73,14 @@ def rec(endpoint: Endpoint | None, *, handshake: float | None = None,
      [Heard(rec(E1), True, 1.0), Heard(rec(E2), False, 9.0)], rec(E1)),
     ("a registry that went away still counts while no live one lists the peer",
      [Heard(rec(E2), False, 9.0)], rec(E2)),
+    ("a registry that has not observed the peer (restarted on a device that has not heard "
+     "from it yet) says nothing of where it is, though heard last",
+     [Heard(rec(E1), True, 1.0), Heard(rec(None), True, 2.0)], rec(E1)),
+    ("an endpoint a registry that went away observed beats none from a live one",
+     [Heard(rec(E1), False, 1.0), Heard(rec(None), True, 2.0)], rec(E1)),
+    ("nobody observed the peer: the live registry's record",
+     [Heard(rec(None, reported=REPORT), False, 3.0), Heard(rec(None), True, 1.0)],
+     rec(None, reported=REPORT)),
     ("heard at once (--once): the later handshake its registry saw",
      [Heard(rec(E1, handshake=200.0), True, 1.0), Heard(rec(E2, handshake=100.0), True, 1.0)],
      rec(E1, handshake=200.0)),
@@ -153,6 +161,32 @@ async def test_the_merged_stream_follows_the_newest_record_and_a_registry_going_
     a.view.apply(PunchEvent(6, only_b, E1, True))  # a never listed it: forwarded all the same
     assert await following(stream) == PunchEvent(6, only_b, E1, True)
     assert regs.punched_by[only_b] is a
+    await stream.aclose()
+
+
+async def test_a_registry_back_without_endpoints_does_not_hide_the_others():
+    """A registry restarted on a device that has not heard from the peers yet (a rebooted
+    host) lists them without endpoints: the merged records keep the other registry's, and
+    take its own again once it observes them."""
+    clock = Clock()
+    regs = Registries(None, [(K[6], None), (K[7], None)], clock)  # type: ignore[arg-type]
+    a, b = regs.members
+    peer = K[1]
+    for member in (a, b):
+        member.view.set_health("x", "following", clock.wall())
+    a.view.apply(Snapshot("ea", 5, (PeerRecord(peer, (), E1, None, REPORT, 2),)))
+    b.view.apply(Snapshot("eb", 5, (PeerRecord(peer, (), E1, None, REPORT, 2),)))
+    stream = regs.watch(None, None)
+    assert isinstance(await following(stream), Snapshot)
+
+    clock.now += 1
+    b.view.apply(Snapshot("eb2", 1, (PeerRecord(peer, (), None, None, None, 1),)))
+    assert regs.current[peer].endpoint == E1
+    clock.now += 1
+    b.view.apply(PeerEvent(2, PeerRecord(peer, (), E2, None, None, 2)))  # it observes it
+    event = await following(stream)
+    assert isinstance(event, PeerEvent) and event.peer.endpoint == E2, event
+    assert event.peer.reported == REPORT  # borrowed from a until b has the report again
     await stream.aclose()
 
 

@@ -164,10 +164,11 @@ def _agents(lab: Any, natpunch: str | None) -> Any:
     from .natpunch.wire import RENDEZVOUS_PORT
 
     if natpunch is None:
-        # The relay's kernel path forwards; the lab's registry host is ours to set.
-        lab.ns("registry").run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         agents = Agents(lab, registry_args=["--relay"])
-        agents.start_registry()
+        for name in agents.registries:
+            # The relay's kernel path forwards; the lab's registry hosts are ours to set.
+            lab.ns(name).run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        agents.start_registries()
         agents.start_nodes()
         return agents
     # The key lives in the lab's state directory: removed with the lab.

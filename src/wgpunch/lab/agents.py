@@ -3,6 +3,11 @@
 Each runs as a user would run it, through the CLI, in its host's namespace, logging JSON lines
 to `<lab state dir>/<host>.agent.log`. They start in their own session, so a lab left up by
 `wgpunch lab up --agents` keeps them; `lab down` kills everything inside its namespaces.
+
+A lab with several registries (scenario `registries = N`) runs each by its host's name:
+`start_registry("registry2")`; `stop(name, signal.SIGKILL)` kills one as a crash would, and
+`start_registry(name)` again restarts it on the same device. A node follows each registry
+its host has as a peer (one `--registry` each).
 """
 
 from __future__ import annotations
@@ -43,9 +48,13 @@ class Agents:
         return self.lab.host("registry")
 
     @property
+    def registries(self) -> list[str]:
+        return [node.name for node in self.lab.plan.registries]
+
+    @property
     def nodes(self) -> list[str]:
         return [name for name, host in self.lab.hosts.items()
-                if name != "registry" and host.ifname is not None]
+                if host.node.role == "host" and host.ifname is not None]
 
     def _launch(self, host: str, argv: list[str]) -> subprocess.Popen:
         if host in self.procs and self.procs[host].poll() is None:
@@ -61,12 +70,21 @@ class Agents:
         self.procs[host] = proc
         return proc
 
-    def start_registry(self, *, wait: bool = True) -> None:
-        self._launch("registry", ["registry", "--interface", self.registry.ifname,
-                                  *self.registry_args])
+    def start_registry(self, name: str = "registry", *, wait: bool = True) -> None:
+        """`wgpunch registry` on registry host `name`'s device (again, after `stop`)."""
+        if name not in self.registries:
+            raise LabError(f"lab {self.lab.prefix}: no registry {name!r} "
+                           f"(registries: {', '.join(self.registries)})")
+        registry = self.lab.host(name)
+        assert registry.ifname is not None
+        self._launch(name, ["registry", "--interface", registry.ifname, *self.registry_args])
         if wait:
-            wait_for(lambda: self._listening("-Hltn", API_PORT, "the registry"),
-                     timeout=START_TIMEOUT_S, what="the registry to listen")
+            wait_for(lambda: self._listening("-Hltn", API_PORT, f"the registry {name}", name),
+                     timeout=START_TIMEOUT_S, what=f"the registry {name} to listen")
+
+    def start_registries(self) -> None:
+        for name in self.registries:
+            self.start_registry(name)
 
     def start_rendezvous(self, args: Sequence[str], *, port: int) -> None:
         """`wgpunch rendezvous ARGS` in the registry's host, instead of a registry; waits
@@ -92,12 +110,14 @@ class Agents:
 
     def start_node(self, host: str, *, registry_key: bool = True,
                    interface: bool = True) -> None:
-        """`wgpunch node` in `host`, told the registry's key unless `registry_key` is False
-        (a node following a DNS-SD server needs none), and its interface unless `interface`
-        is False (the node then finds it)."""
+        """`wgpunch node` in `host`, told the key of each registry it has as a peer unless
+        `registry_key` is False (a node following a DNS-SD server needs none), and its
+        interface unless `interface` is False (the node then finds it)."""
         node = self.lab.host(host)
         assert node.ifname is not None
-        key = ["--registry", self.registry.public_key.base64()] if registry_key else []
+        keys = [self.lab.host(name).public_key for name in node.node.registries]
+        key = [arg for k in keys if k is not None for arg in ("--registry", k.base64())
+               ] if registry_key else []
         where = ["--interface", node.ifname] if interface else []
         self._launch(host, ["node", *where, *key, *self.node_args])
 

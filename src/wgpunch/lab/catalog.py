@@ -33,6 +33,9 @@
   over IPv6 fails, and the pair falls back to IPv4.
 - `dual-symmetric`: as `dual-fw`, but both routers are `symmetric` NATs for IPv4 (a pair
   that needs a relay there): direct over IPv6.
+- `two-registries`: two registry hosts (`registry`, `registry2`; DESIGN.md §11); `a` behind
+  `eim` and `b` behind `eim-port` (a NAT that rebinds to a new port once it forgets) have
+  both as peers, `c` behind `eim` only `registry2`.
 
 Where a scenario takes kinds (`matrix-K1-K2`, `lab matrix --kinds`), `K+upnp` is NAT kind K
 whose router also offers port mapping (`Nat(portmap=True)`), e.g. `symmetric+upnp`.
@@ -136,6 +139,14 @@ def _dual(name: str, a_ipv6: str, b_ipv6: str | None, kind: str = "eim") -> Scen
                     f"b {b_has}")
 
 
+def _two_registries() -> Scenario:
+    c = Nat("nc", "eim", (Host("c", registries=("registry2",)),))
+    return Scenario("two-registries", (site("a", "eim"), site("b", "eim-port"), c),
+                    registries=2,
+                    description="two registries: a (eim) and b (eim-port) follow both, c (eim) "
+                    "only registry2")
+
+
 def host_names(count: int) -> Iterator[str]:
     """a, b, ..., z, aa, ab, ..."""
     letters = "abcdefghijklmnopqrstuvwxyz"
@@ -195,6 +206,7 @@ NAMED: dict[str, Callable[[], Scenario]] = {
     "dual-one": lambda: _dual("dual-one", "firewall", None),
     "dual-blocked": lambda: _dual("dual-blocked", "firewall", "blocked"),
     "dual-symmetric": lambda: _dual("dual-symmetric", "firewall", "firewall", "symmetric"),
+    "two-registries": _two_registries,
 }
 PATTERNS = ("mixed-N", "matrix-KIND1-KIND2", "double-HOME-CARRIER")
 

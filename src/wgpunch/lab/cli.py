@@ -51,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "(default: random, wl + 4 hex digits); must not be in use")
     up.add_argument("--json", action="store_true", help="print the description as JSON")
     up.add_argument("--agents", action="store_true",
-                    help="also start `wgpunch registry` in the registry host and `wgpunch node` "
+                    help="also start `wgpunch registry` in each registry host and `wgpunch node` "
                     "in every WireGuard host (they keep running; logs in /run/wgpunch-lab/P/)")
     up.add_argument("--no-registry-peer", dest="registry_peer", action="store_false",
                     help="nodes do not have the registry as a WireGuard peer (for trying "
@@ -134,7 +134,7 @@ def _up(args: argparse.Namespace) -> int:
 
         try:
             agents = Agents(lab)
-            agents.start_registry()
+            agents.start_registries()
             agents.start_nodes()
         except BaseException:
             lab.close()

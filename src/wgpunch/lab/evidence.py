@@ -2,8 +2,8 @@
 agents say: each side's device must hold a recent handshake with the other, on an endpoint at
 the other side's public address (its outermost NAT), which is where the registry sees it too,
 or at its global IPv6 address (no NAT there: `ipv6`); or, for hosts behind one NAT, at the
-other side's own LAN address (the `lan` path); or, for a pair the registry relays, at the
-registry's public address (the `relay` path).
+other side's own LAN address (the `lan` path); or, for a pair a registry relays, at that
+registry's public address (the `relay` path; with several registries, any one's).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Side:
     handshake_age_s: float | None
     rx_bytes: int
     tx_bytes: int
-    relay_ip: str | None = None  # the registry's public address, where its relay listens
+    relay_ips: tuple[str, ...] = ()  # the registries' public addresses, where relays listen
     peer_public_ip6: str | None = None  # the peer's global IPv6 address; None: it has none
 
     @property
@@ -50,7 +50,7 @@ class Side:
 
     @property
     def relay(self) -> bool:
-        return self.relay_ip is not None and self._recent_on(self.relay_ip)
+        return any(self._recent_on(ip) for ip in self.relay_ips)
 
     def _recent_on(self, ip: str) -> bool:
         return (
@@ -110,14 +110,14 @@ def side(lab: Lab, devices: dict[str, DeviceState], host: str, peer: str,
         handshake_age_s=None if mine is None else mine.handshake_age(now),
         rx_bytes=0 if mine is None else mine.rx_bytes,
         tx_bytes=0 if mine is None else mine.tx_bytes,
-        relay_ip=str(lab.host("registry").public_ip),
+        relay_ips=tuple(str(node.public_ip) for node in lab.plan.registries),
         peer_public_ip6=None if other.public_ip6 is None else str(other.public_ip6),
     )
 
 
 def pairs(lab: Lab, devices: dict[str, DeviceState], now: float | None = None) -> list[Pair]:
     now = time.time() if now is None else now
-    names = [n for n, h in lab.hosts.items() if n != "registry" and h.ifname is not None]
+    names = [n for n, h in lab.hosts.items() if h.node.role == "host" and h.ifname is not None]
     return [
         Pair(side(lab, devices, a, b, now), side(lab, devices, b, a, now))
         for i, a in enumerate(names) for b in names[i + 1:]

@@ -3,22 +3,30 @@
 A scenario is a list of *sites* hanging off the core router. A site is a `Host` with a public
 address, or a `Nat` router with hosts and/or further NATs behind it (double NAT, CGNAT). The
 registry (host `registry`) and the core router (`core`) are always there; the registry is
-every WireGuard host's peer. Each node's `link` is the impairment of its link to its parent.
+every WireGuard host's peer. A scenario may ask for more registries (`registries = N`): hosts
+`registry2`, ... `registryN`, each on the core with a public address of its own, each every
+WireGuard host's peer too unless a host names the ones it has (`registries` of a host), as
+several registries a node follows are (DESIGN.md §11). Each node's `link` is the impairment
+of its link to its parent.
 
 Names are 1-6 lowercase letters/digits, starting with a letter (they end up in interface
-names of at most 15 characters together with the prefix); `registry`, `reg`, `core` and
-`lan` are reserved.
+names of at most 15 characters together with the prefix); `registry`, `reg`, `reg2`-`reg9`,
+`core` and `lan` are reserved.
 
 TOML schema (`wgpunch lab up ./my.toml`; every key but the site kinds is optional):
 
     name = "two-homes"            # default: the file name without .toml
     description = "free text"
-    registry = { delay_ms = 5 }   # impairment of the registry's link
+    registry = { delay_ms = 5 }   # impairment of the registry's link (of each registry's)
+    registries = 2                # registry hosts: `registry`, `registry2`, ... (1-9;
+                                  # default 1)
 
     [[site]]                      # a host with a public address
     host = "a"
     wireguard = true              # false: a plain outside host (probes, no WireGuard)
     link = { delay_ms = 20, jitter_ms = 5, loss_pct = 1.0 }
+    registries = ["registry2"]    # the registries it has as peers (and that have it);
+                                  # default: every one
 
     [[site]]                      # a NAT router with hosts behind it
     nat = "eim"                   # kind: see wgpunch.lab.nat.NAT_KINDS
@@ -67,7 +75,14 @@ from .nat import check_kind, check_udp_timeout
 
 NAME_RE = re.compile(r"[a-z][a-z0-9]{0,5}")
 IPV6_POLICIES = ("open", "firewall", "blocked")  # what a NAT router does with IPv6 (lab/ipv6.py)
-RESERVED = frozenset({"registry", "reg", "core", "lan"})
+REGISTRIES_MAX = 9  # one digit in `registryN` and its interface names
+RESERVED = frozenset({"registry", "reg", "core", "lan",
+                      *(f"reg{n}" for n in range(2, REGISTRIES_MAX + 1))})
+
+
+def registry_name(n: int) -> str:
+    """The n-th registry host (from 1): `registry`, then `registry2`, ..."""
+    return "registry" if n == 1 else f"registry{n}"
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,7 @@ class Host:
     link: Impairment = NO_IMPAIRMENT
     wireguard: bool = True
     ipv6: bool = False  # a global IPv6 address too; on the core only (behind a NAT: Nat.ipv6)
+    registries: tuple[str, ...] | None = None  # the registry hosts it peers with; None: all
 
 
 @dataclass(frozen=True)
@@ -142,20 +158,42 @@ class Scenario:
     sites: tuple[Site, ...]
     registry_link: Impairment = NO_IMPAIRMENT
     description: str = field(default="", compare=False)
+    registries: int = 1  # registry hosts: registry_name(1 ... registries)
 
     def __post_init__(self) -> None:
         if not self.sites:
             raise LabError(f"lab: scenario {self.name!r} has no sites")
+        if (not isinstance(self.registries, int) or isinstance(self.registries, bool)
+                or not 1 <= self.registries <= REGISTRIES_MAX):
+            raise LabError(f"lab: scenario {self.name!r}: registries must be a whole number in "
+                           f"1-{REGISTRIES_MAX}, got {self.registries!r}")
         seen: set[str] = set()
         for node, _parent in self.walk():
             if not NAME_RE.fullmatch(node.name) or node.name in RESERVED:
                 raise LabError(
                     f"lab: scenario {self.name!r}: bad name {node.name!r} (1-6 lowercase "
-                    f"letters/digits, starting with a letter; not {', '.join(sorted(RESERVED))})"
+                    "letters/digits, starting with a letter; not registry, reg, reg2-reg9, "
+                    "core or lan)"
                 )
             if node.name in seen:
                 raise LabError(f"lab: scenario {self.name!r}: name {node.name!r} used twice")
             seen.add(node.name)
+            if isinstance(node, Host) and node.registries is not None:
+                self._check_registries(node)
+
+    def _check_registries(self, host: Host) -> None:
+        assert host.registries is not None
+        unknown = [name for name in host.registries if name not in self.registry_names]
+        if (unknown or not host.registries or not host.wireguard
+                or len(set(host.registries)) != len(host.registries)):
+            raise LabError(
+                f"lab: scenario {self.name!r}: host {host.name!r}: registries takes a "
+                f"non-empty list of {', '.join(self.registry_names)} (each once; a WireGuard "
+                f"host's), got {list(host.registries)!r}")
+
+    @property
+    def registry_names(self) -> tuple[str, ...]:
+        return tuple(registry_name(n) for n in range(1, self.registries + 1))
 
     @property
     def uses_ipv6(self) -> bool:
@@ -177,7 +215,7 @@ class Scenario:
 # -- TOML ---------------------------------------------------------------------------------------
 
 _SITE_KEYS = {"host", "wireguard", "nat", "name", "hairpin", "portmap", "hosts", "inside",
-              "link", "udp_timeout_s", "ipv6"}
+              "link", "udp_timeout_s", "ipv6", "registries"}
 
 
 def load_toml(path: Path) -> Scenario:
@@ -191,7 +229,7 @@ def load_toml(path: Path) -> Scenario:
 
 
 def from_dict(data: dict[str, Any], *, default_name: str) -> Scenario:
-    unknown = set(data) - {"name", "description", "registry", "site"}
+    unknown = set(data) - {"name", "description", "registry", "registries", "site"}
     if unknown:
         raise LabError(f"lab: scenario: unknown key(s) {', '.join(sorted(unknown))}")
     counter = iter(range(1, 10_000))
@@ -203,6 +241,7 @@ def from_dict(data: dict[str, Any], *, default_name: str) -> Scenario:
         description=str(data.get("description", "")),
         registry_link=_impairment(data.get("registry", {}), "registry"),
         sites=tuple(_site(site, counter) for site in sites),
+        registries=data.get("registries", 1),
     )
 
 
@@ -221,8 +260,10 @@ def _site(table: Any, counter: Iterator[int]) -> Site:
         if extra:
             raise LabError(f"lab: scenario: host {table['host']!r} cannot have {sorted(extra)}")
         return Host(str(table["host"]), link, bool(table.get("wireguard", True)),
-                    _ipv6_flag(table))
+                    _ipv6_flag(table), _registries(table))
     name = str(table["name"]) if "name" in table else f"nat{next(counter)}"
+    if "registries" in table:
+        raise LabError(f"lab: scenario: NAT {name!r} cannot have registries (its hosts can)")
     hosts = tuple(Host(str(h)) for h in table.get("hosts", []))
     inside = tuple(_site(child, counter) for child in table.get("inside", []))
     ipv6 = table.get("ipv6")
@@ -239,6 +280,16 @@ def _ipv6_flag(table: dict[str, Any]) -> bool:
         raise LabError(f"lab: scenario: host {table['host']!r}: ipv6 takes true or false, "
                        f"got {value!r}")
     return value
+
+
+def _registries(table: dict[str, Any]) -> tuple[str, ...] | None:
+    value = table.get("registries")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise LabError(f"lab: scenario: host {table['host']!r}: registries takes a list of "
+                       f"registry host names, got {value!r}")
+    return tuple(value)
 
 
 def _impairment(table: Any, what: str) -> Impairment:

@@ -3,25 +3,29 @@
 Pure: nothing here runs a command, so the plan can be checked without root.
 
 Addresses (all of them exist only inside the lab's namespaces):
-- core <-> registry: 192.0.2.0/30, core .1, registry .2 (TEST-NET-1).
+- core <-> registry: 192.0.2.0/30, core .1, registry .2 (TEST-NET-1); core <-> the n-th
+  registry (`registryN`, from 2): the n-th /30 of TEST-NET-1, 192.0.2.<4n-4>/30, core
+  .<4n-3>, registry .<4n-2>.
 - core <-> top-level site k: a /30 from 198.51.100.0/24 (k < 64), then 203.0.113.0/24
   (k < 128): core .4k+1, site .4k+2. A site's address there is its public address.
 - LAN of the n-th NAT (walk order, from 1): 192.168.n.0/24 for a home router (only hosts
   behind it), 100.64.n.0/24 (the CGNAT range, RFC 6598) when a NAT sits behind it. Router
   .1, the i-th node behind it .10+i.
 - IPv6, only in a scenario that asks for it (sub-prefixes of the documentation prefix
-  2001:db8::/32, RFC 3849; never NATed): core <-> registry 2001:db8:0:ffff::/64, core <->
-  top-level site k 2001:db8:0:k::/64 (core ::1, site ::2), the LAN of the n-th NAT (one that
-  routes IPv6, directly on the core) 2001:db8:n::/64 (router ::1, the i-th host ::a+i, as
-  on IPv4), routed by the core to the router's uplink address.
-- Tunnel: 10.99.0.0/24; the registry is 10.99.0.254, WireGuard hosts 10.99.0.1, .2, ... in
-  walk order. Every device listens on 51820, as an unconfigured install would.
+  2001:db8::/32, RFC 3849; never NATed): core <-> registry 2001:db8:0:ffff::/64 (the n-th
+  registry's 2001:db8:0:<ffff - (n-1)>::/64), core <-> top-level site k 2001:db8:0:k::/64
+  (core ::1, site ::2), the LAN of the n-th NAT (one that routes IPv6, directly on the
+  core) 2001:db8:n::/64 (router ::1, the i-th host ::a+i, as on IPv4), routed by the core
+  to the router's uplink address.
+- Tunnel: 10.99.0.0/24; the registry is 10.99.0.254 (the n-th 10.99.0.<255 - n>),
+  WireGuard hosts 10.99.0.1, .2, ... in walk order. Every device listens on 51820, as an
+  unconfigured install would.
 
 Names: namespace `P-<node>`; in node X, the link toward neighbour Y is `P_<Y>` (the registry
-is `reg` in interface names), a NAT's LAN bridge is `P_lan`; the WireGuard interface of host
-H is `P-<H>` (`P-reg` for the registry), unique machine-wide as wireguard-go's socket
-directory requires. An impaired link runs through a namespace `P-<child>-wire` whose ends are
-`P_up` and `P_down` (see `wire.py`).
+is `reg` in interface names, `registryN` is `regN`), a NAT's LAN bridge is `P_lan`; the
+WireGuard interface of host H is `P-<H>` (`P-reg`, `P-reg2`, ... for the registries), unique
+machine-wide as wireguard-go's socket directory requires. An impaired link runs through a
+namespace `P-<child>-wire` whose ends are `P_up` and `P_down` (see `wire.py`).
 """
 
 from __future__ import annotations
@@ -42,12 +46,25 @@ IPv6If = ipaddress.IPv6Interface
 TUNNEL_NET = ipaddress.IPv4Network("10.99.0.0/24")
 REGISTRY_TUNNEL_IP = IPv4("10.99.0.254")
 LISTEN_PORT = 51820
-REGISTRY_NET = ipaddress.IPv4Network("192.0.2.0/30")
+REGISTRIES_NET = ipaddress.IPv4Network("192.0.2.0/24")  # a /30 per registry
+REGISTRY_NET = ipaddress.IPv4Network("192.0.2.0/30")  # the first registry's
 PUBLIC_POOLS = (ipaddress.IPv4Network("198.51.100.0/24"), ipaddress.IPv4Network("203.0.113.0/24"))
 SITES_MAX = 64 * len(PUBLIC_POOLS)
 FIRST_CHILD = 10  # .10 is the first node behind a NAT; .1 is the router
 LAB_NET6 = ipaddress.IPv6Network("2001:db8::/32")
-REGISTRY_NET6 = ipaddress.IPv6Network("2001:db8:0:ffff::/64")
+
+
+def registry_net(n: int) -> ipaddress.IPv4Network:
+    """Where the n-th registry (from 1) meets the core."""
+    return list(REGISTRIES_NET.subnets(new_prefix=30))[n - 1]
+
+
+def registry_net6(n: int) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network(f"2001:db8:0:{0xffff - (n - 1):x}::/64")
+
+
+def registry_tunnel_ip(n: int) -> IPv4:
+    return REGISTRY_TUNNEL_IP - (n - 1)
 
 
 def uplink_net6(k: int) -> ipaddress.IPv6Network:
@@ -81,6 +98,7 @@ class Node:
     tunnel_ip: IPv4 | None = None
     public_ip: IPv4 | None = None  # where the internet sees it: its own or the outer NAT's
     nat_chain: tuple[str, ...] = ()  # NAT routers in front of it, nearest first
+    registries: tuple[str, ...] = ()  # WireGuard hosts: the registry hosts it peers with
     # IPv6 (None: none here): on the uplink, its default route, a router's LAN address and
     # what the router does with IPv6 (scenario.IPV6_POLICIES).
     address6: IPv6If | None = None
@@ -122,6 +140,10 @@ class Plan:
     def wireguard_hosts(self) -> list[Node]:
         return [node for node in self.nodes if node.ifname]
 
+    @property
+    def registries(self) -> list[Node]:
+        return [node for node in self.nodes if node.role == "registry"]
+
     def ifname_toward(self, name: str) -> str:
         return link_name(self.prefix, name)
 
@@ -138,7 +160,7 @@ class Plan:
 
 
 def short(name: str) -> str:
-    return "reg" if name == "registry" else name
+    return "reg" + name.removeprefix("registry") if name.startswith("registry") else name
 
 
 def link_name(prefix: str, neighbour: str) -> str:
@@ -153,15 +175,18 @@ def plan(scenario: Scenario, prefix: str) -> Plan:
     ns = lambda name: f"{prefix}-{name}"  # noqa: E731 - a one-line naming rule
     tunnel_ips = iter(TUNNEL_NET.hosts())
     nodes: list[Node] = [Node("core", "core", ns("core"), None, None, None, None)]
-    core_side, registry_side = list(REGISTRY_NET.hosts())
     v6 = scenario.uses_ipv6
-    nodes.append(Node(
-        "registry", "registry", ns("registry"), "core", link_name(prefix, "core"),
-        IPv4If(f"{registry_side}/30"), core_side, scenario.registry_link,
-        ifname=f"{prefix}-reg", tunnel_ip=REGISTRY_TUNNEL_IP, public_ip=registry_side,
-        address6=IPv6If(f"{REGISTRY_NET6[2]}/64") if v6 else None,
-        gateway6=REGISTRY_NET6[1] if v6 else None,
-    ))
+    for n, registry in enumerate(scenario.registry_names, start=1):
+        core_side, registry_side = list(registry_net(n).hosts())
+        net6 = registry_net6(n)
+        nodes.append(Node(
+            registry, "registry", ns(registry), "core", link_name(prefix, "core"),
+            IPv4If(f"{registry_side}/30"), core_side, scenario.registry_link,
+            ifname=f"{prefix}-{short(registry)}", tunnel_ip=registry_tunnel_ip(n),
+            public_ip=registry_side, address6=IPv6If(f"{net6[2]}/64") if v6 else None,
+            gateway6=net6[1] if v6 else None,
+        ))
+    registry_ips = {node.tunnel_ip for node in nodes}
     nat_numbers = iter(range(1, 256))
 
     def add(site: Host | Nat, parent: Node, address: IPv4If, gateway: IPv4,
@@ -175,9 +200,10 @@ def plan(scenario: Scenario, prefix: str) -> Plan:
         if isinstance(site, Host):
             if site.wireguard:
                 tunnel_ip = next(tunnel_ips, None)
-                if tunnel_ip in (None, REGISTRY_TUNNEL_IP):
+                if tunnel_ip is None or tunnel_ip in registry_ips:
                     raise LabError(f"lab: too many WireGuard hosts for {TUNNEL_NET}")
-                node = replace(node, ifname=f"{prefix}-{site.name}", tunnel_ip=tunnel_ip)
+                node = replace(node, ifname=f"{prefix}-{site.name}", tunnel_ip=tunnel_ip,
+                               registries=site.registries or scenario.registry_names)
             nodes.append(node)
             return
         number = next(nat_numbers, None)

@@ -1,8 +1,10 @@
 """WireGuard configurations of the lab's devices, as a user would write them for `wg setconf`.
 
-- The registry lists every node: `AllowedIPs = <node>/32`, no endpoint (it learns them).
-- A node lists the registry with its public endpoint and `PersistentKeepalive = 25`, and every
-  other node with `AllowedIPs = <node>/32` and no endpoint: finding those is wgpunch's job.
+- A registry lists every node that has it (`Node.registries`): `AllowedIPs = <node>/32`, no
+  endpoint (it learns them). Registries are not each other's peers: they share no state.
+- A node lists each of its registries with its public endpoint and `PersistentKeepalive =
+  25`, and every other node with `AllowedIPs = <node>/32` and no endpoint: finding those is
+  wgpunch's job.
 
 The text holds a private key: callers write it with mode 0600 and never print it.
 """
@@ -23,17 +25,18 @@ def device_config(plan: Plan, node: Node, private: Key, public: Mapping[str, Key
     Without `registry_peer` the registry and the nodes are not each other's peers (natpunch:
     the registry host only runs a rendezvous server)."""
     lines = ["[Interface]", f"PrivateKey = {private.base64()}", f"ListenPort = {LISTEN_PORT}"]
-    registry = plan.node("registry")
     for peer in plan.wireguard_hosts:
-        if peer.name == node.name or (node.role == "host" and peer.role == "registry"):
+        if peer.name == node.name or peer.role == "registry":
             continue
-        if not registry_peer and node.role == "registry":
+        if node.role == "registry" and (not registry_peer or node.name not in peer.registries):
             continue
         lines += ["", "[Peer]", f"# {peer.name}", f"PublicKey = {public[peer.name].base64()}",
                   f"AllowedIPs = {peer.tunnel_ip}/32"]
     if node.role == "host" and registry_peer:
-        lines += ["", "[Peer]", "# registry", f"PublicKey = {public['registry'].base64()}",
-                  f"AllowedIPs = {registry.tunnel_ip}/32",
-                  f"Endpoint = {registry.public_ip}:{LISTEN_PORT}",
-                  f"PersistentKeepalive = {KEEPALIVE_S}"]
+        for name in node.registries:
+            registry = plan.node(name)
+            lines += ["", "[Peer]", f"# {name}", f"PublicKey = {public[name].base64()}",
+                      f"AllowedIPs = {registry.tunnel_ip}/32",
+                      f"Endpoint = {registry.public_ip}:{LISTEN_PORT}",
+                      f"PersistentKeepalive = {KEEPALIVE_S}"]
     return "\n".join(lines) + "\n"

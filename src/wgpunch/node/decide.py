@@ -354,12 +354,16 @@ def _decide_live(
 ) -> Decision:
     if punched and (mem.probe_at is None or now - mem.probe_at >= t.probe_timeout_s):
         return Decision(Kind.PROBE, Reason.PUNCH_LIVE, None, t.busy_recheck_s, live=True)
+    stalled = mem.stalled(now, t)
     if (
         target is None
         or target == peer.endpoint
-        or target == mem.cleared_endpoint
+        # A report a probe showed irrelevant stays so while the path answers; once it is
+        # silent, the report is the way out (a relay slot that replaced one of a registry
+        # that went away, while the old slot still forwarded: node/registries.py).
+        or (target == mem.cleared_endpoint and not stalled)
     ):
-        if mem.stalled(now, t):
+        if stalled:
             return _decide_stalled(mem, now, t)
         reason = Reason.ROAMED if target == peer.endpoint else Reason.LIVE
         return Decision(Kind.LEAVE, reason, recheck_s=t.idle_recheck_s, live=True)

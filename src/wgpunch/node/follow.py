@@ -99,6 +99,9 @@ class RegistryView:
         self.directs: dict[Key, Endpoint] = {}
         self.mapped: Endpoint | None = None  # our port mapping on our NAT (node/portmap/)
         self.me: Key | None = None  # our key, once the device is read
+        # With several registries, the one this view is of (node/registries.py): its own
+        # changes are logged with its key, apart from the merged record the agent goes by.
+        self.registry: Key | None = None
         # Set when the endpoint the registry observes for us changes (measure_nat).
         self.observed_changed = asyncio.Event()
 
@@ -127,10 +130,13 @@ class RegistryView:
             if old is not None:
                 self._note_flips(old, event.peer)
             if old is not None and old.endpoint != event.peer.endpoint:
+                which = {} if self.registry is None else {"registry": str(self.registry)}
                 log.info(
-                    "registry: peer %s endpoint %s -> %s",
+                    "registry%s: peer %s endpoint %s -> %s",
+                    "" if self.registry is None else f" {self.registry}",
                     event.peer.public_key, old.endpoint, event.peer.endpoint,
-                    extra={"event": "endpoint_changed", "peer": str(event.peer.public_key)},
+                    extra={"event": "endpoint_changed", "peer": str(event.peer.public_key),
+                           **which},
                 )
             self.peers[event.peer.public_key] = event.peer
         elif isinstance(event, RemovedEvent):

@@ -22,8 +22,10 @@ class Heard:
 def newest(heard: Iterable[Heard]) -> PeerRecord | None:
     """The record of a peer the agent goes by, from what each registry says about it.
 
-    The rule: a registry whose stream is up beats one that is not (what a registry that went
-    away said is kept, but only while no live one lists the peer); then the observation
+    The rule: a record with an endpoint beats one without (a registry that has not observed
+    the peer, one restarted on a device that has not heard from it yet, says nothing of where
+    it is); then a registry whose stream is up beats one that is not (what a registry that
+    went away said is kept, but only while no live one observes the peer); then the observation
     heard last wins, by our own clock (the order the streams delivered it: each registry's
     records change only when its interface observes something new, and a snapshot that
     repeats a record unchanged does not make it newer); then the later handshake the
@@ -42,9 +44,10 @@ def newest(heard: Iterable[Heard]) -> PeerRecord | None:
     return best
 
 
-def _rank(heard: Heard) -> tuple[bool, float, float]:
+def _rank(heard: Heard) -> tuple[bool, bool, float, float]:
     handshake = heard.record.latest_handshake
-    return heard.following, heard.changed_at, -math.inf if handshake is None else handshake
+    return (heard.record.endpoint is not None, heard.following, heard.changed_at,
+            -math.inf if handshake is None else handshake)
 
 
 def same(a: PeerRecord | None, b: PeerRecord | None) -> bool:

@@ -55,8 +55,9 @@ class MemberView(RegistryView):
     """A member's own view: as RegistryView, and the merge hears of every change, with the
     records it touched as they were before (None: not listed)."""
 
-    def __init__(self, changed: Changed) -> None:
+    def __init__(self, registry: Key, changed: Changed) -> None:
         super().__init__()
+        self.registry = registry
         self._changed = changed
 
     def apply(self, event: Event) -> None:
@@ -89,7 +90,7 @@ class Member:
                  ) -> None:
         self.key = key
         self.client = client
-        self.view = MemberView(lambda event, before: changed(self, event, before))
+        self.view = MemberView(key, lambda event, before: changed(self, event, before))
         self.heard_at: dict[Key, float] = {}  # per peer: Heard.changed_at
         self.last_event: float | None = None  # wall time of its last stream item
         self.report_sent: Reported | None = None  # the report it has from us; None: owed
@@ -174,10 +175,12 @@ class Registries:
         if member.view.reported.is_set():  # it restarted (a new epoch): it lost our report
             member.view.reported.clear()
             member.report_sent = None
-            for peer in [p for p, m in self.relayed_by.items() if m is member]:
-                del self.relayed_by[peer]  # its slots went with it
-                if self._view is not None:
-                    self._view.relays.pop(peer, None)
+            self._drop_slots(member)  # its slots went with it
+        elif event is None and not member.following:
+            # Away: its relay may be gone with it, and a slot that is not answered again
+            # would be retried only through it. Dropped, a relayed session that still sends
+            # there asks for a new slot at once, through a registry that follows (relay.py).
+            self._drop_slots(member)
         for key, old in before.items():
             record = member.view.peers.get(key)
             if record is None:
@@ -197,6 +200,13 @@ class Registries:
             self._ready.set()
         if member.following and member.report_sent is None and self._view is not None:
             self._view.reported.set()  # the agent reports, and this member gets it
+
+    def _drop_slots(self, member: Member) -> None:
+        for peer in [p for p, m in self.relayed_by.items() if m is member]:
+            del self.relayed_by[peer]
+            if self._view is not None:
+                self._view.relays.pop(peer, None)
+                self._view.wake.set()
 
     def _summarise(self, view: RegistryView) -> None:
         """The agent's one link to "the registries" (the merged stream, which never breaks
