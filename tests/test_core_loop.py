@@ -443,7 +443,11 @@ def test_a_bogus_endpoint_from_the_registry_does_not_move_a_working_path(lab_pre
         assert sent - received <= 1, out
         left_alone = [e for e in log_entries(agents, "a")
                       if "left alone" in e["msg"] and BOGUS_ENDPOINT in e["msg"]]
-        assert left_alone, log_entries(agents, "a")
+        # Or b's next packet roamed the registry's device back before a's probe was judged
+        # (a loaded machine): a then saw b's real endpoint again, and nothing was suspect.
+        back = [e for e in events(agents, "a", "endpoint_changed", peer=b_key)
+                if e["msg"].endswith(f"{BOGUS_ENDPOINT} -> {real}")]
+        assert left_alone or back, log_entries(agents, "a")
         assert not events(agents, "a", "repoint"), log_entries(agents, "a")
         assert pair(lab).b.endpoint is not None and pair(lab).direct
         print(f"\nbogus report reached a {seen_after:.3f} s after the wg set; a's rx from b "
