@@ -1,4 +1,4 @@
-"""config.py: one loader for flags, WGPUNCH_* variables and TOML files, checked against each
+"""config/: one loader for flags, WGPUNCH_* variables and TOML files, checked against each
 command's schema; the one read_token; the example configs in docs/examples. In-process, no
 root, no sockets."""
 
@@ -11,7 +11,10 @@ import pytest
 
 from wgpunch import config
 from wgpunch.cli import build_parser
-from wgpunch.config import NODE, REGISTRY, RELAY, RENDEZVOUS, SCHEMAS, read_token
+from wgpunch.config import read_token
+from wgpunch.config.node import NODE
+from wgpunch.config.registry import REGISTRY, RELAY
+from wgpunch.config.rendezvous import DEFAULT_LEGACY, RENDEZVOUS, RendezvousConfig
 from wgpunch.errors import ConfigError
 from wgpunch.keys import Key
 from wgpunch.natpunch import cli as rendezvous_cli
@@ -23,6 +26,8 @@ from wgpunch.wg.device import DeviceState, PeerState
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 KEY = "Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="  # 32 bytes of text: a well-formed key
 NEEDS = {"registry": 'interface = "wg0"\n', "node": 'interface = "wg0"\n', "rendezvous": ""}
+
+SCHEMAS = config.schemas()
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +109,7 @@ def test_the_message_reads_as_the_design_says(tmp_path):
      ()),
     ("dns_self false: none", "registry", "dns_self = false", "dns_self", None),
     ("legacy true: the default address", "rendezvous", "legacy = true", "legacy",
-     config.DEFAULT_LEGACY),
+     DEFAULT_LEGACY),
     ("legacy false: off", "rendezvous", "legacy = false", "legacy", None),
     ("an endless ttl is more than 0", "rendezvous", "peer_ttl = inf", "peer_ttl", math.inf),
 ])
@@ -186,7 +191,7 @@ def test_required_key_missing_everywhere(tmp_path):
     ("dns_self false", "registry", {"WGPUNCH_DNS_SELF": "False"}, "dns_self", None),
     ("dns_self arguments", "registry", {"WGPUNCH_DNS_SELF": "192.0.2.1:51820,10.0.0.0/24"},
      "dns_self", ("192.0.2.1:51820", "10.0.0.0/24")),
-    ("legacy yes", "rendezvous", {"WGPUNCH_LEGACY": "yes"}, "legacy", config.DEFAULT_LEGACY),
+    ("legacy yes", "rendezvous", {"WGPUNCH_LEGACY": "yes"}, "legacy", DEFAULT_LEGACY),
     ("legacy off", "rendezvous", {"WGPUNCH_LEGACY": "off"}, "legacy", None),
     ("legacy address", "rendezvous", {"WGPUNCH_LEGACY": "127.0.0.1:9"}, "legacy",
      "127.0.0.1:9"),
@@ -499,7 +504,7 @@ def test_help_lists_every_key_flag_and_variable(schema, capsys):
 
 def test_schema_and_settings_type_cannot_drift():
     with pytest.raises(TypeError, match="differ: \\['listen'\\]"):
-        config.Schema("x", RENDEZVOUS.options[1:], config.RendezvousConfig)
+        config.Schema("x", RENDEZVOUS.options[1:], RendezvousConfig)
 
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=lambda s: s.command)

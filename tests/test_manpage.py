@@ -17,7 +17,7 @@ import wgpunch
 pytest.importorskip("argparse_manpage", reason="argparse-manpage (the test extra) is missing")
 
 from wgpunch import manpage  # after the skip: it needs argparse_manpage
-from wgpunch.config import SCHEMAS
+from wgpunch.config import schemas
 
 SRC = str(Path(wgpunch.__file__).resolve().parents[1])
 
@@ -36,7 +36,7 @@ def test_every_command_has_its_section(page):
 
 def test_the_epilogs_are_there_as_notes(page):
     notes = page.split(".SH NOTES", 1)[1].split(".SH ENVIRONMENT", 1)[0]
-    for schema in SCHEMAS:  # every key's variable
+    for schema in schemas():  # every key's variable
         assert f'.SS "wgpunch {schema.command}"' in notes
         for option in schema.options:
             assert option.env in notes

@@ -3,7 +3,7 @@ registry's help (its NAT probe port, docs/api.md), like `tailscale netcheck`: th
 endpoint, how the NAT maps and filters (node/natprobe.py), port preservation, hairpinning and
 port-mapping protocols (node/lanprobe.py), IPv6, and what that means for peers.
 
-It reads the node's options (config.NODE: `--config` takes the node's file, WGPUNCH_*
+It reads the node's options (config/node.py: `--config` takes the node's file, WGPUNCH_*
 variables apply), needs the registry mode (`--registry`), and changes nothing: it sends
 probes from the WireGuard port on a raw socket beside WireGuard, which a running node agent
 also does.
@@ -19,6 +19,7 @@ from typing import Any
 
 from . import config
 from .commands import help_of
+from .config.node import NATPROBE_PORT, NODE, NodeConfig
 from .errors import ApiError, ConfigError
 from .keys import Key
 from .protocol import NatBehaviour
@@ -49,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "tunnel address)")
     parser.add_argument("--token-file", metavar="FILE", help="bearer token for the registry")
     parser.add_argument("--natprobe-port", type=int, metavar="PORT",
-                        help=f"the registry's NAT probe port (default {config.NATPROBE_PORT})")
+                        help=f"the registry's NAT probe port (default {NATPROBE_PORT})")
     parser.add_argument("--config", metavar="FILE", help="the node's TOML file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
@@ -149,7 +150,7 @@ def render(r: Report) -> str:
     return "\n".join(text + [""] + [f"- {line}" for line in meaning(r)])
 
 
-async def check(options: config.NodeConfig) -> Report:
+async def check(options: NodeConfig) -> Report:
     from .node import lanprobe
     from .node.addresses import local_addresses
     from .node.client import RegistryClient
@@ -221,7 +222,7 @@ async def _observed(client: Any, me: Key) -> Endpoint | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = config.load(config.NODE, vars(args), config=args.config)
+    options = config.load(NODE, vars(args), config=args.config)
     report = asyncio.run(check(options))
     print(json.dumps(report.to_json(), indent=1) if args.json else render(report))
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import config, sdnotify
 from ..commands import help_of
+from ..config.rendezvous import RENDEZVOUS, RendezvousConfig
 from ..errors import ConfigError
 from ..keys import Key, public_key
 from ..wg.device import Endpoint
@@ -29,7 +30,7 @@ from .wire import LEGACY_PORT, RENDEZVOUS_PORT
 log = logging.getLogger(__name__)
 
 DEFAULTS = Limits()
-DEFAULT_KEY: Path = config.RENDEZVOUS.option("key").default
+DEFAULT_KEY: Path = RENDEZVOUS.option("key").default
 
 
 def parse_endpoint(text: str, default_port: int, what: str) -> Endpoint:
@@ -51,7 +52,7 @@ class Settings:
     limits: Limits
 
 
-def settings_from(options: config.RendezvousConfig) -> Settings:
+def settings_from(options: RendezvousConfig) -> Settings:
     """The addresses parsed; the files (key, allow-list) are read only when serving."""
     listen = tuple(parse_endpoint(text, RENDEZVOUS_PORT, options.origin("listen"))
                    for text in options.listen)
@@ -122,7 +123,7 @@ async def serve(settings: Settings) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = config.load(config.RENDEZVOUS, vars(args), config=args.config)
+    options = config.load(RENDEZVOUS, vars(args), config=args.config)
     if args.print_key:
         print(public_key(keyfile.load_or_create(options.key)))
         return 0
@@ -151,7 +152,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             f"source, an IPv4 address or an IPv6 /64 (burst {DEFAULTS.handshake_burst:g}). "
             "IPv4 and IPv6: an IPv6 endpoint is answered in 18 bytes, which natpunch-go's "
             "client cannot read; the legacy protocol carries IPv4 only.", 88)
-        + "\n\n" + config.epilog(config.RENDEZVOUS),
+        + "\n\n" + config.epilog(RENDEZVOUS),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from .. import config, sdnotify
 from ..commands import help_of
+from ..config.node import NATPROBE_PORT, NODE, NodeConfig
 from ..errors import ChangeRefused, ConfigError, DeviceError, WgpunchError
 from ..keys import Key
 from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
@@ -68,7 +69,7 @@ class Settings:
 
 def settings_from(args: argparse.Namespace,
                   environ: Mapping[str, str] | None = None) -> Settings:
-    options = config.load(config.NODE, vars(args), config=args.config, environ=environ)
+    options = config.load(NODE, vars(args), config=args.config, environ=environ)
     modes = [m for m in MODES if getattr(options, m)]
     if len(modes) > 1:
         raise ConfigError(
@@ -120,7 +121,7 @@ def settings_from(args: argparse.Namespace,
     )
 
 
-def _key(options: config.NodeConfig, name: str) -> Key | None:
+def _key(options: NodeConfig, name: str) -> Key | None:
     text = getattr(options, name)
     if not text:
         return None
@@ -137,7 +138,7 @@ def registries_of(state: DeviceState, registries: tuple[Key, ...]) -> tuple[Key,
     return found
 
 
-def _metrics_listen(options: config.NodeConfig) -> Endpoint | None:
+def _metrics_listen(options: NodeConfig) -> Endpoint | None:
     if not options.metrics_listen:
         return None
     from ..exposition import parse_address  # prometheus_client: only when asked for
@@ -385,7 +386,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=textwrap.fill(
             "The agent writes its view of each peer's path to /run/wgpunch/IF.json, which "
             "`wgpunch status` shows, and locks /run/wgpunch/IF.lock: a second agent on IF "
-            "exits at once, naming the first one's pid.", 88) + "\n\n" + config.epilog(config.NODE),
+            "exits at once, naming the first one's pid.", 88) + "\n\n" + config.epilog(NODE),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -452,7 +453,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--natprobe-port", type=int, metavar="PORT",
         help="the registry's NAT probe port (UDP, at the registry peer's endpoint address): "
         "the node measures how its NAT maps and filters there and reports it, so that the "
-        f"registry can tell who initiates (default {config.NATPROBE_PORT}; 0: do not "
+        f"registry can tell who initiates (default {NATPROBE_PORT}; 0: do not "
         "measure)",
     )
     parser.add_argument(

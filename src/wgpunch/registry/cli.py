@@ -1,4 +1,4 @@
-"""`wgpunch registry`: options from flags, the environment and a TOML file (config.py), then
+"""`wgpunch registry`: options from flags, the environment and a TOML file (config/), then
 serve until a signal. Every mistake in them is a `ConfigError`: one line, no traceback."""
 
 from __future__ import annotations
@@ -11,6 +11,13 @@ from pathlib import Path
 
 from .. import config
 from ..commands import help_of
+from ..config.registry import (
+    DEFAULT_RELAY_PORTS,
+    NATPROBE_PORT,
+    REGISTRY,
+    RELAY_CONTROL_PORT,
+    RegistryConfig,
+)
 from ..errors import ChangeRefused, ConfigError
 from ..protocol import API_PORT
 from ..wg.device import Endpoint, IPAddress, IPNetwork
@@ -31,7 +38,7 @@ TTL 0; other names in Z: NXDOMAIN; names outside Z: REFUSED. Like the API, it li
 IF's tunnel addresses by default, and answers only queries from peers' tunnel addresses (and
 networks given with --dns-allow): anyone it answers learns every node's endpoint.
 
-{config.epilog(config.REGISTRY)}"""
+{config.epilog(REGISTRY)}"""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -71,7 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--poll-interval", metavar="SECONDS", type=float,
         help="how often to read IF for peers' endpoints (default 0.2; "
-             f"{config.REGISTRY.option('poll_interval').bounds})",
+             f"{REGISTRY.option('poll_interval').bounds})",
     )
     parser.add_argument(
         "--dns", metavar="[ADDR:]PORT", action="append",
@@ -99,10 +106,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
              "else gets no answer over UDP and a closed connection over TCP",
     )
     parser.add_argument(
-        "--relay", metavar="FIRST-LAST", nargs="?", const=config.DEFAULT_RELAY_PORTS,
+        "--relay", metavar="FIRST-LAST", nargs="?", const=DEFAULT_RELAY_PORTS,
         help="also relay WireGuard between nodes that cannot reach each other (docs/api.md, "
              "POST /v1/relay), on these UDP ports, two per pair (default "
-             f"{config.DEFAULT_RELAY_PORTS}); ciphertext only, forwarded by nftables once "
+             f"{DEFAULT_RELAY_PORTS}); ciphertext only, forwarded by nftables once "
              "both sides are bound",
     )
     parser.add_argument(
@@ -117,7 +124,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--relay-remote", metavar="IP[:PORT]", action="append",
         help="also hand out slots on the relay on another host whose control API "
-             f"(`wgpunch relay --control`) is at IP:PORT (port {config.RELAY_CONTROL_PORT} if "
+             f"(`wgpunch relay --control`) is at IP:PORT (port {RELAY_CONTROL_PORT} if "
              "none); nodes relayed there send to IP. Repeat for several: a new pair gets the "
              "least loaded that answers, else the registry's own (--relay)",
     )
@@ -128,7 +135,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--natprobe-port", metavar="PORT", type=int,
         help="answer NAT probes (docs/api.md) on this UDP port of every address: nodes learn "
-             f"how their NAT maps and filters (default {config.NATPROBE_PORT}; 0: off). "
+             f"how their NAT maps and filters (default {NATPROBE_PORT}; 0: off). "
              "Must be reachable from the internet, like the WireGuard port",
     )
     parser.add_argument(
@@ -156,7 +163,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def settings_from(args: argparse.Namespace,
                   environ: Mapping[str, str] | None = None) -> Settings:
-    options = config.load(config.REGISTRY, vars(args), config=args.config, environ=environ)
+    options = config.load(REGISTRY, vars(args), config=args.config, environ=environ)
     listen = tuple(dict.fromkeys(
         options.parsed("listen", parse_listen, text) for text in options.listen))
     return Settings(options.interface, listen, options.token_file, options.poll_interval,
@@ -165,7 +172,7 @@ def settings_from(args: argparse.Namespace,
                     metrics_listen=_metrics_listen(options))
 
 
-def relay_settings(options: config.RegistryConfig) -> RelaySettings | None:
+def relay_settings(options: RegistryConfig) -> RelaySettings | None:
     from .relayslots import port_range
 
     if options.relay is None:
@@ -178,7 +185,7 @@ def relay_settings(options: config.RegistryConfig) -> RelaySettings | None:
                          not options.relay_userspace)
 
 
-def _remote_relays(options: config.RegistryConfig) -> RemoteRelaySettings | None:
+def _remote_relays(options: RegistryConfig) -> RemoteRelaySettings | None:
     if not options.relay_remote:
         if options.relay_secret_file is not None:
             raise ConfigError("registry: --relay-secret-file needs --relay-remote")
@@ -194,7 +201,7 @@ def _remote_relays(options: config.RegistryConfig) -> RemoteRelaySettings | None
 def control_endpoint(text: str) -> Endpoint:
     """A relay's control API: IP or IP:PORT ([IPv6]:PORT), port RELAY_CONTROL_PORT if none."""
     try:
-        return Endpoint.parse(text, config.RELAY_CONTROL_PORT)
+        return Endpoint.parse(text, RELAY_CONTROL_PORT)
     except ChangeRefused as error:
         raise ConfigError(f"relay control API: {error}") from None
 
@@ -206,7 +213,7 @@ def relay_address(text: str) -> IPAddress:
         raise ConfigError(f"registry: relay address {text!r} is not an IP address") from None
 
 
-def _natprobe_settings(options: config.RegistryConfig) -> ProbeSettings | None:
+def _natprobe_settings(options: RegistryConfig) -> ProbeSettings | None:
     port = options.natprobe_port
     if not port:
         if options.natprobe_alt_address or options.natprobe_alt_port:
@@ -233,7 +240,7 @@ def _address(text: str) -> IPAddress:
             from None
 
 
-def _metrics_listen(options: config.RegistryConfig) -> Endpoint | None:
+def _metrics_listen(options: RegistryConfig) -> Endpoint | None:
     if not options.metrics_listen:
         return None
     from ..exposition import parse_address  # prometheus_client: only when asked for
@@ -242,7 +249,7 @@ def _metrics_listen(options: config.RegistryConfig) -> Endpoint | None:
                           options.metrics_listen)
 
 
-def _dns_settings(options: config.RegistryConfig) -> DnsSettings | None:
+def _dns_settings(options: RegistryConfig) -> DnsSettings | None:
     if not options.dns:
         if options.zone or options.dns_self is not None or options.dns_allow:
             raise ConfigError("registry: --zone, --dns-self and --dns-allow need --dns (where "

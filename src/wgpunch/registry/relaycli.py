@@ -15,13 +15,14 @@ from pathlib import Path
 
 from .. import config, sdnotify
 from ..commands import help_of
+from ..config.registry import DEFAULT_RELAY_PORTS, RELAY, RELAY_CONTROL_PORT
 from ..errors import ConfigError
 from ..keys import Key
 from ..wg.device import Endpoint
 from .cli import control_endpoint, relay_address
 from .serve import RelaySettings, make_relay
 
-EPILOG = config.epilog(config.RELAY)
+EPILOG = config.epilog(RELAY)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -39,14 +40,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--ports", metavar="FIRST-LAST",
-                        help=f"the UDP ports to relay on (default {config.DEFAULT_RELAY_PORTS})")
+                        help=f"the UDP ports to relay on (default {DEFAULT_RELAY_PORTS})")
     parser.add_argument("--address", metavar="IP",
                         help="the relay's public IP (the kernel path's source address)")
     parser.add_argument("--userspace", action="store_true", default=None,
                         help="forward in this process only, never through nftables")
     parser.add_argument("--control", metavar="IP[:PORT]",
                         help="serve the control API a registry allocates slots through on "
-                             f"IP:PORT (port {config.RELAY_CONTROL_PORT} if none); open it to "
+                             f"IP:PORT (port {RELAY_CONTROL_PORT} if none); open it to "
                              "the registry's address only")
     parser.add_argument("--secret-file", metavar="FILE",
                         help="the secret shared with the registry (its --relay-secret-file)")
@@ -74,7 +75,7 @@ class StandaloneSettings:
 def settings_from(args: argparse.Namespace) -> StandaloneSettings:
     from .relayslots import port_range
 
-    options = config.load(config.RELAY, vars(args), config=args.config)
+    options = config.load(RELAY, vars(args), config=args.config)
     address = (None if options.address is None
                else options.parsed("address", relay_address, options.address))
     relay = RelaySettings(options.parsed("ports", port_range, options.ports), address,

@@ -6,10 +6,13 @@ default. Every value is checked against its key's kind and bounds wherever it ca
 mistake is a `ConfigError` that names the key and its origin (`--poll-interval`, `environment
 WGPUNCH_POLL_INTERVAL`, `config /etc/wgpunch/registry.toml: key 'poll_interval'`).
 
-This module checks types, bounds and presence only. Addresses, zones and keys are parsed by
-the daemons' own parsers (Endpoint.parse, parse_listen, Zone.parse, Key.parse), which the
-command modules call on the typed result; `Loaded.origin` tells them where a value came from.
-It imports neither registry/ nor node/, which must not import each other through it.
+This module is the loader and the kinds of values; each command's schema lives in a module of
+its own (node.py; registry.py for the registry and the relay; rendezvous.py), so that a
+daemon loads only its own (bench/startup.py). It checks types, bounds and presence only.
+Addresses, zones and keys are parsed by the daemons' own parsers (Endpoint.parse,
+parse_listen, Zone.parse, Key.parse), which the command modules call on the typed result;
+`Loaded.origin` tells them where a value came from. Neither this package nor its schemas
+import registry/ or node/, which must not import each other through it.
 """
 
 from __future__ import annotations
@@ -26,13 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
-from .errors import ConfigError, WgpunchError
-from .natpunch.limits import Limits
-from .natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
-from .protocol import API_PORT
-from .protocol.probewire import PORT
-
-NATPROBE_PORT = PORT  # the registry's NAT probe port (docs/api.md)
+from ..errors import ConfigError, WgpunchError
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +273,7 @@ def load(schema: Schema[C], flags: Mapping[str, Any], *, config: Path | str | No
         raise ConfigError(f"{layer}: config {path}: unknown key {unknown[0]!r}"
                           + (f" (did you mean {close[0]!r}?)" if close else "")
                           + f"; known: {', '.join(schema.keys)}")
-    _warn_unknown_variables(environ)
+    _warn_unknown_variables(environ, schema)
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for option in schema.options:
@@ -313,13 +310,28 @@ def _convert(layer: str, origin: str, convert: Callable[[Any], Any], value: Any)
         raise ConfigError(f"{layer}: {origin} {exc}, got {value!r}") from None
 
 
-def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
+def _warn_unknown_variables(environ: Mapping[str, str], schema: Schema[Any]) -> None:
     # One environment serves every command, so another command's key is no mistake here;
     # a name no command knows is probably a typo, and silently ignoring it would hide that.
-    known = {option.env for schema in SCHEMAS for option in schema.options}
-    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+    own = {option.env for option in schema.options}
+    others = [n for n in environ if n.startswith(ENV_PREFIX) and n not in own]
+    if not others:
+        return
+    known = {option.env for every in schemas() for option in every.options}
+    for name in sorted(n for n in others if n not in known):
         log.warning("config: environment variable %s is no option of any command; ignored",
                     name)
+
+
+def schemas() -> tuple[Schema[Any], ...]:
+    """Every command's schema (the man page, the examples, telling another command's
+    variable from a typo)."""
+    # Here, not at import: a daemon loads only its own schema's module (bench/startup.py).
+    from .node import NODE
+    from .registry import REGISTRY, RELAY
+    from .rendezvous import RENDEZVOUS
+
+    return (REGISTRY, NODE, RENDEZVOUS, RELAY)
 
 
 def epilog(schema: Schema[Any]) -> str:
@@ -367,196 +379,3 @@ def read_token(path: Path, layer: str = "config") -> str:
         log.warning("%s: token file %s is readable by other users (mode %o; chmod 600 it)",
                     layer, path, stat.S_IMODE(mode))
     return token
-
-
-# -- the schemas ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RegistryConfig(Loaded):
-    interface: str
-    listen: tuple[str, ...]  # empty: the interface's own addresses
-    token_file: Path | None
-    poll_interval: float
-    dns: tuple[str | int, ...]  # empty: no DNS-SD server
-    zone: str | None
-    dns_self: tuple[str, ...] | None  # None: no `self` record
-    dns_allow: tuple[str, ...]  # networks answered besides the peers' tunnel addresses
-    relay: str | None  # a port range; None: no relay
-    relay_address: str | None  # None: nodes use the registry's endpoint address
-    relay_userspace: bool  # never the kernel fast path
-    relay_remote: tuple[str, ...]  # relays on other hosts: IP[:PORT] of their control APIs
-    relay_secret_file: Path | None  # shared with every remote relay
-    natprobe_port: int  # 0: no NAT probe port
-    natprobe_alt_port: int | None  # None: natprobe_port + 1; 0: none
-    natprobe_alt_address: str | None
-    metrics_listen: str | None  # None: no metrics
-
-
-# Our choice: 500 slots of 2 ports, below Linux's ephemeral ports (32768-60999), so that no
-# outgoing socket of the registry host ever holds one.
-DEFAULT_RELAY_PORTS = "31000-31999"
-# A relay's control API (registry/relaycontrol.py): beside the registry's API (51821), the
-# rendezvous server (51822) and the NAT probe (51823, 51824).
-RELAY_CONTROL_PORT = 51825
-
-REGISTRY = Schema("registry", (
-    Option("interface", TEXT, "the WireGuard interface whose peers are the nodes", '"wg0"',
-           required=True),
-    Option("listen", ADDRESSES, f"where the API listens (port {API_PORT} if none); "
-           "default: IF's addresses", f'["10.99.0.254:{API_PORT}"]', default=()),
-    Option("token_file", PATH, "require the bearer token in this file",
-           '"/etc/wgpunch/token"'),
-    # Below 10 ms the reads cost more than they tell; above a minute the registry is no help
-    # in getting peers connected quickly.
-    Option("poll_interval", SECONDS, "how often to read IF's peers while they do not change "
-           "(seconds; four times as often for 5 s after a change)", "0.2", default=0.2,
-           bounds=Bounds(0.01, 60.0)),
-    Option("dns", one_or_list(PORT_OR_ADDRESS, "a port, an address or a list of them",
-                              "ports or addresses"),
-           "serve DNS-SD on PORT (IF's addresses) or ADDR:PORT; a list for several",
-           "5353", default=()),
-    Option("zone", TEXT, "the DNS-SD zone", '"mesh.internal."'),
-    Option("dns_self", switch_or(one_or_list(TEXT, "a list of texts", "texts"), on=()),
-           "publish the registry itself (true, or [IP:PORT] [CIDR ...])",
-           '["192.0.2.1:51820"]'),
-    Option("dns_allow", one_or_list(TEXT, "a network or a list of networks", "networks"),
-           "also answer DNS-SD queries from these networks (default: peers' tunnel "
-           "addresses only)", '["192.0.2.0/24"]', default=()),
-    Option("relay", switch_or(TEXT, on=DEFAULT_RELAY_PORTS),
-           f"relay WireGuard for pairs that cannot reach each other, on UDP ports FIRST-LAST "
-           f"(true: {DEFAULT_RELAY_PORTS})", f'"{DEFAULT_RELAY_PORTS}"'),
-    Option("relay_address", TEXT, "the relay's public IP handed to nodes (default: the "
-           "registry's endpoint as each node has it)", '"192.0.2.1"'),
-    Option("relay_userspace", SWITCH, "forward relayed datagrams in the relay process, never "
-           "through nftables", "false", default=False),
-    Option("relay_remote", ADDRESSES, "relays on other hosts (`wgpunch relay --control`): "
-           f"IP or IP:PORT of each one's control API (port {RELAY_CONTROL_PORT} if none); "
-           "nodes relayed there send to that IP", '["192.0.2.7"]', default=()),
-    Option("relay_secret_file", PATH, "the secret shared with the remote relays (one "
-           "word, at least 32 characters)", '"relay.secret"'),
-    Option("natprobe_port", WHOLE, "UDP port of the NAT probe on every address (0: off)",
-           str(NATPROBE_PORT), default=NATPROBE_PORT, bounds=Bounds(0, 65535)),
-    Option("natprobe_alt_port", WHOLE, "the NAT probe's second port, for filtering "
-           "(default: natprobe_port + 1; 0: none)", str(NATPROBE_PORT + 1),
-           bounds=Bounds(0, 65535)),
-    Option("natprobe_alt_address", TEXT, "a second public address of this host, for the NAT "
-           "probe's filtering test", '"192.0.2.66"'),
-    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
-           "(default: off)", '"127.0.0.1:9587"'),
-), RegistryConfig)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NodeConfig(Loaded):
-    interface: str | None  # None: every WireGuard interface (node/fleet.py)
-    registry: tuple[str, ...]  # several: each interface follows those it has as peers
-    api: str | None
-    token_file: Path | None
-    keepalive: int
-    opener_ttl: int | None  # None: measured (node/punch.py)
-    dns_sd: str | None
-    zone: str | None
-    interval: float
-    natpunch: str | None
-    natpunch_server_key: str | None
-    natpunch_legacy: str | None
-    mesh: bool
-    mesh_exclude: tuple[str, ...]
-    natprobe_port: int  # 0: do not measure the NAT
-    metrics_listen: str | None  # None: no metrics
-    portmap: bool
-
-
-NODE = Schema("node", (
-    Option("interface", TEXT, "the WireGuard interface to steer (default: every one that has "
-           "the registry's peer)", '"wg0"'),
-    Option("registry", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
-           "the registry's public key (a peer of IF); a list: each interface follows those "
-           "it has (several at once: each of them)",
-           '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="', default=()),
-    Option("api", TEXT, f"the registry API's URL (default: its tunnel address, port {API_PORT})",
-           f'"http://10.99.0.254:{API_PORT}"'),
-    Option("token_file", PATH, "bearer token for the registry", '"/etc/wgpunch/token"'),
-    Option("keepalive", WHOLE, "persistent keepalive (seconds) set on peers that have none", "25",
-           default=25, bounds=Bounds(1, 65535)),
-    Option("opener_ttl", WHOLE, "IP TTL of the NAT-opening datagram (default: measured)", "3",
-           bounds=Bounds(1, 255)),
-    Option("dns_sd", TEXT, "follow this wgsd-compatible DNS-SD server (ADDR:PORT) instead",
-           '"10.99.0.254:5353"'),
-    Option("zone", TEXT, "the DNS-SD zone", '"mesh.internal."'),
-    Option("interval", SECONDS, "with dns_sd or natpunch: seconds between polls", "5", default=5.0,
-           bounds=Bounds(0.1, 3600.0)),
-    Option("natpunch", TEXT, f"follow this natpunch server (port {RENDEZVOUS_PORT} if none)",
-           '"rendezvous.example"'),
-    Option("natpunch_server_key", TEXT, "the natpunch server's public key",
-           '"Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="'),
-    Option("natpunch_legacy", TEXT, f"follow this wireguard-tools server (port {LEGACY_PORT} "
-           "if none)", '"rendezvous.example"'),
-    Option("mesh", SWITCH, "add the registry's peers to IF and remove those it drops (only "
-           "peers the mesh added)", "true", default=False),
-    Option("mesh_exclude", one_or_list(TEXT, "a key or a list of keys", "keys as text"),
-           "with mesh: never add these peers", '["Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="]',
-           default=()),
-    Option("natprobe_port", WHOLE, "the registry's NAT probe port (UDP, at its public "
-           "address; 0: do not measure the NAT)", str(NATPROBE_PORT), default=NATPROBE_PORT,
-           bounds=Bounds(0, 65535)),
-    Option("metrics_listen", TEXT, "serve Prometheus metrics at http://ADDR:PORT/metrics "
-           "(default: off)", '"127.0.0.1:9588"'),
-    Option("portmap", SWITCH, "map the listen port on our NAT (PCP, NAT-PMP, UPnP-IGD)",
-           "true", default=True),
-), NodeConfig)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RendezvousConfig(Loaded):
-    listen: tuple[str, ...]  # empty: [::] (or 0.0.0.0 where IPv6 is off)
-    key: Path
-    allow: Path | None
-    legacy: str | None  # None: the legacy protocol is off
-    peer_ttl: float
-    max_peers: int
-
-
-DEFAULT_LEGACY = f"0.0.0.0:{LEGACY_PORT}"
-_LIMITS = Limits()
-
-RENDEZVOUS = Schema("rendezvous", (
-    Option("listen", ADDRESSES, f"where to serve natpunch-go's protocol (port "
-           f"{RENDEZVOUS_PORT} if none)", f'["[::]:{RENDEZVOUS_PORT}"]', default=()),
-    Option("key", PATH, "the server's private key file, made when missing", '"rendezvous.key"',
-           default=Path("/var/lib/wgpunch/rendezvous.key")),
-    Option("allow", PATH, "only these public keys (one per line) may register",
-           '"allowed-keys"'),
-    Option("legacy", switch_or(TEXT, on=DEFAULT_LEGACY), "also serve the UNAUTHENTICATED "
-           f"wireguard-tools protocol (true: {DEFAULT_LEGACY})", "false"),
-    Option("peer_ttl", SECONDS, "forget a node not heard from for this long", "600",
-           default=_LIMITS.peer_ttl_s, bounds=Bounds(0, open_low=True)),
-    Option("max_peers", WHOLE, "the most nodes remembered per protocol", "65536",
-           default=_LIMITS.peers_max, bounds=Bounds(1)),
-), RendezvousConfig)
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RelayConfig(Loaded):
-    ports: str
-    address: str | None
-    userspace: bool
-    control: str | None  # None: no control API, no slots
-    secret_file: Path | None
-
-
-RELAY = Schema("relay", (
-    Option("ports", TEXT, "the UDP ports to relay on, FIRST-LAST, two per pair",
-           f'"{DEFAULT_RELAY_PORTS}"', default=DEFAULT_RELAY_PORTS),
-    Option("address", TEXT, "the relay's public IP, for the kernel path's source address "
-           "(default: the route's)", '"192.0.2.1"'),
-    Option("userspace", SWITCH, "forward in this process only, never through nftables",
-           "false", default=False),
-    Option("control", TEXT, "serve the control API a registry allocates slots through on "
-           f"ADDR or ADDR:PORT (port {RELAY_CONTROL_PORT} if none); without it, no slots",
-           '"192.0.2.7"'),
-    Option("secret_file", PATH, "the secret shared with the registry (one word, at least 32 "
-           "characters; the registry's relay_secret_file)", '"relay.secret"'),
-), RelayConfig)
-
-SCHEMAS: tuple[Schema[Any], ...] = (REGISTRY, NODE, RENDEZVOUS, RELAY)
