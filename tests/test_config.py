@@ -19,6 +19,7 @@ from wgpunch.errors import ConfigError
 from wgpunch.keys import Key
 from wgpunch.natpunch import cli as rendezvous_cli
 from wgpunch.node import cli as node_cli
+from wgpunch.node import serve as node_serve
 from wgpunch.registry import cli as registry_cli
 from wgpunch.registry import relaycli
 from wgpunch.wg.device import DeviceState, PeerState
@@ -421,12 +422,12 @@ def test_which_registry_an_interface_follows():
     mine, other, stranger = (Key(bytes([n]) * 32) for n in (1, 2, 3))
     peers = (PeerState(mine, None, (), None, 0, 0, 0, False),
              PeerState(other, None, (), None, 0, 0, 0, False))
-    assert node_cli.registries_of(DeviceState("wg0", None, 0, 0, peers[:1]),
+    assert node_serve.registries_of(DeviceState("wg0", None, 0, 0, peers[:1]),
                                   (stranger, mine)) == (mine,)
     with pytest.raises(ConfigError, match=r"^node: wg0 has none of the registries given"):
-        node_cli.registries_of(DeviceState("wg0", None, 0, 0, peers[:1]), (stranger,))
+        node_serve.registries_of(DeviceState("wg0", None, 0, 0, peers[:1]), (stranger,))
     # Several: it follows each (node/registries.py), in the order given.
-    assert node_cli.registries_of(DeviceState("wg0", None, 0, 0, peers),
+    assert node_serve.registries_of(DeviceState("wg0", None, 0, 0, peers),
                                   (other, stranger, mine)) == (other, mine)
 
 

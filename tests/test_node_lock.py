@@ -17,8 +17,9 @@ import pytest
 import wgpunch
 from wgpunch.cli import build_parser
 from wgpunch.errors import ConfigError, DeviceNotFound
-from wgpunch.node.cli import serve, settings_from
+from wgpunch.node.cli import settings_from
 from wgpunch.node.lock import agent_lock, lock_file
+from wgpunch.node.serve import serve
 
 SRC = str(Path(wgpunch.__file__).resolve().parents[1])
 KEY = "Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="

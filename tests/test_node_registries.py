@@ -26,6 +26,7 @@ from wgpunch.errors import ConfigError
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.node import cli as node_cli
 from wgpunch.node import pathfile
+from wgpunch.node import serve as node_serve
 from wgpunch.node.agent import Agent
 from wgpunch.node.client import RegistryClient
 from wgpunch.node.edges import SystemClock
@@ -340,7 +341,7 @@ async def test_one_api_url_for_an_interface_with_several_registries_is_refused(n
          reg_b_key.base64(), "--api", "http://127.0.0.1:9"]), environ={})
     with pytest.raises(ConfigError, match=rf"^node: {a.ifname} has several registries as "
                        "peers; --api names one API"):
-        await node_cli.serve(settings, once=True, state_dir=tmp_path)
+        await node_serve.serve(settings, once=True, state_dir=tmp_path)
 
 
 @pytest.mark.lab
@@ -362,7 +363,7 @@ async def test_node_once_with_two_registries_as_the_cli_runs_it(nodes, tmp_path)
         settings = node_cli.settings_from(build_parser().parse_args(
             ["node", "-i", a.ifname, "--registry", reg_a_key.base64(), "--registry",
              reg_b_key.base64(), "--no-portmap", "--natprobe-port", "0"]), environ={})
-        assert await node_cli.serve(settings, once=True, state_dir=tmp_path) == 0
+        assert await node_serve.serve(settings, once=True, state_dir=tmp_path) == 0
     state = await a.device.state()
     assert [state.peer(k).endpoint for k in (b.public, stranger, reg_a_key, reg_b_key)] == [
         Endpoint.parse(f"{b.veth_ip}:{PORT}"), Endpoint.parse(f"192.0.2.3:{PORT}"), REG_A,

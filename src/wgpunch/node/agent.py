@@ -43,7 +43,7 @@ from .upgrade import Upgrades, UpgradeTimings
 from .upgradelink import ProbeChannel, RawProbeChannel
 
 if TYPE_CHECKING:
-    from .mesh import Mesh  # only with --mesh (node/cli.py)
+    from .mesh import Mesh  # only with --mesh (node/serve.py)
 
 log = logging.getLogger(__name__)
 
