@@ -19,9 +19,10 @@ from typing import Any
 
 from . import config
 from .commands import help_of
-from .config.node import NATPROBE_PORT, NODE, NodeConfig
+from .config.node import NODE, NodeConfig
 from .errors import ApiError, ConfigError
 from .keys import Key
+from .ports import NATPROBE_PORT
 from .protocol import NatBehaviour
 from .wg.device import Endpoint
 

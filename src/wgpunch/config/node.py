@@ -6,9 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
-from ..protocol import API_PORT
-from ..protocol.probewire import PORT as NATPROBE_PORT  # the registry's (docs/api.md)
+from ..ports import API_PORT, LEGACY_PORT, NATPROBE_PORT, RENDEZVOUS_PORT
 from . import PATH, SECONDS, SWITCH, TEXT, WHOLE, Bounds, Loaded, Option, Schema, one_or_list
 
 

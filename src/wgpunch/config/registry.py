@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..protocol import API_PORT
-from ..protocol.probewire import PORT as NATPROBE_PORT  # the registry's (docs/api.md)
+from ..ports import API_PORT, NATPROBE_PORT, RELAY_CONTROL_PORT
 from . import (
     ADDRESSES,
     PATH,
@@ -49,9 +48,6 @@ class RegistryConfig(Loaded):
 # Our choice: 500 slots of 2 ports, below Linux's ephemeral ports (32768-60999), so that no
 # outgoing socket of the registry host ever holds one.
 DEFAULT_RELAY_PORTS = "31000-31999"
-# A relay's control API (registry/relaycontrol.py): beside the registry's API (51821), the
-# rendezvous server (51822) and the NAT probe (51823, 51824).
-RELAY_CONTROL_PORT = 51825
 
 REGISTRY = Schema("registry", (
     Option("interface", TEXT, "the WireGuard interface whose peers are the nodes", '"wg0"',

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..natpunch.limits import Limits
-from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
+from ..ports import LEGACY_PORT, RENDEZVOUS_PORT
 from . import ADDRESSES, PATH, SECONDS, TEXT, WHOLE, Bounds, Loaded, Option, Schema, switch_or
 
 

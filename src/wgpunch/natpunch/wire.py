@@ -24,10 +24,10 @@ import struct
 
 from ..errors import MalformedPacket
 from ..keys import KEY_LEN, Key
+from ..ports import LEGACY_PORT as LEGACY_PORT  # re-exported: the protocol's ports
+from ..ports import RENDEZVOUS_PORT as RENDEZVOUS_PORT
 from ..wg.device import Endpoint
 
-LEGACY_PORT = 49918  # fixed in the wireguard-tools example
-RENDEZVOUS_PORT = 51822  # ours (natpunch-go has none): next to the registry API's 51821
 PROLOGUE = b"natpunch-go is the best :)"
 
 HANDSHAKE_INIT = 1

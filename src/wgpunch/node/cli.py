@@ -12,11 +12,10 @@ from urllib.parse import urlsplit
 
 from .. import config
 from ..commands import help_of
-from ..config.node import NATPROBE_PORT, NODE, NodeConfig
+from ..config.node import NODE, NodeConfig
 from ..errors import ChangeRefused, ConfigError, WgpunchError
 from ..keys import Key
-from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
-from ..protocol import API_PORT
+from ..ports import API_PORT, LEGACY_PORT, NATPROBE_PORT, RENDEZVOUS_PORT
 from ..wg.device import Endpoint
 
 MODES = ("registry", "dns_sd", "natpunch", "natpunch_legacy")

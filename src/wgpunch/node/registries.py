@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -117,7 +117,7 @@ class Registries:
         self.clock = clock
         self.members = [Member(key, client, self._changed) for key, client in clients]
         self.keys = frozenset(m.key for m in self.members)
-        self.epoch = secrets.token_hex(8)  # of the merged stream: ours alone
+        self.epoch = os.urandom(8).hex()  # of the merged stream: ours alone; unique, not secret
         self.revision = 0
         self.current: dict[Key, PeerRecord] = {}
         self.punched_by: dict[Key, Member] = {}  # who sent the last punch event, by peer

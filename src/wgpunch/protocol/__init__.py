@@ -14,6 +14,7 @@ Errors are `MalformedMessage` and `RequestRefused` in errors.py.
 
 from __future__ import annotations
 
+from ..ports import API_PORT
 from .codec import (
     dumps,
     heartbeat_json,
@@ -60,8 +61,6 @@ from .roles import (
     pair_of,
     relay_reason,
 )
-
-API_PORT = 51821  # docs/api.md: next to WireGuard's customary 51820
 
 __all__ = [
     "API_PORT",

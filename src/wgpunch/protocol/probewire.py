@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 
 from ..errors import MalformedPacket
+from ..ports import NATPROBE_PORT
 from ..wg.device import Endpoint, IPAddress
 
-PORT = 51823  # the registry's default probe port: 51822 is the rendezvous server's (natpunch)
+PORT = NATPROBE_PORT  # the registry's default probe port (ports.py)
 MAGIC = b"WGNP"
 VERSION = 1
 SIZE = 64  # a reply, and a request without alternates

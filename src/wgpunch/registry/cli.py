@@ -11,15 +11,9 @@ from pathlib import Path
 
 from .. import config
 from ..commands import help_of
-from ..config.registry import (
-    DEFAULT_RELAY_PORTS,
-    NATPROBE_PORT,
-    REGISTRY,
-    RELAY_CONTROL_PORT,
-    RegistryConfig,
-)
+from ..config.registry import DEFAULT_RELAY_PORTS, REGISTRY, RegistryConfig
 from ..errors import ChangeRefused, ConfigError
-from ..protocol import API_PORT
+from ..ports import API_PORT, NATPROBE_PORT, RELAY_CONTROL_PORT
 from ..wg.device import Endpoint, IPAddress, IPNetwork
 from .listen import DNS_PORT, parse_dns_listen, parse_listen
 from .natprobe import ProbeSettings

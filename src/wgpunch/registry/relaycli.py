@@ -15,9 +15,10 @@ from pathlib import Path
 
 from .. import config, sdnotify
 from ..commands import help_of
-from ..config.registry import DEFAULT_RELAY_PORTS, RELAY, RELAY_CONTROL_PORT
+from ..config.registry import DEFAULT_RELAY_PORTS, RELAY
 from ..errors import ConfigError
 from ..keys import Key
+from ..ports import RELAY_CONTROL_PORT
 from ..wg.device import Endpoint
 from .cli import control_endpoint, relay_address
 from .serve import RelaySettings, make_relay
