@@ -24,8 +24,8 @@ from .errors import WgpunchError
 
 
 def build_parser(full: Collection[str] | None = None) -> argparse.ArgumentParser:
-    """The whole parser; with `full`, only the subcommands named there have their own
-    options, and the others only their name and help (enough to list them)."""
+    """The whole parser; with `full`, only the subcommands named there, or with none named,
+    every one with only its name and help (enough to list them: `wgpunch --help`)."""
     parser = argparse.ArgumentParser(
         prog="wgpunch",
         description=(
@@ -41,7 +41,8 @@ def build_parser(full: Collection[str] | None = None) -> argparse.ArgumentParser
     loaded: set[str] = set()
     for name, (module, help_text) in COMMANDS.items():
         if wanted is not None and module not in wanted:
-            subparsers.add_parser(name, help=help_text)
+            if not wanted:  # a named command's run needs no parser of the others (startup.py)
+                subparsers.add_parser(name, help=help_text)
         elif module not in loaded:  # one module may add several subcommands (onboard)
             importlib.import_module(module).add_parser(subparsers)
             loaded.add(module)
