@@ -3,7 +3,7 @@ the registry's peer; any interface with a key for the registries that are no pee
 process. Interfaces are looked for every `rescan_s`: one that appears (wg-quick up) or comes
 to qualify gets an agent, one that vanishes or stops qualifying has its agent stopped.
 
-The supervisor knows nothing of agents: `steer(IF)` runs one until cancelled (cli.py gives it
+The supervisor knows nothing of agents: `steer(IF)` runs one until cancelled (serve.py gives it
 the ordinary single-interface agent, which takes IF's lock, node/lock.py). An agent that ends
 by itself (another agent holds IF's lock, the device went away as it started) is logged once
 per distinct error and started again at a later scan while IF still qualifies.
