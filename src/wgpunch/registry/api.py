@@ -37,6 +37,7 @@ from ..protocol import (
     peers_json,
     reported_from_json,
 )
+from . import kick
 from .auth import Identities, bearer_matches, source_ip
 from .clientlog import ClientLog, quiet_malformed_http
 from .connlimit import Client, ConnectionTable, Guard, Kind
@@ -269,7 +270,8 @@ async def watch(request: web.Request) -> web.StreamResponse:
     since, epoch = watch_query(request.query.items())
     app, caller = request.app, request[CALLER]
     state, timings = app[STATE], app[TIMINGS]
-    stream, first = state.open_stream(caller, since, epoch, now=time.monotonic())
+    stream, first = state.open_stream(caller, since, epoch, now=time.monotonic(),
+                                      address=request.remote)
     _hold(app, stream)
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
 
@@ -400,6 +402,7 @@ def create_app(
     app[PUNCH_RATE] = RateLimiter(limits.punch_burst, limits.punch_per_s)
     app[STREAMS] = {}
     app.cleanup_ctx.append(quiet_malformed_http(app[CLIENT_LOG]))
+    kick.install(app, state, timings)
     if token is not None:
         app[TOKEN] = token
     if observer is not None:
