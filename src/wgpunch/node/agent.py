@@ -28,7 +28,7 @@ from .candidates import CandidateKind, candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
-from .kick import follow_kicks
+from .kick import follow_kicks, open_socket
 from .metrics import NodeMetrics
 from .natidle import IdleProbe, IdleTimings, IdleWatch, probe_idle
 from .natprobe import Channel, NatWatch, RawChannel
@@ -196,10 +196,11 @@ class Agent:
                                                 self.clock, self.probe_live_peers,
                                                 self.view.relink.set, self.open_nat, self.link_t))
                     own = state.peer(self.registry_key)
-                    if self.kick_port is not None and own is not None:
-                        nets = own.allowed_ips
-                        group.create_task(follow_kicks(self.device.name, self.kick_port,
-                                                       self.view, lambda: nets))
+                    kicks = (None if self.kick_port is None or own is None
+                             else open_socket(self.device.name, self.kick_port))
+                    if kicks is not None and own is not None:
+                        nets = own.allowed_ips  # without one, TCP's own retries as before
+                        group.create_task(follow_kicks(kicks, self.view, lambda: nets))
         finally:
             self.upgrades.close()
             pathfile.remove(self.device.name, self.state_dir)

@@ -78,13 +78,11 @@ def open_socket(ifname: str, port: int) -> socket.socket | None:
     return None
 
 
-async def follow_kicks(ifname: str, port: int, view: RegistryView,
+async def follow_kicks(sock: socket.socket, view: RegistryView,
                        registry: Callable[[], Iterable[IPNetwork]],
                        wait_s: float = WAIT_S) -> None:
-    """Take the registry's kicks on `ifname`, forever; `registry`: its tunnel networks now."""
-    sock = open_socket(ifname, port)
-    if sock is None:
-        return  # the stream recovers on TCP's own time, as before kicks
+    """Take the registry's kicks on `sock` (open_socket), forever; `registry`: its tunnel
+    networks now."""
     pending: set[asyncio.Task[None]] = set()
     last: Kick | None = None
 
@@ -105,8 +103,12 @@ async def follow_kicks(ifname: str, port: int, view: RegistryView,
         task.add_done_callback(pending.discard)
 
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: _Kicks(on_kick, registry), sock=sock)
+    try:
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Kicks(on_kick, registry), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     try:
         await asyncio.Future()  # until cancelled
     finally:
