@@ -12,9 +12,9 @@ nodes heard 0.6-1.5 s after the registry saw their new port, 6.8 s once, and eve
 kick sent then reaches the node at once, and the node opens a new stream from its last
 revision instead of waiting for the old one.
 
-Cost: nothing while endpoints stay put. Per move, `Timings.kicks` datagrams of ~30 bytes to
-each stream the node holds, `kick_again_s` apart, while that stream stays open (a node that
-opened a new one closed it).
+Cost: nothing while endpoints stay put. Per move, up to `Timings.kicks` (6) datagrams of ~30
+bytes to each stream the node holds, `kick_again_s` (0.3 s) apart, while that stream stays
+open (a node that opened a new one closed it).
 """
 
 from __future__ import annotations
