@@ -60,6 +60,10 @@ launching the node processes until the pair has the path its kinds call for (dir
 relay where no direct path can exist); p50/p95/max per cell over the runs that got it.
 E.g. `--scenarios '' --cases '' --kinds eim,symmetric,collision --runs 10`.
 
+`--keep-logs DIR`: every recovery run's agent logs (registry, a, b: JSON lines, no keys)
+are copied to DIR/CASE-N/ before its lab goes, and the run's JSON says when the case's
+trouble began (`start_wall`, Unix time), so a slow run can be read event by event.
+
 Prints a table and writes JSON (default bench/results/time_to_direct.json). Needs root.
 """
 
@@ -70,6 +74,7 @@ import asyncio
 import json
 import secrets
 import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -96,6 +101,7 @@ TIMEOUT_S = 30.0
 NATPUNCH_GO_PORT = 12345  # its README's example port, on the registry host
 NO_LOSS_S = 5.0  # flush: replies in sequence for this long after it mean nothing was lost
 RECOVERY_CASES = ("rebind", "flush", "forget", "registry-restart", "late-registry")
+KEPT: dict[str, Any] = {"dir": None, "runs": {}}  # --keep-logs: where, and runs per case
 
 
 def impaired(base: Scenario, name: str, link: Impairment) -> Scenario:
@@ -196,6 +202,18 @@ async def _until(predicate, timeout_s: float, start: float | None = None) -> flo
     return None
 
 
+def keep_logs(lab: Lab, case: str) -> str | None:
+    """With --keep-logs: the lab's agent logs copied to DIR/CASE-N/; that directory."""
+    if KEPT["dir"] is None:
+        return None
+    n = KEPT["runs"][case] = KEPT["runs"].get(case, 0) + 1
+    into = Path(KEPT["dir"]) / f"{case}-{n}"
+    into.mkdir(parents=True, exist_ok=True)
+    for log in state_dir(lab.prefix).glob("*.agent.log"):
+        shutil.copy(log, into / log.name)
+    return str(into)
+
+
 @contextmanager
 def direct_pair(scenario: str | Scenario
                 ) -> Iterator[tuple[Lab, Agents, evidence.Pair | None]]:
@@ -216,7 +234,7 @@ def rebind_run() -> dict[str, Any]:
         if pair is None:
             return {"recovered": False, "setup_failed": True}
         old = pair.a.endpoint
-        start = time.monotonic()
+        start, start_wall = time.monotonic(), time.time()
         lab.forget_mappings(lab.host("b").nat_chain[0])
         seen: dict[str, float] = {}
 
@@ -228,7 +246,8 @@ def rebind_run() -> dict[str, Any]:
             return pairs[0].direct and pairs[0].a.endpoint != old
 
         took = asyncio.run(_until(recovered, 60.0))
-        return {"recovered": took is not None, "recovery_s": took,
+        return {"recovered": took is not None, "recovery_s": took, "start_wall": start_wall,
+                "logs": keep_logs(lab, "rebind"),
                 "registry_saw_new_endpoint_s": seen.get("registry"),
                 "after_registry_s": None if took is None or "registry" not in seen
                 else took - seen["registry"]}
@@ -251,7 +270,11 @@ def flush_run() -> dict[str, Any]:
             replies = [wait_for(lambda: seq_of(ping.stdout.readline()), timeout=5,
                                 what="ping replies") for _ in range(10)]
             last_seq = replies[-1]
-            start = time.monotonic()
+            start, start_wall = time.monotonic(), time.time()
+
+            def done(**result: Any) -> dict[str, Any]:
+                return {**result, "start_wall": start_wall, "logs": keep_logs(lab, "flush")}
+
             for nat in ("na", "nb"):
                 lab.flush_conntrack(nat)
             # Replies already on their way may still arrive: recovery is the first reply
@@ -262,14 +285,14 @@ def flush_run() -> dict[str, Any]:
                 if seq is None:
                     continue
                 if seq > last_seq + 1:
-                    return {"recovered": True, "recovery_s": time.monotonic() - start,
-                            "lost_pings": seq - last_seq - 1}
+                    return done(recovered=True, recovery_s=time.monotonic() - start,
+                                lost_pings=seq - last_seq - 1)
                 last_seq = seq
                 if time.monotonic() - start > NO_LOSS_S:
                     # Every ping answered in turn: the path never broke (the nodes' own
                     # packets mapped them again between two pings).
-                    return {"recovered": True, "recovery_s": 0.0, "lost_pings": 0}
-            return {"recovered": False}
+                    return done(recovered=True, recovery_s=0.0, lost_pings=0)
+            return done(recovered=False)
         finally:
             ping.terminate()
             ping.wait(timeout=5)
@@ -282,24 +305,33 @@ def forget_run() -> dict[str, Any]:
         if pair is None:
             return {"recovered": False, "setup_failed": True}
         old = (pair.a.endpoint, pair.b.endpoint)
-        start = time.monotonic()
+        start, start_wall = time.monotonic(), time.time()
         for host in (pair.a.host, pair.b.host):
             lab.forget_mappings(lab.host(host).nat_chain[0])
+        seen: dict[str, float] = {}  # when each new endpoint showed, in s after the start
 
         async def recovered() -> bool:
             now, = evidence.pairs(lab, await evidence.read_devices(lab))
+            for name, new in (("registry_sees_b", now.a.registry_sees != old[0]),
+                              ("registry_sees_a", now.b.registry_sees != old[1]),
+                              ("a_sets_b", now.a.endpoint != old[0]),
+                              ("b_sets_a", now.b.endpoint != old[1])):
+                if new and name not in seen:
+                    seen[name] = round(time.monotonic() - start, 3)
             return now.direct and now.a.endpoint != old[0] and now.b.endpoint != old[1]
 
         took = asyncio.run(_until(recovered, 60.0, start))
-        return {"recovered": took is not None, "recovery_s": took}
+        return {"recovered": took is not None, "recovery_s": took, "start_wall": start_wall,
+                "seen_s": seen, "logs": keep_logs(lab, "forget")}
 
 
 def registry_restart_run(after_s: float) -> dict[str, Any]:
     """The registry killed with SIGKILL, started again `after_s` later."""
-    with direct_pair("easy") as (_lab, agents, pair):
+    with direct_pair("easy") as (lab, agents, pair):
         if pair is None:
             return {"recovered": False, "setup_failed": True}
         before = {h: _count(agents, h, "registry_connected") for h in ("a", "b")}
+        start_wall = time.time()
         agents.stop("registry", signal.SIGKILL)
         time.sleep(after_s)  # the outage itself, not a synchronisation
         serving_before = _count(agents, "registry", "serving")
@@ -311,9 +343,11 @@ def registry_restart_run(after_s: float) -> dict[str, Any]:
                                  timeout=60, what=f"{h} to follow the registry again")
                         for h in ("a", "b")]
         except LabError as error:  # a run that fails is a result
-            return {"recovered": False, "error": str(error)}
+            return {"recovered": False, "error": str(error), "start_wall": start_wall,
+                    "logs": keep_logs(lab, "registry-restart")}
         return {"recovered": True, "recovery_s": max(followed) - serving,
-                "per_node_s": [t - serving for t in followed]}
+                "per_node_s": [t - serving for t in followed], "start_wall": start_wall,
+                "logs": keep_logs(lab, "registry-restart")}
 
 
 def _count(agents: Agents, host: str, name: str) -> int:
@@ -368,7 +402,8 @@ def late_registry_run() -> dict[str, Any]:
         took = asyncio.run(_until(direct, TIMEOUT_S))
         return {"recovered": took is not None, "recovery_s": max(seen.values(), default=None)
                 if len(seen) == 2 else None, "direct_s": took,
-                "registry_handshake_s": seen}
+                "registry_handshake_s": seen, "start_wall": added_wall,
+                "logs": keep_logs(lab, "late-registry")}
 
 
 def grid(cells: list[matrix.Cell], runs: int, timeout_s: float) -> tuple[list[dict[str, Any]],
@@ -438,6 +473,8 @@ def main() -> int:
     parser.add_argument("--no-bytecode", action="store_true",
                         help="do not compile wgpunch first: each agent compiles what it "
                              "imports if the environment says so (PYTHONDONTWRITEBYTECODE)")
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR",
+                        help="copy each recovery run's agent logs to DIR/CASE-N/")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "time_to_direct.json"))
     which = parser.add_mutually_exclusive_group()
@@ -462,6 +499,7 @@ def main() -> int:
         parser.error(f"unknown scenario(s) or case(s) {', '.join(unknown) or '(none)'}; "
                      f"known: {', '.join([*scenarios(), *RECOVERY_CASES])}")
     require_root()
+    KEPT["dir"] = args.keep_logs
     if not args.no_bytecode:
         run_from_bytecode()
         one_run(catalog.resolve("easy"))  # warm: the first agents fill the bytecode cache

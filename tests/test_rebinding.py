@@ -4,8 +4,9 @@
   endpoint) that loses every mapping and its conntrack state, as after a reboot. b's next
   packet leaves from a new outside port; a's packets to the old one go nowhere, b's new one is
   filtered by a's NAT. The registry sees b's new endpoint when b next sends to it (its
-  heartbeat, within a second: node/registrylink.py); a's agent probes the live session, gets
-  no answer and moves it there.
+  heartbeat, within a second: node/registrylink.py) and kicks b (registry/kick.py), whose
+  watch stream may have lost what the registry sent meanwhile; a's agent probes the live
+  session, gets no answer and moves it there.
 - `flush`: both home NATs of `easy` lose their conntrack state while a pings b. Each side's
   own packets map it again: heartbeats toward the registry, and an opener toward a peer with
   traffic with each heartbeat; failing those, a sends, hears nothing, probes and punches.
@@ -50,7 +51,7 @@ def test_a_rebound_nat_port_is_followed(lab_prefix):
     with Lab(catalog.resolve("matrix-eim-eim-port"), prefix=lab_prefix) as lab, \
             Agents(lab) as agents:
         old = go_direct(lab, agents).a.endpoint
-        start = time.monotonic()
+        start, start_wall = time.monotonic(), time.time()
         lab.forget_mappings(lab.host("b").nat_chain[0])
         (pair, took), = asyncio.run(evidence.wait_direct(
             lab, REBIND_DEADLINE_S, check=agents.check_alive,
@@ -62,6 +63,16 @@ def test_a_rebound_nat_port_is_followed(lab_prefix):
         assert pair.a.endpoint.ip == old.ip and pair.a.endpoint.port != old.port
         moved = [e for e in agents.events("a") if e.get("event") == "repoint"]
         assert moved and moved[-1]["to"] == str(pair.a.endpoint)
+        # The order of events: the registry sees b's new port, and only then does a move;
+        # a kick (registry/kick.py) that made b watch anew came after the registry saw it.
+        b_key = lab.host("b").public_key.base64()
+        seen = [float(e["ts"]) for e in agents.events("registry")
+                if e.get("event") == "peer_endpoint" and e.get("peer") == b_key
+                and e.get("endpoint") == str(pair.a.endpoint)]
+        assert seen and seen[0] <= float(moved[-1]["ts"])
+        kicked = [float(e["ts"]) for e in agents.events("b")
+                  if e.get("event") == "registry_kicked" and float(e["ts"]) >= start_wall]
+        assert all(seen[0] <= t for t in kicked), (seen, kicked)
 
 
 def test_a_flushed_nat_recovers_under_traffic(lab_prefix):

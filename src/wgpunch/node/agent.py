@@ -21,12 +21,14 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key
 from ..protocol import has_mapping, relay_reason
+from ..protocol.kickwire import PORT as KICK_PORT
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import CandidateKind, candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
+from .kick import follow_kicks, open_socket
 from .metrics import NodeMetrics
 from .natidle import IdleProbe, IdleTimings, IdleWatch, probe_idle
 from .natprobe import Channel, NatWatch, RawChannel
@@ -69,6 +71,7 @@ class Agent:
         portmap: bool = False,
         portmap_timings: PortmapTimings | None = None,
         registry_link: LinkTimings | None = None,  # None: no heartbeats (registrylink.py)
+        kick_port: int | None = KICK_PORT,  # with registry_link; None: no kicks (kick.py)
         upgrade_channel: ProbeChannel | None = None,  # None: raw sockets, unless `io` is given
         upgrade_timings: UpgradeTimings | None = None,
         idle_probe: IdleProbe = probe_idle,
@@ -85,6 +88,7 @@ class Agent:
         self.registry_t = registry_timings or RegistryTimings()
         self.state_dir = state_dir
         self.link_t = registry_link
+        self.kick_port = kick_port
         self.clock: Clock = clock or SystemClock()
         self.io: Io = io or SystemIo()
         self.mesh = mesh
@@ -191,6 +195,12 @@ class Agent:
                     group.create_task(keep_link(self.device, self.registry_key, self.io,
                                                 self.clock, self.probe_live_peers,
                                                 self.view.relink.set, self.open_nat, self.link_t))
+                    own = state.peer(self.registry_key)
+                    kicks = (None if self.kick_port is None or own is None
+                             else open_socket(self.device.name, self.kick_port))
+                    if kicks is not None and own is not None:
+                        nets = own.allowed_ips  # without one, TCP's own retries as before
+                        group.create_task(follow_kicks(kicks, self.view, lambda: nets))
         finally:
             self.upgrades.close()
             pathfile.remove(self.device.name, self.state_dir)

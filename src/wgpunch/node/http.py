@@ -15,7 +15,8 @@ the connections.
 - A request that fails on a reused connection before any byte of the reply came is sent
   again once on a new one: the server may have closed the connection as we picked it.
 - `stream()`: a GET whose reply body is handed over as it arrives, each read bounded by a
-  timeout, on a connection of its own that is closed afterwards.
+  timeout, on a connection of its own that is closed afterwards; a connection attempt that
+  takes longer than `CONNECT_AGAIN_S` is made again rather than left to the kernel's 1 s.
 
 Every failure is an `ApiError` whose message names the method and URL.
 """
@@ -39,6 +40,12 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a /v1/peers reply of a very large registry
 READ_BYTES = 64 * 1024
 ERROR_TEXT_MAX = 200  # of h11's words on a bad reply, which quote the reply
+# A stream's connection attempt is dropped and made anew (a new SYN at once) after this long,
+# three times longer per attempt: a lost SYN or SYN-ACK otherwise waits for the kernel's own
+# retry a second later (RFC 6298's initial RTO), and so did the new watch stream that brings
+# the news of new endpoints after a NAT forgot (bench/time_to_direct.py forget, 5 % loss per
+# uplink). Our choice: above a round trip on most paths; a slower one connects on a later try.
+CONNECT_AGAIN_S = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +151,7 @@ class HttpClient:
         conn: _Conn | None = None
         try:
             async with asyncio.timeout(connect_timeout_s):
-                conn = await self._open()
+                conn = await self._open_promptly()
                 self._streams.add(conn)
                 conn.send(self._request("GET", path, None, ""), h11.EndOfMessage())
                 head = await _read_head(conn)
@@ -181,6 +188,15 @@ class HttpClient:
                 return conn
             conn.close()
         return await self._open()
+
+    async def _open_promptly(self) -> _Conn:
+        wait = CONNECT_AGAIN_S
+        while True:
+            try:
+                async with asyncio.timeout(wait):
+                    return await self._open()
+            except TimeoutError:
+                wait *= 3
 
     async def _open(self) -> _Conn:
         tls = None

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from ..protocol import MAX_BODY_BYTES, peers_json, reported_from_json
+from . import kick
 from .appkeys import (
     CALLER,
     CLIENT_LOG,
@@ -109,7 +110,8 @@ async def watch(request: web.Request) -> web.StreamResponse:
     since, epoch = watch_query(request.query.items())
     app, caller = request.app, request[CALLER]
     state, timings = app[STATE], app[TIMINGS]
-    stream, first = state.open_stream(caller, since, epoch, now=time.monotonic())
+    stream, first = state.open_stream(caller, since, epoch, now=time.monotonic(),
+                                      address=request.remote)
     _hold(app, stream)
     response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
 
@@ -240,6 +242,7 @@ def create_app(
     app[PUNCH_RATE] = RateLimiter(limits.punch_burst, limits.punch_per_s)
     app[STREAMS] = {}
     app.cleanup_ctx.append(quiet_malformed_http(app[CLIENT_LOG]))
+    kick.install(app, state, timings)
     if token is not None:
         app[TOKEN] = token
     if observer is not None:

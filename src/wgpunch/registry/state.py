@@ -91,10 +91,11 @@ class Stream:
     """The mailbox of one watch stream: encoded lines, shared with every other stream that
     gets the same change. `None` in the queue means the stream is over."""
 
-    __slots__ = ("caller", "closed", "overflowed", "queue")
+    __slots__ = ("address", "caller", "closed", "overflowed", "queue")
 
-    def __init__(self, caller: Key, size: int) -> None:
+    def __init__(self, caller: Key, size: int, address: str | None = None) -> None:
         self.caller = caller
+        self.address = address  # where the stream's client connects from (kick.py)
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(size)
         self.closed = False
         self.overflowed = False
@@ -148,6 +149,10 @@ class RegistryState:
         # down when its peer asked for their slot (a registry restart) would otherwise keep
         # sending to a slot that is gone.
         self.standing: Callable[[Key], Iterable[StreamItem]] | None = None
+        # Called with a node and the revision of the change when the endpoint the registry
+        # observes for it moves from one to another (kick.py sets it): its NAT mapped it anew
+        # or it roamed, and what its streams sent meanwhile may sit in TCP's back-off.
+        self.on_moved: Callable[[Key, int], None] | None = None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -176,6 +181,9 @@ class RegistryState:
     @property
     def stream_count(self) -> int:
         return len(self._streams)
+
+    def streams_of(self, caller: Key) -> tuple[Stream, ...]:
+        return tuple(self._by_caller.get(caller, ()))
 
     # -- changing (plain def: no await inside) ------------------------------------------------
 
@@ -210,6 +218,9 @@ class RegistryState:
                     old, allowed_ips=allowed, endpoint=peer.endpoint,
                     latest_handshake=peer.latest_handshake)))
                 self._log_change(old, peer.endpoint, allowed)
+                if (self.on_moved is not None and old.endpoint is not None
+                        and peer.endpoint is not None and old.endpoint != peer.endpoint):
+                    self.on_moved(key, self.revision)
             elif old.latest_handshake != peer.latest_handshake:
                 self._records[key] = replace(old, latest_handshake=peer.latest_handshake)
         for key in removed:
@@ -300,7 +311,8 @@ class RegistryState:
         return me, other
 
     def open_stream(
-        self, caller: Key, since: int | None, epoch: str | None, *, now: float
+        self, caller: Key, since: int | None, epoch: str | None, *, now: float,
+        address: str | None = None,
     ) -> tuple[Stream, list[bytes]]:
         """A new stream for `caller` and the lines it starts with: the changes after `since`,
         or a snapshot, then the relay slots it holds (`standing`). Atomic, so no change falls
@@ -310,7 +322,7 @@ class RegistryState:
                  else [line for _change, line in backlog])
         if self.standing is not None:
             first += [encode(item) for item in self.standing(caller)]
-        stream = Stream(caller, self._stream_queue_max)
+        stream = Stream(caller, self._stream_queue_max, address)
         self._streams.add(stream)
         self._by_caller.setdefault(caller, []).append(stream)
         return stream, first

@@ -57,6 +57,14 @@ class Timings:
     # bounds how long a client that stopped reading keeps a connection. Our choice: a
     # snapshot line of a 10,000-node registry (~4 MB) still gets through at 1 Mbit/s.
     stream_write_timeout_s: float = 40.0
+    # A node whose observed endpoint moved gets a kick (kick.py) at once and every
+    # kick_again_s after, `kicks` in all (1.5 s), while the stream it had stays open: against
+    # a lost datagram (the lab's forget case has 5 % loss on each uplink) and a NAT that lost
+    # the new mapping again before the node's next packet (the lab's forget flushes its NAT
+    # in two steps; the node's next heartbeat comes within a second). Our choice: a round trip
+    # and the node's own wait before it watches anew (node/kick.py), inside the 2 s goal.
+    kick_again_s: float = 0.3
+    kicks: int = 6
     # After accept() fails for lack of file descriptors or memory, the API tries again after
     # this long, not in a busy loop. asyncio's own server waits 1 s (ACCEPT_RETRY_DELAY);
     # connections wait in the kernel's backlog meanwhile.
