@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from labstatus import device_status
+from wgpunch.errors import LabError
 from wgpunch.lab import catalog, evidence, state
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.catalog import site
@@ -195,12 +196,22 @@ def test_a_relayed_pair_moves_to_the_relay_of_the_registry_left(lab_prefix):
         marks = {h: len(log_lines(agents, h)) for h in ("a", "b")}
         agents.stop(first, signal.SIGKILL)
         start = time.monotonic()
-        # Its relay's kernel path outlives it: each agent gets a slot of the other registry
-        # and, the old slot still answering, leaves its session there (decide.py).
+        # Each agent gets a slot of the other registry. Where the old slot still answers (its
+        # relay's kernel path outlives it) the session is left there (decide.py); where it
+        # does not (killed before the kernel took the flows over) it moves at once.
+
+        def holds_or_moved(host: str) -> bool:
+            return any(("but the current path" in line and left in line)
+                       or ("path probe unanswered" in line and f" to {left}:" in line)
+                       for line in log_lines(agents, host)[marks[host]:])
+
         for host in ("a", "b"):
-            wait_for(lambda h=host: any("but the current path" in line and left in line
-                                        for line in log_lines(agents, h)[marks[h]:]),
-                     timeout=HEALTH_DEADLINE_S, what=f"{host} to hold a slot of {at[left]}")
+            try:
+                wait_for(lambda h=host: holds_or_moved(h), timeout=HEALTH_DEADLINE_S,
+                         what=f"{host} to hold a slot of {at[left]}")
+            except LabError as error:
+                since = {h: "\n".join(log_lines(agents, h)[marks[h]:]) for h in ("a", "b")}
+                raise AssertionError(f"{error}\n{since}") from None
         held = time.monotonic() - start
         # Traffic, so that a silent path shows (else only at the next keepalive, up to 25 s).
         ping = lab.ns("a").popen(["ping", "-n", "-q", "-i", "0.2", str(lab.host("b").tunnel_ip)],

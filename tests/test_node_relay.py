@@ -171,6 +171,8 @@ async def test_a_slot_gone_under_a_live_session_is_asked_for_at_once_and_moved_t
     candidates, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=on_old, now=100.1)
     assert candidates == (Candidate(CandidateKind.RELAY, Endpoint.parse("192.0.2.2:31003")),)
     moved = Endpoint.parse("192.0.2.2:31003")
+    # The session is still relayed where it is (status), though only the new slot is offered.
+    assert relays.is_slot(PEER, on_old) and relays.is_slot(PEER, moved)
     candidates, _ = relays.plan(PEER, DIRECT, Memory(), live=True, current=moved, now=101.0)
     assert candidates == (*DIRECT, Candidate(CandidateKind.RELAY, moved))
 

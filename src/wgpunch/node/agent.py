@@ -24,7 +24,7 @@ from ..protocol import has_mapping, relay_reason
 from ..protocol.kickwire import PORT as KICK_PORT
 from ..wg.device import Device, DeviceState, Endpoint, PeerState
 from . import pathfile
-from .candidates import CandidateKind, candidates_of
+from .candidates import CandidateKind, PathKind, candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
@@ -311,6 +311,9 @@ class Agent:
                     and decision.endpoint is not None and decision.endpoint.ip.version == 4
                     and holds_back(self.view.mapped is not None, known, memory.attempts)):
                 decision = replace(decision, kind=Kind.LEAVE, reason=Reason.MAPPED)
+            if decision.live and self.relays.is_slot(peer.public_key, peer.endpoint):
+                # Also on the slot it leaves, which is no candidate any more.
+                decision = replace(decision, path=PathKind.RELAY)
             track.memory = await self.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now, self.metrics)
             self.relays.annotate(peer.public_key, track)

@@ -208,11 +208,14 @@ class Relays:
         return (*candidates, relay), mem
 
     def is_slot(self, peer: Key, endpoint: Endpoint | None) -> bool:
-        """Whether `endpoint` is the peer's relay slot: sending there opens no NAT toward
-        the peer, so a port mapping's rule of who sends first (portmap/rule.py) does not
-        apply."""
+        """Whether `endpoint` is the peer's relay slot, or the one a session stays on until
+        it moves to the new one: sending there opens no NAT toward the peer, so a port
+        mapping's rule of who sends first (portmap/rule.py) does not apply, and a session
+        there is relayed."""
         lease = self.leases.get(peer)
-        return lease is not None and lease.endpoint == endpoint
+        return endpoint is not None and (
+            (lease is not None and lease.endpoint == endpoint)
+            or self._stale.get(peer) == endpoint)
 
     def annotate(self, peer: Key, track: Track) -> None:
         """Say why a relayed peer is relayed (status shows it as the reason)."""
