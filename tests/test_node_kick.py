@@ -31,7 +31,7 @@ async def following(registry=LOOPBACK):
     port = free_port()
     sock = open_socket("lo", port)
     assert sock is not None
-    task = asyncio.create_task(follow_kicks(sock, view, lambda: registry, WAIT_S))
+    task = asyncio.create_task(follow_kicks(sock, view, registry, WAIT_S))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
         def kick(data: bytes) -> None:
             sender.sendto(data, ("127.0.0.1", port))

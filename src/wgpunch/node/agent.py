@@ -196,11 +196,11 @@ class Agent:
                                                 self.clock, self.probe_live_peers,
                                                 self.view.relink.set, self.open_nat, self.link_t))
                     own = state.peer(self.registry_key)
+                    # Without the socket, TCP's own retries as before.
                     kicks = (None if self.kick_port is None or own is None
                              else open_socket(self.device.name, self.kick_port))
                     if kicks is not None and own is not None:
-                        nets = own.allowed_ips  # without one, TCP's own retries as before
-                        group.create_task(follow_kicks(kicks, self.view, lambda: nets))
+                        group.create_task(follow_kicks(kicks, self.view, own.allowed_ips))
         finally:
             self.upgrades.close()
             pathfile.remove(self.device.name, self.state_dir)

@@ -18,7 +18,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 
 from ..errors import MalformedPacket
 from ..protocol.kickwire import Kick, parse_kick
@@ -40,7 +40,7 @@ def behind(view: RegistryView, kick: Kick) -> bool:
 
 class _Kicks(asyncio.DatagramProtocol):
     def __init__(self, on_kick: Callable[[Kick], None],
-                 registry: Callable[[], Iterable[IPNetwork]]) -> None:
+                 registry: Sequence[IPNetwork]) -> None:
         self._on_kick = on_kick
         self._registry = registry
 
@@ -49,7 +49,7 @@ class _Kicks(asyncio.DatagramProtocol):
             source = ipaddress.ip_address(str(addr[0]))
             if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
                 source = source.ipv4_mapped
-            if not any(source in net for net in self._registry()):
+            if not any(source in net for net in self._registry):
                 return
             kick = parse_kick(data)
         except (MalformedPacket, ValueError):
@@ -79,10 +79,9 @@ def open_socket(ifname: str, port: int) -> socket.socket | None:
 
 
 async def follow_kicks(sock: socket.socket, view: RegistryView,
-                       registry: Callable[[], Iterable[IPNetwork]],
-                       wait_s: float = WAIT_S) -> None:
+                       registry: Sequence[IPNetwork], wait_s: float = WAIT_S) -> None:
     """Take the registry's kicks on `sock` (open_socket), forever; `registry`: its tunnel
-    networks now."""
+    networks (the registry peer's allowed IPs)."""
     pending: set[asyncio.Task[None]] = set()
     last: Kick | None = None
 
