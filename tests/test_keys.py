@@ -48,6 +48,15 @@ def test_rfc7748_x25519_vector():
     assert public_key(private).hex() == expected
 
 
+@given(keys32)
+def test_public_key_is_what_cryptographys_public_api_derives(raw):
+    # public_key() skips the public class (and its backend check) where it can: same result.
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    expected = X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw()
+    assert public_key(Key(raw, secret=True)).raw == expected
+
+
 @pytest.mark.skipif(shutil.which("wg") is None, reason="wireguard-tools (wg) is not installed")
 def test_public_key_agrees_with_wg_pubkey():
     private, public = generate_keypair()

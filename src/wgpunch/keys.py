@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .errors import KeyFormatError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 KEY_LEN = 32
 BASE64_LEN = 44
@@ -126,9 +131,7 @@ class Key:
 
 
 # cryptography is imported by the two functions that use it: most commands (and `--help`)
-# parse and print keys but never derive one, and the import costs 7-50 ms. Only its X25519
-# module: the raw-bytes methods need no `serialization` (10 ms more, before a node's first
-# device read: bench/startup.py).
+# parse and print keys but never derive one, and the import costs 7-50 ms.
 
 
 def generate_private_key() -> Key:
@@ -139,9 +142,23 @@ def generate_private_key() -> Key:
 
 def public_key(private: Key) -> Key:
     """Derive the public key (X25519 base-point multiplication, with WireGuard's clamping)."""
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    return Key(_private_key_of()(private.raw).public_key().public_bytes_raw())
 
-    return Key(X25519PrivateKey.from_private_bytes(private.raw).public_key().public_bytes_raw())
+
+@functools.cache
+def _private_key_of() -> Callable[[bytes], X25519PrivateKey]:
+    """`X25519PrivateKey.from_private_bytes`, or rather the Rust binding that it returns, where
+    there is one: the public method first asks the OpenSSL backend whether X25519 is supported,
+    and importing the backend loads ~40 modules, 21 of the 27 ms that a node's first device
+    read spent on key derivation (bench/startup.py)."""
+    try:
+        from cryptography.hazmat.bindings._rust import openssl
+
+        return openssl.x25519.from_private_bytes
+    except (ImportError, AttributeError):  # a cryptography that keeps it elsewhere
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        return X25519PrivateKey.from_private_bytes
 
 
 def generate_keypair() -> tuple[Key, Key]:

@@ -32,7 +32,6 @@ from .kick import follow_kicks, open_socket
 from .metrics import NodeMetrics
 from .natidle import IdleProbe, IdleTimings, IdleWatch, probe_idle
 from .natprobe import Channel, NatWatch, RawChannel
-from .portmap.mapper import Mapping, PortmapTimings, keep_mapped
 from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
@@ -46,6 +45,7 @@ from .upgradelink import ProbeChannel, RawProbeChannel
 
 if TYPE_CHECKING:
     from .mesh import Mesh  # only with --mesh (node/serve.py)
+    from .portmap.mapper import Mapping, PortmapTimings  # only with --portmap (run)
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class Agent:
         self._published: pathfile.Published | None = None
         self._device_failing = False
         self.portmap = portmap  # keep our listen port mapped on our NAT (node/portmap/)
-        self.portmap_t = portmap_timings or PortmapTimings()
+        self.portmap_t = portmap_timings
         self.natprobe_port = natprobe_port  # the registry's NAT probe port; None: no probing
         self.nat_channel = nat_channel
         self.nat: NatWatch | None = None
@@ -189,8 +189,7 @@ class Agent:
                     group.create_task(self.idle.watch(probe_port))
                 group.create_task(self.reconcile_forever())
                 if self.portmap:
-                    group.create_task(keep_mapped(self.listen_port, self.mapping_changed,
-                                                  self.portmap_t))
+                    group.create_task(self.keep_mapped())
                 if self.link_t is not None and self.registry_key is not None:
                     group.create_task(keep_link(self.device, self.registry_key, self.io,
                                                 self.clock, self.probe_live_peers,
@@ -213,6 +212,14 @@ class Agent:
             await self.mesh.synced.wait()
         await report_self(self.client, self.view, self.device, self.io, self.registry_t,
                           self.nat)
+
+    async def keep_mapped(self) -> None:
+        # Imported here: an agent without --portmap loads none of the mapper's 8 modules and
+        # miniupnpc (bench/startup.py).
+        from .portmap.mapper import PortmapTimings, keep_mapped
+
+        await keep_mapped(self.listen_port, self.mapping_changed,
+                          self.portmap_t or PortmapTimings())
 
     def mapping_changed(self, mapping: Mapping | None) -> None:
         self.view.set_mapped(None if mapping is None else mapping.external)
