@@ -60,9 +60,10 @@ launching the node processes until the pair has the path its kinds call for (dir
 relay where no direct path can exist); p50/p95/max per cell over the runs that got it.
 E.g. `--scenarios '' --cases '' --kinds eim,symmetric,collision --runs 10`.
 
-`--keep-logs DIR`: every recovery run's agent logs (registry, a, b: JSON lines, no keys)
-are copied to DIR/CASE-N/ before its lab goes, and the run's JSON says when the case's
-trouble began (`start_wall`, Unix time), so a slow run can be read event by event.
+`--keep-logs DIR`: every run's agent logs (registry, a, b: JSON lines, no keys) are copied
+to DIR/CASE-N/ (a cold start's CASE is its scenario) before its lab goes, and a recovery
+run's JSON says when the case's trouble began (`start_wall`, Unix time), so a slow run can be
+read event by event.
 
 Prints a table and writes JSON (default bench/results/time_to_direct.json). Needs root.
 """
@@ -161,6 +162,7 @@ def one_run(scenario: Scenario) -> dict[str, Any]:
             "from_connected_s": None if direct_wall is None else direct_wall - connected,
             "from_launch_s": None if direct_wall is None else direct_wall - launched,
             "agent_reported_s": [agent_time_to_direct(agents, h) for h in ("a", "b")],
+            "logs": keep_logs(lab, scenario.name),
         }
 
 
@@ -474,7 +476,8 @@ def main() -> int:
                         help="do not compile wgpunch first: each agent compiles what it "
                              "imports if the environment says so (PYTHONDONTWRITEBYTECODE)")
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",
-                        help="copy each recovery run's agent logs to DIR/CASE-N/")
+                        help="copy each run's agent logs to DIR/CASE-N/ (cold starts: "
+                             "CASE is the scenario)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "time_to_direct.json"))
     which = parser.add_mutually_exclusive_group()
