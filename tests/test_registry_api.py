@@ -25,7 +25,8 @@ from wgpunch.registry.api import create_app
 from wgpunch.registry.limits import Limits
 from wgpunch.registry.observer import Observer
 from wgpunch.registry.site import ApiSite
-from wgpunch.registry.state import RegistryState, Stream
+from wgpunch.registry.state import RegistryState
+from wgpunch.registry.stream import Stream
 from wgpunch.registry.timings import Timings
 from wgpunch.registry.watch import Pump
 from wgpunch.wg.device import Device, DeviceState, Endpoint, PeerState

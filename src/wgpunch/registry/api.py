@@ -48,7 +48,8 @@ from .middleware import auth_middleware, errors_middleware
 from .observer import Observer
 from .ratelimit import RateLimiter
 from .request import json_response, peer_in_path, rate_limit, read_body
-from .state import RegistryState, Stream
+from .state import RegistryState
+from .stream import Stream
 from .timings import Timings
 from .watch import Pump
 from .wire import only_params, watch_query

@@ -14,7 +14,8 @@ from .limits import Limits
 from .metrics import RegistryMetrics
 from .observer import Observer
 from .ratelimit import RateLimiter
-from .state import RegistryState, Stream
+from .state import RegistryState
+from .stream import Stream
 from .timings import Timings
 
 STATE = web.AppKey("state", RegistryState)

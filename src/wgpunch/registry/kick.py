@@ -29,7 +29,8 @@ from aiohttp import web
 
 from ..keys import Key
 from ..protocol.kickwire import PORT, Kick, encode_kick
-from .state import RegistryState, Stream
+from .state import RegistryState
+from .stream import Stream
 from .timings import Timings
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ after each change (an index of 10,000 peers takes 12-18 ms to build).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from collections import deque
@@ -53,6 +52,7 @@ from ..protocol import (
 )
 from ..wg.device import Endpoint, IPNetwork, PeerState
 from .punch import Coalescer
+from .stream import Stream
 from .timings import Timings
 
 log = logging.getLogger(__name__)
@@ -85,38 +85,6 @@ def _ips(nets: Iterable[IPNetwork]) -> str:
 def encode(item: StreamItem) -> bytes:
     """The watch-stream line of `item` (docs/api.md)."""
     return ndjson_line(item_json(item))
-
-
-class Stream:
-    """The mailbox of one watch stream: encoded lines, shared with every other stream that
-    gets the same change. `None` in the queue means the stream is over."""
-
-    __slots__ = ("address", "caller", "closed", "overflowed", "queue")
-
-    def __init__(self, caller: Key, size: int, address: str | None = None) -> None:
-        self.caller = caller
-        self.address = address  # where the stream's client connects from (kick.py)
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(size)
-        self.closed = False
-        self.overflowed = False
-
-    def offer(self, line: bytes) -> None:
-        if self.closed:
-            return
-        try:
-            self.queue.put_nowait(line)
-        except asyncio.QueueFull:
-            self.overflowed = True
-            self.close()
-
-    def close(self) -> None:
-        """End the stream: what is still queued is dropped; the client resumes from history."""
-        if self.closed:
-            return
-        self.closed = True
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(None)
 
 
 class RegistryState:

@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from .state import Stream
+from .stream import Stream
 from .timings import Timings
 
 
