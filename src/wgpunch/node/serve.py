@@ -54,6 +54,7 @@ async def serve(settings: Settings, *, once: bool = False,
     if settings.interface is None:
         if once:
             raise ConfigError("node: --once steers one interface: give --interface IF")
+        gc.enable()  # the fleet may wait long for its first interface (node/cli.py `run`)
         return await _until_signal(_fleet(settings, state_dir), "every interface", (
             "every WireGuard interface" + (" with a registry's peer" if settings.registries
                                            else "")))
@@ -186,9 +187,11 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
                   natprobe_port=settings.natprobe_port or None,
                   registry_link=(LinkTimings() if settings.registry is not None or several
                                  else None))
-    # Built: from now on the collector runs, and passes over none of this (node/cli.py `run`;
-    # the cycles the imports left, ~90 kB, stay with it).
-    gc.freeze()
+    # Built: from now on the collector runs (node/cli.py `run`). Alone, the agent lives as long
+    # as the process: the collector need not pass over what it is made of again (the cycles
+    # the imports left, ~90 kB, stay). A fleet's agents come and go: theirs is collected.
+    if not supervised:
+        gc.freeze()
     gc.enable()
     metrics_server: MetricsServer | None = None
     try:
