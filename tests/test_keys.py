@@ -57,6 +57,24 @@ def test_public_key_is_what_cryptographys_public_api_derives(raw):
     assert public_key(Key(raw, secret=True)).raw == expected
 
 
+def test_a_cryptography_without_the_binding_where_we_look_derives_through_its_public_api(
+        monkeypatch):
+    import sys
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from wgpunch import keys
+
+    private, public = generate_keypair()
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.bindings._rust", None)
+    keys._private_key_of.cache_clear()
+    try:
+        assert public_key(private) == public
+        assert keys._private_key_of() == X25519PrivateKey.from_private_bytes
+    finally:
+        keys._private_key_of.cache_clear()
+
+
 @pytest.mark.skipif(shutil.which("wg") is None, reason="wireguard-tools (wg) is not installed")
 def test_public_key_agrees_with_wg_pubkey():
     private, public = generate_keypair()
