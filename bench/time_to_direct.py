@@ -61,9 +61,10 @@ relay where no direct path can exist); p50/p95/max per cell over the runs that g
 E.g. `--scenarios '' --cases '' --kinds eim,symmetric,collision --runs 10`.
 
 `--keep-logs DIR`: every run's agent logs (registry, a, b: JSON lines, no keys) are copied
-to DIR/CASE-N/ (a cold start's CASE is its scenario) before its lab goes, and a recovery
-run's JSON says when the case's trouble began (`start_wall`, Unix time), so a slow run can be
-read event by event.
+to DIR/CASE-N/ (a cold start's CASE is its scenario) before its lab goes, with `state.txt`:
+what the devices and NAT routers hold as the run ends (endpoints, handshakes, counters,
+mapping maps, conntrack); a recovery run's JSON says when the case's trouble began
+(`start_wall`, Unix time), so a slow run can be read event by event.
 
 Prints a table and writes JSON (default bench/results/time_to_direct.json). Needs root.
 """
@@ -213,7 +214,30 @@ def keep_logs(lab: Lab, case: str) -> str | None:
     into.mkdir(parents=True, exist_ok=True)
     for log in state_dir(lab.prefix).glob("*.agent.log"):
         shutil.copy(log, into / log.name)
+    (into / "state.txt").write_text(lab_state(lab))
     return str(into)
+
+
+def lab_state(lab: Lab) -> str:
+    """What the devices and NATs hold as the run ends: each device's endpoints, handshakes
+    and byte counters (no keys but public ones), each NAT router's mapping maps and UDP
+    conntrack, so a run that never recovered shows which side's state is stuck."""
+    out = [f"at {time.time():.3f}"]
+    nats: list[str] = []
+    for name, host in lab.hosts.items():
+        nats += [nat for nat in host.nat_chain if nat not in nats]
+        if host.ifname is None:
+            continue
+        for what in ("endpoints", "latest-handshakes", "transfer", "persistent-keepalive"):
+            shown = lab.exec(name, ["wg", "show", host.ifname, what], check=False)
+            out.append(f"== {name} wg show {host.ifname} {what}\n{shown.stdout}{shown.stderr}")
+    for nat in nats:
+        for argv in (["nft", "list", "map", "ip", f"{lab.prefix}_nat", "outbound"],
+                     ["nft", "list", "map", "ip", f"{lab.prefix}_nat", "inbound"],
+                     ["conntrack", "-L", "-p", "udp"]):
+            shown = lab.exec(nat, argv, check=False)
+            out.append(f"== {nat} {' '.join(argv)}\n{shown.stdout}{shown.stderr}")
+    return "\n".join(out) + "\n"
 
 
 @contextmanager

@@ -10,6 +10,9 @@ import pytest
 
 from wgpunch.lab import natcheck
 from wgpunch.lab.nat import NAT_KINDS
+from wgpunch.lab.natcheck import ProbeProcess
+from wgpunch.lab.netns import wait_for
+from wgpunch.lab.scenario import Host, Nat, Scenario
 
 pytestmark = pytest.mark.lab
 
@@ -56,3 +59,27 @@ def test_hairpin_on_delivers_with_the_senders_public_mapping(measured):
 
 def test_hairpin_off_does_not_deliver(measured):
     assert not measured[1]["hn"].arrives
+
+
+
+def test_a_forgetting_nat_maps_even_a_steady_flow_anew(make_lab):
+    """Lab.forget_mappings on an `eim-port` NAT: the inside's next packet gets a new outside
+    port, also when it sends all the time (a packet between the conntrack flush and the map
+    flush wrote the old mapping back: issue 18, bench/time_to_direct.py forget)."""
+    lab = make_lab(Scenario("forget", (
+        Host("o1", wireguard=False),
+        Nat("n", "eim-port", (Host("h", wireguard=False),)))))
+    reflector = f"{lab.plan.node('o1').address.ip}:3478"
+    with ProbeProcess(lab.ns("o1"), "--port", "3478", "--echo", "--lifetime", "60") as echo:
+        echo.wait(lambda e: e["event"] == "bound", timeout=natcheck.ANSWER_S)
+        with ProbeProcess(lab.ns("h"), "--port", "40000", "--send", reflector,
+                          "--every", "0.001", "--lifetime", "60") as flow:
+            flow.wait(lambda e: e["event"] == "recv", timeout=natcheck.ANSWER_S)
+            for _ in range(3):
+                before, seen = flow.received()[-1]["text"], len(flow.events)
+                lab.forget_mappings("n")
+                after = wait_for(lambda seen=seen, before=before: next(
+                    (e["text"] for e in flow.events[seen:]
+                     if e["event"] == "recv" and e["text"] != before), None),
+                    timeout=natcheck.ANSWER_S, what=f"a mapping other than {before}")
+                assert after.rpartition(":")[0] == before.rpartition(":")[0]

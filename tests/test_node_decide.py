@@ -228,6 +228,27 @@ def test_probe_sequence_for_a_rebound_peer():
     assert (stuck.kind, stuck.reason) == (Kind.REQUEST_PUNCH, Reason.SILENT)
 
 
+def test_a_moved_session_that_stays_silent_asks_the_peer_to_send_at_once():
+    """After the move the device sends to the new endpoint; a probe there that goes
+    unanswered means the peer's NAT filters us (its own NAT rebound, ours did not: it has
+    sent nothing toward us since): a punch makes it send, once, without waiting for the
+    stall (stall_s after the peer's last byte, ~1 s later: issue 18)."""
+    repointed = replace(FRESH_RX, probe_at=NOW, probe_rx_bytes=500, probe_endpoint=NEW,
+                        repointed=True, tx_bytes=600, tx_changed_at=NOW)
+    moved = peer(handshake_age=10, endpoint=NEW, rx=500)
+    pending = run(moved, NEW, repointed, now=NOW + T.probe_timeout_s / 2)
+    assert (pending.kind, pending.reason) == (Kind.LEAVE, Reason.PROBE_PENDING)
+    silent = run(moved, NEW, repointed, now=NOW + T.probe_timeout_s)
+    assert (silent.kind, silent.reason, silent.live) == (
+        Kind.REQUEST_PUNCH, Reason.MOVED_UNANSWERED, True)
+    # Asked once: from then on the stall rule and its backoff, as for any silent path.
+    asked = replace(repointed, attempts=1, attempt_at=NOW + T.probe_timeout_s)
+    assert run(moved, NEW, asked, now=NOW + T.probe_timeout_s + 0.1).kind is Kind.LEAVE
+    # Answered: the moved path works.
+    heard = peer(handshake_age=10, endpoint=NEW, rx=640)
+    assert run(heard, NEW, repointed, now=NOW + T.probe_timeout_s).kind is Kind.LEAVE
+
+
 def test_a_bogus_endpoint_never_overwrites_a_working_path():
     """The probe is answered (rx moved): the path works, the report is noted and ignored."""
     probing = replace(FRESH_RX, probe_at=NOW, probe_rx_bytes=500, probe_endpoint=NEW)

@@ -5,8 +5,9 @@
     python3 -m wgpunch.lab.probe --port 5000 --send 198.51.100.6:40000=poke --lifetime 0
 
 It binds one UDP port, sends one datagram to each `--send IP:PORT[=TEXT]` (TEXT defaults to
-`probe`), then reports every datagram it receives, until `--lifetime` seconds have passed or
-`--expect` datagrams arrived. With `--echo` it answers each datagram with the sender's
+`probe`), again every `--every` seconds if given (a steady flow; only the first round is
+reported), then reports every datagram it receives, until `--lifetime` seconds have passed
+or `--expect` datagrams arrived. With `--echo` it answers each datagram with the sender's
 address as it observed it (`IP:PORT`): the mapping a NAT gave the sender, as a STUN server
 would report it. Output is one JSON object per line on stdout:
 
@@ -21,6 +22,7 @@ Standard library only, and every socket operation has a timeout: it never linger
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import sys
@@ -42,7 +44,7 @@ def parse_target(text: str) -> tuple[tuple[str, int], str]:
 
 
 def serve(port: int, targets: list[tuple[tuple[str, int], str]], *, echo: bool,
-          lifetime: float, expect: int | None) -> int:
+          lifetime: float, expect: int | None, every: float | None = None) -> int:
     received = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("0.0.0.0", port))
@@ -52,15 +54,27 @@ def serve(port: int, targets: list[tuple[tuple[str, int], str]], *, echo: bool,
             sock.sendto(text.encode(), address)
             emit(event="sent", to=f"{address[0]}:{address[1]}", text=text)
         deadline = time.monotonic() + lifetime
+        period = every if targets else None
+        again = None if period is None else time.monotonic() + period
         while expect is None or received < expect:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            if period is not None and again is not None and now >= again:
+                for address, text in targets:
+                    with contextlib.suppress(BlockingIOError):  # a full buffer: a lost one
+                        sock.sendto(text.encode(), address)
+                again = max(again + period, now)
+            left = deadline - now
             if left <= 0:
                 break
-            sock.settimeout(left)
+            sock.settimeout(left if again is None else max(0.0, min(left, again - now)))
             try:
                 data, (ip, sport) = sock.recvfrom(DATAGRAM_MAX)
             except TimeoutError:
+                if again is not None:
+                    continue
                 break
+            except BlockingIOError:  # a zero timeout: nothing waiting, time to send again
+                continue
             except ConnectionRefusedError:  # an ICMP error for something we sent: not data
                 continue
             received += 1
@@ -83,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop receiving after this many seconds (default 5)")
     parser.add_argument("--expect", type=int, default=None,
                         help="stop after this many datagrams arrived")
+    parser.add_argument("--every", type=float, default=None, metavar="SECONDS",
+                        help="send to every --send target again this often")
     args = parser.parse_args(argv)
+    if args.every is not None and args.every <= 0:
+        parser.error(f"--every must be above 0, got {args.every}")
     try:
         return serve(args.port, args.send, echo=args.echo, lifetime=args.lifetime,
-                     expect=args.expect)
+                     expect=args.expect, every=args.every)
     except (KeyboardInterrupt, BrokenPipeError):
         return 0
 

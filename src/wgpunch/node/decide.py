@@ -9,7 +9,8 @@ The rules (DESIGN.md §3):
 - A working path is never overwritten. A live session stays as it is, whatever the registry
   says, unless a path probe through the tunnel goes unanswered after the registry reported a
   new endpoint for the peer (NAT rebinding, roaming): then the endpoint is moved, keeping the
-  session's keys.
+  session's keys. A probe on the new endpoint that goes unanswered too asks the registry for
+  a punch at once: the peer's NAT, which rebound, filters us until the peer sends toward us.
 - A peer without a live session gets the registry's endpoint through handshake-now, at the
   moment the registry's punch event reaches both sides, so both NATs open at once.
 - Simultaneous initiations that both arrive cancel each other out in WireGuard (each side
@@ -154,6 +155,8 @@ class Reason(enum.StrEnum):
     STALLED = "we send but hear nothing: probing the path"
     STALL_UNANSWERED = "stall probe unanswered: asking the peer to send (punch)"
     SILENT = "no bytes from the peer for too long: the path is dead"
+    MOVED_UNANSWERED = ("path probe unanswered after the move too: asking the peer to send "
+                        "(punch)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +357,18 @@ def _decide_live(
 ) -> Decision:
     if punched and (mem.probe_at is None or now - mem.probe_at >= t.probe_timeout_s):
         return Decision(Kind.PROBE, Reason.PUNCH_LIVE, None, t.busy_recheck_s, live=True)
+    if (mem.repointed and mem.probe_at is not None and target is not None
+            and target == peer.endpoint == mem.probe_endpoint
+            and peer.rx_bytes == mem.probe_rx_bytes
+            and (mem.attempt_at is None or mem.attempt_at < mem.probe_at)):
+        # Moved, and the probe on the new endpoint is unanswered so far: the peer's NAT
+        # filters us until the peer sends toward us (its NAT rebound, ours kept its
+        # mapping). Asked once; after that the stall rule, with its backoff, as below.
+        if now - mem.probe_at < t.probe_timeout_s:
+            return Decision(Kind.LEAVE, Reason.PROBE_PENDING, recheck_s=t.busy_recheck_s,
+                            live=True)
+        return Decision(Kind.REQUEST_PUNCH, Reason.MOVED_UNANSWERED, target,
+                        t.busy_recheck_s, live=True)
     stalled = mem.stalled(now, t)
     if (
         target is None
