@@ -214,7 +214,7 @@ class Agent:
                           self.nat)
 
     async def keep_mapped(self) -> None:
-        # Imported here: an agent without --portmap loads none of the mapper's 8 modules and
+        # Imported here: an agent without --portmap loads none of the mapper's 6 modules and
         # miniupnpc (bench/startup.py).
         from .portmap.mapper import PortmapTimings, keep_mapped
 
