@@ -35,6 +35,7 @@ from .natprobe import Channel, NatWatch, RawChannel
 from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
+from .quiet import Quiet
 from .registries import Registries
 from .registrylink import LinkTimings, keep_link
 from .relay import Relays, RelayTimings
@@ -116,6 +117,7 @@ class Agent:
         # How long our NAT keeps an idle mapping, and the keepalive that outlasts it.
         self.idle = IdleWatch(idle_probe, idle_timings or IdleTimings(), self.t.keepalive_s,
                               self.view.wake.set)
+        self.quiet = Quiet(self.view, self.relays, self.upgrades, self.idle, self.t)
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -272,14 +274,18 @@ class Agent:
         recheck = self.t.idle_recheck_s
         registry = None if self.registry_key is None else state.peer(self.registry_key)
         self.relays.registry = None if registry is None else registry.endpoint
-        for peer in state.peers:
-            known = self.view.peers.get(peer.public_key)
-            if peer.public_key in self.registry_keys or known is None:
+        common = self.quiet.common(can_open=self.can_open)
+        for read in state.peers:
+            known = self.view.peers.get(read.public_key)
+            if read.public_key in self.registry_keys or known is None:
+                continue
+            track = self.tracks.setdefault(read.public_key, Track())
+            inputs = self.quiet.inputs(read, known, track, common)
+            if self.quiet.skips(track, inputs, now, now_wall):
                 continue
             peer = await self.idle.keep_open(
-                self.device, peer, nudge=self.probe_peer,
-                live=peer.has_live_session(now_wall, self.t.session_live_s))
-            track = self.tracks.setdefault(peer.public_key, Track())
+                self.device, read, nudge=self.probe_peer,
+                live=read.has_live_session(now_wall, self.t.session_live_s))
             punched = self.view.take_punched(peer.public_key)
             memory = track.memory.observe(peer.rx_bytes, peer.tx_bytes, now)
             # Without punch events (DNS-SD, natpunch) no peer reports: each counts as ready.
@@ -325,9 +331,12 @@ class Agent:
             track.note(peer, decision, now_wall, now, self.metrics)
             self.relays.annotate(peer.public_key, track)
             lease = self.relays.leases.get(peer.public_key)
-            recheck = min(recheck, decision.recheck_s, await self.upgrades.step(
+            peer_recheck = min(decision.recheck_s, await self.upgrades.step(
                 peer, track, known, mine, candidates, None if lease is None else lease.endpoint,
                 now))
+            self.quiet.settle(read, known, track, inputs, decision, peer_recheck,
+                              can_open=self.can_open, now=now, now_wall=now_wall)
+            recheck = min(recheck, peer_recheck)
         self.publish(state, now_wall)
         return recheck
 

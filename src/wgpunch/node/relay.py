@@ -217,6 +217,14 @@ class Relays:
             (lease is not None and lease.endpoint == endpoint)
             or self._stale.get(peer) == endpoint)
 
+    def settled(self, peer: Key, mem: Memory, *, live: bool) -> bool:
+        """Whether `plan` keeps no clock for `peer` (node/quiet.py): no slot gone stale or
+        silent to ask for again, and, without a live session, no punch whose slot `after_s`
+        brings and no ask whose retry a clock brings (a peer once asked for stays unsettled
+        while its path is dead: whether a slot is `impossible` to do without is not kept)."""
+        return (peer not in self._stale and peer not in self._silent
+                and (live or (mem.first_attempt_at is None and peer not in self._asked)))
+
     def annotate(self, peer: Key, track: Track) -> None:
         """Say why a relayed peer is relayed (status shows it as the reason)."""
         lease = self.leases.get(peer)

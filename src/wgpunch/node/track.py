@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from ..protocol import PeerRecord, has_mapping
 from ..wg.device import PeerState
@@ -12,6 +13,9 @@ from . import pathfile
 from .candidates import PathKind
 from .decide import Decision, Memory, Reason
 from .metrics import NodeMetrics
+
+if TYPE_CHECKING:
+    from .quiet import Settled
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,9 @@ class Track:
     path: PathKind = PathKind.NONE
     since: float | None = None  # wall time of the last path change
     reason: str = ""
+    settled: Settled | None = None  # what its last full pass read, if it settled (quiet.py)
+    _shown: tuple[tuple[object, ...], pathfile.PeerPath] | None = field(
+        default=None, repr=False, compare=False)
 
     def note(self, peer: PeerState, d: Decision, now_wall: float, now: float,
              metrics: NodeMetrics) -> None:
@@ -55,7 +62,14 @@ class Track:
         self.reason = d.reason.value
 
     def published(self, known: PeerRecord | None) -> pathfile.PeerPath:
-        """What `wgpunch status` shows; `known`: the registry's record of the peer."""
+        """What `wgpunch status` shows; `known`: the registry's record of the peer. The same
+        object while nothing it shows changed: the agent compares every peer's each pass."""
+        shown = (known, self.path, self.since, self.reason)
+        if self._shown is None or self._shown[0] != shown:
+            self._shown = shown, self._published(known)
+        return self._shown[1]
+
+    def _published(self, known: PeerRecord | None) -> pathfile.PeerPath:
         return pathfile.PeerPath(
             path=self.path,
             since=self.since, reason=self.reason,

@@ -238,6 +238,13 @@ class Upgrades:
 
     # -- one tick per peer ----------------------------------------------------------------
 
+    def settled(self, peer: Key) -> bool:
+        """Whether `step` keeps no clock and has nothing waiting for `peer` (node/quiet.py):
+        no switch to make or verify, no answer to post, no probing rounds."""
+        waiting = self.directs or self.switched or self.answered or self.backoffs
+        return not waiting or (peer not in self.directs and peer not in self.switched
+                               and peer not in self.answered and peer not in self.backoffs)
+
     def found(self, peer: Key) -> tuple[Candidate, ...]:
         """The direct endpoint a switch moved the peer to, as one more candidate while it is
         in use: decide() then keeps it even where the registry knows it not (the guess)."""
