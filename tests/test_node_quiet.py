@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from agentrig import FakeIo, FakeRegistry
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.node.agent import Agent
 from wgpunch.node.decide import Memory, Timings
+from wgpunch.node.natidle import Idle
 from wgpunch.node.quiet import Quiet, Settled, horizon
 from wgpunch.node.track import Track
 from wgpunch.protocol import Event, PeerEvent, PeerRecord, PunchEvent, Reported, Snapshot
@@ -51,6 +52,11 @@ class MemDevice(Device):
         self.reads = 0
         self.writes: list[list[PeerConfig]] = []
 
+    async def state(self, *, fresh_s: float = 0.0) -> DeviceState:
+        # What the script shows, always: the passes are seconds apart on the test's clock
+        # but microseconds on the real one, which a shared read goes by (node/pace.py).
+        return await super().state()
+
     async def _read(self) -> tuple[DeviceState, dict[Key, Key]]:
         self.reads += 1
         return self.shown, {}
@@ -62,19 +68,31 @@ class MemDevice(Device):
 class Never(Quiet):
     """The agent as it was: every peer gets a full pass."""
 
-    def skips(self, *args: object) -> bool:
-        return False
+    def due(self, peers: Iterable[PeerState], tracks: dict[Key, Track], skip: Collection[Key],
+            now: float, now_wall: float
+            ) -> Iterator[tuple[PeerState, PeerRecord, Track, tuple[object, ...] | None]]:
+        for peer in peers:
+            known = self.view.peers.get(peer.public_key)
+            if peer.public_key not in skip and known is not None:
+                track = tracks.setdefault(peer.public_key, Track())
+                yield peer, known, track, self.inputs(peer, known, track)
 
 
 class Counted(Quiet):
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
-        self.left_out = 0
+    """Counts the peers passes leave out."""
 
-    def skips(self, *args: object) -> bool:
-        skipped = super().skips(*args)  # type: ignore[arg-type]
-        self.left_out += skipped
-        return skipped
+    left_out = 0
+
+    def due(self, peers: Iterable[PeerState], tracks: dict[Key, Track], skip: Collection[Key],
+            now: float, now_wall: float
+            ) -> Iterator[tuple[PeerState, PeerRecord, Track, tuple[object, ...] | None]]:
+        known = [p for p in peers if p.public_key not in skip
+                 and self.view.peers.get(p.public_key) is not None]
+        went = 0
+        for item in super().due(peers, tracks, skip, now, now_wall):
+            went += 1
+            yield item
+        self.left_out += len(known) - went
 
 
 def peer(key: Key, i: int, *, endpoint: bool, handshake: float | None,
@@ -102,7 +120,8 @@ class Script:
             io = FakeIo()
             agent = Agent(MemDevice(self.state(peers)), self.registry, FakeRegistry(),
                           io=io, clock=self.clock, state_dir=Path(tempfile.mkdtemp()))
-            agent.quiet = quiet(agent.view, agent.relays, agent.upgrades, agent.idle, agent.t)
+            agent.quiet = quiet(agent.view, agent.relays, agent.upgrades, agent.idle, agent.t,
+                                lambda agent=agent: agent.can_open)
             agent.me = agent.view.me = self.me
             agent.view.has_reported = True
             agent.view.apply(Snapshot("e1", 1, (record(self.me, 250), *records)))
@@ -200,6 +219,18 @@ async def test_a_stall_is_noticed_on_time(keys: list[Key]) -> None:
     script.show([replace(live, tx_bytes=300)])  # we sent; nothing came back since
     await script.passes(4, step=0.25)
     assert script.ios[0].probes, "a probe after stall_s of sending without an answer"
+
+
+async def test_a_keepalive_the_device_did_not_take_is_set_again_each_pass(
+        keys: list[Key]) -> None:
+    live = peer(keys[0], 1, endpoint=True, handshake=99.0, rx=100, tx=100)
+    script = Script([live], [record(keys[0], 1)])
+    for agent in script.agents:
+        agent.idle.found = Idle(kept_s=15, lost_s=20)  # our NAT forgets within 20 s
+    await script.passes(4)  # the device shows 25 s after each write: written each pass
+    quiet = script.agents[0].device
+    assert isinstance(quiet, MemDevice) and len(quiet.writes) == 4
+    assert script.quiet.left_out == 0
 
 
 def test_horizon() -> None:

@@ -167,3 +167,13 @@ async def test_private_key_only_when_asked_and_never_shown(pair):
     assert a.private.base64() not in repr(key) and a.private.base64() not in str(key)
     a.wg_set("private-key", "/dev/null")  # wg(8): an empty file removes the key
     assert await a.device.private_key() is None
+
+async def test_a_shared_read_never_outlives_a_change_through_the_device(pair):
+    a, b = pair
+    await a.device.state()
+    a.wg_set("peer", b.public.base64(), "endpoint", f"{b.veth_ip}:{PORT}")  # not through it
+    shared = (await a.device.state(fresh_s=60)).peer(b.public)
+    assert shared.endpoint is None, "within fresh_s the last read is shared, as it was"
+    await a.device.set_endpoint(b.public, Endpoint.parse(f"{b.veth_ip}:4444"))
+    assert str((await a.device.state(fresh_s=60)).peer(b.public).endpoint) == (
+        f"{b.veth_ip}:4444"), "a change through the device makes the next read a new one"

@@ -32,6 +32,7 @@ from .kick import follow_kicks, open_socket
 from .metrics import NodeMetrics
 from .natidle import IdleProbe, IdleTimings, IdleWatch, probe_idle
 from .natprobe import Channel, NatWatch, RawChannel
+from .pace import SHARED_READ_S, next_pass
 from .portmap.rule import holds_back
 from .probe import tunnel_address
 from .punch import OpenerTtl
@@ -117,7 +118,8 @@ class Agent:
         # How long our NAT keeps an idle mapping, and the keepalive that outlasts it.
         self.idle = IdleWatch(idle_probe, idle_timings or IdleTimings(), self.t.keepalive_s,
                               self.view.wake.set)
-        self.quiet = Quiet(self.view, self.relays, self.upgrades, self.idle, self.t)
+        self.quiet = Quiet(self.view, self.relays, self.upgrades, self.idle, self.t,
+                           lambda: self.can_open)
 
     # -- tasks ------------------------------------------------------------------------------
 
@@ -144,12 +146,7 @@ class Agent:
     async def reconcile_forever(self) -> None:
         while True:
             recheck = await self.reconcile()
-            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that
-            # arrives as the event is set, and this loop then never stops (a test agent
-            # hung on exit in 2 of 6 runs while the registry stream kept failing).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(recheck):
-                    await self.view.wake.wait()
+            await next_pass(self.view.wake, self.device, recheck, self.t.idle_recheck_s)
             self.view.wake.clear()
 
     async def run(self) -> None:
@@ -260,7 +257,7 @@ class Agent:
 
     async def reconcile(self) -> float:
         try:
-            state = await self.device.state()
+            state = await self.device.state(fresh_s=SHARED_READ_S)
         except (DeviceError, DeviceNotFound) as error:  # gone: wg-quick down/up, a restart
             if not self._device_failing:
                 log.error("reading %s failed: %s", self.device.name, error)
@@ -274,15 +271,8 @@ class Agent:
         recheck = self.t.idle_recheck_s
         registry = None if self.registry_key is None else state.peer(self.registry_key)
         self.relays.registry = None if registry is None else registry.endpoint
-        common = self.quiet.common(can_open=self.can_open)
-        for read in state.peers:
-            known = self.view.peers.get(read.public_key)
-            if read.public_key in self.registry_keys or known is None:
-                continue
-            track = self.tracks.setdefault(read.public_key, Track())
-            inputs = self.quiet.inputs(read, known, track, common)
-            if self.quiet.skips(track, inputs, now, now_wall):
-                continue
+        for read, known, track, inputs in self.quiet.due(state.peers, self.tracks,
+                                                         self.registry_keys, now, now_wall):
             peer = await self.idle.keep_open(
                 self.device, read, nudge=self.probe_peer,
                 live=read.has_live_session(now_wall, self.t.session_live_s))
@@ -334,8 +324,7 @@ class Agent:
             peer_recheck = min(decision.recheck_s, await self.upgrades.step(
                 peer, track, known, mine, candidates, None if lease is None else lease.endpoint,
                 now))
-            self.quiet.settle(read, known, track, inputs, decision, peer_recheck,
-                              can_open=self.can_open, now=now, now_wall=now_wall)
+            self.quiet.settle(read, known, track, inputs, decision, peer_recheck, now, now_wall)
             recheck = min(recheck, peer_recheck)
         self.publish(state, now_wall)
         return recheck

@@ -223,6 +223,13 @@ class IdleWatch:
         safe = None if self.found is None else self.found.keepalive_s(self.default_s)
         return safe or self.default_s
 
+    def lowers(self, peer: PeerState, *, live: bool) -> int | None:
+        """The keepalive `keep_open` sets on `peer`; None: it leaves the peer alone."""
+        if self.found is None:
+            return None
+        return lowered(peer.persistent_keepalive, self.found.keepalive_s(self.default_s),
+                       live=live)
+
     async def keep_open(self, device: Device, peer: PeerState, *, live: bool,
                         nudge: Callable[[PeerState], Awaitable[None]]) -> PeerState:
         """Lower `peer`'s keepalive if it outlasts our NAT's mappings (`lowered`); nothing
@@ -230,8 +237,7 @@ class IdleWatch:
         tunnel): WireGuard re-arms its keepalive timer with the new interval only when a
         packet passes, so the one under way would still wait out the old one. Returns the
         peer as it is now (a handshake-now later in the same pass re-adds it as given)."""
-        safe = None if self.found is None else self.found.keepalive_s(self.default_s)
-        want = lowered(peer.persistent_keepalive, safe, live=live)
+        want = self.lowers(peer, live=live)
         if want is None or self.found is None:
             return peer
         try:

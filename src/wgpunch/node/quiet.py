@@ -24,8 +24,10 @@ The relay slots and the upgrade probes keep clocks of their own; a peer they hol
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 
+from ..keys import Key
 from ..protocol import PeerRecord
 from ..wg.device import PeerState
 from .decide import Decision, Kind, Memory, Reason, Timings
@@ -73,30 +75,37 @@ class Quiet:
     """The agent's view of what a peer's pass reads, besides the device and the clock."""
 
     def __init__(self, view: RegistryView, relays: Relays, upgrades: Upgrades, idle: IdleWatch,
-                 t: Timings) -> None:
+                 t: Timings, can_open: Callable[[], bool]) -> None:
         self.view = view
         self.relays = relays
         self.upgrades = upgrades
         self.idle = idle
         self.t = t
+        self.can_open = can_open  # whether the agent sends raw openers (decide's can_open)
         self._common: tuple[object, ...] = ()
 
-    def common(self, *, can_open: bool) -> tuple[object, ...]:
-        """What every peer's pass reads alike: the same object while it stays equal, so that
-        each peer's comparison is one identity check."""
-        view = self.view
-        common = (None if view.me is None else view.peers.get(view.me), view.me, view.local,
-                  view.mapped, can_open, self.idle.found, self.relays.registry,
-                  self.upgrades.listening)
-        if common != self._common:
-            self._common = common
-        return self._common
+    def due(self, peers: Iterable[PeerState], tracks: dict[Key, Track], skip: Collection[Key],
+            now: float, now_wall: float
+            ) -> Iterator[tuple[PeerState, PeerRecord, Track, tuple[object, ...] | None]]:
+        """The peers a pass goes through, one at a time as it gets to them: those the
+        registry knows, but those in `skip` (the registries) and the settled ones; each with
+        its track (a new one for a new peer) and what its pass reads (`settle` takes it)."""
+        for peer in peers:
+            known = self.view.peers.get(peer.public_key)
+            if peer.public_key in skip or known is None:
+                continue
+            track = tracks.setdefault(peer.public_key, Track())
+            inputs = self.inputs(peer, known, track)
+            if (inputs is None or track.settled is None
+                    or not track.settled.holds(inputs, now, now_wall)):
+                yield peer, known, track, inputs
 
-    def inputs(self, peer: PeerState, known: PeerRecord, track: Track,
-               common: tuple[object, ...]) -> tuple[object, ...] | None:
-        """What a pass over `peer` reads (with `common`), or None while an event for it
-        waits. Compared item by item, mostly by identity (a record or a memory is replaced,
-        not changed). A key costs a Python call to hash: empty tables are not asked."""
+    def inputs(self, peer: PeerState, known: PeerRecord, track: Track
+               ) -> tuple[object, ...] | None:
+        """What a pass over `peer` reads, or None while an event for it waits. Compared item
+        by item, mostly by identity (a record or a memory is replaced, not changed): what
+        every peer reads alike is kept as one object while it stays equal. A key costs a
+        Python call to hash: empty tables are not asked."""
         key = peer.public_key
         view, relays, upgraded = self.view, self.relays, self.upgrades.upgraded
         if ((view.punched or view.opened or view.flipped)
@@ -104,27 +113,30 @@ class Quiet:
             return None
         if not self.upgrades.settled(key):
             return None
-        return (common, peer, known, view.roles.get(key) if view.roles else None,
+        common = (None if view.me is None else view.peers.get(view.me), view.me, view.local,
+                  view.mapped, self.can_open(), self.idle.found, relays.registry,
+                  self.upgrades.listening)
+        if common != self._common:
+            self._common = common
+        return (self._common, peer, known, view.roles.get(key) if view.roles else None,
                 relays.offers.get(key) if relays.offers else None,
                 relays.leases.get(key) if relays.leases else None,
                 upgraded.get(key) if upgraded else None,
                 track.memory, track.path, track.reason)
 
-    def skips(self, track: Track, inputs: tuple[object, ...] | None, now: float,
-              now_wall: float) -> bool:
-        return (inputs is not None and track.settled is not None
-                and track.settled.holds(inputs, now, now_wall))
-
     def settle(self, peer: PeerState, known: PeerRecord, track: Track,
-               before: tuple[object, ...] | None, decision: Decision, recheck_s: float, *,
-               can_open: bool, now: float, now_wall: float) -> None:
+               before: tuple[object, ...] | None, decision: Decision, recheck_s: float,
+               now: float, now_wall: float) -> None:
         """After a full pass over `peer` that read `before`: whether it settled it."""
         track.settled = None
         if (before is None or decision.kind is not Kind.LEAVE
                 or decision.reason not in LASTING or recheck_s < self.t.idle_recheck_s
-                or not self.relays.settled(peer.public_key, track.memory, live=decision.live)):
+                or not self.relays.settled(peer.public_key, track.memory, live=decision.live)
+                # A keepalive it failed to lower is tried again next pass, as before.
+                or self.idle.lowers(peer, live=peer.has_live_session(
+                    now_wall, self.t.session_live_s)) is not None):
             return
-        after = self.inputs(peer, known, track, self.common(can_open=can_open))
+        after = self.inputs(peer, known, track)
         if after is None or after != before:
             return
         until, until_wall = horizon(peer, track.memory, now_wall, self.t)

@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ChangeRefused, DeviceError
@@ -232,6 +232,10 @@ class Device(ABC):
     def __init__(self, name: str) -> None:
         self.name = name
         self._seen: dict[Key, PeerState] | None = None  # as the last `changes()` read them
+        # The last `state()`: when its read began (monotonic), `_changes` then, the snapshot.
+        self._last: tuple[float, int, DeviceState] | None = None
+        self._changes = 0  # writes through this object (counted as each ends)
+        self.read_listeners: list[Callable[[], None]] = []  # called after each `state()` read
 
     # -- what a backend provides ------------------------------------------------------------
 
@@ -253,8 +257,20 @@ class Device(ABC):
 
     # -- reading ----------------------------------------------------------------------------
 
-    async def state(self) -> DeviceState:
+    async def state(self, *, fresh_s: float = 0.0) -> DeviceState:
+        """The device as a read shows it. With `fresh_s`, the snapshot of the last read
+        instead, if that read began at most `fresh_s` ago and nothing was written through
+        this object since it began: a loop that follows another's read at once shares it
+        (node/pace.py)."""
+        started, last = time.monotonic(), self._last
+        if (fresh_s > 0 and last is not None and last[1] == self._changes
+                and started - last[0] <= fresh_s):
+            return last[2]
+        changes = self._changes
         state, _secrets = await self._read()
+        self._last = (started, changes, state)
+        for listener in self.read_listeners:
+            listener()
         return state
 
     async def changes(self) -> DeviceChanges:
@@ -310,6 +326,8 @@ class Device(ABC):
             touched = {change.public_key for change in changes}
             await self._restore(before, secrets, touched, operation, error)
             raise
+        finally:  # a read that began before this write ended is no snapshot to share
+            self._changes += 1
 
     async def _restore(
         self,
