@@ -20,6 +20,7 @@ from ..keys import Key
 from ..protocol import (
     DirectEvent,
     Event,
+    Heartbeat,
     PeerEvent,
     PeerRecord,
     PunchEvent,
@@ -115,7 +116,10 @@ class RegistryView:
         self._apply(event)
         if self.own_endpoint() != observed:
             self.observed_changed.set()  # a new mapping: our NAT is measured again
-        self.wake.set()
+        # A heartbeat (every 2 s) changes nothing here; what its arrival says about the
+        # registry, `set_health` wakes the agent for. A pass for nothing costs a device read.
+        if not isinstance(event, Heartbeat):
+            self.wake.set()
 
     def _apply(self, event: Event) -> None:
         if isinstance(event, Snapshot):
@@ -185,6 +189,8 @@ class RegistryView:
         old = self.health
         since = old.since if old is not None and old.state == state else now_wall
         self.health = RegistryHealth(following, state, since, error)
+        if self.health != old:
+            self.wake.set()  # the agent publishes it
 
     def take_punched(self, peer: Key) -> bool:
         """Whether a punch event for `peer` came since the last call for it."""
