@@ -98,3 +98,19 @@ def test_our_own_report_flips_every_pair_it_changes():
     assert view.take_flipped(LOW_PEER) and LOW_PEER not in view.roles
     assert not view.take_flipped(HIGH_PEER) and view.roles[HIGH_PEER] is True
     assert view.initiates(ME, view.peers[LOW_PEER])
+
+
+async def test_a_heartbeat_wakes_the_agent_only_through_the_registrys_health():
+    view = RegistryView()
+    view.apply(Snapshot("e1", 1, ()))
+    assert view.wake.is_set(), "a change: the agent reconciles"
+    view.wake.clear()
+    view.apply(Heartbeat(1))
+    assert not view.wake.is_set(), "nothing changed: no pass (each reads the device)"
+    view.set_health("registry", "following", 100.0)
+    assert view.wake.is_set(), "the first event of a stream: following, to publish"
+    view.wake.clear()
+    view.set_health("registry", "following", 101.0)
+    assert not view.wake.is_set(), "still following, since as it was: nothing to publish"
+    view.set_health("registry", "unreachable", 102.0, "refused")
+    assert view.wake.is_set()
