@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.lab.netns import Namespace, WireguardGo, python_module, stop_process, wait_for
-from wgpunch.wg.device import PeerConfig
+from wgpunch.wg.model import PeerConfig
 from wgpunch.wg.uapi import UapiDevice
 
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -88,7 +88,7 @@ from wgpunch.lab.netns import (
     stop_process,
     wait_for,
 )
-from wgpunch.wg.device import Endpoint, PeerConfig
+from wgpunch.wg.model import Endpoint, PeerConfig
 from wgpunch.wg.uapi import UapiDevice
 
 ZONE = "bench.internal."

@@ -80,7 +80,7 @@ from wgpunch.errors import LabError
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.lab.netns import Namespace, WireguardGo, read_line, require_root, stop_process
 from wgpunch.protocol import API_PORT
-from wgpunch.wg.device import Endpoint, PeerConfig
+from wgpunch.wg.model import Endpoint, PeerConfig
 
 TUNNEL_IP = "10.96.255.254"  # the registry's; the nodes' /32s count up from 10.96.0.1
 FIRST_NODE = ipaddress.IPv4Address("10.96.0.1")

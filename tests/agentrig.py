@@ -39,7 +39,7 @@ from wgpunch.protocol import (
     Snapshot,
 )
 from wgpunch.wg import open_device
-from wgpunch.wg.device import Endpoint, IPAddress, IPInterface, PeerState
+from wgpunch.wg.model import Endpoint, IPAddress, IPInterface, PeerState
 
 T = TypeVar("T")
 

@@ -30,7 +30,7 @@ from wgpunch.node.portmap.mapper import (
     map_once,
     unmap,
 )
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 
 def to_json(mapping: Mapping | None) -> Any:

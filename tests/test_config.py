@@ -22,7 +22,7 @@ from wgpunch.node import cli as node_cli
 from wgpunch.node import serve as node_serve
 from wgpunch.registry import cli as registry_cli
 from wgpunch.registry import relaycli
-from wgpunch.wg.device import DeviceState, PeerState
+from wgpunch.wg.model import DeviceState, PeerState
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 KEY = "Rm9yIGV4YW1wbGUgb25seSwgbm90IGEgcmVhbCBrZXk="  # 32 bytes of text: a well-formed key

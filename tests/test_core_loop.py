@@ -30,7 +30,7 @@ from wgpunch.lab.agents import API_PORT, Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import holds_for, read_line, wait_for
 from wgpunch.protocol import initiator
-from wgpunch.wg.device import DeviceState
+from wgpunch.wg.model import DeviceState
 from wgpunch.wg.uapi import UapiDevice
 
 pytestmark = pytest.mark.lab

@@ -38,7 +38,7 @@ from wgpunch.protocol import (
     reported_from_json,
     snapshot_from_json,
 )
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 EVENTS = [item_json(item) for item in (
     Snapshot("ab12", 9, (RECORD, BARE, MEASURED)), PeerEvent(8, RECORD), PeerEvent(4, BARE),

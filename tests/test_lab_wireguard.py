@@ -55,7 +55,7 @@ def handshake_now(*moves: tuple[LabHost, LabHost, str]) -> None:
     is 0 sends nothing until there is traffic (wireguard-go sends the keepalive that starts
     the handshake only when keepalive goes from 0 to non-zero).
     """
-    from wgpunch.wg.device import Endpoint
+    from wgpunch.wg.model import Endpoint
     from wgpunch.wg.uapi import UapiDevice
 
     async def all_at_once() -> None:

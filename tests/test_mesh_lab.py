@@ -33,7 +33,7 @@ from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import holds_for, python_module, wait_for
 from wgpunch.lab.scenario import Scenario
 from wgpunch.node.mesh import MESH_DIR
-from wgpunch.wg.device import DeviceState
+from wgpunch.wg.model import DeviceState
 from wgpunch.wg.uapi import UapiDevice
 
 pytestmark = pytest.mark.lab

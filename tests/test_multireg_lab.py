@@ -36,7 +36,7 @@ from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import wait_for
 from wgpunch.lab.scenario import Scenario
 from wgpunch.protocol import API_PORT
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 from wgpunch.wg.uapi import UapiDevice
 
 pytestmark = pytest.mark.lab

@@ -22,7 +22,7 @@ from wgpunch.lab import catalog, evidence
 from wgpunch.lab.agents import Agents
 from wgpunch.lab.lab import Lab
 from wgpunch.lab.netns import wait_for
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 pytestmark = pytest.mark.lab
 

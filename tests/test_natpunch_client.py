@@ -17,7 +17,7 @@ from wgpunch.natpunch import wire
 from wgpunch.natpunch.client import LegacyClient, NoiseClient, Retries
 from wgpunch.natpunch.legacy import LegacyRendezvous
 from wgpunch.natpunch.server import NoiseRendezvous
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 FAST = Retries(timeout_s=0.2, attempts=3)
 

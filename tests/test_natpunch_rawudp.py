@@ -31,7 +31,7 @@ from wgpunch.natpunch.rawudp import (
     reply_filter,
     udp_datagram,
 )
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 SERVER = "198.51.100.7"
 LOCAL = "192.168.1.10"
@@ -182,7 +182,7 @@ NO_CAP = """
 import ipaddress
 from wgpunch.errors import WgpunchError
 from wgpunch.natpunch.rawudp import RawUdp
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 try:
     RawUdp(51820, Endpoint(ipaddress.ip_address("192.0.2.2"), 49918))
 except WgpunchError as error:

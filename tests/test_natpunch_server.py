@@ -48,7 +48,7 @@ from wgpunch.natpunch.limits import Limits
 from wgpunch.natpunch.noise import CipherState, HandshakeIK
 from wgpunch.natpunch.server import SESSIONS_PER_KEY, NoiseRendezvous
 from wgpunch.natpunch.table import Table
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 SRC = str(Path(wgpunch.__file__).resolve().parents[1])
 PROLOGUE = b"natpunch-go is the best :)"  # natpunch.md B: 26 ASCII bytes

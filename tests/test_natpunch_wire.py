@@ -21,7 +21,7 @@ from wgpunch.keys import Key
 from wgpunch.natpunch import wire
 from wgpunch.natpunch.legacy import LegacyRendezvous
 from wgpunch.natpunch.limits import Limits
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 A = Key(bytes(range(1, 33)))
 B = Key(bytes(range(101, 133)))

@@ -10,7 +10,7 @@ from test_protocol_roles import KINDS
 from wgpunch.netcheck import Report, meaning, render
 from wgpunch.node.lanprobe import pcp_announce
 from wgpunch.protocol import NatBehaviour
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 
 def report(kind: str, **changes) -> Report:

@@ -11,7 +11,7 @@ import pytest
 
 from wgpunch.lab.netns import Namespace, python_module
 from wgpunch.node.addresses import MAX_ADDRESSES, ipv6_endpoints, local_addresses
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 TUNNEL_LINK_TYPES = {"none", "tunnel", "tunnel6", "sit", "gre", "ip6gre"}
 UNUSABLE_FLAGS = ("temporary", "dadfailed", "deprecated", "tentative")

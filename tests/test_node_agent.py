@@ -56,7 +56,7 @@ from wgpunch.protocol import (
     Reported,
     initiator,
 )
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.model import Endpoint, PeerState
 from wgpunch.wg.uapi import UapiDevice
 
 # The rig's fixtures: the device pair, the fake registry and senders, its logging.

@@ -15,7 +15,7 @@ from wgpunch.node.candidates import (
     path_of,
 )
 from wgpunch.protocol import PeerRecord, Reported
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 LAN, PUBLIC, MAPPED, RELAY = (CandidateKind.LAN, CandidateKind.PUBLIC, CandidateKind.MAPPED,
                               CandidateKind.RELAY)

@@ -7,7 +7,7 @@ import pytest
 from wgpunch.keys import Key
 from wgpunch.node.candidates import Candidate, CandidateKind
 from wgpunch.node.decide import Kind, Memory, Reason, Timings, decide, failover, retry_delay
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.model import Endpoint, PeerState
 
 T = Timings()
 NOW_WALL = 1_800_000_000.0

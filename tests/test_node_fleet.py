@@ -21,7 +21,7 @@ from wgpunch.keys import generate_keypair
 from wgpunch.lab.netns import Namespace, WireguardGo, python_module, stop_process, wait_for
 from wgpunch.lab.state import remove_agent_files
 from wgpunch.node.fleet import Fleet
-from wgpunch.wg.device import DeviceState
+from wgpunch.wg.model import DeviceState
 from wgpunch.wg.uapi import UapiDevice
 
 pytestmark = [

@@ -21,7 +21,7 @@ from wgpunch.protocol import (
     Reported,
     Snapshot,
 )
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 
 async def one_then_silence(closed: list[bool]) -> AsyncIterator[Event]:

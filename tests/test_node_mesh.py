@@ -16,7 +16,7 @@ from wgpunch.keys import Key, generate_keypair
 from wgpunch.node.agent import Agent
 from wgpunch.node.mesh import Mesh, Overlap, plan, read_managed, state_file
 from wgpunch.protocol import PeerRecord, RemovedEvent
-from wgpunch.wg.device import DeviceState, IPNetwork, PeerConfig, PeerState
+from wgpunch.wg.model import DeviceState, IPNetwork, PeerConfig, PeerState
 
 # The rig's fixtures: the device pair, the fake registry and senders, its logging.
 pair, registry, io = agentrig.pair, agentrig.registry, agentrig.io

@@ -28,7 +28,7 @@ from wgpunch.registry.observer import Observer
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
 from wgpunch.wg import open_device
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 pytestmark = [
     pytest.mark.lab,

@@ -14,7 +14,7 @@ import pytest
 from wgpair import wg_pair
 from wgpunch.node.natidle import Idle, IdleTimings, IdleWatch, lowered, probe_idle, verdict
 from wgpunch.registry.natprobe import ProbeSettings, answers
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 LADDER = (2, 4, 7, 10, 13, 16, 19, 22, 26)
 

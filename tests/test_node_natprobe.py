@@ -14,7 +14,7 @@ from wgpunch.node.follow import RegistryView
 from wgpunch.node.natprobe import Measurement, NatWatch, ProbeTimings, classify, measure
 from wgpunch.protocol import NatBehaviour, PeerEvent, PeerRecord, Snapshot
 from wgpunch.protocol.probewire import Ask, Reply, Via, parse_request
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 REGISTRY = ipaddress.ip_address("192.0.2.2")
 SECOND = ipaddress.ip_address("192.0.2.66")

@@ -6,7 +6,7 @@ import itertools
 
 from wgpunch.keys import Key
 from wgpunch.node.natpunch import LIVE_RECHECK_MAX_S, REGISTER_EVERY_S, NatpunchSource
-from wgpunch.wg.device import DeviceState, Endpoint, PeerState
+from wgpunch.wg.model import DeviceState, Endpoint, PeerState
 
 ME = Key(bytes([1]) * 32)
 LIVE, DOWN = Key(bytes([2]) * 32), Key(bytes([3]) * 32)

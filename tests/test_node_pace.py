@@ -11,7 +11,8 @@ import pytest
 from polling import poll
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.node.pace import next_pass
-from wgpunch.wg.device import Device, DeviceState, PeerConfig
+from wgpunch.wg.device import Device
+from wgpunch.wg.model import DeviceState, PeerConfig
 
 
 class Counted(Device):

@@ -21,7 +21,7 @@ from wgpunch.node.portmap.mapper import Mapping, PortmapTimings, keep_mapped, re
 from wgpunch.node.portmap.rule import HOLD_BACK_ATTEMPTS, holds_back, initiates_by_mapping
 from wgpunch.node.portmap.transport import ExchangeTimings, exchange
 from wgpunch.protocol import PeerRecord, Reported
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 IP = ipaddress.IPv4Address
 NONCE = bytes(range(1, 13))

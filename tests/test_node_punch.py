@@ -13,7 +13,7 @@ import pytest
 from wgpair import PORT, wg_pair
 from wgpunch.natpunch.rawudp import checksum, udp_datagram
 from wgpunch.node.punch import DEFAULT_TTL, UNMEASURED_TTL, OpenerTtl
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 
 def test_rfc1071_example():
@@ -47,7 +47,7 @@ print(len(data), addr[0], addr[1], flush=True)
 SEND = """
 import ipaddress, sys
 from wgpunch.node.punch import send_opener
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 print(send_opener(51820, Endpoint(ipaddress.ip_address(sys.argv[1]), 40000)))
 """
 # IPv6 on the pair's link, only inside its namespaces (documentation prefix, RFC 3849).

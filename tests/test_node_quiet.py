@@ -22,7 +22,8 @@ from wgpunch.node.natidle import Idle
 from wgpunch.node.quiet import Quiet, Settled, horizon
 from wgpunch.node.track import Track
 from wgpunch.protocol import Event, PeerEvent, PeerRecord, PunchEvent, Reported, Snapshot
-from wgpunch.wg.device import Device, DeviceState, Endpoint, PeerConfig, PeerState
+from wgpunch.wg.device import Device
+from wgpunch.wg.model import DeviceState, Endpoint, PeerConfig, PeerState
 
 T = Timings()
 WALL = 1_800_000_000.0  # the wall clock at monotonic 0

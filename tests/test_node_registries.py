@@ -48,7 +48,7 @@ from wgpunch.registry.site import ApiSite
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings as RegistryTimings
 from wgpunch.wg import open_device
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.model import Endpoint, PeerState
 
 K = [Key(bytes([n]) * 32) for n in range(8)]
 E1, E2 = Endpoint.parse("198.51.100.1:1000"), Endpoint.parse("198.51.100.2:2000")

@@ -24,7 +24,7 @@ from wgpunch.node.registrylink import (
     retry_s,
     step,
 )
-from wgpunch.wg.device import Endpoint, IPAddress, PeerState
+from wgpunch.wg.model import Endpoint, IPAddress, PeerState
 
 T = LinkTimings()
 WALL = 1_800_000_000.0

@@ -20,7 +20,7 @@ from wgpunch.node.relay import (
 )
 from wgpunch.node.track import Track
 from wgpunch.protocol import RelayEvent
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.model import Endpoint, PeerState
 
 T = RelayTimings()
 PEER = Key(bytes(range(32)))

@@ -44,7 +44,7 @@ from wgpunch.node.upgrade import (
 from wgpunch.node.upgradelink import RawProbeChannel
 from wgpunch.node.upgradewire import MAGIC, SIZE, Answer, Probe, parse
 from wgpunch.protocol import NatBehaviour, PeerRecord, Reported
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.model import Endpoint, PeerState
 
 T = UpgradeTimings()
 A, B, C = Key(bytes([1]) * 32), Key(bytes([2]) * 32), Key(bytes([3]) * 32)

@@ -22,7 +22,7 @@ from wgpunch.protocol import (
     item_from_json,
     item_json,
 )
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 K1, K2 = Key(bytes([1]) * 32), Key(bytes([2]) * 32)
 REPORTED = Reported(51820, (ipaddress.ip_address("192.168.1.10"),

@@ -16,7 +16,7 @@ from wgpunch.protocol.probewire import (
     parse_request,
     request_size,
 )
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 TXID = bytes(range(16))
 REQUEST = bytes.fromhex("57474e50 01 01 00 00") + TXID + bytes(40)

@@ -18,7 +18,7 @@ from wgpunch.protocol import (
     pair_of,
     relay_reason,
 )
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 LOW, HIGH = Key(bytes([1]) * 32), Key(bytes([2]) * 32)
 APDF = "address-and-port-dependent"

@@ -29,7 +29,8 @@ from wgpunch.registry.state import RegistryState
 from wgpunch.registry.stream import Stream
 from wgpunch.registry.timings import Timings
 from wgpunch.registry.watch import Pump
-from wgpunch.wg.device import Device, DeviceState, Endpoint, PeerState
+from wgpunch.wg.device import Device
+from wgpunch.wg.model import DeviceState, Endpoint, PeerState
 
 A = Key(bytes([1]) * 32)
 B = Key(bytes([0xFF]) * 32)  # base64 '//////...': a path key that needs percent-encoding

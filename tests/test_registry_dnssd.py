@@ -35,7 +35,7 @@ from wgpunch.registry.dnsserver import DnsLimits, DnsServer, Instance, SelfConfi
 from wgpunch.registry.dnswire import TCP_MAX, size_limit, to_wire
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.model import Endpoint, PeerState
 
 Z = "example.com."
 SOA = f"{Z} 60 IN SOA ns1.{Z} postmaster.{Z} 1 86400 7200 3600000 60"

@@ -13,7 +13,7 @@ from wgpunch.protocol.kickwire import Kick, parse_kick
 from wgpunch.registry.kick import Kicker
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.model import Endpoint, PeerState
 
 K1, K2 = (Key(bytes([n]) * 32) for n in (1, 2))
 T = Timings(kick_again_s=0.05, kicks=3)

@@ -43,7 +43,7 @@ from wgpunch.registry.site import ApiSite
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
 from wgpunch.wg import open_device
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.model import Endpoint, PeerState
 
 A = Key(bytes([1]) * 32)
 B = Key(bytes([2]) * 32)

@@ -11,7 +11,7 @@ import pytest
 from wgpunch.errors import ConfigError, MalformedPacket
 from wgpunch.protocol.probewire import SIZE, Ask, Request, Via, parse_reply
 from wgpunch.registry.natprobe import ProbeServer, ProbeSettings, answers
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 TXID = bytes(range(16))
 NODE = Endpoint.parse("198.51.100.2:40001")

@@ -16,7 +16,8 @@ from wgpunch.protocol import item_from_json
 from wgpunch.registry.observer import APPLY_SLICE, Observer
 from wgpunch.registry.state import RegistryState
 from wgpunch.registry.timings import Timings
-from wgpunch.wg.device import Device, DeviceState, Endpoint, PeerState
+from wgpunch.wg.device import Device
+from wgpunch.wg.model import DeviceState, Endpoint, PeerState
 
 K1, K2, K3 = (Key(bytes([n]) * 32) for n in (1, 2, 3))
 

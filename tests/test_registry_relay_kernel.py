@@ -17,7 +17,7 @@ import wgpunch
 from labconntrack import flows_to_ports
 from wgpair import Side, unique_prefix, wg_pair
 from wgpunch.lab.netns import Namespace, read_line, stop_process, wait_for
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 pytestmark = [
     pytest.mark.lab,

@@ -27,7 +27,7 @@ from wgpunch.registry.relayauth import (
 from wgpunch.registry.relaycontrol import serving, slot_request_from
 from wgpunch.registry.relaypool import RelayPool
 from wgpunch.registry.relayremote import RemoteRelay
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 NOW = 1_800_000_000.0

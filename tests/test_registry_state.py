@@ -22,7 +22,7 @@ from wgpunch.protocol import (
 from wgpunch.protocol.natinfo import NatBehaviour
 from wgpunch.registry.punch import Coalescer
 from wgpunch.registry.state import RegistryState
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.model import Endpoint, PeerState
 
 K1, K2, K3 = (Key(bytes([n]) * 32) for n in (1, 2, 3))
 

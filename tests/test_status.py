@@ -10,7 +10,7 @@ import pytest
 
 from wgpair import PORT, Side, wg_pair
 from wgpunch.lab.netns import Namespace
-from wgpunch.wg.device import Endpoint
+from wgpunch.wg.model import Endpoint
 
 pytestmark = [
     pytest.mark.lab,

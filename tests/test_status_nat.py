@@ -8,7 +8,7 @@ from wgpunch.keys import Key
 from wgpunch.node import pathfile
 from wgpunch.node.pathfile import PeerPath
 from wgpunch.status import peer_json, render_table
-from wgpunch.wg.device import Endpoint, PeerState
+from wgpunch.wg.model import Endpoint, PeerState
 
 PEER = PeerState(Key(bytes([7]) * 32), None, (ipaddress.ip_network("10.99.0.2/32"),), None,
                  0, 0, 25, False)

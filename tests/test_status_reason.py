@@ -10,7 +10,7 @@ from wgpunch.keys import Key
 from wgpunch.node import pathfile
 from wgpunch.node.pathfile import PeerPath, RegistryHealth
 from wgpunch.status import peer_json, registries_json, registries_line, registry_line
-from wgpunch.wg.device import DeviceState, Endpoint, PeerState
+from wgpunch.wg.model import DeviceState, Endpoint, PeerState
 
 NOW = 1_800_000_000.0
 

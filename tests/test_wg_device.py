@@ -12,7 +12,7 @@ from wgpair import PORT, Side, wg_pair
 from wgpunch.errors import ChangeRefused, DeviceError
 from wgpunch.keys import generate_keypair, generate_private_key
 from wgpunch.wg import open_device
-from wgpunch.wg.device import Endpoint, PeerConfig, parse_allowed_ip
+from wgpunch.wg.model import Endpoint, PeerConfig, parse_allowed_ip
 
 pytestmark = [
     pytest.mark.lab,

@@ -36,7 +36,7 @@ from pyroute2.netlink.generic.wireguard import wgmsg
 from wgpunch.errors import ChangeRefused, DeviceError, DeviceNotFound, MalformedReply
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.lab.netns import Namespace, run
-from wgpunch.wg.device import Endpoint, PeerConfig, parse_allowed_ip
+from wgpunch.wg.model import Endpoint, PeerConfig, parse_allowed_ip
 from wgpunch.wg.netlink import (
     NLM_F_DUMP_INTR,
     WGPEER_F_REMOVE_ME,

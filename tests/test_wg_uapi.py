@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from wgpunch.errors import ChangeRefused, DeviceError, DeviceNotFound, MalformedReply
 from wgpunch.keys import Key, public_key
-from wgpunch.wg.device import Endpoint, PeerConfig, parse_allowed_ip
+from wgpunch.wg.model import Endpoint, PeerConfig, parse_allowed_ip
 from wgpunch.wg.uapi import PIECE_BYTES, UapiDevice, encode_set, parse_set_reply
 from wgpunch.wg.uapiget import GetCutter, parse_get, parse_peer, update_counters
 

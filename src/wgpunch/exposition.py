@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from .errors import ConfigError
-from .wg.device import Endpoint
+from .wg.model import Endpoint
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from .errors import ApiError, ConfigError
 from .keys import Key
 from .ports import NATPROBE_PORT
 from .protocol import NatBehaviour
-from .wg.device import Endpoint
+from .wg.model import Endpoint
 
 OBSERVED_WAIT_S = 3.0  # the registry reads its device every 0.2 s by default
 

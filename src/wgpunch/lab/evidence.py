@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..wg.device import DeviceState, Endpoint
+from ..wg.model import DeviceState, Endpoint
 from ..wg.uapi import UapiDevice
 from .lab import Lab
 

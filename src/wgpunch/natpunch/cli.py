@@ -19,7 +19,7 @@ from ..commands import help_of
 from ..config.rendezvous import RENDEZVOUS, RendezvousConfig
 from ..errors import ConfigError
 from ..keys import Key, public_key
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from . import keyfile
 from .legacy import LegacyRendezvous
 from .limits import Limits

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from ..errors import MalformedPacket, NatpunchError, NoiseError
 from ..keys import Key
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from . import wire
 from .noise import CipherState, HandshakeIK, ReplayWindow
 

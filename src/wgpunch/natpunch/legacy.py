@@ -17,7 +17,7 @@ import logging
 from collections import Counter
 
 from ..keys import Key
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from . import wire
 from .limits import Limits
 from .table import Table

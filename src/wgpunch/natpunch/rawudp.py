@@ -35,7 +35,7 @@ import struct
 from types import TracebackType
 
 from ..errors import CapabilityError, WgpunchError
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 
 _IPPROTO_UDP = 17
 _IP_HEADER = 20  # without options

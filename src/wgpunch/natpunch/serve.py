@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ..errors import MalformedPacket, NoiseError, WgpunchError
 from ..throttle import Throttle
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 
 log = logging.getLogger(__name__)
 

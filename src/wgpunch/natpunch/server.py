@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MalformedPacket
 from ..keys import Key
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from . import wire
 from .limits import Buckets, Limits, source_of
 from .noise import CipherState, HandshakeIK, ReplayWindow

@@ -26,7 +26,7 @@ from ..errors import MalformedPacket
 from ..keys import KEY_LEN, Key
 from ..ports import LEGACY_PORT as LEGACY_PORT  # re-exported: the protocol's ports
 from ..ports import RENDEZVOUS_PORT as RENDEZVOUS_PORT
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 
 PROLOGUE = b"natpunch-go is the best :)"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..keys import Key
-from ..wg.device import PeerState
+from ..wg.model import PeerState
 
 
 @dataclass(slots=True)

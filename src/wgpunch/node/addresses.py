@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from ..protocol.report import MAX_IPV6_ENDPOINTS, globally_routed6
-from ..wg.device import Endpoint, IPInterface
+from ..wg.model import Endpoint, IPInterface
 
 MAX_ADDRESSES = 32  # the registry's limit on a report (docs/api.md)
 

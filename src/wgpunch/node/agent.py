@@ -22,7 +22,8 @@ from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNo
 from ..keys import Key
 from ..protocol import has_mapping, relay_reason
 from ..protocol.kickwire import PORT as KICK_PORT
-from ..wg.device import Device, DeviceState, Endpoint, PeerState
+from ..wg.device import Device
+from ..wg.model import DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import CandidateKind, PathKind, candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead

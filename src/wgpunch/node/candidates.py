@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ..protocol import PeerRecord
 from ..protocol.report import globally_routed6
-from ..wg.device import Endpoint, IPInterface
+from ..wg.model import Endpoint, IPInterface
 
 
 class PathKind(enum.StrEnum):

@@ -17,7 +17,7 @@ from ..config.node import NODE, NodeConfig
 from ..errors import ChangeRefused, ConfigError, WgpunchError
 from ..keys import Key
 from ..ports import API_PORT, LEGACY_PORT, NATPROBE_PORT, RENDEZVOUS_PORT
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 
 MODES = ("registry", "dns_sd", "natpunch", "natpunch_legacy")
 

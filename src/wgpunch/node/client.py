@@ -22,7 +22,7 @@ from ..protocol import (
     relay_from_json,
     snapshot_from_json,
 )
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from .http import HttpClient
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one snapshot line of a large registry

@@ -63,7 +63,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from ..wg.device import SESSION_LIVE_S, Endpoint, PeerState
+from ..wg.model import SESSION_LIVE_S, Endpoint, PeerState
 from .candidates import Candidate, CandidateKind, PathKind, choose, path_of
 
 

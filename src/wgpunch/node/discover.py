@@ -17,7 +17,7 @@ import logging
 from ..errors import ApiError, ConfigError
 from ..keys import Key
 from ..protocol import API_PORT
-from ..wg.device import DeviceState, PeerState
+from ..wg.model import DeviceState, PeerState
 from .http import HttpClient
 from .probe import tunnel_address
 

@@ -26,7 +26,8 @@ import dns.rdatatype
 from ..errors import ApiError, NoRecord, WgpunchError
 from ..keys import Key
 from ..protocol import Event, PeerRecord, RelayEvent, Reported, Snapshot
-from ..wg.device import Device, Endpoint
+from ..wg.device import Device
+from ..wg.model import Endpoint
 from .source import polled
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import ipaddress
 import time
 from typing import Protocol
 
-from ..wg.device import Endpoint, IPAddress, IPInterface
+from ..wg.model import Endpoint, IPAddress, IPInterface
 from . import addresses, probe, punch
 
 

@@ -31,7 +31,8 @@ from ..protocol import (
     initiator,
     initiator_changed,
 )
-from ..wg.device import Device, Endpoint, IPInterface
+from ..wg.device import Device
+from ..wg.model import Endpoint, IPInterface
 from .addresses import ipv6_endpoints
 from .edges import Clock, Io
 from .natprobe import NatWatch, own_addresses

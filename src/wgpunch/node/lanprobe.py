@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ..errors import MalformedPacket
 from ..protocol.probewire import TXID_SIZE, Request, parse_reply
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from .portmap.gateway import default_gateway
 from .portmap.natpmp import address_request
 

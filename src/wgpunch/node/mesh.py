@@ -24,7 +24,8 @@ from pathlib import Path
 
 from ..errors import ChangeRefused, DeviceError, DeviceNotFound, KeyFormatError
 from ..keys import Key
-from ..wg.device import Device, DeviceState, IPNetwork, PeerConfig
+from ..wg.device import Device
+from ..wg.model import DeviceState, IPNetwork, PeerConfig
 
 log = logging.getLogger("wgpunch.node.agent")  # the agent's logger, as follow.py's
 

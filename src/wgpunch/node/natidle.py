@@ -39,7 +39,8 @@ from typing import Protocol
 
 from ..errors import ChangeRefused, DeviceError, MalformedPacket
 from ..protocol.probewire import TXID_SIZE, Ask, Request, Via, parse_reply
-from ..wg.device import Device, Endpoint, PeerState
+from ..wg.device import Device
+from ..wg.model import Endpoint, PeerState
 
 log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, whichever module
 

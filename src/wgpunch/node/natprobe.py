@@ -39,7 +39,7 @@ from ..errors import MalformedPacket, WgpunchError
 from ..natpunch.rawudp import RawUdp
 from ..protocol.natinfo import UNKNOWN, NatBehaviour
 from ..protocol.probewire import TXID_SIZE, Ask, Reply, Request, parse_reply
-from ..wg.device import Endpoint, IPAddress
+from ..wg.model import Endpoint, IPAddress
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from ..keys import Key
 from ..natpunch.client import LegacyClient, NoiseClient
 from ..natpunch.rawudp import RawUdp
 from ..protocol import Event, PeerRecord, RelayEvent, Reported, Snapshot
-from ..wg.device import Device, Endpoint
+from ..wg.device import Device
+from ..wg.model import Endpoint
 from .edges import Clock, SystemClock
 from .source import polled
 

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import socket
 
-from ..wg.device import IPAddress, IPNetwork
+from ..wg.model import IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 

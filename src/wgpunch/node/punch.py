@@ -42,7 +42,7 @@ from typing import Any
 
 # The datagram helpers live with the natpunch raw-UDP channel, which sends the same way.
 from ..natpunch.rawudp import source_address, udp_datagram
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 
 log = logging.getLogger(__name__)
 

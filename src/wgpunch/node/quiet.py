@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from ..keys import Key
 from ..protocol import PeerRecord
-from ..wg.device import PeerState
+from ..wg.model import PeerState
 from .decide import Decision, Kind, Memory, Reason, Timings
 from .follow import RegistryView
 from .natidle import IdleWatch

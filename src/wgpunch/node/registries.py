@@ -32,7 +32,8 @@ from ..protocol import (
     Reported,
     Snapshot,
 )
-from ..wg.device import Device, Endpoint
+from ..wg.device import Device
+from ..wg.model import Endpoint
 from .edges import Clock, Io
 from .follow import RegistryTimings, RegistryView, follow_registry
 from .merge import Heard, newest, same

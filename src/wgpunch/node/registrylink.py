@@ -44,7 +44,8 @@ from enum import Enum
 
 from ..errors import ChangeRefused, DeviceError, DeviceNotFound
 from ..keys import Key
-from ..wg.device import SESSION_LIVE_S, Device, Endpoint, PeerState
+from ..wg.device import Device
+from ..wg.model import SESSION_LIVE_S, Endpoint, PeerState
 from .activity import Activity
 from .edges import Clock, Io
 from .probe import tunnel_address

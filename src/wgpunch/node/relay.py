@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from ..errors import ApiError
 from ..keys import Key
 from ..protocol import RelayEvent
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from .candidates import Candidate, CandidateKind, PathKind
 from .decide import Memory
 from .source import Source

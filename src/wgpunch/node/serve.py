@@ -21,7 +21,7 @@ from .. import config, sdnotify
 from ..errors import ConfigError, DeviceError
 from ..keys import Key
 from ..natpunch.wire import LEGACY_PORT, RENDEZVOUS_PORT
-from ..wg.device import DeviceState, Endpoint
+from ..wg.model import DeviceState, Endpoint
 from . import pathfile
 from .lock import agent_lock
 

@@ -10,7 +10,7 @@ from typing import Protocol
 from ..errors import ApiError, ConfigError, WgpunchError
 from ..keys import Key
 from ..protocol import API_PORT, Event, RelayEvent, Reported, Snapshot
-from ..wg.device import DeviceState, Endpoint
+from ..wg.model import DeviceState, Endpoint
 from .probe import tunnel_address
 
 

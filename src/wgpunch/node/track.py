@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from ..protocol import PeerRecord, has_mapping
-from ..wg.device import PeerState
+from ..wg.model import PeerState
 from . import pathfile
 from .candidates import PathKind
 from .decide import Decision, Memory, Reason

@@ -43,7 +43,8 @@ from typing import Any
 from ..errors import ApiError, ChangeRefused, DeviceError, MalformedPacket
 from ..keys import Key
 from ..protocol import PeerRecord, RelayEvent
-from ..wg.device import Device, Endpoint, PeerState
+from ..wg.device import Device
+from ..wg.model import Endpoint, PeerState
 from .candidates import Candidate, CandidateKind, PathKind
 from .edges import Clock, Io
 from .probe import tunnel_address

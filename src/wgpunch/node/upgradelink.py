@@ -15,7 +15,7 @@ from typing import Protocol
 
 from ..errors import WgpunchError
 from ..natpunch.rawudp import filtered_socket, magic_filter, udp_payload
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from . import punch
 from .upgradewire import MAGIC, SIZE
 

@@ -26,7 +26,7 @@ from enum import IntEnum
 
 from ..errors import MalformedPacket
 from ..keys import Key
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 
 MAGIC = b"WGUP"
 VERSION = 1

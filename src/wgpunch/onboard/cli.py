@@ -17,7 +17,8 @@ from ..errors import ConfigError, DeviceNotFound
 from ..keys import generate_keypair
 from ..protocol import API_PORT
 from ..wg import open_device
-from ..wg.device import Device, IPInterface
+from ..wg.device import Device
+from ..wg.model import IPInterface
 from . import members
 from .files import Staged
 from .invite import invite, revoke

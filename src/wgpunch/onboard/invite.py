@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..errors import ChangeRefused, ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key, generate_keypair
-from ..wg.device import Device, DeviceState, IPAddress, PeerConfig
+from ..wg.device import Device
+from ..wg.model import DeviceState, IPAddress, PeerConfig
 from . import members
 from .files import Staged, read_text
 from .wgquick import WgQuickConfig

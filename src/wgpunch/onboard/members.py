@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from ..errors import ConfigError
 from ..keys import Key
-from ..wg.device import IPAddress, IPInterface, IPNetwork
+from ..wg.model import IPAddress, IPInterface, IPNetwork
 from .wgquick import MARK, Section, WgQuickConfig, section
 
 KEEPALIVE_S = 25  # wg(8)'s suggestion: keeps the node's NAT mapping toward the registry open

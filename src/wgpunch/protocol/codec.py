@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import MalformedMessage, WgpunchError
 from ..keys import Key
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from .natinfo import nat_from_json
 from .records import (
     DirectEvent,

@@ -37,7 +37,7 @@ from enum import IntEnum, IntFlag
 
 from ..errors import MalformedPacket
 from ..ports import NATPROBE_PORT
-from ..wg.device import Endpoint, IPAddress
+from ..wg.model import Endpoint, IPAddress
 
 PORT = NATPROBE_PORT  # the registry's default probe port (ports.py)
 MAGIC = b"WGNP"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..keys import Key
-from ..wg.device import Endpoint, IPAddress, IPNetwork
+from ..wg.model import Endpoint, IPAddress, IPNetwork
 from .natinfo import NatBehaviour
 from .report import Reported
 

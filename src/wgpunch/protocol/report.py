@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ChangeRefused, MalformedMessage
-from ..wg.device import Endpoint, IPAddress
+from ..wg.model import Endpoint, IPAddress
 from .natinfo import NatBehaviour, nat_from_json
 
 MAX_BODY_BYTES = 4096  # docs/api.md

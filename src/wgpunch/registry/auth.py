@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from ..keys import Key
-from ..wg.device import IPAddress, IPNetwork
+from ..wg.model import IPAddress, IPNetwork
 
 
 class HasAllowedIPs(Protocol):

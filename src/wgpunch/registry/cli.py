@@ -14,7 +14,7 @@ from ..commands import help_of
 from ..config.registry import DEFAULT_RELAY_PORTS, REGISTRY, RegistryConfig
 from ..errors import ChangeRefused, ConfigError
 from ..ports import API_PORT, NATPROBE_PORT, RELAY_CONTROL_PORT
-from ..wg.device import Endpoint, IPAddress, IPNetwork
+from ..wg.model import Endpoint, IPAddress, IPNetwork
 from .listen import DNS_PORT, parse_dns_listen, parse_listen
 from .natprobe import ProbeSettings
 from .serve import DnsSettings, RelaySettings, RemoteRelaySettings, Settings, serve

@@ -23,7 +23,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from ..keys import Key
-from ..wg.device import IPAddress
+from ..wg.model import IPAddress
 from .limits import Limits
 from .timings import Timings
 

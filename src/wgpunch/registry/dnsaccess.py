@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 
 from ..throttle import Throttle
-from ..wg.device import IPNetwork
+from ..wg.model import IPNetwork
 from .auth import Identities, PeerTable, source_ip
 
 

@@ -52,7 +52,7 @@ from dns.rdtypes.IN.SRV import SRV
 
 from ..errors import ConfigError, KeyFormatError, MalformedPacket
 from ..keys import BASE32_LEN, Key
-from ..wg.device import Endpoint, IPNetwork
+from ..wg.model import Endpoint, IPNetwork
 from .dnswire import TCP_MAX
 
 IN = dns.rdataclass.IN

@@ -40,7 +40,7 @@ from typing import Any, Protocol, cast
 from ..errors import ConfigError, MalformedPacket
 from ..keys import Key
 from ..throttle import Throttle
-from ..wg.device import Endpoint, IPAddress, IPNetwork
+from ..wg.model import Endpoint, IPAddress, IPNetwork
 from .auth import source_ip
 from .dnsaccess import Access, RefusalLog
 from .dnssd import InstanceCache, Record, Zone, answer, parse_query, servfail

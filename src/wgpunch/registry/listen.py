@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..protocol import API_PORT
-from ..wg.device import Endpoint, IPAddress
+from ..wg.model import Endpoint, IPAddress
 
 DNS_PORT = 53  # RFC 1035 §4.2; needs root or CAP_NET_BIND_SERVICE
 

@@ -31,7 +31,7 @@ from typing import NamedTuple, cast
 
 from ..errors import ConfigError, MalformedPacket
 from ..protocol.probewire import Ask, Reply, Via, parse_request
-from ..wg.device import Endpoint, IPAddress
+from ..wg.model import Endpoint, IPAddress
 from .ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from ..config.registry import DEFAULT_RELAY_PORTS, RELAY
 from ..errors import ConfigError
 from ..keys import Key
 from ..ports import RELAY_CONTROL_PORT
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from .cli import control_endpoint, relay_address
 from .serve import RelaySettings, make_relay
 

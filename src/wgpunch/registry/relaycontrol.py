@@ -35,7 +35,7 @@ from ..errors import ConfigError, MalformedMessage, RequestRefused
 from ..keys import Key
 from ..protocol import decode_object, dumps
 from ..throttle import Throttle
-from ..wg.device import Endpoint
+from ..wg.model import Endpoint
 from .relay import Relay
 from .relayauth import HEADER, Verifier, sign_answer
 

@@ -23,7 +23,7 @@ import aiohttp
 from ..errors import RelayError, RequestRefused
 from ..keys import Key
 from ..protocol import pair_of
-from ..wg.device import IPAddress
+from ..wg.model import IPAddress
 from .relay import Relay
 from .relayremote import RemoteRelay
 

@@ -17,7 +17,7 @@ import aiohttp
 from ..errors import MalformedMessage, RelayError
 from ..keys import Key
 from ..protocol import dumps, pair_of
-from ..wg.device import Endpoint, IPAddress
+from ..wg.model import Endpoint, IPAddress
 from .relayauth import HEADER, answer_matches, sign_request
 from .relaycontrol import pause_request_json, ports_from, slot_request_json, slots_from
 

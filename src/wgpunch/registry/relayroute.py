@@ -21,7 +21,7 @@ from aiohttp import web
 from ..errors import ChangeRefused, MalformedMessage, RequestRefused
 from ..keys import Key
 from ..protocol import DirectEvent, PeerRecord, RelayEvent, decode_object, relay_json
-from ..wg.device import Endpoint, IPAddress
+from ..wg.model import Endpoint, IPAddress
 from .appkeys import CALLER, LIMITS, STATE
 from .ratelimit import RateLimiter
 from .relay import Relay

@@ -20,7 +20,7 @@ from .. import config, sdnotify
 from ..errors import ConfigError
 from ..keys import Key
 from ..wg import open_device
-from ..wg.device import Endpoint, IPAddress, IPNetwork
+from ..wg.model import Endpoint, IPAddress, IPNetwork
 from .listen import default_listen, interface_addresses, is_wildcard
 from .timings import Timings
 

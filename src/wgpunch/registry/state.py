@@ -50,7 +50,7 @@ from ..protocol import (
     item_json,
     ndjson_line,
 )
-from ..wg.device import Endpoint, IPNetwork, PeerState
+from ..wg.model import Endpoint, IPNetwork, PeerState
 from .punch import Coalescer
 from .stream import Stream
 from .timings import Timings

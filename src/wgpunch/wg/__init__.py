@@ -5,13 +5,14 @@ speaks `Device`. A userspace implementation is recognised by its UAPI socket (fo
 that exists in this namespace); anything else is asked of the kernel over netlink.
 
 The backends (and asyncio with them) are imported when a device is opened or listed, so that
-the types in device.py cost a command that only parses options nothing more.
+the types in model.py and device.py cost a command that only parses options nothing more.
 """
 
 from __future__ import annotations
 
 from ..errors import DeviceNotFound
-from .device import Device, DeviceState, Endpoint, PeerConfig, PeerState
+from .device import Device
+from .model import DeviceState, Endpoint, PeerConfig, PeerState
 
 __all__ = [
     "Device",

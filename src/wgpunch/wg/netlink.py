@@ -37,15 +37,8 @@ from pyroute2.netlink.generic.wireguard import WireGuard, wgmsg
 
 from ..errors import ChangeRefused, DeviceError, DeviceNotFound, MalformedReply, WgpunchError
 from ..keys import Key
-from .device import (
-    Device,
-    DeviceState,
-    Endpoint,
-    IPNetwork,
-    PeerConfig,
-    PeerState,
-    handshake_time,
-)
+from .device import Device
+from .model import DeviceState, Endpoint, IPNetwork, PeerConfig, PeerState, handshake_time
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from ..errors import DeviceError, DeviceNotFound, MalformedReply
 from ..keys import Key
-from .device import Device, DeviceChanges, DeviceState, PeerConfig, PeerState
+from .device import Device
+from .model import DeviceChanges, DeviceState, PeerConfig, PeerState
 from .uapiget import (
     GetCutter,
     Parsed,

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from ..errors import DeviceError, MalformedReply, WgpunchError
 from ..keys import Key, public_key
-from .device import DeviceState, Endpoint, IPNetwork, PeerState, handshake_time
-from .device import parse_allowed_ip as _parse_allowed_ip
+from .model import DeviceState, Endpoint, IPNetwork, PeerState, handshake_time
+from .model import parse_allowed_ip as _parse_allowed_ip
 
 PEER_START = "\npublic_key="  # the line that starts a peer, after the previous line's end
 NO_KEY_HEX = "0" * 64  # how wireguard-go shows an unset preshared key

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ...errors import MalformedPacket, PortMapError
-from ...wg.device import Endpoint
+from ...wg.model import Endpoint
 from . import natpmp, pcp, upnp
 from .gateway import default_gateway
 from .transport import ExchangeTimings, exchange
