@@ -155,6 +155,7 @@ class FakeIo:
     addresses: list[IPInterface] = field(default_factory=lambda: list(OUR_INTERFACES))
     opened: list[tuple[int, Endpoint, int]] = field(default_factory=list)
     probes: list[tuple[str, IPAddress]] = field(default_factory=list)
+    probe_times: list[float] = field(default_factory=list)  # monotonic, one per probe
     address_lookups: list[str] = field(default_factory=list)
     measured_toward: list[ipaddress.IPv4Address] = field(default_factory=list)
 
@@ -167,6 +168,7 @@ class FakeIo:
 
     async def probe(self, ifname: str, address: IPAddress) -> bool:
         self.probes.append((ifname, address))
+        self.probe_times.append(time.monotonic())
         if self.answer_from is not None:
             ping = await asyncio.create_subprocess_exec(
                 *self.answer_from.argv(["ping", "-n", "-c", "1", "-W", "1", str(address)]),

@@ -335,9 +335,9 @@ async def test_an_unanswered_probe_moves_the_live_session_to_the_reported_endpoi
         await run.until(lambda: _path(pair) == "direct", what="the agent to see b direct")
         registry.change(pair.record(pair.b.public, moved))
         await run.until(lambda: io.probes, what="a probe")
-        probed_at = time.monotonic()
         peer = await run.until(lambda: _at(pair, moved), what="the repoint")
-        took = time.monotonic() - probed_at
+        # From the probe as it went, not as the poll saw it: a loaded machine sees it late.
+        took = time.monotonic() - io.probe_times[0]
     assert peer.latest_handshake == live.latest_handshake
     assert took >= FAST.probe_timeout_s - 0.05, took
     [repoint] = events(caplog, "repoint")
