@@ -35,6 +35,7 @@ from wgpunch.protocol import (
     PeerEvent,
     PeerRecord,
     PunchEvent,
+    RelayEvent,
     Reported,
     Snapshot,
 )
@@ -132,6 +133,14 @@ class FakeRegistry:
     async def opened(self, peer: Key) -> None:
         self.calls.append(("opened", peer))
 
+    async def relay(self, peer: Key) -> RelayEvent:
+        self.calls.append(("relay", peer))
+        raise ApiError("registry: no relay here")  # as a registry run without --relay
+
+    async def direct(self, peer: Key, endpoint: Endpoint, peer_endpoint: Endpoint) -> None:
+        self.calls.append(("direct", peer))
+        raise ApiError("registry: no relay here")
+
     async def report_self(self, report: Reported) -> None:
         self.calls.append(("report", (report, self.delivered)))
         if self.report_error is not None:
@@ -155,7 +164,8 @@ class FakeIo:
     addresses: list[IPInterface] = field(default_factory=lambda: list(OUR_INTERFACES))
     opened: list[tuple[int, Endpoint, int]] = field(default_factory=list)
     probes: list[tuple[str, IPAddress]] = field(default_factory=list)
-    probe_times: list[float] = field(default_factory=list)  # monotonic, one per probe
+    # monotonic, one per probe; not compared: two agents' probes never go at the same instant
+    probe_times: list[float] = field(default_factory=list, compare=False)
     address_lookups: list[str] = field(default_factory=list)
     measured_toward: list[ipaddress.IPv4Address] = field(default_factory=list)
 
