@@ -149,8 +149,8 @@ def public_key(private: Key) -> Key:
 def _private_key_of() -> Callable[[bytes], X25519PrivateKey]:
     """`X25519PrivateKey.from_private_bytes`, or rather the Rust binding that it returns, where
     there is one: the public method first asks the OpenSSL backend whether X25519 is supported,
-    and importing the backend loads ~40 modules, 21 of the 27 ms that a node's first device
-    read spent on key derivation (bench/startup.py)."""
+    and importing the backend loads ~40 modules (21 ms in a bare interpreter, ~10 ms on top of
+    what a node has loaded before its first device read: bench/startup.py)."""
     try:
         from cryptography.hazmat.bindings._rust import openssl
 
