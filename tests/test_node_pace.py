@@ -77,7 +77,7 @@ async def test_a_busy_wait_takes_no_read_for_a_reason() -> None:
     waiting = asyncio.create_task(next_pass(wake, device, 0.2, 1.0))
     while not waiting.done():
         await device.state()
-        await asyncio.sleep(0.01)  # a read now and then, until the recheck is due
+        await asyncio.wait([waiting], timeout=0.01)  # a read every 10 ms until the wait ends
     assert device.reads > 1 and set(device.listened) == {0}, "nothing listened"
     assert not wake.is_set()
 

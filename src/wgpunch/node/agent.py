@@ -151,7 +151,8 @@ class Agent:
             self.view.wake.clear()
 
     async def run(self) -> None:
-        state = await self.device.state()
+        # serve.py read the device a moment ago, to build this agent: one read for both.
+        state = await self.device.state(fresh_s=SHARED_READ_S)
         if state.public_key is None:
             raise ConfigError(f"node: {state.name} has no private key configured")
         self.me = self.view.me = state.public_key

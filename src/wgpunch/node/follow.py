@@ -36,6 +36,7 @@ from ..wg.model import Endpoint, IPInterface
 from .addresses import ipv6_endpoints
 from .edges import Clock, Io
 from .natprobe import NatWatch, own_addresses
+from .pace import SHARED_READ_S
 from .pathfile import RegistryHealth
 from .portmap.rule import initiates_by_mapping
 from .source import Source
@@ -360,7 +361,8 @@ async def report_self(client: Source, view: RegistryView, device: Device, io: Io
         sent = view.mapped
         sent_nat = None if nat is None else nat.measured
         try:
-            state = await device.state()
+            # Only the listen port: at start the agent's own read of a moment ago does.
+            state = await device.state(fresh_s=SHARED_READ_S)
             interfaces = await io.local_addresses(device.name)
             view.local = tuple(interfaces)
             # Read while the watch stream opens, sent once it is open (RegistryView says why
