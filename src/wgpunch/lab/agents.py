@@ -40,8 +40,18 @@ class Agents:
     def __enter__(self) -> Agents:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_exc: object) -> None:
         self.stop_all()
+        if exc_type is not None:
+            # What each agent logged, beside the failure: pytest shows it with the test's
+            # output, and a failure seen once in CI can be read there.
+            print(self.story())
+
+    def story(self) -> str:
+        """Every agent's events, in order of time, one line each."""
+        lines = sorted((e.get("ts", 0.0), host, str(e.get("msg", ""))) for host in self.logs
+                       for e in self.events(host))
+        return "\n".join(f"{ts:.3f} {host}: {msg[:240]}" for ts, host, msg in lines)
 
     @property
     def registry(self) -> Any:
