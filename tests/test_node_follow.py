@@ -1,9 +1,10 @@
 """follow.py's watch stream ends at once when the tunnel to the registry answers again after
 it was dead (RegistryView.relink), so that a new stream replaces one that TCP's
-retransmission back-off would hold up; and the view notes the pairs whose initiator a NAT
-report changed."""
+retransmission back-off would hold up; the view notes the pairs whose initiator a NAT
+report changed, and keeps the relay slots a restarted registry still holds."""
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,6 +19,7 @@ from wgpunch.protocol import (
     PeerEvent,
     PeerRecord,
     PunchEvent,
+    RelayEvent,
     Reported,
     Snapshot,
 )
@@ -114,3 +116,42 @@ async def test_a_heartbeat_wakes_the_agent_only_through_the_registrys_health():
     assert not view.wake.is_set(), "still following, since as it was: nothing to publish"
     view.set_health("registry", "unreachable", 102.0, "refused")
     assert view.wake.is_set()
+
+
+@pytest.mark.parametrize(("intent", "end"), [
+    ("the heartbeat the registry sends after the list", Heartbeat(1)),
+    ("a registry older than that heartbeat: the first line after the list", PunchEvent(
+        2, HIGH_PEER, Endpoint.parse("203.0.113.9:51820"), True)),
+])
+def test_a_restarted_registry_keeps_the_slots_it_lists_and_the_rest_go_when_the_list_ends(
+        intent, end):
+    """After a restart (a new epoch) the registry lists the slots it still holds (a relay on
+    another host keeps them through it): until the list ends, every slot stays as it was, so
+    that no pass meanwhile takes a kept slot for gone and asks anew (which unbinds a live
+    pair's side at the relay); when it ends, those it left out are gone."""
+    remote = ipaddress.ip_address("198.51.100.10")
+    kept, gone = RelayEvent(1, LOW_PEER, 32000, remote), RelayEvent(1, HIGH_PEER, 31000, None)
+    view = RegistryView()
+    for event in (Snapshot("e1", 1, ()), kept, gone):
+        view.apply(event)
+    view.apply(Snapshot("e2", 1, ()))
+    assert view.relays == {LOW_PEER: kept, HIGH_PEER: gone}, intent
+    listed = RelayEvent(1, LOW_PEER, 32000, remote)
+    view.apply(listed)
+    assert view.relays == {LOW_PEER: listed, HIGH_PEER: gone}, intent
+    view.wake.clear()
+    view.apply(end)
+    assert view.relays == {LOW_PEER: listed}, intent
+    assert view.wake.is_set(), "the agent asks for the gone slot's pair at once"
+    new = RelayEvent(2, HIGH_PEER, 31001, None)
+    for event in (new, Heartbeat(2)):  # a slot given after the list is not taken back
+        view.apply(event)
+    assert view.relays == {LOW_PEER: listed, HIGH_PEER: new}, intent
+
+
+def test_a_stream_resumed_in_the_same_epoch_keeps_every_slot():
+    slot = RelayEvent(1, LOW_PEER, 31000, None)
+    view = RegistryView()
+    for event in (Snapshot("e1", 1, ()), slot, Snapshot("e1", 1, ()), Heartbeat(1)):
+        view.apply(event)
+    assert view.relays == {LOW_PEER: slot}

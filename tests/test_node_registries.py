@@ -30,15 +30,18 @@ from wgpunch.node import serve as node_serve
 from wgpunch.node.agent import Agent
 from wgpunch.node.client import RegistryClient
 from wgpunch.node.edges import SystemClock
+from wgpunch.node.follow import RegistryView
 from wgpunch.node.merge import Heard, newest, same
 from wgpunch.node.registries import Registries
 from wgpunch.node.registrylink import LinkTimings
 from wgpunch.protocol import (
     API_PORT,
     Event,
+    Heartbeat,
     PeerEvent,
     PeerRecord,
     PunchEvent,
+    RelayEvent,
     RemovedEvent,
     Reported,
     Snapshot,
@@ -189,6 +192,44 @@ async def test_a_registry_back_without_endpoints_does_not_hide_the_others():
     assert isinstance(event, PeerEvent) and event.peer.endpoint == E2, event
     assert event.peer.reported == REPORT  # borrowed from a until b has the report again
     await stream.aclose()
+
+
+RELAY_HOST = ipaddress.ip_address("198.51.100.10")
+
+
+class SlotGiver:
+    """A member's client that gives a slot on a relay host of its own to whoever asks."""
+
+    async def relay(self, peer: Key) -> RelayEvent:
+        return RelayEvent(1, peer, 32000, RELAY_HOST)
+
+
+async def test_a_restarted_registry_keeps_the_slots_it_lists_and_drops_the_rest():
+    """Our own slot (the answer to our request) and one a peer asked for, both from registry
+    a: after a's restart, until its stream ends the list of the slots it still holds, the
+    agent's view keeps both (a kept slot seen gone is asked for anew, which unbinds our side
+    at the relay); then the one it left out goes."""
+    clock = Clock()
+    regs = Registries(None, [(K[6], SlotGiver()), (K[7], None)], clock)  # type: ignore[arg-type]
+    a = regs.members[0]
+    me, asked, told = K[0], K[1], K[2]
+    agents = RegistryView()
+    agents.me = me
+    regs._view = agents  # as run() sets it
+    listed = tuple(PeerRecord(k, (), E1, None, REPORT, 1) for k in (me, asked, told))
+    a.view.set_health("x", "following", clock.wall())
+    a.view.apply(Snapshot("ea", 5, listed))
+    agents.relays[asked] = await regs.relay(asked)
+    theirs = RelayEvent(1, told, 32002, RELAY_HOST)
+    a.view.apply(theirs)
+    await poll(lambda: told in regs.relayed_by, what="the peer's slot to be offered")
+    agents.relays[told] = theirs
+    a.view.apply(Snapshot("ea2", 1, listed))
+    assert set(regs.relayed_by) == set(agents.relays) == {asked, told}
+    a.view.apply(RelayEvent(1, told, 32002, RELAY_HOST))
+    assert set(regs.relayed_by) == set(agents.relays) == {asked, told}
+    a.view.apply(Heartbeat(1))
+    assert set(regs.relayed_by) == set(agents.relays) == {told}
 
 
 # -- 3. the real agent, two real registries ------------------------------------------------------

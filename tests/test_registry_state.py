@@ -10,8 +10,10 @@ import pytest
 from wgpunch.errors import RequestRefused
 from wgpunch.keys import Key
 from wgpunch.protocol import (
+    Heartbeat,
     PeerEvent,
     PunchEvent,
+    RelayEvent,
     RemovedEvent,
     Reported,
     Snapshot,
@@ -191,6 +193,22 @@ def test_open_stream_starts_with_snapshot_or_backlog_then_gets_live_changes():
     assert isinstance(change, PeerEvent) and change.peer.public_key == K2
     state.observe([peer(K1, "198.51.100.1:51820", "10.0.0.1/32")])
     assert drain(stream) == drain(resumed) == [RemovedEvent(3, K2)]
+
+
+@pytest.mark.parametrize(("intent", "since", "epoch", "ends"), [
+    ("a node that knew another epoch: the list of its slots ends with a heartbeat", 7, "e0",
+     True),
+    ("a node's first stream: it holds no slot to confirm", None, None, False),
+    ("a stream resumed in the same epoch: its slots are as they were", 2, "e1", False),
+])
+def test_a_stream_starts_with_the_slots_its_caller_holds(intent, since, epoch, ends):
+    state = two_peers()
+    slot = RelayEvent(0, K2, 32000, ipaddress.ip_address("198.51.100.10"))
+    state.standing = lambda caller: [slot] if caller == K1 else []
+    _, first = state.open_stream(K1, since, epoch, now=0.0)
+    lines = [decode(line) for line in first]
+    assert lines[-2 if ends else -1] == slot, intent
+    assert (lines[-1] == Heartbeat(2)) == ends, intent
 
 
 def test_each_change_is_encoded_once_for_every_stream_and_the_history():

@@ -98,6 +98,13 @@ class RegistryView:
         self.local: tuple[IPInterface, ...] = ()  # our own addresses, as last reported
         # Relay slots the registry gave us, by peer: its relay events and answers (relay.py).
         self.relays: dict[Key, RelayEvent] = {}
+        # After a restart (a new epoch), the slots the registry has yet to say it still holds
+        # (None: no restart to confirm). It says so right after its snapshot, one relay event
+        # per slot, and its next line ends the list (registry/state.py open_stream): a slot
+        # not in it is dropped then, and not before, since an agent that saw a slot gone
+        # would ask for it anew, which unbinds a live pair's side on a relay that kept it
+        # through the restart (lab: pings lost in 3 of 23 restarts).
+        self.unconfirmed: set[Key] | None = None
         # Relayed peers the registry says to reach directly now, and where (upgrade.py).
         self.directs: dict[Key, Endpoint] = {}
         self.mapped: Endpoint | None = None  # our port mapping on our NAT (node/portmap/)
@@ -116,11 +123,13 @@ class RegistryView:
     def apply(self, event: Event) -> None:
         observed = self.own_endpoint()
         self._apply(event)
+        slots_gone = self._end_confirming(event)
         if self.own_endpoint() != observed:
             self.observed_changed.set()  # a new mapping: our NAT is measured again
-        # A heartbeat (every 2 s) changes nothing here; what its arrival says about the
-        # registry, `set_health` wakes the agent for. A pass for nothing costs a device read.
-        if not isinstance(event, Heartbeat):
+        # A heartbeat (every 2 s) changes nothing here, unless it ends a restarted registry's
+        # list of slots; what its arrival says about the registry, `set_health` wakes the
+        # agent for. A pass for nothing costs a device read.
+        if not isinstance(event, Heartbeat) or slots_gone:
             self.wake.set()
 
     def _apply(self, event: Event) -> None:
@@ -128,7 +137,7 @@ class RegistryView:
             if self.epoch is not None and event.epoch != self.epoch:
                 log.info("registry restarted (new epoch): resynced %d peers", len(event.peers))
                 self.reported.set()
-                self.relays.clear()  # its relay's slots are gone with it
+                self.unconfirmed = set(self.relays)
             self.epoch = event.epoch
             self.peers = {p.public_key: p for p in event.peers}
         elif isinstance(event, PeerEvent):
@@ -156,10 +165,22 @@ class RegistryView:
             self.roles[event.peer] = event.initiator
         elif isinstance(event, RelayEvent):
             self.relays[event.peer] = event
+            if self.unconfirmed is not None:
+                self.unconfirmed.discard(event.peer)
         elif isinstance(event, DirectEvent):
             self.directs[event.peer] = event.endpoint
         if isinstance(event, Snapshot | PeerEvent | RemovedEvent):
             self.revision = event.revision  # punches and heartbeats are not history
+
+    def _end_confirming(self, event: Event) -> bool:
+        """Whether `event` ended a restarted registry's list of the slots it still holds and
+        some slot it left out went (with the old registry's relay)."""
+        if self.unconfirmed is None or isinstance(event, Snapshot | RelayEvent):
+            return False
+        gone, self.unconfirmed = self.unconfirmed, None
+        for peer in gone:
+            self.relays.pop(peer, None)
+        return bool(gone)
 
     def _note_flips(self, old: PeerRecord, new: PeerRecord) -> None:
         """A report (ours or a peer's) that changes who initiates a pair is a new punch

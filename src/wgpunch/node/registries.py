@@ -16,7 +16,15 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Container,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -176,12 +184,13 @@ class Registries:
         if member.view.reported.is_set():  # it restarted (a new epoch): it lost our report
             member.view.reported.clear()
             member.report_sent = None
-            self._drop_slots(member)  # its slots went with it
-        elif event is None and not member.following:
+        if event is None and not member.following:
             # Away: its relay may be gone with it, and a slot that is not answered again
             # would be retried only through it. Dropped, a relayed session that still sends
             # there asks for a new slot at once, through a registry that follows (relay.py).
             self._drop_slots(member)
+        else:  # those it no longer holds (a restart: RegistryView.unconfirmed)
+            self._drop_slots(member, keep=member.view.relays)
         for key, old in before.items():
             record = member.view.peers.get(key)
             if record is None:
@@ -202,8 +211,8 @@ class Registries:
         if member.following and member.report_sent is None and self._view is not None:
             self._view.reported.set()  # the agent reports, and this member gets it
 
-    def _drop_slots(self, member: Member) -> None:
-        for peer in [p for p, m in self.relayed_by.items() if m is member]:
+    def _drop_slots(self, member: Member, keep: Container[Key] = ()) -> None:
+        for peer in [p for p, m in self.relayed_by.items() if m is member and p not in keep]:
             del self.relayed_by[peer]
             if self._view is not None:
                 self._view.relays.pop(peer, None)
@@ -331,6 +340,7 @@ class Registries:
         if filled is None:
             raise ApiError(f"registry {member.key}: a relay slot, but no endpoint of it here")
         self.relayed_by[peer] = member
+        member.view.relays[peer] = offer  # held there as its relay events are
         return filled
 
     async def direct(self, peer: Key, endpoint: Endpoint, peer_endpoint: Endpoint) -> None:

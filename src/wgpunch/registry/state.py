@@ -284,12 +284,16 @@ class RegistryState:
     ) -> tuple[Stream, list[bytes]]:
         """A new stream for `caller` and the lines it starts with: the changes after `since`,
         or a snapshot, then the relay slots it holds (`standing`). Atomic, so no change falls
-        between the two."""
+        between the two. To a node that knew another epoch (we restarted), a heartbeat
+        follows: the list of slots is whole, and a slot its agent holds that the list leaves
+        out is gone (node/follow.py RegistryView.unconfirmed)."""
         backlog = self._backlog(since, epoch)
         first = ([self._snapshot_line(now)] if backlog is None
                  else [line for _change, line in backlog])
         if self.standing is not None:
             first += [encode(item) for item in self.standing(caller)]
+        if epoch is not None and epoch != self.epoch:
+            first.append(self.heartbeat_line())
         stream = Stream(caller, self._stream_queue_max, address)
         self._streams.add(stream)
         self._by_caller.setdefault(caller, []).append(stream)
