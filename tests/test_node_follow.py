@@ -11,7 +11,8 @@ import pytest
 
 from wgpunch.errors import ApiError
 from wgpunch.keys import Key
-from wgpunch.node.follow import RegistryView, until_set
+from wgpunch.node.follow import until_set
+from wgpunch.node.view import RegistryView
 from wgpunch.protocol import (
     Event,
     Heartbeat,

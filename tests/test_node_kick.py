@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
-from wgpunch.node.follow import RegistryView
 from wgpunch.node.kick import behind, follow_kicks, open_socket
+from wgpunch.node.view import RegistryView
 from wgpunch.protocol.kickwire import Kick, encode_kick
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)

@@ -10,8 +10,8 @@ import pytest
 from test_protocol_roles import KINDS
 from wgpunch.errors import CapabilityError
 from wgpunch.keys import Key
-from wgpunch.node.follow import RegistryView
 from wgpunch.node.natprobe import Measurement, NatWatch, ProbeTimings, classify, measure
+from wgpunch.node.view import RegistryView
 from wgpunch.protocol import NatBehaviour, PeerEvent, PeerRecord, Snapshot
 from wgpunch.protocol.probewire import Ask, Reply, Via, parse_request
 from wgpunch.wg.model import Endpoint

@@ -30,10 +30,10 @@ from wgpunch.node import serve as node_serve
 from wgpunch.node.agent import Agent
 from wgpunch.node.client import RegistryClient
 from wgpunch.node.edges import SystemClock
-from wgpunch.node.follow import RegistryView
 from wgpunch.node.merge import Heard, newest, same
 from wgpunch.node.registries import Registries
 from wgpunch.node.registrylink import LinkTimings
+from wgpunch.node.view import RegistryView
 from wgpunch.protocol import (
     API_PORT,
     Event,

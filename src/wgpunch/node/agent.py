@@ -28,7 +28,7 @@ from . import pathfile
 from .candidates import CandidateKind, PathKind, candidates_of
 from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
-from .follow import RegistryTimings, RegistryView, follow_registry, measure_nat, report_self
+from .follow import RegistryTimings, follow_registry, measure_nat, report_self
 from .kick import follow_kicks, open_socket
 from .metrics import NodeMetrics
 from .natidle import IdleProbe, IdleTimings, IdleWatch, probe_idle
@@ -45,6 +45,7 @@ from .source import Source
 from .track import Track
 from .upgrade import Upgrades, UpgradeTimings
 from .upgradelink import ProbeChannel, RawProbeChannel
+from .view import RegistryView
 
 if TYPE_CHECKING:
     from .mesh import Mesh  # only with --mesh (node/serve.py)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from ..errors import MalformedPacket
 from ..protocol.kickwire import Kick, parse_kick
 from ..wg.model import IPNetwork
-from .follow import RegistryView
+from .view import RegistryView
 
 log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, whichever module
 

@@ -31,11 +31,11 @@ from ..keys import Key
 from ..protocol import PeerRecord
 from ..wg.model import PeerState
 from .decide import Decision, Kind, Memory, Reason, Timings
-from .follow import RegistryView
 from .natidle import IdleWatch
 from .relay import Relays
 from .track import Track
 from .upgrade import Upgrades
+from .view import RegistryView
 
 # Decisions to leave a peer alone that hold until its inputs change or a bound passes.
 LASTING = frozenset({Reason.LIVE, Reason.ROAMED, Reason.NO_ENDPOINT})

@@ -43,11 +43,12 @@ from ..protocol import (
 from ..wg.device import Device
 from ..wg.model import Endpoint
 from .edges import Clock, Io
-from .follow import RegistryTimings, RegistryView, follow_registry
+from .follow import RegistryTimings, follow_registry
 from .merge import Heard, newest, same
 from .pathfile import RegistryHealth
 from .registrylink import LinkTimings, keep_link
 from .source import Source
+from .view import RegistryView
 
 T = TypeVar("T")
 

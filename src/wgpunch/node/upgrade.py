@@ -171,7 +171,7 @@ def check(s: Switched, now: float, rx_bytes: int, current: Endpoint | None,
 
 class Upgrades:
     """The agent's probing of relayed peers and their switches back to direct. `directs`
-    is where the registry's `direct` events land, `offers` its relay answers (follow.py)."""
+    is where the registry's `direct` events land, `offers` its relay answers (view.py)."""
 
     def __init__(self, channel: ProbeChannel | None, client: Source, device: Device, io: Io,
                  clock: Clock, directs: dict[Key, Endpoint], offers: dict[Key, RelayEvent],

@@ -286,7 +286,7 @@ class RegistryState:
         or a snapshot, then the relay slots it holds (`standing`). Atomic, so no change falls
         between the two. To a node that knew another epoch (we restarted), a heartbeat
         follows: the list of slots is whole, and a slot its agent holds that the list leaves
-        out is gone (node/follow.py RegistryView.unconfirmed)."""
+        out is gone (node/view.py RegistryView.unconfirmed)."""
         backlog = self._backlog(since, epoch)
         first = ([self._snapshot_line(now)] if backlog is None
                  else [line for _change, line in backlog])
