@@ -28,8 +28,8 @@ from wgpunch.keys import Key, generate_keypair
 from wgpunch.lab.netns import Namespace
 from wgpunch.node import pathfile
 from wgpunch.node.agent import Agent
-from wgpunch.node.decide import Timings
 from wgpunch.node.follow import RegistryTimings
+from wgpunch.node.timings import Timings
 from wgpunch.protocol import (
     Event,
     PeerEvent,

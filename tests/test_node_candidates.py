@@ -181,7 +181,8 @@ def test_an_ipv6_address_on_our_own_network_is_one_candidate_the_lan_one():
 def test_an_ipv6_endpoint_that_leads_nowhere_fails_over_to_ipv4():
     """A firewall that lets nothing in (or an IPv6 path broken on the way): after the retry
     delay the next attempt goes to the peer's IPv4 endpoint."""
-    from wgpunch.node.decide import Memory, Timings, failover
+    from wgpunch.node.decide import Memory, failover
+    from wgpunch.node.timings import Timings
 
     candidates = [c(IPV6, PEER6), c(PUBLIC, NAT)]
     t = Timings()

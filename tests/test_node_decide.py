@@ -6,7 +6,8 @@ import pytest
 
 from wgpunch.keys import Key
 from wgpunch.node.candidates import Candidate, CandidateKind
-from wgpunch.node.decide import Kind, Memory, Reason, Timings, decide, failover, retry_delay
+from wgpunch.node.decide import Kind, Memory, Reason, decide, failover, retry_delay
+from wgpunch.node.timings import Timings
 from wgpunch.wg.model import Endpoint, PeerState
 
 T = Timings()

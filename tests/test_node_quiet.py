@@ -17,9 +17,10 @@ import pytest
 from agentrig import FakeIo, FakeRegistry
 from wgpunch.keys import Key, generate_keypair
 from wgpunch.node.agent import Agent
-from wgpunch.node.decide import Memory, Timings
+from wgpunch.node.decide import Memory
 from wgpunch.node.natidle import Idle
 from wgpunch.node.quiet import Quiet, Settled, horizon
+from wgpunch.node.timings import Timings
 from wgpunch.node.track import Track
 from wgpunch.protocol import Event, PeerEvent, PeerRecord, PunchEvent, Reported, Snapshot
 from wgpunch.wg.device import Device

@@ -9,7 +9,7 @@ import pytest
 from wgpunch.errors import ApiError
 from wgpunch.keys import Key
 from wgpunch.node.candidates import Candidate, CandidateKind, PathKind
-from wgpunch.node.decide import Kind, Memory, Timings, decide
+from wgpunch.node.decide import Kind, Memory, decide
 from wgpunch.node.relay import (
     Relays,
     RelayTimings,
@@ -18,6 +18,7 @@ from wgpunch.node.relay import (
     slot_endpoint,
     want_slot,
 )
+from wgpunch.node.timings import Timings
 from wgpunch.node.track import Track
 from wgpunch.protocol import RelayEvent
 from wgpunch.wg.model import Endpoint, PeerState

@@ -25,7 +25,8 @@ from wgpunch.errors import MalformedPacket
 from wgpunch.keys import Key
 from wgpunch.natpunch.rawudp import _attach_filter, magic_filter, udp_payload
 from wgpunch.node.candidates import Candidate, CandidateKind
-from wgpunch.node.decide import Kind, Memory, Reason, Timings, decide
+from wgpunch.node.decide import Kind, Memory, Reason, decide
+from wgpunch.node.timings import Timings
 from wgpunch.node.track import Track
 from wgpunch.node.upgrade import (
     Backoff,

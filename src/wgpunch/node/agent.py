@@ -26,7 +26,7 @@ from ..wg.device import Device
 from ..wg.model import DeviceState, Endpoint, PeerState
 from . import pathfile
 from .candidates import CandidateKind, PathKind, candidates_of
-from .decide import Decision, Kind, Memory, Reason, Timings, decide, failover, path_is_dead
+from .decide import Decision, Kind, Memory, Reason, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, follow_registry, measure_nat, report_self
 from .kick import follow_kicks, open_socket
@@ -42,6 +42,7 @@ from .registries import Registries
 from .registrylink import LinkTimings, keep_link
 from .relay import Relays, RelayTimings
 from .source import Source
+from .timings import Timings
 from .track import Track
 from .upgrade import Upgrades, UpgradeTimings
 from .upgradelink import ProbeChannel, RawProbeChannel

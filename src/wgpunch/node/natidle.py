@@ -1,7 +1,7 @@
 """How long our NAT keeps an idle UDP mapping, and the persistent keepalive that outlasts it
 (issue 13; the registry's side is registry/natprobe.py, the datagrams protocol/probewire.py).
 
-WireGuard's persistent keepalive (25 s as the agent sets it: decide.Timings.keepalive_s) keeps
+WireGuard's persistent keepalive (25 s as the agent sets it: timings.Timings.keepalive_s) keeps
 a mapping open only if the NAT keeps an idle one longer. Some do not (carrier and mobile NATs,
 20 s or less; the lab's `eim-short`). There the mapping toward a peer lapses between
 keepalives, our NAT drops the peer's packets until ours go out again, and a peer that starts

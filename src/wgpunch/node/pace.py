@@ -27,7 +27,7 @@ from ..wg.device import Device
 
 # A read that began at most this long ago is shared: a pass woken by another loop's read
 # begins within a turn or two of the event loop (well under a millisecond when idle); a busier
-# loop reads anew. Our choice, far below every timing the pass judges (decide.Timings:
+# loop reads anew. Our choice, far below every timing the pass judges (timings.Timings:
 # busy_recheck_s 0.05 s, probe_timeout_s 0.5 s).
 SHARED_READ_S = 0.02
 

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from ..keys import Key
 from ..protocol import PeerRecord
 from ..wg.model import PeerState
-from .decide import Decision, Kind, Memory, Reason, Timings
+from .decide import Decision, Kind, Memory, Reason
 from .natidle import IdleWatch
 from .relay import Relays
+from .timings import Timings
 from .track import Track
 from .upgrade import Upgrades
 from .view import RegistryView

@@ -38,7 +38,7 @@ log = logging.getLogger("wgpunch.node.agent")  # one logger for the agent, which
 @dataclass(frozen=True, slots=True)
 class RelayTimings:
     # A punch with no handshake this long after our first attempt: ask for a slot. Above
-    # the first punch's own retry (decide.Timings.first_retry_s, 0.5 s) and every lab round
+    # the first punch's own retry (timings.Timings.first_retry_s, 0.5 s) and every lab round
     # trip, so a pair that can go direct does (bench/time_to_direct.py: easy p95 0.05 s);
     # DESIGN.md §3 asks for "about a second".
     after_s: float = 1.0

@@ -109,8 +109,8 @@ async def _serve(settings: Settings, *, once: bool, state_dir: Path,
     # client (bench/startup.py).
     from ..wg import open_device
     from .agent import Agent
-    from .decide import Timings
     from .registrylink import LinkTimings
+    from .timings import Timings
 
     interface = settings.interface
     assert interface is not None

@@ -54,7 +54,7 @@ class Limits:
     # (punches): within the burst. Our choice; a request costs ~0.3 ms here (small table).
     requests_burst: int = 100
     requests_per_s: float = 20.0
-    # `PUT /v1/self`: an agent reports once a minute (node/agent.py REPORT_EVERY_S), again on a
+    # `PUT /v1/self`: an agent reports once a minute (node/follow.py report_every_s), again on a
     # registry restart, and retries a failed report after 2 s. A burst of 10, then one per 6 s,
     # is several times that; a flood of changed reports would otherwise push every node's
     # resumable history (state.HISTORY_MAX) out within seconds.

@@ -34,7 +34,7 @@ class Timings:
     # At most one punch per pair within this window; repeats inside it are answered without
     # pushing again. Our choice: both nodes ask when they notice the same need, usually within
     # one registry round trip of each other, and one push serves both. Shorter than the
-    # node's quickest retry (0.5 s, wgpunch.node.decide.Timings), so retries are not eaten.
+    # node's quickest retry (0.5 s, wgpunch.node.timings.Timings), so retries are not eaten.
     punch_coalesce_s: float = 0.25
     # A refused source address is logged at most once per this period (docs/api.md); so is
     # every other client-caused condition (a refused connection, a timeout, a rate limit, a
