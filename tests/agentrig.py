@@ -280,7 +280,7 @@ class Running:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.task is not None
-        pending = [self.task, *self.agent.tasks]
+        pending = [self.task, *self.agent.actor.tasks]
         for task in pending:
             task.cancel()
         results = await asyncio.gather(*pending, return_exceptions=True)

@@ -121,7 +121,7 @@ class Script:
             agent = Agent(MemDevice(self.state(peers)), self.registry, FakeRegistry(),
                           io=io, clock=self.clock, state_dir=tmp / quiet.__name__)
             agent.quiet = quiet(agent.view, agent.relays, agent.upgrades, agent.idle, agent.t,
-                                lambda agent=agent: agent.can_open)
+                                lambda agent=agent: agent.actor.can_open)
             agent.me = agent.view.me = self.me
             agent.view.has_reported = True
             agent.view.apply(Snapshot("e1", 1, (record(self.me, 250), *records)))

@@ -1,6 +1,6 @@
 """The node agent: the only loop that acts. Read the device and the registry, `decide()` per
-peer, apply, repeat; wake at once when the registry's watch stream says something changed
-(follow.py follows it and reports this node).
+peer, apply (act.py), repeat; wake at once when the registry's watch stream says something
+changed (follow.py follows it and reports this node).
 
 Peers the registry does not know, and the registry peer itself, are never touched; no peer is
 added or removed, except by the managed mesh (mesh.py) when the agent is given one. The clock
@@ -11,22 +11,21 @@ and every packet the agent sends itself (openers, probes) go through `Clock` and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Coroutine
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..errors import ApiError, ChangeRefused, ConfigError, DeviceError, DeviceNotFound
+from ..errors import ConfigError, DeviceError, DeviceNotFound
 from ..keys import Key
 from ..protocol import has_mapping, relay_reason
 from ..protocol.kickwire import PORT as KICK_PORT
 from ..wg.device import Device
-from ..wg.model import DeviceState, Endpoint, PeerState
+from ..wg.model import DeviceState, Endpoint
 from . import pathfile
+from .act import Actor
 from .candidates import CandidateKind, PathKind, candidates_of
-from .decide import Decision, Kind, Memory, Reason, decide, failover, path_is_dead
+from .decide import Kind, Reason, decide, failover, path_is_dead
 from .edges import Clock, Io, SystemClock, SystemIo
 from .follow import RegistryTimings, follow_registry, measure_nat, report_self
 from .kick import follow_kicks, open_socket
@@ -35,8 +34,6 @@ from .natidle import IdleProbe, IdleTimings, IdleWatch, probe_idle
 from .natprobe import Channel, NatWatch, RawChannel
 from .pace import SHARED_READ_S, next_pass
 from .portmap.rule import holds_back
-from .probe import tunnel_address
-from .punch import OpenerTtl
 from .quiet import Quiet
 from .registries import Registries
 from .registrylink import LinkTimings, keep_link
@@ -99,9 +96,6 @@ class Agent:
         self.mesh = mesh
         self.metrics = metrics or NodeMetrics()
         self.me: Key | None = None
-        self.listen_port = 0
-        self.can_open = False  # whether raw openers work here: asked in run()
-        self.opener_ttl = OpenerTtl(opener_ttl, hops=self.io.opener_hops)
         self.view = RegistryView()
         self.tracks: dict[Key, Track] = {}
         self.relays = Relays(client, self.view.relays, self.view.wake.set, relay_timings)
@@ -109,8 +103,6 @@ class Agent:
             upgrade_channel or (RawProbeChannel() if io is None else None), client, device,
             self.io, self.clock, self.view.directs, self.view.relays, self.view.wake.set,
             upgrade_timings)
-        self.punching: set[Key] = set()  # peers with a punch request under way
-        self.tasks: set[asyncio.Task[None]] = set()
         self._published: pathfile.Published | None = None
         self._device_failing = False
         self.portmap = portmap  # keep our listen port mapped on our NAT (node/portmap/)
@@ -121,30 +113,12 @@ class Agent:
         # How long our NAT keeps an idle mapping, and the keepalive that outlasts it.
         self.idle = IdleWatch(idle_probe, idle_timings or IdleTimings(), self.t.keepalive_s,
                               self.view.wake.set)
+        self.actor = Actor(device, client, self.view, self.tracks, self.io, self.clock, self.t,
+                           self.idle.keepalive_s, self.metrics, opener_ttl)
         self.quiet = Quiet(self.view, self.relays, self.upgrades, self.idle, self.t,
-                           lambda: self.can_open)
+                           lambda: self.actor.can_open)
 
     # -- tasks ------------------------------------------------------------------------------
-
-    async def probe_live_peers(self) -> None:
-        try:
-            state = await self.device.state()
-        except (DeviceError, DeviceNotFound):
-            return
-        now = self.clock.wall()
-        for peer in state.peers:
-            address = tunnel_address(peer.allowed_ips)
-            if peer.has_live_session(now, self.t.session_live_s) and address is not None:
-                await self.io.probe(self.device.name, address)
-
-    async def probe_peer(self, peer: PeerState) -> None:
-        address = tunnel_address(peer.allowed_ips)
-        if address is not None:
-            await self.io.probe(self.device.name, address)
-
-    async def open_nat(self, endpoint: Endpoint) -> None:
-        if self.can_open:
-            await self.io.open(self.listen_port, endpoint, await self.opener_ttl.get(endpoint))
 
     async def reconcile_forever(self) -> None:
         while True:
@@ -158,17 +132,16 @@ class Agent:
         if state.public_key is None:
             raise ConfigError(f"node: {state.name} has no private key configured")
         self.me = self.view.me = state.public_key
-        self.listen_port = state.listen_port
-        self.can_open = self.io.can_send_raw()
+        self.actor.start(state.listen_port)
         if self.client.coordinates_punches:
-            self.upgrades.start(self.me, self.listen_port, lambda key: key in self.view.peers)
+            self.upgrades.start(self.me, state.listen_port, lambda key: key in self.view.peers)
         # With several registries, the TTL and our NAT are measured toward the first given.
         order = ([m.key for m in self.registries.members] if self.registries is not None
                  else [] if self.registry_key is None else [self.registry_key])
         registry = next((p for key in order
                          if (p := state.peer(key)) is not None and p.endpoint is not None), None)
-        if self.can_open and registry is not None and registry.endpoint is not None:
-            self.opener_ttl.measure(registry.endpoint.ip)
+        if self.actor.can_open and registry is not None and registry.endpoint is not None:
+            self.actor.opener_ttl.measure(registry.endpoint.ip)
         probe_port = None
         if (self.natprobe_port and self.client.coordinates_punches and registry is not None
                 and registry.endpoint is not None):
@@ -177,11 +150,11 @@ class Agent:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(follow_registry(self.client, self.view, self.registry_t,
-                                                  self.probe_live_peers, self.clock))
+                                                  self.actor.probe_live_peers, self.clock))
                 group.create_task(self.report())
                 if self.registries is not None:
                     group.create_task(self.registries.run(
-                        self.view, self.io, self.probe_live_peers, self.open_nat,
+                        self.view, self.io, self.actor.probe_live_peers, self.actor.open_nat,
                         self.registry_t, self.link_t))
                 if self.nat is not None:
                     group.create_task(measure_nat(
@@ -195,8 +168,9 @@ class Agent:
                     group.create_task(self.keep_mapped())
                 if self.link_t is not None and self.registry_key is not None:
                     group.create_task(keep_link(self.device, self.registry_key, self.io,
-                                                self.clock, self.probe_live_peers,
-                                                self.view.relink.set, self.open_nat, self.link_t))
+                                                self.clock, self.actor.probe_live_peers,
+                                                self.view.relink.set, self.actor.open_nat,
+                                                self.link_t))
                     own = state.peer(self.registry_key)
                     # Without the socket, TCP's own retries as before.
                     kicks = (None if self.kick_port is None or own is None
@@ -221,7 +195,7 @@ class Agent:
         # miniupnpc (bench/startup.py).
         from .portmap.mapper import PortmapTimings, keep_mapped
 
-        await keep_mapped(self.listen_port, self.mapping_changed,
+        await keep_mapped(self.actor.listen_port, self.mapping_changed,
                           self.portmap_t or PortmapTimings())
 
     def mapping_changed(self, mapping: Mapping | None) -> None:
@@ -233,29 +207,7 @@ class Agent:
         device); a live session is left alone, as always."""
         state = await self.device.state()
         self.view.apply(await self.client.snapshot())
-        state = await self.sync_mesh(state)
-        failures = 0
-        now = self.clock.wall()
-        for peer in state.peers:
-            key = peer.public_key
-            known = self.view.peers.get(key)
-            if key in self.registry_keys or peer.has_live_session(now, self.t.session_live_s):
-                continue
-            if known is None or known.endpoint is None:
-                if self.client.lookup_failed(key):
-                    log.warning("peer %s: lookup failed", key)
-                    failures += 1
-                continue
-            try:
-                await self.device.handshake_now(
-                    key, known.endpoint,
-                    persistent_keepalive=peer.persistent_keepalive or self.t.keepalive_s,
-                    now=self.clock.wall())
-                log.info("peer %s: endpoint %s set, handshake sent", key, known.endpoint)
-            except (DeviceError, ChangeRefused) as error:
-                log.warning("peer %s: %s", key, error)
-                failures += 1
-        return failures
+        return await self.actor.handshake_all(await self.sync_mesh(state), self.registry_keys)
 
     # -- one pass ---------------------------------------------------------------------------
 
@@ -278,7 +230,7 @@ class Agent:
         for read, known, track, inputs in self.quiet.due(state.peers, self.tracks,
                                                          self.registry_keys, now, now_wall):
             peer = await self.idle.keep_open(
-                self.device, read, nudge=self.probe_peer,
+                self.device, read, nudge=self.actor.probe_peer,
                 live=read.has_live_session(now_wall, self.t.session_live_s))
             punched = self.view.take_punched(peer.public_key)
             memory = track.memory.observe(peer.rx_bytes, peer.tx_bytes, now)
@@ -309,7 +261,7 @@ class Agent:
                 peer, candidates, memory,
                 initiator=initiator,
                 punched=punched, opened=self.view.take_opened(peer.public_key),
-                can_open=self.can_open, peer_ready=ready,
+                can_open=self.actor.can_open, peer_ready=ready,
                 now_wall=now_wall, now=now, t=self.t,
             )
             if (decision.kind in (Kind.OPEN, Kind.HANDSHAKE)
@@ -321,7 +273,7 @@ class Agent:
             if decision.live and self.relays.is_slot(peer.public_key, peer.endpoint):
                 # Also on the slot it leaves, which is no candidate any more.
                 decision = replace(decision, path=PathKind.RELAY)
-            track.memory = await self.act(peer, decision, memory, now)
+            track.memory = await self.actor.act(peer, decision, memory, now)
             track.note(peer, decision, now_wall, now, self.metrics)
             self.relays.annotate(peer.public_key, track)
             lease = self.relays.leases.get(peer.public_key)
@@ -338,138 +290,9 @@ class Agent:
             return state
         state = await self.mesh.sync(self.device, state, {
             key: record.allowed_ips for key, record in self.view.peers.items()})
-        self.tracks = {k: t for k, t in self.tracks.items() if state.peer(k) is not None}
+        for gone in [k for k in self.tracks if state.peer(k) is None]:
+            del self.tracks[gone]  # in place: the actor holds the same dict
         return state
-
-    async def act(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
-        key = peer.public_key
-        if d.live and mem.open_pending_since is not None:
-            mem = replace(mem, open_pending_since=None)
-        if d.kind is Kind.LEAVE:
-            if d.reason is Reason.OPEN_AWAITS_REPORT:
-                return replace(mem, open_pending_since=mem.open_pending_since or now)
-            if d.reason is Reason.PEER_PUNCHING:
-                return replace(mem, attempt_at=now)
-            # Reason.MAPPED leaves the backoff clock alone: our own punch requests go on,
-            # and count the rounds we hold back (portmap/rule.py).
-            if d.reason is Reason.PEER_NOT_READY:
-                return replace(mem, skipped=True)
-            if d.reason is Reason.PROBE_ANSWERED:
-                log.info("peer %s: registry reports %s, but the current path %s answers; "
-                         "left alone", key, d.endpoint, peer.endpoint)
-                return replace(mem, cleared_endpoint=d.endpoint, probe_at=None)
-            if d.reason is Reason.AWAITING_OPENER and mem.awaiting_opener_since is None:
-                return replace(mem, awaiting_opener_since=now)
-            return mem
-        if d.kind is Kind.REQUEST_PUNCH:
-            return await self.request_punch(peer, d, mem, now)
-        if d.kind in (Kind.HANDSHAKE, Kind.OPEN):
-            if d.kind is Kind.HANDSHAKE or d.endpoint is None:
-                await self.handshake(peer, d.endpoint)
-            elif await self.io.open(self.listen_port, d.endpoint,
-                                    await self.opener_ttl.get(d.endpoint)):
-                for also in d.also:
-                    await self.io.open(self.listen_port, also, await self.opener_ttl.get(also))
-                self.metrics.opener_sent()
-                self.background(self.say_opened(key))
-            else:
-                self.can_open = False  # decide() falls back to handshakes from now on
-            return replace(
-                mem, attempt_at=mem.attempt_at or now,
-                attempt_endpoint=mem.attempt_endpoint or d.endpoint,
-                attempts=max(mem.attempts, 1), first_attempt_at=mem.first_attempt_at or now,
-                opened_at=now, opened_endpoint=d.endpoint, awaiting_opener_since=None,
-                open_pending_since=None,
-            )
-        probe_to = tunnel_address(peer.allowed_ips)
-        if d.kind is Kind.REPOINT and d.endpoint is not None:
-            log.info("peer %s: path probe unanswered; moving from %s to %s", key,
-                     peer.endpoint, d.endpoint,
-                     extra={"event": "repoint", "peer": str(key), "to": str(d.endpoint)})
-            with contextlib.suppress(ChangeRefused):
-                await self.device.set_endpoint(key, d.endpoint)
-        if probe_to is not None:
-            await self.io.probe(self.device.name, probe_to)
-        return replace(mem, probe_at=now, probe_rx_bytes=peer.rx_bytes, probe_endpoint=d.endpoint,
-                       repointed=d.kind is Kind.REPOINT)
-
-    async def request_punch(self, peer: PeerState, d: Decision, mem: Memory, now: float) -> Memory:
-        if not self.view.has_reported:
-            return mem  # see RegistryView: the request waits for our report (a few ms)
-        mem = replace(mem, attempt_at=now, attempt_endpoint=d.endpoint, attempts=mem.attempts + 1,
-                      skipped=False,
-                      first_attempt_at=mem.first_attempt_at or now)
-        self.metrics.punch_attempt(mem.attempts)
-        if d.live:
-            log.info("peer %s: we send but hear nothing, and a probe went unanswered; "
-                     "asking the peer to send too (punch)", peer.public_key,
-                     extra={"event": "stall", "peer": str(peer.public_key)})
-        elif mem.attempts > 1:
-            log.info("peer %s: no handshake with %s yet (attempt %d); punching again",
-                     peer.public_key, d.endpoint, mem.attempts,
-                     extra={"event": "punch_retry", "peer": str(peer.public_key)})
-        if peer.public_key not in self.punching:
-            # In the background: a slow registry (a lost SYN costs a second) must not hold up
-            # the loop that notices handshakes and answers punch events.
-            self.punching.add(peer.public_key)
-            self.background(self.punch_or_go_alone(peer, d.endpoint))
-        return mem
-
-    async def punch_or_go_alone(self, peer: PeerState, endpoint: Endpoint | None) -> None:
-        try:
-            await self.client.punch(peer.public_key)
-            self.metrics.punch_requested(ok=True)
-        except ApiError as error:
-            self.metrics.punch_requested(ok=False)
-            # Without the registry's help, at least our side opens its NAT and tries (unless
-            # the peer comes in through our mapping: then our sending would block it).
-            log.debug("punch request for %s failed (%s); trying alone", peer.public_key, error)
-            known = self.view.peers.get(peer.public_key)
-            track = self.tracks.get(peer.public_key)
-            attempts = track.memory.attempts if track is not None else 0
-            if (known is not None and endpoint is not None and endpoint.ip.version == 4
-                    and holds_back(self.view.mapped is not None, known, attempts)):
-                return
-            await self.handshake(peer, endpoint)
-            track = self.tracks.get(peer.public_key)
-            if track is not None:
-                track.memory = replace(track.memory, opened_at=self.clock.monotonic(),
-                                       opened_endpoint=endpoint)
-        finally:
-            self.punching.discard(peer.public_key)
-
-    def background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self.tasks.add(task)  # a reference, so the task is not collected half-way
-        task.add_done_callback(self.tasks.discard)
-
-    async def say_opened(self, peer: Key) -> None:
-        """Our opener toward `peer` is out: its initiation may go (decide.py)."""
-        try:
-            await self.client.opened(peer)
-        except ApiError as error:  # it sends anyway after Timings.opener_wait_s
-            log.debug("telling the registry our NAT is open for %s failed: %s", peer, error)
-
-    async def handshake(self, peer: PeerState, endpoint: Endpoint | None) -> None:
-        if endpoint is None:
-            return
-        keepalive = peer.persistent_keepalive or self.idle.keepalive_s()
-        # A session that looks live by age but was judged dead by silence may be replaced;
-        # any handshake newer than the one we judged makes the device layer refuse.
-        now = self.clock.wall()
-        age = peer.handshake_age(now)
-        live_s = (self.t.session_live_s if age is None
-                  else max(0.0, min(age - 0.05, self.t.session_live_s)))
-        try:
-            await self.device.handshake_now(
-                peer.public_key, endpoint, persistent_keepalive=keepalive, live_s=live_s,
-                now=now,
-            )
-        except ChangeRefused as refused:
-            log.debug("%s", refused)  # a handshake completed meanwhile: nothing to do
-        except DeviceError as error:
-            log.warning("peer %s: handshake-now to %s failed: %s", peer.public_key, endpoint,
-                        error)
 
     def publish(self, state: DeviceState, now_wall: float) -> None:
         published = pathfile.Published(

@@ -2,8 +2,8 @@
 
 No sockets, no clock, no asyncio: `decide()` takes the device's view of the peer, the
 registry's view, the agent's memory of earlier attempts and the time, and returns one
-`Decision` with its reason. `agent.py` is the only place that acts on it. Every branch here
-has a row in tests/test_node_decide.py.
+`Decision` with its reason. The agent's `Actor` (act.py) is the only place that acts on
+it. Every branch here has a row in tests/test_node_decide.py.
 
 The rules (DESIGN.md §3):
 - A working path is never overwritten. A live session stays as it is, whatever the registry
@@ -285,7 +285,7 @@ def _decide(
         or now - mem.opened_at >= t.passive_retry_s
     ):
         return Decision(Kind.HANDSHAKE, Reason.PUNCH, target, t.busy_recheck_s)
-    if punched:  # an attempt is under way: the backoff clock restarts (see agent.act)
+    if punched:  # an attempt is under way: the backoff clock restarts (see Actor.act)
         return Decision(Kind.LEAVE, Reason.PEER_PUNCHING, target, t.busy_recheck_s)
     if mem.attempt_at is None or mem.attempt_endpoint != target:
         return Decision(Kind.REQUEST_PUNCH, Reason.NO_SESSION, target, t.busy_recheck_s)
