@@ -32,7 +32,7 @@ The rules (DESIGN.md §3):
   request) it sends anyway. A fixed delay was not enough: in the 14-node lab on 2 busy cores
   a peer's agent took longer than 20 ms to send its opener. A punch event
   reaches the other side only if its agent follows the registry, which we know once it has
-  reported itself (its report follows its watch stream, agent.py). So the initiator ignores
+  reported itself (its report follows its watch stream, follow.py). So the initiator ignores
   punch events for a peer that has not reported: the peer's own request, when its agent is
   up, brings the next one, and the registry lets it through (registry/state.py). Nor does it
   ask for punches for such a peer during its first peer_grace_s: when both agents start

@@ -1,5 +1,5 @@
 """What the node agent counts: one method per event, called once where the event happens
-(agent.py, track.py), on one object per agent that is passed in.
+(act.py, track.py), on one object per agent that is passed in.
 
 This class counts nothing. It is what an agent without `--metrics-listen` runs with, so a hook
 costs a method call and prometheus_client is never imported; exporter.py counts the same
