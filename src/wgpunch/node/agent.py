@@ -102,7 +102,7 @@ class Agent:
         self.upgrades = Upgrades(
             upgrade_channel or (RawProbeChannel() if io is None else None), client, device,
             self.io, self.clock, self.view.directs, self.view.relays, self.view.wake.set,
-            upgrade_timings)
+            upgrade_timings, self.t)
         self._published: pathfile.Published | None = None
         self._device_failing = False
         self.portmap = portmap  # keep our listen port mapped on our NAT (node/portmap/)

@@ -49,6 +49,7 @@ from .candidates import Candidate, CandidateKind, PathKind
 from .edges import Clock, Io
 from .probe import tunnel_address
 from .source import Source
+from .timings import Timings
 from .track import Track
 from .upgradelink import ProbeChannel
 from .upgradewire import TXID_SIZE, Answer, Probe, parse
@@ -75,8 +76,6 @@ class UpgradeTimings:
     # Answers we send: a burst of this many, then this many per second; a stranger can make
     # us send no more (answers are no larger than probes).
     answers_per_s: float = 20.0
-    busy_recheck_s: float = 0.05
-    idle_recheck_s: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +174,8 @@ class Upgrades:
 
     def __init__(self, channel: ProbeChannel | None, client: Source, device: Device, io: Io,
                  clock: Clock, directs: dict[Key, Endpoint], offers: dict[Key, RelayEvent],
-                 wake: Callable[[], None], t: UpgradeTimings | None = None) -> None:
+                 wake: Callable[[], None], t: UpgradeTimings | None = None,
+                 pass_t: Timings | None = None) -> None:
         self.channel = channel
         self.client = client
         self.device = device
@@ -185,6 +185,8 @@ class Upgrades:
         self.offers = offers
         self.wake = wake
         self.t = t or UpgradeTimings()
+        # How soon `step` asks for the next look: the agent's pass's own rhythm.
+        self.pass_t = pass_t or Timings()
         self.me: Key | None = None
         self.listen_port = 0
         self.listening = False
@@ -261,7 +263,7 @@ class Upgrades:
         endpoint = self.directs.pop(key, None)
         if endpoint is not None:
             await self._switch(peer, endpoint, lease, now)
-            return self.t.busy_recheck_s
+            return self.pass_t.busy_recheck_s
         switched = self.switched.get(key)
         if switched is not None:
             return await self._verify(peer, switched, now)
@@ -272,7 +274,7 @@ class Upgrades:
         if track.path is not PathKind.RELAY or lease is None or not self.listening:
             self.backoffs.pop(key, None)
             self.answered.pop(key, None)
-            return self.t.idle_recheck_s
+            return self.pass_t.idle_recheck_s
         answered = self.answered.pop(key, None)
         if answered is not None:
             self._post(key, *answered, now)
@@ -280,7 +282,8 @@ class Upgrades:
         self.backoffs[key] = backoff
         if due:
             self._round(key, targets(record, candidates), now)
-        return max(self.t.busy_recheck_s, min(backoff.next_at - now, self.t.idle_recheck_s))
+        return max(self.pass_t.busy_recheck_s,
+                   min(backoff.next_at - now, self.pass_t.idle_recheck_s))
 
     def _round(self, peer: Key, to: Sequence[Endpoint], now: float) -> None:
         assert self.channel is not None and self.me is not None
@@ -341,7 +344,7 @@ class Upgrades:
                      s.endpoint, s.why.removeprefix("back from the relay: "),
                      extra={"event": "direct_again", "peer": str(key),
                             "endpoint": str(s.endpoint), "took_s": now - s.at})
-            return self.t.idle_recheck_s
+            return self.pass_t.idle_recheck_s
         elif verdict is Check.FAILED:
             del self.switched[key]
             backoff = self.backoffs[key] = backed_off(self.backoffs.get(key), now, self.t)
@@ -356,8 +359,8 @@ class Upgrades:
                 except (ChangeRefused, DeviceError) as error:
                     log.warning("peer %s: moving back to the relay failed: %s", key, error)
                 self._background(self._resume(key))
-            return self.t.idle_recheck_s
-        return self.t.busy_recheck_s
+            return self.pass_t.idle_recheck_s
+        return self.pass_t.busy_recheck_s
 
     async def _resume(self, peer: Key) -> None:
         """Ask for the slot again: the registry resumes it and unbinds our side, which our
