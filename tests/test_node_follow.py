@@ -128,8 +128,8 @@ def test_a_restarted_registry_keeps_the_slots_it_lists_and_the_rest_go_when_the_
         intent, end):
     """After a restart (a new epoch) the registry lists the slots it still holds (a relay on
     another host keeps them through it): until the list ends, every slot stays as it was, so
-    that no pass meanwhile takes a kept slot for gone and asks anew (which unbinds a live
-    pair's side at the relay); when it ends, those it left out are gone."""
+    that no pass meanwhile takes a kept slot for gone and asks anew, for nothing; when it
+    ends, those it left out are gone."""
     remote = ipaddress.ip_address("198.51.100.10")
     kept, gone = RelayEvent(1, LOW_PEER, 32000, remote), RelayEvent(1, HIGH_PEER, 31000, None)
     view = RegistryView()

@@ -207,8 +207,8 @@ class SlotGiver:
 async def test_a_restarted_registry_keeps_the_slots_it_lists_and_drops_the_rest():
     """Our own slot (the answer to our request) and one a peer asked for, both from registry
     a: after a's restart, until its stream ends the list of the slots it still holds, the
-    agent's view keeps both (a kept slot seen gone is asked for anew, which unbinds our side
-    at the relay); then the one it left out goes."""
+    agent's view keeps both (a kept slot seen gone would be asked for anew, for nothing);
+    then the one it left out goes."""
     clock = Clock()
     regs = Registries(None, [(K[6], SlotGiver()), (K[7], None)], clock)  # type: ignore[arg-type]
     a = regs.members[0]

@@ -71,15 +71,25 @@ def test_slot_rules_bind_forward_and_refuse_strangers():
     ]
     for port, source, data, now, observed, verdict, destination, intent in rows:
         assert send(port, source, data, now, observed) == (verdict, destination), intent
-    # A node that asks for the slot again is unbound: its next datagram binds it.
-    assert slot.unbind(B) and not slot.unbind(B)
-    assert send(pb, ("203.0.113.9", 5), DATA, 32.0, b[0]) == (Verdict.BOUND, (a[0], 999))
+    # A node that asks for the slot again has lost its path through it (its NAT gave it a
+    # new port): its next datagram from its IP moves its side, whatever its kind. Until then
+    # its bound address still forwards, so an ask of a side that works costs nothing.
+    assert slot.let_move(B, 31.6)
+    assert send(pa, (a[0], 999), DATA, 31.7, a[0]) == (Verdict.FORWARD, b), "B still bound"
+    assert send(pb, ("203.0.113.9", 5), DATA, 32.0, b[0]) == (Verdict.REBOUND, (a[0], 999))
+    assert send(pb, b, INIT, 32.1, b[0]) == (Verdict.NEW_SOURCE, None), "moved once, not again"
+    assert slot.let_move(B, 32.2)
+    assert send(pb, ("203.0.113.9", 5), DATA, 32.3, b[0]) == (Verdict.FORWARD, (a[0], 999)), \
+        "sent from where it is bound: it stays there"
+    assert send(pb, b, INIT, 32.4, b[0]) == (Verdict.NEW_SOURCE, None), "the ask is answered"
+    assert slot.let_move(B, 32.5)
+    assert send(pb, b, DATA, 62.5, b[0]) == (Verdict.NEW_SOURCE, None), "an ask lasts 30 s"
     # The pair went direct: the slot forwards nothing, so WireGuard cannot roam back to it,
     # and a paused slot does not stay alive by what still reaches it.
     slot.paused_at = 33.0
     assert send(pa, (a[0], 999), DATA, 33.1, a[0]) == (Verdict.PAUSED, None)
     assert send(pb, ("203.0.113.9", 5), DATA, 33.2, b[0]) == (Verdict.PAUSED, None)
-    assert slot.last_active == 32.0
+    assert slot.last_active == 32.3
 
 
 def test_rate_limit_and_slot_limits():

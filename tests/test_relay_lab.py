@@ -256,8 +256,8 @@ def test_a_pair_is_relayed_through_a_relay_on_another_host(lab_prefix, tmp_path)
         wait_for(lambda: all(n > connections[h] for h, n in logged("registry_connected").items()),
                  timeout=10, what="both nodes to follow the restarted registry")
         assert pings(lab, "a", "b", count=20, lost=2)
-        # Not asked for anew, which would unbind a side at the relay until its next datagram
-        # (a node that took the slot for gone before the registry listed it: node/view.py).
+        # Not asked for anew: the view keeps a slot the restarted registry still lists
+        # (node/view.py).
         assert logged("relay_request") == asks
         assert len([e for e in agents.events("registry") if e["event"] == "relay_placed"]) == 1
         assert relay_endpoint(lab, "a").startswith(f"{relay_ip}:320")

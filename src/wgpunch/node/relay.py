@@ -54,15 +54,15 @@ class RelayTimings:
     retry_s: float = 10.0
     max_retry_s: float = 300.0
     # Punch rounds toward a slot without a handshake before it is given up and asked for
-    # again (which unbinds our side, DESIGN.md §6): 0.5 + 1 + 2 s of decide's backoff,
+    # again (which lets our side move, DESIGN.md §6): 0.5 + 1 + 2 s of decide's backoff,
     # far beyond a relayed handshake's round trip.
     slot_attempts: int = 3
     # A live session through the slot that stalled (decide: we send, hear nothing, a probe
     # went unanswered) asks for the slot again with its first stall punch, which makes a
     # relay that restarted hold it again (lab: a remote relay's kill -9 and restart left a
     # relayed pair silent until its session died, 35 s). Asking again costs a working slot
-    # nothing: our side rebinds with our next datagram. Again after retry_s, doubled, while
-    # the session stays silent.
+    # nothing: our side stays bound, or moves with our next datagram. Again after retry_s,
+    # doubled, while the session stays silent.
 
 
 def retry_after(asks: int, t: RelayTimings) -> float:

@@ -363,7 +363,7 @@ class Upgrades:
         return self.pass_t.busy_recheck_s
 
     async def _resume(self, peer: Key) -> None:
-        """Ask for the slot again: the registry resumes it and unbinds our side, which our
+        """Ask for the slot again: the registry resumes it and lets our side move, which our
         device's next datagram binds at our current address."""
         try:
             self.offers[peer] = await self.client.relay(peer)

@@ -65,8 +65,9 @@ class RegistryView:
         # (None: no restart to confirm). It says so right after its snapshot, one relay event
         # per slot, and its next line ends the list (registry/state.py open_stream): a slot
         # not in it is dropped then, and not before, since an agent that saw a slot gone
-        # would ask for it anew, which unbinds a live pair's side on a relay that kept it
-        # through the restart (lab: pings lost in 3 of 23 restarts).
+        # would ask for it anew, for nothing (and a relay older than the rule that a side
+        # asked for again forwards until it moves, registry/relayslots.py, unbinds it: a
+        # live pair lost pings after 7 of 29 lab restarts).
         self.unconfirmed: set[Key] | None = None
         # Relayed peers the registry says to reach directly now, and where (upgrade.py).
         self.directs: dict[Key, Endpoint] = {}

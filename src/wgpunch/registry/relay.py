@@ -118,9 +118,10 @@ class Relay:
 
     def allocate(self, node: Key, peer: Key) -> tuple[Lease, Lease]:
         """The pair's slot, made with its two sockets if it has none: `node`'s lease, then
-        `peer`'s. A node that asks for a slot it holds has lost its path through it: its side
-        is unbound, to be bound again by its next datagram."""
-        slot, created = self.table.allocate(node, peer, self.clock())
+        `peer`'s. A node that asks for a slot it holds has lost its path through it: its next
+        datagram may move its side (relayslots.py)."""
+        now = self.clock()
+        slot, created = self.table.allocate(node, peer, now)
         if created:
             try:
                 for port in slot.sides:
@@ -139,12 +140,10 @@ class Relay:
                 log.info("relay slot %d/%d: %s asked again; forwarding again", slot.a.port,
                          slot.b.port, node, extra={"event": "relay_resumed", "peer": str(node)})
                 self._kernel_dirty.set()
-            if slot.unbind(node):
-                log.info("relay slot %d: %s asked again; unbound until its next datagram",
+            if slot.let_move(node, now):
+                log.info("relay slot %d: %s asked again; its next datagram may move it",
                          slot.side_of(node).port, node,
                          extra={"event": "relay_unbound", "peer": str(node)})
-                if slot.kernel:
-                    self._kernel_dirty.set()
         mine, theirs = slot.side_of(node), slot.side_of(peer)
         return Lease(peer, mine.port, created), Lease(node, theirs.port, created)
 

@@ -10,7 +10,7 @@ the secret's file.
     answer MAC  = HMAC(secret, "answer\n" n "\n" STATUS "\n" BODY)
 
 A request is taken once: within `window_s` of the relay's clock and with a nonce not seen
-in that window (a replayed allocation would unbind a node's side of its slot). The answer's
+in that window (a replayed allocation would let a node's side of its slot move). The answer's
 MAC names the request's nonce, so an answer cannot be replayed onto another request. The
 secret never leaves the two hosts and is never logged; the MACs hide it.
 """

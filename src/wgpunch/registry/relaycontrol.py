@@ -6,7 +6,7 @@ served.
     POST /v1/slots  {"nodes": [{"key": "base64", "ip": "ip"}, {"key": ..., "ip": ...}]}
         -> 201 (made) or 200 (the pair's slot) {"ports": [N, N]}
         The pair's slot, as Relay.allocate(nodes[0], nodes[1]): the ports each node's device
-        sends to, in the request's order; nodes[0]'s side is unbound when the slot existed.
+        sends to, in the request's order; nodes[0]'s side may move when the slot existed.
         `ip` is the node's public IP as the registry observes it: what binds its side.
     GET /v1/slots
         -> 200 {"slots": [{"nodes": ["base64", "base64"], "ports": [N, N]}, ...],

@@ -1,7 +1,7 @@
 """Which relay holds a pair's slot: the registry's own (relay.py, `--relay`) or one on another
 host (relayremote.py, `--relay-remote`), so that relays scale out (DESIGN.md §6).
 
-A pair asks the relay that holds its slot (asking again unbinds the asker's side there, as
+A pair asks the relay that holds its slot (asking again lets the asker's side there move, as
 on one relay); a new pair gets the least loaded remote relay that answers, else the local
 one, else, as a last resort, a remote relay that did not answer last time. A relay that
 fails a request is marked unhealthy and the next one is asked, within the same request.

@@ -58,7 +58,7 @@ class RemoteRelay:
     async def allocate(self, session: aiohttp.ClientSession | None, node: Key, node_ip: str,
                        peer: Key, peer_ip: str) -> tuple[int, int, bool]:
         """The pair's slot here: `node`'s port, `peer`'s port, and whether it was made now
-        (relaycontrol.py: `node`'s side is unbound when it existed)."""
+        (relaycontrol.py: `node`'s side may move when it existed)."""
         assert session is not None  # RelayPool.start made it, as it has remote relays
         body = dumps(slot_request_json(node, node_ip, peer, peer_ip)).encode()
         status, answer = await self._call(session, "POST", "/v1/slots", body)

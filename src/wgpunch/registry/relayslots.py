@@ -12,10 +12,14 @@ port, the first to arrive binds its side and is lost, the second binds its side 
 delivered, and its answer goes back through both bindings.
 
 A side moves (`rebound`) only to a handshake initiation from the node's observed IP after its
-bound address has been quiet for `rebind_quiet_s`, or after the node asked for the slot
-again (`unbind`, through the authenticated API): a NAT that gave the node a new port makes
+bound address has been quiet for `rebind_quiet_s`: a NAT that gave the node a new port makes
 WireGuard initiate again from it; a packet from a new port while the bound one is active is
-someone else's (a replay, an injection) and dropped.
+someone else's (a replay, an injection) and dropped. A node that asked for the slot again
+(`let_move`, through the authenticated API) has lost its path through it: its next datagram
+from its IP moves its side, whatever its kind and port, within `rebind_quiet_s` of the ask.
+Until then the bound address still forwards: asking again costs a side that still works
+nothing (both sides of a pair may ask at once, and the second ask would otherwise unbind a
+side its node has just bound, until WireGuard's next initiation 5 s later).
 
 A slot is *paused* when its pair moved back to a direct path (`POST /v1/relay/{peer}/direct`):
 it forwards nothing, so a datagram still on its way through it cannot make either device
@@ -97,6 +101,7 @@ class Side:
     port: int  # the relay port this node sends to
     bound: Address | None = None
     last_rx: float | None = None  # from the bound address
+    asked_at: float | None = None  # the node asked for the slot again, until it next sends
     tokens: float = 0.0
     tokens_at: float = 0.0
     packets: int = 0  # forwarded from this side
@@ -136,12 +141,12 @@ class Slot:
     def side_of(self, node: Key) -> Side:
         return self.a if node == self.a.node else self.b
 
-    def unbind(self, node: Key) -> bool:
-        """Forget `node`'s bound address (it asked for the slot again: its old address is
-        gone); True when it had one."""
+    def let_move(self, node: Key, now: float) -> bool:
+        """`node` asked for the slot again: its next datagram may move its side (the module
+        doc); True when the side is bound."""
         side = self.side_of(node)
-        had, side.bound, side.last_rx = side.bound is not None, None, None
-        return had
+        side.asked_at = now
+        return side.bound is not None
 
     def other(self, side: Side) -> Side:
         return self.b if side is self.a else self.a
@@ -161,12 +166,14 @@ class Slot:
         if side.bound != source:
             if observed is None or source[0] != observed:
                 return self._drop(side, Verdict.WRONG_SOURCE)
-            if side.bound is not None and (
+            asked = side.asked_at is not None and now - side.asked_at < t.rebind_quiet_s
+            if side.bound is not None and not asked and (
                     kind is not MessageType.INITIATION or side.last_rx is None
                     or now - side.last_rx < t.rebind_quiet_s):
                 return self._drop(side, Verdict.NEW_SOURCE)
             verdict = Verdict.BOUND if side.bound is None else Verdict.REBOUND
             side.bound = source
+        side.asked_at = None  # it sent from where it is now bound
         side.last_rx = self.last_active = now
         if not side.take(now, limits):
             return self._drop(side, Verdict.RATE)
