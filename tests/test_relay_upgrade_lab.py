@@ -50,7 +50,7 @@ def test_a_relayed_pair_goes_direct_when_its_nat_allows_it(lab_prefix):
         with Agents(lab, registry_args=["--relay", "31000-31099"]) as agents:
             agents.start_registry()
             agents.start_nodes()
-            wait_relayed(lab, agents)
+            wait_relayed(lab)
             for host, peer in (("a", "b"), ("b", "a")):
                 wait_for(lambda h=host, p=peer: peer_status(lab, h, p)["path"] == "relay",
                          timeout=5, what=f"{host}'s status to say relay")
